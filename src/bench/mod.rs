@@ -1,0 +1,21 @@
+//! Benchmarks: each drives settle the way users do and prints its figures next to the raw
+//! Postgres rate of the same work measured in the same run, with the ratio.
+
+mod orders;
+pub mod process;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
+    Orders(orders::OrdersArgs),
+}
+
+pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Orders(args) => orders::run(args, config).await,
+    }
+}

@@ -1,0 +1,68 @@
+//! Child `settle` processes for benchmarks: real processes on real ports, so a benchmark
+//! measures what a deployment runs.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::config::Config;
+
+/// The configuration with its database URL pointed at `database`.
+pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config> {
+    let mut url = url::Url::parse(&config.database.url).context("database.url")?;
+    url.set_path(database);
+    config.database.url = url.to_string();
+    Ok(config)
+}
+
+/// A `settle api` child process on a free port.
+pub struct ApiProcess {
+    child: Child,
+    pub base_url: String,
+}
+
+impl ApiProcess {
+    /// Starts `settle api` against `config`'s database and waits until it is ready.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("api")
+            .env("SETTLE_DATABASE__URL", &config.database.url)
+            .env("PORT", "0")
+            .env("SETTLE_LOG", "warn,settle=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting settle api")?;
+        let stderr = child.stderr.take().context("api stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let base_url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(at) = line.find("listening on ") {
+                    return anyhow::Ok(line[at + "listening on ".len()..].trim().to_owned());
+                }
+            }
+            anyhow::bail!("settle api exited before listening")
+        })
+        .await
+        .context("settle api did not start within 30 s")??;
+        // Keep draining its log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, base_url })
+    }
+
+    /// SIGTERM, then wait for the graceful exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await?;
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! The command line: one subcommand per process kind. Each only wires things up
+//! (config → telemetry → pool → run); the work happens in the library modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::http::AppState;
+use crate::{bench, db, http, seed, shutdown, telemetry, worker};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "settle",
+    version,
+    about = "Flash-sale ordering and settlement jobs on Postgres"
+)]
+pub struct Cli {
+    /// Configuration file layered over the built-in defaults (see config.toml).
+    #[arg(long, global = true, env = "SETTLE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API and workers in one process, migrating on start: for development.
+    Serve {
+        /// Load demo data (products and transactions) if the database has none.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// The HTTP API server.
+    Api,
+    /// A worker process: claims and runs jobs until SIGTERM/SIGINT.
+    Worker,
+    /// Create the database if missing and apply pending migrations.
+    Migrate,
+    /// Load demo data at scale with COPY.
+    Seed(seed::SeedArgs),
+    /// Benchmarks against the raw Postgres limit measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs the command, printing any error with its causes and mapping it to an exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    telemetry::init();
+    match dispatch(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            let pool = open(&config, true).await?;
+            tracing::info!("migrations applied");
+            pool.close().await;
+            Ok(())
+        }
+        Command::Api => {
+            let pool = open(&config, config.database.migrate_on_start).await?;
+            let listener = http::bind(&config)
+                .await
+                .context("cannot bind the HTTP port")?;
+            let state = AppState {
+                pool,
+                config: Arc::new(config),
+            };
+            http::serve(listener, state, shutdown::on_signal()).await?;
+            Ok(())
+        }
+        Command::Worker => {
+            let pool = open(&config, config.database.migrate_on_start).await?;
+            worker::run(pool, Arc::new(config), shutdown::on_signal()).await
+        }
+        Command::Serve { demo } => {
+            let pool = open(&config, true).await?;
+            if demo {
+                seed::demo_if_empty(&pool).await?;
+            }
+            let config = Arc::new(config);
+            let token = shutdown::on_signal();
+            let listener = http::bind(&config)
+                .await
+                .context("cannot bind the HTTP port")?;
+            let state = AppState {
+                pool: pool.clone(),
+                config: config.clone(),
+            };
+            let (api, workers) = tokio::join!(
+                http::serve(listener, state, token.clone()),
+                worker::run(pool, config, token.clone()),
+            );
+            api?;
+            workers
+        }
+        Command::Seed(args) => {
+            let pool = open(&config, true).await?;
+            seed::run(&pool, &args).await?;
+            Ok(())
+        }
+        Command::Bench(command) => bench::run(command, config).await,
+    }
+}
+
+/// Connects, creating the database and migrating when `migrate`, else refusing an unmigrated one.
+pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<sqlx::PgPool> {
+    if migrate && db::create_database_if_missing(&config.database.url).await? {
+        tracing::info!(url = %db::redact(&config.database.url), "created database");
+    }
+    let pool = db::connect(&config.database).await?;
+    if migrate {
+        db::migrate(&pool).await?;
+    } else {
+        db::ensure_migrated(&pool).await?;
+    }
+    Ok(pool)
+}

@@ -1,0 +1,268 @@
+//! Configuration: `config.toml`, then `SETTLE_*` environment variables, then the conventional
+//! `DATABASE_URL`, `PORT`, `WORKERS` and `BATCH_SIZE`, each layer overriding the one before.
+//!
+//! Every struct denies unknown fields, so a misspelt key fails at start with its name, and every
+//! value is checked by [`Config::validate`] before anything connects anywhere.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// The whole configuration of one settle process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub http: HttpConfig,
+    pub orders: OrdersConfig,
+    pub idempotency: IdempotencyConfig,
+    pub worker: WorkerConfig,
+    pub settlement: SettlementConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Where the data lives; `settle migrate` creates this database if it is missing.
+    pub url: String,
+    /// Upper bound of each process's connection pool.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before failing with 503.
+    pub acquire_timeout_ms: u64,
+    /// Apply pending migrations when `api`/`worker` start instead of refusing to run.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Interface to bind.
+    pub host: String,
+    /// Port to bind; 0 picks any free port (the bound address is logged).
+    pub port: u16,
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests running longer than this are answered with 503.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersConfig {
+    /// Largest quantity one order may ask for (422 above).
+    pub max_quantity: i32,
+    /// Default page size of `GET /api/v1/orders`.
+    pub default_page_size: i64,
+    /// Largest page size a client may ask for.
+    pub max_page_size: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a stored response is replayed for an `Idempotency-Key`.
+    pub ttl_hours: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Jobs one worker process runs at once (env `WORKERS`).
+    pub concurrency: usize,
+    /// Rows per checkpointed batch of a long job (env `BATCH_SIZE`).
+    pub batch_size: i64,
+    /// How long a claim stays valid without a heartbeat before another worker may take the job.
+    pub lease_ms: u64,
+    /// How often a worker extends the leases of the jobs it holds.
+    pub heartbeat_ms: u64,
+    /// Fallback poll interval when no NOTIFY arrives.
+    pub poll_interval_ms: u64,
+    /// Jobs claimed per claim statement.
+    pub claim_batch: i64,
+    /// Attempts before a failing job becomes FAILED.
+    pub max_attempts: i32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub backoff_base_ms: u64,
+    /// Longest retry delay.
+    pub backoff_max_ms: u64,
+    /// Finished jobs older than this are deleted.
+    pub retention_hours: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementConfig {
+    /// IANA time zone whose calendar days settlements are grouped by.
+    pub time_zone: String,
+    /// Where finished CSV files are written and served from.
+    pub results_dir: PathBuf,
+    /// Longest `from..=to` span one job may cover, in days.
+    pub max_span_days: i64,
+    /// Largest array `POST /api/v1/transactions` accepts.
+    pub max_transactions_per_request: usize,
+}
+
+/// A configuration that could not be loaded, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// The defaults, shipped as the documented `config.toml` and compiled in so a binary run from
+/// any directory still has every key.
+pub const DEFAULT_TOML: &str = include_str!("../config.toml");
+
+impl Config {
+    /// Loads defaults, then `path` if it exists, then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = path {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(env_layer()))
+    }
+
+    /// Extracts and validates a configuration from any figment (tests layer their own values).
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Figment with only the compiled-in defaults, for tests and tools to layer on.
+    pub fn defaults() -> Figment {
+        Figment::from(Toml::string(DEFAULT_TOML))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return invalid("database.url", "must be a postgres:// URL");
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be at least 1024");
+        }
+        if self.orders.max_quantity < 1 {
+            return invalid("orders.max_quantity", "must be at least 1");
+        }
+        if !(1..=self.orders.max_page_size).contains(&self.orders.default_page_size) {
+            return invalid(
+                "orders.default_page_size",
+                "must be between 1 and orders.max_page_size",
+            );
+        }
+        if self.idempotency.ttl_hours < 1 {
+            return invalid("idempotency.ttl_hours", "must be at least 1");
+        }
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            return invalid("worker.concurrency", "must be at least 1");
+        }
+        if w.batch_size < 1 {
+            return invalid("worker.batch_size", "must be at least 1");
+        }
+        if w.claim_batch < 1 {
+            return invalid("worker.claim_batch", "must be at least 1");
+        }
+        if w.heartbeat_ms == 0 || w.heartbeat_ms * 2 > w.lease_ms {
+            return invalid(
+                "worker.heartbeat_ms",
+                "must be positive and at most half of worker.lease_ms",
+            );
+        }
+        if w.poll_interval_ms == 0 {
+            return invalid("worker.poll_interval_ms", "must be positive");
+        }
+        if w.max_attempts < 1 {
+            return invalid("worker.max_attempts", "must be at least 1");
+        }
+        if w.backoff_base_ms == 0 || w.backoff_max_ms < w.backoff_base_ms {
+            return invalid(
+                "worker.backoff_max_ms",
+                "must be at least worker.backoff_base_ms, which must be positive",
+            );
+        }
+        if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
+            return invalid("settlement.time_zone", "is not an IANA time zone name");
+        }
+        if self.settlement.max_span_days < 1 {
+            return invalid("settlement.max_span_days", "must be at least 1");
+        }
+        if self.settlement.max_transactions_per_request == 0 {
+            return invalid(
+                "settlement.max_transactions_per_request",
+                "must be at least 1",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `SETTLE_SECTION__KEY` variables, plus the conventional unprefixed names.
+fn env_layer() -> Figment {
+    Figment::new()
+        .merge(
+            Env::prefixed("SETTLE_")
+                .ignore(&["CONFIG", "LOG", "LOG_FORMAT"])
+                .split("__"),
+        )
+        .merge(
+            Env::raw()
+                .only(&["DATABASE_URL"])
+                .map(|_| "database.url".into()),
+        )
+        .merge(Env::raw().only(&["PORT"]).map(|_| "http.port".into()))
+        .merge(
+            Env::raw()
+                .only(&["WORKERS"])
+                .map(|_| "worker.concurrency".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["BATCH_SIZE"])
+                .map(|_| "worker.batch_size".into()),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::from_figment(Config::defaults()).expect("shipped config.toml is valid");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let figment = Config::defaults().merge(Toml::string("[http]\nprot = 1\n"));
+        let err = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let figment = Config::defaults().merge(Serialized::default("worker.concurrency", 0));
+        let err = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+        let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
+        let err = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+}

@@ -1,0 +1,151 @@
+//! Connecting to Postgres: creating the database when it is missing, the pool every process
+//! shares, and the migration check that keeps `api` and `worker` off an unmigrated schema.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::config::DatabaseConfig;
+
+/// The schema, embedded in the binary so `settle migrate` works from any directory.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// A session frozen inside a transaction (a paused process, a stalled VM) is ended by Postgres
+/// after this long, releasing its row locks so a job it held can be reclaimed. It stays below
+/// any sensible lease so a frozen worker never pins a job past its lease.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url")]
+    Url(#[source] sqlx::Error),
+    #[error("database at {url} does not exist; run `settle migrate` to create it")]
+    Missing { url: String },
+    #[error("cannot connect to Postgres at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "the database is not migrated ({pending} pending migration(s)); run `settle migrate` \
+         or set database.migrate_on_start = true"
+    )]
+    NotMigrated { pending: usize },
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Parses the configured URL into connect options with settle's session settings.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    Ok(options
+        .application_name("settle")
+        .options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        )])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
+}
+
+/// Opens the pool for `config`, failing fast with the URL (without password) if unreachable.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let options = connect_options(&config.url)?;
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+        .connect_with(options)
+        .await
+        .map_err(|source| match &source {
+            sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000") => DbError::Missing {
+                url: redact(&config.url),
+            },
+            _ => DbError::Connect {
+                url: redact(&config.url),
+                source,
+            },
+        })
+}
+
+/// Creates the configured database if it does not exist (needs a role that may create one).
+pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
+    let target = connect_options(url)?;
+    let Some(name) = target.get_database().map(str::to_owned) else {
+        return Ok(false);
+    };
+    let maintenance = target.clone().database("postgres");
+    let mut conn = PgConnection::connect_with(&maintenance)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: redact(url),
+            source,
+        })?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    // The name is quoted as an identifier above; CREATE DATABASE takes no parameters.
+    match sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Another process created it between our check and our create.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Number of embedded migrations the database has not applied yet.
+pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
+    let has_table: bool = sqlx::query_scalar("select to_regclass('_sqlx_migrations') is not null")
+        .fetch_one(pool)
+        .await?;
+    if !has_table {
+        return Ok(MIGRATOR.iter().count());
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("select version from _sqlx_migrations where success")
+            .fetch_all(pool)
+            .await?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count())
+}
+
+/// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied.
+pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
+    match pending_migrations(pool).await? {
+        0 => Ok(()),
+        pending => Err(DbError::NotMigrated { pending }),
+    }
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,194 @@
+//! The API's one error type and its one mapping to HTTP.
+//!
+//! Every failure a handler can meet becomes an [`ApiError`]; [`IntoResponse`] turns it into
+//! `{"error": {"code", "message", …details}}` with a stable upper-snake `code`. Database and
+//! unexpected errors become an opaque 500, logged once inside the request's span (which carries
+//! the request id), never with details sent to the client.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// Why a request failed, in terms the client can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or not JSON of the expected shape (400).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// No such resource (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The body exceeds `http.max_body_bytes` (413).
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// The body is not `application/json` (415).
+    #[error("expected a JSON body with content-type application/json")]
+    UnsupportedMediaType,
+    /// Well-formed input with a value the service refuses (422), naming the field.
+    #[error("{message}")]
+    Invalid {
+        code: &'static str,
+        field: &'static str,
+        message: String,
+    },
+    /// Fewer units remain than the order asked for (409).
+    #[error("only {available} unit(s) left")]
+    OutOfStock { available: i64 },
+    /// The Idempotency-Key was used before with a different request (422).
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// Another request with this Idempotency-Key is in flight (409).
+    #[error("a request with this Idempotency-Key is already in progress; retry later")]
+    IdempotencyKeyInUse,
+    /// The request conflicts with the resource's state (409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// No database connection became free in time, or the request ran too long (503).
+    #[error("the service is overloaded; retry later")]
+    Unavailable,
+    /// Anything else: logged, answered with an opaque 500.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, field: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Invalid { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::OutOfStock { .. } | Self::IdempotencyKeyInUse | Self::Conflict { .. } => {
+                StatusCode::CONFLICT
+            }
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } | Self::Invalid { code, .. } => code,
+            Self::Conflict { code, .. } => code,
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::OutOfStock { .. } => "OUT_OF_STOCK",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Self::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
+            Self::Unavailable => "SERVICE_UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The `{"error": …}` body this error is answered with.
+    pub fn body(&self) -> Value {
+        let mut error = Map::new();
+        error.insert("code".into(), self.code().into());
+        let message = match self {
+            Self::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        };
+        error.insert("message".into(), message.into());
+        match self {
+            Self::OutOfStock { available } => {
+                error.insert("available".into(), (*available).into());
+            }
+            Self::Invalid { field, .. } => {
+                error.insert("field".into(), (*field).into());
+            }
+            _ => {}
+        }
+        json!({ "error": error })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(e) => tracing::error!(error = ?e, "request failed"),
+            Self::Unavailable => tracing::warn!("request refused: overloaded"),
+            _ => {}
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut => Self::Unavailable,
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonSyntaxError(e) => Self::BadRequest {
+                code: "MALFORMED_JSON",
+                message: format!("malformed JSON: {}", e.body_text()),
+            },
+            JsonRejection::JsonDataError(e) => Self::BadRequest {
+                code: "INVALID_BODY",
+                message: e.body_text(),
+            },
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            other => Self::BadRequest {
+                code: "INVALID_BODY",
+                message: other.body_text(),
+            },
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::BadRequest {
+            code: "INVALID_PATH",
+            message: rejection.body_text(),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::BadRequest {
+            code: "INVALID_QUERY",
+            message: rejection.body_text(),
+        }
+    }
+}
+
+/// Turns a violation of a named constraint into the API error it stands for, so the database's
+/// last line of defence still answers with a client error instead of a 500.
+pub trait ConstraintExt<T> {
+    fn on_constraint(self, name: &str, to_error: impl FnOnce() -> ApiError) -> Result<T, ApiError>;
+}
+
+impl<T> ConstraintExt<T> for Result<T, sqlx::Error> {
+    fn on_constraint(self, name: &str, to_error: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
+        self.map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some(name) => to_error(),
+            _ => e.into(),
+        })
+    }
+}

@@ -1,0 +1,38 @@
+//! `/livez` (the process answers) and `/readyz` (the database answers and is migrated).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::extract::Json;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+}
+
+#[utoipa::path(get, path = "/livez", tag = "health", responses((status = 200, description = "The process is alive")))]
+async fn livez() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Database reachable and migrated"),
+    (status = 503, description = "Database unreachable or not migrated"),
+))]
+async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
+    match crate::db::ensure_migrated(&app.pool).await {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "reason": e.to_string()})),
+            )
+        }
+    }
+}

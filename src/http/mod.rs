@@ -1,0 +1,94 @@
+//! The HTTP transport: routers per resource, the middleware stack, and serving with graceful
+//! shutdown. Handlers parse input into domain types and call the domain; they hold no SQL.
+
+pub mod error;
+pub mod extract;
+mod health;
+pub mod openapi;
+mod orders;
+mod pagination;
+mod products;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use error::ApiError;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+}
+
+/// The whole API: every resource router, the docs, the fallbacks, and the middleware.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.http.max_body_bytes;
+    Router::new()
+        .merge(products::router())
+        .merge(orders::router())
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), time_limit))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+        .merge(openapi::docs())
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                    let id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+}
+
+/// Answers 503 instead of letting a request hang past `http.request_timeout_ms`.
+async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = Duration::from_millis(app.config.http.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable.into_response(),
+    }
+}
+
+/// Binds `http.host:http.port` (port 0: any free port) and logs the address actually bound.
+pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind((config.http.host.as_str(), config.http.port)).await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "settle api listening on http://{addr}");
+    Ok(listener)
+}
+
+/// Serves until `shutdown` fires, then finishes in-flight requests and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

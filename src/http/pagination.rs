@@ -1,0 +1,41 @@
+//! Keyset pagination shared by the list endpoints: an opaque cursor naming the last id seen.
+
+use super::error::ApiError;
+
+/// The id a page ends at; the next page starts strictly below it.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor(pub i64);
+
+impl Cursor {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        raw.parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0)
+            .map(Self)
+            .ok_or_else(|| ApiError::BadRequest {
+                code: "INVALID_CURSOR",
+                message: "cursor is not one this API returned".into(),
+            })
+    }
+}
+
+/// The page size asked for, checked against the configured bounds.
+pub fn limit(asked: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match asked.unwrap_or(default) {
+        limit if (1..=max).contains(&limit) => Ok(limit),
+        _ => Err(ApiError::invalid(
+            "INVALID_LIMIT",
+            "limit",
+            format!("limit must be between 1 and {max}"),
+        )),
+    }
+}
+
+/// Given `limit + 1` rows, trims to `limit` and returns the cursor of the next page, if any.
+pub fn next_cursor<T>(rows: &mut Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Option<String> {
+    if rows.len() as i64 <= limit {
+        return None;
+    }
+    rows.truncate(limit as usize);
+    rows.last().map(|last| id(last).to_string())
+}

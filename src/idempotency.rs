@@ -1,0 +1,138 @@
+//! `Idempotency-Key`: a retried request gets the stored response and creates nothing.
+//!
+//! The key's row is written in the same transaction as the effect it describes. While that
+//! transaction runs it holds a transaction-scoped advisory lock on the key, so a concurrent
+//! duplicate is told at once that the key is in use (409) instead of queueing behind it, and
+//! a duplicate arriving after the commit finds the stored response and replays it.
+//!
+//! Only outcomes of executing the request are stored (success, unknown product, out of stock);
+//! requests rejected by validation store nothing, so a corrected retry with the same key works.
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::http::error::ApiError;
+
+pub const HEADER: &str = "idempotency-key";
+pub const MAX_KEY_CHARS: usize = 255;
+
+/// A client-chosen key, scoped to the endpoint it was used on.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    scope: &'static str,
+    key: String,
+}
+
+/// A response to replay verbatim.
+#[derive(Debug)]
+pub struct StoredResponse {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl IdempotencyKey {
+    /// Reads the header, if present: 1–255 visible ASCII characters.
+    pub fn from_headers(
+        scope: &'static str,
+        headers: &HeaderMap,
+    ) -> Result<Option<Self>, ApiError> {
+        let Some(value) = headers.get(HEADER) else {
+            return Ok(None);
+        };
+        let invalid = || {
+            ApiError::invalid(
+                "INVALID_IDEMPOTENCY_KEY",
+                "Idempotency-Key",
+                format!("Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters"),
+            )
+        };
+        let key = value.to_str().map_err(|_| invalid())?.trim();
+        if key.is_empty() || key.len() > MAX_KEY_CHARS || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid());
+        }
+        Ok(Some(Self {
+            scope,
+            key: key.to_owned(),
+        }))
+    }
+
+    /// Locks the key for this transaction and looks for a stored response.
+    ///
+    /// `Ok(Some(_))`: replay it. `Ok(None)`: execute the request, then [`Self::store`].
+    pub async fn begin(
+        &self,
+        tx: &mut PgConnection,
+        request: &Value,
+    ) -> Result<Option<StoredResponse>, ApiError> {
+        let locked: bool = sqlx::query_scalar(
+            "select pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))",
+        )
+        .bind(self.scope)
+        .bind(&self.key)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !locked {
+            return Err(ApiError::IdempotencyKeyInUse);
+        }
+        let stored: Option<(Value, i16, Value)> = sqlx::query_as(
+            "select request, response_status, response_body from idempotency_keys
+             where scope = $1 and key = $2 and expires_at > now()",
+        )
+        .bind(self.scope)
+        .bind(&self.key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match stored {
+            None => Ok(None),
+            Some((stored_request, _, _)) if &stored_request != request => {
+                Err(ApiError::IdempotencyKeyReused)
+            }
+            Some((_, status, body)) => Ok(Some(StoredResponse {
+                status: StatusCode::from_u16(status as u16)
+                    .map_err(|e| ApiError::Internal(e.into()))?,
+                body,
+            })),
+        }
+    }
+
+    /// Stores the response in the caller's transaction (replacing an expired one).
+    pub async fn store(
+        &self,
+        tx: &mut PgConnection,
+        request: &Value,
+        status: StatusCode,
+        body: &Value,
+        ttl_hours: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "insert into idempotency_keys
+                 (scope, key, request, response_status, response_body, expires_at)
+             values ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
+             on conflict (scope, key) do update
+             set request = excluded.request, response_status = excluded.response_status,
+                 response_body = excluded.response_body, created_at = now(),
+                 expires_at = excluded.expires_at",
+        )
+        .bind(self.scope)
+        .bind(&self.key)
+        .bind(request)
+        .bind(status.as_u16() as i16)
+        .bind(body)
+        .bind(ttl_hours as i32)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Deletes expired keys; returns how many.
+pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("delete from idempotency_keys where expires_at <= now()")
+            .execute(conn)
+            .await?
+            .rows_affected(),
+    )
+}

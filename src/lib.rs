@@ -1,0 +1,29 @@
+//! # settle
+//!
+//! Flash-sale ordering that never oversells, and settlement of millions of payment
+//! transactions as checkpointed, resumable, cancellable jobs on a durable Postgres queue.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the `settle` subcommands; wiring only.
+//! - [`config`]: `config.toml` + environment, validated at start.
+//! - [`db`]: pool, database creation, migration check.
+//! - [`http`]: the HTTP API (routers, error mapping, OpenAPI).
+//! - [`orders`]: products and orders, the no-oversell statement.
+//! - [`idempotency`]: `Idempotency-Key` storage and replay.
+//! - [`seed`]: demo data at scale via COPY.
+//! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
+//! - [`worker`]: the worker process.
+//! - [`shutdown`], [`telemetry`]: signals and logging.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod idempotency;
+pub mod orders;
+pub mod seed;
+pub mod shutdown;
+pub mod telemetry;
+pub mod worker;
