@@ -1,0 +1,142 @@
+//! Test support: every test gets its own freshly migrated database, and HTTP tests a real
+//! server on port 0.
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::sync::Arc;
+
+use figment::providers::Serialized;
+use settle::config::Config;
+use settle::http::AppState;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Postgres the tests run against: `TEST_DATABASE_URL`, else the local default server.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A configuration pointing at a brand-new database named `settle_test_<uuid>`, with
+/// `overrides` (dotted keys, e.g. `("worker.lease_ms", 3000)`) layered on the defaults.
+pub fn test_config(overrides: &[(&str, serde_json::Value)]) -> Config {
+    let name = format!("settle_test_{}", uuid::Uuid::new_v4().simple());
+    let mut figment = Config::defaults()
+        .merge(Serialized::default(
+            "database.url",
+            format!("{}/{name}", server_url()),
+        ))
+        .merge(Serialized::default("http.port", 0))
+        .merge(Serialized::default("database.max_connections", 16))
+        .merge(Serialized::default(
+            "settlement.results_dir",
+            std::env::temp_dir()
+                .join(&name)
+                .to_string_lossy()
+                .into_owned(),
+        ));
+    for (key, value) in overrides {
+        figment = figment.merge(Serialized::default(key, value.clone()));
+    }
+    Config::from_figment(figment).expect("valid test config")
+}
+
+/// Creates and migrates the database of `config`, returning a pool on it.
+pub async fn migrated_pool(config: &Config) -> PgPool {
+    settle::cli::open(config, true)
+        .await
+        .expect("create and migrate the test database")
+}
+
+/// A running API on a free port, against its own database.
+pub struct TestApp {
+    pub base: String,
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+pub async fn spawn_app_with(overrides: &[(&str, serde_json::Value)]) -> TestApp {
+    let config = Arc::new(test_config(overrides));
+    let pool = migrated_pool(&config).await;
+    let listener = settle::http::bind(&config).await.expect("bind port 0");
+    let base = format!("http://{}", listener.local_addr().expect("bound address"));
+    let shutdown = CancellationToken::new();
+    let state = AppState {
+        pool: pool.clone(),
+        config: config.clone(),
+    };
+    tokio::spawn(settle::http::serve(listener, state, shutdown.clone()));
+    TestApp {
+        base,
+        pool,
+        config,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON and returns the status and the parsed body (Null when not JSON).
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        status_and_json(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent");
+        status_and_json(response).await
+    }
+
+    /// Creates a product and returns its id.
+    pub async fn product(&self, stock: i64, price_cents: i64) -> i64 {
+        let (status, body) = self
+            .post(
+                "/api/v1/products",
+                &serde_json::json!({"name": "test product", "stock": stock, "price_cents": price_cents}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_i64().expect("product id")
+    }
+}
+
+pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("response body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Asserts the error shape: `{"error": {"code": code, "message": <string>, …}}`.
+pub fn assert_error(body: &serde_json::Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
