@@ -26,3 +26,150 @@ async fn an_order_takes_stock_and_can_be_read_back() {
         (Some(3), Some(2))
     );
 }
+
+/// Sends every body at once and returns (status, body) in order.
+async fn concurrently(
+    app: &common::TestApp,
+    requests: Vec<(String, serde_json::Value)>,
+) -> Vec<(u16, serde_json::Value)> {
+    let sends = requests.into_iter().map(|(path, body)| {
+        let http = app.http.clone();
+        let url = app.url(&path);
+        tokio::spawn(async move {
+            let response = http.post(url).json(&body).send().await.expect("sent");
+            common::status_and_json(response).await
+        })
+    });
+    futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_buyers_never_oversell_one_hundred_units() {
+    let app = spawn_app().await;
+    let product = app.product(100, 999).await;
+    let requests = (0..500)
+        .map(|i| {
+            let body =
+                json!({"product_id": product, "quantity": 1, "buyer_id": format!("buyer-{i}")});
+            ("/api/v1/orders".to_owned(), body)
+        })
+        .collect();
+    let results = concurrently(&app, requests).await;
+    let created = results.iter().filter(|(s, _)| *s == 201).count();
+    let out_of_stock: Vec<_> = results.iter().filter(|(s, _)| *s == 409).collect();
+    assert_eq!(created, 100);
+    assert_eq!(out_of_stock.len(), 400);
+    for (_, body) in out_of_stock {
+        common::assert_error(body, "OUT_OF_STOCK");
+        assert_eq!(body["error"]["available"], 0);
+    }
+    let (stock, rows): (i64, i64) = sqlx::query_as(
+        "select p.stock, (select count(*) from orders o where o.product_id = p.id)
+         from products p where p.id = $1",
+    )
+    .bind(product)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((stock, rows), (0, 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced() {
+    let app = spawn_app().await;
+    let initial = 300;
+    let product = app.product(initial, 100).await;
+    let mut requests: Vec<(String, serde_json::Value)> = (0..1000)
+        .map(|i| {
+            let body =
+                json!({"product_id": product, "quantity": 1 + i % 5, "buyer_id": format!("b{i}")});
+            ("/api/v1/orders".to_owned(), body)
+        })
+        .collect();
+    // Twenty restocks of 25 units interleaved with the buyers.
+    for i in 0..20 {
+        requests.insert(
+            i * 50,
+            (
+                format!("/api/v1/products/{product}/restock"),
+                json!({"quantity": 25}),
+            ),
+        );
+    }
+    let results = concurrently(&app, requests).await;
+    let restocks: i64 = results
+        .iter()
+        .filter(|(s, b)| *s == 200 && b["restocked"].is_i64())
+        .count() as i64
+        * 25;
+    assert_eq!(restocks, 500, "every restock answered 200");
+    let placed: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, b)| b)
+        .collect();
+    assert!(results.iter().all(|(s, _)| [200, 201, 409].contains(s)));
+    let (stock, sold_rows, order_ids): (i64, i64, Vec<i64>) = sqlx::query_as(
+        "select p.stock, coalesce(sum(o.quantity), 0)::bigint, coalesce(array_agg(o.id) filter (where o.id is not null), '{}')
+         from products p left join orders o on o.product_id = p.id
+         where p.id = $1 group by p.id",
+    )
+    .bind(product)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(stock >= 0);
+    assert_eq!(
+        initial + restocks,
+        stock + sold_rows,
+        "initial + restocks = stock + sum(quantity)"
+    );
+    let answered: i64 = placed.iter().map(|b| b["quantity"].as_i64().unwrap()).sum();
+    assert_eq!(
+        answered, sold_rows,
+        "every 201 is a stored order and vice versa"
+    );
+    assert_eq!(placed.len(), order_ids.len());
+    for body in placed {
+        assert!(order_ids.contains(&body["id"].as_i64().unwrap()), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn orders_list_newest_first_with_a_keyset_cursor() {
+    let app = spawn_app().await;
+    let product = app.product(10, 1).await;
+    for i in 0..5 {
+        let body = json!({"product_id": product, "quantity": 1, "buyer_id": format!("p{}", i % 2)});
+        assert_eq!(app.post("/api/v1/orders", &body).await.0, 201);
+    }
+    let (status, first) = app.get("/api/v1/orders?limit=2").await;
+    assert_eq!(status, 200);
+    let ids = |page: &serde_json::Value| -> Vec<i64> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_i64().unwrap())
+            .collect()
+    };
+    let mut seen = ids(&first);
+    let mut cursor = first["next_cursor"].as_str().map(str::to_owned);
+    while let Some(c) = cursor {
+        let (_, page) = app.get(&format!("/api/v1/orders?limit=2&cursor={c}")).await;
+        seen.extend(ids(&page));
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen, sorted, "newest first, no duplicates");
+    let (_, p0) = app
+        .get(&format!("/api/v1/orders?buyer_id=p0&product_id={product}"))
+        .await;
+    assert_eq!(ids(&p0).len(), 3);
+}

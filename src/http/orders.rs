@@ -55,8 +55,18 @@ async fn place_order(
         return Ok((StatusCode::CREATED, Json(order)).into_response());
     };
     let mut tx = app.pool.begin().await?;
-    if let Some(stored) = key.begin(&mut tx, &request_json).await? {
-        return Ok(replay(stored.status, stored.body));
+    match key.begin(&mut tx, &request_json).await {
+        Ok(None) => {}
+        // End the transaction now: a dropped one releases the key's lock only when its
+        // connection is next used, which would make the key look in use meanwhile.
+        Ok(Some(stored)) => {
+            tx.rollback().await?;
+            return Ok(replay(stored.status, stored.body));
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            return Err(e);
+        }
     }
     let placed = store::place_order(&mut tx, &order)
         .await
