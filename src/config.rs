@@ -102,6 +102,9 @@ pub struct SettlementConfig {
     pub max_span_days: i64,
     /// Largest array `POST /api/v1/transactions` accepts.
     pub max_transactions_per_request: usize,
+    /// Disjoint id sub-ranges one settlement job aggregates concurrently (about the cores
+    /// Postgres can give one job).
+    pub parallel_parts: u32,
 }
 
 /// A configuration that could not be loaded, naming the offending key.
@@ -202,6 +205,9 @@ impl Config {
         }
         if self.settlement.max_span_days < 1 {
             return invalid("settlement.max_span_days", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.settlement.parallel_parts) {
+            return invalid("settlement.parallel_parts", "must be between 1 and 64");
         }
         if self.settlement.max_transactions_per_request == 0 {
             return invalid(

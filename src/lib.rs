@@ -12,6 +12,7 @@
 //! - [`orders`]: products and orders, the no-oversell statement.
 //! - [`idempotency`]: `Idempotency-Key` storage and replay.
 //! - [`seed`]: demo data at scale via COPY.
+//! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
 //! - [`worker`]: the worker process.
 //! - [`shutdown`], [`telemetry`]: signals and logging.
@@ -24,6 +25,7 @@ pub mod http;
 pub mod idempotency;
 pub mod orders;
 pub mod seed;
+pub mod settlement;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

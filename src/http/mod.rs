@@ -8,6 +8,7 @@ pub mod openapi;
 mod orders;
 mod pagination;
 mod products;
+mod transactions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(products::router())
         .merge(orders::router())
+        .merge(transactions::router())
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -40,6 +40,7 @@ pub struct ErrorDetail {
         super::orders::place_order,
         super::orders::get_order,
         super::orders::list_orders,
+        super::transactions::create_transactions,
         super::health::livez,
         super::health::readyz,
     ),

@@ -1,0 +1,212 @@
+//! Settlement: PAID transactions aggregated per merchant and calendar day (in the configured time
+//! zone) into the `settlements` table and a CSV, as a job that survives crashes exactly.
+//!
+//! A job runs in four steps, each a small function in [`engine`]:
+//! 1. [`engine::start`] fixes its input once (an id high-water mark and a true total, after
+//!    refreshing stale statistics) and splits the id range into disjoint parts;
+//! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
+//!    into partial sums, inside a transaction the caller commits together with the checkpoint;
+//!    parts run concurrently, each with its own cursor;
+//! 3. [`engine::finalize`] replaces the range's rows in `settlements` and writes the CSV, in one
+//!    transaction;
+//! 4. [`engine::discard`] removes a cancelled or failed job's working rows and files.
+//!
+//! Only step 3 touches `settlements`, so a job that never finalizes leaves it as it was.
+
+pub mod csv;
+pub mod engine;
+pub mod store;
+pub mod transactions;
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::SettlementConfig;
+use crate::http::error::ApiError;
+
+/// `{"from","to"}` as received by `POST /api/v1/jobs/settlement` and stored as job params.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DateRangeInput {
+    /// First day settled, `YYYY-MM-DD`, inclusive.
+    pub from: String,
+    /// Last day settled, `YYYY-MM-DD`, inclusive.
+    pub to: String,
+}
+
+/// Both ends inclusive, `from ≤ to`, spanning at most `settlement.max_span_days` days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateRange {
+    from: NaiveDate,
+    to: NaiveDate,
+}
+
+impl DateRange {
+    /// Parses `YYYY-MM-DD` days; a bad day, `from > to` or too long a span is a 422.
+    pub fn parse(input: &DateRangeInput, max_span_days: i64) -> Result<Self, ApiError> {
+        let day = |raw: &str, field: &'static str| {
+            NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
+                ApiError::invalid(
+                    "INVALID_DATE",
+                    field,
+                    format!("{field} must be a calendar day as YYYY-MM-DD"),
+                )
+            })
+        };
+        let from = day(&input.from, "from")?;
+        let to = day(&input.to, "to")?;
+        Self::new(from, to, max_span_days)
+    }
+
+    /// Checks an already typed pair of days.
+    pub fn new(from: NaiveDate, to: NaiveDate, max_span_days: i64) -> Result<Self, ApiError> {
+        if from > to {
+            return Err(ApiError::invalid(
+                "INVALID_DATE_RANGE",
+                "to",
+                "from must not be after to",
+            ));
+        }
+        if (to - from).num_days() + 1 > max_span_days {
+            return Err(ApiError::invalid(
+                "INVALID_DATE_RANGE",
+                "to",
+                format!("a settlement may span at most {max_span_days} days"),
+            ));
+        }
+        Ok(Self { from, to })
+    }
+
+    pub fn from(self) -> NaiveDate {
+        self.from
+    }
+
+    pub fn to(self) -> NaiveDate {
+        self.to
+    }
+
+    /// The input shape again, for storing as job params.
+    pub fn to_input(self) -> DateRangeInput {
+        DateRangeInput {
+            from: self.from.to_string(),
+            to: self.to.to_string(),
+        }
+    }
+}
+
+/// The IANA time zone whose calendar days settlements are grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Zone(Tz);
+
+impl Zone {
+    pub fn parse(name: &str) -> Option<Self> {
+        name.parse().ok().map(Self)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    /// `(paid_at at time zone '<zone>')::date`, with the zone as a literal: the expression is
+    /// then immutable, so the planner matches it to the `(merchant_id, day)` statistics. The
+    /// name comes from the IANA database, and is quoted anyway.
+    pub fn day_sql(self) -> String {
+        format!(
+            "(paid_at at time zone '{}')::date",
+            self.name().replace('\'', "''")
+        )
+    }
+
+    /// Name of the extended-statistics object for this zone's day expression.
+    pub fn statistics_name(self) -> String {
+        let slug: String = self
+            .name()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("transactions_merchant_day_{slug}")
+    }
+}
+
+/// What a settlement job needs from the configuration, parsed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub zone: Zone,
+    pub results_dir: std::path::PathBuf,
+    /// Rows per checkpointed batch.
+    pub batch_size: i64,
+    /// Disjoint id sub-ranges one job aggregates at once.
+    pub parts: u32,
+}
+
+impl Settings {
+    pub fn new(config: &SettlementConfig, batch_size: i64) -> Self {
+        Self {
+            // Config validation already rejected unknown zones.
+            zone: Zone::parse(&config.time_zone).unwrap_or(Zone(Tz::UTC)),
+            results_dir: config.results_dir.clone(),
+            batch_size,
+            parts: config.parallel_parts,
+        }
+    }
+}
+
+/// Why a settlement step failed, in terms the job runner can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// A merchant-day's sum does not fit in 64 bits: retrying cannot help.
+    #[error("a settlement sum exceeds the 64-bit range")]
+    Overflow,
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error("writing the settlement CSV")]
+    Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(from: &str, to: &str) -> Result<DateRange, ApiError> {
+        DateRange::parse(
+            &DateRangeInput {
+                from: from.into(),
+                to: to.into(),
+            },
+            31,
+        )
+    }
+
+    #[test]
+    fn date_ranges_parse() {
+        assert!(range("2025-01-01", "2025-01-31").is_ok());
+        assert!(range("2025-01-01", "2025-01-01").is_ok());
+        let field = |r: Result<DateRange, ApiError>| match r {
+            Err(ApiError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(range("2025-02-30", "2025-03-01")), "from");
+        assert_eq!(field(range("2025-01-01", "tomorrow")), "to");
+        assert_eq!(field(range("2025-01-02", "2025-01-01")), "to");
+        assert_eq!(field(range("2025-01-01", "2025-02-01")), "to");
+    }
+
+    #[test]
+    fn zones_render_as_literals() {
+        let tokyo = Zone::parse("Asia/Tokyo").unwrap();
+        assert_eq!(tokyo.day_sql(), "(paid_at at time zone 'Asia/Tokyo')::date");
+        assert_eq!(
+            tokyo.statistics_name(),
+            "transactions_merchant_day_asia_tokyo"
+        );
+        assert!(Zone::parse("Mars/Olympus").is_none());
+    }
+}

@@ -1,0 +1,308 @@
+//! The SQL of settlement jobs: one small function per statement. Statements that group by the
+//! day carry the zone as a literal (see [`Zone::day_sql`]), hence the formatted strings.
+
+use chrono::NaiveDate;
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::{DateRange, Zone};
+
+/// A job's fixed input, as stored in `settlement_runs`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Run {
+    pub job_id: i64,
+    pub from_date: NaiveDate,
+    pub to_date: NaiveDate,
+    pub time_zone: String,
+    pub high_water_id: i64,
+    pub total: i64,
+}
+
+/// One disjoint id sub-range `(lo_id, hi_id]` of a job and how far it has got.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Part {
+    pub part: i32,
+    pub lo_id: i64,
+    pub hi_id: i64,
+    /// Every id in `(lo_id, cursor_id]` is in the partial sums.
+    pub cursor_id: i64,
+    pub processed: i64,
+}
+
+impl Part {
+    pub fn is_done(&self) -> bool {
+        self.cursor_id >= self.hi_id
+    }
+}
+
+/// Session settings of the aggregation, scoped to the caller's transaction: the hash aggregate
+/// stays in memory, JIT (which costs more than it saves on these plans) stays off, and every
+/// execution is planned for its actual id bounds; dates render as ISO in the CSV.
+pub async fn set_local_tuning(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "select set_config('work_mem', '64MB', true), set_config('jit', 'off', true),
+                set_config('plan_cache_mode', 'force_custom_plan', true),
+                set_config('datestyle', 'ISO, YMD', true)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `(rows changed since the last analyze, rows estimated)` of `transactions`; the estimate is
+/// negative when the table was never analyzed.
+pub async fn transaction_statistics_age(
+    conn: &mut PgConnection,
+) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "select coalesce(s.n_mod_since_analyze, 0), c.reltuples::float8
+         from pg_class c left join pg_stat_user_tables s on s.relid = c.oid
+         where c.oid = 'transactions'::regclass",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn analyze_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("analyze transactions").execute(conn).await?;
+    Ok(())
+}
+
+pub async fn statistics_exist(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select exists (select 1 from pg_statistic_ext where stxname = $1)")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// `(merchant_id, day)` ndistinct statistics for `zone` (UTC's come with the migration).
+pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "create statistics if not exists {} (ndistinct) on merchant_id, ({}) from transactions",
+        zone.statistics_name(),
+        zone.day_sql()
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `(min id - 1, max id)` of the transactions present now: the job's input is `(lo, hi]`.
+pub async fn id_bounds(conn: &mut PgConnection) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as("select coalesce(min(id) - 1, 0), coalesce(max(id), 0) from transactions")
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn count_up_to(conn: &mut PgConnection, high_water_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from transactions where id <= $1")
+        .bind(high_water_id)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
+    sqlx::query_as(
+        "select job_id, from_date, to_date, time_zone, high_water_id, total
+         from settlement_runs where job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn insert_run(conn: &mut PgConnection, run: &Run) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
+         values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(run.job_id)
+    .bind(run.from_date)
+    .bind(run.to_date)
+    .bind(&run.time_zone)
+    .bind(run.high_water_id)
+    .bind(run.total)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_part(
+    conn: &mut PgConnection,
+    job_id: i64,
+    part: &Part,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
+         values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(job_id)
+    .bind(part.part)
+    .bind(part.lo_id)
+    .bind(part.hi_id)
+    .bind(part.cursor_id)
+    .bind(part.processed)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get_parts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<Part>, sqlx::Error> {
+    sqlx::query_as(
+        "select part, lo_id, hi_id, cursor_id, processed from settlement_parts
+         where job_id = $1 order by part",
+    )
+    .bind(job_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The last id and the number of the next `limit` rows after `cursor` up to `hi`, by keyset on
+/// the primary key (an index-only range scan): `None` when none are left.
+pub async fn next_batch_end(
+    conn: &mut PgConnection,
+    cursor: i64,
+    hi: i64,
+    limit: i64,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    let (end, rows): (Option<i64>, i64) = sqlx::query_as(
+        "select max(id), count(*) from (
+             select id from transactions where id > $1 and id <= $2 order by id limit $3
+         ) as batch",
+    )
+    .bind(cursor)
+    .bind(hi)
+    .bind(limit)
+    .fetch_one(conn)
+    .await?;
+    Ok(end.map(|end| (end, rows)))
+}
+
+/// Adds the PAID rows with ids in `(after, up_to]` whose day is in `range` to the part's
+/// partial sums: grouped in SQL, upserted once per `(merchant, day)`.
+pub async fn aggregate_ids(
+    conn: &mut PgConnection,
+    job_id: i64,
+    part: i32,
+    (after, up_to): (i64, i64),
+    range: DateRange,
+    zone: Zone,
+) -> Result<(), sqlx::Error> {
+    let day = zone.day_sql();
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into settlement_partials as p
+             (job_id, part, merchant_id, date, gross_cents, fee_cents, txn_count)
+         select $1, $2, merchant_id, {day}, sum(amount_cents), sum(fee_cents), count(*)
+         from transactions
+         where id > $3 and id <= $4 and status = 'PAID' and {day} between $5 and $6
+         group by merchant_id, {day}
+         on conflict (job_id, part, merchant_id, date) do update
+         set gross_cents = p.gross_cents + excluded.gross_cents,
+             fee_cents = p.fee_cents + excluded.fee_cents,
+             txn_count = p.txn_count + excluded.txn_count"
+    )))
+    .bind(job_id)
+    .bind(part)
+    .bind(after)
+    .bind(up_to)
+    .bind(range.from())
+    .bind(range.to())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn advance_part(
+    conn: &mut PgConnection,
+    job_id: i64,
+    part: i32,
+    cursor_id: i64,
+    rows: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update settlement_parts set cursor_id = $3, processed = processed + $4
+         where job_id = $1 and part = $2",
+    )
+    .bind(job_id)
+    .bind(part)
+    .bind(cursor_id)
+    .bind(rows)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Rows aggregated so far over every part of the job.
+pub async fn processed(conn: &mut PgConnection, job_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select coalesce(sum(processed), 0)::int8 from settlement_parts where job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(conn)
+    .await
+}
+
+/// Serializes replacements of `settlements`, so overlapping jobs finishing at once cannot
+/// interleave their deletes and inserts. Released at commit.
+pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_settlements(
+    conn: &mut PgConnection,
+    range: DateRange,
+) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("delete from settlements where date between $1 and $2")
+            .bind(range.from())
+            .bind(range.to())
+            .execute(conn)
+            .await?
+            .rows_affected(),
+    )
+}
+
+/// Sums the parts' partial sums into `settlements`; the casts to bigint fail (SQLSTATE 22003)
+/// rather than wrap when a sum leaves the 64-bit range.
+pub async fn insert_settlements(conn: &mut PgConnection, job_id: i64) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)
+         select merchant_id, date, sum(gross_cents)::int8, sum(fee_cents)::int8,
+                (sum(gross_cents) - sum(fee_cents))::int8, sum(txn_count)::int8, $1
+         from settlement_partials where job_id = $1
+         group by merchant_id, date",
+    )
+    .bind(job_id)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes the job's partial sums, parts and fixed input.
+pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "with partials as (delete from settlement_partials where job_id = $1),
+              parts as (delete from settlement_parts where job_id = $1)
+         delete from settlement_runs where job_id = $1",
+    )
+    .bind(job_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `COPY` of the range's settlements as the CSV the API serves. COPY takes no parameters; the
+/// days are typed dates rendered as ISO literals.
+pub fn csv_copy_statement(range: DateRange) -> String {
+    format!(
+        "copy (select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
+               from settlements where date between '{}' and '{}'
+               order by merchant_id, date)
+         to stdout with (format csv, header)",
+        range.from().format("%Y-%m-%d"),
+        range.to().format("%Y-%m-%d"),
+    )
+}
