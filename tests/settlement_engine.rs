@@ -1,0 +1,310 @@
+//! The settlement steps against a real database, driven here the way the queue drives them
+//! (each batch in its own committed transaction, parts concurrently): results equal a reference
+//! computed in Rust, after interruptions, reruns, overlaps, empty ranges and zone edges.
+
+mod common;
+#[path = "settlement_support.rs"]
+mod support;
+
+use std::path::PathBuf;
+
+use chrono_tz::Tz;
+use serde_json::json;
+use settle::settlement::engine::{self, Plan};
+use settle::settlement::transactions::Status;
+use settle::settlement::{DateRange, Settings, SettleError};
+use sqlx::PgPool;
+use support::{at, day, parse_csv, reference, settlements, store, txn};
+
+struct Db {
+    pool: PgPool,
+    settings: Settings,
+}
+
+async fn db(zone: &str, parts: u32, batch_size: i64) -> Db {
+    let config = common::test_config(&[
+        ("settlement.time_zone", json!(zone)),
+        ("settlement.parallel_parts", json!(parts)),
+    ]);
+    let pool = common::migrated_pool(&config).await;
+    Db {
+        pool,
+        settings: Settings::new(&config.settlement, batch_size),
+    }
+}
+
+fn range(from: &str, to: &str) -> DateRange {
+    DateRange::new(day(from), day(to), 366).unwrap()
+}
+
+impl Db {
+    async fn start(&self, job: i64, range: DateRange) -> Plan {
+        let mut tx = self.pool.begin().await.unwrap();
+        let plan = engine::start(&mut tx, job, range, &self.settings)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        plan
+    }
+
+    /// Runs every part concurrently, each batch committed on its own; stops each part after
+    /// `limit` batches when given. Returns the plan as committed.
+    async fn batches(&self, plan: &Plan, limit: Option<usize>) -> Plan {
+        let mut tasks = tokio::task::JoinSet::new();
+        for part in plan.parts.clone() {
+            let (pool, plan, batch) = (self.pool.clone(), plan.clone(), self.settings.batch_size);
+            tasks.spawn(async move {
+                let mut part = part;
+                let mut done = 0;
+                while !part.is_done() && limit.is_none_or(|l| done < l) {
+                    let mut tx = pool.begin().await.unwrap();
+                    part = engine::process_batch(&mut tx, &plan, &part, batch)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    done += 1;
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        self.start(plan.run.job_id, plan.range()).await
+    }
+
+    async fn finalize(&self, plan: &Plan) -> Result<PathBuf, SettleError> {
+        let mut tx = self.pool.begin().await.unwrap();
+        let staged = engine::finalize(&mut tx, plan, &self.settings.results_dir).await?;
+        let path = staged.publish().await?;
+        tx.commit().await?;
+        Ok(path)
+    }
+
+    async fn run(&self, job: i64, range: DateRange) -> PathBuf {
+        let plan = self.start(job, range).await;
+        let plan = self.batches(&plan, None).await;
+        assert_eq!(plan.processed(), plan.run.total);
+        self.finalize(&plan).await.unwrap()
+    }
+}
+
+fn csv(path: &PathBuf) -> support::Settled {
+    parse_csv(&std::fs::read_to_string(path).unwrap())
+}
+
+#[tokio::test]
+async fn a_run_equals_the_reference_in_table_and_csv() {
+    let db = db("UTC", 3, 97).await;
+    let rows = support::random_transactions(1, 3000, 7, 5);
+    store(&db.pool, &rows).await;
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let path = db.run(1, range("2025-01-01", "2025-01-05")).await;
+    let expected = reference(&rows, from, to, Tz::UTC);
+    assert!(expected.len() > 20);
+    assert_eq!(settlements(&db.pool, from, to).await, expected);
+    assert_eq!(csv(&path), expected);
+    assert_eq!(path.file_name().unwrap(), "1.csv");
+    // Working rows are gone, and no temp file is left next to the CSV.
+    let left: i64 = sqlx::query_scalar(
+        "select (select count(*) from settlement_partials) + (select count(*) from settlement_parts)
+              + (select count(*) from settlement_runs)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    let files = std::fs::read_dir(&db.settings.results_dir).unwrap().count();
+    assert_eq!(files, 1);
+}
+
+#[tokio::test]
+async fn a_resumed_run_equals_an_uninterrupted_one() {
+    let db = db("UTC", 2, 50).await;
+    let rows = support::random_transactions(2, 2000, 5, 3);
+    store(&db.pool, &rows).await;
+    let plan = db.start(7, range("2025-01-01", "2025-01-03")).await;
+    let plan = db.batches(&plan, Some(4)).await;
+    assert!(plan.processed() > 0 && plan.processed() < plan.run.total);
+    // A batch whose transaction never commits (the worker died mid-batch) changes nothing.
+    let mut tx = db.pool.begin().await.unwrap();
+    engine::process_batch(&mut tx, &plan, &plan.parts[0], 50)
+        .await
+        .unwrap();
+    drop(tx);
+    // Rows arriving after the start are not part of this job's input.
+    store(&db.pool, &support::random_transactions(3, 100, 5, 3)).await;
+    // A new worker starts from scratch: it gets the fixed input and the committed cursors.
+    let resumed = db.start(7, range("2025-01-01", "2025-01-03")).await;
+    assert_eq!(resumed, plan);
+    let done = db.batches(&resumed, None).await;
+    assert_eq!(done.processed(), done.run.total);
+    let path = db.finalize(&done).await.unwrap();
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-03"), Tz::UTC);
+    assert_eq!(csv(&path), expected);
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-01"), day("2025-01-03")).await,
+        expected
+    );
+}
+
+#[tokio::test]
+async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
+    let db = db("UTC", 2, 200).await;
+    let rows = support::random_transactions(4, 2000, 4, 6);
+    store(&db.pool, &rows).await;
+    db.run(1, range("2025-01-01", "2025-01-04")).await;
+    let first = settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await;
+    db.run(2, range("2025-01-01", "2025-01-04")).await;
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await,
+        first
+    );
+    // An overlapping later range replaces the shared days and keeps the others.
+    let more = support::random_transactions(5, 500, 4, 6);
+    store(&db.pool, &more).await;
+    let path = db.run(3, range("2025-01-03", "2025-01-06")).await;
+    let all: Vec<_> = rows.iter().chain(&more).cloned().collect();
+    assert_eq!(
+        csv(&path),
+        reference(&all, day("2025-01-03"), day("2025-01-06"), Tz::UTC)
+    );
+    let mut expected = reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::UTC);
+    expected.extend(reference(
+        &all,
+        day("2025-01-03"),
+        day("2025-01-06"),
+        Tz::UTC,
+    ));
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-01"), day("2025-01-06")).await,
+        expected
+    );
+}
+
+#[tokio::test]
+async fn an_empty_range_writes_a_header_only_and_an_empty_table_works() {
+    let db = db("UTC", 2, 100).await;
+    let path = db.run(1, range("2025-01-01", "2025-01-31")).await;
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "merchant_id,date,gross_cents,fee_cents,net_cents,txn_count\n"
+    );
+    store(&db.pool, &support::random_transactions(6, 300, 3, 3)).await;
+    let path = db.run(2, range("2026-06-01", "2026-06-30")).await;
+    assert!(csv(&path).is_empty());
+}
+
+#[tokio::test]
+async fn days_follow_the_configured_zone_at_the_edges() {
+    let rows = vec![
+        txn("m", 100, 1, Status::Paid, at("2025-01-01T23:59:59Z")),
+        txn("m", 200, 2, Status::Paid, at("2025-01-02T00:00:00Z")),
+        // Tokyo is UTC+9: 14:59:59Z is still Jan 1 there, 15:00:00Z is Jan 2.
+        txn("m", 400, 4, Status::Paid, at("2025-01-01T14:59:59Z")),
+        txn("m", 800, 8, Status::Paid, at("2025-01-01T15:00:00Z")),
+        txn("m", 1600, 16, Status::Pending, at("2025-01-01T12:00:00Z")),
+    ];
+    let utc = db("UTC", 1, 2).await;
+    store(&utc.pool, &rows).await;
+    let path = utc.run(1, range("2025-01-01", "2025-01-01")).await;
+    let expected: support::Settled =
+        [(("m".to_owned(), day("2025-01-01")), (1300, 13, 1287, 3))].into();
+    assert_eq!(csv(&path), expected);
+
+    let tokyo = db("Asia/Tokyo", 2, 1).await;
+    store(&tokyo.pool, &rows).await;
+    let path = tokyo.run(1, range("2025-01-01", "2025-01-02")).await;
+    let expected: support::Settled = [
+        (("m".to_owned(), day("2025-01-01")), (400, 4, 396, 1)),
+        (("m".to_owned(), day("2025-01-02")), (1100, 11, 1089, 3)),
+    ]
+    .into();
+    assert_eq!(csv(&path), expected);
+    assert_eq!(
+        reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::Asia__Tokyo),
+        expected
+    );
+    // The zone got its own statistics object, and a day in New York differs again.
+    let stats: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_statistic_ext where stxname = 'transactions_merchant_day_asia_tokyo')",
+    )
+    .fetch_one(&tokyo.pool)
+    .await
+    .unwrap();
+    assert!(stats);
+    let new_york = db("America/New_York", 1, 3).await;
+    store(&new_york.pool, &rows).await;
+    let path = new_york.run(1, range("2024-12-31", "2025-01-01")).await;
+    assert_eq!(
+        csv(&path),
+        reference(
+            &rows,
+            day("2024-12-31"),
+            day("2025-01-01"),
+            Tz::America__New_York
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
+    let db = db("UTC", 1, 10).await;
+    store(
+        &db.pool,
+        &[txn("m", 5, 1, Status::Paid, at("2025-01-01T10:00:00Z"))],
+    )
+    .await;
+    db.run(1, range("2025-01-01", "2025-01-01")).await;
+    let before = settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await;
+    let huge = i64::MAX / 2 + 1;
+    store(
+        &db.pool,
+        &[
+            txn("m", huge, 0, Status::Paid, at("2025-01-01T11:00:00Z")),
+            txn("m", huge, 0, Status::Paid, at("2025-01-01T12:00:00Z")),
+        ],
+    )
+    .await;
+    let plan = db.start(2, range("2025-01-01", "2025-01-01")).await;
+    let plan = db.batches(&plan, None).await;
+    assert!(matches!(
+        db.finalize(&plan).await,
+        Err(SettleError::Overflow)
+    ));
+    let mut conn = db.pool.acquire().await.unwrap();
+    engine::discard(&mut conn, 2, &db.settings.results_dir)
+        .await
+        .unwrap();
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await,
+        before
+    );
+    assert!(!db.settings.results_dir.join("2.csv").exists());
+}
+
+#[tokio::test]
+async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
+    let db = db("UTC", 1, 100).await;
+    store(&db.pool, &support::random_transactions(7, 20_000, 3, 2)).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // The activity counters are flushed asynchronously; wait until they show the load.
+    for _ in 0..50 {
+        let (modified, _) = settle::settlement::store::transaction_statistics_age(&mut conn)
+            .await
+            .unwrap();
+        if modified >= 20_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        engine::refresh_statistics(&mut conn, db.settings.zone)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !engine::refresh_statistics(&mut conn, db.settings.zone)
+            .await
+            .unwrap()
+    );
+}

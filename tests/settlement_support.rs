@@ -1,0 +1,133 @@
+//! Shared by the settlement tests (included with `#[path]`): random transactions, the reference
+//! settlement computed in Rust from the rows the test generated, and readers of the results.
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use settle::settlement::transactions::{NewTransaction, Status, insert_all};
+use sqlx::PgPool;
+
+/// `(merchant_id, date) → (gross, fee, net, count)`, as a settlement row or CSV line holds it.
+pub type Settled = BTreeMap<(String, NaiveDate), (i64, i64, i64, i64)>;
+
+pub fn day(s: &str) -> NaiveDate {
+    s.parse().expect("YYYY-MM-DD")
+}
+
+pub fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+pub fn txn(
+    merchant: &str,
+    amount: i64,
+    fee: i64,
+    status: Status,
+    paid_at: DateTime<Utc>,
+) -> NewTransaction {
+    NewTransaction {
+        merchant_id: merchant.to_owned(),
+        amount_cents: amount,
+        fee_cents: fee,
+        status,
+        paid_at,
+    }
+}
+
+/// `n` transactions over `merchants` merchants and `days` days from 2025-01-01 UTC (plus a
+/// margin of a day on each side, to exercise the range filter), all statuses, seeded.
+pub fn random_transactions(seed: u64, n: usize, merchants: u32, days: i64) -> Vec<NewTransaction> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = at("2024-12-31T00:00:00Z");
+    let statuses = [
+        Status::Paid,
+        Status::Paid,
+        Status::Paid,
+        Status::Pending,
+        Status::Failed,
+        Status::Refunded,
+    ];
+    (0..n)
+        .map(|_| {
+            let amount = rng.random_range(0..100_000);
+            let seconds = rng.random_range(0..(days + 2) * 86_400);
+            txn(
+                &format!("m{:03}", rng.random_range(0..merchants)),
+                amount,
+                rng.random_range(0..=amount),
+                statuses[rng.random_range(0..statuses.len())],
+                start + Duration::seconds(seconds),
+            )
+        })
+        .collect()
+}
+
+/// Stores `rows` in chunks (one statement each, like the API does).
+pub async fn store(pool: &PgPool, rows: &[NewTransaction]) {
+    let mut conn = pool.acquire().await.unwrap();
+    for chunk in rows.chunks(1000) {
+        insert_all(&mut conn, chunk).await.unwrap();
+    }
+}
+
+/// The expected settlement of `rows` for `from..=to` in `zone`, computed without SQL.
+pub fn reference(rows: &[NewTransaction], from: NaiveDate, to: NaiveDate, zone: Tz) -> Settled {
+    let mut out = Settled::new();
+    for row in rows.iter().filter(|r| r.status == Status::Paid) {
+        let date = zone
+            .from_utc_datetime(&row.paid_at.naive_utc())
+            .date_naive();
+        if date < from || date > to {
+            continue;
+        }
+        let entry = out.entry((row.merchant_id.clone(), date)).or_default();
+        entry.0 += row.amount_cents;
+        entry.1 += row.fee_cents;
+        entry.2 += row.amount_cents - row.fee_cents;
+        entry.3 += 1;
+    }
+    out
+}
+
+/// The `settlements` rows with dates in `from..=to`.
+pub async fn settlements(pool: &PgPool, from: NaiveDate, to: NaiveDate) -> Settled {
+    let rows: Vec<(String, NaiveDate, i64, i64, i64, i64)> = sqlx::query_as(
+        "select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
+         from settlements where date between $1 and $2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(m, d, g, f, n, c)| ((m, d), (g, f, n, c)))
+        .collect()
+}
+
+/// Parses a settlement CSV, checking its header and that lines are sorted by merchant, date.
+pub fn parse_csv(text: &str) -> Settled {
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("merchant_id,date,gross_cents,fee_cents,net_cents,txn_count")
+    );
+    let mut out = Settled::new();
+    let mut last: Option<(String, NaiveDate)> = None;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 6, "{line}");
+        let key = (f[0].to_owned(), day(f[1]));
+        assert!(last.as_ref().is_none_or(|l| *l < key), "unsorted at {line}");
+        last = Some(key.clone());
+        let n = |i: usize| f[i].parse::<i64>().expect("integer cents");
+        out.insert(key, (n(2), n(3), n(4), n(5)));
+    }
+    out
+}
