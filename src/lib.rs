@@ -14,7 +14,8 @@
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
-//! - [`worker`]: the worker process.
+//! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
+//! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod idempotency;
+pub mod jobs;
 pub mod orders;
 pub mod seed;
 pub mod settlement;

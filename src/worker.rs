@@ -1,23 +1,42 @@
-//! The worker process. Until the queue lands it connects, checks the schema, and idles until
-//! shutdown, so `settle worker` and `docker compose --scale worker=N` already behave.
+//! The worker process: maps `[worker]` config onto the settle-workers runtime, registers the
+//! job kinds, and runs until shutdown (stop claiming, checkpoint, release, exit).
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use settle_workers::{Worker, WorkerSettings};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, WorkerConfig};
+
+/// The runtime settings for `config`.
+pub fn settings(config: &WorkerConfig) -> WorkerSettings {
+    let lease = Duration::from_millis(config.lease_ms);
+    WorkerSettings {
+        concurrency: config.concurrency,
+        claim_batch: config.claim_batch,
+        lease,
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+        poll_interval: Duration::from_millis(config.poll_interval_ms),
+        backoff_base: Duration::from_millis(config.backoff_base_ms),
+        backoff_max: Duration::from_millis(config.backoff_max_ms),
+        retention: Some(Duration::from_secs(config.retention_hours * 3600)),
+        retention_interval: Duration::from_secs(60),
+        // Half a lease to reach a checkpoint: the release still lands well before expiry.
+        shutdown_grace: lease / 2,
+    }
+}
 
 pub async fn run(
     pool: PgPool,
     config: Arc<Config>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    tracing::info!(
-        concurrency = config.worker.concurrency,
-        "worker started; no job kinds yet"
-    );
-    shutdown.cancelled().await;
+    let registry = crate::jobs::registry(config.worker.batch_size);
+    Worker::new(pool.clone(), settings(&config.worker), registry)
+        .run(shutdown)
+        .await;
     pool.close().await;
     Ok(())
 }

@@ -1,1 +1,42 @@
-//! placeholder
+//! # settle-workers
+//!
+//! settle's durable job queue on Postgres: jobs are rows, claimed with `FOR UPDATE SKIP
+//! LOCKED`, held under a lease a heartbeat extends, and fenced by a counter bumped at every
+//! claim, so a worker that lost its lease writes nothing. Long jobs commit their own writes
+//! with their checkpoint in one transaction and resume from it on any worker.
+//!
+//! # Layout
+//!
+//! - [`enqueue`]: insert jobs inside the caller's transaction, singly or in bulk.
+//! - [`claim`]: the claim statement, including the rescue of expired leases.
+//! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
+//! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
+//! - [`cancel`]: cancel requests (flag + NOTIFY).
+//! - [`retention`]: pruning finished jobs under an advisory lock.
+//! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
+//! - [`registry`]: job kinds → bodies.
+//! - [`runtime`]: the worker loop and its background tasks; `execute`: one job's attempt.
+//! - [`read`]: job records for the API.
+//! - [`settings`], [`error`].
+
+pub mod cancel;
+pub mod claim;
+pub mod enqueue;
+pub mod error;
+mod execute;
+pub mod finish;
+pub mod job;
+pub mod lease;
+pub mod read;
+pub mod registry;
+pub mod retention;
+pub mod runtime;
+pub mod settings;
+
+pub use cancel::{CancelOutcome, request_cancel};
+pub use enqueue::{NewJob, enqueue, enqueue_many};
+pub use error::JobError;
+pub use job::{Batch, JobContext, JobResult, Outcome};
+pub use registry::Registry;
+pub use runtime::Worker;
+pub use settings::WorkerSettings;

@@ -1,0 +1,74 @@
+//! The `count` job: a long job in checkpointed batches, the shape settlement will have.
+//!
+//! Args `{"upto": n, "batch": b?, "sleep_ms": s?}`. Each batch counts the rows of
+//! `generate_series(next, next + b - 1)` and adds them to the job's `queue_probe_counts` row in
+//! the same transaction that moves the checkpoint to the next start, so however often the job
+//! is killed and resumed, the final count is exactly `n` and `batches` is exactly ⌈n / b⌉; a
+//! batch counted twice or skipped would show in both.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use settle_workers::{JobContext, JobError, JobResult, Outcome};
+
+#[derive(Deserialize)]
+struct Args {
+    upto: i64,
+    batch: Option<i64>,
+    /// Pause after each batch, to make the job long enough to kill in tests.
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    /// First number not counted yet.
+    next: i64,
+}
+
+pub async fn run(mut ctx: JobContext, default_batch: i64) -> JobResult {
+    let args: Args = ctx.args()?;
+    let batch_size = args.batch.unwrap_or(default_batch).max(1);
+    let mut next = ctx.checkpoint::<Checkpoint>()?.map_or(1, |c| c.next);
+    tracing::info!(
+        job = ctx.id(),
+        attempt = ctx.attempt(),
+        next,
+        "count job starting"
+    );
+    while next <= args.upto {
+        ctx.ensure_running()?;
+        let last = (next + batch_size - 1).min(args.upto);
+        let id = ctx.id();
+        let mut batch = ctx.begin().await?;
+        let counted: i64 =
+            sqlx::query_scalar("select count(*) from generate_series($1::bigint, $2::bigint)")
+                .bind(next)
+                .bind(last)
+                .fetch_one(batch.conn())
+                .await?;
+        sqlx::query(
+            "insert into queue_probe_counts (job_id, counted, batches) values ($1, $2, 1)
+             on conflict (job_id) do update
+             set counted = queue_probe_counts.counted + excluded.counted,
+                 batches = queue_probe_counts.batches + 1",
+        )
+        .bind(id)
+        .bind(counted)
+        .execute(batch.conn())
+        .await?;
+        next = last + 1;
+        batch
+            .commit(&Checkpoint { next }, last, Some(args.upto))
+            .await?;
+        if args.sleep_ms > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(args.sleep_ms)) => {}
+                () = ctx.token().cancelled() => return Err(JobError::Stopped),
+            }
+        }
+    }
+    Ok(Outcome::Completed(Some(
+        serde_json::json!({"count": args.upto}),
+    )))
+}

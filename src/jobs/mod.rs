@@ -1,0 +1,112 @@
+//! settle's own small job kinds, kept for tests and benchmarks: they prove the queue without
+//! the settlement domain. Their effects go to two probe tables that [`create_probe_tables`]
+//! makes (tests and benchmarks call it; a production database never needs them).
+//!
+//! - `noop`: completes at once; with `{"record": true}` it writes one `queue_probe_effects` row
+//!   in its completing transaction (a primary key catches a second run).
+//! - `sleep`: `{"ms": n}`, stopping early when cancelled or shut down.
+//! - `fail`: `{"times": n}` fails its first n attempts, then completes.
+//! - `panic`: `{"times": n}` panics in its first n attempts, then completes.
+//! - `count`: counts `1..=upto` in checkpointed batches (see [`count`]).
+
+pub mod count;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use settle_workers::{JobContext, JobError, JobResult, Outcome, Registry};
+use sqlx::PgPool;
+
+/// The registry of every kind this crate knows; `batch_size` is the default count batch.
+pub fn registry(batch_size: i64) -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register("noop", noop)
+        .register("sleep", sleep)
+        .register("fail", fail)
+        .register("panic", panic)
+        .register("count", move |ctx| count::run(ctx, batch_size));
+    registry
+}
+
+/// Creates the tables the probe kinds write their effects to.
+pub async fn create_probe_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "create table if not exists queue_probe_effects (
+             job_id bigint primary key,
+             attempt integer not null,
+             at timestamptz not null default now()
+         );
+         create table if not exists queue_probe_counts (
+             job_id bigint primary key,
+             counted bigint not null,
+             batches integer not null
+         );",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Deserialize, Default)]
+struct NoopArgs {
+    #[serde(default)]
+    record: bool,
+}
+
+async fn noop(mut ctx: JobContext) -> JobResult {
+    let args: NoopArgs = ctx.args()?;
+    if !args.record {
+        return Ok(Outcome::Completed(None));
+    }
+    let (id, attempt) = (ctx.id(), ctx.attempt());
+    let mut batch = ctx.begin().await?;
+    sqlx::query("insert into queue_probe_effects (job_id, attempt) values ($1, $2)")
+        .bind(id)
+        .bind(attempt)
+        .execute(batch.conn())
+        .await?;
+    batch.complete(None).await
+}
+
+#[derive(Deserialize)]
+struct SleepArgs {
+    ms: u64,
+}
+
+async fn sleep(ctx: JobContext) -> JobResult {
+    let args: SleepArgs = ctx.args()?;
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(args.ms)) => Ok(Outcome::Completed(None)),
+        () = ctx.token().cancelled() => Err(JobError::Stopped),
+    }
+}
+
+#[derive(Deserialize)]
+struct TimesArgs {
+    times: i32,
+}
+
+async fn fail(ctx: JobContext) -> JobResult {
+    let args: TimesArgs = ctx.args()?;
+    if ctx.attempt() <= args.times {
+        return Err(JobError::failed(anyhow::anyhow!(
+            "failing on purpose (attempt {} of {} planned failures)",
+            ctx.attempt(),
+            args.times
+        )));
+    }
+    Ok(Outcome::Completed(Some(
+        serde_json::json!({"attempt": ctx.attempt()}),
+    )))
+}
+
+async fn panic(ctx: JobContext) -> JobResult {
+    let args: TimesArgs = ctx.args()?;
+    if ctx.attempt() <= args.times {
+        panic!("panicking on purpose (attempt {})", ctx.attempt());
+    }
+    Ok(Outcome::Completed(Some(
+        serde_json::json!({"attempt": ctx.attempt()}),
+    )))
+}

@@ -1,0 +1,162 @@
+//! Real `settle worker` processes against a test database, for the queue tests: started with
+//! the test's config passed as `SETTLE_*` variables, signalled with real signals, logs kept in
+//! a file per process for post-mortems.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use settle::config::Config;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+/// A running `settle worker` child; killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    pub pid: i32,
+    pub log: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `settle worker` on `config`'s database with its `[worker]` settings.
+    pub fn start(config: &Config) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// As [`WorkerProcess::start`], with extra environment variables.
+    pub fn start_with(config: &Config, env: &[(&str, String)]) -> Self {
+        let w = &config.worker;
+        let log = std::env::temp_dir().join(format!(
+            "settle-worker-{}-{}.log",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).expect("worker log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+        command
+            .arg("worker")
+            .env("SETTLE_DATABASE__URL", &config.database.url)
+            .env(
+                "SETTLE_DATABASE__MAX_CONNECTIONS",
+                config.database.max_connections.to_string(),
+            )
+            .env("SETTLE_WORKER__CONCURRENCY", w.concurrency.to_string())
+            .env("SETTLE_WORKER__BATCH_SIZE", w.batch_size.to_string())
+            .env("SETTLE_WORKER__LEASE_MS", w.lease_ms.to_string())
+            .env("SETTLE_WORKER__HEARTBEAT_MS", w.heartbeat_ms.to_string())
+            .env(
+                "SETTLE_WORKER__POLL_INTERVAL_MS",
+                w.poll_interval_ms.to_string(),
+            )
+            .env("SETTLE_WORKER__CLAIM_BATCH", w.claim_batch.to_string())
+            .env(
+                "SETTLE_WORKER__BACKOFF_BASE_MS",
+                w.backoff_base_ms.to_string(),
+            )
+            .env(
+                "SETTLE_WORKER__BACKOFF_MAX_MS",
+                w.backoff_max_ms.to_string(),
+            )
+            .env("SETTLE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string())
+            .env("SETTLE_LOG", "warn,settle=info,settle_workers=info")
+            .env_remove("DATABASE_URL")
+            .env_remove("WORKERS")
+            .env_remove("BATCH_SIZE")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn settle worker");
+        let pid = child.id().expect("worker pid") as i32;
+        Self { child, pid, log }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid), signal).expect("signal worker");
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM and wait (up to 60 s) for the graceful exit; returns whether it exited 0.
+    pub async fn terminate(&mut self) -> bool {
+        self.signal(Signal::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("worker exits within 60 s of SIGTERM")
+            .expect("wait for worker");
+        status.success()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The worker's log so far, for assertion messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A job's state (`queued`, `running`, …).
+pub async fn job_state(pool: &PgPool, id: i64) -> String {
+    sqlx::query_scalar("select state::text from jobs where id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("job state")
+}
+
+/// Waits (up to 60 s) until job `id` is in `state`.
+pub async fn wait_state(pool: &PgPool, id: i64, state: &str) {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("job {id} to be {state}"),
+        || async { (job_state(pool, id).await == state).then_some(()) },
+    )
+    .await;
+}
+
+/// Enqueues one job in its own transaction and returns its id.
+pub async fn enqueue(pool: &PgPool, kind: &str, args: serde_json::Value, max_attempts: i32) -> i64 {
+    let mut conn = pool.acquire().await.expect("connection");
+    settle_workers::enqueue(
+        &mut conn,
+        &settle_workers::NewJob::new(kind, args).max_attempts(max_attempts),
+    )
+    .await
+    .expect("enqueue")
+}
+
+/// Creates the probe tables the test job kinds write to.
+pub async fn probe_tables(pool: &PgPool) {
+    settle::jobs::create_probe_tables(pool)
+        .await
+        .expect("probe tables");
+}

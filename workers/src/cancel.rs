@@ -1,0 +1,79 @@
+//! Cancellation requests. The request sets a flag in the row (QUEUED → CANCELLED at once,
+//! RUNNING → CANCELLING) and notifies the workers; the holder's listener fires the job's
+//! `CancellationToken`, and the job's next checkpoint re-reads the flag, so a missed
+//! notification delays a cancel by one checkpoint (or one heartbeat), never loses it.
+
+use sqlx::{Connection, PgConnection};
+
+/// Channel carrying the id of a job whose cancel was requested.
+pub const CANCEL_CHANNEL: &str = "settle_job_cancel";
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job is now in this state (`cancelled`, or `cancelling` until its next checkpoint);
+    /// also returned, unchanged, for a job cancelled before.
+    Accepted(&'static str),
+    /// The job already ended as `completed` or `failed`; nothing changed.
+    Finished(&'static str),
+    /// No such job.
+    NotFound,
+}
+
+/// Requests cancellation of job `id`, in its own transaction on `conn`.
+pub async fn request_cancel(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<CancelOutcome, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let Some(state) = lock_state(&mut tx, id).await? else {
+        return Ok(CancelOutcome::NotFound);
+    };
+    let outcome = match state.as_str() {
+        "queued" => {
+            mark_requested(&mut tx, id, "cancelled").await?;
+            CancelOutcome::Accepted("cancelled")
+        }
+        "running" => {
+            mark_requested(&mut tx, id, "cancelling").await?;
+            notify_cancel(&mut tx, id).await?;
+            CancelOutcome::Accepted("cancelling")
+        }
+        "cancelling" => CancelOutcome::Accepted("cancelling"),
+        "cancelled" => CancelOutcome::Accepted("cancelled"),
+        "completed" => CancelOutcome::Finished("completed"),
+        _ => CancelOutcome::Finished("failed"),
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The job's state, with its row locked so a concurrent claim or finish is ordered around us.
+async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("select state::text from jobs where id = $1 for update")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+async fn mark_requested(conn: &mut PgConnection, id: i64, state: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update jobs set cancel_requested = true, state = $2::job_state,
+             finished_at = case when $2 = 'cancelled' then now() end
+         where id = $1",
+    )
+    .bind(id)
+    .bind(state)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn notify_cancel(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(CANCEL_CHANNEL)
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! How a job body fails, and which database errors are the database's fault (retried from the
+//! last checkpoint without spending an attempt) rather than the job's.
+
+/// Why a job body returned without an [`crate::Outcome`].
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job's own failure: spends an attempt and is retried with backoff, then FAILED.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+    /// A failure retrying cannot fix: FAILED at once, with this error kept.
+    #[error("{0}")]
+    Fatal(String),
+    /// A database error. Transient ones (connection lost, serialization failure, deadlock, …)
+    /// re-run the body from the last checkpoint without spending an attempt; others count as
+    /// [`JobError::Failed`].
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The body stopped because its stop token fired (cancel requested or worker shutting
+    /// down); the runtime finds out which and cancels or releases the job.
+    #[error("stopped at a checkpoint")]
+    Stopped,
+    /// The claim's fence no longer matches: another worker owns the job. Nothing was written.
+    #[error("lease lost: another worker owns this job")]
+    LeaseLost,
+}
+
+impl JobError {
+    /// Wraps any error as the job's own failure.
+    pub fn failed(e: impl Into<anyhow::Error>) -> Self {
+        Self::Failed(e.into())
+    }
+
+    /// True when re-running from the last checkpoint may succeed without the job changing.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Db(e) if is_transient(e))
+    }
+}
+
+/// Database errors that say nothing about the job: the connection went away, the server is
+/// restarting, or Postgres chose this transaction as a serialization/deadlock victim.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 40001 serialization_failure, 40P01 deadlock_detected, 08* connection exceptions,
+            // 57P01-03 admin shutdown / crash shutdown / cannot connect now (pg_terminate_backend,
+            // restarts), 25P03 idle_in_transaction_session_timeout.
+            matches!(
+                &*code,
+                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "25P03"
+            ) || code.starts_with("08")
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,273 @@
+//! Running one claimed job: the body in its own task (a panic fails the job, not the worker),
+//! transient database errors re-run from the last checkpoint without spending an attempt, and
+//! every ending recorded with a fenced write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::claim::ClaimedJob;
+use crate::error::{JobError, is_transient};
+use crate::job::{JobContext, Outcome};
+use crate::runtime::{Held, Shared};
+use crate::{finish, lease};
+
+/// How an attempt is recorded.
+#[derive(Debug)]
+enum Ending {
+    Complete(Option<Value>),
+    /// Completed without a result: left to the completion batcher.
+    CompleteLater,
+    Fail {
+        error: String,
+        fatal: bool,
+        retry_in: Duration,
+    },
+    Snooze(Duration),
+    Cancel,
+    Release,
+    /// Already recorded (by the body's last batch) or no longer ours: write nothing.
+    Nothing,
+}
+
+/// Runs `job` to an ending and records it; the slot is freed when this returns.
+pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
+    let (id, fence) = (job.id, job.fence);
+    let stop = shared.shutdown.child_token();
+    let lost = CancellationToken::new();
+    if job.cancel_requested {
+        stop.cancel();
+    }
+    shared.held.lock().expect("held map").insert(
+        id,
+        Held {
+            fence,
+            stop: stop.clone(),
+            lost: lost.clone(),
+        },
+    );
+    let ending = attempt(&shared, job, &stop, &lost).await;
+    tracing::debug!(job = id, ?ending, "attempt ended");
+    match ending {
+        Ending::CompleteLater => {
+            // The batcher forgets the job once its completion is recorded; until then the
+            // heartbeat keeps its lease.
+            let _ = shared.completions.send((id, fence));
+        }
+        Ending::Nothing => shared.forget(id),
+        ending => {
+            record(&shared, id, fence, &ending, &lost).await;
+            shared.forget(id);
+        }
+    }
+    drop(permit);
+}
+
+async fn attempt(
+    shared: &Shared,
+    job: ClaimedJob,
+    stop: &CancellationToken,
+    lost: &CancellationToken,
+) -> Ending {
+    if job.cancel_requested {
+        return Ending::Cancel;
+    }
+    let Some(handler) = shared.registry.get(&job.kind) else {
+        return fatal(format!("no handler registered for job kind {:?}", job.kind));
+    };
+    if job.attempt > job.max_attempts {
+        // Only a rescue claims past max_attempts: the job's worker was lost on every attempt.
+        return fatal("lease expired on the last attempt (worker lost)".into());
+    }
+    let (mut checkpoint, mut processed, mut total) = (job.checkpoint, job.processed, job.total);
+    let mut transient_failures = 0u32;
+    loop {
+        let finished = Arc::new(AtomicBool::new(false));
+        let ctx = JobContext {
+            id: job.id,
+            kind: job.kind.clone(),
+            args: job.args.clone(),
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            fence: job.fence,
+            checkpoint: checkpoint.clone(),
+            processed,
+            total,
+            pool: shared.pool.clone(),
+            stop: stop.clone(),
+            finished: finished.clone(),
+        };
+        let mut body = tokio::spawn(handler(ctx));
+        let grace = async {
+            stop.cancelled().await;
+            shared.shutdown.cancelled().await;
+            tokio::time::sleep(shared.settings.shutdown_grace).await;
+        };
+        let joined = tokio::select! {
+            joined = &mut body => joined,
+            () = lost.cancelled() => {
+                body.abort();
+                tracing::warn!(job = job.id, "lease lost; dropping the job");
+                return Ending::Nothing;
+            }
+            () = grace => {
+                body.abort();
+                tracing::warn!(job = job.id, "job ignored shutdown past the grace period; releasing");
+                return Ending::Release;
+            }
+        };
+        let result = joined.unwrap_or_else(|e| {
+            let message = if e.is_panic() {
+                panic_message(e.into_panic())
+            } else {
+                "job task was aborted".into()
+            };
+            Err(JobError::Failed(anyhow::anyhow!("job panicked: {message}")))
+        });
+        return match result {
+            Ok(Outcome::Completed(_)) if finished.load(Ordering::SeqCst) => Ending::Nothing,
+            Ok(Outcome::Completed(None)) => Ending::CompleteLater,
+            Ok(Outcome::Completed(result)) => Ending::Complete(result),
+            Ok(Outcome::Retry(after)) => Ending::Snooze(after),
+            Ok(Outcome::Fatal(error)) | Err(JobError::Fatal(error)) => fatal(error),
+            Ok(Outcome::Cancelled) => stopped(shared, job.id, job.fence, true).await,
+            Err(JobError::Stopped) => stopped(shared, job.id, job.fence, false).await,
+            Err(JobError::LeaseLost) => Ending::Nothing,
+            Err(e) if e.is_transient() => {
+                transient_failures += 1;
+                tracing::warn!(job = job.id, error = %e, "transient database error; resuming from the last checkpoint");
+                let pause = Duration::from_millis(100 * u64::from(transient_failures.min(20)));
+                let Some(resume) = resume_point(shared, job.id, job.fence, lost, pause).await
+                else {
+                    return Ending::Nothing;
+                };
+                (checkpoint, processed, total) =
+                    (resume.checkpoint, resume.processed, resume.total);
+                if resume.cancel_requested {
+                    stop.cancel();
+                }
+                continue;
+            }
+            Err(e) => Ending::Fail {
+                error: e.to_string(),
+                fatal: false,
+                retry_in: finish::backoff(&shared.settings, job.attempt),
+            },
+        };
+    }
+}
+
+/// Re-reads the last committed checkpoint, retrying while the database is unreachable, until
+/// the lease is declared lost (`None`: someone else will resume the job).
+async fn resume_point(
+    shared: &Shared,
+    id: i64,
+    fence: i64,
+    lost: &CancellationToken,
+    mut pause: Duration,
+) -> Option<lease::Resume> {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = lost.cancelled() => return None,
+        }
+        let read = match shared.pool.acquire().await {
+            Ok(mut conn) => lease::reload(&mut conn, id, fence).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(resume) => return resume,
+            Err(e) => tracing::warn!(job = id, error = %e, "cannot reload the checkpoint yet"),
+        }
+        pause = Duration::from_millis(500);
+    }
+}
+
+/// The body stopped: a requested cancel makes it CANCELLED; otherwise the worker is shutting
+/// down and releases it. `chose` is true when the body itself returned `Cancelled`.
+async fn stopped(shared: &Shared, id: i64, fence: i64, chose: bool) -> Ending {
+    let read = match shared.pool.acquire().await {
+        Ok(mut conn) => lease::reload(&mut conn, id, fence).await,
+        Err(e) => Err(e),
+    };
+    match read {
+        Ok(None) => Ending::Nothing,
+        Ok(Some(row)) if row.cancel_requested => Ending::Cancel,
+        _ if shared.shutdown.is_cancelled() => Ending::Release,
+        _ if chose => Ending::Cancel,
+        _ => Ending::Release,
+    }
+}
+
+/// Writes `ending` under the fence, retrying transient errors for up to a lease: after that
+/// the job will have been reclaimed and our write would match nothing anyway.
+async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &CancellationToken) {
+    let deadline = Instant::now() + shared.settings.lease;
+    loop {
+        let written = match shared.pool.acquire().await {
+            Ok(mut conn) => write(&mut conn, id, fence, ending).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(
+                    job = id,
+                    ?ending,
+                    "lease lost before the ending was recorded"
+                );
+                return;
+            }
+            Err(e) if is_transient(&e) && Instant::now() < deadline && !lost.is_cancelled() => {
+                tracing::warn!(job = id, error = %e, "recording the ending failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "cannot record the job's ending; its lease will expire");
+                return;
+            }
+        }
+    }
+}
+
+async fn write(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    fence: i64,
+    ending: &Ending,
+) -> Result<bool, sqlx::Error> {
+    match ending {
+        Ending::Complete(result) => finish::complete(conn, id, fence, result.as_ref()).await,
+        Ending::Fail {
+            error,
+            fatal,
+            retry_in,
+        } => Ok(finish::fail(conn, id, fence, error, *retry_in, *fatal)
+            .await?
+            .is_some()),
+        Ending::Snooze(after) => finish::snooze(conn, id, fence, *after).await,
+        Ending::Cancel => finish::cancelled(conn, id, fence).await,
+        Ending::Release => Ok(lease::release(conn, &[(id, fence)]).await? == 1),
+        Ending::CompleteLater | Ending::Nothing => Ok(true),
+    }
+}
+
+fn fatal(error: String) -> Ending {
+    Ending::Fail {
+        error,
+        fatal: true,
+        retry_in: Duration::ZERO,
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}

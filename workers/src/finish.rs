@@ -1,0 +1,162 @@
+//! Ending an attempt: complete, fail (retry with backoff or FAILED), snooze, or cancel. Every
+//! statement is fenced by `(id, fence)` and the running states, so a holder that lost its lease
+//! changes nothing and learns it from the zero row count.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::settings::WorkerSettings;
+
+/// Marks one held job COMPLETED with `result`. False when the fence no longer matches.
+pub async fn complete(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+    result: Option<&Value>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "update jobs set state = 'completed', result = $3, finished_at = now(),
+             lease_owner = null, lease_expires_at = null
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(result)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks many held jobs COMPLETED without a result in one statement (the worker's completion
+/// batcher: one commit for many trivial jobs). Returns the ids that were still held.
+pub async fn complete_many(
+    conn: &mut PgConnection,
+    held: &[(i64, i64)],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    sqlx::query_scalar(
+        "update jobs set state = 'completed', finished_at = now(),
+             lease_owner = null, lease_expires_at = null
+         from unnest($1::bigint[], $2::bigint[]) as done(id, fence)
+         where jobs.id = done.id and jobs.fence = done.fence
+           and jobs.state in ('running', 'cancelling')
+         returning jobs.id",
+    )
+    .bind(ids)
+    .bind(fences)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records a failure of this attempt. The job goes back to QUEUED with `run_at` pushed out by
+/// `retry_in`, or to FAILED when `fatal` or out of attempts (CANCELLED if a cancel is pending).
+/// Returns the new state, `None` when the fence no longer matches.
+pub async fn fail(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+    error: &str,
+    retry_in: Duration,
+    fatal: bool,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "update jobs set
+             state = case when cancel_requested then 'cancelled'::job_state
+                          when $5 or attempt >= max_attempts then 'failed'
+                          else 'queued' end,
+             run_at = case when $5 or attempt >= max_attempts then run_at
+                           else now() + $4 * interval '1 millisecond' end,
+             finished_at = case when cancel_requested or $5 or attempt >= max_attempts
+                                then now() end,
+             errors = errors || jsonb_build_array(jsonb_build_object(
+                 'attempt', attempt, 'error', $3::text, 'at', now(),
+                 'retry_at', case when $5 or attempt >= max_attempts then null
+                                  else now() + $4 * interval '1 millisecond' end)),
+             lease_owner = null,
+             lease_expires_at = null
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         returning state::text",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(error)
+    .bind(retry_in.as_millis() as f64)
+    .bind(fatal)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Puts a held job back to QUEUED after `after` without spending its attempt (the job asked to
+/// run later). False when the fence no longer matches.
+pub async fn snooze(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+    after: Duration,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "update jobs set state = 'queued', attempt = greatest(attempt - 1, 0),
+             run_at = now() + $3 * interval '1 millisecond',
+             lease_owner = null, lease_expires_at = null
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+    )
+    .bind(id)
+    .bind(fence)
+    .bind(after.as_millis() as f64)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a held job CANCELLED. False when the fence no longer matches.
+pub async fn cancelled(conn: &mut PgConnection, id: i64, fence: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "update jobs set state = 'cancelled', finished_at = now(),
+             lease_owner = null, lease_expires_at = null
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+    )
+    .bind(id)
+    .bind(fence)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The delay before retry number `attempt` (1-based): base · 2^(attempt-1), capped, plus up to
+/// 25 % jitter so jobs failing together do not retry together. Strictly grows with the attempt
+/// until the cap.
+pub fn backoff(settings: &WorkerSettings, attempt: i32) -> Duration {
+    let exponent = attempt.clamp(1, 31) as u32 - 1;
+    let base = settings.backoff_base.as_millis() as u64;
+    let delay = base
+        .saturating_mul(1u64 << exponent)
+        .min(settings.backoff_max.as_millis() as u64);
+    let jitter = rand::random_range(0..=delay / 4);
+    Duration::from_millis(delay + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let settings = WorkerSettings {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1000),
+            ..WorkerSettings::default()
+        };
+        for _ in 0..100 {
+            let (one, two, three) = (
+                backoff(&settings, 1),
+                backoff(&settings, 2),
+                backoff(&settings, 3),
+            );
+            assert!(one < two && two < three, "{one:?} {two:?} {three:?}");
+            assert!(one >= Duration::from_millis(100) && one <= Duration::from_millis(125));
+            assert!(backoff(&settings, 30) <= Duration::from_millis(1250));
+        }
+    }
+}

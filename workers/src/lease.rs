@@ -1,0 +1,91 @@
+//! Holding jobs: the heartbeat that extends every held lease in one statement, the fenced
+//! re-read a job resumes from after a transient error, and the release that hands jobs back on
+//! shutdown without spending their attempt.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgConnection;
+
+/// A held job as the heartbeat found it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Beat {
+    pub id: i64,
+    /// A cancel was requested: the heartbeat is the fallback when the NOTIFY was missed.
+    pub cancel_requested: bool,
+}
+
+/// Extends the lease of every `(id, fence)` still held; a job missing from the answer was lost
+/// (reclaimed after this worker stalled) and must be dropped.
+pub async fn heartbeat(
+    conn: &mut PgConnection,
+    held: &[(i64, i64)],
+    lease: Duration,
+) -> Result<Vec<Beat>, sqlx::Error> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    sqlx::query_as(
+        "update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
+         from unnest($1::bigint[], $2::bigint[]) as held(id, fence)
+         where jobs.id = held.id and jobs.fence = held.fence
+           and jobs.state in ('running', 'cancelling')
+         returning jobs.id, jobs.cancel_requested",
+    )
+    .bind(ids)
+    .bind(fences)
+    .bind(lease.as_millis() as f64)
+    .fetch_all(conn)
+    .await
+}
+
+/// The resume point of a held job, read under its fence.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Resume {
+    pub checkpoint: Option<Value>,
+    pub processed: i64,
+    pub total: Option<i64>,
+    pub cancel_requested: bool,
+}
+
+/// Re-reads the last committed checkpoint; `None` when the fence no longer matches.
+pub async fn reload(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+) -> Result<Option<Resume>, sqlx::Error> {
+    sqlx::query_as(
+        "select checkpoint, processed, total, cancel_requested from jobs
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+    )
+    .bind(id)
+    .bind(fence)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Hands held jobs back, due at once and with the attempt given back (a shutdown is not the
+/// job's failure), and wakes the other workers so one takes them now rather than at lease
+/// expiry. A job with a pending cancel becomes CANCELLED instead.
+pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    sqlx::query_scalar(
+        "with released as (
+             update jobs set
+                 state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
+                 finished_at = case when cancel_requested then now() end,
+                 attempt = greatest(attempt - 1, 0),
+                 run_at = now(),
+                 lease_owner = null,
+                 lease_expires_at = null
+             from unnest($1::bigint[], $2::bigint[]) as held(id, fence)
+             where jobs.id = held.id and jobs.fence = held.fence
+               and jobs.state in ('running', 'cancelling')
+             returning jobs.id
+         )
+         select count(*) from released, lateral (select pg_notify('settle_jobs', '')) n",
+    )
+    .bind(ids)
+    .bind(fences)
+    .fetch_one(conn)
+    .await
+    .map(|n: i64| n as u64)
+}

@@ -1,0 +1,84 @@
+//! Reading jobs for the API: one job, and keyset pages newest first filtered by state and kind.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+/// A job as stored, for display.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRecord {
+    pub id: i64,
+    pub kind: String,
+    /// `queued`, `running`, `cancelling`, `completed`, `failed` or `cancelled`.
+    pub state: String,
+    pub args: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub processed: i64,
+    pub total: Option<i64>,
+    /// The most recent failure's message, if any attempt failed.
+    pub last_error: Option<String>,
+    pub result: Option<Value>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl JobRecord {
+    /// 0–100: 100 once completed, else processed / total (0 while the total is unknown). Never
+    /// goes down, since `processed` only moves with committed checkpoints.
+    pub fn progress(&self) -> u8 {
+        match (self.state.as_str(), self.total) {
+            ("completed", _) => 100,
+            (_, Some(total)) if total > 0 => ((self.processed.min(total) * 100) / total) as u8,
+            _ => 0,
+        }
+    }
+}
+
+/// Filters of a job listing.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    /// Only jobs with an id below this (the previous page's last id).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+const COLUMNS: &str =
+    "id, kind, state::text as state, args, attempt, max_attempts, processed, total,
+    errors -> -1 ->> 'error' as last_error, result, run_at, created_at, started_at, finished_at";
+
+/// One job, or `None`.
+pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<JobRecord>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from jobs where id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Up to `filter.limit` jobs, newest first.
+pub async fn list_jobs(
+    conn: &mut PgConnection,
+    filter: &JobFilter,
+) -> Result<Vec<JobRecord>, sqlx::Error> {
+    // The SQL text is fixed; only bound values vary.
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLUMNS} from jobs
+         where ($1::job_state is null or state = $1::job_state)
+           and ($2::text is null or kind = $2)
+           and ($3::bigint is null or id < $3)
+         order by id desc
+         limit $4"
+    )))
+    .bind(filter.state.as_deref())
+    .bind(filter.kind.as_deref())
+    .bind(filter.before)
+    .bind(filter.limit)
+    .fetch_all(conn)
+    .await
+}
