@@ -33,7 +33,8 @@ pub async fn run(
     config: Arc<Config>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let registry = crate::jobs::registry(config.worker.batch_size);
+    let mut registry = crate::jobs::registry(config.worker.batch_size);
+    crate::settlement::job::register(&mut registry, &config);
     Worker::new(pool.clone(), settings(&config.worker), registry)
         .run(shutdown)
         .await;
