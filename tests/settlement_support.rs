@@ -131,3 +131,11 @@ pub fn parse_csv(text: &str) -> Settled {
     }
     out
 }
+
+/// A single `bigint` the test asks for (counts, mostly).
+pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}

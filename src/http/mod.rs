@@ -1,6 +1,7 @@
 //! The HTTP transport: routers per resource, the middleware stack, and serving with graceful
 //! shutdown. Handlers parse input into domain types and call the domain; they hold no SQL.
 
+mod downloads;
 pub mod error;
 pub mod extract;
 mod health;
@@ -8,6 +9,7 @@ pub mod openapi;
 mod orders;
 mod pagination;
 mod products;
+mod settlement_jobs;
 mod transactions;
 
 use std::net::SocketAddr;
@@ -45,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .merge(products::router())
         .merge(orders::router())
         .merge(transactions::router())
+        .merge(settlement_jobs::router())
+        .merge(downloads::router())
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -41,6 +41,8 @@ pub struct ErrorDetail {
         super::orders::get_order,
         super::orders::list_orders,
         super::transactions::create_transactions,
+        super::settlement_jobs::create_settlement_job,
+        super::downloads::download,
         super::health::livez,
         super::health::readyz,
     ),

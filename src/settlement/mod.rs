@@ -15,6 +15,7 @@
 
 pub mod csv;
 pub mod engine;
+pub mod job;
 pub mod store;
 pub mod transactions;
 

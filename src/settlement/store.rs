@@ -306,3 +306,42 @@ pub fn csv_copy_statement(range: DateRange) -> String {
         range.to().format("%Y-%m-%d"),
     )
 }
+
+/// The job's current claim counter. Read inside the job's first fenced batch, whose commit
+/// proves it is this worker's own.
+pub async fn job_fence(conn: &mut PgConnection, job_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select fence from jobs where id = $1")
+        .bind(job_id)
+        .fetch_one(conn)
+        .await
+}
+
+/// Whether a cancel was requested, or `None` when the claim `fence` no longer holds the job.
+/// `for share` keeps a re-claim (which bumps the fence) waiting until this transaction ends, so
+/// a part batch of a worker that lost its lease can never commit after the new owner started.
+pub async fn lock_claim(
+    conn: &mut PgConnection,
+    job_id: i64,
+    fence: i64,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select cancel_requested from jobs
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         for share",
+    )
+    .bind(job_id)
+    .bind(fence)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn cancel_requested(conn: &mut PgConnection, job_id: i64) -> Result<bool, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar::<_, Option<bool>>("select cancel_requested from jobs where id = $1")
+            .bind(job_id)
+            .fetch_optional(conn)
+            .await?
+            .flatten()
+            .unwrap_or(false),
+    )
+}

@@ -1,0 +1,77 @@
+//! `POST /api/v1/jobs/settlement`: enqueue a settlement job, optionally idempotent. Reading,
+//! listing and cancelling jobs are the queue's endpoints (`jobs`).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+use settle_workers::NewJob;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::Json;
+use super::openapi::ErrorBody;
+use crate::idempotency::IdempotencyKey;
+use crate::settlement::job::KIND;
+use crate::settlement::{DateRange, DateRangeInput};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/jobs/settlement", post(create_settlement_job))
+}
+
+/// Queue a settlement of `from..=to` (both inclusive, calendar days in the configured
+/// settlement time zone). Poll the `Location` for progress; once COMPLETED the CSV is at
+/// `download_url`.
+#[utoipa::path(
+    post, path = "/api/v1/jobs/settlement", tag = "jobs",
+    request_body = DateRangeInput,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Up to 255 characters; a retry with the same key and body returns the same job")),
+    responses(
+        (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}` with a `Location` header"),
+        (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
+        (status = 422, description = "INVALID_DATE, INVALID_DATE_RANGE (from > to or span over \
+            settlement.max_span_days), INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
+    )
+)]
+async fn create_settlement_job(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Json(input): Json<DateRangeInput>,
+) -> Result<Response, ApiError> {
+    let key = IdempotencyKey::from_headers("settlement_jobs", &headers)?;
+    let range = DateRange::parse(&input, app.config.settlement.max_span_days)?;
+    let request_json = serde_json::to_value(&input).map_err(anyhow::Error::from)?;
+    let mut tx = app.pool.begin().await?;
+    if let Some(key) = &key
+        && let Some(stored) = key.begin(&mut tx, &request_json).await?
+    {
+        return accepted(stored.status, stored.body);
+    }
+    // Stored in canonical form, so the job reads exactly the days that were validated.
+    let args = serde_json::to_value(range.to_input()).map_err(anyhow::Error::from)?;
+    let job = NewJob::new(KIND, args).max_attempts(app.config.worker.max_attempts);
+    let job_id = settle_workers::enqueue(&mut tx, &job).await?;
+    let body = json!({"job_id": job_id, "status": "QUEUED"});
+    if let Some(key) = &key {
+        let ttl = app.config.idempotency.ttl_hours;
+        key.store(&mut tx, &request_json, StatusCode::ACCEPTED, &body, ttl)
+            .await?;
+    }
+    tx.commit().await?;
+    accepted(StatusCode::ACCEPTED, body)
+}
+
+/// The response, with `Location` pointing at the job (also on replays).
+fn accepted(status: StatusCode, body: Value) -> Result<Response, ApiError> {
+    let mut response = (status, axum::Json(&body)).into_response();
+    if let Some(id) = body["job_id"].as_i64() {
+        let location = HeaderValue::from_str(&format!("/api/v1/jobs/{id}"))
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}

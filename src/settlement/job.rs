@@ -1,0 +1,218 @@
+//! The `settlement` job kind on the settle-workers queue.
+//!
+//! 1. In the job's first fenced batch: fix the input ([`engine::start`]) and read the claim's
+//!    fence; the commit proves the fence is ours and records `total`.
+//! 2. One task per part runs [`engine::process_batch`] in its own transaction, which first
+//!    locks the job row `for share` under that fence ([`store::lock_claim`]): the part's sums
+//!    and cursor commit together, and only while this worker holds the job. After each part
+//!    batch the job's progress is checkpointed through the queue's fenced batch.
+//! 3. [`engine::finalize`] runs in the batch that completes the job, so the `settlements`
+//!    replacement and COMPLETED land together; the CSV is published just before that commit.
+//!
+//! A cancel (flag + token) stops every part before its next batch; the job's working rows and
+//! any file are then discarded, and `settlements` is untouched.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use settle_workers::{JobContext, JobError, JobResult, Outcome, Registry};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{self, Plan};
+use super::store::{self, Part};
+use super::{DateRange, DateRangeInput, Settings, SettleError};
+use crate::config::Config;
+
+/// The kind name jobs are enqueued under.
+pub const KIND: &str = "settlement";
+
+/// Registers the settlement kind on a worker's registry.
+pub fn register(registry: &mut Registry, config: &Config) {
+    let settings = Arc::new(Settings::new(&config.settlement, config.worker.batch_size));
+    registry.register(KIND, move |ctx| run(ctx, settings.clone()));
+}
+
+/// What the queue's checkpoint shows: each part's cursor (the authoritative copy lives in
+/// `settlement_parts`, committed with the part's sums).
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    high_water_id: i64,
+    parts: Vec<PartCursor>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartCursor {
+    part: i32,
+    cursor_id: i64,
+    hi_id: i64,
+}
+
+impl Checkpoint {
+    fn of(high_water_id: i64, parts: &[Part]) -> Self {
+        Self {
+            high_water_id,
+            parts: parts
+                .iter()
+                .map(|p| PartCursor {
+                    part: p.part,
+                    cursor_id: p.cursor_id,
+                    hi_id: p.hi_id,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The job body.
+pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
+    let input: DateRangeInput = ctx.args()?;
+    let range = DateRange::parse(&input, i64::MAX)
+        .map_err(|e| JobError::Fatal(format!("invalid settlement args: {e}")))?;
+    let job_id = ctx.id();
+    let outcome = settle(&mut ctx, range, &settings).await;
+    if matches!(outcome, Err(JobError::Stopped) | Ok(Outcome::Cancelled)) {
+        // Stopped by a cancel (not a shutdown): forget the work, leave settlements as it was.
+        let mut conn = ctx.pool().acquire().await?;
+        if store::cancel_requested(&mut conn, job_id).await? {
+            engine::discard(&mut conn, job_id, &settings.results_dir)
+                .await
+                .map_err(JobError::failed)?;
+        }
+    }
+    if matches!(outcome, Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_))) {
+        let mut conn = ctx.pool().acquire().await?;
+        engine::discard(&mut conn, job_id, &settings.results_dir)
+            .await
+            .map_err(JobError::failed)?;
+    }
+    outcome
+}
+
+async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> JobResult {
+    let job_id = ctx.id();
+    let mut batch = ctx.begin().await?;
+    let plan = engine::start(batch.conn(), job_id, range, settings).await?;
+    let fence = store::job_fence(batch.conn(), job_id).await?;
+    let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
+    batch
+        .commit(&checkpoint, plan.processed(), Some(plan.run.total))
+        .await?;
+    tracing::info!(
+        job = job_id,
+        total = plan.run.total,
+        high_water_id = plan.run.high_water_id,
+        parts = plan.parts.len(),
+        "settlement input fixed"
+    );
+
+    run_parts(ctx, &plan, fence, settings.batch_size).await?;
+    ctx.ensure_running()?;
+
+    let mut batch = ctx.begin().await?;
+    let staged = match engine::finalize(batch.conn(), &plan, &settings.results_dir).await {
+        Err(SettleError::Overflow) => {
+            return Ok(Outcome::Fatal(SettleError::Overflow.to_string()));
+        }
+        Err(SettleError::Sql(e)) => return Err(e.into()),
+        Err(e) => return Err(JobError::failed(e)),
+        Ok(staged) => staged,
+    };
+    let published = staged.publish().await.map_err(JobError::failed)?;
+    let result = json!({"download_url": format!("/downloads/{job_id}.csv")});
+    let completed = batch.complete(Some(result)).await;
+    if completed.is_err() {
+        // Not COMPLETED after all: never leave a file for a job that is not.
+        let _ = tokio::fs::remove_file(&published).await;
+    }
+    completed
+}
+
+/// Runs every unfinished part on its own task, checkpointing the job's progress after each
+/// part batch; returns when all parts are done, or with the first error (after stopping the
+/// other parts).
+async fn run_parts(
+    ctx: &mut JobContext,
+    plan: &Plan,
+    fence: i64,
+    batch_size: i64,
+) -> Result<(), JobError> {
+    let stop = ctx.token().child_token();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Part>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for part in plan.parts.iter().filter(|p| !p.is_done()).cloned() {
+        let (pool, plan, stop, done) = (
+            ctx.pool().clone(),
+            plan.clone(),
+            stop.clone(),
+            done_tx.clone(),
+        );
+        tasks.spawn(run_part(pool, plan, part, fence, batch_size, stop, done));
+    }
+    drop(done_tx);
+    let mut parts = plan.parts.clone();
+    let mut failure = None;
+    // Each finished part batch moves the job's progress; the channel closes when all tasks end.
+    while let Some(part) = done_rx.recv().await {
+        let slot = part.part as usize;
+        parts[slot] = part;
+        if failure.is_some() {
+            continue;
+        }
+        let processed: i64 = parts.iter().map(|p| p.processed).sum();
+        let checkpoint = Checkpoint::of(plan.run.high_water_id, &parts);
+        let committed = async {
+            ctx.begin()
+                .await?
+                .commit(&checkpoint, processed.min(plan.run.total), None)
+                .await
+        }
+        .await;
+        if let Err(e) = committed {
+            stop.cancel();
+            failure = Some(e);
+        }
+    }
+    while let Some(ended) = tasks.join_next().await {
+        let ended =
+            ended.map_err(|e| JobError::failed(anyhow::anyhow!("settlement part panicked: {e}")));
+        if let Err(e) = ended.and_then(|r| r) {
+            stop.cancel();
+            failure.get_or_insert(e);
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// One part's loop: a transaction per batch, fenced by the claim lock, until the part is done
+/// or `stop` fires.
+async fn run_part(
+    pool: PgPool,
+    plan: Plan,
+    mut part: Part,
+    fence: i64,
+    batch_size: i64,
+    stop: CancellationToken,
+    done: mpsc::UnboundedSender<Part>,
+) -> Result<(), JobError> {
+    while !part.is_done() {
+        if stop.is_cancelled() {
+            return Err(JobError::Stopped);
+        }
+        let mut tx = pool.begin().await?;
+        match store::lock_claim(&mut tx, plan.run.job_id, fence).await? {
+            None => return Err(JobError::LeaseLost),
+            Some(true) => {
+                stop.cancel();
+                return Err(JobError::Stopped);
+            }
+            Some(false) => {}
+        }
+        part = engine::process_batch(&mut tx, &plan, &part, batch_size).await?;
+        tx.commit().await?;
+        let _ = done.send(part.clone());
+    }
+    Ok(())
+}

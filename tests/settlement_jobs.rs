@@ -1,0 +1,340 @@
+//! Settlement jobs through the HTTP API and the queue: enqueue (validation, idempotency,
+//! `Location`), run to COMPLETED, download, and cancel. The worker here is the settle-workers
+//! runtime in this process with the settlement kind registered; `settlement_processes.rs`
+//! repeats the crash and cancel cases with real `settle worker` processes.
+
+mod common;
+#[path = "settlement_support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use common::{TestApp, assert_error, spawn_app_with};
+use serde_json::{Value, json};
+use settle_workers::{Registry, Worker};
+use support::{day, parse_csv, reference, settlements};
+use tokio_util::sync::CancellationToken;
+
+/// The app plus an in-process worker that stops when dropped.
+struct Harness {
+    app: TestApp,
+    worker: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.worker.cancel();
+    }
+}
+
+async fn harness(overrides: &[(&str, Value)]) -> Harness {
+    let app = spawn_app_with(overrides).await;
+    Harness {
+        worker: start_worker(&app),
+        app,
+    }
+}
+
+fn start_worker(app: &TestApp) -> CancellationToken {
+    let mut registry = Registry::new();
+    settle::settlement::job::register(&mut registry, &app.config);
+    let settings = settle::worker::settings(&app.config.worker);
+    let token = CancellationToken::new();
+    tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(token.clone()));
+    token
+}
+
+async fn post_job(app: &TestApp, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
+    let mut request = app.http.post(app.url("/api/v1/jobs/settlement")).json(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await.unwrap();
+    let location = response
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (status, body) = common::status_and_json(response).await;
+    (status, body, location)
+}
+
+async fn wait_state(app: &TestApp, id: i64, state: &str) {
+    for _ in 0..600 {
+        let now: String = sqlx::query_scalar("select state::text from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if now == state {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never became {state}");
+}
+
+async fn download(app: &TestApp, path: &str) -> (u16, String, String) {
+    let response = app.http.get(app.url(path)).send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, content_type, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_to_job_to_completed_csv_and_table() {
+    let h = harness(&[
+        ("worker.batch_size", json!(64)),
+        ("settlement.parallel_parts", json!(3)),
+    ])
+    .await;
+    let rows = support::random_transactions(11, 2500, 6, 4);
+    for chunk in rows.chunks(500) {
+        let body: Vec<Value> = chunk
+            .iter()
+            .map(|t| {
+                json!({"merchant_id": t.merchant_id, "amount_cents": t.amount_cents,
+                       "fee_cents": t.fee_cents, "status": t.status.as_str(),
+                       "paid_at": t.paid_at.to_rfc3339()})
+            })
+            .collect();
+        let (status, body) = h.app.post("/api/v1/transactions", &json!(body)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body, location) = post_job(
+        &h.app,
+        &json!({"from": "2025-01-01", "to": "2025-01-04"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "QUEUED");
+    let id = body["job_id"].as_i64().unwrap();
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/api/v1/jobs/{id}").as_str())
+    );
+    wait_state(&h.app, id, "completed").await;
+
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-04"), Tz::UTC);
+    let (status, content_type, text) = download(&h.app, &format!("/downloads/{id}.csv")).await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/csv"), "{content_type}");
+    assert_eq!(parse_csv(&text), expected);
+    assert_eq!(
+        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-04")).await,
+        expected
+    );
+    let (processed, total, result): (i64, Option<i64>, Value) =
+        sqlx::query_as("select processed, total, result from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(Some(processed), total);
+    assert_eq!(total, Some(2500));
+    assert_eq!(result["download_url"], format!("/downloads/{id}.csv"));
+}
+
+#[tokio::test]
+async fn bad_settlement_requests_are_rejected_and_enqueue_nothing() {
+    let h = harness(&[("settlement.max_span_days", json!(31))]).await;
+    let cases = [
+        (
+            json!({"from": "2025-02-30", "to": "2025-03-01"}),
+            422,
+            "INVALID_DATE",
+        ),
+        (
+            json!({"from": "2025-01-01", "to": "01/31/2025"}),
+            422,
+            "INVALID_DATE",
+        ),
+        (
+            json!({"from": "2025-01-31", "to": "2025-01-01"}),
+            422,
+            "INVALID_DATE_RANGE",
+        ),
+        (
+            json!({"from": "2025-01-01", "to": "2025-02-01"}),
+            422,
+            "INVALID_DATE_RANGE",
+        ),
+        (json!({"from": "2025-01-01"}), 400, "INVALID_BODY"),
+        (
+            json!({"from": 20250101, "to": "2025-01-02"}),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            json!({"from": "2025-01-01", "to": "2025-01-02", "zone": "UTC"}),
+            400,
+            "INVALID_BODY",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, error, _) = post_job(&h.app, &body, None).await;
+        assert_eq!(got, status, "{body}: {error}");
+        assert_error(&error, code);
+    }
+    let (got, error, _) = post_job(
+        &h.app,
+        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
+        Some(""),
+    )
+    .await;
+    assert_eq!(got, 422, "{error}");
+    assert_error(&error, "INVALID_IDEMPOTENCY_KEY");
+    let jobs = support::scalar(&h.app.pool, "select count(*) from jobs").await;
+    assert_eq!(jobs, 0);
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_returns_the_same_job() {
+    let h = harness(&[]).await;
+    let body = json!({"from": "2025-01-01", "to": "2025-01-02"});
+    let (s1, b1, l1) = post_job(&h.app, &body, Some("settle-once")).await;
+    let (s2, b2, l2) = post_job(&h.app, &body, Some("settle-once")).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(b1, b2);
+    assert_eq!(l1, l2);
+    let other = json!({"from": "2025-01-01", "to": "2025-01-03"});
+    let (s3, error, _) = post_job(&h.app, &other, Some("settle-once")).await;
+    assert_eq!(s3, 422);
+    assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
+    let jobs = support::scalar(&h.app.pool, "select count(*) from jobs").await;
+    assert_eq!(jobs, 1);
+}
+
+#[tokio::test]
+async fn downloads_serve_only_completed_jobs_inside_the_results_dir() {
+    let app = spawn_app_with(&[]).await; // no worker: the job stays queued
+    let (_, body, _) = post_job(
+        &app,
+        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
+        None,
+    )
+    .await;
+    let id = body["job_id"].as_i64().unwrap();
+    // Even a file already in place is not served before the job is COMPLETED.
+    let dir = &app.config.settlement.results_dir;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(format!("{id}.csv")), "partial").unwrap();
+    let (status, _, _) = download(&app, &format!("/downloads/{id}.csv")).await;
+    assert_eq!(status, 404);
+    for path in [
+        "/downloads/999.csv",
+        "/downloads/abc.csv",
+        "/downloads/01.csv",
+        "/downloads/-1.csv",
+        "/downloads/1.txt",
+        "/downloads/..%2F..%2Fetc%2Fpasswd",
+        "/downloads/%2e%2e%2f1.csv",
+        "/downloads/../Cargo.toml",
+    ] {
+        let (status, _, text) = download(&app, path).await;
+        assert_eq!(status, 404, "{path}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
+    let h = harness(&[
+        ("worker.batch_size", json!(5)),
+        ("settlement.parallel_parts", json!(2)),
+    ])
+    .await;
+    let rows = support::random_transactions(12, 20_000, 5, 3);
+    support::store(&h.app.pool, &rows).await;
+    let before = settlements(&h.app.pool, day("2025-01-01"), day("2025-01-03")).await;
+    // Running: a 5-row batch size makes the job long; cancel once it has made progress.
+    let (_, body, _) = post_job(
+        &h.app,
+        &json!({"from": "2025-01-01", "to": "2025-01-03"}),
+        None,
+    )
+    .await;
+    let id = body["job_id"].as_i64().unwrap();
+    for _ in 0..600 {
+        let processed: i64 = sqlx::query_scalar("select processed from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
+        if processed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = h.app.pool.acquire().await.unwrap();
+    settle_workers::request_cancel(&mut conn, id).await.unwrap();
+    wait_state(&h.app, id, "cancelled").await;
+    let (processed, total): (i64, i64) =
+        sqlx::query_as("select processed, total from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
+    assert!(
+        processed < total,
+        "{processed} of {total}: it should have stopped early"
+    );
+    assert!(
+        !h.app
+            .config
+            .settlement
+            .results_dir
+            .join(format!("{id}.csv"))
+            .exists()
+    );
+    assert_eq!(
+        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-03")).await,
+        before
+    );
+    let working: i64 =
+        sqlx::query_scalar("select count(*) from settlement_parts where job_id = $1")
+            .bind(id)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(working, 0);
+    let (status, _, _) = download(&h.app, &format!("/downloads/{id}.csv")).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_cancelled_queued_job_never_starts() {
+    let app = spawn_app_with(&[]).await;
+    support::store(&app.pool, &support::random_transactions(13, 100, 2, 2)).await;
+    let (_, body, _) = post_job(
+        &app,
+        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
+        None,
+    )
+    .await;
+    let id = body["job_id"].as_i64().unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
+    assert_eq!(
+        outcome,
+        settle_workers::CancelOutcome::Accepted("cancelled")
+    );
+    let worker = start_worker(&app);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.cancel();
+    let (state, started): (String, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("select state::text, started_at from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), started), ("cancelled", None));
+    let runs = support::scalar(&app.pool, "select count(*) from settlement_runs").await;
+    assert_eq!(runs, 0);
+    let settled = support::scalar(&app.pool, "select count(*) from settlements").await;
+    assert_eq!(settled, 0);
+}
