@@ -5,6 +5,7 @@ mod downloads;
 pub mod error;
 pub mod extract;
 mod health;
+mod jobs;
 pub mod openapi;
 mod orders;
 mod pagination;
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .merge(transactions::router())
         .merge(settlement_jobs::router())
         .merge(downloads::router())
+        .merge(jobs::router())
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -43,10 +43,13 @@ pub struct ErrorDetail {
         super::transactions::create_transactions,
         super::settlement_jobs::create_settlement_job,
         super::downloads::download,
+        super::jobs::get_job,
+        super::jobs::list_jobs,
+        super::jobs::cancel_job,
         super::health::livez,
         super::health::readyz,
     ),
-    components(schemas(ErrorBody, ErrorDetail))
+    components(schemas(ErrorBody, ErrorDetail, super::jobs::Job, super::jobs::JobPage))
 )]
 pub struct ApiDoc;
 
