@@ -3,6 +3,7 @@
 
 mod orders;
 pub mod process;
+mod seed;
 
 use clap::Subcommand;
 
@@ -12,10 +13,13 @@ use crate::config::Config;
 pub enum BenchCommand {
     /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
+    /// `settle seed`'s COPY load vs a bare INSERT … SELECT generate_series of the same rows.
+    Seed(seed::SeedBenchArgs),
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
     match command {
         BenchCommand::Orders(args) => orders::run(args, config).await,
+        BenchCommand::Seed(args) => seed::run(args, config).await,
     }
 }

@@ -5,6 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -16,6 +17,28 @@ pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config
     url.set_path(database);
     config.database.url = url.to_string();
     Ok(config)
+}
+
+/// Drops and recreates the benchmark database so every run starts from the same state.
+pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
+    let options = crate::db::connect_options(&config.database.url)?;
+    let name = options
+        .get_database()
+        .context("database.url names no database")?
+        .to_owned();
+    anyhow::ensure!(
+        name.starts_with("settle_bench"),
+        "refusing to drop {name}: benchmark databases are named settle_bench*"
+    );
+    let mut conn = sqlx::PgConnection::connect_with(&options.database("postgres")).await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    // An identifier, quoted above: DROP DATABASE takes no parameters.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {quoted} with (force)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
 }
 
 /// A `settle api` child process on a free port.
@@ -41,8 +64,8 @@ impl ApiProcess {
         let mut lines = BufReader::new(stderr).lines();
         let base_url = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(at) = line.find("listening on ") {
-                    return anyhow::Ok(line[at + "listening on ".len()..].trim().to_owned());
+                if let Some(url) = listening_url(&line) {
+                    return anyhow::Ok(url);
                 }
             }
             anyhow::bail!("settle api exited before listening")
@@ -65,4 +88,14 @@ impl ApiProcess {
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
         Ok(())
     }
+}
+
+/// The URL in the API's "listening on http://…" log line, without trailing fields or colours.
+pub fn listening_url(line: &str) -> Option<String> {
+    let at = line.find("listening on http://")? + "listening on ".len();
+    let url: String = line[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '\x1b')
+        .collect();
+    Some(url)
 }
