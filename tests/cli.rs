@@ -1,0 +1,102 @@
+//! The `settle` binary as an operator meets it: refusing an unmigrated database, migrating,
+//! naming bad configuration, binding port 0 and shutting down on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn settle(database_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+    command
+        .env("SETTLE_DATABASE__URL", database_url)
+        .env("PORT", "0")
+        .env("SETTLE_LOG", "info");
+    command
+}
+
+fn fresh_url() -> String {
+    common::test_config(&[]).database.url
+}
+
+#[test]
+fn api_refuses_an_unmigrated_database_until_migrate_runs() {
+    let url = fresh_url();
+    let missing = settle(&url).arg("api").output().unwrap();
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("settle migrate"), "{said}");
+
+    let migrated = settle(&url).arg("migrate").output().unwrap();
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    // Twice is harmless.
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+}
+
+#[test]
+fn an_empty_but_unmigrated_database_is_refused_with_the_fix_named() {
+    let url = fresh_url();
+    // Create the database only (no schema) through migrate's creation path, then drop the
+    // migrations table to simulate a schema nobody applied.
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+    let drop = Command::new("psql")
+        .args([&url, "-qc", "drop table _sqlx_migrations"])
+        .status()
+        .unwrap();
+    assert!(drop.success());
+    let output = settle(&url).arg("worker").output().unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("not migrated") && said.contains("settle migrate"), "{said}");
+}
+
+#[test]
+fn bad_configuration_names_the_key() {
+    let url = fresh_url();
+    for (key, value, named) in [
+        ("SETTLE_HTTP__PROT", "1", "prot"),
+        ("WORKERS", "many", "concurrency"),
+        ("SETTLE_WORKER__HEARTBEAT_MS", "0", "worker.heartbeat_ms"),
+        ("SETTLE_SETTLEMENT__TIME_ZONE", "Mars/Olympus", "settlement.time_zone"),
+        ("DATABASE_URL", "mysql://x", "database.url"),
+    ] {
+        let output = settle(&url).env(key, value).arg("migrate").output().unwrap();
+        assert!(!output.status.success(), "{key}={value} accepted");
+        let said = String::from_utf8_lossy(&output.stderr).to_lowercase();
+        assert!(said.contains(named), "{key}={value}: {said}");
+    }
+}
+
+#[tokio::test]
+async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm() {
+    let url = fresh_url();
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+    let mut child = tokio::process::Command::from(settle(&url))
+        .arg("api")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = settle::bench::process::listening_url(&line) {
+                return url;
+            }
+        }
+        panic!("api exited without listening");
+    })
+    .await
+    .expect("api listening within 30 s");
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status}");
+}
