@@ -250,6 +250,11 @@ mod tests {
     use super::*;
     use figment::providers::Serialized;
 
+    /// The error with its causes, as the CLI prints it.
+    fn chain(e: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::from(e))
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::from_figment(Config::defaults()).expect("shipped config.toml is valid");
@@ -258,17 +263,17 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let figment = Config::defaults().merge(Toml::string("[http]\nprot = 1\n"));
-        let err = Config::from_figment(figment).unwrap_err().to_string();
+        let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("prot"), "{err}");
     }
 
     #[test]
     fn bad_value_is_named() {
         let figment = Config::defaults().merge(Serialized::default("worker.concurrency", 0));
-        let err = Config::from_figment(figment).unwrap_err().to_string();
+        let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("worker.concurrency"), "{err}");
         let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
-        let err = Config::from_figment(figment).unwrap_err().to_string();
+        let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("port"), "{err}");
     }
 }
