@@ -3,6 +3,7 @@
 
 mod orders;
 pub mod process;
+mod queue;
 mod seed;
 
 use clap::Subcommand;
@@ -13,6 +14,8 @@ use crate::config::Config;
 pub enum BenchCommand {
     /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
+    /// 100,000 no-op jobs through real worker processes vs the bare claim-and-complete SQL.
+    Queue(queue::QueueArgs),
     /// `settle seed`'s COPY load vs a bare INSERT … SELECT generate_series of the same rows.
     Seed(seed::SeedBenchArgs),
 }
@@ -20,6 +23,7 @@ pub enum BenchCommand {
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
     match command {
         BenchCommand::Orders(args) => orders::run(args, config).await,
+        BenchCommand::Queue(args) => queue::run(args, config).await,
         BenchCommand::Seed(args) => seed::run(args, config).await,
     }
 }

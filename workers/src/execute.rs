@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::claim::ClaimedJob;
@@ -35,7 +35,12 @@ enum Ending {
 }
 
 /// Runs `job` to an ending and records it; the slot is freed when this returns.
-pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
+pub(crate) async fn run_job(
+    shared: Arc<Shared>,
+    job: ClaimedJob,
+    slots: Arc<Semaphore>,
+    held: OwnedSemaphorePermit,
+) {
     let (id, fence) = (job.id, job.fence);
     let stop = shared.shutdown.child_token();
     let lost = CancellationToken::new();
@@ -50,7 +55,19 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedS
             lost: lost.clone(),
         },
     );
-    let ending = attempt(&shared, job, &stop, &lost).await;
+    // Wait for a slot to run in; shutdown meanwhile hands the job straight back.
+    let slot = tokio::select! {
+        slot = slots.acquire_owned() => slot.ok(),
+        () = lost.cancelled() => None,
+        () = shared.shutdown.cancelled() => None,
+    };
+    let ending = match slot {
+        Some(_) if lost.is_cancelled() => Ending::Nothing,
+        Some(_) => attempt(&shared, job, &stop, &lost).await,
+        None if lost.is_cancelled() => Ending::Nothing,
+        None => Ending::Release,
+    };
+    drop(slot);
     tracing::debug!(job = id, ?ending, "attempt ended");
     match ending {
         Ending::CompleteLater => {
@@ -64,7 +81,8 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedS
             shared.forget(id);
         }
     }
-    drop(permit);
+    drop(held);
+    shared.job_done.notify_one();
 }
 
 async fn attempt(
@@ -136,7 +154,10 @@ async fn attempt(
             Ok(Outcome::Fatal(error)) | Err(JobError::Fatal(error)) => fatal(error),
             Ok(Outcome::Cancelled) => stopped(shared, job.id, job.fence, true).await,
             Err(JobError::Stopped) => stopped(shared, job.id, job.fence, false).await,
-            Err(JobError::LeaseLost) => Ending::Nothing,
+            Err(JobError::LeaseLost) => {
+                tracing::warn!(job = job.id, "lease lost at a checkpoint; dropping the job");
+                Ending::Nothing
+            }
             Err(e) if e.is_transient() => {
                 transient_failures += 1;
                 tracing::warn!(job = job.id, error = %e, "transient database error; resuming from the last checkpoint");

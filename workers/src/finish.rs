@@ -30,18 +30,25 @@ pub async fn complete(
 }
 
 /// Marks many held jobs COMPLETED without a result in one statement (the worker's completion
-/// batcher: one commit for many trivial jobs). Returns the ids that were still held.
+/// batcher: one commit for many trivial jobs). Returns the ids that were still held. Rows are
+/// locked in id order, as the heartbeat and release lock them, so they never deadlock.
 pub async fn complete_many(
     conn: &mut PgConnection,
     held: &[(i64, i64)],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     sqlx::query_scalar(
-        "update jobs set state = 'completed', finished_at = now(),
+        "with done as (
+             select jobs.id from jobs
+             join unnest($1::bigint[], $2::bigint[]) as d(id, fence)
+               on jobs.id = d.id and jobs.fence = d.fence
+             where jobs.state in ('running', 'cancelling')
+             order by jobs.id
+             for update of jobs
+         )
+         update jobs set state = 'completed', finished_at = now(),
              lease_owner = null, lease_expires_at = null
-         from unnest($1::bigint[], $2::bigint[]) as done(id, fence)
-         where jobs.id = done.id and jobs.fence = done.fence
-           and jobs.state in ('running', 'cancelling')
+         from done where jobs.id = done.id
          returning jobs.id",
     )
     .bind(ids)

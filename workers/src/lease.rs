@@ -24,10 +24,16 @@ pub async fn heartbeat(
 ) -> Result<Vec<Beat>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     sqlx::query_as(
-        "update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
-         from unnest($1::bigint[], $2::bigint[]) as held(id, fence)
-         where jobs.id = held.id and jobs.fence = held.fence
-           and jobs.state in ('running', 'cancelling')
+        "with held as (
+             select jobs.id from jobs
+             join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
+               on jobs.id = h.id and jobs.fence = h.fence
+             where jobs.state in ('running', 'cancelling')
+             order by jobs.id
+             for update of jobs
+         )
+         update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
+         from held where jobs.id = held.id
          returning jobs.id, jobs.cancel_requested",
     )
     .bind(ids)
@@ -68,7 +74,14 @@ pub async fn reload(
 pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     sqlx::query_scalar(
-        "with released as (
+        "with held as (
+             select jobs.id from jobs
+             join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
+               on jobs.id = h.id and jobs.fence = h.fence
+             where jobs.state in ('running', 'cancelling')
+             order by jobs.id
+             for update of jobs
+         ), released as (
              update jobs set
                  state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
                  finished_at = case when cancel_requested then now() end,
@@ -76,9 +89,7 @@ pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64
                  run_at = now(),
                  lease_owner = null,
                  lease_expires_at = null
-             from unnest($1::bigint[], $2::bigint[]) as held(id, fence)
-             where jobs.id = held.id and jobs.fence = held.fence
-               and jobs.state in ('running', 'cancelling')
+             from held where jobs.id = held.id
              returning jobs.id
          )
          select count(*) from released, lateral (select pg_notify('settle_jobs', '')) n",

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
     pub wake: Notify,
+    /// Signalled whenever a job task ends, freeing room to claim.
+    pub job_done: Notify,
     pub shutdown: CancellationToken,
     /// Trivial completions, flushed in batches by [`completer`].
     pub completions: mpsc::UnboundedSender<(i64, i64)>,
@@ -93,6 +95,7 @@ impl Worker {
             owner: self.owner,
             held: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            job_done: Notify::new(),
             shutdown: shutdown.clone(),
             completions,
         });
@@ -106,10 +109,11 @@ impl Worker {
             tokio::spawn(prune(shared.clone())),
         ];
         let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
-        claim_loop(&shared, &slots).await;
-        // Every job task holds a slot until it has completed or released its job.
-        let all = shared.settings.concurrency as u32;
-        let _ = slots.acquire_many(all).await;
+        let size = backlog_size(&shared.settings);
+        let backlog = Arc::new(Semaphore::new(size));
+        claim_loop(&shared, &slots, &backlog).await;
+        // Every job task holds a backlog permit until it has completed or released its job.
+        let _ = backlog.acquire_many(size as u32).await;
         done.cancel();
         for task in background {
             let _ = task.await;
@@ -118,14 +122,24 @@ impl Worker {
     }
 }
 
-async fn claim_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
+/// Claims while a slot is free to run a job now and at least half the backlog is free, so one
+/// claim statement (one commit) fetches several jobs instead of one per finished job. Claimed
+/// jobs wait in their own task for a slot, their lease kept by the heartbeat; the backlog bounds
+/// how many a worker may hold beyond what it runs.
+async fn claim_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, backlog: &Arc<Semaphore>) {
     let settings = &shared.settings;
+    let half = (backlog_size(settings) / 2).max(1);
     loop {
-        let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore open"),
-            () = shared.shutdown.cancelled() => return,
-        };
-        let limit = (1 + slots.available_permits() as i64).min(settings.claim_batch);
+        while slots.available_permits() == 0 || backlog.available_permits() < half {
+            tokio::select! {
+                () = shared.job_done.notified() => {}
+                () = shared.shutdown.cancelled() => return,
+            }
+        }
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let limit = (backlog.available_permits() as i64).min(settings.claim_batch);
         let claimed = match shared.pool.acquire().await {
             Ok(mut conn) => claim::claim(&mut conn, &shared.owner, limit, settings.lease).await,
             Err(e) => Err(e),
@@ -134,28 +148,30 @@ async fn claim_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>) {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::warn!(error = %e, "claim failed; retrying after the poll interval");
-                drop(first);
                 idle(shared, settings.poll_interval).await;
                 continue;
             }
         };
-        let drained = (jobs.len() as i64) < limit;
-        let mut first = Some(first);
+        // Only an empty claim means the queue is drained: a short one may just have skipped
+        // rows another worker was claiming at the same instant.
+        let drained = jobs.is_empty();
         for job in jobs {
-            let permit = match first.take() {
-                Some(permit) => permit,
-                None => slots
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("slot counted before claim"),
-            };
-            tokio::spawn(crate::execute::run_job(shared.clone(), job, permit));
+            let held = backlog
+                .clone()
+                .try_acquire_owned()
+                .expect("backlog counted before claim");
+            let slots = slots.clone();
+            tokio::spawn(crate::execute::run_job(shared.clone(), job, slots, held));
         }
-        drop(first);
         if drained {
             idle(shared, settings.poll_interval).await;
         }
     }
+}
+
+/// Jobs a worker may hold at once: running plus claimed and waiting for a slot.
+pub(crate) fn backlog_size(settings: &WorkerSettings) -> usize {
+    settings.concurrency * 4
 }
 
 /// Waits for a NOTIFY, the poll interval, or shutdown, whichever comes first.
