@@ -30,7 +30,11 @@ fn api_refuses_an_unmigrated_database_until_migrate_runs() {
     assert!(said.contains("settle migrate"), "{said}");
 
     let migrated = settle(&url).arg("migrate").output().unwrap();
-    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
     // Twice is harmless.
     assert!(settle(&url).arg("migrate").status().unwrap().success());
 }
@@ -49,7 +53,10 @@ fn an_empty_but_unmigrated_database_is_refused_with_the_fix_named() {
     let output = settle(&url).arg("worker").output().unwrap();
     assert!(!output.status.success());
     let said = String::from_utf8_lossy(&output.stderr);
-    assert!(said.contains("not migrated") && said.contains("settle migrate"), "{said}");
+    assert!(
+        said.contains("not migrated") && said.contains("settle migrate"),
+        "{said}"
+    );
 }
 
 #[test]
@@ -59,10 +66,18 @@ fn bad_configuration_names_the_key() {
         ("SETTLE_HTTP__PROT", "1", "prot"),
         ("WORKERS", "many", "concurrency"),
         ("SETTLE_WORKER__HEARTBEAT_MS", "0", "worker.heartbeat_ms"),
-        ("SETTLE_SETTLEMENT__TIME_ZONE", "Mars/Olympus", "settlement.time_zone"),
+        (
+            "SETTLE_SETTLEMENT__TIME_ZONE",
+            "Mars/Olympus",
+            "settlement.time_zone",
+        ),
         ("DATABASE_URL", "mysql://x", "database.url"),
     ] {
-        let output = settle(&url).env(key, value).arg("migrate").output().unwrap();
+        let output = settle(&url)
+            .env(key, value)
+            .arg("migrate")
+            .output()
+            .unwrap();
         assert!(!output.status.success(), "{key}={value} accepted");
         let said = String::from_utf8_lossy(&output.stderr).to_lowercase();
         assert!(said.contains(named), "{key}={value}: {said}");
@@ -93,7 +108,13 @@ async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm() {
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("exits within 30 s of SIGTERM")
