@@ -80,6 +80,21 @@ impl Db {
         Ok(path)
     }
 
+    /// Runs the plan's batches one by one, then finalizes; returns the first error.
+    async fn run_until_error(&self, plan: &Plan) -> Option<SettleError> {
+        for mut part in plan.parts.clone() {
+            while !part.is_done() {
+                let mut tx = self.pool.begin().await.unwrap();
+                match engine::process_batch(&mut tx, plan, &part, self.settings.batch_size).await {
+                    Ok(next) => part = next,
+                    Err(e) => return Some(e),
+                }
+                tx.commit().await.unwrap();
+            }
+        }
+        self.finalize(plan).await.err()
+    }
+
     async fn run(&self, job: i64, range: DateRange) -> PathBuf {
         let plan = self.start(job, range).await;
         let plan = self.batches(&plan, None).await;
@@ -106,7 +121,7 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     assert_eq!(path.file_name().unwrap(), "1.csv");
     // Working rows are gone, and no temp file is left next to the CSV.
     let left: i64 = sqlx::query_scalar(
-        "select (select count(*) from settlement_partials) + (select count(*) from settlement_parts)
+        "select (select count(*) from settlement_batches) + (select count(*) from settlement_parts)
               + (select count(*) from settlement_runs)",
     )
     .fetch_one(&db.pool)
@@ -248,7 +263,8 @@ async fn days_follow_the_configured_zone_at_the_edges() {
 
 #[tokio::test]
 async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
-    let db = db("UTC", 1, 10).await;
+    // Batches of one row: each batch fits, the total does not.
+    let db = db("UTC", 1, 1).await;
     store(
         &db.pool,
         &[txn("m", 5, 1, Status::Paid, at("2025-01-01T10:00:00Z"))],
@@ -266,10 +282,15 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     )
     .await;
     let plan = db.start(2, range("2025-01-01", "2025-01-01")).await;
-    let plan = db.batches(&plan, None).await;
+    // A batch holding both rows already overflows (and commits nothing).
+    let mut tx = db.pool.begin().await.unwrap();
+    let both = engine::process_batch(&mut tx, &plan, &plan.parts[0], 10).await;
+    assert!(matches!(both, Err(SettleError::Overflow)), "{both:?}");
+    drop(tx);
+    // One row per batch: the part's fold (or the finalize) finds the total does not fit.
     assert!(matches!(
-        db.finalize(&plan).await,
-        Err(SettleError::Overflow)
+        db.run_until_error(&plan).await,
+        Some(SettleError::Overflow)
     ));
     let mut conn = db.pool.acquire().await.unwrap();
     engine::discard(&mut conn, 2, &db.settings.results_dir)

@@ -5,6 +5,7 @@ mod orders;
 pub mod process;
 mod queue;
 mod seed;
+mod settlement;
 
 use clap::Subcommand;
 
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Queue(queue::QueueArgs),
     /// `settle seed`'s COPY load vs a bare INSERT … SELECT generate_series of the same rows.
     Seed(seed::SeedBenchArgs),
+    /// One settlement job through api + worker processes vs the single equivalent statement.
+    Settlement(settlement::SettlementBenchArgs),
 }
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         BenchCommand::Orders(args) => orders::run(args, config).await,
         BenchCommand::Queue(args) => queue::run(args, config).await,
         BenchCommand::Seed(args) => seed::run(args, config).await,
+        BenchCommand::Settlement(args) => settlement::run(args, config).await,
     }
 }

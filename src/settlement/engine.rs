@@ -112,34 +112,43 @@ fn split(lo: i64, hi: i64, n: u32) -> Vec<Part> {
         .collect()
 }
 
-/// Aggregates the next `batch_size` rows of `part` (keyset on id, never OFFSET) into its
-/// partial sums and advances its cursor, in `tx`; the caller commits it with the checkpoint.
-/// Returns the part as it stands after the batch.
+/// Aggregates the next batch of `part` into one row of partial sums and advances its cursor,
+/// in `tx`; the caller commits it with the checkpoint. A batch is the next `batch_size` ids
+/// after the cursor (keyset on the primary key, never OFFSET), so it holds at most
+/// `batch_size` rows and exactly that many where ids are dense; an empty batch jumps the gap to
+/// the next id. The part's last batch also folds the part's rows into one. Returns the part as
+/// it stands after the batch.
 pub async fn process_batch(
     tx: &mut PgConnection,
     plan: &Plan,
     part: &Part,
     batch_size: i64,
-) -> Result<Part, sqlx::Error> {
+) -> Result<Part, SettleError> {
     store::set_local_tuning(tx).await?;
     let job_id = plan.run.job_id;
     let mut next = part.clone();
-    match store::next_batch_end(tx, part.cursor_id, part.hi_id, batch_size).await? {
-        None => next.cursor_id = part.hi_id,
-        Some((end, rows)) => {
-            store::aggregate_ids(
-                tx,
-                job_id,
-                part.part,
-                (part.cursor_id, end),
-                plan.range(),
-                plan.zone(),
-            )
-            .await?;
-            // A short batch reached the end of the part: no need for an empty batch after it.
-            next.cursor_id = if rows < batch_size { part.hi_id } else { end };
-            next.processed += rows;
+    let end = part
+        .cursor_id
+        .saturating_add(batch_size.max(1))
+        .min(part.hi_id);
+    let ids = (part.cursor_id, end);
+    match store::aggregate_ids(tx, job_id, part.part, ids, plan.range(), plan.zone())
+        .await
+        .map_err(overflow)?
+    {
+        Some(scanned) => {
+            next.cursor_id = end;
+            next.processed += scanned;
         }
+        None => {
+            let following = store::next_id(tx, end, part.hi_id).await?;
+            next.cursor_id = following.map_or(part.hi_id, |id| id - 1).max(end);
+        }
+    }
+    if next.is_done() {
+        store::fold_part(tx, job_id, part.part)
+            .await
+            .map_err(overflow)?;
     }
     store::advance_part(
         tx,
@@ -168,12 +177,7 @@ pub async fn finalize(
     store::delete_settlements(tx, plan.range()).await?;
     store::insert_settlements(tx, plan.run.job_id)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => {
-                SettleError::Overflow
-            }
-            _ => SettleError::Sql(e),
-        })?;
+        .map_err(overflow)?;
     let staged = StagedCsv::write(
         tx,
         &store::csv_copy_statement(plan.range()),
@@ -186,6 +190,14 @@ pub async fn finalize(
         return Err(e.into());
     }
     Ok(staged)
+}
+
+/// A sum cast to bigint that does not fit (SQLSTATE 22003) is the job's overflow error.
+fn overflow(e: sqlx::Error) -> SettleError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => SettleError::Overflow,
+        _ => SettleError::Sql(e),
+    }
 }
 
 /// Forgets a cancelled or failed job: its working rows and any file it published.

@@ -112,14 +112,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     ctx.ensure_running()?;
 
     let mut batch = ctx.begin().await?;
-    let staged = match engine::finalize(batch.conn(), &plan, &settings.results_dir).await {
-        Err(SettleError::Overflow) => {
-            return Ok(Outcome::Fatal(SettleError::Overflow.to_string()));
-        }
-        Err(SettleError::Sql(e)) => return Err(e.into()),
-        Err(e) => return Err(JobError::failed(e)),
-        Ok(staged) => staged,
-    };
+    let staged = engine::finalize(batch.conn(), &plan, &settings.results_dir)
+        .await
+        .map_err(job_error)?;
     let published = staged.publish().await.map_err(JobError::failed)?;
     let result = json!({"download_url": format!("/downloads/{job_id}.csv")});
     let completed = batch.complete(Some(result)).await;
@@ -128,6 +123,16 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         let _ = tokio::fs::remove_file(&published).await;
     }
     completed
+}
+
+/// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
+/// retried from the checkpoint without spending an attempt); the rest spend an attempt.
+fn job_error(e: SettleError) -> JobError {
+    match e {
+        SettleError::Overflow => JobError::Fatal(e.to_string()),
+        SettleError::Sql(e) => JobError::Db(e),
+        SettleError::Io(_) => JobError::failed(e),
+    }
 }
 
 /// Runs every unfinished part on its own task, checkpointing the job's progress after each
@@ -210,7 +215,9 @@ async fn run_part(
             }
             Some(false) => {}
         }
-        part = engine::process_batch(&mut tx, &plan, &part, batch_size).await?;
+        part = engine::process_batch(&mut tx, &plan, &part, batch_size)
+            .await
+            .map_err(job_error)?;
         tx.commit().await?;
         let _ = done.send(part.clone());
     }

@@ -5,7 +5,7 @@
 //! 1. [`engine::start`] fixes its input once (an id high-water mark and a true total, after
 //!    refreshing stale statistics) and splits the id range into disjoint parts;
 //! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
-//!    into partial sums, inside a transaction the caller commits together with the checkpoint;
+//!    into one row of partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;
 //! 3. [`engine::finalize`] replaces the range's rows in `settlements` and writes the CSV, in one
 //!    transaction;

@@ -156,29 +156,24 @@ pub async fn get_parts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<Part>
     .await
 }
 
-/// The last id and the number of the next `limit` rows after `cursor` up to `hi`, by keyset on
-/// the primary key (an index-only range scan): `None` when none are left.
-pub async fn next_batch_end(
+/// The first id after `after` up to `hi`, to skip a gap in the ids.
+pub async fn next_id(
     conn: &mut PgConnection,
-    cursor: i64,
+    after: i64,
     hi: i64,
-    limit: i64,
-) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let (end, rows): (Option<i64>, i64) = sqlx::query_as(
-        "select max(id), count(*) from (
-             select id from transactions where id > $1 and id <= $2 order by id limit $3
-         ) as batch",
-    )
-    .bind(cursor)
-    .bind(hi)
-    .bind(limit)
-    .fetch_one(conn)
-    .await?;
-    Ok(end.map(|end| (end, rows)))
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("select min(id) from transactions where id > $1 and id <= $2")
+        .bind(after)
+        .bind(hi)
+        .fetch_one(conn)
+        .await
 }
 
-/// Adds the PAID rows with ids in `(after, up_to]` whose day is in `range` to the part's
-/// partial sums: grouped in SQL, upserted once per `(merchant, day)`.
+/// Reads the transactions with ids in `(after, up_to]` and stores, as one row of the part's
+/// batch sums, the `(merchant, day)` sums of the PAID ones whose day is in `range`. Returns the
+/// rows read, `None` when there were none (nothing is stored then). Grouping every row and
+/// filtering inside the aggregates counts the rows read in the same pass. A batch sum past 64
+/// bits fails its cast (SQLSTATE 22003).
 pub async fn aggregate_ids(
     conn: &mut PgConnection,
     job_id: i64,
@@ -186,19 +181,31 @@ pub async fn aggregate_ids(
     (after, up_to): (i64, i64),
     range: DateRange,
     zone: Zone,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<i64>, sqlx::Error> {
     let day = zone.day_sql();
-    sqlx::query(AssertSqlSafe(format!(
-        "insert into settlement_partials as p
-             (job_id, part, merchant_id, date, gross_cents, fee_cents, txn_count)
-         select $1, $2, merchant_id, {day}, sum(amount_cents), sum(fee_cents), count(*)
-         from transactions
-         where id > $3 and id <= $4 and status = 'PAID' and {day} between $5 and $6
-         group by merchant_id, {day}
-         on conflict (job_id, part, merchant_id, date) do update
-         set gross_cents = p.gross_cents + excluded.gross_cents,
-             fee_cents = p.fee_cents + excluded.fee_cents,
-             txn_count = p.txn_count + excluded.txn_count"
+    let paid = "status = 'PAID'";
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "insert into settlement_batches (job_id, part, end_id, scanned,
+             merchant_ids, dates, gross_cents, fee_cents, txn_counts)
+         select $1, $2, $4, sum(scanned)::int8,
+                coalesce(array_agg(merchant_id) filter (where kept), '{{}}'),
+                coalesce(array_agg(day) filter (where kept), '{{}}'),
+                coalesce(array_agg(gross) filter (where kept), '{{}}'),
+                coalesce(array_agg(fee) filter (where kept), '{{}}'),
+                coalesce(array_agg(n) filter (where kept), '{{}}')
+         from (
+             select merchant_id, {day} as day,
+                    coalesce(sum(amount_cents) filter (where {paid}), 0)::int8 as gross,
+                    coalesce(sum(fee_cents) filter (where {paid}), 0)::int8 as fee,
+                    count(*) filter (where {paid}) as n,
+                    count(*) as scanned,
+                    {day} between $5 and $6 and count(*) filter (where {paid}) > 0 as kept
+             from transactions
+             where id > $3 and id <= $4
+             group by merchant_id, {day}
+         ) as groups
+         having count(*) > 0
+         returning scanned"
     )))
     .bind(job_id)
     .bind(part)
@@ -206,6 +213,35 @@ pub async fn aggregate_ids(
     .bind(up_to)
     .bind(range.from())
     .bind(range.to())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Folds all of a part's batch rows into one, so finishing the job merges one row per part
+/// (the parts fold concurrently, at their ends, instead of the job folding every batch at
+/// once). A sum past 64 bits fails its cast (SQLSTATE 22003).
+pub async fn fold_part(conn: &mut PgConnection, job_id: i64, part: i32) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "with old as (
+             delete from settlement_batches where job_id = $1 and part = $2
+             returning end_id, scanned, merchant_ids, dates, gross_cents, fee_cents, txn_counts
+         ), merged as (
+             select m, d, sum(g)::int8 as g, sum(f)::int8 as f, sum(n)::int8 as n
+             from old, unnest(old.merchant_ids, old.dates, old.gross_cents, old.fee_cents,
+                              old.txn_counts) as u(m, d, g, f, n)
+             group by m, d
+         )
+         insert into settlement_batches (job_id, part, end_id, scanned,
+             merchant_ids, dates, gross_cents, fee_cents, txn_counts)
+         select $1, $2, (select max(end_id) from old), (select sum(scanned) from old)::int8,
+                coalesce(array_agg(m), '{}'), coalesce(array_agg(d), '{}'),
+                coalesce(array_agg(g), '{}'), coalesce(array_agg(f), '{}'),
+                coalesce(array_agg(n), '{}')
+         from merged
+         having (select count(*) from old) > 0",
+    )
+    .bind(job_id)
+    .bind(part)
     .execute(conn)
     .await?;
     Ok(())
@@ -264,16 +300,18 @@ pub async fn delete_settlements(
     )
 }
 
-/// Sums the parts' partial sums into `settlements`; the casts to bigint fail (SQLSTATE 22003)
-/// rather than wrap when a sum leaves the 64-bit range.
+/// Sums every batch's partial sums into `settlements`; the casts to bigint fail (SQLSTATE
+/// 22003) rather than wrap when a sum leaves the 64-bit range.
 pub async fn insert_settlements(conn: &mut PgConnection, job_id: i64) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "insert into settlements
              (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)
-         select merchant_id, date, sum(gross_cents)::int8, sum(fee_cents)::int8,
-                (sum(gross_cents) - sum(fee_cents))::int8, sum(txn_count)::int8, $1
-         from settlement_partials where job_id = $1
-         group by merchant_id, date",
+         select m, d, sum(g)::int8, sum(f)::int8, (sum(g) - sum(f))::int8, sum(n)::int8, $1
+         from settlement_batches as b,
+              unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
+                  as u(m, d, g, f, n)
+         where b.job_id = $1
+         group by m, d",
     )
     .bind(job_id)
     .execute(conn)
@@ -281,10 +319,10 @@ pub async fn insert_settlements(conn: &mut PgConnection, job_id: i64) -> Result<
     .rows_affected())
 }
 
-/// Deletes the job's partial sums, parts and fixed input.
+/// Deletes the job's batch sums, parts and fixed input.
 pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "with partials as (delete from settlement_partials where job_id = $1),
+        "with batches as (delete from settlement_batches where job_id = $1),
               parts as (delete from settlement_parts where job_id = $1)
          delete from settlement_runs where job_id = $1",
     )

@@ -1,0 +1,206 @@
+//! `settle bench settlement`: one settlement job over N seeded transactions through real `settle
+//! api` and `settle worker` processes, against the single equivalent SQL statement (the same
+//! `GROUP BY` as `COPY … TO` a file, same statistics and settings) in the same run.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use futures::TryStreamExt;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+use super::process::ApiProcess;
+use crate::config::Config;
+use crate::seed::{self, SeedArgs};
+use crate::settlement::{DateRange, Zone, store};
+
+#[derive(Debug, Args)]
+pub struct SettlementBenchArgs {
+    /// Transactions to settle; seeded unless the database already holds exactly this many.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub transactions: u64,
+    /// Days the seeded transactions spread over (the job settles all of them).
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
+    /// Merchants in the seeded data.
+    #[arg(long, default_value_t = 1_000)]
+    pub merchants: u32,
+    /// Rows per checkpointed batch (the worker's `BATCH_SIZE`); default: `worker.batch_size`.
+    #[arg(long)]
+    pub batch_size: Option<i64>,
+    /// Id sub-ranges aggregated at once; default: `settlement.parallel_parts`.
+    #[arg(long)]
+    pub parts: Option<u32>,
+    /// Database the benchmark uses (created if missing; its transactions are reused).
+    #[arg(long, default_value = "settle_bench_settlement")]
+    pub database: String,
+}
+
+pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()> {
+    let config = super::process::bench_config(config, &args.database)?;
+    let pool = crate::cli::open(&config, true).await?;
+    let seed = SeedArgs {
+        transactions: args.transactions,
+        days: args.days,
+        merchants: args.merchants,
+        quiet: true,
+        ..SeedArgs::demo()
+    };
+    ensure_seeded(&pool, &seed).await?;
+    let last_day = seed.start + chrono::Days::new(u64::from(args.days) - 1);
+    let range =
+        DateRange::new(seed.start, last_day, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
+    let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
+    println!(
+        "settle bench settlement: {} transactions, {} days, {} merchants, batch {batch_size}, \
+         {parts} parts, database {}",
+        args.transactions, args.days, args.merchants, args.database
+    );
+
+    let api = ApiProcess::start(&config).await?;
+    let mut worker = start_worker(&config, batch_size, parts)?;
+    let job = run_job(&pool, &api.base_url, range).await;
+    let peak_rss_kib = peak_rss_kib(&worker).unwrap_or(0);
+    let _ = worker.kill().await;
+    api.stop().await?;
+    let (job_id, job_seconds) = job?;
+
+    let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
+    let file = std::env::temp_dir().join(format!("settle-bench-statement-{job_id}.csv"));
+    let statement_seconds = single_statement(&pool, range, zone, &file).await?;
+    let job_csv = crate::settlement::csv::final_path(&config.settlement.results_dir, job_id);
+    let same = tokio::fs::read(&job_csv).await? == tokio::fs::read(&file).await?;
+    if same {
+        let _ = tokio::fs::remove_file(&file).await;
+    }
+
+    let rows = args.transactions as f64;
+    println!(
+        "job        {job_seconds:>7.2} s  {:>10.0} rows/s  worker peak RSS {:.1} MiB",
+        rows / job_seconds,
+        peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "statement  {statement_seconds:>7.2} s  {:>10.0} rows/s  (one GROUP BY, COPY to a file)",
+        rows / statement_seconds
+    );
+    println!(
+        "ratio      job / statement = {:.2}  (target <= 1.50); CSV identical: {same}",
+        job_seconds / statement_seconds
+    );
+    anyhow::ensure!(
+        same,
+        "the job's CSV {} differs from the single statement's {}",
+        job_csv.display(),
+        file.display()
+    );
+    Ok(())
+}
+
+/// Seeds `seed.transactions` rows unless exactly that many are already there.
+async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
+    let present: i64 = sqlx::query_scalar("select count(*) from transactions")
+        .fetch_one(pool)
+        .await?;
+    if present == seed.transactions as i64 {
+        println!("reusing {present} transactions");
+        return Ok(());
+    }
+    sqlx::query("truncate transactions").execute(pool).await?;
+    let report = seed::run(pool, seed).await?;
+    println!(
+        "seeded {} transactions in {:.1} s",
+        report.transactions, report.seconds
+    );
+    Ok(())
+}
+
+fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .arg("worker")
+        .env("SETTLE_DATABASE__URL", &config.database.url)
+        .env("BATCH_SIZE", batch_size.to_string())
+        .env("SETTLE_SETTLEMENT__PARALLEL_PARTS", parts.to_string())
+        .env("SETTLE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting settle worker")
+}
+
+/// Posts the job and waits for COMPLETED; returns its id and the seconds from POST to done.
+async fn run_job(pool: &PgPool, api: &str, range: DateRange) -> anyhow::Result<(i64, f64)> {
+    let started = Instant::now();
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(format!("{api}/api/v1/jobs/settlement"))
+        .json(&json!(range.to_input()))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = response["job_id"]
+        .as_i64()
+        .context("job_id in the response")?;
+    loop {
+        let state: String = sqlx::query_scalar("select state::text from jobs where id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?;
+        match state.as_str() {
+            "completed" => return Ok((id, started.elapsed().as_secs_f64())),
+            "failed" | "cancelled" => anyhow::bail!("settlement job {id} ended {state}"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The worker's peak resident set (`VmHWM`), in KiB.
+fn peak_rss_kib(worker: &Child) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.id()?)).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The whole settlement as one statement, with the job's settings, streamed to `file`.
+async fn single_statement(
+    pool: &PgPool,
+    range: DateRange,
+    zone: Zone,
+    file: &PathBuf,
+) -> anyhow::Result<f64> {
+    let mut tx = pool.begin().await?;
+    store::set_local_tuning(&mut tx).await?;
+    let day = zone.day_sql();
+    let statement = format!(
+        "copy (select merchant_id, {day} as date, sum(amount_cents)::int8 as gross_cents,
+                      sum(fee_cents)::int8 as fee_cents,
+                      (sum(amount_cents) - sum(fee_cents))::int8 as net_cents, count(*) as txn_count
+               from transactions
+               where status = 'PAID' and {day} between '{}' and '{}'
+               group by merchant_id, {day}
+               order by merchant_id, {day})
+         to stdout with (format csv, header)",
+        range.from(),
+        range.to()
+    );
+    let started = Instant::now();
+    let mut out = tokio::fs::File::create(file).await?;
+    let mut stream = tx.copy_out_raw(&statement).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        out.write_all(&chunk).await?;
+    }
+    drop(stream);
+    out.flush().await?;
+    out.sync_all().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    tx.rollback().await?;
+    Ok(seconds)
+}

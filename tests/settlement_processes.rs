@@ -1,0 +1,178 @@
+//! Settlement with real `settle worker` processes and real signals: a worker SIGKILLed
+//! mid-settlement is replaced and the result is exact; a running job cancelled through the API
+//! stops, writes no CSV and leaves `settlements` as it was.
+
+mod common;
+#[path = "settlement_support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use common::processes::{WorkerProcess, wait_for, wait_state};
+use common::{TestApp, spawn_app_with};
+use serde_json::{Value, json};
+use support::{day, parse_csv, reference, settlements};
+
+fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
+    vec![
+        ("worker.batch_size", json!(batch)),
+        ("worker.lease_ms", json!(2000)),
+        ("worker.heartbeat_ms", json!(500)),
+        ("worker.poll_interval_ms", json!(200)),
+        ("settlement.parallel_parts", json!(2)),
+        ("settlement.time_zone", json!("America/New_York")),
+    ]
+}
+
+/// A worker process with the test's settlement settings (the helper passes `[worker]` only).
+fn worker(app: &TestApp) -> WorkerProcess {
+    let s = &app.config.settlement;
+    WorkerProcess::start_with(
+        &app.config,
+        &[
+            (
+                "SETTLE_SETTLEMENT__RESULTS_DIR",
+                s.results_dir.to_string_lossy().into_owned(),
+            ),
+            ("SETTLE_SETTLEMENT__TIME_ZONE", s.time_zone.clone()),
+            (
+                "SETTLE_SETTLEMENT__PARALLEL_PARTS",
+                s.parallel_parts.to_string(),
+            ),
+        ],
+    )
+}
+
+async fn enqueue(app: &TestApp, from: &str, to: &str) -> i64 {
+    let (status, body) = app
+        .post("/api/v1/jobs/settlement", &json!({"from": from, "to": to}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["job_id"].as_i64().unwrap()
+}
+
+/// Waits until the job has committed some progress but not all of it.
+async fn wait_mid_way(app: &TestApp, id: i64) -> i64 {
+    wait_for(Duration::from_secs(60), "progress mid-way", || async {
+        let (processed, total): (i64, Option<i64>) =
+            sqlx::query_as("select processed, total from jobs where id = $1")
+                .bind(id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        (processed > 0 && total.is_some_and(|t| processed < t / 2)).then_some(processed)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
+    let app = spawn_app_with(&overrides(40)).await;
+    let rows = support::random_transactions(21, 30_000, 8, 5);
+    support::store(&app.pool, &rows).await;
+    let id = enqueue(&app, "2025-01-01", "2025-01-05").await;
+    let first = worker(&app);
+    wait_mid_way(&app, id).await;
+    first.kill().await;
+    let high_water: i64 =
+        sqlx::query_scalar("select high_water_id from settlement_runs where job_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let committed = support::scalar(
+        &app.pool,
+        "select coalesce(sum(processed), 0)::int8 from settlement_parts",
+    )
+    .await;
+    // Rows arriving after the job started are not part of its input.
+    support::store(&app.pool, &support::random_transactions(22, 500, 8, 5)).await;
+
+    let mut second = worker(&app);
+    wait_state(&app.pool, id, "completed").await;
+    let (attempt, processed, total): (i32, i64, i64) =
+        sqlx::query_as("select attempt, processed, total from jobs where id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempt, 2, "{}", second.log_text());
+    assert_eq!((processed, total), (30_000, 30_000));
+    assert!(committed > 0, "the first worker had committed batches");
+    assert!(high_water > 0);
+    let expected = reference(
+        &rows,
+        day("2025-01-01"),
+        day("2025-01-05"),
+        Tz::America__New_York,
+    );
+    let csv = std::fs::read_to_string(app.config.settlement.results_dir.join(format!("{id}.csv")))
+        .unwrap();
+    assert_eq!(parse_csv(&csv), expected);
+    assert_eq!(
+        settlements(&app.pool, day("2025-01-01"), day("2025-01-05")).await,
+        expected
+    );
+    let response = app
+        .http
+        .get(app.url(&format!("/downloads/{id}.csv")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(parse_csv(&response.text().await.unwrap()), expected);
+    assert!(second.terminate().await, "{}", second.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_was() {
+    let app = spawn_app_with(&overrides(20)).await;
+    let rows = support::random_transactions(23, 30_000, 8, 3);
+    support::store(&app.pool, &rows).await;
+    // An earlier settlement of the same days, which the cancelled job must leave alone.
+    let mut w = worker(&app);
+    let done = enqueue(&app, "2025-01-01", "2025-01-03").await;
+    wait_state(&app.pool, done, "completed").await;
+    let before = settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await;
+    assert!(!before.is_empty());
+
+    support::store(&app.pool, &support::random_transactions(24, 500, 8, 3)).await;
+    let id = enqueue(&app, "2025-01-01", "2025-01-03").await;
+    let processed_then = wait_mid_way(&app, id).await;
+    let (status, body) = app
+        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    wait_state(&app.pool, id, "cancelled").await;
+    let processed: i64 = sqlx::query_scalar("select processed from jobs where id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        processed < 30_500 / 2,
+        "stopped early: {processed_then} then {processed}"
+    );
+    assert!(
+        !app.config
+            .settlement
+            .results_dir
+            .join(format!("{id}.csv"))
+            .exists()
+    );
+    assert_eq!(
+        settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await,
+        before
+    );
+    // Cancelling again is a no-op; the finished job refuses.
+    let (status, _) = app
+        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let (status, body) = app
+        .post(&format!("/api/v1/jobs/{done}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(w.terminate().await, "{}", w.log_text());
+}
