@@ -2,6 +2,7 @@
 //! server on port 0.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod cluster;
 pub mod processes;
 
 use std::sync::Arc;

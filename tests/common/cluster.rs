@@ -1,0 +1,214 @@
+//! A private Postgres cluster for tests that must stop or restart the server: `initdb` and
+//! `pg_ctl` from the installed PostgreSQL, in a temp dir, on a free port, so the shared server
+//! every other test uses is never disturbed. The server runs as the `postgres` OS user when the
+//! tests run as root (initdb refuses root). Stopped with `-m immediate` and deleted on drop,
+//! also when the test panics (its server log is printed then, for the post-mortem).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+/// A running private cluster; stopped and deleted when dropped.
+pub struct Cluster {
+    /// The `bin` directory of the newest installed PostgreSQL.
+    bin: PathBuf,
+    /// Temp dir owned by the server's user: `data/`, `server.log` and the Unix socket.
+    dir: PathBuf,
+    /// Free TCP port on 127.0.0.1 the server listens on.
+    port: u16,
+}
+
+impl Cluster {
+    /// `initdb`s and starts a cluster; `None` (the caller skips) when no PostgreSQL server is
+    /// installed under `/usr/lib/postgresql/*/bin`.
+    pub async fn start() -> Option<Self> {
+        let bin = bin_dir()?;
+        let dir = std::env::temp_dir().join(format!("settle-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).expect("cluster temp dir");
+        // From here on a failure still deletes the dir.
+        let cluster = Self {
+            bin,
+            dir,
+            port: free_port(),
+        };
+        if running_as_root() {
+            let chown = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&cluster.dir)
+                .output()
+                .expect("run chown");
+            cluster.check("chown", chown);
+        }
+        let data = cluster.data();
+        cluster
+            .run(
+                "initdb",
+                &[
+                    "-D",
+                    &data,
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+            )
+            .await;
+        cluster.start_again().await;
+        Some(cluster)
+    }
+
+    /// A URL for database `name` on this cluster.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Starts the (stopped) server and waits until it accepts connections.
+    pub async fn start_again(&self) {
+        let (data, log, options) = (self.data(), self.log(), self.options());
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "90", "start",
+            ],
+        )
+        .await;
+    }
+
+    /// Fast shutdown (every session terminated with 57P01, a shutdown checkpoint), waiting
+    /// until the server is gone.
+    pub async fn stop(&self) {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-m", "fast", "-w", "-t", "90", "stop"],
+        )
+        .await;
+    }
+
+    /// `pg_ctl restart -m fast`: a fast stop and a start at once, waiting until it accepts
+    /// connections again.
+    pub async fn restart(&self) {
+        let (data, log, options) = (self.data(), self.log(), self.options());
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-m", "fast", "-w", "-t", "90", "restart",
+            ],
+        )
+        .await;
+    }
+
+    /// The server's log so far.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    fn log(&self) -> String {
+        self.dir.join("server.log").to_string_lossy().into_owned()
+    }
+
+    /// TCP on loopback only, and the socket in our own dir rather than the shared
+    /// `/var/run/postgresql` of the system server.
+    fn options(&self) -> String {
+        format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    /// `program` from the server's bin dir, as the `postgres` user when we are root; run in the
+    /// cluster dir, since the server's user may not be able to read our working directory.
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        let mut command = if running_as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        };
+        command
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null());
+        command
+    }
+
+    async fn run(&self, program: &str, args: &[&str]) {
+        let mut command = tokio::process::Command::from(self.command(program));
+        command.args(args);
+        let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within 120 s"))
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        self.check(&format!("{program} {args:?}"), output);
+    }
+
+    fn check(&self, what: &str, output: Output) {
+        assert!(
+            output.status.success(),
+            "{what} failed ({}):\n{}{}\nserver log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.server_log()
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "private cluster log ({}):\n{}",
+                self.log(),
+                self.server_log()
+            );
+        }
+        if Path::new(&self.data()).join("postmaster.pid").exists() {
+            let data = self.data();
+            let _ = self
+                .command("pg_ctl")
+                .args(["-D", &data, "-m", "immediate", "-w", "-t", "60", "stop"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `bin` dir of the newest PostgreSQL installed under `/usr/lib/postgresql/*/bin` that has
+/// `initdb`.
+pub fn bin_dir() -> Option<PathBuf> {
+    let versions = std::fs::read_dir("/usr/lib/postgresql").ok()?;
+    versions
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A port nothing listens on right now (the kernel hands out ephemeral ports in turn, so it is
+/// not given to anyone else in the instant before the server binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
