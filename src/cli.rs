@@ -73,10 +73,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let listener = http::bind(&config)
                 .await
                 .context("cannot bind the HTTP port")?;
-            let state = AppState {
-                pool,
-                config: Arc::new(config),
-            };
+            let state = AppState::new(pool, Arc::new(config));
             http::serve(listener, state, shutdown::on_signal()).await?;
             Ok(())
         }
@@ -94,10 +91,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let listener = http::bind(&config)
                 .await
                 .context("cannot bind the HTTP port")?;
-            let state = AppState {
-                pool: pool.clone(),
-                config: config.clone(),
-            };
+            let state = AppState::new(pool.clone(), config.clone());
             let (api, workers) = tokio::join!(
                 http::serve(listener, state, token.clone()),
                 worker::run(pool, config, token.clone()),

@@ -53,6 +53,10 @@ pub struct HttpConfig {
 pub struct OrdersConfig {
     /// Largest quantity one order may ask for (422 above).
     pub max_quantity: i32,
+    /// Place concurrent orders for one product in one transaction (see `orders::coalesce`).
+    pub coalesce: bool,
+    /// Most orders one coalesced transaction places.
+    pub max_batch: usize,
     /// Default page size of `GET /api/v1/orders`.
     pub default_page_size: i64,
     /// Largest page size a client may ask for.
@@ -160,8 +164,11 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
-        if self.orders.max_quantity < 1 {
-            return invalid("orders.max_quantity", "must be at least 1");
+        if !(1..=1_000_000).contains(&self.orders.max_quantity) {
+            return invalid("orders.max_quantity", "must be between 1 and 1000000");
+        }
+        if self.orders.max_batch == 0 {
+            return invalid("orders.max_batch", "must be at least 1");
         }
         if !(1..=self.orders.max_page_size).contains(&self.orders.default_page_size) {
             return invalid(

@@ -48,8 +48,17 @@ async fn concurrently(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_buyers_never_oversell_one_hundred_units() {
-    let app = spawn_app().await;
+async fn five_hundred_buyers_never_oversell_one_hundred_units_coalesced() {
+    five_hundred_buyers_on_one_hundred_units(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_buyers_never_oversell_one_hundred_units_one_statement_each() {
+    five_hundred_buyers_on_one_hundred_units(false).await;
+}
+
+async fn five_hundred_buyers_on_one_hundred_units(coalesce: bool) {
+    let app = common::spawn_app_with(&[("orders.coalesce", json!(coalesce))]).await;
     let product = app.product(100, 999).await;
     let requests = (0..500)
         .map(|i| {
@@ -76,11 +85,34 @@ async fn five_hundred_buyers_never_oversell_one_hundred_units() {
     .await
     .unwrap();
     assert_eq!((stock, rows), (0, 100));
+    let transactions: i64 =
+        sqlx::query_scalar("select count(distinct xmin::text) from orders where product_id = $1")
+            .bind(product)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    if coalesce {
+        assert!(
+            transactions < 100,
+            "orders were placed {transactions} transactions for 100 orders"
+        );
+    } else {
+        assert_eq!(transactions, 100, "one transaction per order");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced() {
-    let app = spawn_app().await;
+async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_coalesced() {
+    mixed_quantities_and_restocks(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_one_statement_each() {
+    mixed_quantities_and_restocks(false).await;
+}
+
+async fn mixed_quantities_and_restocks(coalesce: bool) {
+    let app = common::spawn_app_with(&[("orders.coalesce", json!(coalesce))]).await;
     let initial = 300;
     let product = app.product(initial, 100).await;
     let mut requests: Vec<(String, serde_json::Value)> = (0..1000)

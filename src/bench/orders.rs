@@ -1,6 +1,8 @@
 //! `settle bench orders`: many clients ordering one hot product through the real HTTP server
-//! (a child `settle api` process), then the same statement through a bare sqlx pool with as
-//! many connections, printing orders/s, latency percentiles, the invariant check and the ratio.
+//! (a child `settle api` process; as configured, with concurrent orders coalesced, then with
+//! one statement per request), then the same single statement through a bare sqlx pool with
+//! as many connections, printing orders/s, latency percentiles, the invariant check and the
+//! ratios.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ pub struct OrdersArgs {
     /// Seconds each phase runs.
     #[arg(long, default_value_t = 15)]
     pub seconds: u64,
-    /// Database the benchmark uses (created if missing); never the service's own.
+    /// Database the benchmark uses (dropped and recreated); never the service's own.
     #[arg(long, default_value = "settle_bench")]
     pub database: String,
 }
@@ -57,6 +59,7 @@ impl Phase {
 
 pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
     let config = super::process::bench_config(config, &args.database)?;
+    super::process::recreate_database(&config).await?;
     let pool = crate::cli::open(&config, true).await?;
     let duration = Duration::from_secs(args.seconds);
     println!(
@@ -64,11 +67,18 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
         args.clients, args.seconds, args.database
     );
 
+    // The API as configured (orders for one product coalesced into shared transactions),
+    // then with one statement per request, the path the raw phases replay without HTTP.
     let api = ApiProcess::start(&config).await?;
-    let http_phase = http_phase(&api.base_url, args.clients, duration).await?;
+    let http_coalesced = http_phase(&api.base_url, args.clients, duration).await?;
     api.stop().await?;
-    http_phase.0.print("http");
-    check_invariant(&pool, http_phase.1).await?;
+    http_coalesced.0.print("http");
+    check_invariant(&pool, http_coalesced.1).await?;
+    let api = ApiProcess::start_with(&config, &[("SETTLE_ORDERS__COALESCE", "false")]).await?;
+    let http_single = http_phase(&api.base_url, args.clients, duration).await?;
+    api.stop().await?;
+    http_single.0.print("http/1");
+    check_invariant(&pool, http_single.1).await?;
 
     // The same statement from as many clients, first with one connection per client (the
     // pgbench-style limit), then through a pool as large as the API's, since fewer
@@ -81,11 +91,17 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
     raw_pooled.0.print("raw/p");
     check_invariant(&pool, raw_pooled.1).await?;
 
+    let raw = raw_clients.0.rate();
     println!(
-        "ratio  http / raw ({} connections) = {:.2}   http / raw ({api_pool} connections, the API's pool) = {:.2}   (target >= 0.80)",
+        "ratio  http / raw = {:.2}   http/1 / raw = {:.2}   ({} connections; target >= 0.80)",
+        http_coalesced.0.rate() / raw,
+        http_single.0.rate() / raw,
         args.clients,
-        http_phase.0.rate() / raw_clients.0.rate(),
-        http_phase.0.rate() / raw_pooled.0.rate(),
+    );
+    println!(
+        "ratio  http / raw/p = {:.2}   http/1 / raw/p = {:.2}   ({api_pool} connections, the API's pool)",
+        http_coalesced.0.rate() / raw_pooled.0.rate(),
+        http_single.0.rate() / raw_pooled.0.rate(),
     );
     Ok(())
 }

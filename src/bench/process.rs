@@ -19,7 +19,8 @@ pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config
     Ok(config)
 }
 
-/// Drops and recreates the benchmark database so every run starts from the same state.
+/// Drops the benchmark database so every run starts from the same state; `cli::open`
+/// recreates and migrates it.
 pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
     let options = crate::db::connect_options(&config.database.url)?;
     let name = options
@@ -50,8 +51,14 @@ pub struct ApiProcess {
 impl ApiProcess {
     /// Starts `settle api` against `config`'s database and waits until it is ready.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        Self::start_with(config, &[]).await
+    }
+
+    /// [`Self::start`] with extra environment variables (configuration overrides).
+    pub async fn start_with(config: &Config, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("api")
+            .envs(env.iter().copied())
             .env("SETTLE_DATABASE__URL", &config.database.url)
             .env("PORT", "0")
             .env("SETTLE_LOG", "warn,settle=info")

@@ -30,6 +30,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::orders::coalesce::Coalescer;
 use error::ApiError;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -39,6 +40,19 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
+    /// Places concurrent orders for one product together (when `orders.coalesce`).
+    pub coalescer: Coalescer,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
+        let coalescer = Coalescer::new(pool.clone(), config.orders.max_batch);
+        Self {
+            pool,
+            config,
+            coalescer,
+        }
+    }
 }
 
 /// The whole API: every resource router, the docs, the fallbacks, and the middleware.

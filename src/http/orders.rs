@@ -14,6 +14,7 @@ use super::error::{ApiError, ConstraintExt};
 use super::extract::{Json, Path, Query};
 use super::pagination::Cursor;
 use crate::idempotency::IdempotencyKey;
+use crate::orders::coalesce::CoalesceError;
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{Order, PlaceOrderRequest};
 
@@ -47,11 +48,16 @@ async fn place_order(
     let request_json = serde_json::to_value(&request).map_err(anyhow::Error::from)?;
     let order = request.parse(&app.config.orders)?;
     let Some(key) = key else {
-        // Without a key there is nothing to store: one statement, no explicit transaction.
-        let mut conn = app.pool.acquire().await?;
-        let order = store::place_order(&mut conn, &order)
-            .await
-            .on_constraint("stock_not_negative", out_of_stock)??;
+        // Without a key there is nothing to store: place it with the product's other waiting
+        // orders, or alone in one statement.
+        let order = if app.config.orders.coalesce {
+            app.coalescer.place(order).await.map_err(coalesce_error)??
+        } else {
+            let mut conn = app.pool.acquire().await?;
+            store::place_order(&mut conn, &order)
+                .await
+                .on_constraint("stock_not_negative", out_of_stock)??
+        };
         return Ok((StatusCode::CREATED, Json(order)).into_response());
     };
     let mut tx = app.pool.begin().await?;
@@ -97,6 +103,18 @@ async fn place_order(
 /// unreachable, but if it fires the buyer still gets a 409, not a 500.
 fn out_of_stock() -> ApiError {
     ApiError::OutOfStock { available: 0 }
+}
+
+fn coalesce_error(e: CoalesceError) -> ApiError {
+    match e {
+        CoalesceError::Sql(e) if matches!(*e, sqlx::Error::PoolTimedOut) => ApiError::Unavailable,
+        CoalesceError::Sql(e) if is_stock_violation(&e) => out_of_stock(),
+        other => ApiError::Internal(other.into()),
+    }
+}
+
+fn is_stock_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.constraint() == Some("stock_not_negative"))
 }
 
 fn replay(status: StatusCode, body: Value) -> Response {

@@ -3,6 +3,7 @@
 //! The types here parse, they do not merely validate: a [`NewOrder`] holds a [`Quantity`] and a
 //! [`BuyerId`] that are already known good, so [`store`] never sees bad input.
 
+pub mod coalesce;
 pub mod store;
 
 use chrono::{DateTime, Utc};

@@ -86,6 +86,99 @@ pub async fn place_order(
     }))
 }
 
+/// Locks a product's row for the rest of the transaction; its stock and price, if it exists.
+pub async fn lock_product(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as("select stock, price_cents from products where id = $1 for update")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// One order granted by [`crate::orders::coalesce`]: its stock is already reserved.
+pub struct Grant<'a> {
+    pub buyer_id: &'a str,
+    pub quantity: i32,
+}
+
+/// Takes the grants' total from the (locked) product and inserts one order per grant, in one
+/// statement; returns the orders in grant order.
+pub async fn insert_grants(
+    conn: &mut PgConnection,
+    product_id: i64,
+    price_cents: i64,
+    grants: &[Grant<'_>],
+) -> Result<Vec<Order>, sqlx::Error> {
+    if grants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let buyers: Vec<&str> = grants.iter().map(|g| g.buyer_id).collect();
+    let quantities: Vec<i32> = grants.iter().map(|g| g.quantity).collect();
+    let mut placed: Vec<(i64, Order)> = sqlx::query_as::<
+        _,
+        (
+            i64,
+            i64,
+            i64,
+            String,
+            i32,
+            i64,
+            i64,
+            chrono::DateTime<chrono::Utc>,
+        ),
+    >(
+        "with grants as (
+             select buyer_id, quantity, ord
+             from unnest($2::text[], $3::int[]) with ordinality as g(buyer_id, quantity, ord)
+         ),
+         taken as (
+             update products
+             set stock = stock - (select sum(quantity) from grants),
+                 sold = sold + (select sum(quantity) from grants),
+                 updated_at = now()
+             where id = $1
+         ),
+         ids as (
+             select ord, nextval(pg_get_serial_sequence('orders', 'id')) as id
+             from grants order by ord
+         )
+         insert into orders (id, product_id, buyer_id, quantity, unit_price_cents, total_cents)
+         overriding system value
+         select ids.id, $1, g.buyer_id, g.quantity, $4, $4 * g.quantity
+         from grants g join ids using (ord)
+         returning (select ord from ids where ids.id = orders.id), id, product_id, buyer_id,
+                   quantity, unit_price_cents, total_cents, created_at",
+    )
+    .bind(product_id)
+    .bind(&buyers)
+    .bind(&quantities)
+    .bind(price_cents)
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .map(
+        |(ord, id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at)| {
+            (
+                ord,
+                Order {
+                    id,
+                    product_id,
+                    buyer_id,
+                    quantity,
+                    unit_price_cents,
+                    total_cents,
+                    created_at,
+                },
+            )
+        },
+    )
+    .collect();
+    placed.sort_unstable_by_key(|(ord, _)| *ord);
+    Ok(placed.into_iter().map(|(_, order)| order).collect())
+}
+
 pub async fn get_order(conn: &mut PgConnection, id: i64) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query_as(
         "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at

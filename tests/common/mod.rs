@@ -75,10 +75,7 @@ pub async fn spawn_app_with(overrides: &[(&str, serde_json::Value)]) -> TestApp 
     let listener = settle::http::bind(&config).await.expect("bind port 0");
     let base = format!("http://{}", listener.local_addr().expect("bound address"));
     let shutdown = CancellationToken::new();
-    let state = AppState {
-        pool: pool.clone(),
-        config: config.clone(),
-    };
+    let state = AppState::new(pool.clone(), config.clone());
     tokio::spawn(settle::http::serve(listener, state, shutdown.clone()));
     TestApp {
         base,
