@@ -401,6 +401,13 @@ async fn health_and_docs_are_served() {
         "/api/v1/products",
         "/api/v1/products/{id}",
         "/api/v1/products/{id}/restock",
+        "/api/v1/transactions",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/jobs/{id}/cancel",
+        "/api/v1/jobs/settlement",
+        "/livez",
+        "/readyz",
     ] {
         assert!(spec["paths"][path].is_object(), "{path} documented");
     }
@@ -410,8 +417,12 @@ async fn health_and_docs_are_served() {
         "IDEMPOTENCY_KEY_REUSED",
         "IDEMPOTENCY_KEY_IN_USE",
         "INVALID_QUANTITY",
+        "INVALID_BUYER_ID",
         "PAYLOAD_TOO_LARGE",
         "MALFORMED_JSON",
+        "METHOD_NOT_ALLOWED",
+        "JOB_FINISHED",
+        "NOT_FOUND",
     ] {
         assert!(spec_text.contains(code), "{code} documented");
     }
