@@ -30,6 +30,11 @@ create table settlement_runs (
     high_water_id bigint      not null,
     -- Rows with id <= high_water_id: what `processed` counts towards.
     total         bigint      not null,
+    -- The queue's claim counter of the worker running the job, set in its fenced first batch.
+    -- Part batches lock this row `for share` with their fence, so a new owner's update waits
+    -- for a former owner's batch in flight and shuts it out afterwards, without part batches
+    -- ever blocking the jobs row (heartbeats, checkpoints).
+    fence         bigint      not null default 0,
     created_at    timestamptz not null default now(),
     constraint settlement_run_range_ordered check (from_date <= to_date),
     constraint settlement_run_total_not_negative check (total >= 0)

@@ -40,7 +40,7 @@ fn range(from: &str, to: &str) -> DateRange {
 impl Db {
     async fn start(&self, job: i64, range: DateRange) -> Plan {
         let mut tx = self.pool.begin().await.unwrap();
-        let plan = engine::start(&mut tx, job, range, &self.settings)
+        let plan = engine::start(&mut tx, job, range, &self.settings, 0)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -325,6 +325,52 @@ async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
     );
     assert!(
         !engine::refresh_statistics(&mut conn, db.settings.zone)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_new_claim_shuts_out_the_former_owners_batches() {
+    let db = db("UTC", 2, 10).await;
+    store(&db.pool, &support::random_transactions(8, 100, 2, 2)).await;
+    let range = range("2025-01-01", "2025-01-02");
+    let mut tx = db.pool.begin().await.unwrap();
+    engine::start(&mut tx, 5, range, &db.settings, 1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // The former owner is mid-batch (holding its share lock) when the job is claimed again.
+    let mut old = db.pool.begin().await.unwrap();
+    assert!(
+        settle::settlement::store::lock_run(&mut old, 5, 1)
+            .await
+            .unwrap()
+    );
+    let pool = db.pool.clone();
+    let settings = db.settings.clone();
+    let reclaim = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        engine::start(&mut tx, 5, range, &settings, 2)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !reclaim.is_finished(),
+        "the new owner waits for the batch in flight"
+    );
+    old.commit().await.unwrap();
+    reclaim.await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(
+        !settle::settlement::store::lock_run(&mut conn, 5, 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        settle::settlement::store::lock_run(&mut conn, 5, 2)
             .await
             .unwrap()
     );

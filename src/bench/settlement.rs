@@ -80,6 +80,17 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
         let _ = tokio::fs::remove_file(&file).await;
     }
 
+    let log = tokio::fs::read_to_string(worker_log())
+        .await
+        .unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("settlement")) {
+        println!(
+            "  worker: {}",
+            line.split_once("settle::settlement::job: ")
+                .map_or(line, |(_, m)| m)
+        );
+    }
+    let _ = tokio::fs::remove_file(worker_log()).await;
     let rows = args.transactions as f64;
     println!(
         "job        {job_seconds:>7.2} s  {:>10.0} rows/s  worker peak RSS {:.1} MiB",
@@ -121,15 +132,22 @@ async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The worker's log: its settlement phase timings are printed after the run.
+fn worker_log() -> PathBuf {
+    std::env::temp_dir().join(format!("settle-bench-worker-{}.log", std::process::id()))
+}
+
 fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(worker_log())?;
     Command::new(std::env::current_exe()?)
         .arg("worker")
         .env("SETTLE_DATABASE__URL", &config.database.url)
         .env("BATCH_SIZE", batch_size.to_string())
         .env("SETTLE_SETTLEMENT__PARALLEL_PARTS", parts.to_string())
-        .env("SETTLE_LOG", "warn")
+        .env("SETTLE_LOG", "warn,settle::settlement=info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .context("starting settle worker")

@@ -60,14 +60,17 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
 
 /// Fixes the job's input the first time it runs (high-water id, true total, `parts` disjoint
 /// id sub-ranges) and returns it; on any later run returns what was fixed then, with each
-/// part's committed cursor.
+/// part's committed cursor. Either way the run now belongs to the claim `fence` (see
+/// [`store::lock_run`]): part batches of an earlier owner stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
     range: DateRange,
     settings: &Settings,
+    fence: i64,
 ) -> Result<Plan, sqlx::Error> {
     if let Some(run) = store::get_run(tx, job_id).await? {
+        store::set_run_fence(tx, job_id, fence).await?;
         let parts = store::get_parts(tx, job_id).await?;
         return Ok(Plan { run, parts });
     }
@@ -81,7 +84,7 @@ pub async fn start(
         high_water_id: hi,
         total: store::count_up_to(tx, hi).await?,
     };
-    store::insert_run(tx, &run).await?;
+    store::insert_run(tx, &run, fence).await?;
     let parts = split(lo, hi, settings.parts);
     for part in &parts {
         store::insert_part(tx, job_id, part).await?;

@@ -3,9 +3,10 @@
 //! 1. In the job's first fenced batch: fix the input ([`engine::start`]) and read the claim's
 //!    fence; the commit proves the fence is ours and records `total`.
 //! 2. One task per part runs [`engine::process_batch`] in its own transaction, which first
-//!    locks the job row `for share` under that fence ([`store::lock_claim`]): the part's sums
-//!    and cursor commit together, and only while this worker holds the job. After each part
-//!    batch the job's progress is checkpointed through the queue's fenced batch.
+//!    locks the job's run row `for share` under that fence ([`store::lock_run`]): the part's
+//!    sums and cursor commit together, and only while this worker holds the job. After each
+//!    part batch the job's progress is checkpointed through the queue's fenced batch, which
+//!    also re-reads the cancel flag (and fires the parts' token).
 //! 3. [`engine::finalize`] runs in the batch that completes the job, so the `settlements`
 //!    replacement and COMPLETED land together; the CSV is published just before that commit.
 //!
@@ -93,9 +94,11 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
 
 async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> JobResult {
     let job_id = ctx.id();
+    let started = std::time::Instant::now();
     let mut batch = ctx.begin().await?;
-    let plan = engine::start(batch.conn(), job_id, range, settings).await?;
+    // The commit below is fenced, so if it lands this was our claim's counter.
     let fence = store::job_fence(batch.conn(), job_id).await?;
+    let plan = engine::start(batch.conn(), job_id, range, settings, fence).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     batch
         .commit(&checkpoint, plan.processed(), Some(plan.run.total))
@@ -105,17 +108,28 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         total = plan.run.total,
         high_water_id = plan.run.high_water_id,
         parts = plan.parts.len(),
+        ms = started.elapsed().as_millis() as u64,
         "settlement input fixed"
     );
 
     run_parts(ctx, &plan, fence, settings.batch_size).await?;
     ctx.ensure_running()?;
+    tracing::info!(
+        job = job_id,
+        ms = started.elapsed().as_millis() as u64,
+        "settlement parts done"
+    );
 
     let mut batch = ctx.begin().await?;
     let staged = engine::finalize(batch.conn(), &plan, &settings.results_dir)
         .await
         .map_err(job_error)?;
     let published = staged.publish().await.map_err(JobError::failed)?;
+    tracing::info!(
+        job = job_id,
+        ms = started.elapsed().as_millis() as u64,
+        "settlement finalized"
+    );
     let result = json!({"download_url": format!("/downloads/{job_id}.csv")});
     let completed = batch.complete(Some(result)).await;
     if completed.is_err() {
@@ -163,14 +177,20 @@ async fn run_parts(
     while let Some(part) = done_rx.recv().await {
         let slot = part.part as usize;
         parts[slot] = part;
+        // Batches that finished meanwhile share this checkpoint.
+        while let Ok(part) = done_rx.try_recv() {
+            let slot = part.part as usize;
+            parts[slot] = part;
+        }
         if failure.is_some() {
             continue;
         }
         let processed: i64 = parts.iter().map(|p| p.processed).sum();
         let checkpoint = Checkpoint::of(plan.run.high_water_id, &parts);
         let committed = async {
-            ctx.begin()
-                .await?
+            let mut batch = ctx.begin().await?;
+            store::set_local_async_commit(batch.conn()).await?;
+            batch
                 .commit(&checkpoint, processed.min(plan.run.total), None)
                 .await
         }
@@ -207,14 +227,10 @@ async fn run_part(
             return Err(JobError::Stopped);
         }
         let mut tx = pool.begin().await?;
-        match store::lock_claim(&mut tx, plan.run.job_id, fence).await? {
-            None => return Err(JobError::LeaseLost),
-            Some(true) => {
-                stop.cancel();
-                return Err(JobError::Stopped);
-            }
-            Some(false) => {}
+        if !store::lock_run(&mut tx, plan.run.job_id, fence).await? {
+            return Err(JobError::LeaseLost);
         }
+        store::set_local_async_commit(&mut tx).await?;
         part = engine::process_batch(&mut tx, &plan, &part, batch_size)
             .await
             .map_err(job_error)?;

@@ -48,6 +48,18 @@ pub async fn set_local_tuning(conn: &mut PgConnection) -> Result<(), sqlx::Error
     Ok(())
 }
 
+/// Lets the caller's transaction commit without waiting for its WAL flush (measured: 4.3 ms per
+/// commit here, two commits per batch). Safe for a batch and its progress: a Postgres crash can
+/// only lose the latest such commits whole (cursor and sums together), and any later
+/// synchronous commit flushes them first; the job then redoes those batches. Not used for the
+/// start or the finalize, whose commits a client may act on.
+pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('synchronous_commit', 'off', true)")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// `(rows changed since the last analyze, rows estimated)` of `transactions`; the estimate is
 /// negative when the table was never analyzed.
 pub async fn transaction_statistics_age(
@@ -110,10 +122,12 @@ pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>
     .await
 }
 
-pub async fn insert_run(conn: &mut PgConnection, run: &Run) -> Result<(), sqlx::Error> {
+/// Stores the fixed input, owned by the claim `fence`.
+pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
-         values ($1, $2, $3, $4, $5, $6)",
+        "insert into settlement_runs
+             (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
+         values ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(run.job_id)
     .bind(run.from_date)
@@ -121,6 +135,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &Run) -> Result<(), sqlx::
     .bind(&run.time_zone)
     .bind(run.high_water_id)
     .bind(run.total)
+    .bind(fence)
     .execute(conn)
     .await?;
     Ok(())
@@ -354,23 +369,35 @@ pub async fn job_fence(conn: &mut PgConnection, job_id: i64) -> Result<i64, sqlx
         .await
 }
 
-/// Whether a cancel was requested, or `None` when the claim `fence` no longer holds the job.
-/// `for share` keeps a re-claim (which bumps the fence) waiting until this transaction ends, so
-/// a part batch of a worker that lost its lease can never commit after the new owner started.
-pub async fn lock_claim(
+/// Hands the run to the claim `fence`: waits for part batches of an earlier owner in flight.
+pub async fn set_run_fence(
     conn: &mut PgConnection,
     job_id: i64,
     fence: i64,
-) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select cancel_requested from jobs
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         for share",
+) -> Result<(), sqlx::Error> {
+    sqlx::query("update settlement_runs set fence = $2 where job_id = $1")
+        .bind(job_id)
+        .bind(fence)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// True while `fence` owns the run; the share lock holds off a new owner until this
+/// transaction ends, so a former owner's part batch can never commit after the new one began.
+pub async fn lock_run(
+    conn: &mut PgConnection,
+    job_id: i64,
+    fence: i64,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, i32>(
+        "select 1 from settlement_runs where job_id = $1 and fence = $2 for share",
     )
     .bind(job_id)
     .bind(fence)
     .fetch_optional(conn)
-    .await
+    .await?
+    .is_some())
 }
 
 pub async fn cancel_requested(conn: &mut PgConnection, job_id: i64) -> Result<bool, sqlx::Error> {
