@@ -210,14 +210,15 @@ async fn single_statement(
         range.to()
     );
     let started = Instant::now();
-    let mut out = tokio::fs::File::create(file).await?;
+    let mut out =
+        tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::create(file).await?);
     let mut stream = tx.copy_out_raw(&statement).await?;
     while let Some(chunk) = stream.try_next().await? {
         out.write_all(&chunk).await?;
     }
     drop(stream);
     out.flush().await?;
-    out.sync_all().await?;
+    out.get_ref().sync_all().await?;
     let seconds = started.elapsed().as_secs_f64();
     tx.rollback().await?;
     Ok(seconds)
