@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim::ClaimedJob;
@@ -34,13 +34,9 @@ enum Ending {
     Nothing,
 }
 
-/// Runs `job` to an ending and records it; the slot is freed when this returns.
-pub(crate) async fn run_job(
-    shared: Arc<Shared>,
-    job: ClaimedJob,
-    slots: Arc<Semaphore>,
-    held: OwnedSemaphorePermit,
-) {
+/// Runs `job` in the slot it was claimed for, to an ending, and records it; the slot is freed
+/// when this returns (for a trivial completion, once it is queued for the batcher).
+pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, slot: OwnedSemaphorePermit) {
     let (id, fence) = (job.id, job.fence);
     let stop = shared.shutdown.child_token();
     let lost = CancellationToken::new();
@@ -55,19 +51,12 @@ pub(crate) async fn run_job(
             lost: lost.clone(),
         },
     );
-    // Wait for a slot to run in; shutdown meanwhile hands the job straight back.
-    let slot = tokio::select! {
-        slot = slots.acquire_owned() => slot.ok(),
-        () = lost.cancelled() => None,
-        () = shared.shutdown.cancelled() => None,
+    // A shutdown that came while the claim was in flight hands the job straight back.
+    let ending = if shared.shutdown.is_cancelled() {
+        Ending::Release
+    } else {
+        attempt(&shared, job, &stop, &lost).await
     };
-    let ending = match slot {
-        Some(_) if lost.is_cancelled() => Ending::Nothing,
-        Some(_) => attempt(&shared, job, &stop, &lost).await,
-        None if lost.is_cancelled() => Ending::Nothing,
-        None => Ending::Release,
-    };
-    drop(slot);
     tracing::debug!(job = id, ?ending, "attempt ended");
     match ending {
         Ending::CompleteLater => {
@@ -81,7 +70,7 @@ pub(crate) async fn run_job(
             shared.forget(id);
         }
     }
-    drop(held);
+    drop(slot);
     shared.job_done.notify_one();
 }
 

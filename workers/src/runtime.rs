@@ -108,12 +108,17 @@ impl Worker {
             tokio::spawn(completer(shared.clone(), completed, done.clone())),
             tokio::spawn(prune(shared.clone())),
         ];
-        let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
-        let size = backlog_size(&shared.settings);
-        let backlog = Arc::new(Semaphore::new(size));
-        claim_loop(&shared, &slots, &backlog).await;
-        // Every job task holds a backlog permit until it has completed or released its job.
-        let _ = backlog.acquire_many(size as u32).await;
+        let concurrency = shared.settings.concurrency;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let lanes: Vec<_> = (0..CLAIM_LANES)
+            .map(|_| tokio::spawn(claim_loop(shared.clone(), slots.clone())))
+            .collect();
+        for lane in lanes {
+            let _ = lane.await;
+        }
+        // Every job task holds its slot until it has completed (or queued its completion) or
+        // released its job.
+        let _ = slots.acquire_many(concurrency as u32).await;
         done.cancel();
         for task in background {
             let _ = task.await;
@@ -122,33 +127,44 @@ impl Worker {
     }
 }
 
-/// Claims while a slot is free to run a job now and at least half the backlog is free, so one
-/// claim statement (one commit) fetches several jobs instead of one per finished job. Claimed
-/// jobs wait in their own task for a slot, their lease kept by the heartbeat; the backlog bounds
-/// how many a worker may hold beyond what it runs.
-async fn claim_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, backlog: &Arc<Semaphore>) {
+/// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
+/// waits for it; with two, one claims while the other's jobs run, so short jobs keep the slots
+/// busy without a worker holding more jobs than it has slots.
+const CLAIM_LANES: usize = 2;
+
+/// How long a claim loop waits for more slots to free before claiming for fewer than its
+/// share. Short jobs free them well within it; long jobs do not, and a free slot then waits at
+/// most this long to be filled.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// Claims only for free slots: a worker never holds a job it cannot start at once, so a job it
+/// could not run yet stays claimable by an idle worker. To make one claim statement (one
+/// commit) fetch many jobs, a loop waits until its share of the slots is free, or [`GATHER`]
+/// has passed. It reserves those slots before claiming; each claimed job takes one into its
+/// own task and the unused ones are given back.
+async fn claim_loop(shared: Arc<Shared>, slots: Arc<Semaphore>) {
     let settings = &shared.settings;
-    let half = (backlog_size(settings) / 2).max(1);
+    let share = (settings.concurrency / CLAIM_LANES).max(1);
     loop {
-        while slots.available_permits() == 0 || backlog.available_permits() < half {
-            tokio::select! {
-                () = shared.job_done.notified() => {}
-                () = shared.shutdown.cancelled() => return,
-            }
-        }
-        if shared.shutdown.is_cancelled() {
+        if !wait_for_slots(&shared, &slots, share).await {
             return;
         }
-        let limit = (backlog.available_permits() as i64).min(settings.claim_batch);
+        let free = slots.available_permits().min(settings.claim_batch as usize);
+        let Ok(mut reserved) = slots.clone().try_acquire_many_owned(free as u32) else {
+            continue; // the other lane took them
+        };
         let claimed = match shared.pool.acquire().await {
-            Ok(mut conn) => claim::claim(&mut conn, &shared.owner, limit, settings.lease).await,
+            Ok(mut conn) => {
+                claim::claim(&mut conn, &shared.owner, free as i64, settings.lease).await
+            }
             Err(e) => Err(e),
         };
         let jobs = match claimed {
             Ok(jobs) => jobs,
             Err(e) => {
+                drop(reserved);
                 tracing::warn!(error = %e, "claim failed; retrying after the poll interval");
-                idle(shared, settings.poll_interval).await;
+                idle(&shared, settings.poll_interval).await;
                 continue;
             }
         };
@@ -156,22 +172,41 @@ async fn claim_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, backlog: &Arc<
         // rows another worker was claiming at the same instant.
         let drained = jobs.is_empty();
         for job in jobs {
-            let held = backlog
-                .clone()
-                .try_acquire_owned()
-                .expect("backlog counted before claim");
-            let slots = slots.clone();
-            tokio::spawn(crate::execute::run_job(shared.clone(), job, slots, held));
+            let slot = reserved.split(1).expect("a slot reserved per claimed job");
+            tokio::spawn(crate::execute::run_job(shared.clone(), job, slot));
+        }
+        if reserved.num_permits() > 0 {
+            drop(reserved);
+            // Slots given back: the other lane may be waiting for them.
+            shared.job_done.notify_one();
         }
         if drained {
-            idle(shared, settings.poll_interval).await;
+            idle(&shared, settings.poll_interval).await;
+        } else {
+            // More may be due: let the other lane claim too if it is idle.
+            shared.wake.notify_one();
         }
     }
 }
 
-/// Jobs a worker may hold at once: running plus claimed and waiting for a slot.
-pub(crate) fn backlog_size(settings: &WorkerSettings) -> usize {
-    settings.concurrency * 4
+/// Waits until a slot is free, then up to [`GATHER`] for `share` of them; false on shutdown.
+async fn wait_for_slots(shared: &Shared, slots: &Semaphore, share: usize) -> bool {
+    while slots.available_permits() == 0 {
+        tokio::select! {
+            () = shared.job_done.notified() => {}
+            () = shared.shutdown.cancelled() => return false,
+        }
+    }
+    let gathered = tokio::time::sleep(GATHER);
+    tokio::pin!(gathered);
+    while slots.available_permits() < share {
+        tokio::select! {
+            () = shared.job_done.notified() => {}
+            () = &mut gathered => break,
+            () = shared.shutdown.cancelled() => return false,
+        }
+    }
+    !shared.shutdown.is_cancelled()
 }
 
 /// Waits for a NOTIFY, the poll interval, or shutdown, whichever comes first.

@@ -8,7 +8,7 @@ use std::time::Duration;
 pub struct WorkerSettings {
     /// Jobs run at once by this worker (a semaphore bounds it).
     pub concurrency: usize,
-    /// Jobs claimed by one claim statement (never more than free slots).
+    /// Most jobs claimed by one claim statement (never more than free slots).
     pub claim_batch: i64,
     /// A claim stays valid this long after the last heartbeat; then any worker may reclaim it.
     pub lease: Duration,
@@ -31,7 +31,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: 64,
             claim_batch: 100,
             lease: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
