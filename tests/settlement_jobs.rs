@@ -138,6 +138,19 @@ async fn transactions_to_job_to_completed_csv_and_table() {
     assert_eq!(Some(processed), total);
     assert_eq!(total, Some(2500));
     assert_eq!(result["download_url"], format!("/downloads/{id}.csv"));
+    let (status, job) = h.app.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["kind"], "settlement");
+    assert_eq!(job["status"], "COMPLETED");
+    assert_eq!(
+        (job["progress"].as_i64(), job["processed"].as_i64()),
+        (Some(100), Some(2500))
+    );
+    assert_eq!(job["download_url"], format!("/downloads/{id}.csv"));
+    assert_eq!(
+        job["params"],
+        json!({"from": "2025-01-01", "to": "2025-01-04"})
+    );
 }
 
 #[tokio::test]
