@@ -286,16 +286,6 @@ pub async fn advance_part(
     Ok(())
 }
 
-/// Rows aggregated so far over every part of the job.
-pub async fn processed(conn: &mut PgConnection, job_id: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "select coalesce(sum(processed), 0)::int8 from settlement_parts where job_id = $1",
-    )
-    .bind(job_id)
-    .fetch_one(conn)
-    .await
-}
-
 /// Serializes replacements of `settlements`, so overlapping jobs finishing at once cannot
 /// interleave their deletes and inserts. Released at commit.
 pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
