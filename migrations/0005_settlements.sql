@@ -1,5 +1,5 @@
 -- Settlement: the per-merchant, per-day results, and the durable state of running settlement
--- jobs (their fixed input, one cursor per parallel id sub-range, and each batch's partial sums).
+-- jobs (their fixed input, one cursor per parallel id sub-range, and their partial sums).
 -- job_id columns name jobs.id but carry no foreign key: settlements outlive pruned jobs, and the
 -- job's own code deletes its working rows when it finishes, fails or is cancelled.
 
@@ -30,11 +30,6 @@ create table settlement_runs (
     high_water_id bigint      not null,
     -- Rows with id <= high_water_id: what `processed` counts towards.
     total         bigint      not null,
-    -- The queue's claim counter of the worker running the job, set in its fenced first batch.
-    -- Part batches lock this row `for share` with their fence, so a new owner's update waits
-    -- for a former owner's batch in flight and shuts it out afterwards, without part batches
-    -- ever blocking the jobs row (heartbeats, checkpoints).
-    fence         bigint      not null default 0,
     created_at    timestamptz not null default now(),
     constraint settlement_run_range_ordered check (from_date <= to_date),
     constraint settlement_run_total_not_negative check (total >= 0)
@@ -47,7 +42,7 @@ create table settlement_parts (
     part       int    not null,
     lo_id      bigint not null,
     hi_id      bigint not null,
-    -- Every id in (lo_id, cursor_id] is in settlement_batches.
+    -- Every id in (lo_id, cursor_id] has been aggregated into settlement_partials.
     cursor_id  bigint not null,
     processed  bigint not null default 0,
     primary key (job_id, part),
@@ -55,39 +50,19 @@ create table settlement_parts (
     constraint settlement_part_processed_not_negative check (processed >= 0)
 );
 
--- Partial sums, one row per committed batch: the batch's (merchant, day) groups as parallel
--- arrays. One plain insert per batch instead of an upsert per group (measured: upserting the
--- ~28,000 groups of a 100,000-row batch cost 200-600 ms, more than aggregating the batch), and
--- parts never touch each other's rows. Sums are bigint: amounts are not negative, so a batch
--- sum that overflows means the total would too, and the cast reports it.
-create table settlement_batches (
-    job_id        bigint   not null,
-    part          int      not null,
-    -- The batch's last id; the part's cursor moved here in the same transaction.
-    end_id        bigint   not null,
-    -- Transactions the batch read (any status or day): the job's progress.
-    scanned       bigint   not null,
-    merchant_ids  text[]   not null,
-    dates         date[]   not null,
-    gross_cents   bigint[] not null,
-    fee_cents     bigint[] not null,
-    txn_counts    bigint[] not null,
-    primary key (job_id, part, end_id),
-    constraint settlement_batch_arrays_aligned check (
-        cardinality(merchant_ids) = cardinality(dates)
-        and cardinality(dates) = cardinality(gross_cents)
-        and cardinality(gross_cents) = cardinality(fee_cents)
-        and cardinality(fee_cents) = cardinality(txn_counts)
-    )
+-- Partial sums per (job, part, merchant, day). Keyed by part as well so parallel parts never
+-- update the same row (which would serialize them and invite deadlocks). numeric, so no
+-- intermediate sum wraps; the final cast to bigint is where overflow is caught.
+create table settlement_partials (
+    job_id       bigint  not null,
+    part         int     not null,
+    merchant_id  text    not null,
+    date         date    not null,
+    gross_cents  numeric not null,
+    fee_cents    numeric not null,
+    txn_count    bigint  not null,
+    primary key (job_id, part, merchant_id, date)
 );
--- Uncompressed out-of-line arrays: pglz compression of a batch's ~1 MB of arrays cost 35 ms per
--- batch (a third of the batch), for rows that live only until the job finishes.
-alter table settlement_batches
-    alter column merchant_ids set storage external,
-    alter column dates set storage external,
-    alter column gross_cents set storage external,
-    alter column fee_cents set storage external,
-    alter column txn_counts set storage external;
 
 -- The planner's group estimate for (merchant, day): without it Postgres multiplies the
 -- per-column estimates (10M groups instead of 30,000) and sorts on disk instead of hashing.
