@@ -10,7 +10,7 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::http::error::ApiError;
 
@@ -22,6 +22,14 @@ pub const MAX_KEY_CHARS: usize = 255;
 pub struct IdempotencyKey {
     scope: &'static str,
     key: String,
+}
+
+/// The outcome of [`IdempotencyKey::start`].
+pub enum Begun {
+    /// First time: execute in this transaction, which holds the key's lock.
+    Execute(Transaction<'static, Postgres>),
+    /// Seen before with the same request.
+    Replay(StoredResponse),
 }
 
 /// A response to replay verbatim.
@@ -58,10 +66,32 @@ impl IdempotencyKey {
         }))
     }
 
+    /// Opens the request's transaction and locks the key in it. [`Begun::Execute`]: run the
+    /// request in that transaction, [`Self::store`] its response, commit. [`Begun::Replay`]:
+    /// answer with the stored response.
+    ///
+    /// On a replay or a refusal the transaction is rolled back here, explicitly: a dropped
+    /// sqlx transaction keeps the key's lock until its connection is next used, so a retry
+    /// right after would be told the key is in use.
+    pub async fn start(&self, pool: &PgPool, request: &Value) -> Result<Begun, ApiError> {
+        let mut tx = pool.begin().await?;
+        match self.begin(&mut tx, request).await {
+            Ok(None) => Ok(Begun::Execute(tx)),
+            Ok(Some(stored)) => {
+                tx.rollback().await?;
+                Ok(Begun::Replay(stored))
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
     /// Locks the key for this transaction and looks for a stored response.
     ///
     /// `Ok(Some(_))`: replay it. `Ok(None)`: execute the request, then [`Self::store`].
-    pub async fn begin(
+    async fn begin(
         &self,
         tx: &mut PgConnection,
         request: &Value,

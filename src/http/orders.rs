@@ -13,7 +13,7 @@ use super::AppState;
 use super::error::{ApiError, ConstraintExt};
 use super::extract::{Json, Path, Query};
 use super::pagination::Cursor;
-use crate::idempotency::IdempotencyKey;
+use crate::idempotency::{Begun, IdempotencyKey};
 use crate::orders::coalesce::CoalesceError;
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{Order, PlaceOrderRequest};
@@ -60,20 +60,10 @@ async fn place_order(
         };
         return Ok((StatusCode::CREATED, Json(order)).into_response());
     };
-    let mut tx = app.pool.begin().await?;
-    match key.begin(&mut tx, &request_json).await {
-        Ok(None) => {}
-        // End the transaction now: a dropped one releases the key's lock only when its
-        // connection is next used, which would make the key look in use meanwhile.
-        Ok(Some(stored)) => {
-            tx.rollback().await?;
-            return Ok(replay(stored.status, stored.body));
-        }
-        Err(e) => {
-            tx.rollback().await?;
-            return Err(e);
-        }
-    }
+    let mut tx = match key.start(&app.pool, &request_json).await? {
+        Begun::Execute(tx) => tx,
+        Begun::Replay(stored) => return Ok(replay(stored.status, stored.body)),
+    };
     let placed = store::place_order(&mut tx, &order)
         .await
         .on_constraint("stock_not_negative", out_of_stock)?;

@@ -13,7 +13,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
 use super::openapi::ErrorBody;
-use crate::idempotency::IdempotencyKey;
+use crate::idempotency::{Begun, IdempotencyKey};
 use crate::settlement::job::KIND;
 use crate::settlement::{DateRange, DateRangeInput};
 
@@ -45,12 +45,13 @@ async fn create_settlement_job(
     let key = IdempotencyKey::from_headers("settlement_jobs", &headers)?;
     let range = DateRange::parse(&input, app.config.settlement.max_span_days)?;
     let request_json = serde_json::to_value(&input).map_err(anyhow::Error::from)?;
-    let mut tx = app.pool.begin().await?;
-    if let Some(key) = &key
-        && let Some(stored) = key.begin(&mut tx, &request_json).await?
-    {
-        return accepted(stored.status, stored.body);
-    }
+    let mut tx = match &key {
+        Some(key) => match key.start(&app.pool, &request_json).await? {
+            Begun::Execute(tx) => tx,
+            Begun::Replay(stored) => return accepted(stored.status, stored.body),
+        },
+        None => app.pool.begin().await?,
+    };
     // Stored in canonical form, so the job reads exactly the days that were validated.
     let args = serde_json::to_value(range.to_input()).map_err(anyhow::Error::from)?;
     let job = NewJob::new(KIND, args).max_attempts(app.config.worker.max_attempts);
