@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,9 @@ pub(crate) struct Held {
 /// State shared by the claim loop, the job tasks and the background tasks.
 pub(crate) struct Shared {
     pub pool: PgPool,
+    /// A few connections of the runtime's own (claims, heartbeats, completion batches), so jobs
+    /// that fill the shared pool with database work never delay a heartbeat into a lost lease.
+    pub control: PgPool,
     pub settings: WorkerSettings,
     pub registry: Registry,
     /// This worker's name, stored as `lease_owner`.
@@ -88,8 +91,13 @@ impl Worker {
     /// Runs until `shutdown` fires and every held job is completed or released.
     pub async fn run(self, shutdown: CancellationToken) {
         let (completions, completed) = mpsc::unbounded_channel();
+        let control = PgPoolOptions::new()
+            .max_connections(CONTROL_CONNECTIONS)
+            .acquire_timeout(self.pool.options().get_acquire_timeout())
+            .connect_lazy_with((*self.pool.connect_options()).clone());
         let shared = Arc::new(Shared {
             pool: self.pool,
+            control,
             settings: self.settings,
             registry: self.registry,
             owner: self.owner,
@@ -123,9 +131,13 @@ impl Worker {
         for task in background {
             let _ = task.await;
         }
+        shared.control.close().await;
         tracing::info!(owner = %shared.owner, "worker stopped");
     }
 }
+
+/// The runtime's own connections: one per claim lane, the heartbeat and the completion batcher.
+const CONTROL_CONNECTIONS: u32 = CLAIM_LANES as u32 + 2;
 
 /// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
 /// waits for it; with two, one claims while the other's jobs run, so short jobs keep the slots
@@ -153,7 +165,7 @@ async fn claim_loop(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         let Ok(mut reserved) = slots.clone().try_acquire_many_owned(free as u32) else {
             continue; // the other lane took them
         };
-        let claimed = match shared.pool.acquire().await {
+        let claimed = match shared.control.acquire().await {
             Ok(mut conn) => {
                 claim::claim(&mut conn, &shared.owner, free as i64, settings.lease).await
             }
@@ -295,7 +307,7 @@ async fn heartbeat(shared: Arc<Shared>, done: CancellationToken) {
             continue;
         }
         let beat = tokio::time::timeout(settings.heartbeat * 2, async {
-            let mut conn = shared.pool.acquire().await?;
+            let mut conn = shared.control.acquire().await?;
             lease::heartbeat(&mut conn, &held, settings.lease).await
         })
         .await;
@@ -359,7 +371,7 @@ async fn completer(
 async fn flush(shared: &Shared, batch: &[(i64, i64)]) {
     let deadline = Instant::now() + shared.settings.lease;
     loop {
-        let result = match shared.pool.acquire().await {
+        let result = match shared.control.acquire().await {
             Ok(mut conn) => finish::complete_many(&mut conn, batch).await,
             Err(e) => Err(e),
         };
