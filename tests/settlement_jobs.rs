@@ -351,3 +351,49 @@ async fn a_cancelled_queued_job_never_starts() {
     let settled = support::scalar(&app.pool, "select count(*) from settlements").await;
     assert_eq!(settled, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_settlement_clears_the_working_rows_of_jobs_that_gave_up() {
+    let h = harness(&[("worker.batch_size", json!(64))]).await;
+    // A settlement that ran out of attempts mid-way: its run, part and batch rows remain.
+    let dead: i64 = sqlx::query_scalar(
+        "insert into jobs (kind, args, state, max_attempts, finished_at)
+         values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-02\"}', 'failed', 1, now())
+         returning id",
+    )
+    .fetch_one(&h.app.pool)
+    .await
+    .unwrap();
+    for statement in [
+        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
+         values ($1, '2025-01-01', '2025-01-02', 'UTC', 10, 10)",
+        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id) values ($1, 0, 0, 10, 5)",
+        "insert into settlement_batches (job_id, part, end_id, scanned, merchant_ids, dates,
+             gross_cents, fee_cents, txn_counts)
+         values ($1, 0, 5, 5, '{m}', '{2025-01-01}', '{100}', '{1}', '{5}')",
+    ] {
+        sqlx::query(statement)
+            .bind(dead)
+            .execute(&h.app.pool)
+            .await
+            .unwrap();
+    }
+    let (status, body, _) = post_job(
+        &h.app,
+        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    wait_state(&h.app, body["job_id"].as_i64().unwrap(), "completed").await;
+    for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
+        let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {table} where job_id = $1"
+        )))
+        .bind(dead)
+        .fetch_one(&h.app.pool)
+        .await
+        .unwrap();
+        assert_eq!(left, 0, "{table} rows of the failed job remain");
+    }
+}

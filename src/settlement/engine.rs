@@ -74,6 +74,13 @@ pub async fn start(
         let parts = store::get_parts(tx, job_id).await?;
         return Ok(Plan { run, parts });
     }
+    let abandoned = store::delete_abandoned_working_rows(tx).await?;
+    if abandoned > 0 {
+        tracing::info!(
+            abandoned,
+            "deleted working rows of settlement jobs no longer running"
+        );
+    }
     refresh_statistics(tx, settings.zone).await?;
     let (lo, hi) = store::id_bounds(tx).await?;
     let run = Run {

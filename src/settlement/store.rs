@@ -341,6 +341,23 @@ pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result
     Ok(())
 }
 
+/// Deletes the working rows of settlement jobs that are no longer live (FAILED after their last
+/// attempt, or pruned): only a cancel or a fatal error cleans up after itself, so a job that
+/// ran out of attempts would otherwise leave its partial sums behind forever.
+pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let abandoned: Vec<i64> = sqlx::query_scalar(
+        "select r.job_id from settlement_runs r
+         where not exists (select 1 from jobs j where j.id = r.job_id
+                           and j.state in ('queued', 'running', 'cancelling'))",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for &job_id in &abandoned {
+        delete_working_rows(conn, job_id).await?;
+    }
+    Ok(abandoned.len() as u64)
+}
+
 /// `COPY` of the range's settlements as the CSV the API serves. COPY takes no parameters; the
 /// days are typed dates rendered as ISO literals.
 pub fn csv_copy_statement(range: DateRange) -> String {
