@@ -51,7 +51,8 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
             IDLE_IN_TRANSACTION_TIMEOUT,
         )])
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
+        // Settlement batches legitimately run for seconds under load; warn only past 30 s.
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(30)))
 }
 
 /// Opens the pool for `config`, failing fast with the URL (without password) if unreachable.
