@@ -10,7 +10,10 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
+use std::time::Duration;
+
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 
 use crate::http::error::ApiError;
 
@@ -157,12 +160,34 @@ impl IdempotencyKey {
     }
 }
 
-/// Deletes expired keys; returns how many.
+/// Deletes up to 10,000 expired keys (one short statement, however many expired); returns how
+/// many. Expired keys are already ignored when read: this only keeps the table small.
 pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("delete from idempotency_keys where expires_at <= now()")
-            .execute(conn)
-            .await?
-            .rows_affected(),
+    let pruned = sqlx::query(
+        "delete from idempotency_keys where (scope, key) in (
+             select scope, key from idempotency_keys where expires_at <= now() limit 10000
+         )",
     )
+    .execute(conn)
+    .await?;
+    Ok(pruned.rows_affected())
+}
+
+/// Prunes expired keys every `every` until `shutdown`; run by every worker process.
+pub async fn prune_periodically(pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let pruned = match pool.acquire().await {
+            Ok(mut conn) => prune_expired(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match pruned {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "pruned expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "pruning idempotency keys failed"),
+        }
+    }
 }

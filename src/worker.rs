@@ -35,9 +35,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut registry = crate::jobs::registry(config.worker.batch_size);
     crate::settlement::job::register(&mut registry, &config);
+    let keys = tokio::spawn(crate::idempotency::prune_periodically(
+        pool.clone(),
+        Duration::from_secs(60),
+        shutdown.clone(),
+    ));
     Worker::new(pool.clone(), settings(&config.worker), registry)
         .run(shutdown)
         .await;
+    let _ = keys.await;
     pool.close().await;
     Ok(())
 }

@@ -1,0 +1,98 @@
+//! Retention: finished jobs past their age and expired idempotency keys are deleted; live jobs,
+//! recent jobs and live keys are not; only one worker prunes jobs at a time.
+
+mod common;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
+    let config = common::test_config(&[]);
+    let pool = common::migrated_pool(&config).await;
+    // Two old finished jobs, one recent finished job, one old job still queued.
+    sqlx::query(
+        "insert into jobs (kind, args, state, finished_at, created_at) values
+             ('noop', '{}', 'completed', now() - interval '10 days', now() - interval '10 days'),
+             ('noop', '{}', 'failed', now() - interval '9 days', now() - interval '9 days'),
+             ('noop', '{}', 'cancelled', now() - interval '1 hour', now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("insert into jobs (kind, args, created_at) values ('noop', '{}', now() - interval '30 days')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+
+    // While another session holds the pruner's lock, this worker prunes nothing.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(6806942347142627329)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        settle_workers::retention::prune(&mut conn, week)
+            .await
+            .unwrap(),
+        0
+    );
+    holder.rollback().await.unwrap();
+
+    assert_eq!(
+        settle_workers::retention::prune(&mut conn, week)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(count(&pool, "select count(*) from jobs").await, 2);
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from jobs where state in ('queued', 'cancelled')"
+        )
+        .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
+    let config = common::test_config(&[]);
+    let pool = common::migrated_pool(&config).await;
+    sqlx::query(
+        "insert into idempotency_keys (scope, key, request, response_status, response_body, expires_at)
+         values ('orders', 'old', '{}', 201, '{}', now() - interval '1 second'),
+                ('orders', 'live', '{}', 201, '{}', now() + interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        settle::idempotency::prune_expired(&mut conn).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from idempotency_keys where key = 'live'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "select count(*) from idempotency_keys").await,
+        1
+    );
+}

@@ -1,0 +1,83 @@
+//! `settle seed`: the same arguments and seed load the same rows, within the asked shape, and
+//! leave the table analyzed.
+
+mod common;
+
+use settle::seed::{self, SeedArgs};
+use sqlx::PgPool;
+
+fn args(seed: u64) -> SeedArgs {
+    SeedArgs {
+        products: 2,
+        transactions: 120_000,
+        days: 7,
+        merchants: 40,
+        seed,
+        connections: 2,
+        quiet: true,
+        ..SeedArgs::demo()
+    }
+}
+
+async fn seeded(seed: u64) -> PgPool {
+    let pool = common::migrated_pool(&common::test_config(&[])).await;
+    seed::run(&pool, &args(seed)).await.expect("seed loads");
+    pool
+}
+
+async fn fingerprint(pool: &PgPool) -> String {
+    sqlx::query_scalar(
+        "select md5(string_agg(concat_ws(',', id, merchant_id, amount_cents, fee_cents, status,
+                                         paid_at), ';' order by id))
+         from transactions",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_same_seed_loads_the_same_rows_in_the_asked_shape() {
+    let (a, b, other) = (seeded(7).await, seeded(7).await, seeded(8).await);
+    assert_eq!(fingerprint(&a).await, fingerprint(&b).await);
+    assert_ne!(fingerprint(&a).await, fingerprint(&other).await);
+
+    let (rows, merchants, first, last, max_id): (i64, i64, String, String, i64) = sqlx::query_as(
+        "select count(*), count(distinct merchant_id),
+                min(paid_at at time zone 'UTC')::date::text,
+                max(paid_at at time zone 'UTC')::date::text, max(id)
+         from transactions",
+    )
+    .fetch_one(&a)
+    .await
+    .unwrap();
+    assert_eq!((rows, max_id), (120_000, 120_000));
+    assert!(merchants <= 40 && merchants > 30, "{merchants}");
+    assert_eq!(
+        (first.as_str(), last.as_str()),
+        ("2025-01-01", "2025-01-07")
+    );
+    let products: i64 = sqlx::query_scalar("select count(*) from products")
+        .fetch_one(&a)
+        .await
+        .unwrap();
+    assert_eq!(products, 2);
+    // ANALYZE writes reltuples into pg_class in its own transaction (the statistics views are
+    // updated asynchronously); a table never analyzed or vacuumed has -1.
+    let analyzed: bool = sqlx::query_scalar(
+        "select reltuples > 100000 from pg_class where oid = 'transactions'::regclass",
+    )
+    .fetch_one(&a)
+    .await
+    .unwrap();
+    assert!(analyzed, "seed leaves the transactions analyzed");
+
+    // A second load appends after the first, with fresh ids.
+    seed::run(&a, &args(9)).await.unwrap();
+    let (rows, distinct_ids): (i64, i64) =
+        sqlx::query_as("select count(*), count(distinct id) from transactions")
+            .fetch_one(&a)
+            .await
+            .unwrap();
+    assert_eq!((rows, distinct_ids), (240_000, 240_000));
+}
