@@ -179,9 +179,10 @@ async fn raw_phase(config: &Config, pool: &PgPool, args: &QueueArgs) -> anyhow::
         let raw = raw.clone();
         tasks.push(tokio::spawn(async move {
             let owner = format!("raw-{task}");
+            let kinds = ["noop".to_owned()];
             let mut conn = raw.acquire().await?;
             loop {
-                let jobs = claim::claim(&mut conn, &owner, batch, lease).await?;
+                let jobs = claim::claim(&mut conn, &owner, batch, lease, &kinds).await?;
                 if jobs.is_empty() {
                     return anyhow::Ok(());
                 }

@@ -30,24 +30,28 @@ pub struct ClaimedJob {
     pub cancel_requested: bool,
 }
 
-/// Claims up to `limit` jobs for `owner`: expired leases first (they are late already), then
-/// due queued jobs by priority. Rows locked by another claimer are skipped, never waited on.
+/// Claims up to `limit` jobs of `kinds` for `owner`: expired leases first (they are late
+/// already), then due queued jobs by priority. Rows locked by another claimer are skipped, never
+/// waited on. Only kinds this worker can run are claimed, so during a rolling deploy an older
+/// worker leaves a new kind's jobs to the workers that know it instead of failing them.
 pub async fn claim(
     conn: &mut PgConnection,
     owner: &str,
     limit: i64,
     lease: Duration,
+    kinds: &[String],
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as(
         "with expired as (
              select id from jobs
              where state in ('running', 'cancelling') and lease_expires_at < now()
+               and kind = any($4)
              order by lease_expires_at
              limit $2
              for update skip locked
          ), due as (
              select id from jobs
-             where state = 'queued' and run_at <= now()
+             where state = 'queued' and run_at <= now() and kind = any($4)
              order by priority desc, run_at, id
              limit $2
              for update skip locked
@@ -69,6 +73,7 @@ pub async fn claim(
     .bind(owner)
     .bind(limit)
     .bind(lease.as_millis() as f64)
+    .bind(kinds)
     .fetch_all(conn)
     .await
 }

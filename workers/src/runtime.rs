@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub control: PgPool,
     pub settings: WorkerSettings,
     pub registry: Registry,
+    /// The registered kinds: the only ones this worker claims.
+    pub kinds: Vec<String>,
     /// This worker's name, stored as `lease_owner`.
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
@@ -99,6 +101,12 @@ impl Worker {
             pool: self.pool,
             control,
             settings: self.settings,
+            kinds: self
+                .registry
+                .kinds()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             registry: self.registry,
             owner: self.owner,
             held: Mutex::new(HashMap::new()),
@@ -167,7 +175,8 @@ async fn claim_loop(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         };
         let claimed = match shared.control.acquire().await {
             Ok(mut conn) => {
-                claim::claim(&mut conn, &shared.owner, free as i64, settings.lease).await
+                let kinds = &shared.kinds;
+                claim::claim(&mut conn, &shared.owner, free as i64, settings.lease, kinds).await
             }
             Err(e) => Err(e),
         };
