@@ -205,3 +205,39 @@ async fn orders_list_newest_first_with_a_keyset_cursor() {
         .await;
     assert_eq!(ids(&p0).len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_abandoned_while_queued_is_not_placed() {
+    let app = common::spawn_app_with(&[("http.request_timeout_ms", json!(300))]).await;
+    let product = app.product(10, 100).await;
+    // Hold the product's row so the first coalesced batch waits and the next order queues.
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = $1 for update")
+        .bind(product)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let order = |buyer: &str| json!({"product_id": product, "quantity": 1, "buyer_id": buyer});
+    let first = {
+        let (http, url, body) = (
+            app.http.clone(),
+            app.url("/api/v1/orders"),
+            order("in-flight"),
+        );
+        tokio::spawn(async move { http.post(url).json(&body).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, body) = app.post("/api/v1/orders", &order("queued")).await;
+    assert_eq!(status, 503, "the queued order timed out: {body}");
+    assert_eq!(first.await.unwrap(), 503);
+    holder.rollback().await.unwrap();
+    // The in-flight batch completes once the row is free; the abandoned queued order is dropped.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let buyers: Vec<String> = sqlx::query_scalar("select buyer_id from orders order by id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(buyers, ["in-flight"]);
+    let (_, product) = app.get(&format!("/api/v1/products/{product}")).await;
+    assert_eq!(product["stock"], 9);
+}

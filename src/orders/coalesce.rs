@@ -134,7 +134,13 @@ async fn run_product(
     }
 }
 
-async fn place_batch(pool: &PgPool, product_id: i64, batch: Vec<Pending>) {
+async fn place_batch(pool: &PgPool, product_id: i64, mut batch: Vec<Pending>) {
+    // A buyer whose request was abandoned while queued (timed out, disconnected) gets no order:
+    // nobody would learn it was placed.
+    batch.retain(|pending| !pending.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     let orders: Vec<&NewOrder> = batch.iter().map(|p| &p.order).collect();
     match place_all(pool, product_id, &orders).await {
         Ok(outcomes) => {
