@@ -113,7 +113,8 @@ pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<sqlx::PgPool
     if migrate && db::create_database_if_missing(&config.database.url).await? {
         tracing::info!(url = %db::redact(&config.database.url), "created database");
     }
-    let pool = db::connect(&config.database).await?;
+    let lease = std::time::Duration::from_millis(config.worker.lease_ms);
+    let pool = db::connect(&config.database, db::idle_in_transaction_timeout(lease)).await?;
     if migrate {
         db::migrate(&pool).await?;
     } else {

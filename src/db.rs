@@ -14,9 +14,15 @@ use crate::config::DatabaseConfig;
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// A session frozen inside a transaction (a paused process, a stalled VM) is ended by Postgres
-/// after this long, releasing its row locks so a job it held can be reclaimed. It stays below
-/// any sensible lease so a frozen worker never pins a job past its lease.
-pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
+/// after at most this long, releasing its row locks so a job it held can be reclaimed; the pool
+/// of a process uses half its lease when that is shorter ([`idle_in_transaction_timeout`]), so
+/// a frozen worker never pins a job past its lease.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The idle-in-transaction timeout for a process whose jobs hold `lease`.
+pub fn idle_in_transaction_timeout(lease: Duration) -> Duration {
+    IDLE_IN_TRANSACTION_TIMEOUT.min(lease / 2)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -43,21 +49,31 @@ pub enum DbError {
 
 /// Parses the configured URL into connect options with settle's session settings.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
+    connect_options_with(url, IDLE_IN_TRANSACTION_TIMEOUT)
+}
+
+/// [`connect_options`] with the given idle-in-transaction timeout.
+pub fn connect_options_with(
+    url: &str,
+    idle_in_transaction: Duration,
+) -> Result<PgConnectOptions, DbError> {
     let options = PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+    let idle_ms = idle_in_transaction.as_millis().max(1).to_string();
     Ok(options
         .application_name("settle")
-        .options([(
-            "idle_in_transaction_session_timeout",
-            IDLE_IN_TRANSACTION_TIMEOUT,
-        )])
+        .options([("idle_in_transaction_session_timeout", idle_ms.as_str())])
         .log_statements(tracing::log::LevelFilter::Trace)
         // Settlement batches legitimately run for seconds under load; warn only past 30 s.
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(30)))
 }
 
 /// Opens the pool for `config`, failing fast with the URL (without password) if unreachable.
-pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
-    let options = connect_options(&config.url)?;
+/// Sessions frozen inside a transaction are ended after `idle_in_transaction`.
+pub async fn connect(
+    config: &DatabaseConfig,
+    idle_in_transaction: Duration,
+) -> Result<PgPool, DbError> {
+    let options = connect_options_with(&config.url, idle_in_transaction)?;
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))

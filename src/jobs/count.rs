@@ -1,6 +1,6 @@
 //! The `count` job: a long job in checkpointed batches, the shape settlement will have.
 //!
-//! Args `{"upto": n, "batch": b?, "sleep_ms": s?}`. Each batch counts the rows of
+//! Args `{"upto": n, "batch": b?, "sleep_ms": s?, "hold_ms": h?}`. Each batch counts the rows of
 //! `generate_series(next, next + b - 1)` and adds them to the job's `queue_probe_counts` row in
 //! the same transaction that moves the checkpoint to the next start, so however often the job
 //! is killed and resumed, the final count is exactly `n` and `batches` is exactly ⌈n / b⌉; a
@@ -18,6 +18,10 @@ struct Args {
     /// Pause after each batch, to make the job long enough to kill in tests.
     #[serde(default)]
     sleep_ms: u64,
+    /// Pause inside each batch's transaction, after its write and before its commit, so a test
+    /// can freeze the worker while its session is idle in a transaction holding row locks.
+    #[serde(default)]
+    hold_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +61,9 @@ pub async fn run(mut ctx: JobContext, default_batch: i64) -> JobResult {
         .bind(counted)
         .execute(batch.conn())
         .await?;
+        if args.hold_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.hold_ms)).await;
+        }
         next = last + 1;
         batch
             .commit(&Checkpoint { next }, last, Some(args.upto))

@@ -1,0 +1,102 @@
+//! A worker frozen in the middle of a transaction (SIGSTOP while its session is idle in a
+//! transaction holding the job's row locks) does not keep the job from being finished: Postgres
+//! ends the frozen transaction after `idle_in_transaction_session_timeout` (below the lease),
+//! another worker reclaims the job when the lease expires and finishes it exactly, and the
+//! frozen worker, once resumed, writes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for, wait_state};
+use common::{migrated_pool, test_config};
+use nix::sys::signal::Signal;
+use serde_json::json;
+use sqlx::PgPool;
+
+async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
+    sqlx::query_as("select counted, batches from queue_probe_counts where job_id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or((0, 0))
+}
+
+/// True while some session of this database is idle in a transaction (the frozen batch).
+async fn idle_in_transaction(pool: &PgPool) -> bool {
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_stat_activity
+                        where datname = current_database() and state = 'idle in transaction')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
+    let config = test_config(&[
+        ("worker.lease_ms", json!(10_000)),
+        ("worker.heartbeat_ms", json!(1000)),
+        ("worker.poll_interval_ms", json!(200)),
+    ]);
+    let pool = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    // Each batch holds its transaction open for 1.5 s after writing the job's count row.
+    let id = enqueue(
+        &pool,
+        "count",
+        json!({"upto": 40, "batch": 5, "hold_ms": 1500}),
+        5,
+    )
+    .await;
+    let mut frozen = WorkerProcess::start(&config);
+    wait_for(Duration::from_secs(60), "a batch in progress", || async {
+        let (rows, _) = counted(&pool, id).await;
+        (rows >= 5 && idle_in_transaction(&pool).await).then_some(())
+    })
+    .await;
+    frozen.signal(Signal::SIGSTOP);
+    let before = counted(&pool, id).await;
+
+    // Another worker takes the job once the lease expires; without the session timeout its
+    // first batch would wait forever on the count row the frozen transaction holds.
+    let _rescuer = WorkerProcess::start(&config);
+    wait_state(&pool, id, "completed").await;
+    assert_eq!(counted(&pool, id).await, (40, 8), "exact after the rescue");
+    assert!(
+        !idle_in_transaction(&pool).await,
+        "the frozen transaction was ended"
+    );
+    assert!(
+        before.0 < 40,
+        "the job was really mid-way when frozen: {before:?}"
+    );
+
+    frozen.signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        counted(&pool, id).await,
+        (40, 8),
+        "the resumed worker wrote nothing"
+    );
+    assert!(
+        frozen.is_running(),
+        "the frozen worker survives: {}",
+        frozen.log_text()
+    );
+}
+
+#[tokio::test]
+async fn sessions_end_frozen_transactions_before_the_lease_expires() {
+    for (lease_ms, expected) in [(10_000, "5s"), (2000, "1s")] {
+        let config = test_config(&[("worker.lease_ms", json!(lease_ms))]);
+        let pool = migrated_pool(&config).await;
+        let setting: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(setting, expected, "lease {lease_ms} ms");
+    }
+}
