@@ -91,7 +91,10 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
 #[tokio::test]
 async fn sessions_end_frozen_transactions_before_the_lease_expires() {
     for (lease_ms, expected) in [(10_000, "5s"), (2000, "1s")] {
-        let config = test_config(&[("worker.lease_ms", json!(lease_ms))]);
+        let config = test_config(&[
+            ("worker.lease_ms", json!(lease_ms)),
+            ("worker.heartbeat_ms", json!(500)),
+        ]);
         let pool = migrated_pool(&config).await;
         let setting: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")
             .fetch_one(&pool)
