@@ -111,7 +111,7 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
     if exists {
         return Ok(false);
     }
-    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let quoted = quote_ident(&name);
     // The name is quoted as an identifier above; CREATE DATABASE takes no parameters.
     match sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
         .execute(&mut conn)
@@ -154,6 +154,12 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
         0 => Ok(()),
         pending => Err(DbError::NotMigrated { pending }),
     }
+}
+
+/// `name` as a quoted SQL identifier, for the statements that take no parameters (CREATE and
+/// DROP DATABASE).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// The URL with any password replaced, for messages and logs.

@@ -85,7 +85,13 @@ fn bad_configuration_names_the_key() {
 }
 
 #[tokio::test]
-async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm() {
+async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm_and_sigint() {
+    for signal in ["-TERM", "-INT"] {
+        serve_then_signal(signal).await;
+    }
+}
+
+async fn serve_then_signal(signal: &str) {
     let url = fresh_url();
     assert!(settle(&url).arg("migrate").status().unwrap().success());
     let mut child = tokio::process::Command::from(settle(&url))
@@ -110,14 +116,14 @@ async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm() {
     let pid = child.id().unwrap().to_string();
     assert!(
         Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .unwrap()
             .success()
     );
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
-        .expect("exits within 30 s of SIGTERM")
+        .expect("exits within 30 s of the signal")
         .unwrap();
-    assert!(status.success(), "graceful exit: {status}");
+    assert!(status.success(), "graceful exit on {signal}: {status}");
 }

@@ -8,20 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for, wait_state};
+use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for, wait_state};
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use sqlx::PgPool;
-
-async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
-    sqlx::query_as("select counted, batches from queue_probe_counts where job_id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .unwrap_or((0, 0))
-}
 
 /// True while some session of this database is idle in a transaction (the frozen batch).
 async fn idle_in_transaction(pool: &PgPool) -> bool {

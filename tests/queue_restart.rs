@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::cluster::Cluster;
-use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for};
+use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle_workers::NewJob;
@@ -138,13 +138,7 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
 
     // Exact: a batch counted twice (a resume from an older checkpoint) would count more, a
     // batch skipped less.
-    let (counted, batches): (i64, i32) =
-        sqlx::query_as("select counted, batches from queue_probe_counts where job_id = $1")
-            .bind(count)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((counted, batches), (1200, 120));
+    assert_eq!(counted(&pool, count).await, (1200, 120));
     assert_eq!(processed(&pool, count).await, 1200);
     // One effect row per small job (the primary key refuses a second), from its first attempt.
     let (effects, ours, reruns): (i64, i64, i64) = sqlx::query_as(

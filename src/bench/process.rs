@@ -32,7 +32,7 @@ pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
         "refusing to drop {name}: benchmark databases are named settle_bench*"
     );
     let mut conn = sqlx::PgConnection::connect_with(&options.database("postgres")).await?;
-    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let quoted = crate::db::quote_ident(&name);
     // An identifier, quoted above: DROP DATABASE takes no parameters.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {quoted} with (force)"

@@ -154,6 +154,16 @@ pub async fn enqueue(pool: &PgPool, kind: &str, args: serde_json::Value, max_att
     .expect("enqueue")
 }
 
+/// (counted, batches) of a count job's effect row; (0, 0) before its first batch.
+pub async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
+    sqlx::query_as("select counted, batches from queue_probe_counts where job_id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or((0, 0))
+}
+
 /// Creates the probe tables the test job kinds write to.
 pub async fn probe_tables(pool: &PgPool) {
     settle::jobs::create_probe_tables(pool)
