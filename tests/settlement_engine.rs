@@ -169,10 +169,27 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     store(&db.pool, &rows).await;
     db.run(1, range("2025-01-01", "2025-01-04")).await;
     let first = settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await;
+    // Rows an earlier run left that this one does not produce: inside the range they go,
+    // outside it they stay.
+    sqlx::query(
+        "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)
+         values ('gone', '2025-01-02', 5, 1, 4, 1, 0), ('kept', '2024-12-31', 5, 1, 4, 1, 0)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     db.run(2, range("2025-01-01", "2025-01-04")).await;
     assert_eq!(
         settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await,
         first
+    );
+    assert_eq!(
+        settlements(&db.pool, day("2024-12-31"), day("2024-12-31"))
+            .await
+            .into_keys()
+            .collect::<Vec<_>>(),
+        [("kept".to_owned(), day("2024-12-31"))]
     );
     // An overlapping later range replaces the shared days and keeps the others.
     let more = support::random_transactions(5, 500, 4, 6);

@@ -37,7 +37,7 @@ pub struct SettlementBenchArgs {
     #[arg(long)]
     pub parts: Option<u32>,
     /// Job-and-statement pairs to run; the median ratio is the figure.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub runs: u32,
     /// Database the benchmark uses (created if missing; its transactions are reused).
     #[arg(long, default_value = "settle_bench_settlement")]
@@ -146,6 +146,22 @@ async fn measure(
     config: &Config,
 ) -> anyhow::Result<Measured> {
     let (job_id, job_seconds) = run_job(pool, api, range).await?;
+    // The worker vacuums after the job completes; the statement's time must not share the
+    // machine with it.
+    let quiet = Instant::now();
+    while sqlx::query_scalar::<_, bool>(
+        "select exists (select 1 from pg_stat_activity
+                        where query ilike 'vacuum%' and state = 'active')",
+    )
+    .fetch_one(pool)
+    .await?
+    {
+        anyhow::ensure!(
+            quiet.elapsed() < Duration::from_secs(60),
+            "vacuum still running"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let file = std::env::temp_dir().join(format!("settle-bench-statement-{job_id}.csv"));
     let statement_seconds = single_statement(pool, range, zone, &file).await?;
     let job_csv = crate::settlement::csv::final_path(&config.settlement.results_dir, job_id);
@@ -153,7 +169,11 @@ async fn measure(
     if same_csv {
         let _ = tokio::fs::remove_file(&file).await;
     } else {
-        eprintln!("kept {} to compare with {}", file.display(), job_csv.display());
+        eprintln!(
+            "kept {} to compare with {}",
+            file.display(),
+            job_csv.display()
+        );
     }
     Ok(Measured {
         job_id,
@@ -253,7 +273,7 @@ async fn single_statement(
                from transactions
                where status = 'PAID' and {day} between '{}' and '{}'
                group by merchant_id, {day}
-               order by merchant_id, {day})
+               order by merchant_id collate \"C\", {day})
          to stdout with (format csv, header)",
         range.from(),
         range.to()

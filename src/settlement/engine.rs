@@ -185,8 +185,7 @@ pub async fn finalize(
 ) -> Result<StagedCsv, SettleError> {
     store::set_local_tuning(tx).await?;
     store::lock_settlements(tx).await?;
-    store::delete_settlements(tx, plan.range()).await?;
-    store::insert_settlements(tx, plan.run.job_id)
+    store::replace_settlements(tx, plan.run.job_id, plan.range())
         .await
         .map_err(overflow)?;
     let staged = StagedCsv::write(

@@ -135,6 +135,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     if completed.is_err() {
         // Not COMPLETED after all: never leave a file for a job that is not.
         let _ = tokio::fs::remove_file(&published).await;
+    } else if let Err(e) = store::vacuum_after_replace(ctx.pool()).await {
+        tracing::warn!(job = job_id, error = %e, "vacuum after settlement failed");
     }
     completed
 }
