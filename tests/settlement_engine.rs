@@ -39,8 +39,9 @@ fn range(from: &str, to: &str) -> DateRange {
 
 impl Db {
     async fn start(&self, job: i64, range: DateRange) -> Plan {
+        let bounds = engine::input_bounds(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
-        let plan = engine::start(&mut tx, job, range, &self.settings, 0)
+        let plan = engine::start(&mut tx, job, range, &self.settings, 0, bounds)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -352,8 +353,9 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let db = db("UTC", 2, 10).await;
     store(&db.pool, &support::random_transactions(8, 100, 2, 2)).await;
     let range = range("2025-01-01", "2025-01-02");
+    let bounds = engine::input_bounds(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    engine::start(&mut tx, 5, range, &db.settings, 1)
+    engine::start(&mut tx, 5, range, &db.settings, 1, bounds)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -368,7 +370,7 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let settings = db.settings.clone();
     let reclaim = tokio::spawn(async move {
         let mut tx = pool.begin().await.unwrap();
-        engine::start(&mut tx, 5, range, &settings, 2)
+        engine::start(&mut tx, 5, range, &settings, 2, bounds)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -420,5 +422,46 @@ async fn gaps_in_the_ids_are_skipped_and_counted_right() {
     assert_eq!(
         csv(&path),
         reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::UTC)
+    );
+}
+
+#[tokio::test]
+async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
+    let db = db("UTC", 2, 10).await;
+    let rows = support::random_transactions(10, 2, 1, 1);
+    // The first insert draws the lower id and stays open; the second commits a higher one.
+    let mut open = db.pool.begin().await.unwrap();
+    settle::settlement::transactions::insert_all(&mut open, &rows[..1])
+        .await
+        .unwrap();
+    store(&db.pool, &rows[1..]).await;
+    let pool = db.pool.clone();
+    let bounds = tokio::spawn(async move { engine::input_bounds(&pool).await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !bounds.is_finished(),
+        "the high-water mark waits for the insert in flight"
+    );
+    open.commit().await.unwrap();
+    let bounds = bounds.await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let plan = engine::start(
+        &mut tx,
+        1,
+        range("2025-01-01", "2025-01-01"),
+        &db.settings,
+        0,
+        bounds,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(plan.run.total, 2, "the total counts the row committed late");
+    let plan = db.batches(&plan, None).await;
+    assert_eq!(plan.processed(), 2);
+    let path = db.finalize(&plan).await.unwrap();
+    assert_eq!(
+        csv(&path),
+        reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC)
     );
 }

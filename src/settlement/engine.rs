@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use super::csv::{self, StagedCsv};
 use super::store::{self, Part, Run};
@@ -58,16 +58,33 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
     Ok(created || stale)
 }
 
-/// Fixes the job's input the first time it runs (high-water id, true total, `parts` disjoint
-/// id sub-ranges) and returns it; on any later run returns what was fixed then, with each
-/// part's committed cursor. Either way the run now belongs to the claim `fence` (see
-/// [`store::lock_run`]): part batches of an earlier owner stop landing.
+/// `(min id - 1, max id)` of the transactions committed now, taken once no insert is in
+/// flight: an insert still open holds ids it drew from the sequence, possibly below another
+/// insert's committed ones, and committing later it would land under the high-water mark
+/// after the job counted its total. Waiting for such inserts (a SHARE lock on `transactions`,
+/// queued behind them) and releasing at once (its own short transaction, on its own
+/// connection) closes that window: any insert after it draws ids above the mark. Inserts
+/// arriving meanwhile wait only for those in flight, not for the job.
+pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    store::wait_for_inserts_in_flight(&mut tx).await?;
+    let bounds = store::id_bounds(&mut tx).await?;
+    tx.commit().await?;
+    Ok(bounds)
+}
+
+/// Fixes the job's input the first time it runs (the transactions in `bounds` from
+/// [`input_bounds`], their true total, `parts` disjoint id sub-ranges) and returns it; on any
+/// later run returns what was fixed then, with each part's committed cursor. Either way the run
+/// now belongs to the claim `fence` (see [`store::lock_run`]): part batches of an earlier owner
+/// stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
     range: DateRange,
     settings: &Settings,
     fence: i64,
+    (lo, hi): (i64, i64),
 ) -> Result<Plan, sqlx::Error> {
     if let Some(run) = store::get_run(tx, job_id).await? {
         store::set_run_fence(tx, job_id, fence).await?;
@@ -82,7 +99,6 @@ pub async fn start(
         );
     }
     refresh_statistics(tx, settings.zone).await?;
-    let (lo, hi) = store::id_bounds(tx).await?;
     let run = Run {
         job_id,
         from_date: range.from(),

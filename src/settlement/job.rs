@@ -95,10 +95,12 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
 async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> JobResult {
     let job_id = ctx.id();
     let started = std::time::Instant::now();
+    // Used only if this is the job's first start; a resumed job keeps its stored input.
+    let bounds = engine::input_bounds(ctx.pool()).await?;
     let mut batch = ctx.begin().await?;
     // The commit below is fenced, so if it lands this was our claim's counter.
     let fence = store::job_fence(batch.conn(), job_id).await?;
-    let plan = engine::start(batch.conn(), job_id, range, settings, fence).await?;
+    let plan = engine::start(batch.conn(), job_id, range, settings, fence, bounds).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     batch
         .commit(&checkpoint, plan.processed(), Some(plan.run.total))

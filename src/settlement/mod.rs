@@ -2,8 +2,9 @@
 //! zone) into the `settlements` table and a CSV, as a job that survives crashes exactly.
 //!
 //! A job runs in four steps, each a small function in [`engine`]:
-//! 1. [`engine::start`] fixes its input once (an id high-water mark and a true total, after
-//!    refreshing stale statistics) and splits the id range into disjoint parts;
+//! 1. [`engine::start`] fixes its input once (an id high-water mark from
+//!    [`engine::input_bounds`] and a true total, after refreshing stale statistics) and splits
+//!    the id range into disjoint parts;
 //! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
 //!    into one row of partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;

@@ -113,6 +113,19 @@ pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<()
     Ok(())
 }
 
+/// Waits until every transaction inserting into `transactions` when this is called has ended
+/// (a SHARE lock queues behind their ROW EXCLUSIVE ones); held until the caller's transaction
+/// ends. Gives up after 30 s (SQLSTATE 55P03), e.g. behind a long `settle seed`.
+pub async fn wait_for_inserts_in_flight(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('lock_timeout', '30s', true)")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("lock table transactions in share mode")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// `(min id - 1, max id)` of the transactions present now: the job's input is `(lo, hi]`.
 pub async fn id_bounds(conn: &mut PgConnection) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as("select coalesce(min(id) - 1, 0), coalesce(max(id), 0) from transactions")
