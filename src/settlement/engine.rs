@@ -58,19 +58,27 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
     Ok(created || stale)
 }
 
-/// `(min id - 1, max id)` of the transactions committed now, taken once no insert is in
-/// flight: an insert still open holds ids it drew from the sequence, possibly below another
-/// insert's committed ones, and committing later it would land under the high-water mark
-/// after the job counted its total. Waiting for such inserts (a SHARE lock on `transactions`,
-/// queued behind them) and releasing at once (its own short transaction, on its own
-/// connection) closes that window: any insert after it draws ids above the mark. Inserts
-/// arriving meanwhile wait only for those in flight, not for the job.
+/// How often [`input_bounds`] looks whether the inserts it waits for have ended.
+const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// `(lo, hi]`, the ids of the job's input: `hi` the highest committed id, `lo` just below the
+/// lowest, returned once no row below `hi` can still commit. An insert in flight holds ids it drew from the sequence,
+/// possibly below ids another insert already committed; committing after the job counted its
+/// total, it would land under the mark uncounted. Any such insert was open when the mark was
+/// read, so it is among the transactions holding a write lock on `transactions` just after:
+/// this waits until those have ended (as `CREATE INDEX CONCURRENTLY` waits for lockers).
+/// Inserts that start later draw ids above the mark. Nobody waits for the job: unlike a table
+/// lock, this never holds up an insert, even behind a long bulk load.
 pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    store::wait_for_inserts_in_flight(&mut tx).await?;
-    let bounds = store::id_bounds(&mut tx).await?;
-    tx.commit().await?;
-    Ok(bounds)
+    let mut conn = pool.acquire().await?;
+    let hi = store::max_id(&mut conn).await?;
+    let writers = store::transaction_writers(&mut conn).await?;
+    while store::any_running(&mut conn, &writers).await? {
+        tokio::time::sleep(INSERT_POLL).await;
+    }
+    // Read after the wait: the lowest id may have been one of those in flight.
+    let lo = store::id_before(&mut conn, hi).await?;
+    Ok((lo, hi))
 }
 
 /// Fixes the job's input the first time it runs (the transactions in `bounds` from

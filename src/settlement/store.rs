@@ -113,22 +113,45 @@ pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<()
     Ok(())
 }
 
-/// Waits until every transaction inserting into `transactions` when this is called has ended
-/// (a SHARE lock queues behind their ROW EXCLUSIVE ones); held until the caller's transaction
-/// ends. Gives up after 30 s (SQLSTATE 55P03), e.g. behind a long `settle seed`.
-pub async fn wait_for_inserts_in_flight(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select set_config('lock_timeout', '30s', true)")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("lock table transactions in share mode")
-        .execute(conn)
-        .await?;
-    Ok(())
+/// The virtual transaction ids of the other sessions holding a lock on `transactions` that
+/// allows writing (an insert takes ROW EXCLUSIVE before it draws an id).
+pub async fn transaction_writers(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select distinct virtualtransaction from pg_locks
+         where relation = 'transactions'::regclass and granted and pid <> pg_backend_pid()
+           and mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                        'AccessExclusiveLock')",
+    )
+    .fetch_all(conn)
+    .await
 }
 
-/// `(min id - 1, max id)` of the transactions present now: the job's input is `(lo, hi]`.
-pub async fn id_bounds(conn: &mut PgConnection) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as("select coalesce(min(id) - 1, 0), coalesce(max(id), 0) from transactions")
+/// True while any of the virtual transactions `vxids` is still running (each holds the lock on
+/// its own virtual xid until it ends).
+pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bool, sqlx::Error> {
+    if vxids.is_empty() {
+        return Ok(false);
+    }
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_locks
+                        where locktype = 'virtualxid' and virtualxid = any($1))",
+    )
+    .bind(vxids)
+    .fetch_one(conn)
+    .await
+}
+
+/// The highest committed transaction id, 0 when there are none.
+pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(max(id), 0) from transactions")
+        .fetch_one(conn)
+        .await
+}
+
+/// The id just below the lowest committed one up to `hi` (`hi` itself when there is none).
+pub async fn id_before(conn: &mut PgConnection, hi: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(min(id) - 1, $1) from transactions where id <= $1")
+        .bind(hi)
         .fetch_one(conn)
         .await
 }

@@ -49,11 +49,10 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 40001 serialization_failure, 40P01 deadlock_detected, 08* connection exceptions,
             // 57P01-03 admin shutdown / crash shutdown / cannot connect now (pg_terminate_backend,
-            // restarts), 25P03 idle_in_transaction_session_timeout, 55P03 lock_not_available
-            // (a lock_timeout: whoever held the lock may be gone next time).
+            // restarts), 25P03 idle_in_transaction_session_timeout.
             matches!(
                 &*code,
-                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "25P03" | "55P03"
+                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "25P03"
             ) || code.starts_with("08")
         }),
         _ => false,
