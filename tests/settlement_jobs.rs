@@ -397,3 +397,51 @@ async fn a_new_settlement_clears_the_working_rows_of_jobs_that_gave_up() {
         assert_eq!(left, 0, "{table} rows of the failed job remain");
     }
 }
+
+#[tokio::test]
+async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
+    let h = harness(&[]).await;
+    let rows = support::random_transactions(14, 3, 1, 1);
+    support::store(&h.app.pool, &rows[1..]).await;
+    // An insert left open (a stalled client, a bulk load): the job's input waits for it.
+    let mut open = h.app.pool.begin().await.unwrap();
+    settle::settlement::transactions::insert_all(&mut open, &rows[..1])
+        .await
+        .unwrap();
+    let range = json!({"from": "2025-01-01", "to": "2025-01-01"});
+    let (_, body, _) = post_job(&h.app, &range, None).await;
+    let waiting = body["job_id"].as_i64().unwrap();
+    wait_state(&h.app, waiting, "running").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (state, total): (String, Option<i64>) =
+        sqlx::query_as("select state::text, total from jobs where id = $1")
+            .bind(waiting)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), total),
+        ("running", None),
+        "the input is not fixed while the insert is open"
+    );
+    let mut conn = h.app.pool.acquire().await.unwrap();
+    settle_workers::request_cancel(&mut conn, waiting)
+        .await
+        .unwrap();
+    wait_state(&h.app, waiting, "cancelled").await;
+    // Once the insert commits, the next job's input and result include its row.
+    open.commit().await.unwrap();
+    let (_, body, _) = post_job(&h.app, &range, None).await;
+    let id = body["job_id"].as_i64().unwrap();
+    wait_state(&h.app, id, "completed").await;
+    let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
+        .bind(id)
+        .fetch_one(&h.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 3);
+    assert_eq!(
+        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-01")).await,
+        reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC)
+    );
+}

@@ -83,7 +83,7 @@ pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
 
 /// Fixes the job's input the first time it runs (the transactions in `bounds` from
 /// [`input_bounds`], their true total, `parts` disjoint id sub-ranges) and returns it; on any
-/// later run returns what was fixed then, with each part's committed cursor. Either way the run
+/// later run ignores `bounds` and returns what was fixed then, with each part's committed cursor. Either way the run
 /// now belongs to the claim `fence` (see [`store::lock_run`]): part batches of an earlier owner
 /// stop landing.
 pub async fn start(

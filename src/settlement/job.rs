@@ -95,8 +95,19 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
 async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> JobResult {
     let job_id = ctx.id();
     let started = std::time::Instant::now();
-    // Used only if this is the job's first start; a resumed job keeps its stored input.
-    let bounds = engine::input_bounds(ctx.pool()).await?;
+    // Only a first start reads the input's bounds (waiting for inserts in flight, maybe behind a
+    // bulk load); a resumed job keeps its stored input and goes straight on.
+    let resumed = store::get_run(&mut *ctx.pool().acquire().await?, job_id)
+        .await?
+        .is_some();
+    let bounds = if resumed {
+        (0, 0)
+    } else {
+        tokio::select! {
+            bounds = engine::input_bounds(ctx.pool()) => bounds?,
+            () = ctx.token().cancelled() => return Err(JobError::Stopped),
+        }
+    };
     let mut batch = ctx.begin().await?;
     // The commit below is fenced, so if it lands this was our claim's counter.
     let fence = store::job_fence(batch.conn(), job_id).await?;
