@@ -328,7 +328,7 @@ async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
     let mut conn = db.pool.acquire().await.unwrap();
     // The activity counters are flushed asynchronously; wait until they show the load.
     for _ in 0..50 {
-        let (modified, _) = settle::settlement::store::transaction_statistics_age(&mut conn)
+        let (modified, _) = settle::settlement::input::transaction_statistics_age(&mut conn)
             .await
             .unwrap();
         if modified >= 20_000 {

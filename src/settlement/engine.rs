@@ -7,6 +7,7 @@ use std::path::Path;
 use sqlx::{PgConnection, PgPool};
 
 use super::csv::{self, StagedCsv};
+use super::input;
 use super::store::{self, Part, Run};
 use super::{DateRange, Settings, SettleError, Zone};
 
@@ -44,16 +45,16 @@ impl Plan {
 /// exist, and the table is analyzed if many rows changed since it last was (e.g. right after a
 /// bulk load, before autovacuum got to it). Returns whether it analyzed.
 pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<bool, sqlx::Error> {
-    let created = if store::statistics_exist(conn, &zone.statistics_name()).await? {
+    let created = if input::statistics_exist(conn, &zone.statistics_name()).await? {
         false
     } else {
-        store::create_statistics(conn, zone).await?;
+        input::create_statistics(conn, zone).await?;
         true
     };
-    let (modified, estimated) = store::transaction_statistics_age(conn).await?;
+    let (modified, estimated) = input::transaction_statistics_age(conn).await?;
     let stale = estimated < 0.0 || modified as f64 > STALE_MIN_ROWS.max(estimated * STALE_FRACTION);
     if created || stale {
-        store::analyze_transactions(conn).await?;
+        input::analyze_transactions(conn).await?;
     }
     Ok(created || stale)
 }
@@ -71,13 +72,13 @@ const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// lock, this never holds up an insert, even behind a long bulk load.
 pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let hi = store::max_id(&mut conn).await?;
-    let writers = store::transaction_writers(&mut conn).await?;
-    while store::any_running(&mut conn, &writers).await? {
+    let hi = input::max_id(&mut conn).await?;
+    let writers = input::transaction_writers(&mut conn).await?;
+    while input::any_running(&mut conn, &writers).await? {
         tokio::time::sleep(INSERT_POLL).await;
     }
     // Read after the wait: the lowest id may have been one of those in flight.
-    let lo = store::id_before(&mut conn, hi).await?;
+    let lo = input::id_before(&mut conn, hi).await?;
     Ok((lo, hi))
 }
 
@@ -113,7 +114,7 @@ pub async fn start(
         to_date: range.to(),
         time_zone: settings.zone.name().to_owned(),
         high_water_id: hi,
-        total: store::count_up_to(tx, hi).await?,
+        total: input::count_up_to(tx, hi).await?,
     };
     store::insert_run(tx, &run, fence).await?;
     let parts = split(lo, hi, settings.parts);

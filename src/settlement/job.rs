@@ -148,10 +148,16 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     if completed.is_err() {
         // Not COMPLETED after all: never leave a file for a job that is not.
         let _ = tokio::fs::remove_file(&published).await;
-    } else if let Err(e) = store::vacuum_after_replace(ctx.pool()).await {
+    } else if let Err(e) = vacuum(ctx.pool()).await {
         tracing::warn!(job = job_id, error = %e, "vacuum after settlement failed");
     }
     completed
+}
+
+/// The cleanup after a completion (see [`store::vacuum_after_replace`]); a failure is only
+/// logged, as the job is COMPLETED by then.
+async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
+    store::vacuum_after_replace(&mut *pool.acquire().await?).await
 }
 
 /// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are

@@ -16,6 +16,7 @@
 
 pub mod csv;
 pub mod engine;
+pub mod input;
 pub mod job;
 pub mod store;
 pub mod transactions;

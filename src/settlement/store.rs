@@ -1,5 +1,7 @@
-//! The SQL of settlement jobs: one small function per statement. Statements that group by the
-//! day carry the zone as a literal (see [`Zone::day_sql`]), hence the formatted strings.
+//! The SQL of a settlement job's own state (its run, parts, batch sums and fence) and of its
+//! output (`settlements`, the CSV's `COPY`): one small function per statement. Reads of its
+//! input, `transactions` as a whole, are in [`super::input`]. Statements that group by the day
+//! carry the zone as a literal (see [`Zone::day_sql`]), hence the formatted strings.
 
 use chrono::NaiveDate;
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -73,94 +75,6 @@ pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx:
         .execute(conn)
         .await?;
     Ok(())
-}
-
-/// `(rows changed since the last analyze, rows estimated)` of `transactions`; the estimate is
-/// negative when the table was never analyzed.
-pub async fn transaction_statistics_age(
-    conn: &mut PgConnection,
-) -> Result<(i64, f64), sqlx::Error> {
-    sqlx::query_as(
-        "select coalesce(s.n_mod_since_analyze, 0), c.reltuples::float8
-         from pg_class c left join pg_stat_user_tables s on s.relid = c.oid
-         where c.oid = 'transactions'::regclass",
-    )
-    .fetch_one(conn)
-    .await
-}
-
-pub async fn analyze_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("analyze transactions").execute(conn).await?;
-    Ok(())
-}
-
-pub async fn statistics_exist(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("select exists (select 1 from pg_statistic_ext where stxname = $1)")
-        .bind(name)
-        .fetch_one(conn)
-        .await
-}
-
-/// `(merchant_id, day)` ndistinct statistics for `zone` (UTC's come with the migration).
-pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<(), sqlx::Error> {
-    sqlx::query(AssertSqlSafe(format!(
-        "create statistics if not exists {} (ndistinct) on merchant_id, ({}) from transactions",
-        zone.statistics_name(),
-        zone.day_sql()
-    )))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The virtual transaction ids of the other sessions holding a lock on `transactions` that
-/// allows writing (an insert takes ROW EXCLUSIVE before it draws an id).
-pub async fn transaction_writers(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select distinct virtualtransaction from pg_locks
-         where relation = 'transactions'::regclass and granted and pid <> pg_backend_pid()
-           and mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                        'AccessExclusiveLock')",
-    )
-    .fetch_all(conn)
-    .await
-}
-
-/// True while any of the virtual transactions `vxids` is still running (each holds the lock on
-/// its own virtual xid until it ends).
-pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bool, sqlx::Error> {
-    if vxids.is_empty() {
-        return Ok(false);
-    }
-    sqlx::query_scalar(
-        "select exists (select 1 from pg_locks
-                        where locktype = 'virtualxid' and virtualxid = any($1))",
-    )
-    .bind(vxids)
-    .fetch_one(conn)
-    .await
-}
-
-/// The highest committed transaction id, 0 when there are none.
-pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select coalesce(max(id), 0) from transactions")
-        .fetch_one(conn)
-        .await
-}
-
-/// The id just below the lowest committed one up to `hi` (`hi` itself when there is none).
-pub async fn id_before(conn: &mut PgConnection, hi: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select coalesce(min(id) - 1, $1) from transactions where id <= $1")
-        .bind(hi)
-        .fetch_one(conn)
-        .await
-}
-
-pub async fn count_up_to(conn: &mut PgConnection, high_water_id: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select count(*) from transactions where id <= $1")
-        .bind(high_water_id)
-        .fetch_one(conn)
-        .await
 }
 
 pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
@@ -384,9 +298,9 @@ pub async fn replace_settlements(
 /// otherwise grow by every job's arrays, and each re-run of a range would walk more dead index
 /// entries. Run after the job's COMPLETED commit, outside it (VACUUM cannot run in a
 /// transaction); skips a table another vacuum holds instead of waiting.
-pub async fn vacuum_after_replace(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("vacuum (skip_locked) settlement_batches, settlements")
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(())
 }

@@ -1,0 +1,94 @@
+//! Reads of the job's input, the `transactions` table: its planner statistics, the writers a
+//! new job waits for, its id bounds and its size. The job's own state is in [`super::store`].
+
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::Zone;
+
+/// `(rows changed since the last analyze, rows estimated)` of `transactions`; the estimate is
+/// negative when the table was never analyzed.
+pub async fn transaction_statistics_age(
+    conn: &mut PgConnection,
+) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "select coalesce(s.n_mod_since_analyze, 0), c.reltuples::float8
+         from pg_class c left join pg_stat_user_tables s on s.relid = c.oid
+         where c.oid = 'transactions'::regclass",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn analyze_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("analyze transactions").execute(conn).await?;
+    Ok(())
+}
+
+pub async fn statistics_exist(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select exists (select 1 from pg_statistic_ext where stxname = $1)")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// `(merchant_id, day)` ndistinct statistics for `zone` (UTC's come with the migration).
+pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "create statistics if not exists {} (ndistinct) on merchant_id, ({}) from transactions",
+        zone.statistics_name(),
+        zone.day_sql()
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The virtual transaction ids of the other sessions holding a lock on `transactions` that
+/// allows writing (an insert takes ROW EXCLUSIVE before it draws an id).
+pub async fn transaction_writers(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select distinct virtualtransaction from pg_locks
+         where relation = 'transactions'::regclass and granted and pid <> pg_backend_pid()
+           and mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                        'AccessExclusiveLock')",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// True while any of the virtual transactions `vxids` is still running (each holds the lock on
+/// its own virtual xid until it ends).
+pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bool, sqlx::Error> {
+    if vxids.is_empty() {
+        return Ok(false);
+    }
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_locks
+                        where locktype = 'virtualxid' and virtualxid = any($1))",
+    )
+    .bind(vxids)
+    .fetch_one(conn)
+    .await
+}
+
+/// The highest committed transaction id, 0 when there are none.
+pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(max(id), 0) from transactions")
+        .fetch_one(conn)
+        .await
+}
+
+/// The id just below the lowest committed one up to `hi` (`hi` itself when there is none).
+pub async fn id_before(conn: &mut PgConnection, hi: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(min(id) - 1, $1) from transactions where id <= $1")
+        .bind(hi)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn count_up_to(conn: &mut PgConnection, high_water_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from transactions where id <= $1")
+        .bind(high_water_id)
+        .fetch_one(conn)
+        .await
+}
