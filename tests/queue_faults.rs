@@ -6,27 +6,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for, wait_state};
+use common::processes::{
+    self, WorkerProcess, counted, enqueue, probe_tables, processed, wait_for, wait_state,
+};
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use sqlx::{Connection, PgPool};
 
-async fn processed(pool: &PgPool, id: i64) -> i64 {
-    sqlx::query_scalar("select processed from jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 /// Waits until the job has committed at least `at_least` rows of progress.
 async fn wait_processed(pool: &PgPool, id: i64, at_least: i64) -> i64 {
-    wait_for(Duration::from_secs(60), "progress", || async {
-        let p = processed(pool, id).await;
-        (p >= at_least).then_some(p)
-    })
-    .await
+    processes::wait_processed(pool, id, at_least, Duration::from_secs(60)).await
 }
 
 /// (attempt, fence, lease_owner) of a job.

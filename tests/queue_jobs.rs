@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, enqueue, probe_tables, wait_state};
+use common::processes::{WorkerProcess, enqueue, probe_tables, wait_processed, wait_state};
 use common::{migrated_pool, test_config};
 use serde_json::{Value, json};
 use settle_workers::CancelOutcome;
@@ -134,15 +134,7 @@ async fn a_cancelled_running_job_stops_at_its_next_checkpoint() {
     )
     .await;
     let _worker = WorkerProcess::start(&config);
-    common::processes::wait_for(Duration::from_secs(60), "progress", || async {
-        let p: i64 = sqlx::query_scalar("select processed from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        (p >= 20).then_some(())
-    })
-    .await;
+    wait_processed(&pool, id, 20, Duration::from_secs(60)).await;
     let mut conn = pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
     assert_eq!(outcome, CancelOutcome::Accepted("cancelling"));

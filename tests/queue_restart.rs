@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::cluster::Cluster;
-use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for};
+use common::processes::{self, WorkerProcess, counted, enqueue, probe_tables, processed, wait_for};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle_workers::NewJob;
@@ -18,21 +18,9 @@ use sqlx::PgPool;
 /// Generous: the machine running this may be small and busy.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-async fn processed(pool: &PgPool, id: i64) -> i64 {
-    sqlx::query_scalar("select processed from jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 /// Waits until the job has committed at least `at_least` rows of progress.
 async fn wait_processed(pool: &PgPool, id: i64, at_least: i64) -> i64 {
-    wait_for(DEADLINE, &format!("{at_least} rows counted"), || async {
-        let p = processed(pool, id).await;
-        (p >= at_least).then_some(p)
-    })
-    .await
+    processes::wait_processed(pool, id, at_least, DEADLINE).await
 }
 
 /// Enqueues `n` recording no-ops in one transaction, the i-th due `i * step` from now.

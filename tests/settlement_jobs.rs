@@ -10,6 +10,7 @@ mod support;
 use std::time::Duration;
 
 use chrono_tz::Tz;
+use common::processes::{wait_processed, wait_state};
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
 use settle_workers::{Registry, Worker};
@@ -59,21 +60,6 @@ async fn post_job(app: &TestApp, body: &Value, key: Option<&str>) -> (u16, Value
     (status, body, location)
 }
 
-async fn wait_state(app: &TestApp, id: i64, state: &str) {
-    for _ in 0..600 {
-        let now: String = sqlx::query_scalar("select state::text from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        if now == state {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} never became {state}");
-}
-
 async fn download(app: &TestApp, path: &str) -> (u16, String, String) {
     let response = app.http.get(app.url(path)).send().await.unwrap();
     let status = response.status().as_u16();
@@ -118,7 +104,7 @@ async fn transactions_to_job_to_completed_csv_and_table() {
         location.as_deref(),
         Some(format!("/api/v1/jobs/{id}").as_str())
     );
-    wait_state(&h.app, id, "completed").await;
+    wait_state(&h.app.pool, id, "completed").await;
 
     let expected = reference(&rows, day("2025-01-01"), day("2025-01-04"), Tz::UTC);
     let (status, content_type, text) = download(&h.app, &format!("/downloads/{id}.csv")).await;
@@ -272,20 +258,10 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
     )
     .await;
     let id = body["job_id"].as_i64().unwrap();
-    for _ in 0..600 {
-        let processed: i64 = sqlx::query_scalar("select processed from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&h.app.pool)
-            .await
-            .unwrap();
-        if processed > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_processed(&h.app.pool, id, 1, Duration::from_secs(12)).await;
     let mut conn = h.app.pool.acquire().await.unwrap();
     settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    wait_state(&h.app, id, "cancelled").await;
+    wait_state(&h.app.pool, id, "cancelled").await;
     let (processed, total): (i64, i64) =
         sqlx::query_as("select processed, total from jobs where id = $1")
             .bind(id)
@@ -385,7 +361,7 @@ async fn a_new_settlement_clears_the_working_rows_of_jobs_that_gave_up() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    wait_state(&h.app, body["job_id"].as_i64().unwrap(), "completed").await;
+    wait_state(&h.app.pool, body["job_id"].as_i64().unwrap(), "completed").await;
     for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
         let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "select count(*) from {table} where job_id = $1"
@@ -411,7 +387,7 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
     let range = json!({"from": "2025-01-01", "to": "2025-01-01"});
     let (_, body, _) = post_job(&h.app, &range, None).await;
     let waiting = body["job_id"].as_i64().unwrap();
-    wait_state(&h.app, waiting, "running").await;
+    wait_state(&h.app.pool, waiting, "running").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (state, total): (String, Option<i64>) =
         sqlx::query_as("select state::text, total from jobs where id = $1")
@@ -428,12 +404,12 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
     settle_workers::request_cancel(&mut conn, waiting)
         .await
         .unwrap();
-    wait_state(&h.app, waiting, "cancelled").await;
+    wait_state(&h.app.pool, waiting, "cancelled").await;
     // Once the insert commits, the next job's input and result include its row.
     open.commit().await.unwrap();
     let (_, body, _) = post_job(&h.app, &range, None).await;
     let id = body["job_id"].as_i64().unwrap();
-    wait_state(&h.app, id, "completed").await;
+    wait_state(&h.app.pool, id, "completed").await;
     let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
         .bind(id)
         .fetch_one(&h.app.pool)

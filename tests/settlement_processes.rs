@@ -145,11 +145,7 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
         .await;
     assert_eq!(status, 202, "{body}");
     wait_state(&app.pool, id, "cancelled").await;
-    let processed: i64 = sqlx::query_scalar("select processed from jobs where id = $1")
-        .bind(id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let processed = common::processes::processed(&app.pool, id).await;
     assert!(
         processed < 30_500 / 2,
         "stopped early: {processed_then} then {processed}"

@@ -143,6 +143,25 @@ pub async fn wait_state(pool: &PgPool, id: i64, state: &str) {
     .await;
 }
 
+/// A job's committed progress (`processed`).
+pub async fn processed(pool: &PgPool, id: i64) -> i64 {
+    sqlx::query_scalar("select processed from jobs where id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("job progress")
+}
+
+/// Waits (up to `timeout`) until job `id` has committed at least `at_least` rows of progress;
+/// returns the progress seen.
+pub async fn wait_processed(pool: &PgPool, id: i64, at_least: i64, timeout: Duration) -> i64 {
+    wait_for(timeout, &format!("{at_least} rows processed"), || async {
+        let p = processed(pool, id).await;
+        (p >= at_least).then_some(p)
+    })
+    .await
+}
+
 /// Enqueues one job in its own transaction and returns its id.
 pub async fn enqueue(pool: &PgPool, kind: &str, args: serde_json::Value, max_attempts: i32) -> i64 {
     let mut conn = pool.acquire().await.expect("connection");
