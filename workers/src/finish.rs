@@ -37,20 +37,15 @@ pub async fn complete_many(
     held: &[(i64, i64)],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(
-        "with done as (
-             select jobs.id from jobs
-             join unnest($1::bigint[], $2::bigint[]) as d(id, fence)
-               on jobs.id = d.id and jobs.fence = d.fence
-             where jobs.state in ('running', 'cancelling')
-             order by jobs.id
-             for update of jobs
-         )
+    sqlx::query_scalar(concat!(
+        "with held as (",
+        lock_held_jobs!(),
+        ")
          update jobs set state = 'completed', finished_at = now(),
              lease_owner = null, lease_expires_at = null
-         from done where jobs.id = done.id
+         from held where jobs.id = held.id
          returning jobs.id",
-    )
+    ))
     .bind(ids)
     .bind(fences)
     .fetch_all(conn)

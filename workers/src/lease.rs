@@ -23,19 +23,14 @@ pub async fn heartbeat(
     lease: Duration,
 ) -> Result<Vec<Beat>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_as(
-        "with held as (
-             select jobs.id from jobs
-             join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
-               on jobs.id = h.id and jobs.fence = h.fence
-             where jobs.state in ('running', 'cancelling')
-             order by jobs.id
-             for update of jobs
-         )
+    sqlx::query_as(concat!(
+        "with held as (",
+        lock_held_jobs!(),
+        ")
          update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
          from held where jobs.id = held.id
          returning jobs.id, jobs.cancel_requested",
-    )
+    ))
     .bind(ids)
     .bind(fences)
     .bind(lease.as_millis() as f64)
@@ -73,15 +68,10 @@ pub async fn reload(
 /// expiry. A job with a pending cancel becomes CANCELLED instead.
 pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(
-        "with held as (
-             select jobs.id from jobs
-             join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
-               on jobs.id = h.id and jobs.fence = h.fence
-             where jobs.state in ('running', 'cancelling')
-             order by jobs.id
-             for update of jobs
-         ), released as (
+    sqlx::query_scalar(concat!(
+        "with held as (",
+        lock_held_jobs!(),
+        "), released as (
              update jobs set
                  state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
                  finished_at = case when cancel_requested then now() end,
@@ -93,7 +83,7 @@ pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64
              returning jobs.id
          )
          select count(*) from released, lateral (select pg_notify('settle_jobs', '')) n",
-    )
+    ))
     .bind(ids)
     .bind(fences)
     .fetch_one(conn)

@@ -19,6 +19,21 @@
 //! - [`read`]: job records for the API.
 //! - [`settings`], [`error`].
 
+/// The `held` rows of a statement over many held jobs (`$1` ids, `$2` their fences): those
+/// still held under that fence, locked in id order. Every such statement (heartbeat, release,
+/// batched completion) locks them the same way, so two of them never deadlock. A macro so the
+/// statements stay `&'static str` (`concat!`).
+macro_rules! lock_held_jobs {
+    () => {
+        "select jobs.id from jobs
+         join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
+           on jobs.id = h.id and jobs.fence = h.fence
+         where jobs.state in ('running', 'cancelling')
+         order by jobs.id
+         for update of jobs"
+    };
+}
+
 pub mod cancel;
 pub mod claim;
 pub mod enqueue;
