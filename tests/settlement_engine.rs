@@ -41,7 +41,7 @@ impl Db {
     async fn start(&self, job: i64, range: DateRange) -> Plan {
         let bounds = engine::input_bounds(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
-        let plan = engine::start(&mut tx, job, range, &self.settings, 0, bounds)
+        let plan = engine::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -355,7 +355,7 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let range = range("2025-01-01", "2025-01-02");
     let bounds = engine::input_bounds(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    engine::start(&mut tx, 5, range, &db.settings, 1, bounds)
+    engine::start(&mut tx, 5, range, &db.settings, 1, Some(bounds))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -370,7 +370,7 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let settings = db.settings.clone();
     let reclaim = tokio::spawn(async move {
         let mut tx = pool.begin().await.unwrap();
-        engine::start(&mut tx, 5, range, &settings, 2, bounds)
+        engine::start(&mut tx, 5, range, &settings, 2, Some(bounds))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -451,7 +451,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
         range("2025-01-01", "2025-01-01"),
         &db.settings,
         0,
-        bounds,
+        Some(bounds),
     )
     .await
     .unwrap();

@@ -129,8 +129,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     Ok(())
 }
 
-/// One run: the job through the api and worker, then the single statement, then the CSVs
-/// compared byte for byte.
+/// What one run measured.
 struct Measured {
     job_id: i64,
     job_seconds: f64,
@@ -138,6 +137,8 @@ struct Measured {
     same_csv: bool,
 }
 
+/// One run: the job through the api and worker, then (once the worker's vacuum is over) the
+/// single statement, then the CSVs compared byte for byte.
 async fn measure(
     pool: &PgPool,
     api: &str,

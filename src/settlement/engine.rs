@@ -63,13 +63,14 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
 const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// `(lo, hi]`, the ids of the job's input: `hi` the highest committed id, `lo` just below the
-/// lowest, returned once no row below `hi` can still commit. An insert in flight holds ids it drew from the sequence,
-/// possibly below ids another insert already committed; committing after the job counted its
-/// total, it would land under the mark uncounted. Any such insert was open when the mark was
-/// read, so it is among the transactions holding a write lock on `transactions` just after:
-/// this waits until those have ended (as `CREATE INDEX CONCURRENTLY` waits for lockers).
-/// Inserts that start later draw ids above the mark. Nobody waits for the job: unlike a table
-/// lock, this never holds up an insert, even behind a long bulk load.
+/// lowest, returned once no row below `hi` can still commit. An insert in flight holds ids it
+/// drew from the sequence, possibly below ids another insert already committed; committing
+/// after the job counted its total, it would land under the mark uncounted. Any such insert was
+/// open when the mark was read, so it is among the transactions holding a write lock on
+/// `transactions` just after: this waits until those have ended (as `CREATE INDEX
+/// CONCURRENTLY` waits for lockers). Inserts that start later draw ids above the mark. Nobody
+/// waits for the job: unlike a table lock, this never holds up an insert, even behind a long
+/// bulk load.
 pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let hi = input::max_id(&mut conn).await?;
@@ -82,18 +83,18 @@ pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     Ok((lo, hi))
 }
 
-/// Fixes the job's input the first time it runs (the transactions in `bounds` from
-/// [`input_bounds`], their true total, `parts` disjoint id sub-ranges) and returns it; on any
-/// later run ignores `bounds` and returns what was fixed then, with each part's committed cursor. Either way the run
-/// now belongs to the claim `fence` (see [`store::lock_run`]): part batches of an earlier owner
-/// stop landing.
+/// Fixes the job's input the first time it runs (the transactions in `bounds`, which a first
+/// start must be given by [`input_bounds`], their true total, `parts` disjoint id sub-ranges)
+/// and returns it; on any later run returns what was fixed then, with each part's committed
+/// cursor. Either way the run now belongs to the claim `fence` (see [`store::lock_run`]): part
+/// batches of an earlier owner stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
     range: DateRange,
     settings: &Settings,
     fence: i64,
-    (lo, hi): (i64, i64),
+    bounds: Option<(i64, i64)>,
 ) -> Result<Plan, sqlx::Error> {
     if let Some(run) = store::get_run(tx, job_id).await? {
         store::set_run_fence(tx, job_id, fence).await?;
@@ -107,6 +108,7 @@ pub async fn start(
             "deleted working rows of settlement jobs no longer running"
         );
     }
+    let (lo, hi) = bounds.expect("a first start is given its bounds by engine::input_bounds");
     refresh_statistics(tx, settings.zone).await?;
     let run = Run {
         job_id,

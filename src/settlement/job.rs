@@ -101,10 +101,10 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         .await?
         .is_some();
     let bounds = if resumed {
-        (0, 0)
+        None
     } else {
         tokio::select! {
-            bounds = engine::input_bounds(ctx.pool()) => bounds?,
+            bounds = engine::input_bounds(ctx.pool()) => Some(bounds?),
             () = ctx.token().cancelled() => return Err(JobError::Stopped),
         }
     };
