@@ -139,7 +139,8 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
             let mut conn = pool.acquire().await?;
             let mut copy = conn
                 .copy_in_raw(
-                    "copy transactions (id, merchant_id, amount_cents, fee_cents, status, paid_at)
+                    "copy transactions
+                         (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
                      from stdin (format binary)",
                 )
                 .await?;
@@ -204,6 +205,7 @@ fn encode_chunk(
         .and_utc();
     let span_micros = i64::from(args.days) * 86_400_000_000;
     let mut merchant = String::with_capacity(16);
+    let mut external = String::with_capacity(32);
     for index in rows {
         let amount: i64 = rng.random_range(100..100_000);
         let fee = (amount * 29 / 1000 + 30).min(amount);
@@ -214,15 +216,11 @@ fn encode_chunk(
         let m = rng.random_range(0..args.merchants);
         use std::fmt::Write;
         let _ = write!(merchant, "m{m:05}");
-        copy_binary::row(
-            buf,
-            first_id + index as i64,
-            &merchant,
-            amount,
-            fee,
-            status,
-            paid_at,
-        );
+        // The provider's charge id: unique because the id is (ids are reserved per run).
+        let id = first_id + index as i64;
+        external.clear();
+        let _ = write!(external, "ch_{id:012}");
+        copy_binary::row(buf, id, &merchant, &external, amount, fee, status, paid_at);
     }
 }
 
@@ -252,14 +250,16 @@ mod copy_binary {
         buf: &mut Vec<u8>,
         id: i64,
         merchant: &str,
+        external_id: &str,
         amount: i64,
         fee: i64,
         status: &str,
         paid_at_unix_micros: i64,
     ) {
-        buf.extend_from_slice(&6i16.to_be_bytes());
+        buf.extend_from_slice(&7i16.to_be_bytes());
         int8(buf, id);
         text(buf, merchant);
+        text(buf, external_id);
         int8(buf, amount);
         int8(buf, fee);
         text(buf, status);

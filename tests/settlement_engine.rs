@@ -403,11 +403,13 @@ async fn gaps_in_the_ids_are_skipped_and_counted_right() {
     for (i, row) in rows.iter().enumerate() {
         let id = 1 + (i as i64 / 20) * 5_000_000 + i as i64;
         sqlx::query(
-            "insert into transactions (id, merchant_id, amount_cents, fee_cents, status, paid_at)
-             values ($1, $2, $3, $4, $5, $6)",
+            "insert into transactions
+                 (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
+             values ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(&row.merchant_id)
+        .bind(&row.external_id)
         .bind(row.amount_cents)
         .bind(row.fee_cents)
         .bind(row.status.as_str())
@@ -431,9 +433,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     let rows = support::random_transactions(10, 2, 1, 1);
     // The first insert draws the lower id and stays open; the second commits a higher one.
     let mut open = db.pool.begin().await.unwrap();
-    settle::settlement::transactions::insert_all(&mut open, &rows[..1])
-        .await
-        .unwrap();
+    support::insert(&mut open, &rows[..1]).await;
     store(&db.pool, &rows[1..]).await;
     let pool = db.pool.clone();
     let bounds = tokio::spawn(async move { engine::input_bounds(&pool).await.unwrap() });

@@ -83,7 +83,8 @@ async fn transactions_to_job_to_completed_csv_and_table() {
         let body: Vec<Value> = chunk
             .iter()
             .map(|t| {
-                json!({"merchant_id": t.merchant_id, "amount_cents": t.amount_cents,
+                json!({"merchant_id": t.merchant_id, "external_id": t.external_id,
+                       "amount_cents": t.amount_cents,
                        "fee_cents": t.fee_cents, "status": t.status.as_str(),
                        "paid_at": t.paid_at.to_rfc3339()})
             })
@@ -381,9 +382,7 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
     support::store(&h.app.pool, &rows[1..]).await;
     // An insert left open (a stalled client, a bulk load): the job's input waits for it.
     let mut open = h.app.pool.begin().await.unwrap();
-    settle::settlement::transactions::insert_all(&mut open, &rows[..1])
-        .await
-        .unwrap();
+    support::insert(&mut open, &rows[..1]).await;
     let range = json!({"from": "2025-01-01", "to": "2025-01-01"});
     let (_, body, _) = post_job(&h.app, &range, None).await;
     let waiting = body["job_id"].as_i64().unwrap();

@@ -8,7 +8,7 @@ use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use settle::settlement::transactions::{NewTransaction, Status, insert_all};
+use settle::settlement::transactions::{Ingested, NewTransaction, Status, ingest};
 use sqlx::PgPool;
 
 /// `(merchant_id, date) → (gross, fee, net, count)`, as a settlement row or CSV line holds it.
@@ -33,6 +33,8 @@ pub fn txn(
 ) -> NewTransaction {
     NewTransaction {
         merchant_id: merchant.to_owned(),
+        // A fresh provider id: every generated transaction is a distinct payment.
+        external_id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
         amount_cents: amount,
         fee_cents: fee,
         status,
@@ -68,12 +70,24 @@ pub fn random_transactions(seed: u64, n: usize, merchants: u32, days: i64) -> Ve
         .collect()
 }
 
-/// Stores `rows` in chunks (one statement each, like the API does).
+/// Stores `rows` in chunks (one ingestion each, like the API does).
 pub async fn store(pool: &PgPool, rows: &[NewTransaction]) {
     let mut conn = pool.acquire().await.unwrap();
     for chunk in rows.chunks(1000) {
-        insert_all(&mut conn, chunk).await.unwrap();
+        insert(&mut conn, chunk).await;
     }
+}
+
+/// Ingests `rows` on `conn` (inside the caller's transaction, if it opened one): all are new.
+pub async fn insert(conn: &mut sqlx::PgConnection, rows: &[NewTransaction]) {
+    let ingested = ingest(conn, rows).await.unwrap();
+    assert_eq!(
+        ingested,
+        Ingested::Stored {
+            inserted: rows.len() as u64,
+            duplicates: 0
+        }
+    );
 }
 
 /// The expected settlement of `rows` for `from..=to` in `zone`, computed without SQL.

@@ -1,14 +1,20 @@
-//! `POST /api/v1/transactions` through the real HTTP server: single and array inserts, and bad
-//! input answered with the right 4xx and nothing stored.
+//! `POST /api/v1/transactions` through the real HTTP server: single and array inserts, re-sends
+//! that cannot double-count, and bad input answered with the right 4xx and nothing stored.
 
 mod common;
 
 use common::{TestApp, assert_error, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
 
+/// A transaction whose provider id is derived from its fields, so equal calls are re-sends.
 fn txn(merchant: &str, amount: i64, fee: i64) -> Value {
-    json!({"merchant_id": merchant, "amount_cents": amount, "fee_cents": fee,
+    json!({"merchant_id": merchant, "external_id": format!("ch_{merchant}_{amount}_{fee}"),
+           "amount_cents": amount, "fee_cents": fee,
            "status": "PAID", "paid_at": "2025-01-31T23:59:59Z"})
+}
+
+fn report(inserted: u64, duplicates: u64) -> Value {
+    json!({"inserted": inserted, "duplicates": duplicates})
 }
 
 async fn stored(app: &TestApp) -> i64 {
@@ -19,43 +25,160 @@ async fn stored(app: &TestApp) -> i64 {
 }
 
 #[tokio::test]
-async fn a_single_transaction_is_stored_and_returned() {
+async fn a_single_transaction_is_stored_in_utc() {
     let app = spawn_app().await;
     let mut body = txn("m-1", 1000, 30);
     body["paid_at"] = json!("2025-02-01T08:59:59+09:00");
-    let (status, row) = app.post("/api/v1/transactions", &body).await;
-    assert_eq!(status, 201, "{row}");
-    assert!(row["id"].as_i64().is_some(), "{row}");
-    assert_eq!(row["merchant_id"], "m-1");
-    assert_eq!(row["amount_cents"], 1000);
-    assert_eq!(row["fee_cents"], 30);
-    assert_eq!(row["status"], "PAID");
-    assert_eq!(row["paid_at"], "2025-01-31T23:59:59Z");
-    assert_eq!(stored(&app).await, 1);
+    let (status, answer) = app.post("/api/v1/transactions", &body).await;
+    assert_eq!((status, answer), (201, report(1, 0)));
+    let row: (String, String, i64, i64, String, String) = sqlx::query_as(
+        "select merchant_id, external_id, amount_cents, fee_cents, status,
+                to_char(paid_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS')
+         from transactions",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        (
+            "m-1".into(),
+            "ch_m-1_1000_30".into(),
+            1000,
+            30,
+            "PAID".into(),
+            "2025-01-31T23:59:59".into()
+        )
+    );
 }
 
 #[tokio::test]
-async fn an_array_is_stored_whole_in_order() {
+async fn an_array_is_stored_whole() {
     let app = spawn_app().await;
     let batch: Vec<Value> = (0..50)
         .map(|i| txn(&format!("m-{i}"), 100 + i, i))
         .collect();
-    let (status, rows) = app.post("/api/v1/transactions", &json!(batch)).await;
-    assert_eq!(status, 201, "{rows}");
-    let rows = rows.as_array().expect("an array of rows");
-    assert_eq!(rows.len(), 50);
-    for (i, row) in rows.iter().enumerate() {
-        assert_eq!(row["merchant_id"], format!("m-{i}"));
-    }
-    let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let (status, answer) = app.post("/api/v1/transactions", &json!(batch)).await;
+    assert_eq!((status, answer), (201, report(50, 0)));
     assert_eq!(stored(&app).await, 50);
+}
+
+#[tokio::test]
+async fn a_resent_batch_stores_nothing_and_counts_duplicates() {
+    let app = spawn_app().await;
+    let batch: Vec<Value> = (0..5).map(|i| txn("m-1", 100 + i, 1)).collect();
+    assert_eq!(
+        app.post("/api/v1/transactions", &json!(batch[..3])).await,
+        (201, report(3, 0))
+    );
+    // The lost-response retry, with two more that are new this time.
+    assert_eq!(
+        app.post("/api/v1/transactions", &json!(batch)).await,
+        (201, report(2, 3))
+    );
+    assert_eq!(
+        app.post("/api/v1/transactions", &json!(batch)).await,
+        (201, report(0, 5))
+    );
+    // Repeated inside one request: stored once.
+    let twice = json!([txn("m-2", 7, 1), txn("m-2", 7, 1)]);
+    assert_eq!(
+        app.post("/api/v1/transactions", &twice).await,
+        (201, report(1, 1))
+    );
+    // The same provider id under another merchant is another payment.
+    let mut other = txn("m-1", 100, 1);
+    other["merchant_id"] = json!("m-3");
+    assert_eq!(
+        app.post("/api/v1/transactions", &other).await,
+        (201, report(1, 0))
+    );
+    assert_eq!(stored(&app).await, 7);
+}
+
+#[tokio::test]
+async fn a_conflicting_resend_is_409_and_stores_nothing_of_the_request() {
+    let app = spawn_app().await;
+    let first = txn("m-1", 100, 1);
+    assert_eq!(app.post("/api/v1/transactions", &first).await.0, 201);
+    for field in ["amount_cents", "fee_cents", "status", "paid_at"] {
+        let mut changed = first.clone();
+        changed[field] = match field {
+            "status" => json!("REFUNDED"),
+            "paid_at" => json!("2025-01-30T00:00:00Z"),
+            _ => json!(50),
+        };
+        let batch = json!([txn("m-9", 1, 0), txn("m-9", 2, 0), changed]);
+        let (status, error) = app.post("/api/v1/transactions", &batch).await;
+        assert_eq!(status, 409, "{field}: {error}");
+        assert_error(&error, "TRANSACTION_CONFLICT");
+        assert_eq!(error["error"]["index"], 2, "{error}");
+        assert_eq!(error["error"]["merchant_id"], "m-1");
+        assert_eq!(error["error"]["external_id"], "ch_m-1_100_1");
+    }
+    // Inside one request: the same identity twice with different fields.
+    let mut changed = txn("m-5", 10, 1);
+    changed["amount_cents"] = json!(11);
+    let (status, error) = app
+        .post("/api/v1/transactions", &json!([txn("m-5", 10, 1), changed]))
+        .await;
+    assert_eq!(status, 409, "{error}");
+    assert_error(&error, "TRANSACTION_CONFLICT");
+    assert_eq!(stored(&app).await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_resends_store_each_transaction_once() {
+    let app = spawn_app().await;
+    let batch: Vec<Value> = (0..200)
+        .map(|i| txn(&format!("m-{}", i % 7), i, 0))
+        .collect();
+    let body = json!(batch);
+    let sends = (0..8).map(|_| app.post("/api/v1/transactions", &body));
+    let answers = futures::future::join_all(sends).await;
+    let mut inserted = 0;
+    for (status, answer) in answers {
+        assert_eq!(status, 201, "{answer}");
+        assert_eq!(
+            answer["inserted"].as_u64().unwrap() + answer["duplicates"].as_u64().unwrap(),
+            200
+        );
+        inserted += answer["inserted"].as_u64().unwrap();
+    }
+    assert_eq!(inserted, 200);
+    assert_eq!(stored(&app).await, 200);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_answer() {
+    let app = spawn_app().await;
+    let body = json!([txn("m-1", 1, 0), txn("m-1", 2, 0)]);
+    let post = |body: Value| {
+        app.http
+            .post(app.url("/api/v1/transactions"))
+            .header("idempotency-key", "ingest-batch-1")
+            .json(&body)
+            .send()
+    };
+    let first = common::status_and_json(post(body.clone()).await.unwrap()).await;
+    assert_eq!(first, (201, report(2, 0)));
+    // A replay says what the first request did, not "2 duplicates".
+    let again = common::status_and_json(post(body).await.unwrap()).await;
+    assert_eq!(again, first);
+    let (status, error) =
+        common::status_and_json(post(json!([txn("m-1", 3, 0)])).await.unwrap()).await;
+    assert_eq!(status, 422, "{error}");
+    assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(stored(&app).await, 2);
 }
 
 #[tokio::test]
 async fn bad_fields_are_422_naming_the_field_and_store_nothing() {
     let app = spawn_app().await;
-    let cases: [(&str, Value, &str); 9] = [
+    let cases: [(&str, Value, &str); 12] = [
+        ("external_id", json!(""), "INVALID_EXTERNAL_ID"),
+        ("external_id", json!("x".repeat(129)), "INVALID_EXTERNAL_ID"),
+        ("external_id", json!("ch 1"), "INVALID_EXTERNAL_ID"),
         ("status", json!("SETTLED"), "INVALID_STATUS"),
         ("amount_cents", json!(-1), "INVALID_AMOUNT"),
         ("fee_cents", json!(1001), "INVALID_FEE"),

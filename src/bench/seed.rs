@@ -43,8 +43,10 @@ pub async fn run(args: SeedBenchArgs, config: Config) -> anyhow::Result<()> {
     sqlx::query("truncate transactions").execute(&pool).await?;
     let started = Instant::now();
     sqlx::query(
-        "insert into transactions (id, merchant_id, amount_cents, fee_cents, status, paid_at)
-         select g, 'm' || lpad((g % 1000)::text, 5, '0'), 100 + g % 99900,
+        "insert into transactions
+             (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
+         select g, 'm' || lpad((g % 1000)::text, 5, '0'), 'ch_' || lpad(g::text, 12, '0'),
+                100 + g % 99900,
                 least(100 + g % 99900, (100 + g % 99900) * 29 / 1000 + 30),
                 case when g % 10 = 0 then 'PENDING' else 'PAID' end,
                 timestamptz '2025-01-01' + (g % 2592000) * interval '1 second'

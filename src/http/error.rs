@@ -45,6 +45,17 @@ pub enum ApiError {
     /// Another request with this Idempotency-Key is in flight (409).
     #[error("a request with this Idempotency-Key is already in progress; retry later")]
     IdempotencyKeyInUse,
+    /// A transaction re-sent under a stored `(merchant_id, external_id)` with different
+    /// fields (409); nothing of the request was stored.
+    #[error(
+        "transactions[{index}]: merchant {merchant_id:?} already has a transaction {external_id:?} \
+         with different fields"
+    )]
+    TransactionConflict {
+        index: usize,
+        merchant_id: String,
+        external_id: String,
+    },
     /// The request conflicts with the resource's state (409).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -73,9 +84,10 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Invalid { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::OutOfStock { .. } | Self::IdempotencyKeyInUse | Self::Conflict { .. } => {
-                StatusCode::CONFLICT
-            }
+            Self::OutOfStock { .. }
+            | Self::IdempotencyKeyInUse
+            | Self::Conflict { .. }
+            | Self::TransactionConflict { .. } => StatusCode::CONFLICT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +102,7 @@ impl ApiError {
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Self::OutOfStock { .. } => "OUT_OF_STOCK",
+            Self::TransactionConflict { .. } => "TRANSACTION_CONFLICT",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
             Self::Unavailable => "SERVICE_UNAVAILABLE",
@@ -112,6 +125,15 @@ impl ApiError {
             }
             Self::Invalid { field, .. } => {
                 error.insert("field".into(), (*field).into());
+            }
+            Self::TransactionConflict {
+                index,
+                merchant_id,
+                external_id,
+            } => {
+                error.insert("index".into(), (*index).into());
+                error.insert("merchant_id".into(), merchant_id.as_str().into());
+                error.insert("external_id".into(), external_id.as_str().into());
             }
             _ => {}
         }

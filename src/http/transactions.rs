@@ -1,8 +1,9 @@
-//! `POST /api/v1/transactions`: one transaction or an array of them, stored all or none.
+//! `POST /api/v1/transactions`: one transaction or an array of them, stored exactly once:
+//! duplicates skipped and counted, a conflicting re-send refused with nothing stored.
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::de::DeserializeOwned;
@@ -12,33 +13,96 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
 use super::openapi::ErrorBody;
-use crate::settlement::transactions::{self, NewTransaction, Transaction, TransactionInput};
+use crate::idempotency::{Begun, IdempotencyKey};
+use crate::settlement::transactions::{self, Ingested, NewTransaction, TransactionInput};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/transactions", post(create_transactions))
 }
 
-/// Store payment transactions. A single object answers with the stored row; an array (at most
-/// `settlement.max_transactions_per_request` elements) answers with the stored rows in input
-/// order, and is stored entirely or, if any element is invalid, not at all.
+/// `{"inserted", "duplicates"}`: what a stored request did.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct IngestReport {
+    /// Transactions stored by this request.
+    pub inserted: u64,
+    /// Elements whose `(merchant_id, external_id)` was already stored with the same fields
+    /// (or repeated within the request): nothing stored for them.
+    pub duplicates: u64,
+}
+
+/// Store payment transactions: one object, or an array of 1 to
+/// `settlement.max_transactions_per_request`. Each is identified by `(merchant_id,
+/// external_id)`: re-sending one with identical fields stores nothing and counts it in
+/// `duplicates`; re-sending one with any field different is 409 `TRANSACTION_CONFLICT` and
+/// nothing of the request is stored. An invalid element stores nothing of the request either.
 #[utoipa::path(
     post, path = "/api/v1/transactions", tag = "transactions",
     request_body(content = TransactionInput,
         description = "One transaction, or a JSON array of 1 to `settlement.max_transactions_per_request` of them"),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Up to 255 characters; a retry with the same key and body replays the first answer")),
     responses(
-        (status = 201, description = "Stored: the row for an object, an array of rows for an array", body = Transaction),
+        (status = 201, description = "Stored: how many were new and how many were duplicates", body = IngestReport),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
+        (status = 409, description = "TRANSACTION_CONFLICT (names the index, merchant_id and external_id; \
+            nothing stored), IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
-        (status = 422, description = "INVALID_MERCHANT_ID, INVALID_AMOUNT, INVALID_FEE, INVALID_STATUS, \
-            INVALID_PAID_AT (message names the array index), INVALID_BATCH_SIZE", body = ErrorBody),
+        (status = 422, description = "INVALID_MERCHANT_ID, INVALID_EXTERNAL_ID, INVALID_AMOUNT, INVALID_FEE, \
+            INVALID_STATUS, INVALID_PAID_AT (message names the array index), INVALID_BATCH_SIZE, \
+            INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
     )
 )]
 async fn create_transactions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let max = app.config.settlement.max_transactions_per_request;
-    let mut conn = app.pool.acquire().await?;
+    let key = IdempotencyKey::from_headers("transactions", &headers)?;
+    let parsed = parse(&body, app.config.settlement.max_transactions_per_request)?;
+    let mut tx = match &key {
+        Some(key) => match key.start(&app.pool, &body).await? {
+            Begun::Execute(tx) => tx,
+            Begun::Replay(stored) => {
+                return Ok((stored.status, axum::Json(stored.body)).into_response());
+            }
+        },
+        None => app.pool.begin().await?,
+    };
+    let (inserted, duplicates) = match transactions::ingest(&mut tx, &parsed).await? {
+        Ingested::Stored {
+            inserted,
+            duplicates,
+        } => (inserted, duplicates),
+        Ingested::Conflict {
+            index,
+            merchant_id,
+            external_id,
+        } => {
+            // Nothing of the request is stored, the key included: a corrected retry may reuse it.
+            tx.rollback().await?;
+            return Err(ApiError::TransactionConflict {
+                index,
+                merchant_id,
+                external_id,
+            });
+        }
+    };
+    let report = serde_json::to_value(IngestReport {
+        inserted,
+        duplicates,
+    })
+    .map_err(anyhow::Error::from)?;
+    if let Some(key) = &key {
+        let ttl = app.config.idempotency.ttl_hours;
+        key.store(&mut tx, &body, StatusCode::CREATED, &report, ttl)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, axum::Json(report)).into_response())
+}
+
+/// The request's transactions, parsed: an object is one, an array 1 to `max`.
+fn parse(body: &Value, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
     match body {
         Value::Array(items) => {
             if items.is_empty() || items.len() > max {
@@ -48,22 +112,15 @@ async fn create_transactions(
                     format!("an array must hold 1 to {max} transactions"),
                 ));
             }
-            let parsed = items
-                .into_iter()
+            items
+                .iter()
                 .enumerate()
-                .map(|(i, item)| shape::<TransactionInput>(item, Some(i))?.parse(Some(i)))
-                .collect::<Result<Vec<NewTransaction>, _>>()?;
-            let stored = transactions::insert_all(&mut conn, &parsed).await?;
-            Ok((StatusCode::CREATED, Json(stored)).into_response())
+                .map(|(i, item)| shape::<TransactionInput>(item.clone(), Some(i))?.parse(Some(i)))
+                .collect()
         }
-        single => {
-            let parsed = shape::<TransactionInput>(single, None)?.parse(None)?;
-            let mut stored = transactions::insert_all(&mut conn, &[parsed]).await?;
-            let row = stored
-                .pop()
-                .ok_or_else(|| anyhow::anyhow!("insert returned no row"))?;
-            Ok((StatusCode::CREATED, Json(row)).into_response())
-        }
+        single => Ok(vec![
+            shape::<TransactionInput>(single.clone(), None)?.parse(None)?,
+        ]),
     }
 }
 

@@ -1,5 +1,10 @@
 //! Payment transactions, the settlement input: the request shape as received, the parsed
-//! [`NewTransaction`] the store accepts, and the one statement that stores a whole batch.
+//! [`NewTransaction`] the store accepts, and [`ingest`], which stores a batch exactly once.
+//!
+//! A transaction's identity is `(merchant_id, external_id)`, the payment provider's charge id
+//! (constraint `transactions_merchant_external_id_key`): a re-sent transaction with the same
+//! fields is a duplicate and stores nothing; with any field different it is a conflict and the
+//! whole request stores nothing.
 //!
 //! Parsing rejects everything the table's constraints would (so a client gets a 422 naming the
 //! field instead of a 500), and a few things they cannot express (blank ids, NUL bytes).
@@ -14,12 +19,18 @@ use crate::http::error::ApiError;
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
 pub const MAX_MERCHANT_ID_CHARS: usize = 255;
 
+/// Longest external id, in characters (the `transaction_external_id_format` constraint agrees).
+pub const MAX_EXTERNAL_ID_CHARS: usize = 128;
+
 /// `POST /api/v1/transactions` element, as received.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransactionInput {
     /// 1 to 255 characters, not blank.
     pub merchant_id: String,
+    /// The payment provider's id for this payment: 1 to 128 visible ASCII characters, unique
+    /// per merchant. Re-sending it with the same fields is a harmless duplicate.
+    pub external_id: String,
     /// Amount charged, in cents, ≥ 0.
     pub amount_cents: i64,
     /// Fee taken, in cents, 0 ≤ fee ≤ amount.
@@ -64,6 +75,7 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTransaction {
     pub merchant_id: String,
+    pub external_id: String,
     pub amount_cents: i64,
     pub fee_cents: i64,
     pub status: Status,
@@ -87,6 +99,19 @@ impl TransactionInput {
                 format!(
                     "{at}merchant_id must be 1 to {MAX_MERCHANT_ID_CHARS} characters, \
                      not blank, without control characters"
+                ),
+            ));
+        }
+        let external = &self.external_id;
+        if external.is_empty()
+            || external.len() > MAX_EXTERNAL_ID_CHARS
+            || !external.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ApiError::invalid(
+                "INVALID_EXTERNAL_ID",
+                "external_id",
+                format!(
+                    "{at}external_id must be 1 to {MAX_EXTERNAL_ID_CHARS} visible ASCII characters"
                 ),
             ));
         }
@@ -122,6 +147,7 @@ impl TransactionInput {
             .with_timezone(&Utc);
         Ok(NewTransaction {
             merchant_id: self.merchant_id,
+            external_id: self.external_id,
             amount_cents: self.amount_cents,
             fee_cents: self.fee_cents,
             status,
@@ -130,47 +156,88 @@ impl TransactionInput {
     }
 }
 
-/// A stored transaction.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
-pub struct Transaction {
-    pub id: i64,
-    pub merchant_id: String,
-    pub amount_cents: i64,
-    pub fee_cents: i64,
-    pub status: String,
-    pub paid_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
+/// What [`ingest`] did with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// Every element was stored or was an exact duplicate of a stored transaction.
+    Stored { inserted: u64, duplicates: u64 },
+    /// The element at `index` has the identity of a stored transaction (or of an earlier
+    /// element) with different fields. The caller must roll back: nothing may be stored.
+    Conflict {
+        index: usize,
+        merchant_id: String,
+        external_id: String,
+    },
 }
 
-/// Stores the whole batch in one statement (so all rows or none), ids in input order.
-pub async fn insert_all(
-    conn: &mut PgConnection,
+/// Stores the batch's new transactions in `tx` and tells which were duplicates, or finds the
+/// first conflict (then the caller rolls `tx` back). Two statements at most: the insert, and
+/// only when some element was not inserted, one indexed comparison of the batch against what
+/// is stored. Rows are inserted in identity order, so concurrent batches sharing identities
+/// take their index locks in the same order and cannot deadlock; a concurrent batch's
+/// uncommitted row is waited for, then counted as stored.
+pub async fn ingest(
+    tx: &mut PgConnection,
     rows: &[NewTransaction],
-) -> Result<Vec<Transaction>, sqlx::Error> {
+) -> Result<Ingested, sqlx::Error> {
     let merchants: Vec<&str> = rows.iter().map(|r| r.merchant_id.as_str()).collect();
+    let externals: Vec<&str> = rows.iter().map(|r| r.external_id.as_str()).collect();
     let amounts: Vec<i64> = rows.iter().map(|r| r.amount_cents).collect();
     let fees: Vec<i64> = rows.iter().map(|r| r.fee_cents).collect();
     let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
     let paid: Vec<DateTime<Utc>> = rows.iter().map(|r| r.paid_at).collect();
-    let mut stored: Vec<Transaction> = sqlx::query_as(
-        "insert into transactions (merchant_id, amount_cents, fee_cents, status, paid_at)
-         select m, a, f, s, p
-         from unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::timestamptz[])
-              with ordinality as t(m, a, f, s, p, n)
-         order by n
-         returning id, merchant_id, amount_cents, fee_cents, status, paid_at, created_at",
+    let inserted = sqlx::query(
+        "insert into transactions
+             (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
+         select m, e, a, f, s, p
+         from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
+                     $6::timestamptz[]) as t(m, e, a, f, s, p)
+         order by m, e
+         on conflict on constraint transactions_merchant_external_id_key do nothing",
     )
-    .bind(merchants)
-    .bind(amounts)
-    .bind(fees)
-    .bind(statuses)
-    .bind(paid)
-    .fetch_all(conn)
-    .await?;
-    // Ids follow the input order (the insert is ordered by ordinality); sort so the response
-    // does too whatever order RETURNING yields.
-    stored.sort_by_key(|t| t.id);
-    Ok(stored)
+    .bind(&merchants)
+    .bind(&externals)
+    .bind(&amounts)
+    .bind(&fees)
+    .bind(&statuses)
+    .bind(&paid)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let total = rows.len() as u64;
+    if inserted < total {
+        // Each element against the row stored under its identity (this batch's own first
+        // occurrence included): any field that differs is a conflict.
+        let conflict: Option<i64> = sqlx::query_scalar(
+            "select t.n from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
+                                    $6::timestamptz[]) with ordinality as t(m, e, a, f, s, p, n)
+             join transactions x on x.merchant_id = t.m and x.external_id = t.e
+             where (x.amount_cents, x.fee_cents, x.status, x.paid_at)
+                   is distinct from (t.a, t.f, t.s, t.p)
+             order by t.n
+             limit 1",
+        )
+        .bind(&merchants)
+        .bind(&externals)
+        .bind(&amounts)
+        .bind(&fees)
+        .bind(&statuses)
+        .bind(&paid)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(n) = conflict {
+            let index = (n - 1) as usize;
+            return Ok(Ingested::Conflict {
+                index,
+                merchant_id: rows[index].merchant_id.clone(),
+                external_id: rows[index].external_id.clone(),
+            });
+        }
+    }
+    Ok(Ingested::Stored {
+        inserted,
+        duplicates: total - inserted,
+    })
 }
 
 #[cfg(test)]
@@ -180,6 +247,7 @@ mod tests {
     fn input() -> TransactionInput {
         TransactionInput {
             merchant_id: "m-1".into(),
+            external_id: "ch_1".into(),
             amount_cents: 1000,
             fee_cents: 30,
             status: "PAID".into(),
@@ -214,6 +282,10 @@ mod tests {
         assert_eq!(bad(|i| i.merchant_id = " ".into()), "merchant_id");
         assert_eq!(bad(|i| i.merchant_id = "x".repeat(256)), "merchant_id");
         assert_eq!(bad(|i| i.merchant_id = "a\0b".into()), "merchant_id");
+        assert_eq!(bad(|i| i.external_id = String::new()), "external_id");
+        assert_eq!(bad(|i| i.external_id = "x".repeat(129)), "external_id");
+        assert_eq!(bad(|i| i.external_id = "ch 1".into()), "external_id");
+        assert_eq!(bad(|i| i.external_id = "ch_é".into()), "external_id");
         assert_eq!(bad(|i| i.amount_cents = -1), "amount_cents");
         assert_eq!(bad(|i| i.fee_cents = 1001), "fee_cents");
         assert_eq!(bad(|i| i.fee_cents = -1), "fee_cents");
