@@ -246,24 +246,26 @@ mod copy_binary {
     /// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01.
     const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-    pub fn row(
-        buf: &mut Vec<u8>,
-        id: i64,
-        merchant: &str,
-        external_id: &str,
-        amount: i64,
-        fee: i64,
-        status: &str,
-        paid_at_unix_micros: i64,
-    ) {
+    /// One transactions row, in the column order of the seed's COPY statement.
+    pub struct Row<'a> {
+        pub id: i64,
+        pub merchant: &'a str,
+        pub external_id: &'a str,
+        pub amount: i64,
+        pub fee: i64,
+        pub status: &'a str,
+        pub paid_at_unix_micros: i64,
+    }
+
+    pub fn row(buf: &mut Vec<u8>, r: &Row<'_>) {
         buf.extend_from_slice(&7i16.to_be_bytes());
-        int8(buf, id);
-        text(buf, merchant);
-        text(buf, external_id);
-        int8(buf, amount);
-        int8(buf, fee);
-        text(buf, status);
-        int8(buf, paid_at_unix_micros - PG_EPOCH_MICROS);
+        int8(buf, r.id);
+        text(buf, r.merchant);
+        text(buf, r.external_id);
+        int8(buf, r.amount);
+        int8(buf, r.fee);
+        text(buf, r.status);
+        int8(buf, r.paid_at_unix_micros - PG_EPOCH_MICROS);
     }
 
     fn int8(buf: &mut Vec<u8>, v: i64) {
