@@ -220,7 +220,18 @@ fn encode_chunk(
         let id = first_id + index as i64;
         external.clear();
         let _ = write!(external, "ch_{id:012}");
-        copy_binary::row(buf, id, &merchant, &external, amount, fee, status, paid_at);
+        copy_binary::row(
+            buf,
+            &copy_binary::Row {
+                id,
+                merchant: &merchant,
+                external_id: &external,
+                amount,
+                fee,
+                status,
+                paid_at_unix_micros: paid_at,
+            },
+        );
     }
 }
 
