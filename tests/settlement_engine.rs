@@ -6,9 +6,8 @@ mod common;
 #[path = "settlement_support.rs"]
 mod support;
 
-use std::path::PathBuf;
-
 use chrono_tz::Tz;
+use futures::TryStreamExt;
 use serde_json::json;
 use settle::settlement::engine::{self, Plan};
 use settle::settlement::transactions::Status;
@@ -39,6 +38,16 @@ fn range(from: &str, to: &str) -> DateRange {
 
 impl Db {
     async fn start(&self, job: i64, range: DateRange) -> Plan {
+        // Results belong to a job row (retention deletes them with it).
+        sqlx::query(
+            "insert into jobs (id, kind, state, lease_owner, lease_expires_at)
+             values ($1, 'settlement', 'running', 'engine-test', now() + interval '1 hour')
+             on conflict (id) do nothing",
+        )
+        .bind(job)
+        .execute(&self.pool)
+        .await
+        .unwrap();
         let bounds = engine::input_bounds(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
         let plan = engine::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
@@ -73,12 +82,14 @@ impl Db {
         self.start(plan.run.job_id, plan.range()).await
     }
 
-    async fn finalize(&self, plan: &Plan) -> Result<PathBuf, SettleError> {
+    /// Finalizes and commits; returns the job's CSV as the download streams it.
+    async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
         let mut tx = self.pool.begin().await.unwrap();
-        let staged = engine::finalize(&mut tx, plan, &self.settings.results_dir).await?;
-        let path = staged.publish().await?;
+        let rows = engine::finalize(&mut tx, plan).await?;
         tx.commit().await?;
-        Ok(path)
+        let csv = download(&self.pool, plan.run.job_id).await;
+        assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
+        Ok(csv)
     }
 
     /// Runs the plan's batches one by one, then finalizes; returns the first error.
@@ -96,7 +107,7 @@ impl Db {
         self.finalize(plan).await.err()
     }
 
-    async fn run(&self, job: i64, range: DateRange) -> PathBuf {
+    async fn run(&self, job: i64, range: DateRange) -> String {
         let plan = self.start(job, range).await;
         let plan = self.batches(&plan, None).await;
         assert_eq!(plan.processed(), plan.run.total);
@@ -104,8 +115,17 @@ impl Db {
     }
 }
 
-fn csv(path: &PathBuf) -> support::Settled {
-    parse_csv(&std::fs::read_to_string(path).unwrap())
+/// A job's stored CSV, read the way `GET /downloads/{id}.csv` streams it.
+async fn download(pool: &PgPool, job: i64) -> String {
+    let chunks: Vec<_> = settle::settlement::results::stream(pool.acquire().await.unwrap(), job)
+        .try_collect()
+        .await
+        .unwrap();
+    String::from_utf8(chunks.concat()).unwrap()
+}
+
+fn csv(text: &str) -> support::Settled {
+    parse_csv(text)
 }
 
 #[tokio::test]
@@ -119,8 +139,7 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     assert!(expected.len() > 20);
     assert_eq!(settlements(&db.pool, from, to).await, expected);
     assert_eq!(csv(&path), expected);
-    assert_eq!(path.file_name().unwrap(), "1.csv");
-    // Working rows are gone, and no temp file is left next to the CSV.
+    // Working rows are gone.
     let left: i64 = sqlx::query_scalar(
         "select (select count(*) from settlement_batches) + (select count(*) from settlement_parts)
               + (select count(*) from settlement_runs)",
@@ -129,8 +148,6 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     .await
     .unwrap();
     assert_eq!(left, 0);
-    let files = std::fs::read_dir(&db.settings.results_dir).unwrap().count();
-    assert_eq!(files, 1);
 }
 
 #[tokio::test]
@@ -174,8 +191,9 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     // outside it they stay.
     sqlx::query(
         "insert into settlements
-             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)
-         values ('gone', '2025-01-02', 5, 1, 4, 1, 0), ('kept', '2024-12-31', 5, 1, 4, 1, 0)",
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
+              snapshot_id)
+         values ('gone', '2025-01-02', 5, 1, 4, 1, 0, 0), ('kept', '2024-12-31', 5, 1, 4, 1, 0, 0)",
     )
     .execute(&db.pool)
     .await
@@ -219,7 +237,7 @@ async fn an_empty_range_writes_a_header_only_and_an_empty_table_works() {
     let db = db("UTC", 2, 100).await;
     let path = db.run(1, range("2025-01-01", "2025-01-31")).await;
     assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
+        path,
         "merchant_id,date,gross_cents,fee_cents,net_cents,txn_count\n"
     );
     store(&db.pool, &support::random_transactions(6, 300, 3, 3)).await;
@@ -311,14 +329,17 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
         Some(SettleError::Overflow)
     ));
     let mut conn = db.pool.acquire().await.unwrap();
-    engine::discard(&mut conn, 2, &db.settings.results_dir)
-        .await
-        .unwrap();
+    engine::discard(&mut conn, 2).await.unwrap();
     assert_eq!(
         settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await,
         before
     );
-    assert!(!db.settings.results_dir.join("2.csv").exists());
+    let results: i64 =
+        sqlx::query_scalar("select count(*) from settlement_results where job_id = 2")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(results, 0);
 }
 
 #[tokio::test]

@@ -211,7 +211,7 @@ async fn an_idempotent_retry_returns_the_same_job() {
 }
 
 #[tokio::test]
-async fn downloads_serve_only_completed_jobs_inside_the_results_dir() {
+async fn downloads_serve_only_completed_jobs() {
     let app = spawn_app_with(&[]).await; // no worker: the job stays queued
     let (_, body, _) = post_job(
         &app,
@@ -220,7 +220,7 @@ async fn downloads_serve_only_completed_jobs_inside_the_results_dir() {
     )
     .await;
     let id = body["job_id"].as_i64().unwrap();
-    // Even a file already in place is not served before the job is COMPLETED.
+    // Even a file in the legacy results directory is not served before the job is COMPLETED.
     let dir = &app.config.settlement.results_dir;
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join(format!("{id}.csv")), "partial").unwrap();
@@ -273,14 +273,12 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
         processed < total,
         "{processed} of {total}: it should have stopped early"
     );
-    assert!(
-        !h.app
-            .config
-            .settlement
-            .results_dir
-            .join(format!("{id}.csv"))
-            .exists()
-    );
+    let results = support::scalar(
+        &h.app.pool,
+        &format!("select count(*) from settlement_results where job_id = {id}"),
+    )
+    .await;
+    assert_eq!(results, 0);
     assert_eq!(
         settlements(&h.app.pool, day("2025-01-01"), day("2025-01-03")).await,
         before

@@ -26,14 +26,17 @@ fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
 }
 
 /// A worker process with the test's settlement settings (the helper passes `[worker]` only).
+/// Its legacy results directory is its own and never created: the api and the workers share
+/// no disk, only Postgres.
 fn worker(app: &TestApp) -> WorkerProcess {
     let s = &app.config.settlement;
+    let own_dir = std::env::temp_dir().join(format!("settle-worker-{}", uuid::Uuid::new_v4()));
     WorkerProcess::start_with(
         &app.config,
         &[
             (
                 "SETTLE_SETTLEMENT__RESULTS_DIR",
-                s.results_dir.to_string_lossy().into_owned(),
+                own_dir.to_string_lossy().into_owned(),
             ),
             ("SETTLE_SETTLEMENT__TIME_ZONE", s.time_zone.clone()),
             (
@@ -107,9 +110,6 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
         day("2025-01-05"),
         Tz::America__New_York,
     );
-    let csv = std::fs::read_to_string(app.config.settlement.results_dir.join(format!("{id}.csv")))
-        .unwrap();
-    assert_eq!(parse_csv(&csv), expected);
     assert_eq!(
         settlements(&app.pool, day("2025-01-01"), day("2025-01-05")).await,
         expected
@@ -150,13 +150,8 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
         processed < 30_500 / 2,
         "stopped early: {processed_then} then {processed}"
     );
-    assert!(
-        !app.config
-            .settlement
-            .results_dir
-            .join(format!("{id}.csv"))
-            .exists()
-    );
+    let (status, _) = app.get(&format!("/downloads/{id}.csv")).await;
+    assert_eq!(status, 404);
     assert_eq!(
         settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await,
         before

@@ -74,7 +74,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     let mut outcome = Ok(());
     // Job and statement alternate, so a slow spell of this shared machine hits both alike.
     for run in 1..=args.runs.max(1) {
-        let measured = measure(&pool, &api.base_url, range, zone, &config).await;
+        let measured = measure(&pool, &api.base_url, range, zone).await;
         let Ok(m) = measured else {
             outcome = measured.map(|_| ());
             break;
@@ -144,7 +144,6 @@ async fn measure(
     api: &str,
     range: DateRange,
     zone: Zone,
-    config: &Config,
 ) -> anyhow::Result<Measured> {
     let (job_id, job_seconds) = run_job(pool, api, range).await?;
     // The worker vacuums after the job completes; the statement's time must not share the
@@ -165,15 +164,19 @@ async fn measure(
     }
     let file = std::env::temp_dir().join(format!("settle-bench-statement-{job_id}.csv"));
     let statement_seconds = single_statement(pool, range, zone, &file).await?;
-    let job_csv = crate::settlement::csv::final_path(&config.settlement.results_dir, job_id);
-    let same_csv = tokio::fs::read(&job_csv).await? == tokio::fs::read(&file).await?;
+    let job_csv: Vec<u8> = crate::settlement::results::stream(pool.acquire().await?, job_id)
+        .try_fold(Vec::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await?;
+    let same_csv = job_csv == tokio::fs::read(&file).await?;
     if same_csv {
         let _ = tokio::fs::remove_file(&file).await;
     } else {
         eprintln!(
-            "kept {} to compare with {}",
-            file.display(),
-            job_csv.display()
+            "kept {} to compare with job {job_id}'s /downloads/{job_id}.csv",
+            file.display()
         );
     }
     Ok(Measured {

@@ -1,6 +1,8 @@
-//! `GET /downloads/{job_id}.csv`: a COMPLETED settlement's CSV, streamed from the results
-//! directory. The path is parsed to a job id before anything touches the file system, so only
-//! `{digits}.csv` inside `settlement.results_dir` can ever be served.
+//! `GET /downloads/{job_id}.csv`: a COMPLETED settlement's CSV, streamed from Postgres (the
+//! job's rows in `settlement_results`), so any api process serves any job's CSV. Jobs completed
+//! before results moved into Postgres (migration 0009) had theirs written as files: those are
+//! still served from `settlement.results_dir`. The path is parsed to a job id before anything
+//! else, so only `{digits}.csv` inside that directory can ever be read.
 
 use axum::Router;
 use axum::body::Body;
@@ -14,7 +16,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Path;
 use super::openapi::ErrorBody;
-use crate::settlement::{csv, job};
+use crate::settlement::{job, results};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/downloads/{file}", get(download))
@@ -50,17 +52,17 @@ async fn download(
     let mut conn = app.pool.acquire().await?;
     let record = settle_workers::read::get_job(&mut conn, job_id).await?;
     drop(conn);
-    match record {
-        Some(r) if r.kind == job::KIND && r.state == "completed" => {}
+    let result = match record {
+        Some(r) if r.kind == job::KIND && r.state == "completed" => r.result,
         _ => return Err(not_found()),
-    }
-    let path = csv::final_path(&app.config.settlement.results_dir, job_id);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
-        Err(e) => return Err(ApiError::Internal(e.into())),
     };
-    let mut response = Body::from_stream(ReaderStream::new(file)).into_response();
+    let in_postgres = result.as_ref().is_some_and(|r| r.get("csv_rows").is_some());
+    let body = if in_postgres {
+        Body::from_stream(results::stream(app.pool.acquire().await?, job_id))
+    } else {
+        legacy_file(&app, job_id).await?.ok_or_else(not_found)?
+    };
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -71,6 +73,20 @@ async fn download(
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     Ok(response)
+}
+
+/// The CSV file of a job completed before results were kept in Postgres, if it is still there.
+async fn legacy_file(app: &AppState, job_id: i64) -> Result<Option<Body>, ApiError> {
+    let path = app
+        .config
+        .settlement
+        .results_dir
+        .join(format!("{job_id}.csv"));
+    match tokio::fs::File::open(&path).await {
+        Ok(file) => Ok(Some(Body::from_stream(ReaderStream::new(file)))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ApiError::Internal(e.into())),
+    }
 }
 
 #[cfg(test)]

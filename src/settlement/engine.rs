@@ -2,12 +2,10 @@
 //! connection or transaction the caller gives it, so the caller decides what commits together
 //! (a batch's partial sums with the job's checkpoint, the replacement with the completion).
 
-use std::path::Path;
-
 use sqlx::{PgConnection, PgPool};
 
-use super::csv::{self, StagedCsv};
 use super::input;
+use super::results;
 use super::store::{self, Part, Run};
 use super::{DateRange, Settings, SettleError, Zone};
 
@@ -199,34 +197,20 @@ pub async fn process_batch(
     Ok(next)
 }
 
-/// Replaces the range's rows in `settlements` with the job's sums, writes the CSV of the range
-/// under a temp name from the same snapshot, and deletes the job's working rows, all in `tx`.
-///
-/// The caller publishes the returned file, then commits (with the job's completion): a crash in
-/// between leaves a file for a job that is not COMPLETED, which is never served and is
-/// overwritten when the job runs again or removed by [`discard`].
-pub async fn finalize(
-    tx: &mut PgConnection,
-    plan: &Plan,
-    results_dir: &Path,
-) -> Result<StagedCsv, SettleError> {
+/// Writes the job's sums into `settlements` where no newer input's rows stand (see
+/// [`store::replace_settlements`]), stores the range's rows as the job's result (its CSV), and
+/// deletes the job's working rows, all in `tx`: the caller commits them with the job's
+/// completion, so the table, the result and COMPLETED land together or not at all. Returns the
+/// result's row count.
+pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     store::set_local_tuning(tx).await?;
     store::lock_settlements(tx).await?;
-    store::replace_settlements(tx, plan.run.job_id, plan.range())
+    store::replace_settlements(tx, plan.run.job_id, plan.run.high_water_id, plan.range())
         .await
         .map_err(overflow)?;
-    let staged = StagedCsv::write(
-        tx,
-        &store::csv_copy_statement(plan.range()),
-        results_dir,
-        plan.run.job_id,
-    )
-    .await?;
-    if let Err(e) = store::delete_working_rows(tx, plan.run.job_id).await {
-        staged.abandon().await;
-        return Err(e.into());
-    }
-    Ok(staged)
+    let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
+    store::delete_working_rows(tx, plan.run.job_id).await?;
+    Ok(rows)
 }
 
 /// A sum cast to bigint that does not fit (SQLSTATE 22003) is the job's overflow error.
@@ -237,15 +221,10 @@ fn overflow(e: sqlx::Error) -> SettleError {
     }
 }
 
-/// Forgets a cancelled or failed job: its working rows and any file it published.
-/// `settlements` is untouched: only a committed [`finalize`] ever changes it.
-pub async fn discard(
-    conn: &mut PgConnection,
-    job_id: i64,
-    results_dir: &Path,
-) -> Result<(), SettleError> {
+/// Forgets a cancelled or failed job's working rows. `settlements` and the results are
+/// untouched: only a committed [`finalize`] ever writes them.
+pub async fn discard(conn: &mut PgConnection, job_id: i64) -> Result<(), SettleError> {
     store::delete_working_rows(conn, job_id).await?;
-    csv::remove(results_dir, job_id).await?;
     Ok(())
 }
 

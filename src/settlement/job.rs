@@ -8,10 +8,11 @@
 //!    part batch the job's progress is checkpointed through the queue's fenced batch, which
 //!    also re-reads the cancel flag (and fires the parts' token).
 //! 3. [`engine::finalize`] runs in the batch that completes the job, so the `settlements`
-//!    replacement and COMPLETED land together; the CSV is published just before that commit.
+//!    replacement, the job's result (its CSV rows) and COMPLETED land together or not at all:
+//!    nothing outside that fenced transaction publishes or deletes a result.
 //!
 //! A cancel (flag + token) stops every part before its next batch; the job's working rows and
-//! any file are then discarded, and `settlements` is untouched.
+//! are then discarded, and `settlements` is untouched.
 
 use std::sync::Arc;
 
@@ -78,14 +79,14 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
         // Stopped by a cancel (not a shutdown): forget the work, leave settlements as it was.
         let mut conn = ctx.pool().acquire().await?;
         if store::cancel_requested(&mut conn, job_id).await? {
-            engine::discard(&mut conn, job_id, &settings.results_dir)
+            engine::discard(&mut conn, job_id)
                 .await
                 .map_err(JobError::failed)?;
         }
     }
     if matches!(outcome, Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_))) {
         let mut conn = ctx.pool().acquire().await?;
-        engine::discard(&mut conn, job_id, &settings.results_dir)
+        engine::discard(&mut conn, job_id)
             .await
             .map_err(JobError::failed)?;
     }
@@ -134,21 +135,22 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    let staged = engine::finalize(batch.conn(), &plan, &settings.results_dir)
+    let rows = engine::finalize(batch.conn(), &plan)
         .await
         .map_err(job_error)?;
-    let published = staged.publish().await.map_err(JobError::failed)?;
+    // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
+    let result = json!({"download_url": format!("/downloads/{job_id}.csv"), "csv_rows": rows});
+    let completed = batch.complete(Some(result)).await;
     tracing::info!(
         job = job_id,
         ms = started.elapsed().as_millis() as u64,
+        rows,
+        completed = completed.is_ok(),
         "settlement finalized"
     );
-    let result = json!({"download_url": format!("/downloads/{job_id}.csv")});
-    let completed = batch.complete(Some(result)).await;
-    if completed.is_err() {
-        // Not COMPLETED after all: never leave a file for a job that is not.
-        let _ = tokio::fs::remove_file(&published).await;
-    } else if let Err(e) = vacuum(ctx.pool()).await {
+    if completed.is_ok()
+        && let Err(e) = vacuum(ctx.pool()).await
+    {
         tracing::warn!(job = job_id, error = %e, "vacuum after settlement failed");
     }
     completed
@@ -161,12 +163,11 @@ async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 /// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
-/// retried from the checkpoint without spending an attempt); the rest spend an attempt.
+/// retried from the checkpoint).
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),
         SettleError::Sql(e) => JobError::Db(e),
-        SettleError::Io(_) => JobError::failed(e),
     }
 }
 

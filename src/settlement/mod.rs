@@ -8,16 +8,18 @@
 //! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
 //!    into one row of partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;
-//! 3. [`engine::finalize`] replaces the range's rows in `settlements` and writes the CSV, in one
-//!    transaction;
-//! 4. [`engine::discard`] removes a cancelled or failed job's working rows and files.
+//! 3. [`engine::finalize`] replaces the range's rows in `settlements` (never a row built from a
+//!    newer input) and stores them as the job's result ([`results`]), in the transaction that
+//!    completes the job;
+//! 4. [`engine::discard`] removes a cancelled or failed job's working rows.
 //!
-//! Only step 3 touches `settlements`, so a job that never finalizes leaves it as it was.
+//! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
+//! as they were.
 
-pub mod csv;
 pub mod engine;
 pub mod input;
 pub mod job;
+pub mod results;
 pub mod store;
 pub mod transactions;
 
@@ -143,7 +145,6 @@ impl Zone {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub zone: Zone,
-    pub results_dir: std::path::PathBuf,
     /// Rows per checkpointed batch.
     pub batch_size: i64,
     /// Disjoint id sub-ranges one job aggregates at once.
@@ -155,7 +156,6 @@ impl Settings {
         Self {
             // Config validation already rejected unknown zones.
             zone: Zone::parse(&config.time_zone).unwrap_or(Zone(Tz::UTC)),
-            results_dir: config.results_dir.clone(),
             batch_size,
             parts: config.parallel_parts,
         }
@@ -170,8 +170,6 @@ pub enum SettleError {
     Overflow,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
-    #[error("writing the settlement CSV")]
-    Io(#[from] std::io::Error),
 }
 
 #[cfg(test)]

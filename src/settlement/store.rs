@@ -257,19 +257,24 @@ pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error
     Ok(())
 }
 
-/// Writes the job's sums into `settlements`: every `(merchant, day)` of the job's batch sums
-/// is inserted, or updated in place where the key exists (see migration 0007), and the range's
-/// rows the job did not produce are deleted. The casts to bigint fail (SQLSTATE 22003) rather
-/// than wrap when a sum leaves the 64-bit range.
+/// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (the
+/// job's high-water id). Newest input wins: a `(merchant, day)` is inserted, or updated in place
+/// (see migration 0007) only where the stored row was built from the same or an older snapshot;
+/// the range's rows the job did not produce are deleted only where they are older (their
+/// merchant-day has no PAID transactions in this newer input). A row a newer job wrote stays as
+/// it is, whichever job finishes last. The casts to bigint fail (SQLSTATE 22003) rather than
+/// wrap when a sum leaves the 64-bit range.
 pub async fn replace_settlements(
     conn: &mut PgConnection,
     job_id: i64,
+    snapshot_id: i64,
     range: DateRange,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into settlements
-             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)
-         select m, d, sum(g)::int8, sum(f)::int8, (sum(g) - sum(f))::int8, sum(n)::int8, $1
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
+              snapshot_id)
+         select m, d, sum(g)::int8, sum(f)::int8, (sum(g) - sum(f))::int8, sum(n)::int8, $1, $2
          from settlement_batches as b,
               unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
                   as u(m, d, g, f, n)
@@ -278,17 +283,24 @@ pub async fn replace_settlements(
          on conflict (merchant_id, date) do update set
              gross_cents = excluded.gross_cents, fee_cents = excluded.fee_cents,
              net_cents = excluded.net_cents, txn_count = excluded.txn_count,
-             job_id = excluded.job_id, generated_at = excluded.generated_at",
+             job_id = excluded.job_id, generated_at = excluded.generated_at,
+             snapshot_id = excluded.snapshot_id
+         where settlements.snapshot_id <= excluded.snapshot_id",
     )
     .bind(job_id)
+    .bind(snapshot_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("delete from settlements where date between $2 and $3 and job_id <> $1")
-        .bind(job_id)
-        .bind(range.from())
-        .bind(range.to())
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "delete from settlements
+         where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
+    )
+    .bind(job_id)
+    .bind(snapshot_id)
+    .bind(range.from())
+    .bind(range.to())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -333,19 +345,6 @@ pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u6
         delete_working_rows(conn, job_id).await?;
     }
     Ok(abandoned.len() as u64)
-}
-
-/// `COPY` of the range's settlements as the CSV the API serves. COPY takes no parameters; the
-/// days are typed dates rendered as ISO literals.
-pub fn csv_copy_statement(range: DateRange) -> String {
-    format!(
-        "copy (select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
-               from settlements where date between '{}' and '{}'
-               order by merchant_id, date)
-         to stdout with (format csv, header)",
-        range.from().format("%Y-%m-%d"),
-        range.to().format("%Y-%m-%d"),
-    )
 }
 
 /// The job's current claim counter. Read inside the job's first fenced batch, whose commit

@@ -1,0 +1,25 @@
+-- Settlement results in Postgres, and the newest input wins.
+--
+-- 1. Each settlements row records the input snapshot it was built from: the high-water id of
+--    the job that wrote it (every transaction with id <= it, and only those, was that job's
+--    input). A job never overwrites a row built from a newer snapshot, so whatever order
+--    overlapping jobs finish in, each (merchant_id, date) row is the newest input's aggregate.
+--    Rows written before this release get 0: any new job supersedes them.
+alter table settlements add column snapshot_id bigint not null default 0;
+alter table settlements alter column snapshot_id drop default;
+
+-- 2. A completed job's CSV rows, written in the fenced transaction that marks the job
+--    COMPLETED (so a worker that lost its lease can neither write nor delete them) and served
+--    by any api process, streamed with COPY in key order. Deleted with their job when retention
+--    prunes it. The primary key's order is the CSV's (merchant ids in byte order, as in
+--    settlements), so the download streams from the index without a sort.
+create table settlement_results (
+    job_id       bigint      not null references jobs (id) on delete cascade,
+    merchant_id  text collate "C" not null,
+    date         date        not null,
+    gross_cents  bigint      not null,
+    fee_cents    bigint      not null,
+    net_cents    bigint      not null,
+    txn_count    bigint      not null,
+    primary key (job_id, merchant_id, date)
+);
