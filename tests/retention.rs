@@ -1,5 +1,6 @@
-//! Retention: finished jobs past their age and expired idempotency keys are deleted; live jobs,
-//! recent jobs and live keys are not; only one worker prunes jobs at a time.
+//! Retention: finished jobs past their age (with their settlement results) and expired
+//! idempotency keys are deleted; live jobs, recent jobs and live keys are not; only one worker
+//! prunes jobs at a time.
 
 mod common;
 
@@ -32,6 +33,16 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
         .execute(&pool)
         .await
         .unwrap();
+    // Results of an old job and of the recent one: they go with their job, or stay with it.
+    sqlx::query(
+        "insert into settlement_results
+             (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
+         select id, 'm', '2025-01-01', 1, 0, 1, 1 from jobs
+         where state in ('completed', 'cancelled')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let week = Duration::from_secs(7 * 24 * 3600);
 
     // While another session holds the pruner's lock, this worker prunes nothing.
@@ -56,6 +67,19 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
         2
     );
     assert_eq!(count(&pool, "select count(*) from jobs").await, 2);
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from settlement_results r join jobs j on j.id = r.job_id
+             where j.state = 'cancelled'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "select count(*) from settlement_results").await,
+        1
+    );
     assert_eq!(
         count(
             &pool,

@@ -181,6 +181,56 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
 }
 
 #[tokio::test]
+async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
+    let db = db("UTC", 2, 300).await;
+    let old = support::random_transactions(40, 1500, 4, 4);
+    store(&db.pool, &old).await;
+    // A fixes its input, then new transactions arrive (one a merchant-day only they have).
+    let a = db.start(1, range("2025-01-01", "2025-01-04")).await;
+    let mut new = support::random_transactions(41, 500, 4, 4);
+    new.push(txn(
+        "only-new",
+        700,
+        7,
+        Status::Paid,
+        at("2025-01-02T10:00:00Z"),
+    ));
+    store(&db.pool, &new).await;
+    // B covers part of A's range with the newer input and completes first.
+    let b_csv = db.run(2, range("2025-01-02", "2025-01-03")).await;
+    let a = db.batches(&a, None).await;
+    db.finalize(&a).await.unwrap();
+
+    let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+    let newest = reference(&all, day("2025-01-02"), day("2025-01-03"), Tz::UTC);
+    assert!(newest.contains_key(&("only-new".to_owned(), day("2025-01-02"))));
+    let mut expected = reference(&old, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
+    expected.extend(newest.clone());
+    expected.extend(reference(
+        &old,
+        day("2025-01-04"),
+        day("2025-01-04"),
+        Tz::UTC,
+    ));
+    assert_ne!(
+        reference(&old, day("2025-01-02"), day("2025-01-03"), Tz::UTC),
+        newest,
+        "the inputs must differ for the test to mean anything"
+    );
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await,
+        expected
+    );
+    // B's CSV still matches the table; A's CSV is the table as A left it.
+    assert_eq!(csv(&b_csv), newest);
+    assert_eq!(
+        settlements(&db.pool, day("2025-01-02"), day("2025-01-03")).await,
+        newest
+    );
+    assert_eq!(csv(&download(&db.pool, 1).await), expected);
+}
+
+#[tokio::test]
 async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let db = db("UTC", 2, 200).await;
     let rows = support::random_transactions(4, 2000, 4, 6);
