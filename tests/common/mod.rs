@@ -4,7 +4,7 @@
 
 pub mod cluster;
 pub mod processes;
-pub mod proxy;
+pub mod commit_cut;
 
 use std::sync::Arc;
 
