@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod processes;
+pub mod proxy;
 
 use std::sync::Arc;
 
