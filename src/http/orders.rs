@@ -40,10 +40,10 @@ pub fn router() -> Router<AppState> {
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, INVALID_BUYER_ID, INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = super::openapi::ErrorBody),
         (status = 503, description = "ORDER_NOT_PLACED: the database connection failed and the order was certainly not placed; retrying is safe. \
-            ORDER_OUTCOME_UNKNOWN: the connection failed during the commit and the service could not find out whether the order was placed \
+            ORDER_OUTCOME_UNKNOWN: the connection failed during the commit, or the request ran past `http.request_timeout_ms`, and the service could not find out whether the order was placed \
             (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells); a retry with the same Idempotency-Key \
             replays the order if it was placed and places it if not, while a retry without a key may place a second order. \
-            SERVICE_UNAVAILABLE: overloaded, the database unreachable, or the request ran too long", body = super::openapi::ErrorBody),
+            SERVICE_UNAVAILABLE: no database connection free in time, or the database unreachable, before anything was placed; retrying is safe", body = super::openapi::ErrorBody),
     )
 )]
 async fn place_order(
