@@ -184,7 +184,11 @@ async fn place_all(pool: &PgPool, product_id: i64, orders: &[&NewOrder]) -> Vec<
     match tx.commit().await {
         Ok(()) => decided.into_iter().map(Ok).collect(),
         Err(e) => {
-            tracing::warn!(product_id, error = %e, "an order batch's commit failed; checking which orders exist");
+            tracing::warn!(
+                product_id,
+                error = %e,
+                "an order batch's commit failed; checking which orders exist"
+            );
             settle_lost_commit(pool, product_id, decided).await
         }
     }
