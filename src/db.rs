@@ -156,6 +156,24 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     }
 }
 
+/// Whether `e` means the connection or the server failed, rather than the statement being
+/// refused: the session is gone or going (I/O, protocol, `08…` connection exceptions, `57P…`
+/// shutdowns and terminations, the idle-in-transaction timeout, too many connections), so the
+/// request may succeed on a fresh connection and is answered 503, never 500.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "25P03" || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
 /// `name` as a quoted SQL identifier, for the statements that take no parameters (CREATE and
 /// DROP DATABASE).
 pub fn quote_ident(name: &str) -> String {

@@ -5,6 +5,10 @@
 //! duplicate is told at once that the key is in use (409) instead of queueing behind it, and
 //! a duplicate arriving after the commit finds the stored response and replays it.
 //!
+//! When the reply to the commit is lost, [`IdempotencyKey::settled`] finds out what happened the
+//! same way: once the key's lock is free the transaction has ended, and the key's row is there
+//! if and only if it committed.
+//!
 //! Only outcomes of executing the request are stored (success, unknown product, out of stock);
 //! requests rejected by validation store nothing, so a corrected retry with the same key works.
 
@@ -19,6 +23,9 @@ use crate::http::error::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
 pub const MAX_KEY_CHARS: usize = 255;
+
+/// Pause between looks while [`IdempotencyKey::settled`] waits for a key's lock.
+const SETTLE_PAUSE: Duration = Duration::from_millis(50);
 
 /// A client-chosen key, scoped to the endpoint it was used on.
 #[derive(Debug, Clone)]
@@ -88,6 +95,39 @@ impl IdempotencyKey {
                 tx.rollback().await?;
                 Err(e)
             }
+        }
+    }
+
+    /// After this key's transaction failed to confirm its commit: waits (at most `within`)
+    /// until no transaction holds the key, then returns the stored response, `Some(None)` if
+    /// there is none (the transaction did not commit), or `None` if that could not be found
+    /// out in time. A lock that stays taken is either the lost transaction, whose backend
+    /// ends as soon as the server notices its client is gone, or a concurrent retry, whose
+    /// outcome is then the answer.
+    pub async fn settled(
+        &self,
+        pool: &PgPool,
+        request: &Value,
+        within: Duration,
+    ) -> Option<Option<StoredResponse>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let error = match tokio::time::timeout(left, self.start(pool, request)).await {
+                Ok(Ok(Begun::Replay(stored))) => return Some(Some(stored)),
+                Ok(Ok(Begun::Execute(tx))) => {
+                    // Nothing stored: the lost transaction aborted. Release the lock.
+                    let _ = tx.rollback().await;
+                    return Some(None);
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+            if tokio::time::Instant::now() + SETTLE_PAUSE >= deadline {
+                tracing::warn!(%error, "could not find out whether a keyed request committed");
+                return None;
+            }
+            tokio::time::sleep(SETTLE_PAUSE).await;
         }
     }
 

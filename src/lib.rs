@@ -9,7 +9,8 @@
 //! - [`config`]: `config.toml` + environment, validated at start.
 //! - [`db`]: pool, database creation, migration check.
 //! - [`http`]: the HTTP API (routers, error mapping, OpenAPI).
-//! - [`orders`]: products and orders, the no-oversell statement.
+//! - [`orders`]: products and orders, the no-oversell statement, the coalescer, and finding
+//!   out whether orders were placed when a commit reply is lost.
 //! - [`idempotency`]: `Idempotency-Key` storage and replay.
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.

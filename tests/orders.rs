@@ -229,6 +229,8 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let (status, body) = app.post("/api/v1/orders", &order("queued")).await;
     assert_eq!(status, 503, "the queued order timed out: {body}");
+    // Cut short, a placement cannot know whether its batch will still place it.
+    common::assert_error(&body, "ORDER_OUTCOME_UNKNOWN");
     assert_eq!(first.await.unwrap(), 503);
     holder.rollback().await.unwrap();
     // The in-flight batch completes once the row is free; the abandoned queued order is dropped.

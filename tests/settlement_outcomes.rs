@@ -10,8 +10,8 @@ mod support;
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use common::processes::{WorkerProcess, wait_for, wait_state};
 use common::commit_cut::{Cut, CutProxy};
+use common::processes::{WorkerProcess, wait_for, wait_state};
 use common::{TestApp, spawn_app_with};
 use nix::sys::signal::Signal;
 use serde_json::json;

@@ -59,9 +59,21 @@ pub enum ApiError {
     /// The request conflicts with the resource's state (409).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
-    /// No database connection became free in time, or the request ran too long (503).
+    /// No database connection became free in time, the connection failed, or the request ran
+    /// too long (503).
     #[error("the service is overloaded; retry later")]
     Unavailable,
+    /// The order was certainly not placed: its database connection failed before the commit,
+    /// or the commit was found not to have taken effect (503). Retrying is safe.
+    #[error("the order was not placed (the database connection failed); retry")]
+    OrderNotPlaced,
+    /// The commit's reply was lost and the service could not find out whether it took effect
+    /// (503). `order_id` is the order's id if it did.
+    #[error(
+        "the order may or may not have been placed (the database connection failed during the \
+         commit); retry with the same Idempotency-Key, or look up order_id, to find out"
+    )]
+    OrderOutcomeUnknown { order_id: Option<i64> },
     /// Anything else: logged, answered with an opaque 500.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -88,7 +100,9 @@ impl ApiError {
             | Self::IdempotencyKeyInUse
             | Self::Conflict { .. }
             | Self::TransactionConflict { .. } => StatusCode::CONFLICT,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::OrderNotPlaced | Self::OrderOutcomeUnknown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +120,8 @@ impl ApiError {
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
             Self::Unavailable => "SERVICE_UNAVAILABLE",
+            Self::OrderNotPlaced => "ORDER_NOT_PLACED",
+            Self::OrderOutcomeUnknown { .. } => "ORDER_OUTCOME_UNKNOWN",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -135,6 +151,9 @@ impl ApiError {
                 error.insert("merchant_id".into(), merchant_id.as_str().into());
                 error.insert("external_id".into(), external_id.as_str().into());
             }
+            Self::OrderOutcomeUnknown { order_id: Some(id) } => {
+                error.insert("order_id".into(), (*id).into());
+            }
             _ => {}
         }
         json!({ "error": error })
@@ -145,7 +164,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             Self::Internal(e) => tracing::error!(error = ?e, "request failed"),
-            Self::Unavailable => tracing::warn!("request refused: overloaded"),
+            Self::Unavailable => {
+                tracing::warn!("request refused: overloaded or database unreachable")
+            }
+            Self::OrderNotPlaced => tracing::warn!("order not placed: the connection failed"),
+            Self::OrderOutcomeUnknown { order_id } => {
+                tracing::error!(
+                    ?order_id,
+                    "order outcome unknown: the commit reply was lost"
+                )
+            }
             _ => {}
         }
         (self.status(), Json(self.body())).into_response()
@@ -156,6 +184,7 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut => Self::Unavailable,
+            e if crate::db::is_connection_error(&e) => Self::Unavailable,
             other => Self::Internal(other.into()),
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderName;
+use axum::http::{HeaderName, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
@@ -87,11 +87,15 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-/// Answers 503 instead of letting a request hang past `http.request_timeout_ms`.
+/// Answers 503 instead of letting a request hang past `http.request_timeout_ms`. An order
+/// placement cut short may still be placed (its batch runs on without the request), so it is
+/// answered as such: `ORDER_OUTCOME_UNKNOWN`, never a plain "unavailable".
 async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
+    let places_order = request.method() == Method::POST && request.uri().path() == "/api/v1/orders";
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
+        Err(_) if places_order => ApiError::OrderOutcomeUnknown { order_id: None }.into_response(),
         Err(_) => ApiError::Unavailable.into_response(),
     }
 }

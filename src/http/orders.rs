@@ -10,11 +10,13 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::error::{ApiError, ConstraintExt};
+use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::pagination::Cursor;
+use crate::db::is_connection_error;
 use crate::idempotency::{Begun, IdempotencyKey};
 use crate::orders::coalesce::CoalesceError;
+use crate::orders::outcome;
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{Order, PlaceOrderRequest};
 
@@ -37,6 +39,11 @@ pub fn router() -> Router<AppState> {
         (status = 409, description = "OUT_OF_STOCK (with `available`), IDEMPOTENCY_KEY_IN_USE", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, INVALID_BUYER_ID, INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = super::openapi::ErrorBody),
+        (status = 503, description = "ORDER_NOT_PLACED: the database connection failed and the order was certainly not placed; retrying is safe. \
+            ORDER_OUTCOME_UNKNOWN: the connection failed during the commit, or the request ran past `http.request_timeout_ms`, and the service could not find out whether the order was placed \
+            (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells); a retry with the same Idempotency-Key \
+            replays the order if it was placed and places it if not, while a retry without a key may place a second order. \
+            SERVICE_UNAVAILABLE: no database connection free in time, or the database unreachable, before anything was placed; retrying is safe", body = super::openapi::ErrorBody),
     )
 )]
 async fn place_order(
@@ -54,9 +61,11 @@ async fn place_order(
             app.coalescer.place(order).await.map_err(coalesce_error)??
         } else {
             let mut conn = app.pool.acquire().await?;
+            // One statement, its own transaction: a connection failure while it runs may
+            // come after its commit, and no id is known to look for.
             store::place_order(&mut conn, &order)
                 .await
-                .on_constraint("stock_not_negative", out_of_stock)??
+                .map_err(|e| unanswered(e, ApiError::OrderOutcomeUnknown { order_id: None }))??
         };
         return Ok((StatusCode::CREATED, Json(order)).into_response());
     };
@@ -66,7 +75,8 @@ async fn place_order(
     };
     let placed = store::place_order(&mut tx, &order)
         .await
-        .on_constraint("stock_not_negative", out_of_stock)?;
+        .map_err(|e| unanswered(e, ApiError::OrderNotPlaced))?;
+    let order_id = placed.as_ref().ok().map(|order| order.id);
     let (status, body) = match placed {
         Ok(order) => (
             StatusCode::CREATED,
@@ -84,9 +94,40 @@ async fn place_order(
         &body,
         app.config.idempotency.ttl_hours,
     )
-    .await?;
-    tx.commit().await?;
+    .await
+    .map_err(|e| unanswered(e, ApiError::OrderNotPlaced))?;
+    if let Err(e) = tx.commit().await {
+        // The reply may have been lost after the commit. The transaction held the key's lock
+        // from its start to its end: once the lock is free, the stored response (or its
+        // absence) is the outcome.
+        tracing::warn!(error = %e, "a keyed order's commit failed; checking its outcome");
+        return match key.settled(&app.pool, &request_json, outcome::WAIT).await {
+            Some(Some(stored)) => Ok(replay(stored.status, stored.body)),
+            Some(None) => Err(ApiError::OrderNotPlaced),
+            None => Err(ApiError::OrderOutcomeUnknown { order_id }),
+        };
+    }
     Ok(replay(status, body))
+}
+
+/// A statement of an order's placement failed. The schema's last line of defence is a 409, a
+/// connection failure is `connection_failed` (503), anything else a 500.
+fn unanswered(e: sqlx::Error, connection_failed: ApiError) -> ApiError {
+    expected_failure(&e, connection_failed).unwrap_or_else(|| ApiError::Internal(e.into()))
+}
+
+/// The client error or 503 that `e` stands for; `None` for a 500.
+fn expected_failure(e: &sqlx::Error, connection_failed: ApiError) -> Option<ApiError> {
+    if is_stock_violation(e) {
+        Some(out_of_stock())
+    } else if matches!(e, sqlx::Error::PoolTimedOut) {
+        Some(ApiError::Unavailable)
+    } else if is_connection_error(e) {
+        tracing::warn!(error = %e, "an order's database connection failed");
+        Some(connection_failed)
+    } else {
+        None
+    }
 }
 
 /// The schema's last line of defence fired: the statement's own guard should make this
@@ -97,9 +138,12 @@ fn out_of_stock() -> ApiError {
 
 fn coalesce_error(e: CoalesceError) -> ApiError {
     match e {
-        CoalesceError::Sql(e) if matches!(*e, sqlx::Error::PoolTimedOut) => ApiError::Unavailable,
-        CoalesceError::Sql(e) if is_stock_violation(&e) => out_of_stock(),
-        other => ApiError::Internal(other.into()),
+        // The batch failed before its commit: nothing of it was placed.
+        CoalesceError::Sql(e) => expected_failure(&e, ApiError::OrderNotPlaced)
+            .unwrap_or_else(|| ApiError::Internal(CoalesceError::Sql(e).into())),
+        CoalesceError::NotPlaced => ApiError::OrderNotPlaced,
+        CoalesceError::OutcomeUnknown { order_id } => ApiError::OrderOutcomeUnknown { order_id },
+        other @ CoalesceError::Dropped => ApiError::Internal(other.into()),
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`BuyerId`] that are already known good, so [`store`] never sees bad input.
 
 pub mod coalesce;
+pub mod outcome;
 pub mod store;
 
 use chrono::{DateTime, Utc};

@@ -179,6 +179,37 @@ pub async fn insert_grants(
     Ok(placed.into_iter().map(|(_, order)| order).collect())
 }
 
+/// Waits (at most `timeout`, then fails with `lock_not_available`) until no other transaction
+/// holds the product's row lock. Every coalesced batch holds it from its start to its end, so
+/// once it is granted a batch that held it has committed or aborted, and the next statement's
+/// snapshot sees its orders if it committed. Holds a share lock for the rest of the transaction.
+pub async fn wait_product_unlocked(
+    conn: &mut PgConnection,
+    product_id: i64,
+    timeout: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", timeout.as_millis().max(1)))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("select 1 from products where id = $1 for share")
+        .bind(product_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The orders among `ids` that exist, in any order.
+pub async fn get_orders(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Order>, sqlx::Error> {
+    sqlx::query_as(
+        "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at
+         from orders where id = any($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
 pub async fn get_order(conn: &mut PgConnection, id: i64) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query_as(
         "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at

@@ -3,8 +3,9 @@
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod cluster;
-pub mod processes;
 pub mod commit_cut;
+pub mod processes;
+pub mod proxy;
 
 use std::sync::Arc;
 

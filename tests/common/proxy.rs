@@ -1,0 +1,286 @@
+//! A TCP proxy in front of Postgres that breaks connections the way networks and failovers do,
+//! for the tests of what the API answers then: it cuts connections at once (mid-statement or
+//! mid-transaction), and at a `COMMIT` it can cut before forwarding it (the transaction aborts),
+//! or forward it and swallow the server's reply (the transaction commits, the client never
+//! hears), optionally refusing every connection afterwards until told otherwise.
+//!
+//! It reads the client's side of the protocol just enough to spot `COMMIT` (a simple-query
+//! `Q` message, which is how sqlx commits); the server's side is copied untouched.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// What to do to one `COMMIT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFault {
+    /// Cut the connection instead of forwarding it: the transaction aborts.
+    CutBefore,
+    /// Forward it, swallow the reply, cut: the transaction commits, the client never hears.
+    LoseReply,
+    /// As `LoseReply`, then refuse and cut every connection until [`Proxy::restore`].
+    LoseReplyThenBlackout,
+}
+
+/// A running proxy; stops accepting when dropped (live connections end with their sockets).
+pub struct Proxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.shared.cut_all();
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    upstream: String,
+    next_id: AtomicU64,
+    /// Live connections, to cut one or all.
+    live: Mutex<HashMap<u64, CancellationToken>>,
+    /// Faults for the next `COMMIT`s, in order, before the random ones.
+    planned: Mutex<VecDeque<CommitFault>>,
+    /// Per mille of `COMMIT`s whose reply is lost, when nothing is planned.
+    lose_reply_per_mille: AtomicU32,
+    /// Per mille of `COMMIT`s cut before they reach the server, when nothing is planned.
+    cut_before_per_mille: AtomicU32,
+    refusing: AtomicBool,
+    cuts: AtomicU64,
+    lost_replies: AtomicU64,
+    cut_commits: AtomicU64,
+}
+
+impl Shared {
+    fn cut_all(&self) {
+        for token in self.live.lock().unwrap().values() {
+            token.cancel();
+        }
+    }
+
+    fn next_fault(&self) -> Option<CommitFault> {
+        if let Some(planned) = self.planned.lock().unwrap().pop_front() {
+            return Some(planned);
+        }
+        let roll = rand::random::<u32>() % 1000;
+        let lose = self.lose_reply_per_mille.load(Ordering::Relaxed);
+        let cut = self.cut_before_per_mille.load(Ordering::Relaxed);
+        if roll < lose {
+            Some(CommitFault::LoseReply)
+        } else if roll < lose + cut {
+            Some(CommitFault::CutBefore)
+        } else {
+            None
+        }
+    }
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1 and forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let shared = Arc::new(Shared {
+            upstream: upstream.to_owned(),
+            ..Shared::default()
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Self {
+            port,
+            shared,
+            accept,
+        }
+    }
+
+    /// A URL for database `name` through the proxy.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Applies `fault` to the next `COMMIT` that passes (after those planned before).
+    pub fn plan(&self, fault: CommitFault) {
+        self.shared.planned.lock().unwrap().push_back(fault);
+    }
+
+    /// From now on, loses the reply of `lose_reply` and cuts `cut_before` per mille of commits.
+    pub fn commit_faults(&self, lose_reply: u32, cut_before: u32) {
+        let s = &self.shared;
+        s.lose_reply_per_mille.store(lose_reply, Ordering::Relaxed);
+        s.cut_before_per_mille.store(cut_before, Ordering::Relaxed);
+    }
+
+    /// Cuts one live connection chosen at random; whether there was one.
+    pub fn cut_random(&self) -> bool {
+        let live = self.shared.live.lock().unwrap();
+        if live.is_empty() {
+            return false;
+        }
+        let pick = rand::random::<u32>() as usize % live.len();
+        live.values().nth(pick).expect("picked").cancel();
+        self.shared.cuts.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends a blackout: connections are accepted again.
+    pub fn restore(&self) {
+        self.shared.refusing.store(false, Ordering::SeqCst);
+    }
+
+    /// (connections cut at random, commit replies lost, commits cut before the server).
+    pub fn faults(&self) -> (u64, u64, u64) {
+        let s = &self.shared;
+        (
+            s.cuts.load(Ordering::Relaxed),
+            s.lost_replies.load(Ordering::Relaxed),
+            s.cut_commits.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        if shared.refusing.load(Ordering::SeqCst) {
+            drop(client);
+            continue;
+        }
+        tokio::spawn(relay(client, shared.clone()));
+    }
+}
+
+/// One client connection: two pumps until either side ends or the connection is cut.
+async fn relay(client: TcpStream, shared: Arc<Shared>) {
+    let Ok(server) = TcpStream::connect(&shared.upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let cut = CancellationToken::new();
+    shared.live.lock().unwrap().insert(id, cut.clone());
+    let swallow = AtomicU8::new(PASS);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let upstream = client_to_server(client_read, server_write, &shared, &cut, &swallow);
+    let downstream = server_to_client(server_read, client_write, &shared, &cut, &swallow);
+    tokio::select! {
+        _ = cut.cancelled() => {}
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+    shared.live.lock().unwrap().remove(&id);
+    // Both sockets drop here: the client and the server each see the connection end.
+}
+
+async fn client_to_server(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    cut: &CancellationToken,
+    swallow: &AtomicU8,
+) -> std::io::Result<()> {
+    let mut started = false;
+    loop {
+        let frame = if started {
+            read_typed(&mut from).await?
+        } else {
+            let frame = read_untyped(&mut from).await?;
+            // SSLRequest and GSSENCRequest are followed by another untyped message; the
+            // startup message (protocol 3.x) by typed ones.
+            let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
+            started = code >> 16 == 3;
+            frame
+        };
+        if started && frame[0] == b'Q' && is_commit(&frame[5..]) {
+            match shared.next_fault() {
+                None => {}
+                Some(CommitFault::CutBefore) => {
+                    shared.cut_commits.fetch_add(1, Ordering::Relaxed);
+                    cut.cancel();
+                    return Ok(());
+                }
+                Some(fault) => {
+                    shared.lost_replies.fetch_add(1, Ordering::Relaxed);
+                    if fault == CommitFault::LoseReplyThenBlackout {
+                        shared.refusing.store(true, Ordering::SeqCst);
+                        swallow.store(SWALLOW_THEN_BLACKOUT, Ordering::SeqCst);
+                    } else {
+                        swallow.store(SWALLOW, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+        to.write_all(&frame).await?;
+    }
+}
+
+async fn server_to_client(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    cut: &CancellationToken,
+    swallow: &AtomicU8,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let n = from.read(&mut buffer).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let fault = swallow.load(Ordering::SeqCst);
+        if fault != PASS {
+            // The server answered the COMMIT: it has committed. The client never hears.
+            if fault == SWALLOW_THEN_BLACKOUT {
+                shared.cut_all();
+            }
+            cut.cancel();
+            return Ok(());
+        }
+        to.write_all(&buffer[..n]).await?;
+    }
+}
+
+/// What the server-to-client pump does with the server's bytes.
+const PASS: u8 = 0;
+const SWALLOW: u8 = 1;
+const SWALLOW_THEN_BLACKOUT: u8 = 2;
+
+/// A startup-phase message: length (including itself) then body.
+async fn read_untyped(from: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
+    let mut length = [0; 4];
+    from.read_exact(&mut length).await?;
+    let total = u32::from_be_bytes(length) as usize;
+    let mut frame = length.to_vec();
+    frame.resize(total.max(8), 0);
+    from.read_exact(&mut frame[4..]).await?;
+    Ok(frame)
+}
+
+/// A regular message: type byte, length (including itself, not the type), body.
+async fn read_typed(from: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
+    let mut head = [0; 5];
+    from.read_exact(&mut head).await?;
+    let length = u32::from_be_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+    let mut frame = head.to_vec();
+    frame.resize(1 + length.max(4), 0);
+    from.read_exact(&mut frame[5..]).await?;
+    Ok(frame)
+}
+
+fn is_commit(query: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(query);
+    text.trim_end_matches('\0')
+        .trim()
+        .trim_end_matches(';')
+        .eq_ignore_ascii_case("commit")
+}
