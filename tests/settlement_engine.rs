@@ -48,7 +48,7 @@ impl Db {
         .execute(&self.pool)
         .await
         .unwrap();
-        let bounds = engine::input_bounds(&self.pool).await.unwrap();
+        let bounds = engine::high_water_mark(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
         let plan = engine::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
             .await
@@ -424,7 +424,7 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let db = db("UTC", 2, 10).await;
     store(&db.pool, &support::random_transactions(8, 100, 2, 2)).await;
     let range = range("2025-01-01", "2025-01-02");
-    let bounds = engine::input_bounds(&db.pool).await.unwrap();
+    let bounds = engine::high_water_mark(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
     engine::start(&mut tx, 5, range, &db.settings, 1, Some(bounds))
         .await
@@ -507,7 +507,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     support::insert(&mut open, &rows[..1]).await;
     store(&db.pool, &rows[1..]).await;
     let pool = db.pool.clone();
-    let bounds = tokio::spawn(async move { engine::input_bounds(&pool).await.unwrap() });
+    let bounds = tokio::spawn(async move { engine::high_water_mark(&pool).await.unwrap() });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         !bounds.is_finished(),
@@ -519,7 +519,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     let plan = engine::start(
         &mut tx,
         1,
-        range("2025-01-01", "2025-01-01"),
+        range("2024-12-31", "2025-01-02"), // every day the rows may fall on
         &db.settings,
         0,
         Some(bounds),
@@ -533,6 +533,6 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     let path = db.finalize(&plan).await.unwrap();
     assert_eq!(
         csv(&path),
-        reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC)
+        reference(&rows, day("2024-12-31"), day("2025-01-02"), Tz::UTC)
     );
 }

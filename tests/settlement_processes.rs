@@ -101,7 +101,8 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
             .await
             .unwrap();
     assert_eq!(attempt, 2, "{}", second.log_text());
-    assert_eq!((processed, total), (30_000, 30_000));
+    let within = support::paid_within(&rows, "2025-01-01", "2025-01-05", Tz::America__New_York);
+    assert_eq!((processed, total), (within, within));
     assert!(committed > 0, "the first worker had committed batches");
     assert!(high_water > 0);
     let expected = reference(

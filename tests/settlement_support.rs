@@ -90,6 +90,14 @@ pub async fn insert(conn: &mut sqlx::PgConnection, rows: &[NewTransaction]) {
     );
 }
 
+/// How many of `rows` were paid within the days `from..=to` of `zone`: a job's `total`.
+pub fn paid_within(rows: &[NewTransaction], from: &str, to: &str, zone: Tz) -> i64 {
+    let days = day(from)..=day(to);
+    rows.iter()
+        .filter(|t| days.contains(&t.paid_at.with_timezone(&zone).date_naive()))
+        .count() as i64
+}
+
 /// The expected settlement of `rows` for `from..=to` in `zone`, computed without SQL.
 pub fn reference(rows: &[NewTransaction], from: NaiveDate, to: NaiveDate, zone: Tz) -> Settled {
     let mut out = Settled::new();

@@ -57,42 +57,41 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
     Ok(created || stale)
 }
 
-/// How often [`input_bounds`] looks whether the inserts it waits for have ended.
+/// How often [`high_water_mark`] looks whether the inserts it waits for have ended.
 const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// `(lo, hi]`, the ids of the job's input: `hi` the highest committed id, `lo` just below the
-/// lowest, returned once no row below `hi` can still commit. An insert in flight holds ids it
-/// drew from the sequence, possibly below ids another insert already committed; committing
-/// after the job counted its total, it would land under the mark uncounted. Any such insert was
-/// open when the mark was read, so it is among the transactions holding a write lock on
-/// `transactions` just after: this waits until those have ended (as `CREATE INDEX
-/// CONCURRENTLY` waits for lockers). Inserts that start later draw ids above the mark. Nobody
-/// waits for the job: unlike a table lock, this never holds up an insert, even behind a long
-/// bulk load.
-pub async fn input_bounds(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+/// The highest committed transaction id, returned once no row below it can still commit. An
+/// insert in flight holds ids it drew from the sequence, possibly below ids another insert
+/// already committed; committing after the job counted its total, it would land under the mark
+/// uncounted. Any such insert was open when the mark was read, so it is among the transactions
+/// holding a write lock on `transactions` just after: this waits until those have ended (as
+/// `CREATE INDEX CONCURRENTLY` waits for lockers). Inserts that start later draw ids above the
+/// mark. Nobody waits for the job: unlike a table lock, this never holds up an insert, even
+/// behind a long bulk load.
+pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let hi = input::max_id(&mut conn).await?;
     let writers = input::transaction_writers(&mut conn).await?;
     while input::any_running(&mut conn, &writers).await? {
         tokio::time::sleep(INSERT_POLL).await;
     }
-    // Read after the wait: the lowest id may have been one of those in flight.
-    let lo = input::id_before(&mut conn, hi).await?;
-    Ok((lo, hi))
+    Ok(hi)
 }
 
-/// Fixes the job's input the first time it runs (the transactions in `bounds`, which a first
-/// start must be given by [`input_bounds`], their true total, `parts` disjoint id sub-ranges)
-/// and returns it; on any later run returns what was fixed then, with each part's committed
-/// cursor. Either way the run now belongs to the claim `fence` (see [`store::lock_run`]): part
-/// batches of an earlier owner stop landing.
+/// Fixes the job's input the first time it runs and returns it; on any later run returns what
+/// was fixed then, with each part's committed cursor. A first start must be given the
+/// [`high_water_mark`]: the input is every transaction up to it whose `paid_at` falls within
+/// the range's days, found through the `(paid_at, id)` index, which also gives the id span
+/// those rows occupy and their exact count (the job's `total`: what it will read). The span is
+/// cut into `parts` disjoint id sub-ranges. Either way the run now belongs to the claim `fence`
+/// (see [`store::lock_run`]): part batches of an earlier owner stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
     range: DateRange,
     settings: &Settings,
     fence: i64,
-    bounds: Option<(i64, i64)>,
+    high_water: Option<i64>,
 ) -> Result<Plan, sqlx::Error> {
     if let Some(run) = store::get_run(tx, job_id).await? {
         store::set_run_fence(tx, job_id, fence).await?;
@@ -106,18 +105,19 @@ pub async fn start(
             "deleted working rows of settlement jobs no longer running"
         );
     }
-    let (lo, hi) = bounds.expect("a first start is given its bounds by engine::input_bounds");
+    let hi = high_water.expect("a first start is given engine::high_water_mark");
     refresh_statistics(tx, settings.zone).await?;
+    let window = input::window(tx, hi, range, settings.zone).await?;
     let run = Run {
         job_id,
         from_date: range.from(),
         to_date: range.to(),
         time_zone: settings.zone.name().to_owned(),
         high_water_id: hi,
-        total: input::count_up_to(tx, hi).await?,
+        total: window.rows,
     };
     store::insert_run(tx, &run, fence).await?;
-    let parts = split(lo, hi, settings.parts);
+    let parts = split(window.after_id, window.last_id, settings.parts);
     for part in &parts {
         store::insert_part(tx, job_id, part).await?;
     }
@@ -177,7 +177,7 @@ pub async fn process_batch(
             next.processed += scanned;
         }
         None => {
-            let following = store::next_id(tx, end, part.hi_id).await?;
+            let following = store::next_id(tx, end, part.hi_id, plan.range(), plan.zone()).await?;
             next.cursor_id = following.map_or(part.hi_id, |id| id - 1).max(end);
         }
     }

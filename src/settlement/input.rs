@@ -1,9 +1,10 @@
 //! Reads of the job's input, the `transactions` table: its planner statistics, the writers a
-//! new job waits for, its id bounds and its size. The job's own state is in [`super::store`].
+//! new job waits for, its high-water id, and the window of it a job reads (the id span and
+//! count of the transactions paid within the job's days). The job's own state is in [`super::store`].
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::Zone;
+use super::{DateRange, Zone};
 
 /// `(rows changed since the last analyze, rows estimated)` of `transactions`; the estimate is
 /// negative when the table was never analyzed.
@@ -78,17 +79,49 @@ pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// The id just below the lowest committed one up to `hi` (`hi` itself when there is none).
-pub async fn id_before(conn: &mut PgConnection, hi: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select coalesce(min(id) - 1, $1) from transactions where id <= $1")
-        .bind(hi)
-        .fetch_one(conn)
-        .await
+/// The transactions up to a high-water id whose `paid_at` falls within a range's days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Just below the lowest such id (the high-water id when there are none).
+    pub after_id: i64,
+    /// The highest such id (the high-water id when there are none).
+    pub last_id: i64,
+    /// How many there are.
+    pub rows: i64,
 }
 
-pub async fn count_up_to(conn: &mut PgConnection, high_water_id: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select count(*) from transactions where id <= $1")
-        .bind(high_water_id)
-        .fetch_one(conn)
-        .await
+/// `paid_at >= <first instant of from> and paid_at < <first instant of the day after to>`, in
+/// the zone, as SQL on `$from`/`$to` date parameters: the time bound of a job's input, which
+/// the `(paid_at, id)` index serves. The zone is a literal (see [`Zone::day_sql`]).
+pub fn paid_within(zone: Zone, from: &str, to: &str) -> String {
+    let name = zone.name().replace('\'', "''");
+    format!(
+        "paid_at >= ({from}::date::timestamp at time zone '{name}') \
+         and paid_at < (({to}::date + 1)::timestamp at time zone '{name}')"
+    )
+}
+
+/// The job's input window: one index-only pass over the range's days in the `(paid_at, id)`
+/// index gives its id span and its exact size.
+pub async fn window(
+    conn: &mut PgConnection,
+    high_water_id: i64,
+    range: DateRange,
+    zone: Zone,
+) -> Result<Window, sqlx::Error> {
+    let (after_id, last_id, rows) = sqlx::query_as(AssertSqlSafe(format!(
+        "select coalesce(min(id) - 1, $1), coalesce(max(id), $1), count(*)
+         from transactions where id <= $1 and {}",
+        paid_within(zone, "$2", "$3")
+    )))
+    .bind(high_water_id)
+    .bind(range.from())
+    .bind(range.to())
+    .fetch_one(conn)
+    .await?;
+    Ok(Window {
+        after_id,
+        last_id,
+        rows,
+    })
 }

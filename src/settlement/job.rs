@@ -101,18 +101,18 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let resumed = store::get_run(&mut *ctx.pool().acquire().await?, job_id)
         .await?
         .is_some();
-    let bounds = if resumed {
+    let high_water = if resumed {
         None
     } else {
         tokio::select! {
-            bounds = engine::input_bounds(ctx.pool()) => Some(bounds?),
+            mark = engine::high_water_mark(ctx.pool()) => Some(mark?),
             () = ctx.token().cancelled() => return Err(JobError::Stopped),
         }
     };
     let mut batch = ctx.begin().await?;
     // The commit below is fenced, so if it lands this was our claim's counter.
     let fence = store::job_fence(batch.conn(), job_id).await?;
-    let plan = engine::start(batch.conn(), job_id, range, settings, fence, bounds).await?;
+    let plan = engine::start(batch.conn(), job_id, range, settings, fence, high_water).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     batch
         .commit(&checkpoint, plan.processed(), Some(plan.run.total))

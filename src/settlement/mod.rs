@@ -3,8 +3,9 @@
 //!
 //! A job runs in four steps, each a small function in [`engine`]:
 //! 1. [`engine::start`] fixes its input once (an id high-water mark from
-//!    [`engine::input_bounds`] and a true total, after refreshing stale statistics) and splits
-//!    the id range into disjoint parts;
+//!    [`engine::high_water_mark`], and of the transactions up to it those paid within the job's
+//!    days, found by the `(paid_at, id)` index: their id span and true total) and splits the
+//!    span into disjoint parts, so a job's cost follows its range, not the table;
 //! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
 //!    into one row of partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;

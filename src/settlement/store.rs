@@ -6,6 +6,7 @@
 use chrono::NaiveDate;
 use sqlx::{AssertSqlSafe, PgConnection};
 
+use super::input::paid_within;
 use super::{DateRange, Zone};
 
 /// A job's fixed input, as stored in `settlement_runs`.
@@ -137,22 +138,30 @@ pub async fn get_parts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<Part>
     .await
 }
 
-/// The first id after `after` up to `hi`, to skip a gap in the ids.
+/// The first id of the job's input after `after` up to `hi`, to skip a gap: ids that do not
+/// exist, or rows paid outside the job's days (later or earlier arrivals between its own).
 pub async fn next_id(
     conn: &mut PgConnection,
     after: i64,
     hi: i64,
+    range: DateRange,
+    zone: Zone,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar("select min(id) from transactions where id > $1 and id <= $2")
-        .bind(after)
-        .bind(hi)
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "select min(id) from transactions where id > $1 and id <= $2 and {}",
+        paid_within(zone, "$3", "$4")
+    )))
+    .bind(after)
+    .bind(hi)
+    .bind(range.from())
+    .bind(range.to())
+    .fetch_one(conn)
+    .await
 }
 
-/// Reads the transactions with ids in `(after, up_to]` and stores, as one row of the part's
-/// batch sums, the `(merchant, day)` sums of the PAID ones whose day is in `range`. Returns the
-/// rows read, `None` when there were none (nothing is stored then). Grouping every row and
+/// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s
+/// days) and stores, as one row of the part's batch sums, the `(merchant, day)` sums of the
+/// PAID ones. Returns the rows read, `None` when there were none (nothing is stored then). Grouping every row and
 /// filtering inside the aggregates counts the rows read in the same pass. A batch sum past 64
 /// bits fails its cast (SQLSTATE 22003).
 pub async fn aggregate_ids(
@@ -165,6 +174,7 @@ pub async fn aggregate_ids(
 ) -> Result<Option<i64>, sqlx::Error> {
     let day = zone.day_sql();
     let paid = "status = 'PAID'";
+    let within = paid_within(zone, "$5", "$6");
     sqlx::query_scalar(AssertSqlSafe(format!(
         "insert into settlement_batches (job_id, part, end_id, scanned,
              merchant_ids, dates, gross_cents, fee_cents, txn_counts)
@@ -182,7 +192,7 @@ pub async fn aggregate_ids(
                     count(*) as scanned,
                     {day} between $5 and $6 and count(*) filter (where {paid}) > 0 as kept
              from transactions
-             where id > $3 and id <= $4
+             where id > $3 and id <= $4 and {within}
              group by merchant_id, {day}
          ) as groups
          having count(*) > 0
