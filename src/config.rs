@@ -4,6 +4,7 @@
 //! Every struct denies unknown fields, so a misspelt key fails at start with its name, and every
 //! value is checked by [`Config::validate`] before anything connects anywhere.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -93,6 +94,15 @@ pub struct WorkerConfig {
     pub backoff_max_ms: u64,
     /// Finished jobs older than this are deleted.
     pub retention_hours: u64,
+    /// Transient database errors in a row (without the job's checkpoint moving) retried without
+    /// spending an attempt; the next one fails the attempt.
+    pub max_transient_retries: u32,
+    /// How long one attempt may run before it is aborted and failed, for kinds not in
+    /// `timeouts`.
+    pub job_timeout_ms: u64,
+    /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +217,12 @@ impl Config {
                 "must be at least worker.backoff_base_ms, which must be positive",
             );
         }
+        if w.job_timeout_ms == 0 {
+            return invalid("worker.job_timeout_ms", "must be positive");
+        }
+        if w.timeouts.values().any(|&ms| ms == 0) {
+            return invalid("worker.timeouts", "must all be positive");
+        }
         if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
             return invalid("settlement.time_zone", "is not an IANA time zone name");
         }
@@ -256,6 +272,7 @@ fn env_layer() -> Figment {
 mod tests {
     use super::*;
     use figment::providers::Serialized;
+    use std::time::Duration;
 
     /// The error with its causes, as the CLI prints it.
     fn chain(e: ConfigError) -> String {
@@ -282,5 +299,22 @@ mod tests {
         let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
         let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn attempt_timeouts_per_kind_override_the_default() {
+        let defaults = Config::from_figment(Config::defaults()).unwrap();
+        assert!(defaults.worker.timeouts["settlement"] > defaults.worker.job_timeout_ms);
+        let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 300));
+        let config = Config::from_figment(figment).unwrap();
+        let settings = crate::worker::settings(&config.worker);
+        assert_eq!(settings.timeout_for("sleep"), Duration::from_millis(300));
+        assert_eq!(
+            settings.timeout_for("noop"),
+            Duration::from_millis(config.worker.job_timeout_ms)
+        );
+        let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 0));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(err.contains("worker.timeouts"), "{err}");
     }
 }

@@ -21,6 +21,13 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
         poll_interval: Duration::from_millis(config.poll_interval_ms),
         backoff_base: Duration::from_millis(config.backoff_base_ms),
         backoff_max: Duration::from_millis(config.backoff_max_ms),
+        max_transient_retries: config.max_transient_retries,
+        job_timeout: Duration::from_millis(config.job_timeout_ms),
+        kind_timeouts: config
+            .timeouts
+            .iter()
+            .map(|(kind, &ms)| (kind.clone(), Duration::from_millis(ms)))
+            .collect(),
         retention: Some(Duration::from_secs(config.retention_hours * 3600)),
         retention_interval: Duration::from_secs(60),
         // Half a lease to reach a checkpoint: the release still lands well before expiry.

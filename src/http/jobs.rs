@@ -167,7 +167,9 @@ async fn list_jobs(
 }
 
 /// Cancel a job: a QUEUED job becomes CANCELLED at once and never starts; a RUNNING one becomes
-/// CANCELLING and stops at its next checkpoint. Cancelling a cancelled job changes nothing.
+/// CANCELLING and always ends CANCELLED: it stops at its next checkpoint, and a job already in
+/// its final step rolls that step back. A job whose completion committed first answers 409.
+/// Cancelling a cancelled job changes nothing.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     params(("id" = i64, Path)),

@@ -4,12 +4,16 @@
 //!
 //! - `noop`: completes at once; with `{"record": true}` it writes one `queue_probe_effects` row
 //!   in its completing transaction (a primary key catches a second run).
-//! - `sleep`: `{"ms": n}`, stopping early when cancelled or shut down.
+//! - `sleep`: `{"ms": n}`, stopping early when cancelled or shut down (unless
+//!   `"ignore_token": true`: a body only the attempt timeout can stop).
 //! - `fail`: `{"times": n}` fails its first n attempts, then completes.
 //! - `panic`: `{"times": n}` panics in its first n attempts, then completes.
 //! - `count`: counts `1..=upto` in checkpointed batches (see [`count`]).
+//! - `transient`: every run fails with a transient database error (see [`endings`]).
+//! - `stubborn`, `final_step`: cancels landing as a job ends (see [`endings`]).
 
 pub mod count;
+pub mod endings;
 
 use std::time::Duration;
 
@@ -25,7 +29,10 @@ pub fn registry(batch_size: i64) -> Registry {
         .register("sleep", sleep)
         .register("fail", fail)
         .register("panic", panic)
-        .register("count", move |ctx| count::run(ctx, batch_size));
+        .register("count", move |ctx| count::run(ctx, batch_size))
+        .register("transient", endings::transient)
+        .register("stubborn", endings::stubborn)
+        .register("final_step", endings::final_step);
     registry
 }
 
@@ -41,6 +48,10 @@ pub async fn create_probe_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
              job_id bigint primary key,
              counted bigint not null,
              batches integer not null
+         );
+         create table if not exists queue_probe_marks (
+             job_id bigint primary key,
+             at timestamptz not null default now()
          );",
     )
     .execute(pool)
@@ -72,10 +83,16 @@ async fn noop(mut ctx: JobContext) -> JobResult {
 #[derive(Deserialize)]
 struct SleepArgs {
     ms: u64,
+    #[serde(default)]
+    ignore_token: bool,
 }
 
 async fn sleep(ctx: JobContext) -> JobResult {
     let args: SleepArgs = ctx.args()?;
+    if args.ignore_token {
+        tokio::time::sleep(Duration::from_millis(args.ms)).await;
+        return Ok(Outcome::Completed(None));
+    }
     tokio::select! {
         () = tokio::time::sleep(Duration::from_millis(args.ms)) => Ok(Outcome::Completed(None)),
         () = ctx.token().cancelled() => Err(JobError::Stopped),

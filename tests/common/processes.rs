@@ -59,6 +59,14 @@ impl WorkerProcess {
                 w.backoff_max_ms.to_string(),
             )
             .env("SETTLE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string())
+            .env(
+                "SETTLE_WORKER__MAX_TRANSIENT_RETRIES",
+                w.max_transient_retries.to_string(),
+            )
+            .env(
+                "SETTLE_WORKER__JOB_TIMEOUT_MS",
+                w.job_timeout_ms.to_string(),
+            )
             .env("SETTLE_LOG", "warn,settle=info,settle_workers=info")
             .env_remove("DATABASE_URL")
             .env_remove("WORKERS")
@@ -66,6 +74,10 @@ impl WorkerProcess {
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true);
+        for (kind, ms) in &w.timeouts {
+            let key = format!("SETTLE_WORKER__TIMEOUTS__{}", kind.to_uppercase());
+            command.env(key, ms.to_string());
+        }
         for (key, value) in env {
             command.env(key, value);
         }

@@ -1,5 +1,6 @@
 //! How a job body fails, and which database errors are the database's fault (retried from the
-//! last checkpoint without spending an attempt) rather than the job's.
+//! last checkpoint without spending an attempt, a bounded number of times) rather than the
+//! job's.
 
 /// Why a job body returned without an [`crate::Outcome`].
 #[derive(Debug, thiserror::Error)]
@@ -11,8 +12,9 @@ pub enum JobError {
     #[error("{0}")]
     Fatal(String),
     /// A database error. Transient ones (connection lost, serialization failure, deadlock, …)
-    /// re-run the body from the last checkpoint without spending an attempt; others count as
-    /// [`JobError::Failed`].
+    /// re-run the body from the last checkpoint without spending an attempt, up to
+    /// `WorkerSettings::max_transient_retries` in a row; past that, and for all others, it
+    /// counts as [`JobError::Failed`].
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     /// The body stopped because its stop token fired (cancel requested or worker shutting

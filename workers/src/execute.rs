@@ -1,6 +1,7 @@
 //! Running one claimed job: the body in its own task (a panic fails the job, not the worker),
-//! transient database errors re-run from the last checkpoint without spending an attempt, and
-//! every ending recorded with a fenced write.
+//! transient database errors re-run from the last checkpoint without spending an attempt (a
+//! bounded number of times in a row), an attempt running past its kind's timeout aborted and
+//! failed, and every ending recorded with a fenced write.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,9 +91,16 @@ async fn attempt(
         // Only a rescue claims past max_attempts: the job's worker was lost on every attempt.
         return fatal("lease expired on the last attempt (worker lost)".into());
     }
-    let (mut checkpoint, mut processed, mut total) = (job.checkpoint, job.processed, job.total);
+    let (mut checkpoint, mut processed, mut total) =
+        (job.checkpoint.clone(), job.processed, job.total);
+    // Transient errors since the checkpoint last moved.
     let mut transient_failures = 0u32;
+    let timeout = shared.settings.timeout_for(&job.kind);
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        if tokio::time::Instant::now() >= deadline {
+            return timed_out(shared, &job, timeout);
+        }
         let finished = Arc::new(AtomicBool::new(false));
         let ctx = JobContext {
             id: job.id,
@@ -126,6 +134,13 @@ async fn attempt(
                 tracing::warn!(job = job.id, "job ignored shutdown past the grace period; releasing");
                 return Ending::Release;
             }
+            // The body may ignore its token (or be stuck in a statement): abort it rather than
+            // ask it to stop, and fail the attempt. A stop would read as a shutdown and release
+            // the job without spending its attempt.
+            () = tokio::time::sleep_until(deadline) => {
+                body.abort();
+                return timed_out(shared, &job, timeout);
+            }
         };
         let result = joined.unwrap_or_else(|e| {
             let message = if e.is_panic() {
@@ -148,13 +163,22 @@ async fn attempt(
                 Ending::Nothing
             }
             Err(e) if e.is_transient() => {
-                transient_failures += 1;
                 tracing::warn!(job = job.id, error = %e, "transient database error; resuming from the last checkpoint");
-                let pause = Duration::from_millis(100 * u64::from(transient_failures.min(20)));
+                let pause = transient_pause(transient_failures + 1);
                 let Some(resume) = resume_point(shared, job.id, job.fence, lost, pause).await
                 else {
                     return Ending::Nothing;
                 };
+                // A body that commits progress between errors is getting somewhere (its
+                // attempt timeout still bounds it); one that does not gets a bounded count.
+                let moved = resume.processed != processed || resume.checkpoint != checkpoint;
+                transient_failures = if moved { 1 } else { transient_failures + 1 };
+                let limit = shared.settings.max_transient_retries;
+                if transient_failures > limit {
+                    let error =
+                        format!("{e} (transient; gave up after {limit} retries without progress)");
+                    return failure(shared, &job, error);
+                }
                 (checkpoint, processed, total) =
                     (resume.checkpoint, resume.processed, resume.total);
                 if resume.cancel_requested {
@@ -162,13 +186,30 @@ async fn attempt(
                 }
                 continue;
             }
-            Err(e) => Ending::Fail {
-                error: e.to_string(),
-                fatal: false,
-                retry_in: finish::backoff(&shared.settings, job.attempt),
-            },
+            Err(e) => failure(shared, &job, e.to_string()),
         };
     }
+}
+
+/// The attempt failed: spend it and retry after the backoff (FAILED when it was the last).
+fn failure(shared: &Shared, job: &ClaimedJob, error: String) -> Ending {
+    Ending::Fail {
+        error,
+        fatal: false,
+        retry_in: finish::backoff(&shared.settings, job.attempt),
+    }
+}
+
+fn timed_out(shared: &Shared, job: &ClaimedJob, timeout: Duration) -> Ending {
+    tracing::warn!(job = job.id, kind = %job.kind, ?timeout, "attempt timed out; aborted");
+    failure(shared, job, format!("timed out after {timeout:?}"))
+}
+
+/// The pause before re-running after the `n`th transient error in a row (from 1): 100 ms,
+/// doubling, at most 5 s, so a database restart is waited out without hammering it.
+fn transient_pause(n: u32) -> Duration {
+    let exponent = n.clamp(1, 7) - 1;
+    Duration::from_millis(100u64 << exponent).min(Duration::from_secs(5))
 }
 
 /// Re-reads the last committed checkpoint, retrying while the database is unreachable, until

@@ -1,6 +1,8 @@
 //! Ending an attempt: complete, fail (retry with backoff or FAILED), snooze, or cancel. Every
 //! statement is fenced by `(id, fence)` and the running states, so a holder that lost its lease
-//! changes nothing and learns it from the zero row count.
+//! changes nothing and learns it from the zero row count. Every ending also honours a pending
+//! cancel (`cancel_requested`): a job whose cancel was answered `cancelling` ends CANCELLED,
+//! whether it was completing, failing or snoozing when the request landed.
 
 use std::time::Duration;
 
@@ -9,7 +11,11 @@ use sqlx::PgConnection;
 
 use crate::settings::WorkerSettings;
 
-/// Marks one held job COMPLETED with `result`. False when the fence no longer matches.
+/// Marks one held job COMPLETED with `result`, or CANCELLED (without the result) when a cancel
+/// was requested: a cancel answered `cancelling` always ends CANCELLED. The cancel request locks
+/// the row first, so either it committed before this statement (which then sees the flag) or it
+/// waits for this commit and answers that the job finished. False when the fence no longer
+/// matches. For a completion that commits the body's own writes, see [`lock_for_completion`].
 pub async fn complete(
     conn: &mut PgConnection,
     id: i64,
@@ -17,8 +23,10 @@ pub async fn complete(
     result: Option<&Value>,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "update jobs set state = 'completed', result = $3, finished_at = now(),
-             lease_owner = null, lease_expires_at = null
+        "update jobs set
+             state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
+             result = case when cancel_requested then null else $3 end,
+             finished_at = now(), lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
     )
     .bind(id)
@@ -29,8 +37,29 @@ pub async fn complete(
     Ok(done.rows_affected() == 1)
 }
 
+/// Locks a held job's row inside the transaction that is about to complete it, and says whether
+/// a cancel was requested (`None`: the fence no longer matches). Once locked, no cancel request
+/// can land before this transaction ends, so the caller either rolls back (cancel pending) or
+/// completes with its writes, and the cancel then answers that the job finished.
+pub async fn lock_for_completion(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select cancel_requested from jobs
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         for update",
+    )
+    .bind(id)
+    .bind(fence)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Marks many held jobs COMPLETED without a result in one statement (the worker's completion
-/// batcher: one commit for many trivial jobs). Returns the ids that were still held. Rows are
+/// batcher: one commit for many trivial jobs); those with a pending cancel end CANCELLED, as in
+/// [`complete`]. Returns the ids that were still held. Rows are
 /// locked in id order, as the heartbeat and release lock them, so they never deadlock.
 pub async fn complete_many(
     conn: &mut PgConnection,
@@ -41,8 +70,10 @@ pub async fn complete_many(
         "with held as (",
         lock_held_jobs!(),
         ")
-         update jobs set state = 'completed', finished_at = now(),
-             lease_owner = null, lease_expires_at = null
+         update jobs set
+             state = case when jobs.cancel_requested then 'cancelled'::job_state
+                          else 'completed' end,
+             finished_at = now(), lease_owner = null, lease_expires_at = null
          from held where jobs.id = held.id
          returning jobs.id",
     ))
@@ -68,13 +99,13 @@ pub async fn fail(
              state = case when cancel_requested then 'cancelled'::job_state
                           when $5 or attempt >= max_attempts then 'failed'
                           else 'queued' end,
-             run_at = case when $5 or attempt >= max_attempts then run_at
+             run_at = case when cancel_requested or $5 or attempt >= max_attempts then run_at
                            else now() + $4 * interval '1 millisecond' end,
              finished_at = case when cancel_requested or $5 or attempt >= max_attempts
                                 then now() end,
              errors = errors || jsonb_build_array(jsonb_build_object(
                  'attempt', attempt, 'error', $3::text, 'at', now(),
-                 'retry_at', case when $5 or attempt >= max_attempts then null
+                 'retry_at', case when cancel_requested or $5 or attempt >= max_attempts then null
                                   else now() + $4 * interval '1 millisecond' end)),
              lease_owner = null,
              lease_expires_at = null
@@ -91,7 +122,8 @@ pub async fn fail(
 }
 
 /// Puts a held job back to QUEUED after `after` without spending its attempt (the job asked to
-/// run later). False when the fence no longer matches.
+/// run later). A job whose cancel was requested ends CANCELLED instead: a snooze must not park
+/// a cancel until the job is claimed again. False when the fence no longer matches.
 pub async fn snooze(
     conn: &mut PgConnection,
     id: i64,
@@ -99,8 +131,12 @@ pub async fn snooze(
     after: Duration,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "update jobs set state = 'queued', attempt = greatest(attempt - 1, 0),
-             run_at = now() + $3 * interval '1 millisecond',
+        "update jobs set
+             state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
+             finished_at = case when cancel_requested then now() end,
+             attempt = case when cancel_requested then attempt else greatest(attempt - 1, 0) end,
+             run_at = case when cancel_requested then run_at
+                           else now() + $3 * interval '1 millisecond' end,
              lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
     )

@@ -18,7 +18,8 @@ use crate::error::JobError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Done; the runtime marks it COMPLETED with this result (unless [`Batch::complete`]
-    /// already did, together with the body's last writes).
+    /// already did, together with the body's last writes), or CANCELLED if a cancel was
+    /// requested before that write.
     Completed(Option<Value>),
     /// The body chose to stop for good (or saw its token fire): CANCELLED, or released when the
     /// worker is shutting down and no cancel was requested.
@@ -181,11 +182,22 @@ impl Batch<'_> {
 
     /// Commits the batch's writes and marks the job COMPLETED with `result`, in one fenced
     /// transaction: the job's effect and its completion land together or not at all.
+    ///
+    /// A cancel requested before this commit wins: the batch is rolled back (none of its writes
+    /// land), the stop token fires and `Err(Stopped)` is returned, so the body's cancel path
+    /// runs and the runtime records CANCELLED. The job's row is locked first, so a cancel
+    /// arriving later waits for this commit and is answered that the job finished.
     pub async fn complete(mut self, result: Option<Value>) -> JobResult {
-        let done =
-            crate::finish::complete(&mut self.tx, self.ctx.id, self.ctx.fence, result.as_ref())
-                .await?;
-        if !done {
+        let (id, fence) = (self.ctx.id, self.ctx.fence);
+        match crate::finish::lock_for_completion(&mut self.tx, id, fence).await? {
+            None => return Err(JobError::LeaseLost),
+            Some(true) => {
+                self.ctx.stop.cancel();
+                return Err(JobError::Stopped);
+            }
+            Some(false) => {}
+        }
+        if !crate::finish::complete(&mut self.tx, id, fence, result.as_ref()).await? {
             return Err(JobError::LeaseLost);
         }
         self.tx.commit().await?;

@@ -1,6 +1,7 @@
 //! The knobs of one worker runtime. The main crate maps its `config::WorkerConfig` into this, so
 //! the queue does not depend on how settle loads configuration.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// How a [`crate::Worker`] claims, holds and retries jobs.
@@ -20,6 +21,15 @@ pub struct WorkerSettings {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// Transient database errors in a row (without the job's checkpoint moving) that one
+    /// attempt retries from its last checkpoint without spending the attempt; the next one fails
+    /// the attempt like any other error, so a job never retries forever.
+    pub max_transient_retries: u32,
+    /// How long one attempt may run before it is aborted and fails (spending the attempt),
+    /// unless its kind has its own entry in `kind_timeouts`.
+    pub job_timeout: Duration,
+    /// Per-kind attempt timeouts, overriding `job_timeout`.
+    pub kind_timeouts: HashMap<String, Duration>,
     /// Finished jobs older than this are pruned; `None` keeps them forever.
     pub retention: Option<Duration>,
     /// How often this worker tries to prune (only the holder of the advisory lock does).
@@ -38,9 +48,22 @@ impl Default for WorkerSettings {
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(600),
+            max_transient_retries: 10,
+            job_timeout: Duration::from_secs(3600),
+            kind_timeouts: HashMap::new(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
         }
+    }
+}
+
+impl WorkerSettings {
+    /// The attempt timeout of jobs of `kind`.
+    pub fn timeout_for(&self, kind: &str) -> Duration {
+        self.kind_timeouts
+            .get(kind)
+            .copied()
+            .unwrap_or(self.job_timeout)
     }
 }

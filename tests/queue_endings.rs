@@ -1,0 +1,291 @@
+//! How attempts end when a cancel, a transient error or a hang meets the end of a job: a cancel
+//! answered `cancelling` always ends CANCELLED (inside the completing batch, at a runtime or
+//! batched completion, at a snooze), and a completion that locked the row first makes the
+//! cancel answer that the job finished; transient errors and attempt timeouts spend attempts
+//! and end FAILED with every error kept. Cancels use in-process workers; the transient and
+//! timeout cases run real `settle worker` processes configured through the environment.
+
+mod common;
+
+use std::time::Duration;
+
+use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for, wait_state};
+use common::{migrated_pool, test_config};
+use serde_json::{Value, json};
+use settle::config::Config;
+use settle_workers::{CancelOutcome, Worker};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// An in-process worker with every probe kind; stops when dropped.
+struct InProcess(CancellationToken);
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn start_worker(config: &Config, pool: &PgPool) -> InProcess {
+    let token = CancellationToken::new();
+    let worker = Worker::new(
+        pool.clone(),
+        settle::worker::settings(&config.worker),
+        settle::jobs::registry(config.worker.batch_size),
+    );
+    tokio::spawn(worker.run(token.clone()));
+    InProcess(token)
+}
+
+fn fast(overrides: &[(&str, Value)]) -> Config {
+    let mut all = vec![
+        ("worker.backoff_base_ms", json!(100)),
+        ("worker.backoff_max_ms", json!(1000)),
+        ("worker.poll_interval_ms", json!(100)),
+    ];
+    all.extend(overrides.iter().cloned());
+    test_config(&all)
+}
+
+async fn cancel(pool: &PgPool, id: i64) -> CancelOutcome {
+    let mut conn = pool.acquire().await.unwrap();
+    settle_workers::request_cancel(&mut conn, id).await.unwrap()
+}
+
+/// Waits until `final_step` job `id` is inside its completing batch.
+async fn wait_marked(pool: &PgPool, id: i64) {
+    wait_for(
+        Duration::from_secs(60),
+        "the job inside its last batch",
+        || async {
+            let marked: bool = sqlx::query_scalar(
+                "select exists (select 1 from queue_probe_marks where job_id = $1)",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            marked.then_some(())
+        },
+    )
+    .await;
+}
+
+/// (state, attempt, result, errors, cancel_requested, lease_owner) of a job.
+async fn job(pool: &PgPool, id: i64) -> (String, i32, Option<Value>, Value, bool, Option<String>) {
+    sqlx::query_as(
+        "select state::text, attempt, result, errors, cancel_requested, lease_owner
+         from jobs where id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn effects(pool: &PgPool, id: i64) -> i64 {
+    sqlx::query_scalar("select count(*) from queue_probe_effects where job_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_cancelled() {
+    let config = fast(&[]);
+    let pool = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    let _worker = start_worker(&config, &pool);
+    let id = enqueue(&pool, "final_step", json!({"wait": "cancel"}), 3).await;
+    wait_marked(&pool, id).await;
+    // The job has written its effect in its last batch and not committed it yet.
+    assert_eq!(
+        cancel(&pool, id).await,
+        CancelOutcome::Accepted("cancelling")
+    );
+    wait_state(&pool, id, "cancelled").await;
+    let (_, attempt, result, errors, _, owner) = job(&pool, id).await;
+    assert_eq!((attempt, result, owner), (1, None, None));
+    assert_eq!(errors, json!([]));
+    assert_eq!(
+        effects(&pool, id).await,
+        0,
+        "the batch's write must not land"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finished() {
+    let config = fast(&[]);
+    let pool = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    let _worker = start_worker(&config, &pool);
+    let blocker = "settle-endings-cancel";
+    let id = enqueue(
+        &pool,
+        "final_step",
+        json!({"wait": "blocked", "blocker": blocker}),
+        3,
+    )
+    .await;
+    wait_marked(&pool, id).await;
+    // The completing batch holds the job's row; the cancel queues behind it.
+    let mut conn = PgConnection::connect(&config.database.url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "set application_name = '{blocker}'"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
+    assert_eq!(outcome, CancelOutcome::Finished("completed"));
+    let (state, _, result, _, requested, _) = job(&pool, id).await;
+    assert_eq!(state, "completed");
+    assert_eq!(result, Some(json!({"final_step": true})));
+    assert!(!requested, "a refused cancel leaves no flag behind");
+    assert_eq!(effects(&pool, id).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
+    let config = fast(&[]);
+    let pool = migrated_pool(&config).await;
+    let _worker = start_worker(&config, &pool);
+    // Left to the completion batcher; recorded by the runtime with a result; failed with
+    // attempts to spare.
+    let mut ids = Vec::new();
+    for then in ["complete", "result", "fail"] {
+        let args = json!({"wait_ms": 60_000, "then": then});
+        ids.push(enqueue(&pool, "stubborn", args, 3).await);
+    }
+    for &id in &ids {
+        wait_state(&pool, id, "running").await;
+        assert_eq!(
+            cancel(&pool, id).await,
+            CancelOutcome::Accepted("cancelling")
+        );
+    }
+    for &id in &ids {
+        wait_state(&pool, id, "cancelled").await;
+        let (_, attempt, result, _, _, owner) = job(&pool, id).await;
+        assert_eq!((attempt, result, owner), (1, None, None), "job {id}");
+    }
+    let (_, _, _, errors, _, _) = job(&pool, ids[2]).await;
+    assert_eq!(errors.as_array().unwrap().len(), 1, "{errors}");
+    assert!(
+        errors[0]["retry_at"].is_null(),
+        "no retry planned: {errors}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snooze_keeps_a_pending_cancel() {
+    let config = fast(&[]);
+    let pool = migrated_pool(&config).await;
+    let _worker = start_worker(&config, &pool);
+    let hour = 3_600_000;
+    let cancelled = enqueue(
+        &pool,
+        "stubborn",
+        json!({"wait_ms": 60_000, "then": "snooze", "after_ms": hour}),
+        3,
+    )
+    .await;
+    wait_state(&pool, cancelled, "running").await;
+    assert_eq!(
+        cancel(&pool, cancelled).await,
+        CancelOutcome::Accepted("cancelling")
+    );
+    wait_state(&pool, cancelled, "cancelled").await;
+    let (_, attempt, _, errors, _, owner) = job(&pool, cancelled).await;
+    assert_eq!((attempt, owner), (1, None));
+    assert_eq!(errors, json!([]));
+
+    // Without a cancel the same snooze puts the job back for later, its attempt given back.
+    let snoozed = enqueue(
+        &pool,
+        "stubborn",
+        json!({"wait_ms": 0, "then": "snooze", "after_ms": hour}),
+        3,
+    )
+    .await;
+    wait_for(Duration::from_secs(60), "the job snoozed", || async {
+        let (state, attempt, started): (String, i32, Option<chrono::DateTime<chrono::Utc>>) =
+            sqlx::query_as("select state::text, attempt, started_at from jobs where id = $1")
+                .bind(snoozed)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (state == "queued" && started.is_some()).then_some(attempt)
+    })
+    .await;
+    let (attempt, later): (i32, bool) = sqlx::query_as(
+        "select attempt, run_at > now() + interval '50 minutes' from jobs where id = $1",
+    )
+    .bind(snoozed)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((attempt, later), (0, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_a_bounded_number_of_times_per_attempt() {
+    let config = fast(&[("worker.max_transient_retries", json!(2))]);
+    let pool = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    let id = enqueue(&pool, "transient", json!({}), 3).await;
+    let _worker = WorkerProcess::start(&config);
+    wait_state(&pool, id, "failed").await;
+    let (_, attempt, _, errors, _, owner) = job(&pool, id).await;
+    assert_eq!((attempt, owner), (3, None));
+    let errors = errors.as_array().unwrap().clone();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for (n, e) in errors.iter().enumerate() {
+        assert_eq!(e["attempt"], n + 1, "{e}");
+        let text = e["error"].as_str().unwrap();
+        assert!(text.contains("probe serialization failure"), "{text}");
+        assert!(text.contains("gave up after 2 retries"), "{text}");
+    }
+    // Each attempt ran the body once plus its two transient retries.
+    let (runs, _) = common::processes::counted(&pool, id).await;
+    assert_eq!(runs, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
+    let config = fast(&[("worker.timeouts", json!({"sleep": 300}))]);
+    assert_eq!(
+        config.worker.job_timeout_ms, 3_600_000,
+        "the default stays generous"
+    );
+    let pool = migrated_pool(&config).await;
+    let hung = enqueue(
+        &pool,
+        "sleep",
+        json!({"ms": 600_000, "ignore_token": true}),
+        2,
+    )
+    .await;
+    let mut worker = WorkerProcess::start(&config);
+    wait_state(&pool, hung, "failed").await;
+    let (_, attempt, _, errors, _, owner) = job(&pool, hung).await;
+    assert_eq!((attempt, owner), (2, None));
+    let errors = errors.as_array().unwrap().clone();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for e in &errors {
+        assert_eq!(e["error"], "timed out after 300ms", "{e}");
+    }
+    assert!(errors[0]["retry_at"].is_string() && errors[1]["retry_at"].is_null());
+    // The worker goes on; kinds without their own timeout use the default.
+    let other = enqueue(
+        &pool,
+        "stubborn",
+        json!({"wait_ms": 600, "then": "result"}),
+        1,
+    )
+    .await;
+    wait_state(&pool, other, "completed").await;
+    assert!(worker.is_running(), "{}", worker.log_text());
+}
