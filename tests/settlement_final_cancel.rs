@@ -114,8 +114,13 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
         total,
         "it was cancelled after all its batches"
     );
-    let csv = app.config.settlement.results_dir.join(format!("{id}.csv"));
-    assert!(!csv.exists(), "no CSV for a cancelled job");
+    let results: i64 =
+        sqlx::query_scalar("select count(*) from settlement_results where job_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(results, 0, "no CSV for a cancelled job");
     let working: i64 =
         sqlx::query_scalar("select count(*) from settlement_parts where job_id = $1")
             .bind(id)
