@@ -25,7 +25,8 @@ pub struct SeedArgs {
     /// Payment transactions to create.
     #[arg(long, default_value_t = 1_000_000)]
     pub transactions: u64,
-    /// Days the transactions' `paid_at` spread over, starting at `--start`.
+    /// Days the transactions' `paid_at` spread over, starting at `--start`, in arrival order
+    /// (ids follow `paid_at`, give or take a few minutes, as a live feed's do).
     #[arg(long, default_value_t = 30)]
     pub days: u32,
     /// Distinct merchants.
@@ -186,6 +187,9 @@ fn progress_bar(args: &SeedArgs) -> ProgressBar {
 }
 
 /// Statuses and their weights: most payments succeed.
+/// How late after its place in time a seeded transaction may arrive.
+const FEED_JITTER_MICROS: i64 = 5 * 60 * 1_000_000;
+
 const STATUSES: [(&str, u32); 4] = [("PAID", 90), ("PENDING", 4), ("FAILED", 4), ("REFUNDED", 2)];
 
 fn encode_chunk(
@@ -204,6 +208,7 @@ fn encode_chunk(
         .expect("midnight exists")
         .and_utc();
     let span_micros = i64::from(args.days) * 86_400_000_000;
+    let total = args.transactions.max(1);
     let mut merchant = String::with_capacity(16);
     let mut external = String::with_capacity(32);
     for index in rows {
@@ -211,7 +216,12 @@ fn encode_chunk(
         let fee = (amount * 29 / 1000 + 30).min(amount);
         let roll = rng.random_range(0..100);
         let status = pick_status(roll);
-        let paid_at = start.timestamp_micros() + rng.random_range(0..span_micros);
+        // A live feed: transactions arrive in the order they were paid, give or take a few
+        // minutes, so ids follow time as they do in production (`paid_at` of row `index` is
+        // its share of the span plus up to FEED_JITTER late).
+        let on_time = (i128::from(span_micros) * i128::from(index) / i128::from(total)) as i64;
+        let late = rng.random_range(0..FEED_JITTER_MICROS);
+        let paid_at = start.timestamp_micros() + (on_time + late).min(span_micros - 1);
         merchant.clear();
         let m = rng.random_range(0..args.merchants);
         use std::fmt::Write;

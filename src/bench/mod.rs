@@ -1,6 +1,7 @@
 //! Benchmarks: each drives settle the way users do and prints its figures next to the raw
 //! Postgres rate of the same work measured in the same run, with the ratio.
 
+mod ingest;
 mod orders;
 pub mod process;
 mod queue;
@@ -13,6 +14,8 @@ use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Posts of 1,000 transactions through the HTTP API vs a bare multi-row INSERT of the same.
+    Ingest(ingest::IngestArgs),
     /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
     /// 100,000 no-op jobs through real worker processes vs the bare claim-and-complete SQL.
@@ -25,6 +28,7 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Ingest(args) => ingest::run(args, config).await,
         BenchCommand::Orders(args) => orders::run(args, config).await,
         BenchCommand::Queue(args) => queue::run(args, config).await,
         BenchCommand::Seed(args) => seed::run(args, config).await,

@@ -98,6 +98,38 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
             break;
         }
     }
+    // A one-day job on the same history: its cost must follow its range, not the table.
+    let one_day = DateRange::new(
+        seed.start + chrono::Days::new(u64::from(args.days) / 2),
+        seed.start + chrono::Days::new(u64::from(args.days) / 2),
+        i64::MAX,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut day_jobs = Vec::new();
+    let mut month_jobs = Vec::new();
+    if outcome.is_ok() {
+        for run in 1..=args.runs.max(1) {
+            let day = measure(&pool, &api.base_url, one_day, zone).await?;
+            let month = measure(&pool, &api.base_url, range, zone).await?;
+            let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
+                .bind(day.job_id)
+                .fetch_one(&pool)
+                .await?;
+            println!(
+                "one-day run {run}: job {:>6.2} s, total {total} of {} rows, CSV identical: {}; \
+                 {}-day job {:>6.2} s; ratio {:.3}",
+                day.job_seconds,
+                args.transactions,
+                day.same_csv,
+                args.days,
+                month.job_seconds,
+                day.job_seconds / month.job_seconds
+            );
+            anyhow::ensure!(day.same_csv && month.same_csv, "a job's CSV differs");
+            day_jobs.push(day.job_seconds);
+            month_jobs.push(month.job_seconds);
+        }
+    }
     let peak_rss_kib = peak_rss_kib(&worker).unwrap_or(0);
     let _ = worker.kill().await;
     api.stop().await?;
@@ -126,6 +158,17 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
         ratios[0],
         ratios[ratios.len() - 1]
     );
+    day_jobs.sort_by(f64::total_cmp);
+    month_jobs.sort_by(f64::total_cmp);
+    if !day_jobs.is_empty() {
+        println!(
+            "one-day job / {}-day job: median {:.3} ({:.2} s / {:.2} s)  (target <= 0.10)",
+            args.days,
+            day_jobs[day_jobs.len() / 2] / month_jobs[month_jobs.len() / 2],
+            day_jobs[day_jobs.len() / 2],
+            month_jobs[month_jobs.len() / 2]
+        );
+    }
     Ok(())
 }
 
@@ -270,12 +313,18 @@ async fn single_statement(
     let mut tx = pool.begin().await?;
     store::set_local_tuning(&mut tx).await?;
     let day = zone.day_sql();
+    // The same time bound the job uses, so the statement reads no more than it must either.
+    let within = crate::settlement::input::paid_within(
+        zone,
+        &format!("'{}'", range.from()),
+        &format!("'{}'", range.to()),
+    );
     let statement = format!(
         "copy (select merchant_id, {day} as date, sum(amount_cents)::int8 as gross_cents,
                       sum(fee_cents)::int8 as fee_cents,
                       (sum(amount_cents) - sum(fee_cents))::int8 as net_cents, count(*) as txn_count
                from transactions
-               where status = 'PAID' and {day} between '{}' and '{}'
+               where status = 'PAID' and {day} between '{}' and '{}' and {within}
                group by merchant_id, {day}
                order by merchant_id collate \"C\", {day})
          to stdout with (format csv, header)",

@@ -107,6 +107,7 @@ pub async fn start(
     }
     let hi = high_water.expect("a first start is given engine::high_water_mark");
     refresh_statistics(tx, settings.zone).await?;
+    store::set_local_tuning(tx).await?;
     let window = input::window(tx, hi, range, settings.zone).await?;
     let run = Run {
         job_id,
