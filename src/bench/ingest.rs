@@ -41,7 +41,7 @@ fn transaction(prefix: &str, batch: usize, i: usize) -> Value {
         "external_id": format!("{prefix}_{n:012}"),
         "amount_cents": amount,
         "fee_cents": amount * 29 / 1000 + 30,
-        "status": if n % 10 == 0 { "PENDING" } else { "PAID" },
+        "status": if n.is_multiple_of(10) { "PENDING" } else { "PAID" },
         "paid_at": format!("2025-01-{:02}T{:02}:{:02}:00Z", 1 + n % 28, n % 24, n % 60),
     })
 }
