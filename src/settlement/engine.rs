@@ -161,7 +161,7 @@ pub async fn process_batch(
     batch_size: i64,
 ) -> Result<Part, SettleError> {
     store::set_local_tuning(tx).await?;
-    store::set_local_serial(tx).await?;
+    store::set_local_batch_plan(tx).await?;
     let job_id = plan.run.job_id;
     let mut next = part.clone();
     let end = part
