@@ -28,10 +28,15 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
     match crate::db::ensure_migrated(&app.pool).await {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))),
         Err(e) => {
+            // The driver's text (addresses, roles, server messages) goes to the log only.
             tracing::warn!(error = %e, "not ready");
+            let reason = match e {
+                crate::db::DbError::NotMigrated { .. } => "database not migrated",
+                _ => "database unreachable",
+            };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "reason": e.to_string()})),
+                Json(json!({"status": "unavailable", "reason": reason})),
             )
         }
     }
