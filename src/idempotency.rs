@@ -1,8 +1,10 @@
-//! `Idempotency-Key`: a retried request gets the stored response and creates nothing.
+//! Idempotency keys: a retried request gets the stored response and creates nothing. This is
+//! the storage (lock a key, look it up, store a response, prune); reading the `Idempotency-Key`
+//! header and replaying a response belong to the HTTP layer (`src/http/idempotency.rs`).
 //!
 //! The key's row is written in the same transaction as the effect it describes. While that
 //! transaction runs it holds a transaction-scoped advisory lock on the key, so a concurrent
-//! duplicate is told at once that the key is in use (409) instead of queueing behind it, and
+//! duplicate is told at once that the key is in use instead of queueing behind it, and
 //! a duplicate arriving after the commit finds the stored response and replays it.
 //!
 //! When the reply to the commit is lost, [`IdempotencyKey::settled`] finds out what happened the
@@ -12,20 +14,33 @@
 //! Only outcomes of executing the request are stored (success, unknown product, out of stock);
 //! requests rejected by validation store nothing, so a corrected retry with the same key works.
 
-use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::error::ApiError;
-
-pub const HEADER: &str = "idempotency-key";
+/// Longest key, in characters.
 pub const MAX_KEY_CHARS: usize = 255;
 
 /// Pause between looks while [`IdempotencyKey::settled`] waits for a key's lock.
 const SETTLE_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why a keyed request cannot go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    /// The key is not 1 to [`MAX_KEY_CHARS`] visible ASCII characters.
+    #[error("Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters")]
+    InvalidKey,
+    /// Another transaction holds the key: a request with it is in flight.
+    #[error("the key is held by a request in flight")]
+    KeyInUse,
+    /// The key's stored response answered a different request.
+    #[error("the key was stored with a different request")]
+    KeyReused,
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
 
 /// A client-chosen key, scoped to the endpoint it was used on.
 #[derive(Debug, Clone)]
@@ -45,35 +60,24 @@ pub enum Begun {
 /// A response to replay verbatim.
 #[derive(Debug)]
 pub struct StoredResponse {
-    pub status: StatusCode,
+    /// The status it was answered with (an HTTP status code, as stored).
+    pub status: u16,
     pub body: Value,
 }
 
 impl IdempotencyKey {
-    /// Reads the header, if present: 1–255 visible ASCII characters.
-    pub fn from_headers(
-        scope: &'static str,
-        headers: &HeaderMap,
-    ) -> Result<Option<Self>, ApiError> {
-        let Some(value) = headers.get(HEADER) else {
-            return Ok(None);
-        };
-        let invalid = || {
-            ApiError::invalid(
-                "INVALID_IDEMPOTENCY_KEY",
-                "Idempotency-Key",
-                format!("Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters"),
-            )
-        };
-        let key = value.to_str().map_err(|_| invalid())?.trim();
+    /// Takes `key` (surrounding white space trimmed) if it is 1 to [`MAX_KEY_CHARS`] visible
+    /// ASCII characters.
+    pub fn parse(scope: &'static str, key: &str) -> Result<Self, IdempotencyError> {
+        let key = key.trim();
         if key.is_empty() || key.len() > MAX_KEY_CHARS || !key.bytes().all(|b| b.is_ascii_graphic())
         {
-            return Err(invalid());
+            return Err(IdempotencyError::InvalidKey);
         }
-        Ok(Some(Self {
+        Ok(Self {
             scope,
             key: key.to_owned(),
-        }))
+        })
     }
 
     /// Opens the request's transaction and locks the key in it. [`Begun::Execute`]: run the
@@ -83,7 +87,7 @@ impl IdempotencyKey {
     /// On a replay or a refusal the transaction is rolled back here, explicitly: a dropped
     /// sqlx transaction keeps the key's lock until its connection is next used, so a retry
     /// right after would be told the key is in use.
-    pub async fn start(&self, pool: &PgPool, request: &Value) -> Result<Begun, ApiError> {
+    pub async fn start(&self, pool: &PgPool, request: &Value) -> Result<Begun, IdempotencyError> {
         let mut tx = pool.begin().await?;
         match self.begin(&mut tx, request).await {
             Ok(None) => Ok(Begun::Execute(tx)),
@@ -138,7 +142,7 @@ impl IdempotencyKey {
         &self,
         tx: &mut PgConnection,
         request: &Value,
-    ) -> Result<Option<StoredResponse>, ApiError> {
+    ) -> Result<Option<StoredResponse>, IdempotencyError> {
         let locked: bool = sqlx::query_scalar(
             "select pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))",
         )
@@ -147,7 +151,7 @@ impl IdempotencyKey {
         .fetch_one(&mut *tx)
         .await?;
         if !locked {
-            return Err(ApiError::IdempotencyKeyInUse);
+            return Err(IdempotencyError::KeyInUse);
         }
         let stored: Option<(Value, i16, Value)> = sqlx::query_as(
             "select request, response_status, response_body from idempotency_keys
@@ -160,11 +164,10 @@ impl IdempotencyKey {
         match stored {
             None => Ok(None),
             Some((stored_request, _, _)) if &stored_request != request => {
-                Err(ApiError::IdempotencyKeyReused)
+                Err(IdempotencyError::KeyReused)
             }
             Some((_, status, body)) => Ok(Some(StoredResponse {
-                status: StatusCode::from_u16(status as u16)
-                    .map_err(|e| ApiError::Internal(e.into()))?,
+                status: status as u16,
                 body,
             })),
         }
@@ -175,7 +178,7 @@ impl IdempotencyKey {
         &self,
         tx: &mut PgConnection,
         request: &Value,
-        status: StatusCode,
+        status: u16,
         body: &Value,
         ttl_hours: i64,
     ) -> Result<(), sqlx::Error> {
@@ -191,7 +194,7 @@ impl IdempotencyKey {
         .bind(self.scope)
         .bind(&self.key)
         .bind(request)
-        .bind(status.as_u16() as i16)
+        .bind(status as i16)
         .bind(body)
         .bind(ttl_hours as i32)
         .execute(tx)

@@ -5,13 +5,18 @@
 //!
 //! # Layout
 //!
+//! The domain (`orders`, `settlement`, `idempotency`, …) never imports [`http`]: it says what
+//! went wrong in its own error types, and only `http/` knows HTTP (axum, status codes, request
+//! and response shapes, OpenAPI); `http/error.rs` maps each domain error to a status and code.
+//!
 //! - [`cli`]: the `settle` subcommands; wiring only.
 //! - [`config`]: `config.toml` + environment, validated at start.
 //! - [`db`]: pool, database creation, migration check.
-//! - [`http`]: the HTTP API (routers, error mapping, OpenAPI).
+//! - [`http`]: the HTTP API (routers, request/response shapes, error mapping, OpenAPI, the
+//!   `Idempotency-Key` header).
 //! - [`orders`]: products and orders, the no-oversell statement, the coalescer, and finding
 //!   out whether orders were placed when a commit reply is lost.
-//! - [`idempotency`]: `Idempotency-Key` storage and replay.
+//! - [`idempotency`]: idempotency keys' storage (lock, look up, store, prune).
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.

@@ -1,6 +1,7 @@
 //! The API's one error type and its one mapping to HTTP.
 //!
-//! Every failure a handler can meet becomes an [`ApiError`]; [`IntoResponse`] turns it into
+//! Every failure a handler can meet becomes an [`ApiError`]: the domain's own errors by the
+//! `From` impls below, which alone decide their status and code. [`IntoResponse`] turns it into
 //! `{"error": {"code", "message", …details}}` with a stable upper-snake `code`. Database and
 //! unexpected errors become an opaque 500, logged once inside the request's span (which carries
 //! the request id), never with details sent to the client.
@@ -10,6 +11,11 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+
+use crate::idempotency::IdempotencyError;
+use crate::orders::{InvalidInput, Rejected};
+use crate::settlement::RangeError;
+use crate::settlement::transactions::{Field, InvalidTransaction};
 
 /// Why a request failed, in terms the client can act on.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +192,65 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut => Self::Unavailable,
             e if crate::db::is_connection_error(&e) => Self::Unavailable,
             other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(e: InvalidInput) -> Self {
+        let (code, field) = match e {
+            InvalidInput::Name => ("INVALID_NAME", "name"),
+            InvalidInput::Stock => ("INVALID_STOCK", "stock"),
+            InvalidInput::Price => ("INVALID_PRICE", "price_cents"),
+            InvalidInput::Quantity { .. } => ("INVALID_QUANTITY", "quantity"),
+            InvalidInput::BuyerId => ("INVALID_BUYER_ID", "buyer_id"),
+        };
+        Self::invalid(code, field, e.to_string())
+    }
+}
+
+impl From<Rejected> for ApiError {
+    fn from(r: Rejected) -> Self {
+        match r {
+            Rejected::UnknownProduct => Self::NotFound("product not found".into()),
+            Rejected::OutOfStock { available } => Self::OutOfStock { available },
+        }
+    }
+}
+
+impl From<RangeError> for ApiError {
+    fn from(e: RangeError) -> Self {
+        let code = match e {
+            RangeError::NotADay { .. } => "INVALID_DATE",
+            RangeError::Reversed | RangeError::TooLong { .. } => "INVALID_DATE_RANGE",
+        };
+        Self::invalid(code, e.field(), e.to_string())
+    }
+}
+
+impl From<InvalidTransaction> for ApiError {
+    fn from(e: InvalidTransaction) -> Self {
+        let code = match e.field {
+            Field::MerchantId => "INVALID_MERCHANT_ID",
+            Field::ExternalId => "INVALID_EXTERNAL_ID",
+            Field::Amount => "INVALID_AMOUNT",
+            Field::Fee => "INVALID_FEE",
+            Field::Status => "INVALID_STATUS",
+            Field::PaidAt => "INVALID_PAID_AT",
+        };
+        Self::invalid(code, e.field.name(), e.to_string())
+    }
+}
+
+impl From<IdempotencyError> for ApiError {
+    fn from(e: IdempotencyError) -> Self {
+        match e {
+            IdempotencyError::InvalidKey => {
+                Self::invalid("INVALID_IDEMPOTENCY_KEY", "Idempotency-Key", e.to_string())
+            }
+            IdempotencyError::KeyInUse => Self::IdempotencyKeyInUse,
+            IdempotencyError::KeyReused => Self::IdempotencyKeyReused,
+            IdempotencyError::Sql(e) => e.into(),
         }
     }
 }

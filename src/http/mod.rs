@@ -5,6 +5,7 @@ mod downloads;
 pub mod error;
 pub mod extract;
 mod health;
+pub mod idempotency;
 mod jobs;
 pub mod openapi;
 mod orders;

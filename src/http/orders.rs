@@ -5,25 +5,61 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
+use super::idempotency::{self, replay, respond};
 use super::pagination::Cursor;
 use crate::db::is_connection_error;
-use crate::idempotency::{Begun, IdempotencyKey};
+use crate::idempotency::Begun;
 use crate::orders::coalesce::CoalesceError;
-use crate::orders::outcome;
 use crate::orders::store::{self, OrderFilter};
-use crate::orders::{Order, PlaceOrderRequest};
+use crate::orders::{self, NewOrder, outcome};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/orders", post(place_order).get(list_orders))
         .route("/api/v1/orders/{id}", get(get_order))
+}
+
+// An order as answered (a `///` here would change the schema's OpenAPI description).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Order)]
+pub struct OrderBody {
+    pub id: i64,
+    pub product_id: i64,
+    pub buyer_id: String,
+    pub quantity: i32,
+    pub unit_price_cents: i64,
+    pub total_cents: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<orders::Order> for OrderBody {
+    fn from(o: orders::Order) -> Self {
+        Self {
+            id: o.id,
+            product_id: o.product_id,
+            buyer_id: o.buyer_id,
+            quantity: o.quantity,
+            unit_price_cents: o.unit_price_cents,
+            total_cents: o.total_cents,
+            created_at: o.created_at,
+        }
+    }
+}
+
+/// `POST /api/v1/orders` body, as received.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrderRequest {
+    pub product_id: i64,
+    pub quantity: i64,
+    pub buyer_id: String,
 }
 
 /// Place an order. Never oversells: the decrement and the insert are one statement.
@@ -33,7 +69,7 @@ pub fn router() -> Router<AppState> {
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Up to 255 characters; a retry with the same key and body replays the stored response")),
     responses(
-        (status = 201, description = "Order placed", body = Order),
+        (status = 201, description = "Order placed", body = OrderBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = super::openapi::ErrorBody),
         (status = 404, description = "NOT_FOUND: unknown product", body = super::openapi::ErrorBody),
         (status = 409, description = "OUT_OF_STOCK (with `available`), IDEMPOTENCY_KEY_IN_USE", body = super::openapi::ErrorBody),
@@ -51,9 +87,14 @@ async fn place_order(
     headers: HeaderMap,
     Json(request): Json<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
-    let key = IdempotencyKey::from_headers("orders", &headers)?;
+    let key = idempotency::key("orders", &headers)?;
     let request_json = serde_json::to_value(&request).map_err(anyhow::Error::from)?;
-    let order = request.parse(&app.config.orders)?;
+    let order = NewOrder::parse(
+        request.product_id,
+        request.quantity,
+        request.buyer_id,
+        &app.config.orders,
+    )?;
     let Some(key) = key else {
         // Without a key there is nothing to store: place it with the product's other waiting
         // orders, or alone in one statement.
@@ -67,11 +108,11 @@ async fn place_order(
                 .await
                 .map_err(|e| unanswered(e, ApiError::OrderOutcomeUnknown { order_id: None }))??
         };
-        return Ok((StatusCode::CREATED, Json(order)).into_response());
+        return Ok((StatusCode::CREATED, Json(OrderBody::from(order))).into_response());
     };
     let mut tx = match key.start(&app.pool, &request_json).await? {
         Begun::Execute(tx) => tx,
-        Begun::Replay(stored) => return Ok(replay(stored.status, stored.body)),
+        Begun::Replay(stored) => return replay(stored),
     };
     let placed = store::place_order(&mut tx, &order)
         .await
@@ -80,7 +121,7 @@ async fn place_order(
     let (status, body) = match placed {
         Ok(order) => (
             StatusCode::CREATED,
-            serde_json::to_value(order).map_err(anyhow::Error::from)?,
+            serde_json::to_value(OrderBody::from(order)).map_err(anyhow::Error::from)?,
         ),
         Err(rejected) => {
             let error = ApiError::from(rejected);
@@ -90,7 +131,7 @@ async fn place_order(
     key.store(
         &mut tx,
         &request_json,
-        status,
+        status.as_u16(),
         &body,
         app.config.idempotency.ttl_hours,
     )
@@ -102,12 +143,12 @@ async fn place_order(
         // absence) is the outcome.
         tracing::warn!(error = %e, "a keyed order's commit failed; checking its outcome");
         return match key.settled(&app.pool, &request_json, outcome::WAIT).await {
-            Some(Some(stored)) => Ok(replay(stored.status, stored.body)),
+            Some(Some(stored)) => replay(stored),
             Some(None) => Err(ApiError::OrderNotPlaced),
             None => Err(ApiError::OrderOutcomeUnknown { order_id }),
         };
     }
-    Ok(replay(status, body))
+    Ok(respond(status, body))
 }
 
 /// A statement of an order's placement failed. The schema's last line of defence is a 409, a
@@ -151,15 +192,11 @@ fn is_stock_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.constraint() == Some("stock_not_negative"))
 }
 
-fn replay(status: StatusCode, body: Value) -> Response {
-    (status, axum::Json(body)).into_response()
-}
-
 #[utoipa::path(
     get, path = "/api/v1/orders/{id}", tag = "orders",
     params(("id" = i64, Path)),
     responses(
-        (status = 200, body = Order),
+        (status = 200, body = OrderBody),
         (status = 400, description = "INVALID_PATH", body = super::openapi::ErrorBody),
         (status = 404, description = "NOT_FOUND", body = super::openapi::ErrorBody),
     )
@@ -167,11 +204,11 @@ fn replay(status: StatusCode, body: Value) -> Response {
 async fn get_order(
     State(app): State<AppState>,
     Path(id): Path<i64>,
-) -> Result<Json<Order>, ApiError> {
+) -> Result<Json<OrderBody>, ApiError> {
     let mut conn = app.pool.acquire().await?;
     store::get_order(&mut conn, id)
         .await?
-        .map(Json)
+        .map(|o| Json(o.into()))
         .ok_or_else(|| ApiError::NotFound("order not found".into()))
 }
 
@@ -188,7 +225,7 @@ pub struct ListOrdersQuery {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderPage {
-    data: Vec<Order>,
+    data: Vec<OrderBody>,
     /// Pass as `cursor` for the next page; null on the last page.
     next_cursor: Option<String>,
 }
@@ -222,5 +259,6 @@ async fn list_orders(
     let mut conn = app.pool.acquire().await?;
     let mut data = store::list_orders(&mut conn, &filter, limit + 1).await?;
     let next_cursor = super::pagination::next_cursor(&mut data, limit, |o| o.id);
+    let data = data.into_iter().map(OrderBody::from).collect();
     Ok(Json(OrderPage { data, next_cursor }))
 }

@@ -4,13 +4,15 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path};
 use super::openapi::ErrorBody;
-use crate::orders::store;
-use crate::orders::{CreateProductRequest, Product, RestockRequest};
+use crate::orders::{self, NewProduct, store};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -19,11 +21,61 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/products/{id}/restock", post(restock))
 }
 
+// A product as answered (a `///` here would change the schema's OpenAPI description).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Product)]
+pub struct ProductBody {
+    pub id: i64,
+    pub name: String,
+    /// Units left to sell.
+    pub stock: i64,
+    pub price_cents: i64,
+    /// Units sold so far (`initial_stock + restocked = stock + sold`).
+    pub sold: i64,
+    pub initial_stock: i64,
+    /// Units added by restocks so far.
+    pub restocked: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<orders::Product> for ProductBody {
+    fn from(p: orders::Product) -> Self {
+        Self {
+            id: p.id,
+            name: p.name,
+            stock: p.stock,
+            price_cents: p.price_cents,
+            sold: p.sold,
+            initial_stock: p.initial_stock,
+            restocked: p.restocked,
+            created_at: p.created_at,
+            updated_at: p.updated_at,
+        }
+    }
+}
+
+/// `POST /api/v1/products` body, as received.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProductRequest {
+    pub name: String,
+    pub stock: i64,
+    pub price_cents: i64,
+}
+
+/// `POST /api/v1/products/{id}/restock` body, as received.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestockRequest {
+    pub quantity: i64,
+}
+
 #[utoipa::path(
     post, path = "/api/v1/products", tag = "products",
     request_body = CreateProductRequest,
     responses(
-        (status = 201, body = Product),
+        (status = 201, body = ProductBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 422, description = "INVALID_NAME, INVALID_STOCK, INVALID_PRICE", body = ErrorBody),
@@ -32,18 +84,18 @@ pub fn router() -> Router<AppState> {
 async fn create_product(
     State(app): State<AppState>,
     Json(request): Json<CreateProductRequest>,
-) -> Result<(StatusCode, Json<Product>), ApiError> {
-    let product = request.parse()?;
+) -> Result<(StatusCode, Json<ProductBody>), ApiError> {
+    let product = NewProduct::parse(&request.name, request.stock, request.price_cents)?;
     let mut conn = app.pool.acquire().await?;
     let created = store::insert_product(&mut conn, &product).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Json(created.into())))
 }
 
 #[utoipa::path(
     get, path = "/api/v1/products/{id}", tag = "products",
     params(("id" = i64, Path)),
     responses(
-        (status = 200, body = Product),
+        (status = 200, body = ProductBody),
         (status = 400, description = "INVALID_PATH", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     )
@@ -51,11 +103,11 @@ async fn create_product(
 async fn get_product(
     State(app): State<AppState>,
     Path(id): Path<i64>,
-) -> Result<Json<Product>, ApiError> {
+) -> Result<Json<ProductBody>, ApiError> {
     let mut conn = app.pool.acquire().await?;
     store::get_product(&mut conn, id)
         .await?
-        .map(Json)
+        .map(|p| Json(p.into()))
         .ok_or_else(product_not_found)
 }
 
@@ -64,7 +116,7 @@ async fn get_product(
     params(("id" = i64, Path)),
     request_body = RestockRequest,
     responses(
-        (status = 200, body = Product),
+        (status = 200, body = ProductBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY, INVALID_PATH", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, STOCK_TOO_LARGE", body = ErrorBody),
@@ -74,8 +126,8 @@ async fn restock(
     State(app): State<AppState>,
     Path(id): Path<i64>,
     Json(request): Json<RestockRequest>,
-) -> Result<Json<Product>, ApiError> {
-    let quantity = request.parse()?;
+) -> Result<Json<ProductBody>, ApiError> {
+    let quantity = orders::restock_quantity(request.quantity)?;
     let mut conn = app.pool.acquire().await?;
     store::restock(&mut conn, id, quantity)
         .await
@@ -86,7 +138,7 @@ async fn restock(
             }
             _ => e.into(),
         })?
-        .map(Json)
+        .map(|p| Json(p.into()))
         .ok_or_else(product_not_found)
 }
 

@@ -6,14 +6,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use settle_workers::NewJob;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
+use super::idempotency;
 use super::openapi::ErrorBody;
-use crate::idempotency::{Begun, IdempotencyKey};
+use crate::idempotency::Begun;
 use crate::settlement::job::KIND;
 use crate::settlement::{DateRange, DateRangeInput};
 
@@ -21,12 +24,23 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/jobs/settlement", post(create_settlement_job))
 }
 
+/// `{"from","to"}` as received by `POST /api/v1/jobs/settlement` and stored as job params.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = DateRangeInput)]
+pub struct DateRangeBody {
+    /// First day settled, `YYYY-MM-DD`, inclusive.
+    pub from: String,
+    /// Last day settled, `YYYY-MM-DD`, inclusive.
+    pub to: String,
+}
+
 /// Queue a settlement of `from..=to` (both inclusive, calendar days in the configured
 /// settlement time zone). Poll the `Location` for progress; once COMPLETED the CSV is at
 /// `download_url`.
 #[utoipa::path(
     post, path = "/api/v1/jobs/settlement", tag = "jobs",
-    request_body = DateRangeInput,
+    request_body = DateRangeBody,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Up to 255 characters; a retry with the same key and body returns the same job")),
     responses(
@@ -40,15 +54,21 @@ pub fn router() -> Router<AppState> {
 async fn create_settlement_job(
     State(app): State<AppState>,
     headers: HeaderMap,
-    Json(input): Json<DateRangeInput>,
+    Json(body): Json<DateRangeBody>,
 ) -> Result<Response, ApiError> {
-    let key = IdempotencyKey::from_headers("settlement_jobs", &headers)?;
+    let key = idempotency::key("settlement_jobs", &headers)?;
+    let input = DateRangeInput {
+        from: body.from,
+        to: body.to,
+    };
     let range = DateRange::parse(&input, app.config.settlement.max_span_days)?;
     let request_json = serde_json::to_value(&input).map_err(anyhow::Error::from)?;
     let mut tx = match &key {
         Some(key) => match key.start(&app.pool, &request_json).await? {
             Begun::Execute(tx) => tx,
-            Begun::Replay(stored) => return accepted(stored.status, stored.body),
+            Begun::Replay(stored) => {
+                return accepted(idempotency::status(&stored)?, stored.body);
+            }
         },
         None => app.pool.begin().await?,
     };
@@ -59,8 +79,14 @@ async fn create_settlement_job(
     let body = json!({"job_id": job_id, "status": "QUEUED"});
     if let Some(key) = &key {
         let ttl = app.config.idempotency.ttl_hours;
-        key.store(&mut tx, &request_json, StatusCode::ACCEPTED, &body, ttl)
-            .await?;
+        key.store(
+            &mut tx,
+            &request_json,
+            StatusCode::ACCEPTED.as_u16(),
+            &body,
+            ttl,
+        )
+        .await?;
     }
     tx.commit().await?;
     accepted(StatusCode::ACCEPTED, body)

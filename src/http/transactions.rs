@@ -4,20 +4,55 @@
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
+use super::idempotency::{self, replay, respond};
 use super::openapi::ErrorBody;
-use crate::idempotency::{Begun, IdempotencyKey};
-use crate::settlement::transactions::{self, Ingested, NewTransaction, TransactionInput};
+use crate::idempotency::Begun;
+use crate::settlement::transactions::{self, Ingested, NewTransaction, RawTransaction};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/transactions", post(create_transactions))
+}
+
+/// `POST /api/v1/transactions` element, as received.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionInput {
+    /// 1 to 255 characters, not blank.
+    pub merchant_id: String,
+    /// The payment provider's id for this payment: 1 to 128 visible ASCII characters, unique
+    /// per merchant. Re-sending it with the same fields is a harmless duplicate.
+    pub external_id: String,
+    /// Amount charged, in cents, ≥ 0.
+    pub amount_cents: i64,
+    /// Fee taken, in cents, 0 ≤ fee ≤ amount.
+    pub fee_cents: i64,
+    /// `PAID`, `PENDING`, `FAILED` or `REFUNDED`; only `PAID` is settled.
+    pub status: String,
+    /// RFC 3339 instant with an offset, e.g. `2025-01-31T23:59:59Z`.
+    pub paid_at: String,
+}
+
+impl From<TransactionInput> for RawTransaction {
+    fn from(t: TransactionInput) -> Self {
+        Self {
+            merchant_id: t.merchant_id,
+            external_id: t.external_id,
+            amount_cents: t.amount_cents,
+            fee_cents: t.fee_cents,
+            status: t.status,
+            paid_at: t.paid_at,
+        }
+    }
 }
 
 /// `{"inserted", "duplicates"}`: what a stored request did.
@@ -57,14 +92,12 @@ async fn create_transactions(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let key = IdempotencyKey::from_headers("transactions", &headers)?;
+    let key = idempotency::key("transactions", &headers)?;
     let parsed = parse(&body, app.config.settlement.max_transactions_per_request)?;
     let mut tx = match &key {
         Some(key) => match key.start(&app.pool, &body).await? {
             Begun::Execute(tx) => tx,
-            Begun::Replay(stored) => {
-                return Ok((stored.status, axum::Json(stored.body)).into_response());
-            }
+            Begun::Replay(stored) => return replay(stored),
         },
         None => app.pool.begin().await?,
     };
@@ -94,11 +127,11 @@ async fn create_transactions(
     .map_err(anyhow::Error::from)?;
     if let Some(key) = &key {
         let ttl = app.config.idempotency.ttl_hours;
-        key.store(&mut tx, &body, StatusCode::CREATED, &report, ttl)
+        key.store(&mut tx, &body, StatusCode::CREATED.as_u16(), &report, ttl)
             .await?;
     }
     tx.commit().await?;
-    Ok((StatusCode::CREATED, axum::Json(report)).into_response())
+    Ok(respond(StatusCode::CREATED, report))
 }
 
 /// The request's transactions, parsed: an object is one, an array 1 to `max`.
@@ -115,13 +148,17 @@ fn parse(body: &Value, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
             items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| shape::<TransactionInput>(item.clone(), Some(i))?.parse(Some(i)))
+                .map(|(i, item)| element(item, Some(i)))
                 .collect()
         }
-        single => Ok(vec![
-            shape::<TransactionInput>(single.clone(), None)?.parse(None)?,
-        ]),
+        single => Ok(vec![element(single, None)?]),
     }
+}
+
+/// One element, deserialized and parsed; `index` is its position in an array.
+fn element(item: &Value, index: Option<usize>) -> Result<NewTransaction, ApiError> {
+    let input = shape::<TransactionInput>(item.clone(), index)?;
+    Ok(RawTransaction::from(input).parse(index)?)
 }
 
 /// Deserializes one element, answering 400 (wrong shape or types) like the JSON extractor does.

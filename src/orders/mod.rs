@@ -8,11 +8,8 @@ pub mod outcome;
 pub mod store;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::config::OrdersConfig;
-use crate::http::error::ApiError;
 
 /// Largest stock or restock quantity accepted in one request.
 pub const MAX_STOCK: i64 = 1_000_000_000;
@@ -20,8 +17,10 @@ pub const MAX_STOCK: i64 = 1_000_000_000;
 pub const MAX_PRICE_CENTS: i64 = 1_000_000_000_000;
 /// Longest buyer id, in characters.
 pub const MAX_BUYER_ID_CHARS: usize = 255;
+/// Longest product name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Product {
     pub id: i64,
     pub name: String,
@@ -37,7 +36,7 @@ pub struct Product {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Order {
     pub id: i64,
     pub product_id: i64,
@@ -48,29 +47,21 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
 }
 
-/// `POST /api/v1/products` body, as received.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateProductRequest {
-    pub name: String,
-    pub stock: i64,
-    pub price_cents: i64,
-}
-
-/// `POST /api/v1/products/{id}/restock` body, as received.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RestockRequest {
-    pub quantity: i64,
-}
-
-/// `POST /api/v1/orders` body, as received.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PlaceOrderRequest {
-    pub product_id: i64,
-    pub quantity: i64,
-    pub buyer_id: String,
+/// Why a product, restock or order was refused before reaching the database; each variant
+/// is one field's rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("name must be 1 to {MAX_NAME_CHARS} characters, not blank")]
+    Name,
+    #[error("stock must be between 0 and {MAX_STOCK}")]
+    Stock,
+    #[error("price_cents must be between 0 and {MAX_PRICE_CENTS}")]
+    Price,
+    /// An order's or a restock's quantity is outside `1..=max`.
+    #[error("quantity must be between 1 and {max}")]
+    Quantity { max: i64 },
+    #[error("buyer_id must be 1 to {MAX_BUYER_ID_CHARS} characters, not blank")]
+    BuyerId,
 }
 
 /// A product that passed validation.
@@ -81,19 +72,44 @@ pub struct NewProduct {
     pub price_cents: i64,
 }
 
+impl NewProduct {
+    /// A trimmed, non-blank name, and stock and price within their bounds.
+    pub fn parse(name: &str, stock: i64, price_cents: i64) -> Result<Self, InvalidInput> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.contains('\0') {
+            return Err(InvalidInput::Name);
+        }
+        if !(0..=MAX_STOCK).contains(&stock) {
+            return Err(InvalidInput::Stock);
+        }
+        if !(0..=MAX_PRICE_CENTS).contains(&price_cents) {
+            return Err(InvalidInput::Price);
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            stock,
+            price_cents,
+        })
+    }
+}
+
+/// A restock's quantity: 1 to [`MAX_STOCK`] units.
+pub fn restock_quantity(raw: i64) -> Result<i64, InvalidInput> {
+    if !(1..=MAX_STOCK).contains(&raw) {
+        return Err(InvalidInput::Quantity { max: MAX_STOCK });
+    }
+    Ok(raw)
+}
+
 /// A number of units between 1 and the configured maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quantity(i32);
 
 impl Quantity {
-    pub fn parse(raw: i64, max: i32) -> Result<Self, ApiError> {
+    pub fn parse(raw: i64, max: i32) -> Result<Self, InvalidInput> {
         match i32::try_from(raw) {
             Ok(q) if (1..=max).contains(&q) => Ok(Self(q)),
-            _ => Err(ApiError::invalid(
-                "INVALID_QUANTITY",
-                "quantity",
-                format!("quantity must be between 1 and {max}"),
-            )),
+            _ => Err(InvalidInput::Quantity { max: max.into() }),
         }
     }
 
@@ -107,14 +123,10 @@ impl Quantity {
 pub struct BuyerId(String);
 
 impl BuyerId {
-    pub fn parse(raw: String) -> Result<Self, ApiError> {
+    pub fn parse(raw: String) -> Result<Self, InvalidInput> {
         let chars = raw.chars().count();
         if raw.trim().is_empty() || chars > MAX_BUYER_ID_CHARS || raw.contains('\0') {
-            return Err(ApiError::invalid(
-                "INVALID_BUYER_ID",
-                "buyer_id",
-                format!("buyer_id must be 1 to {MAX_BUYER_ID_CHARS} characters, not blank"),
-            ));
+            return Err(InvalidInput::BuyerId);
         }
         Ok(Self(raw))
     }
@@ -132,58 +144,19 @@ pub struct NewOrder {
     pub buyer_id: BuyerId,
 }
 
-impl PlaceOrderRequest {
-    pub fn parse(self, config: &OrdersConfig) -> Result<NewOrder, ApiError> {
-        Ok(NewOrder {
-            product_id: self.product_id,
-            quantity: Quantity::parse(self.quantity, config.max_quantity)?,
-            buyer_id: BuyerId::parse(self.buyer_id)?,
+impl NewOrder {
+    /// Checks the quantity (against `orders.max_quantity`), then the buyer id.
+    pub fn parse(
+        product_id: i64,
+        quantity: i64,
+        buyer_id: String,
+        config: &OrdersConfig,
+    ) -> Result<Self, InvalidInput> {
+        Ok(Self {
+            product_id,
+            quantity: Quantity::parse(quantity, config.max_quantity)?,
+            buyer_id: BuyerId::parse(buyer_id)?,
         })
-    }
-}
-
-impl CreateProductRequest {
-    pub fn parse(self) -> Result<NewProduct, ApiError> {
-        let name = self.name.trim();
-        if name.is_empty() || name.chars().count() > 200 || name.contains('\0') {
-            return Err(ApiError::invalid(
-                "INVALID_NAME",
-                "name",
-                "name must be 1 to 200 characters, not blank",
-            ));
-        }
-        if !(0..=MAX_STOCK).contains(&self.stock) {
-            return Err(ApiError::invalid(
-                "INVALID_STOCK",
-                "stock",
-                format!("stock must be between 0 and {MAX_STOCK}"),
-            ));
-        }
-        if !(0..=MAX_PRICE_CENTS).contains(&self.price_cents) {
-            return Err(ApiError::invalid(
-                "INVALID_PRICE",
-                "price_cents",
-                format!("price_cents must be between 0 and {MAX_PRICE_CENTS}"),
-            ));
-        }
-        Ok(NewProduct {
-            name: name.to_owned(),
-            stock: self.stock,
-            price_cents: self.price_cents,
-        })
-    }
-}
-
-impl RestockRequest {
-    pub fn parse(self) -> Result<i64, ApiError> {
-        if !(1..=MAX_STOCK).contains(&self.quantity) {
-            return Err(ApiError::invalid(
-                "INVALID_QUANTITY",
-                "quantity",
-                format!("quantity must be between 1 and {MAX_STOCK}"),
-            ));
-        }
-        Ok(self.quantity)
     }
 }
 
@@ -192,13 +165,4 @@ impl RestockRequest {
 pub enum Rejected {
     UnknownProduct,
     OutOfStock { available: i64 },
-}
-
-impl From<Rejected> for ApiError {
-    fn from(r: Rejected) -> Self {
-        match r {
-            Rejected::UnknownProduct => ApiError::NotFound("product not found".into()),
-            Rejected::OutOfStock { available } => ApiError::OutOfStock { available },
-        }
-    }
 }

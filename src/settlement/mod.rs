@@ -27,19 +27,40 @@ pub mod transactions;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::config::SettlementConfig;
-use crate::http::error::ApiError;
 
-/// `{"from","to"}` as received by `POST /api/v1/jobs/settlement` and stored as job params.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+/// `{"from","to"}` as stored in a settlement job's params (and received by the API), not yet
+/// checked.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DateRangeInput {
     /// First day settled, `YYYY-MM-DD`, inclusive.
     pub from: String,
     /// Last day settled, `YYYY-MM-DD`, inclusive.
     pub to: String,
+}
+
+/// Why a pair of days is not a settlement range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// `field` (`from` or `to`) is not a calendar day.
+    #[error("{field} must be a calendar day as YYYY-MM-DD")]
+    NotADay { field: &'static str },
+    #[error("from must not be after to")]
+    Reversed,
+    #[error("a settlement may span at most {max_span_days} days")]
+    TooLong { max_span_days: i64 },
+}
+
+impl RangeError {
+    /// The end of the range at fault.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::NotADay { field } => field,
+            Self::Reversed | Self::TooLong { .. } => "to",
+        }
+    }
 }
 
 /// Both ends inclusive, `from ≤ to`, spanning at most `settlement.max_span_days` days.
@@ -50,16 +71,10 @@ pub struct DateRange {
 }
 
 impl DateRange {
-    /// Parses `YYYY-MM-DD` days; a bad day, `from > to` or too long a span is a 422.
-    pub fn parse(input: &DateRangeInput, max_span_days: i64) -> Result<Self, ApiError> {
+    /// Parses `YYYY-MM-DD` days, then checks them as [`Self::new`] does.
+    pub fn parse(input: &DateRangeInput, max_span_days: i64) -> Result<Self, RangeError> {
         let day = |raw: &str, field: &'static str| {
-            NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
-                ApiError::invalid(
-                    "INVALID_DATE",
-                    field,
-                    format!("{field} must be a calendar day as YYYY-MM-DD"),
-                )
-            })
+            NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| RangeError::NotADay { field })
         };
         let from = day(&input.from, "from")?;
         let to = day(&input.to, "to")?;
@@ -67,20 +82,12 @@ impl DateRange {
     }
 
     /// Checks an already typed pair of days.
-    pub fn new(from: NaiveDate, to: NaiveDate, max_span_days: i64) -> Result<Self, ApiError> {
+    pub fn new(from: NaiveDate, to: NaiveDate, max_span_days: i64) -> Result<Self, RangeError> {
         if from > to {
-            return Err(ApiError::invalid(
-                "INVALID_DATE_RANGE",
-                "to",
-                "from must not be after to",
-            ));
+            return Err(RangeError::Reversed);
         }
         if (to - from).num_days() + 1 > max_span_days {
-            return Err(ApiError::invalid(
-                "INVALID_DATE_RANGE",
-                "to",
-                format!("a settlement may span at most {max_span_days} days"),
-            ));
+            return Err(RangeError::TooLong { max_span_days });
         }
         Ok(Self { from, to })
     }
@@ -177,7 +184,7 @@ pub enum SettleError {
 mod tests {
     use super::*;
 
-    fn range(from: &str, to: &str) -> Result<DateRange, ApiError> {
+    fn range(from: &str, to: &str) -> Result<DateRange, RangeError> {
         DateRange::parse(
             &DateRangeInput {
                 from: from.into(),
@@ -191,14 +198,24 @@ mod tests {
     fn date_ranges_parse() {
         assert!(range("2025-01-01", "2025-01-31").is_ok());
         assert!(range("2025-01-01", "2025-01-01").is_ok());
-        let field = |r: Result<DateRange, ApiError>| match r {
-            Err(ApiError::Invalid { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(field(range("2025-02-30", "2025-03-01")), "from");
-        assert_eq!(field(range("2025-01-01", "tomorrow")), "to");
-        assert_eq!(field(range("2025-01-02", "2025-01-01")), "to");
-        assert_eq!(field(range("2025-01-01", "2025-02-01")), "to");
+        let error = |r: Result<DateRange, RangeError>| r.unwrap_err();
+        assert_eq!(
+            error(range("2025-02-30", "2025-03-01")),
+            RangeError::NotADay { field: "from" }
+        );
+        assert_eq!(
+            error(range("2025-01-01", "tomorrow")),
+            RangeError::NotADay { field: "to" }
+        );
+        assert_eq!(
+            error(range("2025-01-02", "2025-01-01")),
+            RangeError::Reversed
+        );
+        assert_eq!(
+            error(range("2025-01-01", "2025-02-01")),
+            RangeError::TooLong { max_span_days: 31 }
+        );
+        assert_eq!(error(range("2025-01-02", "2025-01-01")).field(), "to");
     }
 
     #[test]

@@ -1,20 +1,17 @@
-//! Payment transactions, the settlement input: the request shape as received, the parsed
-//! [`NewTransaction`] the store accepts, and [`ingest`], which stores a batch exactly once.
+//! Payment transactions, the settlement input: the fields as received ([`RawTransaction`]), the
+//! parsed [`NewTransaction`] the store accepts, and [`ingest`], which stores a batch exactly once.
 //!
 //! A transaction's identity is `(merchant_id, external_id)`, the payment provider's charge id
 //! (constraint `transactions_merchant_external_id_key`): a re-sent transaction with the same
 //! fields is a duplicate and stores nothing; with any field different it is a conflict and the
 //! whole request stores nothing.
 //!
-//! Parsing rejects everything the table's constraints would (so a client gets a 422 naming the
-//! field instead of a 500), and a few things they cannot express (blank ids, NUL bytes).
+//! Parsing rejects everything the table's constraints would (so a client is told the field at
+//! fault instead of meeting a database error), and a few things they cannot express (blank ids,
+//! NUL bytes).
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
-use utoipa::ToSchema;
-
-use crate::http::error::ApiError;
 
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
 pub const MAX_MERCHANT_ID_CHARS: usize = 255;
@@ -22,23 +19,72 @@ pub const MAX_MERCHANT_ID_CHARS: usize = 255;
 /// Longest external id, in characters (the `transaction_external_id_format` constraint agrees).
 pub const MAX_EXTERNAL_ID_CHARS: usize = 128;
 
-/// `POST /api/v1/transactions` element, as received.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TransactionInput {
-    /// 1 to 255 characters, not blank.
+/// One transaction's fields as received, not yet checked.
+#[derive(Debug, Clone)]
+pub struct RawTransaction {
     pub merchant_id: String,
-    /// The payment provider's id for this payment: 1 to 128 visible ASCII characters, unique
-    /// per merchant. Re-sending it with the same fields is a harmless duplicate.
     pub external_id: String,
-    /// Amount charged, in cents, ≥ 0.
     pub amount_cents: i64,
-    /// Fee taken, in cents, 0 ≤ fee ≤ amount.
     pub fee_cents: i64,
-    /// `PAID`, `PENDING`, `FAILED` or `REFUNDED`; only `PAID` is settled.
     pub status: String,
-    /// RFC 3339 instant with an offset, e.g. `2025-01-31T23:59:59Z`.
     pub paid_at: String,
+}
+
+/// A field of a transaction, each with one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    MerchantId,
+    ExternalId,
+    Amount,
+    Fee,
+    Status,
+    PaidAt,
+}
+
+impl Field {
+    /// The field's name as received.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MerchantId => "merchant_id",
+            Self::ExternalId => "external_id",
+            Self::Amount => "amount_cents",
+            Self::Fee => "fee_cents",
+            Self::Status => "status",
+            Self::PaidAt => "paid_at",
+        }
+    }
+
+    /// What a value of this field must be.
+    fn rule(self) -> String {
+        match self {
+            Self::MerchantId => format!(
+                "be 1 to {MAX_MERCHANT_ID_CHARS} characters, not blank, without control characters"
+            ),
+            Self::ExternalId => {
+                format!("be 1 to {MAX_EXTERNAL_ID_CHARS} visible ASCII characters")
+            }
+            Self::Amount => "not be negative".into(),
+            Self::Fee => "be between 0 and amount_cents".into(),
+            Self::Status => "be one of PAID, PENDING, FAILED, REFUNDED".into(),
+            Self::PaidAt => "be an RFC 3339 timestamp with an offset".into(),
+        }
+    }
+}
+
+/// A transaction that breaks its field's rule; `index` is its position in a batch, if it came
+/// in one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{} must {}", at(*.index), .field.name(), .field.rule())]
+pub struct InvalidTransaction {
+    pub index: Option<usize>,
+    pub field: Field,
+}
+
+/// `transactions[i]: `, naming an element of a batch in a message.
+fn at(index: Option<usize>) -> String {
+    index
+        .map(|i| format!("transactions[{i}]: "))
+        .unwrap_or_default()
 }
 
 /// The state of a payment; only [`Status::Paid`] rows are settled.
@@ -82,68 +128,33 @@ pub struct NewTransaction {
     pub paid_at: DateTime<Utc>,
 }
 
-impl TransactionInput {
-    /// Parses one element; `index` (its position in an array) is named in error messages.
-    pub fn parse(self, index: Option<usize>) -> Result<NewTransaction, ApiError> {
-        let at = index
-            .map(|i| format!("transactions[{i}]: "))
-            .unwrap_or_default();
+impl RawTransaction {
+    /// Parses one transaction; `index` (its position in a batch) is kept in the error.
+    pub fn parse(self, index: Option<usize>) -> Result<NewTransaction, InvalidTransaction> {
+        let invalid = |field| InvalidTransaction { index, field };
         let chars = self.merchant_id.chars().count();
         if self.merchant_id.trim().is_empty()
             || chars > MAX_MERCHANT_ID_CHARS
             || self.merchant_id.chars().any(char::is_control)
         {
-            return Err(ApiError::invalid(
-                "INVALID_MERCHANT_ID",
-                "merchant_id",
-                format!(
-                    "{at}merchant_id must be 1 to {MAX_MERCHANT_ID_CHARS} characters, \
-                     not blank, without control characters"
-                ),
-            ));
+            return Err(invalid(Field::MerchantId));
         }
         let external = &self.external_id;
         if external.is_empty()
             || external.len() > MAX_EXTERNAL_ID_CHARS
             || !external.bytes().all(|b| b.is_ascii_graphic())
         {
-            return Err(ApiError::invalid(
-                "INVALID_EXTERNAL_ID",
-                "external_id",
-                format!(
-                    "{at}external_id must be 1 to {MAX_EXTERNAL_ID_CHARS} visible ASCII characters"
-                ),
-            ));
+            return Err(invalid(Field::ExternalId));
         }
         if self.amount_cents < 0 {
-            return Err(ApiError::invalid(
-                "INVALID_AMOUNT",
-                "amount_cents",
-                format!("{at}amount_cents must not be negative"),
-            ));
+            return Err(invalid(Field::Amount));
         }
         if !(0..=self.amount_cents).contains(&self.fee_cents) {
-            return Err(ApiError::invalid(
-                "INVALID_FEE",
-                "fee_cents",
-                format!("{at}fee_cents must be between 0 and amount_cents"),
-            ));
+            return Err(invalid(Field::Fee));
         }
-        let status = Status::parse(&self.status).ok_or_else(|| {
-            ApiError::invalid(
-                "INVALID_STATUS",
-                "status",
-                format!("{at}status must be one of PAID, PENDING, FAILED, REFUNDED"),
-            )
-        })?;
+        let status = Status::parse(&self.status).ok_or(invalid(Field::Status))?;
         let paid_at = DateTime::parse_from_rfc3339(&self.paid_at)
-            .map_err(|_| {
-                ApiError::invalid(
-                    "INVALID_PAID_AT",
-                    "paid_at",
-                    format!("{at}paid_at must be an RFC 3339 timestamp with an offset"),
-                )
-            })?
+            .map_err(|_| invalid(Field::PaidAt))?
             .with_timezone(&Utc);
         Ok(NewTransaction {
             merchant_id: self.merchant_id,
@@ -244,8 +255,8 @@ pub async fn ingest(
 mod tests {
     use super::*;
 
-    fn input() -> TransactionInput {
-        TransactionInput {
+    fn input() -> RawTransaction {
+        RawTransaction {
             merchant_id: "m-1".into(),
             external_id: "ch_1".into(),
             amount_cents: 1000,
@@ -255,13 +266,14 @@ mod tests {
         }
     }
 
-    fn field_of(input: TransactionInput) -> &'static str {
+    fn field_of(input: RawTransaction) -> &'static str {
         match input.parse(Some(3)) {
-            Err(ApiError::Invalid { field, message, .. }) => {
+            Err(e) => {
+                let message = e.to_string();
                 assert!(message.starts_with("transactions[3]"), "{message}");
-                field
+                e.field.name()
             }
-            other => panic!("expected a 422, got {other:?}"),
+            other => panic!("expected an invalid transaction, got {other:?}"),
         }
     }
 
@@ -274,7 +286,7 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let bad = |f: fn(&mut TransactionInput)| {
+        let bad = |f: fn(&mut RawTransaction)| {
             let mut i = input();
             f(&mut i);
             field_of(i)
