@@ -15,7 +15,11 @@
 //! - [`retention`]: pruning finished jobs under an advisory lock.
 //! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
 //! - [`registry`]: job kinds → bodies.
-//! - [`runtime`]: the worker loop and its background tasks; `execute`: one job's attempt.
+//! - [`runtime`]: the [`Worker`], the state its tasks share, and shutdown step by step.
+//! - `services`: the tasks beside the jobs, one file each: `claimer` (claim loops),
+//!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`.
+//! - `execute`: one claimed job's attempt, from its body to its recorded ending.
+//! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API.
 //! - [`settings`], [`error`].
 
@@ -36,6 +40,7 @@ macro_rules! lock_held_jobs {
 
 pub mod cancel;
 pub mod claim;
+mod db;
 pub mod enqueue;
 pub mod error;
 mod execute;
@@ -46,6 +51,7 @@ pub mod read;
 pub mod registry;
 pub mod retention;
 pub mod runtime;
+mod services;
 pub mod settings;
 
 pub use cancel::{CancelOutcome, request_cancel};
