@@ -1,8 +1,8 @@
-//! The worker runtime: the [`Worker`] a binary runs, and the [`Shared`] state its tasks see. A
+//! The worker runtime: the [`Worker`] a binary runs, and the `Shared` state its tasks see. A
 //! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
-//! while a semaphore has free slots, each job runs in its own task ([`crate::execute`]), and
-//! the services in [`crate::services`] keep held jobs alive beside them: the listener, the
-//! heartbeat, the completion batcher and the retention pruner.
+//! while a semaphore has free slots, each job runs in its own task (`execute`), and the
+//! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
+//! batcher and the retention pruner.
 //!
 //! Shutdown, step by step:
 //! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands
