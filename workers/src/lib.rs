@@ -21,6 +21,7 @@
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API.
+//! - [`state`]: [`JobState`], the `job_state` SQL type in Rust.
 //! - [`settings`], [`error`].
 
 /// The `held` rows of a statement over many held jobs (`$1` ids, `$2` their fences): those
@@ -53,6 +54,7 @@ pub mod retention;
 pub mod runtime;
 mod services;
 pub mod settings;
+pub mod state;
 
 pub use cancel::{CancelOutcome, request_cancel};
 pub use enqueue::{NewJob, enqueue, enqueue_many};
@@ -61,3 +63,4 @@ pub use job::{Batch, JobContext, JobResult, Outcome};
 pub use registry::Registry;
 pub use runtime::Worker;
 pub use settings::WorkerSettings;
+pub use state::JobState;

@@ -4,13 +4,14 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use crate::state::JobState;
+
 /// A job as stored, for display.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRecord {
     pub id: i64,
     pub kind: String,
-    /// `queued`, `running`, `cancelling`, `completed`, `failed` or `cancelled`.
-    pub state: String,
+    pub state: JobState,
     pub args: Value,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -29,8 +30,8 @@ impl JobRecord {
     /// 0–100: 100 once completed, else processed / total (0 while the total is unknown). Never
     /// goes down, since `processed` only moves with committed checkpoints.
     pub fn progress(&self) -> u8 {
-        match (self.state.as_str(), self.total) {
-            ("completed", _) => 100,
+        match (self.state, self.total) {
+            (JobState::Completed, _) => 100,
             (_, Some(total)) if total > 0 => ((self.processed.min(total) * 100) / total) as u8,
             _ => 0,
         }
@@ -40,15 +41,14 @@ impl JobRecord {
 /// Filters of a job listing.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub kind: Option<String>,
     /// Only jobs with an id below this (the previous page's last id).
     pub before: Option<i64>,
     pub limit: i64,
 }
 
-const COLUMNS: &str =
-    "id, kind, state::text as state, args, attempt, max_attempts, processed, total,
+const COLUMNS: &str = "id, kind, state, args, attempt, max_attempts, processed, total,
     errors -> -1 ->> 'error' as last_error, result, run_at, created_at, started_at, finished_at";
 
 /// One job, or `None`.
@@ -75,7 +75,7 @@ pub async fn list_jobs(
          order by id desc
          limit $4"
     )))
-    .bind(filter.state.as_deref())
+    .bind(filter.state)
     .bind(filter.kind.as_deref())
     .bind(filter.before)
     .bind(filter.limit)
