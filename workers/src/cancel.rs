@@ -81,3 +81,14 @@ async fn notify_cancel(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
         .await?;
     Ok(())
 }
+
+/// Whether a cancel was requested for job `id` (false for no such job). Read now, so a body that
+/// stopped can tell a cancel from a shutdown.
+pub(crate) async fn requested(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let requested: Option<Option<bool>> =
+        sqlx::query_scalar("select cancel_requested from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(requested.flatten().unwrap_or(false))
+}

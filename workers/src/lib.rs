@@ -11,7 +11,7 @@
 //! - [`claim`]: the claim statement, including the rescue of expired leases.
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
 //! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
-//! - [`cancel`]: cancel requests (flag + NOTIFY).
+//! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
 //! - [`retention`]: pruning finished jobs under an advisory lock.
 //! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
 //! - [`registry`]: job kinds → bodies.
@@ -20,7 +20,7 @@
 //!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`.
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
-//! - [`read`]: job records for the API.
+//! - [`read`]: job records for the API, and which jobs are still live.
 //! - [`state`]: [`JobState`], the `job_state` SQL type in Rust.
 //! - [`settings`], [`error`].
 

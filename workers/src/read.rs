@@ -1,4 +1,5 @@
-//! Reading jobs for the API: one job, and keyset pages newest first filtered by state and kind.
+//! Reading jobs: one job and keyset pages newest first filtered by state and kind (for the API),
+//! and which of some jobs are still live (for kinds that clean up after jobs that no longer are).
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -79,6 +80,18 @@ pub async fn list_jobs(
     .bind(filter.kind.as_deref())
     .bind(filter.before)
     .bind(filter.limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Which of `ids` are still live (queued, running or cancelling), in no particular order; a
+/// job that ended, or was pruned, is not.
+pub async fn live_jobs(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select id from jobs
+         where id = any($1) and state in ('queued', 'running', 'cancelling')",
+    )
+    .bind(ids)
     .fetch_all(conn)
     .await
 }
