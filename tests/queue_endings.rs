@@ -13,7 +13,7 @@ use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for, wait_sta
 use common::{migrated_pool, test_config};
 use serde_json::{Value, json};
 use settle::config::Config;
-use settle_workers::{CancelOutcome, Worker};
+use settle_workers::{CancelOutcome, JobState, Worker};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -102,7 +102,7 @@ async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_can
     // The job has written its effect in its last batch and not committed it yet.
     assert_eq!(
         cancel(&pool, id).await,
-        CancelOutcome::Accepted("cancelling")
+        CancelOutcome::Accepted(JobState::Cancelling)
     );
     wait_state(&pool, id, "cancelled").await;
     let (_, attempt, result, errors, _, owner) = job(&pool, id).await;
@@ -139,7 +139,7 @@ async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finishe
     .await
     .unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    assert_eq!(outcome, CancelOutcome::Finished("completed"));
+    assert_eq!(outcome, CancelOutcome::Finished(JobState::Completed));
     let (state, _, result, _, requested, _) = job(&pool, id).await;
     assert_eq!(state, "completed");
     assert_eq!(result, Some(json!({"final_step": true})));
@@ -163,7 +163,7 @@ async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
         wait_state(&pool, id, "running").await;
         assert_eq!(
             cancel(&pool, id).await,
-            CancelOutcome::Accepted("cancelling")
+            CancelOutcome::Accepted(JobState::Cancelling)
         );
     }
     for &id in &ids {
@@ -195,7 +195,7 @@ async fn a_snooze_keeps_a_pending_cancel() {
     wait_state(&pool, cancelled, "running").await;
     assert_eq!(
         cancel(&pool, cancelled).await,
-        CancelOutcome::Accepted("cancelling")
+        CancelOutcome::Accepted(JobState::Cancelling)
     );
     wait_state(&pool, cancelled, "cancelled").await;
     let (_, attempt, _, errors, _, owner) = job(&pool, cancelled).await;

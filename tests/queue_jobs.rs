@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::processes::{WorkerProcess, enqueue, probe_tables, wait_processed, wait_state};
 use common::{migrated_pool, test_config};
 use serde_json::{Value, json};
-use settle_workers::CancelOutcome;
+use settle_workers::{CancelOutcome, JobState};
 use sqlx::PgPool;
 
 fn fast_retries() -> settle::config::Config {
@@ -96,9 +96,9 @@ async fn a_cancelled_queued_job_never_starts() {
     let id = enqueue(&pool, "noop", json!({}), 3).await;
     let mut conn = pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    assert_eq!(outcome, CancelOutcome::Accepted("cancelled"));
+    assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelled));
     let again = settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    assert_eq!(again, CancelOutcome::Accepted("cancelled"));
+    assert_eq!(again, CancelOutcome::Accepted(JobState::Cancelled));
     let _worker = WorkerProcess::start(&config);
     let later = enqueue(&pool, "noop", json!({}), 3).await;
     wait_state(&pool, later, "completed").await;
@@ -112,7 +112,7 @@ async fn a_cancelled_queued_job_never_starts() {
     let finished = settle_workers::request_cancel(&mut conn, later)
         .await
         .unwrap();
-    assert_eq!(finished, CancelOutcome::Finished("completed"));
+    assert_eq!(finished, CancelOutcome::Finished(JobState::Completed));
     assert_eq!(
         settle_workers::request_cancel(&mut conn, 999_999)
             .await
@@ -137,7 +137,7 @@ async fn a_cancelled_running_job_stops_at_its_next_checkpoint() {
     wait_processed(&pool, id, 20, Duration::from_secs(60)).await;
     let mut conn = pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    assert_eq!(outcome, CancelOutcome::Accepted("cancelling"));
+    assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelling));
     wait_state(&pool, id, "cancelled").await;
     let (processed, counted): (i64, i64) = sqlx::query_as(
         "select j.processed, c.counted from jobs j join queue_probe_counts c on c.job_id = j.id

@@ -312,7 +312,7 @@ async fn a_cancelled_queued_job_never_starts() {
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
     assert_eq!(
         outcome,
-        settle_workers::CancelOutcome::Accepted("cancelled")
+        settle_workers::CancelOutcome::Accepted(settle_workers::JobState::Cancelled)
     );
     let worker = start_worker(&app);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use settle_workers::JobState;
 use tokio_util::io::ReaderStream;
 
 use super::AppState;
@@ -53,7 +54,7 @@ async fn download(
     let record = settle_workers::read::get_job(&mut conn, job_id).await?;
     drop(conn);
     let result = match record {
-        Some(r) if r.kind == job::KIND && r.state == "completed" => r.result,
+        Some(r) if r.kind == job::KIND && r.state == JobState::Completed => r.result,
         _ => return Err(not_found()),
     };
     let in_postgres = result.as_ref().is_some_and(|r| r.get("csv_rows").is_some());

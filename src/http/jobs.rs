@@ -9,8 +9,8 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use settle_workers::CancelOutcome;
 use settle_workers::read::{self, JobFilter, JobRecord};
+use settle_workers::{CancelOutcome, JobState};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -18,9 +18,7 @@ use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::openapi::ErrorBody;
 use super::pagination::{self, Cursor};
-
-/// The kind whose completed jobs have a CSV to download.
-const SETTLEMENT_KIND: &str = "settlement";
+use crate::settlement::job::KIND as SETTLEMENT_KIND;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -56,12 +54,12 @@ pub struct Job {
 
 impl From<JobRecord> for Job {
     fn from(job: JobRecord) -> Self {
-        let download_url = (job.kind == SETTLEMENT_KIND && job.state == "completed")
+        let download_url = (job.kind == SETTLEMENT_KIND && job.state == JobState::Completed)
             .then(|| format!("/downloads/{}.csv", job.id));
         Self {
             job_id: job.id,
             progress: job.progress(),
-            status: job.state.to_uppercase(),
+            status: job.state.as_api_str().to_owned(),
             processed: job.processed,
             total: job.total.unwrap_or(0).max(job.processed),
             download_url,
@@ -112,15 +110,6 @@ pub struct JobPage {
     next_cursor: Option<String>,
 }
 
-const STATES: [&str; 6] = [
-    "queued",
-    "running",
-    "cancelling",
-    "completed",
-    "failed",
-    "cancelled",
-];
-
 #[utoipa::path(
     get, path = "/api/v1/jobs", tag = "jobs",
     params(ListJobsQuery),
@@ -136,20 +125,17 @@ async fn list_jobs(
 ) -> Result<Json<JobPage>, ApiError> {
     let config = &app.config.orders;
     let limit = pagination::limit(query.limit, config.default_page_size, config.max_page_size)?;
-    let state = match query.status {
-        None => None,
-        Some(status) => {
-            let state = status.to_lowercase();
-            if !STATES.contains(&state.as_str()) {
-                return Err(ApiError::invalid(
-                    "INVALID_STATUS",
-                    "status",
-                    "status must be one of QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED, CANCELLED",
-                ));
-            }
-            Some(state)
-        }
-    };
+    let state = query
+        .status
+        .map(|status| status.to_lowercase().parse::<JobState>())
+        .transpose()
+        .map_err(|_| {
+            ApiError::invalid(
+                "INVALID_STATUS",
+                "status",
+                "status must be one of QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED, CANCELLED",
+            )
+        })?;
     let before = query.cursor.as_deref().map(Cursor::parse).transpose()?;
     let filter = JobFilter {
         state,
@@ -188,12 +174,12 @@ async fn cancel_job(
     match settle_workers::request_cancel(&mut conn, id).await? {
         CancelOutcome::Accepted(state) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"job_id": id, "status": state.to_uppercase()})),
+            Json(json!({"job_id": id, "status": state.as_api_str()})),
         )
             .into_response()),
         CancelOutcome::Finished(state) => Err(ApiError::Conflict {
             code: "JOB_FINISHED",
-            message: format!("the job is already {}", state.to_uppercase()),
+            message: format!("the job is already {}", state.as_api_str()),
         }),
         CancelOutcome::NotFound => Err(not_found()),
     }

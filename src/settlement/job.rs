@@ -77,8 +77,8 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
     let outcome = settle(&mut ctx, range, &settings).await;
     if matches!(outcome, Err(JobError::Stopped) | Ok(Outcome::Cancelled)) {
         // Stopped by a cancel (not a shutdown): forget the work, leave settlements as it was.
-        let mut conn = ctx.pool().acquire().await?;
-        if store::cancel_requested(&mut conn, job_id).await? {
+        if ctx.cancel_requested().await? {
+            let mut conn = ctx.pool().acquire().await?;
             engine::discard(&mut conn, job_id)
                 .await
                 .map_err(JobError::failed)?;
@@ -109,9 +109,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
             () = ctx.token().cancelled() => return Err(JobError::Stopped),
         }
     };
+    // The run goes to this claim's fence in a fenced batch: if the commit lands, it was ours.
+    let fence = ctx.fence();
     let mut batch = ctx.begin().await?;
-    // The commit below is fenced, so if it lands this was our claim's counter.
-    let fence = store::job_fence(batch.conn(), job_id).await?;
     let plan = engine::start(batch.conn(), job_id, range, settings, fence, high_water).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     batch

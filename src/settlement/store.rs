@@ -352,27 +352,18 @@ pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result
 /// Deletes the working rows of settlement jobs that are no longer live (FAILED after their last
 /// attempt, or pruned): only a cancel or a fatal error cleans up after itself, so a job that
 /// ran out of attempts would otherwise leave its partial sums behind forever.
+/// The runs are read before the queue is asked which of their jobs are live: a job never
+/// becomes live again, and a run inserted meanwhile is not in the list.
 pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let abandoned: Vec<i64> = sqlx::query_scalar(
-        "select r.job_id from settlement_runs r
-         where not exists (select 1 from jobs j where j.id = r.job_id
-                           and j.state in ('queued', 'running', 'cancelling'))",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let mut abandoned: Vec<i64> = sqlx::query_scalar("select job_id from settlement_runs")
+        .fetch_all(&mut *conn)
+        .await?;
+    let live = settle_workers::read::live_jobs(conn, &abandoned).await?;
+    abandoned.retain(|job_id| !live.contains(job_id));
     for &job_id in &abandoned {
         delete_working_rows(conn, job_id).await?;
     }
     Ok(abandoned.len() as u64)
-}
-
-/// The job's current claim counter. Read inside the job's first fenced batch, whose commit
-/// proves it is this worker's own.
-pub async fn job_fence(conn: &mut PgConnection, job_id: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select fence from jobs where id = $1")
-        .bind(job_id)
-        .fetch_one(conn)
-        .await
 }
 
 /// Hands the run to the claim `fence`: waits for part batches of an earlier owner in flight.
@@ -404,15 +395,4 @@ pub async fn lock_run(
     .fetch_optional(conn)
     .await?
     .is_some())
-}
-
-pub async fn cancel_requested(conn: &mut PgConnection, job_id: i64) -> Result<bool, sqlx::Error> {
-    Ok(
-        sqlx::query_scalar::<_, Option<bool>>("select cancel_requested from jobs where id = $1")
-            .bind(job_id)
-            .fetch_optional(conn)
-            .await?
-            .flatten()
-            .unwrap_or(false),
-    )
 }

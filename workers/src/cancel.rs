@@ -5,17 +5,19 @@
 
 use sqlx::{Connection, PgConnection};
 
+use crate::state::JobState;
+
 /// Channel carrying the id of a job whose cancel was requested.
 pub const CANCEL_CHANNEL: &str = "settle_job_cancel";
 
 /// What a cancel request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
-    /// The job is now in this state (`cancelled`, or `cancelling` until its next checkpoint);
-    /// also returned, unchanged, for a job cancelled before.
-    Accepted(&'static str),
-    /// The job already ended as `completed` or `failed`; nothing changed.
-    Finished(&'static str),
+    /// The job is now in this state (CANCELLED, or CANCELLING until its next checkpoint); also
+    /// returned, unchanged, for a job cancelled before.
+    Accepted(JobState),
+    /// The job already ended as COMPLETED or FAILED; nothing changed.
+    Finished(JobState),
     /// No such job.
     NotFound,
 }
@@ -29,34 +31,36 @@ pub async fn request_cancel(
     let Some(state) = lock_state(&mut tx, id).await? else {
         return Ok(CancelOutcome::NotFound);
     };
-    let outcome = match state.as_str() {
-        "queued" => {
-            mark_requested(&mut tx, id, "cancelled").await?;
-            CancelOutcome::Accepted("cancelled")
+    let outcome = match state {
+        JobState::Queued => {
+            mark_requested(&mut tx, id, JobState::Cancelled).await?;
+            CancelOutcome::Accepted(JobState::Cancelled)
         }
-        "running" => {
-            mark_requested(&mut tx, id, "cancelling").await?;
+        JobState::Running => {
+            mark_requested(&mut tx, id, JobState::Cancelling).await?;
             notify_cancel(&mut tx, id).await?;
-            CancelOutcome::Accepted("cancelling")
+            CancelOutcome::Accepted(JobState::Cancelling)
         }
-        "cancelling" => CancelOutcome::Accepted("cancelling"),
-        "cancelled" => CancelOutcome::Accepted("cancelled"),
-        "completed" => CancelOutcome::Finished("completed"),
-        _ => CancelOutcome::Finished("failed"),
+        JobState::Cancelling | JobState::Cancelled => CancelOutcome::Accepted(state),
+        JobState::Completed | JobState::Failed => CancelOutcome::Finished(state),
     };
     tx.commit().await?;
     Ok(outcome)
 }
 
 /// The job's state, with its row locked so a concurrent claim or finish is ordered around us.
-async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("select state::text from jobs where id = $1 for update")
+async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>, sqlx::Error> {
+    sqlx::query_scalar("select state from jobs where id = $1 for update")
         .bind(id)
         .fetch_optional(conn)
         .await
 }
 
-async fn mark_requested(conn: &mut PgConnection, id: i64, state: &str) -> Result<(), sqlx::Error> {
+async fn mark_requested(
+    conn: &mut PgConnection,
+    id: i64,
+    state: JobState,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "update jobs set cancel_requested = true, state = $2::job_state,
              finished_at = case when $2 = 'cancelled' then now() end
@@ -76,4 +80,15 @@ async fn notify_cancel(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Whether a cancel was requested for job `id` (false for no such job). Read now, so a body that
+/// stopped can tell a cancel from a shutdown.
+pub(crate) async fn requested(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let requested: Option<Option<bool>> =
+        sqlx::query_scalar("select cancel_requested from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(requested.flatten().unwrap_or(false))
 }

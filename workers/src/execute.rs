@@ -12,7 +12,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim::ClaimedJob;
-use crate::error::{JobError, is_transient};
+use crate::db::{on_conn, retry_until};
+use crate::error::JobError;
 use crate::job::{JobContext, Outcome};
 use crate::runtime::{Held, Shared};
 use crate::{finish, lease};
@@ -226,11 +227,7 @@ async fn resume_point(
             () = tokio::time::sleep(pause) => {}
             () = lost.cancelled() => return None,
         }
-        let read = match shared.pool.acquire().await {
-            Ok(mut conn) => lease::reload(&mut conn, id, fence).await,
-            Err(e) => Err(e),
-        };
-        match read {
+        match reload(shared, id, fence).await {
             Ok(resume) => return resume,
             Err(e) => tracing::warn!(job = id, error = %e, "cannot reload the checkpoint yet"),
         }
@@ -238,14 +235,22 @@ async fn resume_point(
     }
 }
 
+/// The job's resume point, read under its fence (`None`: no longer ours).
+async fn reload(
+    shared: &Shared,
+    id: i64,
+    fence: i64,
+) -> Result<Option<lease::Resume>, sqlx::Error> {
+    on_conn(&shared.pool, async |conn| {
+        lease::reload(conn, id, fence).await
+    })
+    .await
+}
+
 /// The body stopped: a requested cancel makes it CANCELLED; otherwise the worker is shutting
 /// down and releases it. `chose` is true when the body itself returned `Cancelled`.
 async fn stopped(shared: &Shared, id: i64, fence: i64, chose: bool) -> Ending {
-    let read = match shared.pool.acquire().await {
-        Ok(mut conn) => lease::reload(&mut conn, id, fence).await,
-        Err(e) => Err(e),
-    };
-    match read {
+    match reload(shared, id, fence).await {
         Ok(None) => Ending::Nothing,
         Ok(Some(row)) if row.cancel_requested => Ending::Cancel,
         _ if shared.shutdown.is_cancelled() => Ending::Release,
@@ -258,29 +263,23 @@ async fn stopped(shared: &Shared, id: i64, fence: i64, chose: bool) -> Ending {
 /// the job will have been reclaimed and our write would match nothing anyway.
 async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &CancellationToken) {
     let deadline = Instant::now() + shared.settings.lease;
-    loop {
-        let written = match shared.pool.acquire().await {
-            Ok(mut conn) => write(&mut conn, id, fence, ending).await,
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(true) => return,
-            Ok(false) => {
-                tracing::warn!(
-                    job = id,
-                    ?ending,
-                    "lease lost before the ending was recorded"
-                );
-                return;
-            }
-            Err(e) if is_transient(&e) && Instant::now() < deadline && !lost.is_cancelled() => {
-                tracing::warn!(job = id, error = %e, "recording the ending failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                tracing::error!(job = id, error = %e, "cannot record the job's ending; its lease will expire");
-                return;
-            }
+    let pool = &shared.pool;
+    let written = retry_until(
+        deadline,
+        Some(lost),
+        || on_conn(pool, async |conn| write(conn, id, fence, ending).await),
+        |e| tracing::warn!(job = id, error = %e, "recording the ending failed; retrying"),
+    )
+    .await;
+    match written {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            job = id,
+            ?ending,
+            "lease lost before the ending was recorded"
+        ),
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "cannot record the job's ending; its lease will expire");
         }
     }
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::settings::WorkerSettings;
+use crate::state::JobState;
 
 /// Marks one held job COMPLETED with `result`, or CANCELLED (without the result) when a cancel
 /// was requested: a cancel answered `cancelling` always ends CANCELLED. The cancel request locks
@@ -93,7 +94,7 @@ pub async fn fail(
     error: &str,
     retry_in: Duration,
     fatal: bool,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Option<JobState>, sqlx::Error> {
     sqlx::query_scalar(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state
@@ -110,7 +111,7 @@ pub async fn fail(
              lease_owner = null,
              lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning state::text",
+         returning state",
     )
     .bind(id)
     .bind(fence)

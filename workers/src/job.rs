@@ -69,6 +69,13 @@ impl JobContext {
         self.max_attempts
     }
 
+    /// This claim's fencing token: one higher at every claim of the job, so a kind that fences
+    /// its own tables (writes only while its stored fence matches) stops a former holder's
+    /// writes the moment the job is claimed again.
+    pub fn fence(&self) -> i64 {
+        self.fence
+    }
+
     /// The raw args.
     pub fn args_json(&self) -> &Value {
         &self.args
@@ -107,6 +114,16 @@ impl JobContext {
     /// checkpoint (return [`JobError::Stopped`] or [`Outcome::Cancelled`]).
     pub fn is_cancelled(&self) -> bool {
         self.stop.is_cancelled()
+    }
+
+    /// Whether a cancel was requested, read from the job's row now (the token also fires on
+    /// shutdown): a body that stopped tells by it whether to discard its work or keep it for
+    /// the next attempt.
+    pub async fn cancel_requested(&self) -> Result<bool, sqlx::Error> {
+        crate::db::on_conn(&self.pool, async |conn| {
+            crate::cancel::requested(conn, self.id).await
+        })
+        .await
     }
 
     /// The stop token, to `select!` on while waiting.

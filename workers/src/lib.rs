@@ -11,12 +11,17 @@
 //! - [`claim`]: the claim statement, including the rescue of expired leases.
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
 //! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
-//! - [`cancel`]: cancel requests (flag + NOTIFY).
+//! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
 //! - [`retention`]: pruning finished jobs under an advisory lock.
 //! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
 //! - [`registry`]: job kinds → bodies.
-//! - [`runtime`]: the worker loop and its background tasks; `execute`: one job's attempt.
-//! - [`read`]: job records for the API.
+//! - [`runtime`]: the [`Worker`], the state its tasks share, and shutdown step by step.
+//! - `services`: the tasks beside the jobs, one file each: `claimer` (claim loops),
+//!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`.
+//! - `execute`: one claimed job's attempt, from its body to its recorded ending.
+//! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
+//! - [`read`]: job records for the API, and which jobs are still live.
+//! - [`state`]: [`JobState`], the `job_state` SQL type in Rust.
 //! - [`settings`], [`error`].
 
 /// The `held` rows of a statement over many held jobs (`$1` ids, `$2` their fences): those
@@ -36,6 +41,7 @@ macro_rules! lock_held_jobs {
 
 pub mod cancel;
 pub mod claim;
+mod db;
 pub mod enqueue;
 pub mod error;
 mod execute;
@@ -46,7 +52,9 @@ pub mod read;
 pub mod registry;
 pub mod retention;
 pub mod runtime;
+mod services;
 pub mod settings;
+pub mod state;
 
 pub use cancel::{CancelOutcome, request_cancel};
 pub use enqueue::{NewJob, enqueue, enqueue_many};
@@ -55,3 +63,4 @@ pub use job::{Batch, JobContext, JobResult, Outcome};
 pub use registry::Registry;
 pub use runtime::Worker;
 pub use settings::WorkerSettings;
+pub use state::JobState;

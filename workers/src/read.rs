@@ -1,16 +1,18 @@
-//! Reading jobs for the API: one job, and keyset pages newest first filtered by state and kind.
+//! Reading jobs: one job and keyset pages newest first filtered by state and kind (for the API),
+//! and which of some jobs are still live (for kinds that clean up after jobs that no longer are).
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
+
+use crate::state::JobState;
 
 /// A job as stored, for display.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRecord {
     pub id: i64,
     pub kind: String,
-    /// `queued`, `running`, `cancelling`, `completed`, `failed` or `cancelled`.
-    pub state: String,
+    pub state: JobState,
     pub args: Value,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -29,8 +31,8 @@ impl JobRecord {
     /// 0–100: 100 once completed, else processed / total (0 while the total is unknown). Never
     /// goes down, since `processed` only moves with committed checkpoints.
     pub fn progress(&self) -> u8 {
-        match (self.state.as_str(), self.total) {
-            ("completed", _) => 100,
+        match (self.state, self.total) {
+            (JobState::Completed, _) => 100,
             (_, Some(total)) if total > 0 => ((self.processed.min(total) * 100) / total) as u8,
             _ => 0,
         }
@@ -40,15 +42,14 @@ impl JobRecord {
 /// Filters of a job listing.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub kind: Option<String>,
     /// Only jobs with an id below this (the previous page's last id).
     pub before: Option<i64>,
     pub limit: i64,
 }
 
-const COLUMNS: &str =
-    "id, kind, state::text as state, args, attempt, max_attempts, processed, total,
+const COLUMNS: &str = "id, kind, state, args, attempt, max_attempts, processed, total,
     errors -> -1 ->> 'error' as last_error, result, run_at, created_at, started_at, finished_at";
 
 /// One job, or `None`.
@@ -75,10 +76,22 @@ pub async fn list_jobs(
          order by id desc
          limit $4"
     )))
-    .bind(filter.state.as_deref())
+    .bind(filter.state)
     .bind(filter.kind.as_deref())
     .bind(filter.before)
     .bind(filter.limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Which of `ids` are still live (queued, running or cancelling), in no particular order; a
+/// job that ended, or was pruned, is not.
+pub async fn live_jobs(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select id from jobs
+         where id = any($1) and state in ('queued', 'running', 'cancelling')",
+    )
+    .bind(ids)
     .fetch_all(conn)
     .await
 }

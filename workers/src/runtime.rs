@@ -1,26 +1,31 @@
-//! The worker runtime: a plain tokio loop that claims jobs when woken (LISTEN/NOTIFY, polling
-//! as the fallback) while a semaphore has free slots, plus the tasks that keep held jobs alive:
-//! the heartbeat, the cancel listener, the completion batcher and the retention pruner.
+//! The worker runtime: the [`Worker`] a binary runs, and the `Shared` state its tasks see. A
+//! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
+//! while a semaphore has free slots, each job runs in its own task (`execute`), and the
+//! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
+//! batcher and the retention pruner.
 //!
 //! Shutdown, step by step:
-//! 1. the shutdown token fires: the claim loop stops claiming;
+//! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands
+//!    its jobs straight back), and the listener and the pruner return;
 //! 2. every running job's stop token (a child of shutdown) fires; bodies stop at their next
 //!    checkpoint, and the runtime releases their leases without spending the attempt;
 //! 3. a body still running after `shutdown_grace` is aborted and released the same way;
-//! 4. once every slot is back, queued completions are flushed and the heartbeat stops.
+//! 4. once every slot is back (each job task holds its slot until its ending is recorded or
+//!    queued for the batcher), the `done` token fires: the completion batcher flushes what is
+//!    queued and returns, and the heartbeat, which kept those jobs' leases until then, stops;
+//! 5. the runtime's own connections close.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
+use crate::services::{claimer, completer, heartbeat, listener, pruner};
 use crate::settings::WorkerSettings;
-use crate::{cancel, claim, finish, lease, retention};
 
 /// Channel a worker is woken on when jobs are inserted or released.
 pub const JOBS_CHANNEL: &str = "settle_jobs";
@@ -51,7 +56,7 @@ pub(crate) struct Shared {
     /// Signalled whenever a job task ends, freeing room to claim.
     pub job_done: Notify,
     pub shutdown: CancellationToken,
-    /// Trivial completions, flushed in batches by [`completer`].
+    /// Trivial completions, flushed in batches by the [`completer`].
     pub completions: mpsc::UnboundedSender<(i64, i64)>,
 }
 
@@ -119,15 +124,15 @@ impl Worker {
             concurrency = shared.settings.concurrency, "worker started");
         let done = CancellationToken::new();
         let background = [
-            tokio::spawn(listen(shared.clone())),
-            tokio::spawn(heartbeat(shared.clone(), done.clone())),
-            tokio::spawn(completer(shared.clone(), completed, done.clone())),
-            tokio::spawn(prune(shared.clone())),
+            tokio::spawn(listener::run(shared.clone())),
+            tokio::spawn(heartbeat::run(shared.clone(), done.clone())),
+            tokio::spawn(completer::run(shared.clone(), completed, done.clone())),
+            tokio::spawn(pruner::run(shared.clone())),
         ];
         let concurrency = shared.settings.concurrency;
         let slots = Arc::new(Semaphore::new(concurrency));
-        let lanes: Vec<_> = (0..CLAIM_LANES)
-            .map(|_| tokio::spawn(claim_loop(shared.clone(), slots.clone())))
+        let lanes: Vec<_> = (0..claimer::LANES)
+            .map(|_| tokio::spawn(claimer::run(shared.clone(), slots.clone())))
             .collect();
         for lane in lanes {
             let _ = lane.await;
@@ -145,287 +150,4 @@ impl Worker {
 }
 
 /// The runtime's own connections: one per claim lane, the heartbeat and the completion batcher.
-const CONTROL_CONNECTIONS: u32 = CLAIM_LANES as u32 + 2;
-
-/// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
-/// waits for it; with two, one claims while the other's jobs run, so short jobs keep the slots
-/// busy without a worker holding more jobs than it has slots.
-const CLAIM_LANES: usize = 2;
-
-/// How long a claim loop waits for more slots to free before claiming for fewer than its
-/// share. Short jobs free them well within it; long jobs do not, and a free slot then waits at
-/// most this long to be filled.
-const GATHER: Duration = Duration::from_millis(2);
-
-/// Claims only for free slots: a worker never holds a job it cannot start at once, so a job it
-/// could not run yet stays claimable by an idle worker. To make one claim statement (one
-/// commit) fetch many jobs, a loop waits until its share of the slots is free, or [`GATHER`]
-/// has passed. It reserves those slots before claiming; each claimed job takes one into its
-/// own task and the unused ones are given back.
-async fn claim_loop(shared: Arc<Shared>, slots: Arc<Semaphore>) {
-    let settings = &shared.settings;
-    let share = (settings.concurrency / CLAIM_LANES).max(1);
-    loop {
-        if !wait_for_slots(&shared, &slots, share).await {
-            return;
-        }
-        let free = slots.available_permits().min(settings.claim_batch as usize);
-        let Ok(mut reserved) = slots.clone().try_acquire_many_owned(free as u32) else {
-            continue; // the other lane took them
-        };
-        let claimed = match shared.control.acquire().await {
-            Ok(mut conn) => {
-                let kinds = &shared.kinds;
-                claim::claim(&mut conn, &shared.owner, free as i64, settings.lease, kinds).await
-            }
-            Err(e) => Err(e),
-        };
-        let jobs = match claimed {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                drop(reserved);
-                tracing::warn!(error = %e, "claim failed; retrying after the poll interval");
-                idle(&shared, settings.poll_interval).await;
-                continue;
-            }
-        };
-        // Only an empty claim means the queue is drained: a short one may just have skipped
-        // rows another worker was claiming at the same instant.
-        let drained = jobs.is_empty();
-        for job in jobs {
-            let slot = reserved.split(1).expect("a slot reserved per claimed job");
-            tokio::spawn(crate::execute::run_job(shared.clone(), job, slot));
-        }
-        if reserved.num_permits() > 0 {
-            drop(reserved);
-            // Slots given back: the other lane may be waiting for them.
-            shared.job_done.notify_one();
-        }
-        if drained {
-            idle(&shared, settings.poll_interval).await;
-        } else {
-            // More may be due: let the other lane claim too if it is idle.
-            shared.wake.notify_one();
-        }
-    }
-}
-
-/// Waits until a slot is free, then up to [`GATHER`] for `share` of them; false on shutdown.
-async fn wait_for_slots(shared: &Shared, slots: &Semaphore, share: usize) -> bool {
-    while slots.available_permits() == 0 {
-        tokio::select! {
-            () = shared.job_done.notified() => {}
-            () = shared.shutdown.cancelled() => return false,
-        }
-    }
-    let gathered = tokio::time::sleep(GATHER);
-    tokio::pin!(gathered);
-    while slots.available_permits() < share {
-        tokio::select! {
-            () = shared.job_done.notified() => {}
-            () = &mut gathered => break,
-            () = shared.shutdown.cancelled() => return false,
-        }
-    }
-    !shared.shutdown.is_cancelled()
-}
-
-/// Waits for a NOTIFY, the poll interval, or shutdown, whichever comes first.
-async fn idle(shared: &Shared, poll: Duration) {
-    tokio::select! {
-        () = shared.wake.notified() => {}
-        () = tokio::time::sleep(poll) => {}
-        () = shared.shutdown.cancelled() => {}
-    }
-}
-
-/// LISTENs for new jobs (wakes the claim loop) and cancel requests (fires the job's token).
-async fn listen(shared: Arc<Shared>) {
-    let mut listener: Option<PgListener> = None;
-    loop {
-        if shared.shutdown.is_cancelled() {
-            return;
-        }
-        let Some(active) = listener.as_mut() else {
-            match connect_listener(&shared.pool).await {
-                Ok(l) => {
-                    listener = Some(l);
-                    // Notifications may have been missed while disconnected.
-                    shared.wake.notify_one();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot LISTEN; polling until reconnected");
-                    pause(&shared.shutdown, Duration::from_secs(1)).await;
-                }
-            }
-            continue;
-        };
-        let received = tokio::select! {
-            r = active.try_recv() => r,
-            () = shared.shutdown.cancelled() => return,
-        };
-        match received {
-            Ok(Some(n)) if n.channel() == cancel::CANCEL_CHANNEL => {
-                if let Ok(id) = n.payload().parse::<i64>()
-                    && let Some(held) = shared.held.lock().expect("held map").get(&id)
-                {
-                    held.stop.cancel();
-                }
-            }
-            Ok(Some(_)) => shared.wake.notify_one(),
-            // The connection dropped; sqlx reconnects on the next call.
-            Ok(None) => shared.wake.notify_one(),
-            Err(e) => {
-                tracing::warn!(error = %e, "LISTEN connection failed");
-                listener = None;
-                pause(&shared.shutdown, Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-async fn connect_listener(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([JOBS_CHANNEL, cancel::CANCEL_CHANNEL])
-        .await?;
-    Ok(listener)
-}
-
-async fn pause(shutdown: &CancellationToken, duration: Duration) {
-    tokio::select! {
-        () = tokio::time::sleep(duration) => {}
-        () = shutdown.cancelled() => {}
-    }
-}
-
-/// Extends every held lease each beat, in one statement. A job missing from the answer was
-/// reclaimed by another worker: its `lost` token fires. If no beat succeeds for a whole lease,
-/// every held job is presumed lost too (another worker may already have it).
-async fn heartbeat(shared: Arc<Shared>, done: CancellationToken) {
-    let settings = &shared.settings;
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(settings.heartbeat) => {}
-            () = done.cancelled() => return,
-        }
-        let held = shared.held_snapshot();
-        if held.is_empty() {
-            last_ok = Instant::now();
-            continue;
-        }
-        let beat = tokio::time::timeout(settings.heartbeat * 2, async {
-            let mut conn = shared.control.acquire().await?;
-            lease::heartbeat(&mut conn, &held, settings.lease).await
-        })
-        .await;
-        match beat {
-            Ok(Ok(beats)) => {
-                last_ok = Instant::now();
-                let alive: HashMap<i64, bool> = beats
-                    .into_iter()
-                    .map(|b| (b.id, b.cancel_requested))
-                    .collect();
-                let map = shared.held.lock().expect("held map");
-                for (id, fence) in held {
-                    let Some(h) = map.get(&id).filter(|h| h.fence == fence) else {
-                        continue;
-                    };
-                    match alive.get(&id) {
-                        None => h.lost.cancel(),
-                        Some(true) => h.stop.cancel(),
-                        Some(false) => {}
-                    }
-                }
-            }
-            failed => {
-                tracing::warn!(result = ?failed.err(), "heartbeat failed");
-                if last_ok.elapsed() >= settings.lease {
-                    tracing::warn!("no heartbeat for a whole lease; dropping every held job");
-                    for h in shared.held.lock().expect("held map").values() {
-                        h.lost.cancel();
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Completes trivial jobs in batches: one statement and one commit for many jobs.
-async fn completer(
-    shared: Arc<Shared>,
-    mut completed: mpsc::UnboundedReceiver<(i64, i64)>,
-    done: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(1024);
-    loop {
-        let finishing = tokio::select! {
-            n = completed.recv_many(&mut batch, 1024) => n == 0,
-            () = done.cancelled() => true,
-        };
-        while let Ok(item) = completed.try_recv() {
-            batch.push(item);
-        }
-        if !batch.is_empty() {
-            flush(&shared, &batch).await;
-            batch.clear();
-        }
-        if finishing {
-            return;
-        }
-    }
-}
-
-async fn flush(shared: &Shared, batch: &[(i64, i64)]) {
-    let deadline = Instant::now() + shared.settings.lease;
-    loop {
-        let result = match shared.control.acquire().await {
-            Ok(mut conn) => finish::complete_many(&mut conn, batch).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(_) => break,
-            Err(e) if crate::error::is_transient(&e) && Instant::now() < deadline => {
-                tracing::warn!(error = %e, "completing jobs failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                // The jobs' leases will expire and another worker re-runs them.
-                tracing::error!(error = %e, jobs = batch.len(), "cannot record completions");
-                break;
-            }
-        }
-    }
-    let mut held = shared.held.lock().expect("held map");
-    for (id, _) in batch {
-        held.remove(id);
-    }
-}
-
-/// Prunes finished jobs past retention now and then; the advisory lock picks one worker.
-async fn prune(shared: Arc<Shared>) {
-    let Some(retention) = shared.settings.retention else {
-        return;
-    };
-    loop {
-        let jitter = Duration::from_millis(rand::random_range(0..1000));
-        pause(
-            &shared.shutdown,
-            shared.settings.retention_interval + jitter,
-        )
-        .await;
-        if shared.shutdown.is_cancelled() {
-            return;
-        }
-        let pruned = match shared.pool.acquire().await {
-            Ok(mut conn) => retention::prune(&mut conn, retention).await,
-            Err(e) => Err(e),
-        };
-        match pruned {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(jobs = n, "pruned finished jobs past retention"),
-            Err(e) => tracing::warn!(error = %e, "pruning failed"),
-        }
-    }
-}
+const CONTROL_CONNECTIONS: u32 = claimer::LANES as u32 + 2;

@@ -1,0 +1,102 @@
+//! The claim loops: the only place jobs enter a worker. Each claims only for free slots, so a
+//! worker never holds a job it cannot start at once and a job it could not run yet stays
+//! claimable by an idle worker; the claim statement itself ([`crate::claim`]) also rescues
+//! expired leases. Each claimed job runs in its own task ([`crate::execute`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::claim;
+use crate::db::on_conn;
+use crate::runtime::Shared;
+
+/// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
+/// waits for it; with two, one claims while the other's jobs run, so short jobs keep the slots
+/// busy without a worker holding more jobs than it has slots.
+pub(crate) const LANES: usize = 2;
+
+/// How long a claim loop waits for more slots to free before claiming for fewer than its
+/// share. Short jobs free them well within it; long jobs do not, and a free slot then waits at
+/// most this long to be filled.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// One claim loop, until shutdown. To make one claim statement (one commit) fetch many jobs, a
+/// loop waits until its share of the slots is free, or [`GATHER`] has passed. It reserves those
+/// slots before claiming; each claimed job takes one into its own task and the unused ones are
+/// given back.
+pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
+    let settings = &shared.settings;
+    let share = (settings.concurrency / LANES).max(1);
+    loop {
+        if !wait_for_slots(&shared, &slots, share).await {
+            return;
+        }
+        let free = slots.available_permits().min(settings.claim_batch as usize);
+        let Ok(mut reserved) = slots.clone().try_acquire_many_owned(free as u32) else {
+            continue; // the other lane took them
+        };
+        let (owner, kinds) = (&shared.owner, &shared.kinds);
+        let claimed = on_conn(&shared.control, async |conn| {
+            claim::claim(conn, owner, free as i64, settings.lease, kinds).await
+        })
+        .await;
+        let jobs = match claimed {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                drop(reserved);
+                tracing::warn!(error = %e, "claim failed; retrying after the poll interval");
+                idle(&shared, settings.poll_interval).await;
+                continue;
+            }
+        };
+        // Only an empty claim means the queue is drained: a short one may just have skipped
+        // rows another worker was claiming at the same instant.
+        let drained = jobs.is_empty();
+        for job in jobs {
+            let slot = reserved.split(1).expect("a slot reserved per claimed job");
+            tokio::spawn(crate::execute::run_job(shared.clone(), job, slot));
+        }
+        if reserved.num_permits() > 0 {
+            drop(reserved);
+            // Slots given back: the other lane may be waiting for them.
+            shared.job_done.notify_one();
+        }
+        if drained {
+            idle(&shared, settings.poll_interval).await;
+        } else {
+            // More may be due: let the other lane claim too if it is idle.
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// Waits until a slot is free, then up to [`GATHER`] for `share` of them; false on shutdown.
+async fn wait_for_slots(shared: &Shared, slots: &Semaphore, share: usize) -> bool {
+    while slots.available_permits() == 0 {
+        tokio::select! {
+            () = shared.job_done.notified() => {}
+            () = shared.shutdown.cancelled() => return false,
+        }
+    }
+    let gathered = tokio::time::sleep(GATHER);
+    tokio::pin!(gathered);
+    while slots.available_permits() < share {
+        tokio::select! {
+            () = shared.job_done.notified() => {}
+            () = &mut gathered => break,
+            () = shared.shutdown.cancelled() => return false,
+        }
+    }
+    !shared.shutdown.is_cancelled()
+}
+
+/// Waits for a NOTIFY, the poll interval, or shutdown, whichever comes first.
+async fn idle(shared: &Shared, poll: Duration) {
+    tokio::select! {
+        () = shared.wake.notified() => {}
+        () = tokio::time::sleep(poll) => {}
+        () = shared.shutdown.cancelled() => {}
+    }
+}

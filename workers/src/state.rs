@@ -1,0 +1,107 @@
+//! A job's state, as the `job_state` enum of `migrations/0004_jobs.sql` stores it. The queue's
+//! statements write and compare states in their own SQL; Rust code reads, binds and matches
+//! this enum, so a misspelt state is a compile error rather than a row that matches nothing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job is in its life: QUEUED → RUNNING → COMPLETED, FAILED or CANCELLED (back to
+/// QUEUED for a retry, a snooze or a release), and CANCELLING between a cancel request and the
+/// running job's stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize, Deserialize)]
+#[sqlx(type_name = "job_state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for a worker (from `run_at` on).
+    Queued,
+    /// Held by a worker under a lease.
+    Running,
+    /// Running, with a cancel requested: it ends CANCELLED at its next checkpoint.
+    Cancelling,
+    Completed,
+    /// Out of attempts, or failed fatally.
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in the order of the `job_state` type.
+    pub const ALL: [Self; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Cancelling,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// The name as stored (`queued`, `running`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Cancelling => "cancelling",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The name as the HTTP API shows it (`QUEUED`, `RUNNING`, …).
+    pub fn as_api_str(self) -> &'static str {
+        match self {
+            Self::Queued => "QUEUED",
+            Self::Running => "RUNNING",
+            Self::Cancelling => "CANCELLING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// True while the job may still run: queued, running or cancelling.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Queued | Self::Running | Self::Cancelling)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a job state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for JobState {
+    type Err = UnknownState;
+
+    /// Parses the stored (lowercase) name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse(), Ok(state));
+            assert_eq!(state.as_api_str(), state.as_str().to_uppercase());
+            let json = serde_json::to_value(state).expect("serializes");
+            assert_eq!(json, serde_json::json!(state.as_str()));
+        }
+        assert!("QUEUED".parse::<JobState>().is_err());
+    }
+}
