@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use common::commit_cut::{Cut, CutProxy};
-use common::processes::{WorkerProcess, wait_for, wait_state};
+use common::processes::{WorkerProcess, wait_for, wait_mid_way, wait_state};
 use common::{TestApp, spawn_app_with};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -59,16 +59,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     // A fixes its input on the first worker, which is frozen mid-job.
     let a = enqueue(&app, "2025-01-01", "2025-01-04").await;
     let first = worker(&app, 50, 4000, &url);
-    wait_for(Duration::from_secs(30), "A mid-way", || async {
-        let (processed, total): (i64, Option<i64>) =
-            sqlx::query_as("select processed, total from jobs where id = $1")
-                .bind(a)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        (processed > 0 && total.is_some_and(|t| processed < t / 2)).then_some(())
-    })
-    .await;
+    wait_mid_way(&app.pool, a).await;
     first.signal(Signal::SIGSTOP);
     // New transactions arrive; B, over part of A's range, completes on another worker.
     let new = support::random_transactions(51, 3_000, 6, 4);

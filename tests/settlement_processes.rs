@@ -6,10 +6,8 @@ mod common;
 #[path = "settlement_support.rs"]
 mod support;
 
-use std::time::Duration;
-
 use chrono_tz::Tz;
-use common::processes::{WorkerProcess, wait_for, wait_state};
+use common::processes::{WorkerProcess, wait_mid_way, wait_state};
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
 use support::{day, parse_csv, reference, settlements};
@@ -55,20 +53,6 @@ async fn enqueue(app: &TestApp, from: &str, to: &str) -> i64 {
     body["job_id"].as_i64().unwrap()
 }
 
-/// Waits until the job has committed some progress but not all of it.
-async fn wait_mid_way(app: &TestApp, id: i64) -> i64 {
-    wait_for(Duration::from_secs(60), "progress mid-way", || async {
-        let (processed, total): (i64, Option<i64>) =
-            sqlx::query_as("select processed, total from jobs where id = $1")
-                .bind(id)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        (processed > 0 && total.is_some_and(|t| processed < t / 2)).then_some(processed)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     let app = spawn_app_with(&overrides(40)).await;
@@ -76,7 +60,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     support::store(&app.pool, &rows).await;
     let id = enqueue(&app, "2025-01-01", "2025-01-05").await;
     let first = worker(&app);
-    wait_mid_way(&app, id).await;
+    wait_mid_way(&app.pool, id).await;
     first.kill().await;
     let high_water: i64 =
         sqlx::query_scalar("select high_water_id from settlement_runs where job_id = $1")
@@ -140,7 +124,7 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
 
     support::store(&app.pool, &support::random_transactions(24, 500, 8, 3)).await;
     let id = enqueue(&app, "2025-01-01", "2025-01-03").await;
-    let processed_then = wait_mid_way(&app, id).await;
+    let processed_then = wait_mid_way(&app.pool, id).await;
     let (status, body) = app
         .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
         .await;

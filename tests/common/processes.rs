@@ -201,3 +201,18 @@ pub async fn probe_tables(pool: &PgPool) {
         .await
         .expect("probe tables");
 }
+
+/// Waits (up to 60 s) until the job has committed some progress but less than half; returns
+/// its progress then.
+pub async fn wait_mid_way(pool: &PgPool, id: i64) -> i64 {
+    wait_for(Duration::from_secs(60), "progress mid-way", || async {
+        let (processed, total): (i64, Option<i64>) =
+            sqlx::query_as("select processed, total from jobs where id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        (processed > 0 && total.is_some_and(|t| processed < t / 2)).then_some(processed)
+    })
+    .await
+}
