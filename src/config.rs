@@ -100,6 +100,9 @@ pub struct WorkerConfig {
     /// How long one attempt may run before it is aborted and failed, for kinds not in
     /// `timeouts`.
     pub job_timeout_ms: u64,
+    /// Register the queue's probe kinds (`crate::jobs`) besides settlement: tests and
+    /// `settle bench queue` need them, a production worker must not claim them.
+    pub test_kinds: bool,
     /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,

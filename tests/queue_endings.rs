@@ -31,7 +31,7 @@ fn start_worker(config: &Config, pool: &PgPool) -> InProcess {
     let worker = Worker::new(
         pool.clone(),
         settle::worker::settings(&config.worker),
-        settle::jobs::registry(config.worker.batch_size),
+        settle::worker::registry(config),
     );
     tokio::spawn(worker.run(token.clone()));
     InProcess(token)
@@ -42,6 +42,7 @@ fn fast(overrides: &[(&str, Value)]) -> Config {
         ("worker.backoff_base_ms", json!(100)),
         ("worker.backoff_max_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(100)),
+        ("worker.test_kinds", json!(true)),
     ];
     all.extend(overrides.iter().cloned());
     test_config(&all)

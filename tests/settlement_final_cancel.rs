@@ -10,7 +10,7 @@ mod support;
 use common::processes::{wait_for, wait_state};
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
-use settle_workers::{Registry, Worker};
+use settle_workers::Worker;
 use sqlx::{Connection, PgConnection};
 use std::time::Duration;
 use support::{day, reference, settlements};
@@ -36,8 +36,7 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
         ("settlement.parallel_parts", json!(2)),
     ])
     .await;
-    let mut registry = Registry::new();
-    settle::settlement::job::register(&mut registry, &app.config);
+    let registry = settle::worker::registry(&app.config);
     let stop = CancellationToken::new();
     let settings = settle::worker::settings(&app.config.worker);
     let worker = tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(stop.clone()));

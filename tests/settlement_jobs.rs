@@ -13,7 +13,7 @@ use chrono_tz::Tz;
 use common::processes::{wait_processed, wait_state};
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
-use settle_workers::{Registry, Worker};
+use settle_workers::Worker;
 use support::{day, parse_csv, reference, settlements};
 use tokio_util::sync::CancellationToken;
 
@@ -38,8 +38,7 @@ async fn harness(overrides: &[(&str, Value)]) -> Harness {
 }
 
 fn start_worker(app: &TestApp) -> CancellationToken {
-    let mut registry = Registry::new();
-    settle::settlement::job::register(&mut registry, &app.config);
+    let registry = settle::worker::registry(&app.config);
     let settings = settle::worker::settings(&app.config.worker);
     let token = CancellationToken::new();
     tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(token.clone()));

@@ -67,6 +67,8 @@ impl WorkerProcess {
                 "SETTLE_WORKER__JOB_TIMEOUT_MS",
                 w.job_timeout_ms.to_string(),
             )
+            // The queue tests' probe kinds (noop, count, …); settlement is always registered.
+            .env("SETTLE_WORKER__TEST_KINDS", "true")
             .env("SETTLE_LOG", "warn,settle=info,settle_workers=info")
             .env_remove("DATABASE_URL")
             .env_remove("WORKERS")
