@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    self, WorkerProcess, counted, enqueue, probe_tables, processed, wait_for, wait_state,
+    self, WorkerProcess, counted, enqueue, probe_tables, processed, reported_count, wait_for,
+    wait_state,
 };
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
@@ -59,6 +60,7 @@ async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s
     wait_state(&pool, id, "completed").await;
     // Exact: a batch redone (started from zero) would count more, a batch skipped less.
     assert_eq!(counted(&pool, id).await, (400, 40), "killed at {at_kill}");
+    assert_eq!(reported_count(&pool, id).await, Some(400));
     assert!(at_kill >= 50);
 }
 
@@ -199,6 +201,7 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     }
     wait_state(&pool, id, "completed").await;
     assert_eq!(counted(&pool, id).await, (300, 30));
+    assert_eq!(reported_count(&pool, id).await, Some(300));
     assert_eq!(processed(&pool, id).await, 300);
     for noop in noops {
         wait_state(&pool, noop, "completed").await;

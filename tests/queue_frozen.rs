@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for, wait_state};
+use common::processes::{
+    WorkerProcess, counted, enqueue, probe_tables, reported_count, wait_for, wait_state,
+};
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -56,6 +58,7 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
     let _rescuer = WorkerProcess::start(&config);
     wait_state(&pool, id, "completed").await;
     assert_eq!(counted(&pool, id).await, (40, 8), "exact after the rescue");
+    assert_eq!(reported_count(&pool, id).await, Some(40));
     assert!(
         !idle_in_transaction(&pool).await,
         "the frozen transaction was ended"

@@ -197,6 +197,15 @@ pub async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
         .unwrap_or((0, 0))
 }
 
+/// The `count` a finished count job reported in its result: what its batches counted.
+pub async fn reported_count(pool: &PgPool, id: i64) -> Option<i64> {
+    sqlx::query_scalar("select (result ->> 'count')::bigint from jobs where id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("job result")
+}
+
 /// Creates the probe tables the test job kinds write to.
 pub async fn probe_tables(pool: &PgPool) {
     settle::jobs::create_probe_tables(pool)
