@@ -30,9 +30,8 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
             .map(|(kind, &ms)| (kind.clone(), Duration::from_millis(ms)))
             .collect(),
         retention: Some(Duration::from_secs(config.retention_hours * 3600)),
-        retention_interval: Duration::from_secs(60),
-        // Half a lease to reach a checkpoint: the release still lands well before expiry.
-        shutdown_grace: lease / 2,
+        retention_interval: Duration::from_millis(config.retention_interval_ms),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
     }
 }
 
@@ -56,7 +55,7 @@ pub async fn run(
     let registry = registry(&config);
     let keys = tokio::spawn(crate::idempotency::prune_periodically(
         pool.clone(),
-        Duration::from_secs(60),
+        Duration::from_millis(config.idempotency.prune_interval_ms),
         shutdown.clone(),
     ));
     Worker::new(pool.clone(), settings(&config.worker), registry)

@@ -69,6 +69,7 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
     let config = test_config(&[
         ("worker.lease_ms", json!(2000)),
         ("worker.heartbeat_ms", json!(500)),
+        ("worker.shutdown_grace_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
     let pool = migrated_pool(&config).await;

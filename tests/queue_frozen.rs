@@ -88,6 +88,7 @@ async fn sessions_end_frozen_transactions_before_the_lease_expires() {
         let config = test_config(&[
             ("worker.lease_ms", json!(lease_ms)),
             ("worker.heartbeat_ms", json!(500)),
+            ("worker.shutdown_grace_ms", json!(lease_ms / 2)),
         ]);
         let pool = migrated_pool(&config).await;
         let setting: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")

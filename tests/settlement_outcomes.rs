@@ -26,6 +26,10 @@ fn worker(app: &TestApp, batch: i64, lease_ms: u64, database_url: &str) -> Worke
             ("SETTLE_WORKER__BATCH_SIZE", batch.to_string()),
             ("SETTLE_WORKER__LEASE_MS", lease_ms.to_string()),
             ("SETTLE_WORKER__HEARTBEAT_MS", (lease_ms / 4).to_string()),
+            (
+                "SETTLE_WORKER__SHUTDOWN_GRACE_MS",
+                (lease_ms / 2).to_string(),
+            ),
             ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
         ],
     )
