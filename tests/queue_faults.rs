@@ -33,7 +33,7 @@ async fn claim_of(pool: &PgPool, id: i64) -> (i32, i64, Option<String>) {
 async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s() {
     // Default lease and heartbeat: the bound is a promise of the default config.
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -72,7 +72,7 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
         ("worker.shutdown_grace_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -121,7 +121,7 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_the_lease_without_spending_the_attempt() {
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -167,7 +167,7 @@ async fn sigterm_releases_the_lease_without_spending_the_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,

@@ -34,7 +34,7 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
         ("worker.heartbeat_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     // Each batch holds its transaction open for 1.5 s after writing the job's count row.
     let id = enqueue(
@@ -90,7 +90,7 @@ async fn sessions_end_frozen_transactions_before_the_lease_expires() {
             ("worker.heartbeat_ms", json!(500)),
             ("worker.shutdown_grace_ms", json!(lease_ms / 2)),
         ]);
-        let pool = migrated_pool(&config).await;
+        let (pool, _db) = migrated_pool(&config).await;
         let setting: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")
             .fetch_one(&pool)
             .await

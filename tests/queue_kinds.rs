@@ -16,7 +16,7 @@ async fn a_worker_leaves_unknown_kinds_queued() {
         ("worker.poll_interval_ms", json!(50)),
         ("worker.test_kinds", json!(true)),
     ]);
-    let pool = common::migrated_pool(&config).await;
+    let (pool, _db) = common::migrated_pool(&config).await;
     let unknown = enqueue(&pool, "from-a-newer-release", json!({}), 3).await;
     let known = enqueue(&pool, "noop", json!({}), 3).await;
 

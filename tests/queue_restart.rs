@@ -56,7 +56,7 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
         // (a rescue) instead of being quietly re-run.
         ("worker.lease_ms", json!(30_000)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     // ≥ 12 s of checkpointed batches: still running after both restarts.
     let count = enqueue(
