@@ -173,6 +173,18 @@ impl TestApp {
         status_and_json(response).await
     }
 
+    /// Enqueues a settlement of `from..=to` through the API and returns the job's id.
+    pub async fn post_settlement(&self, from: &str, to: &str) -> i64 {
+        let (status, body) = self
+            .post(
+                "/api/v1/jobs/settlement",
+                &serde_json::json!({"from": from, "to": to}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["job_id"].as_i64().expect("job id")
+    }
+
     /// Creates a product and returns its id.
     pub async fn product(&self, stock: i64, price_cents: i64) -> i64 {
         let (status, body) = self
