@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration of one settle process.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub struct Config {
     pub database: DatabaseConfig,
     pub http: HttpConfig,
+    pub pagination: PaginationConfig,
     pub orders: OrdersConfig,
     pub idempotency: IdempotencyConfig,
     pub worker: WorkerConfig,
@@ -49,6 +50,16 @@ pub struct HttpConfig {
     pub request_timeout_ms: u64,
 }
 
+/// Page sizes of every list endpoint, so one client paging orders and jobs meets one rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaginationConfig {
+    /// Page size when the request gives no `limit`.
+    pub default_page_size: i64,
+    /// Largest `limit` a client may ask for (422 above).
+    pub max_page_size: i64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrdersConfig {
@@ -58,10 +69,6 @@ pub struct OrdersConfig {
     pub coalesce: bool,
     /// Most orders one coalesced transaction places.
     pub max_batch: usize,
-    /// Default page size of `GET /api/v1/orders`.
-    pub default_page_size: i64,
-    /// Largest page size a client may ask for.
-    pub max_page_size: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,9 +76,11 @@ pub struct OrdersConfig {
 pub struct IdempotencyConfig {
     /// How long a stored response is replayed for an `Idempotency-Key`.
     pub ttl_hours: i64,
+    /// How often each worker process deletes expired keys.
+    pub prune_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Jobs one worker process runs at once (env `WORKERS`).
@@ -82,6 +91,9 @@ pub struct WorkerConfig {
     pub lease_ms: u64,
     /// How often a worker extends the leases of the jobs it holds.
     pub heartbeat_ms: u64,
+    /// On shutdown, how long running jobs get to reach a checkpoint before they are aborted
+    /// (their leases are released either way).
+    pub shutdown_grace_ms: u64,
     /// Fallback poll interval when no NOTIFY arrives.
     pub poll_interval_ms: u64,
     /// Jobs claimed per claim statement.
@@ -94,12 +106,17 @@ pub struct WorkerConfig {
     pub backoff_max_ms: u64,
     /// Finished jobs older than this are deleted.
     pub retention_hours: u64,
+    /// How often each worker tries to delete them (one at a time does, under an advisory lock).
+    pub retention_interval_ms: u64,
     /// Transient database errors in a row (without the job's checkpoint moving) retried without
     /// spending an attempt; the next one fails the attempt.
     pub max_transient_retries: u32,
     /// How long one attempt may run before it is aborted and failed, for kinds not in
     /// `timeouts`.
     pub job_timeout_ms: u64,
+    /// Register the queue's probe kinds (`crate::jobs`) besides settlement: tests and
+    /// `settle bench queue` need them, a production worker must not claim them.
+    pub test_kinds: bool,
     /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
@@ -180,14 +197,18 @@ impl Config {
         if self.orders.max_batch == 0 {
             return invalid("orders.max_batch", "must be at least 1");
         }
-        if !(1..=self.orders.max_page_size).contains(&self.orders.default_page_size) {
+        let pages = &self.pagination;
+        if !(1..=pages.max_page_size).contains(&pages.default_page_size) {
             return invalid(
-                "orders.default_page_size",
-                "must be between 1 and orders.max_page_size",
+                "pagination.default_page_size",
+                "must be between 1 and pagination.max_page_size",
             );
         }
         if self.idempotency.ttl_hours < 1 {
             return invalid("idempotency.ttl_hours", "must be at least 1");
+        }
+        if self.idempotency.prune_interval_ms == 0 {
+            return invalid("idempotency.prune_interval_ms", "must be positive");
         }
         let w = &self.worker;
         if w.concurrency == 0 {
@@ -204,6 +225,15 @@ impl Config {
                 "worker.heartbeat_ms",
                 "must be positive and at most half of worker.lease_ms",
             );
+        }
+        if w.shutdown_grace_ms == 0 || w.shutdown_grace_ms * 2 > w.lease_ms {
+            return invalid(
+                "worker.shutdown_grace_ms",
+                "must be positive and at most half of worker.lease_ms",
+            );
+        }
+        if w.retention_interval_ms == 0 {
+            return invalid("worker.retention_interval_ms", "must be positive");
         }
         if w.poll_interval_ms == 0 {
             return invalid("worker.poll_interval_ms", "must be positive");
@@ -289,6 +319,10 @@ mod tests {
         let figment = Config::defaults().merge(Toml::string("[http]\nprot = 1\n"));
         let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("prot"), "{err}");
+        // Page sizes moved to [pagination]; the old keys are refused, not ignored.
+        let figment = Config::defaults().merge(Toml::string("[orders]\nmax_page_size = 9\n"));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(err.contains("max_page_size"), "{err}");
     }
 
     #[test]
@@ -299,6 +333,16 @@ mod tests {
         let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
         let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("port"), "{err}");
+        for (key, value) in [
+            ("worker.shutdown_grace_ms", 5001),
+            ("worker.retention_interval_ms", 0),
+            ("idempotency.prune_interval_ms", 0),
+            ("pagination.default_page_size", 501),
+        ] {
+            let figment = Config::defaults().merge(Serialized::default(key, value));
+            let err = chain(Config::from_figment(figment).unwrap_err());
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

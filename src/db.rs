@@ -90,19 +90,28 @@ pub async fn connect(
         })
 }
 
-/// Creates the configured database if it does not exist (needs a role that may create one).
-pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
+/// The database `url` names, and a connection to the same server's `postgres` database from
+/// which to create or drop it; `None` when the URL names no database.
+async fn maintenance_connection(url: &str) -> Result<Option<(String, PgConnection)>, DbError> {
     let target = connect_options(url)?;
     let Some(name) = target.get_database().map(str::to_owned) else {
-        return Ok(false);
+        return Ok(None);
     };
-    let maintenance = target.clone().database("postgres");
-    let mut conn = PgConnection::connect_with(&maintenance)
+    let maintenance = target.database("postgres");
+    let conn = PgConnection::connect_with(&maintenance)
         .await
         .map_err(|source| DbError::Connect {
             url: redact(url),
             source,
         })?;
+    Ok(Some((name, conn)))
+}
+
+/// Creates the configured database if it does not exist (needs a role that may create one).
+pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
+    let Some((name, mut conn)) = maintenance_connection(url).await? else {
+        return Ok(false);
+    };
     let exists: bool =
         sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
             .bind(&name)
@@ -122,6 +131,21 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Drops the database `url` names, if it exists, ending its sessions first (`with (force)`).
+pub async fn drop_database_if_exists(url: &str) -> Result<(), DbError> {
+    let Some((name, mut conn)) = maintenance_connection(url).await? else {
+        return Ok(());
+    };
+    let quoted = quote_ident(&name);
+    // An identifier, quoted above: DROP DATABASE takes no parameters.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {quoted} with (force)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
 }
 
 /// Applies every pending migration.

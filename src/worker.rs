@@ -1,10 +1,11 @@
 //! The worker process: maps `[worker]` config onto the settle-workers runtime, registers the
-//! job kinds, and runs until shutdown (stop claiming, checkpoint, release, exit).
+//! job kinds (settlement; the queue's probe kinds only with `worker.test_kinds`), and runs until
+//! shutdown (stop claiming, checkpoint, release, exit).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use settle_workers::{Worker, WorkerSettings};
+use settle_workers::{Registry, Worker, WorkerSettings};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -29,10 +30,21 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
             .map(|(kind, &ms)| (kind.clone(), Duration::from_millis(ms)))
             .collect(),
         retention: Some(Duration::from_secs(config.retention_hours * 3600)),
-        retention_interval: Duration::from_secs(60),
-        // Half a lease to reach a checkpoint: the release still lands well before expiry.
-        shutdown_grace: lease / 2,
+        retention_interval: Duration::from_millis(config.retention_interval_ms),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
     }
+}
+
+/// The job kinds a worker on `config` runs, and so the only ones it claims: settlement, plus
+/// the probe kinds of [`crate::jobs`] when `worker.test_kinds` is on.
+pub fn registry(config: &Config) -> Registry {
+    let mut registry = if config.worker.test_kinds {
+        crate::jobs::registry(config.worker.batch_size)
+    } else {
+        Registry::new()
+    };
+    crate::settlement::job::register(&mut registry, config);
+    registry
 }
 
 pub async fn run(
@@ -40,11 +52,10 @@ pub async fn run(
     config: Arc<Config>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut registry = crate::jobs::registry(config.worker.batch_size);
-    crate::settlement::job::register(&mut registry, &config);
+    let registry = registry(&config);
     let keys = tokio::spawn(crate::idempotency::prune_periodically(
         pool.clone(),
-        Duration::from_secs(60),
+        Duration::from_millis(config.idempotency.prune_interval_ms),
         shutdown.clone(),
     ));
     Worker::new(pool.clone(), settings(&config.worker), registry)
@@ -53,4 +64,25 @@ pub async fn run(
     let _ = keys.await;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::providers::Serialized;
+
+    use super::*;
+
+    #[test]
+    fn probe_kinds_are_registered_only_when_asked_for() {
+        let config = Config::from_figment(Config::defaults()).unwrap();
+        assert_eq!(registry(&config).kinds(), ["settlement"]);
+        let figment = Config::defaults().merge(Serialized::default("worker.test_kinds", true));
+        let config = Config::from_figment(figment).unwrap();
+        let registry = registry(&config);
+        let kinds = registry.kinds();
+        assert!(
+            kinds.contains(&"settlement") && kinds.contains(&"noop"),
+            "{kinds:?}"
+        );
+    }
 }

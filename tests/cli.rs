@@ -17,13 +17,17 @@ fn settle(database_url: &str) -> Command {
     command
 }
 
-fn fresh_url() -> String {
-    common::test_config(&[]).database.url
+/// The URL of a database that does not exist yet (the commands create it), and the guard that
+/// drops it when the test ends.
+fn fresh_database() -> (String, common::TestDatabase) {
+    let url = common::test_config(&[]).database.url;
+    let database = common::TestDatabase::new(&url);
+    (url, database)
 }
 
 #[test]
 fn api_refuses_an_unmigrated_database_until_migrate_runs() {
-    let url = fresh_url();
+    let (url, _db) = fresh_database();
     let missing = settle(&url).arg("api").output().unwrap();
     assert!(!missing.status.success());
     let said = String::from_utf8_lossy(&missing.stderr);
@@ -41,7 +45,7 @@ fn api_refuses_an_unmigrated_database_until_migrate_runs() {
 
 #[test]
 fn an_empty_but_unmigrated_database_is_refused_with_the_fix_named() {
-    let url = fresh_url();
+    let (url, _db) = fresh_database();
     // Create the database only (no schema) through migrate's creation path, then drop the
     // migrations table to simulate a schema nobody applied.
     assert!(settle(&url).arg("migrate").status().unwrap().success());
@@ -61,7 +65,7 @@ fn an_empty_but_unmigrated_database_is_refused_with_the_fix_named() {
 
 #[test]
 fn bad_configuration_names_the_key() {
-    let url = fresh_url();
+    let (url, _db) = fresh_database();
     for (key, value, named) in [
         ("SETTLE_HTTP__PROT", "1", "prot"),
         ("WORKERS", "many", "concurrency"),
@@ -92,7 +96,7 @@ async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm_and_sigint() 
 }
 
 async fn serve_then_signal(signal: &str) {
-    let url = fresh_url();
+    let (url, _db) = fresh_database();
     assert!(settle(&url).arg("migrate").status().unwrap().success());
     let mut child = tokio::process::Command::from(settle(&url))
         .arg("api")

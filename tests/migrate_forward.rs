@@ -71,6 +71,7 @@ async fn previous_release_data(pool: &PgPool, results_dir: &std::path::Path) -> 
 #[tokio::test]
 async fn a_previous_release_database_migrates_forward_without_losing_anything() {
     let config = Arc::new(common::test_config(&[]));
+    let _db = common::TestDatabase::new(&config.database.url);
     settle::db::create_database_if_missing(&config.database.url)
         .await
         .unwrap();

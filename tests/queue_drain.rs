@@ -12,7 +12,7 @@ use settle_workers::NewJob;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let jobs: Vec<NewJob> = (0..10_000)
         .map(|_| NewJob::new("noop", json!({"record": true})))

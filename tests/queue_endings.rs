@@ -31,7 +31,7 @@ fn start_worker(config: &Config, pool: &PgPool) -> InProcess {
     let worker = Worker::new(
         pool.clone(),
         settle::worker::settings(&config.worker),
-        settle::jobs::registry(config.worker.batch_size),
+        settle::worker::registry(config),
     );
     tokio::spawn(worker.run(token.clone()));
     InProcess(token)
@@ -42,6 +42,7 @@ fn fast(overrides: &[(&str, Value)]) -> Config {
         ("worker.backoff_base_ms", json!(100)),
         ("worker.backoff_max_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(100)),
+        ("worker.test_kinds", json!(true)),
     ];
     all.extend(overrides.iter().cloned());
     test_config(&all)
@@ -94,7 +95,7 @@ async fn effects(pool: &PgPool, id: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_cancelled() {
     let config = fast(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let _worker = start_worker(&config, &pool);
     let id = enqueue(&pool, "final_step", json!({"wait": "cancel"}), 3).await;
@@ -118,7 +119,7 @@ async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_can
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finished() {
     let config = fast(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let _worker = start_worker(&config, &pool);
     let blocker = "settle-endings-cancel";
@@ -150,7 +151,7 @@ async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finishe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
     let config = fast(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let _worker = start_worker(&config, &pool);
     // Left to the completion batcher; recorded by the runtime with a result; failed with
     // attempts to spare.
@@ -182,7 +183,7 @@ async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snooze_keeps_a_pending_cancel() {
     let config = fast(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let _worker = start_worker(&config, &pool);
     let hour = 3_600_000;
     let cancelled = enqueue(
@@ -233,7 +234,7 @@ async fn a_snooze_keeps_a_pending_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_are_retried_a_bounded_number_of_times_per_attempt() {
     let config = fast(&[("worker.max_transient_retries", json!(2))]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(&pool, "transient", json!({}), 3).await;
     let _worker = WorkerProcess::start(&config);
@@ -260,7 +261,7 @@ async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
         config.worker.job_timeout_ms, 3_600_000,
         "the default stays generous"
     );
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let hung = enqueue(
         &pool,
         "sleep",

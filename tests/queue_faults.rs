@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    self, WorkerProcess, counted, enqueue, probe_tables, processed, wait_for, wait_state,
+    self, WorkerProcess, counted, enqueue, probe_tables, processed, reported_count, wait_for,
+    wait_state,
 };
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
@@ -32,7 +33,7 @@ async fn claim_of(pool: &PgPool, id: i64) -> (i32, i64, Option<String>) {
 async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s() {
     // Default lease and heartbeat: the bound is a promise of the default config.
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -59,6 +60,7 @@ async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s
     wait_state(&pool, id, "completed").await;
     // Exact: a batch redone (started from zero) would count more, a batch skipped less.
     assert_eq!(counted(&pool, id).await, (400, 40), "killed at {at_kill}");
+    assert_eq!(reported_count(&pool, id).await, Some(400));
     assert!(at_kill >= 50);
 }
 
@@ -67,9 +69,10 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
     let config = test_config(&[
         ("worker.lease_ms", json!(2000)),
         ("worker.heartbeat_ms", json!(500)),
+        ("worker.shutdown_grace_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -118,7 +121,7 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_the_lease_without_spending_the_attempt() {
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -164,7 +167,7 @@ async fn sigterm_releases_the_lease_without_spending_the_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     let config = test_config(&[]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,
@@ -199,6 +202,7 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     }
     wait_state(&pool, id, "completed").await;
     assert_eq!(counted(&pool, id).await, (300, 30));
+    assert_eq!(reported_count(&pool, id).await, Some(300));
     assert_eq!(processed(&pool, id).await, 300);
     for noop in noops {
         wait_state(&pool, noop, "completed").await;

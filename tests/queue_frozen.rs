@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, counted, enqueue, probe_tables, wait_for, wait_state};
+use common::processes::{
+    WorkerProcess, counted, enqueue, probe_tables, reported_count, wait_for, wait_state,
+};
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -32,7 +34,7 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
         ("worker.heartbeat_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     // Each batch holds its transaction open for 1.5 s after writing the job's count row.
     let id = enqueue(
@@ -56,6 +58,7 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
     let _rescuer = WorkerProcess::start(&config);
     wait_state(&pool, id, "completed").await;
     assert_eq!(counted(&pool, id).await, (40, 8), "exact after the rescue");
+    assert_eq!(reported_count(&pool, id).await, Some(40));
     assert!(
         !idle_in_transaction(&pool).await,
         "the frozen transaction was ended"
@@ -85,8 +88,9 @@ async fn sessions_end_frozen_transactions_before_the_lease_expires() {
         let config = test_config(&[
             ("worker.lease_ms", json!(lease_ms)),
             ("worker.heartbeat_ms", json!(500)),
+            ("worker.shutdown_grace_ms", json!(lease_ms / 2)),
         ]);
-        let pool = migrated_pool(&config).await;
+        let (pool, _db) = migrated_pool(&config).await;
         let setting: String = sqlx::query_scalar("show idle_in_transaction_session_timeout")
             .fetch_one(&pool)
             .await

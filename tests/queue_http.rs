@@ -2,9 +2,12 @@
 
 mod common;
 
-use common::processes::enqueue;
+use common::processes::{enqueue, wait_state};
 use common::{assert_error, spawn_app};
 use serde_json::json;
+use settle::settlement::results::HEADER;
+use settle_workers::Worker;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn a_job_reads_back_in_the_spec_shape() {
@@ -34,28 +37,48 @@ async fn a_job_reads_back_in_the_spec_shape() {
     assert_error(&body, "INVALID_PATH");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_settlement_links_its_csv_and_shows_full_progress() {
     let app = spawn_app().await;
-    let id = enqueue(
-        &app.pool,
-        "settlement",
-        json!({"from": "2025-01-01", "to": "2025-01-02"}),
-        3,
-    )
-    .await;
-    sqlx::query(
-        "update jobs set state = 'completed', processed = 10, total = 10, attempt = 1,
-             started_at = now(), finished_at = now() where id = $1",
-    )
-    .bind(id)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let stop = CancellationToken::new();
+    let worker = Worker::new(
+        app.pool.clone(),
+        settle::worker::settings(&app.config.worker),
+        settle::worker::registry(&app.config),
+    );
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let (status, body) = app
+        .post(
+            "/api/v1/transactions",
+            &json!({"merchant_id": "m-1", "external_id": "ch_1", "amount_cents": 10000,
+                    "fee_cents": 320, "status": "PAID", "paid_at": "2025-01-01T12:00:00Z"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = app.post_settlement("2025-01-01", "2025-01-02").await;
+    wait_state(&app.pool, id, "completed").await;
+
     let (_, job) = app.get(&format!("/api/v1/jobs/{id}")).await;
     assert_eq!(job["status"], "COMPLETED");
-    assert_eq!(job["progress"], 100);
+    assert_eq!(
+        (job["progress"].as_i64(), job["processed"].as_i64()),
+        (Some(100), Some(1))
+    );
     assert_eq!(job["download_url"], format!("/downloads/{id}.csv"));
+    // The link leads to the job's CSV: its one merchant-day, net of the fee.
+    let csv = app
+        .http
+        .get(app.url(job["download_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert_eq!(
+        csv.text().await.unwrap(),
+        format!("{HEADER}\nm-1,2025-01-01,10000,320,9680,1\n")
+    );
+    stop.cancel();
+    running.await.unwrap();
 }
 
 #[tokio::test]

@@ -35,7 +35,7 @@ fn millis(v: &Value) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_retry_with_growing_backoff_then_fail_with_the_error_kept() {
     let config = fast_retries();
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let doomed = enqueue(&pool, "fail", json!({"times": 99}), 3).await;
     let recovers = enqueue(&pool, "fail", json!({"times": 2}), 3).await;
     let _worker = WorkerProcess::start(&config);
@@ -71,7 +71,7 @@ async fn failures_retry_with_growing_backoff_then_fail_with_the_error_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_fails_the_attempt_not_the_worker() {
     let config = fast_retries();
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let id = enqueue(&pool, "panic", json!({"times": 1}), 3).await;
     let mut worker = WorkerProcess::start(&config);
     wait_state(&pool, id, "completed").await;
@@ -92,7 +92,7 @@ async fn a_panic_fails_the_attempt_not_the_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_queued_job_never_starts() {
     let config = fast_retries();
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     let id = enqueue(&pool, "noop", json!({}), 3).await;
     let mut conn = pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
@@ -124,7 +124,7 @@ async fn a_cancelled_queued_job_never_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_running_job_stops_at_its_next_checkpoint() {
     let config = fast_retries();
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let id = enqueue(
         &pool,

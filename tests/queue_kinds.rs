@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_leaves_unknown_kinds_queued() {
-    let config = common::test_config(&[("worker.poll_interval_ms", json!(50))]);
-    let pool = common::migrated_pool(&config).await;
+    let config = common::test_config(&[
+        ("worker.poll_interval_ms", json!(50)),
+        ("worker.test_kinds", json!(true)),
+    ]);
+    let (pool, _db) = common::migrated_pool(&config).await;
     let unknown = enqueue(&pool, "from-a-newer-release", json!({}), 3).await;
     let known = enqueue(&pool, "noop", json!({}), 3).await;
 
@@ -21,7 +24,7 @@ async fn a_worker_leaves_unknown_kinds_queued() {
     let worker = Worker::new(
         pool.clone(),
         settle::worker::settings(&config.worker),
-        settle::jobs::registry(config.worker.batch_size),
+        settle::worker::registry(&config),
     );
     let running = tokio::spawn(worker.run(stop.clone()));
     wait_state(&pool, known, "completed").await;

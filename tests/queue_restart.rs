@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::cluster::Cluster;
-use common::processes::{self, WorkerProcess, counted, enqueue, probe_tables, processed, wait_for};
+use common::processes::{
+    self, WorkerProcess, counted, enqueue, probe_tables, processed, reported_count, wait_for,
+};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle_workers::NewJob;
@@ -54,7 +56,7 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
         // (a rescue) instead of being quietly re-run.
         ("worker.lease_ms", json!(30_000)),
     ]);
-    let pool = migrated_pool(&config).await;
+    let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     // ≥ 12 s of checkpointed batches: still running after both restarts.
     let count = enqueue(
@@ -127,6 +129,7 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
     // Exact: a batch counted twice (a resume from an older checkpoint) would count more, a
     // batch skipped less.
     assert_eq!(counted(&pool, count).await, (1200, 120));
+    assert_eq!(reported_count(&pool, count).await, Some(1200));
     assert_eq!(processed(&pool, count).await, 1200);
     // One effect row per small job (the primary key refuses a second), from its first attempt.
     let (effects, ours, reruns): (i64, i64, i64) = sqlx::query_as(

@@ -18,7 +18,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 #[tokio::test]
 async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     let config = common::test_config(&[]);
-    let pool = common::migrated_pool(&config).await;
+    let (pool, _db) = common::migrated_pool(&config).await;
     // Two old finished jobs, one recent finished job, one old job still queued.
     sqlx::query(
         "insert into jobs (kind, args, state, finished_at, created_at) values
@@ -93,7 +93,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
 #[tokio::test]
 async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
     let config = common::test_config(&[]);
-    let pool = common::migrated_pool(&config).await;
+    let (pool, _db) = common::migrated_pool(&config).await;
     sqlx::query(
         "insert into idempotency_keys (scope, key, request, response_status, response_body, expires_at)
          values ('orders', 'old', '{}', 201, '{}', now() - interval '1 second'),

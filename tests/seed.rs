@@ -19,10 +19,11 @@ fn args(seed: u64) -> SeedArgs {
     }
 }
 
-async fn seeded(seed: u64) -> PgPool {
-    let pool = common::migrated_pool(&common::test_config(&[])).await;
+/// A database seeded with `seed`, and the guard that drops it.
+async fn seeded(seed: u64) -> (PgPool, common::TestDatabase) {
+    let (pool, database) = common::migrated_pool(&common::test_config(&[])).await;
     seed::run(&pool, &args(seed)).await.expect("seed loads");
-    pool
+    (pool, database)
 }
 
 async fn fingerprint(pool: &PgPool) -> String {
@@ -38,7 +39,7 @@ async fn fingerprint(pool: &PgPool) -> String {
 
 #[tokio::test]
 async fn the_same_seed_loads_the_same_rows_in_the_asked_shape() {
-    let (a, b, other) = (seeded(7).await, seeded(7).await, seeded(8).await);
+    let ((a, _a), (b, _b), (other, _other)) = (seeded(7).await, seeded(7).await, seeded(8).await);
     assert_eq!(fingerprint(&a).await, fingerprint(&b).await);
     assert_ne!(fingerprint(&a).await, fingerprint(&other).await);
 

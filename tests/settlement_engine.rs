@@ -18,6 +18,8 @@ use support::{at, day, parse_csv, reference, settlements, store, txn};
 struct Db {
     pool: PgPool,
     settings: Settings,
+    /// Drops the database with this `Db`.
+    _database: common::TestDatabase,
 }
 
 async fn db(zone: &str, parts: u32, batch_size: i64) -> Db {
@@ -25,10 +27,11 @@ async fn db(zone: &str, parts: u32, batch_size: i64) -> Db {
         ("settlement.time_zone", json!(zone)),
         ("settlement.parallel_parts", json!(parts)),
     ]);
-    let pool = common::migrated_pool(&config).await;
+    let (pool, database) = common::migrated_pool(&config).await;
     Db {
         pool,
         settings: Settings::new(&config.settlement, batch_size),
+        _database: database,
     }
 }
 

@@ -8,26 +8,15 @@ mod common;
 mod support;
 
 use common::processes::{wait_for, wait_state};
-use common::{TestApp, spawn_app_with};
+use common::spawn_app_with;
 use serde_json::{Value, json};
-use settle_workers::{Registry, Worker};
+use settle_workers::Worker;
 use sqlx::{Connection, PgConnection};
 use std::time::Duration;
 use support::{day, reference, settlements};
 use tokio_util::sync::CancellationToken;
 
 const LOCK: &str = "hashtextextended('settle:settlements', 0)";
-
-async fn post_settlement(app: &TestApp) -> i64 {
-    let (status, body) = app
-        .post(
-            "/api/v1/jobs/settlement",
-            &json!({"from": "2025-01-01", "to": "2025-01-03"}),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["job_id"].as_i64().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_were() {
@@ -36,8 +25,7 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
         ("settlement.parallel_parts", json!(2)),
     ])
     .await;
-    let mut registry = Registry::new();
-    settle::settlement::job::register(&mut registry, &app.config);
+    let registry = settle::worker::registry(&app.config);
     let stop = CancellationToken::new();
     let settings = settle::worker::settings(&app.config.worker);
     let worker = tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(stop.clone()));
@@ -46,7 +34,7 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
     // A first settlement gives the table rows to keep.
     let first = support::random_transactions(21, 1500, 4, 3);
     support::store(&app.pool, &first).await;
-    let done = post_settlement(&app).await;
+    let done = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_state(&app.pool, done, "completed").await;
     let before = settlements(&app.pool, from, to).await;
     assert!(!before.is_empty());
@@ -68,7 +56,7 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
         .fetch_one(&mut holder)
         .await
         .unwrap();
-    let id = post_settlement(&app).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_for(
         Duration::from_secs(60),
         "finalize waiting for the settlements lock",

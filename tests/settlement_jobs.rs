@@ -13,7 +13,7 @@ use chrono_tz::Tz;
 use common::processes::{wait_processed, wait_state};
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
-use settle_workers::{Registry, Worker};
+use settle_workers::Worker;
 use support::{day, parse_csv, reference, settlements};
 use tokio_util::sync::CancellationToken;
 
@@ -38,8 +38,7 @@ async fn harness(overrides: &[(&str, Value)]) -> Harness {
 }
 
 fn start_worker(app: &TestApp) -> CancellationToken {
-    let mut registry = Registry::new();
-    settle::settlement::job::register(&mut registry, &app.config);
+    let registry = settle::worker::registry(&app.config);
     let settings = settle::worker::settings(&app.config.worker);
     let token = CancellationToken::new();
     tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(token.clone()));
@@ -251,16 +250,23 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
         ("settlement.parallel_parts", json!(2)),
     ])
     .await;
+    let (from, to) = (day("2025-01-01"), day("2025-01-03"));
+    let days = json!({"from": "2025-01-01", "to": "2025-01-03"});
+    // A completed settlement of the same days gives the table rows the cancel must keep.
+    let first = support::random_transactions(31, 200, 5, 3);
+    support::store(&h.app.pool, &first).await;
+    let (_, body, _) = post_job(&h.app, &days, None).await;
+    wait_state(&h.app.pool, body["job_id"].as_i64().unwrap(), "completed").await;
+    let before = settlements(&h.app.pool, from, to).await;
+    assert!(!before.is_empty());
+    assert_eq!(before, reference(&first, from, to, Tz::UTC));
+    // New input that a run not stopped in time would fold into those rows.
     let rows = support::random_transactions(12, 20_000, 5, 3);
     support::store(&h.app.pool, &rows).await;
-    let before = settlements(&h.app.pool, day("2025-01-01"), day("2025-01-03")).await;
+    let all: Vec<_> = first.iter().chain(&rows).cloned().collect();
+    assert_ne!(reference(&all, from, to, Tz::UTC), before);
     // Running: a 5-row batch size makes the job long; cancel once it has made progress.
-    let (_, body, _) = post_job(
-        &h.app,
-        &json!({"from": "2025-01-01", "to": "2025-01-03"}),
-        None,
-    )
-    .await;
+    let (_, body, _) = post_job(&h.app, &days, None).await;
     let id = body["job_id"].as_i64().unwrap();
     wait_processed(&h.app.pool, id, 1, Duration::from_secs(12)).await;
     let mut conn = h.app.pool.acquire().await.unwrap();
@@ -282,10 +288,7 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
     )
     .await;
     assert_eq!(results, 0);
-    assert_eq!(
-        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-03")).await,
-        before
-    );
+    assert_eq!(settlements(&h.app.pool, from, to).await, before);
     let working: i64 =
         sqlx::query_scalar("select count(*) from settlement_parts where job_id = $1")
             .bind(id)

@@ -26,17 +26,13 @@ fn worker(app: &TestApp, batch: i64, lease_ms: u64, database_url: &str) -> Worke
             ("SETTLE_WORKER__BATCH_SIZE", batch.to_string()),
             ("SETTLE_WORKER__LEASE_MS", lease_ms.to_string()),
             ("SETTLE_WORKER__HEARTBEAT_MS", (lease_ms / 4).to_string()),
+            (
+                "SETTLE_WORKER__SHUTDOWN_GRACE_MS",
+                (lease_ms / 2).to_string(),
+            ),
             ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
         ],
     )
-}
-
-async fn enqueue(app: &TestApp, from: &str, to: &str) -> i64 {
-    let (status, body) = app
-        .post("/api/v1/jobs/settlement", &json!({"from": from, "to": to}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["job_id"].as_i64().unwrap()
 }
 
 async fn download(app: &TestApp, id: i64) -> support::Settled {
@@ -57,7 +53,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     let old = support::random_transactions(50, 20_000, 6, 4);
     support::store(&app.pool, &old).await;
     // A fixes its input on the first worker, which is frozen mid-job.
-    let a = enqueue(&app, "2025-01-01", "2025-01-04").await;
+    let a = app.post_settlement("2025-01-01", "2025-01-04").await;
     let first = worker(&app, 50, 4000, &url);
     wait_mid_way(&app.pool, a).await;
     first.signal(Signal::SIGSTOP);
@@ -65,7 +61,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     let new = support::random_transactions(51, 3_000, 6, 4);
     support::store(&app.pool, &new).await;
     let mut second = worker(&app, 1_000_000, 4000, &url);
-    let b = enqueue(&app, "2025-01-02", "2025-01-03").await;
+    let b = app.post_settlement("2025-01-02", "2025-01-03").await;
     wait_state(&app.pool, b, "completed").await;
     // A's worker dies; A is rescued by the second worker and completes last.
     first.kill().await;
@@ -142,7 +138,7 @@ async fn final_commit_cut(cut: Cut) {
         .to_owned();
     let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
     let mut w = worker(&app, 1_000, 4000, &via_proxy);
-    let id = enqueue(&app, "2025-01-01", "2025-01-03").await;
+    let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_state(&app.pool, id, "completed").await;
     assert_eq!(
         proxy.cuts_made(1),

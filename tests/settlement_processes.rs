@@ -17,6 +17,7 @@ fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
         ("worker.batch_size", json!(batch)),
         ("worker.lease_ms", json!(2000)),
         ("worker.heartbeat_ms", json!(500)),
+        ("worker.shutdown_grace_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
         ("settlement.parallel_parts", json!(2)),
         ("settlement.time_zone", json!("America/New_York")),

@@ -5,7 +5,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -31,14 +30,7 @@ pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
         name.starts_with("settle_bench"),
         "refusing to drop {name}: benchmark databases are named settle_bench*"
     );
-    let mut conn = sqlx::PgConnection::connect_with(&options.database("postgres")).await?;
-    let quoted = crate::db::quote_ident(&name);
-    // An identifier, quoted above: DROP DATABASE takes no parameters.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {quoted} with (force)"
-    )))
-    .execute(&mut conn)
-    .await?;
+    crate::db::drop_database_if_exists(&config.database.url).await?;
     Ok(())
 }
 

@@ -97,7 +97,7 @@ pub struct ListJobsQuery {
     /// QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED or CANCELLED.
     status: Option<String>,
     kind: Option<String>,
-    /// Page size, 1 to `orders.max_page_size`.
+    /// Page size, 1 to `pagination.max_page_size`.
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -123,8 +123,7 @@ async fn list_jobs(
     State(app): State<AppState>,
     Query(query): Query<ListJobsQuery>,
 ) -> Result<Json<JobPage>, ApiError> {
-    let config = &app.config.orders;
-    let limit = pagination::limit(query.limit, config.default_page_size, config.max_page_size)?;
+    let limit = pagination::limit(query.limit, &app.config.pagination)?;
     let state = query
         .status
         .map(|status| status.to_lowercase().parse::<JobState>())

@@ -217,7 +217,7 @@ async fn get_order(
 pub struct ListOrdersQuery {
     product_id: Option<i64>,
     buyer_id: Option<String>,
-    /// Page size, 1 to `orders.max_page_size`.
+    /// Page size, 1 to `pagination.max_page_size`.
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -243,9 +243,7 @@ async fn list_orders(
     State(app): State<AppState>,
     Query(query): Query<ListOrdersQuery>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let config = &app.config.orders;
-    let limit =
-        super::pagination::limit(query.limit, config.default_page_size, config.max_page_size)?;
+    let limit = super::pagination::limit(query.limit, &app.config.pagination)?;
     let filter = OrderFilter {
         product_id: query.product_id,
         buyer_id: query.buyer_id,

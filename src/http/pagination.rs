@@ -1,6 +1,7 @@
 //! Keyset pagination shared by the list endpoints: an opaque cursor naming the last id seen.
 
 use super::error::ApiError;
+use crate::config::PaginationConfig;
 
 /// The id a page ends at; the next page starts strictly below it.
 #[derive(Debug, Clone, Copy)]
@@ -20,8 +21,9 @@ impl Cursor {
 }
 
 /// The page size asked for, checked against the configured bounds.
-pub fn limit(asked: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
-    match asked.unwrap_or(default) {
+pub fn limit(asked: Option<i64>, config: &PaginationConfig) -> Result<i64, ApiError> {
+    let max = config.max_page_size;
+    match asked.unwrap_or(config.default_page_size) {
         limit if (1..=max).contains(&limit) => Ok(limit),
         _ => Err(ApiError::invalid(
             "INVALID_LIMIT",

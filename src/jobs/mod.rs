@@ -1,5 +1,5 @@
 //! settle's own small job kinds, kept for tests and benchmarks: they prove the queue without
-//! the settlement domain. Their effects go to two probe tables that [`create_probe_tables`]
+//! the settlement domain. A worker registers them only with `worker.test_kinds = true`. Their effects go to two probe tables that [`create_probe_tables`]
 //! makes (tests and benchmarks call it; a production database never needs them).
 //!
 //! - `noop`: completes at once; with `{"record": true}` it writes one `queue_probe_effects` row

@@ -1,5 +1,6 @@
-//! Test support: every test gets its own freshly migrated database, and HTTP tests a real
-//! server on port 0.
+//! Test support: every test gets its own freshly migrated database, dropped when the test
+//! ends (pass or fail; `SETTLE_TEST_KEEP_DB=1` keeps them for post-mortems), and HTTP tests a
+//! real server on port 0.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod cluster;
@@ -45,11 +46,65 @@ pub fn test_config(overrides: &[(&str, serde_json::Value)]) -> Config {
     Config::from_figment(figment).expect("valid test config")
 }
 
-/// Creates and migrates the database of `config`, returning a pool on it.
-pub async fn migrated_pool(config: &Config) -> PgPool {
-    settle::cli::open(config, true)
+/// Creates and migrates the database of `config`, returning a pool on it and the guard that
+/// drops the database: bind it to a named variable (`_db`, not `_`) that lives as long as the
+/// test.
+pub async fn migrated_pool(config: &Config) -> (PgPool, TestDatabase) {
+    // Before the creation, so a migration that fails part-way leaves nothing behind either.
+    let database = TestDatabase::new(&config.database.url);
+    let pool = settle::cli::open(config, true)
         .await
-        .expect("create and migrate the test database")
+        .expect("create and migrate the test database");
+    (pool, database)
+}
+
+/// Drops a `settle_test_*` database on the test server when dropped, even when the test
+/// panicked; any other database (a private cluster's, say) is left alone. With
+/// `SETTLE_TEST_KEEP_DB=1` it only says which database it kept.
+#[must_use = "the database is dropped when this guard is"]
+pub struct TestDatabase {
+    name: String,
+}
+
+impl TestDatabase {
+    /// The guard of the database `url` names (created or not yet).
+    pub fn new(url: &str) -> Self {
+        let options = settle::db::connect_options(url).expect("test database url");
+        let name = options.get_database().unwrap_or_default().to_owned();
+        Self { name }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if !self.name.starts_with("settle_test_") {
+            return;
+        }
+        if std::env::var_os("SETTLE_TEST_KEEP_DB").is_some_and(|v| v != "0") {
+            eprintln!("SETTLE_TEST_KEEP_DB: keeping database {}", self.name);
+            return;
+        }
+        // The test server, whatever route (a proxy, say) the test itself took to it.
+        let url = format!("{}/{}", server_url(), self.name);
+        // Drop runs inside the test's runtime, or while a panic unwinds out of it, where
+        // blocking on a future is not allowed: a thread of its own, with its own runtime.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime
+                .block_on(settle::db::drop_database_if_exists(&url))
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+        })
+        .join();
+        // Never panic here: a second panic while unwinding would abort the whole test binary.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
+            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        }
+    }
 }
 
 /// A running API on a free port, against its own database.
@@ -59,6 +114,8 @@ pub struct TestApp {
     pub config: Arc<Config>,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
+    /// Drops the database; after the fields above (fields drop in declaration order).
+    _database: TestDatabase,
 }
 
 impl Drop for TestApp {
@@ -73,7 +130,7 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(overrides: &[(&str, serde_json::Value)]) -> TestApp {
     let config = Arc::new(test_config(overrides));
-    let pool = migrated_pool(&config).await;
+    let (pool, database) = migrated_pool(&config).await;
     let listener = settle::http::bind(&config).await.expect("bind port 0");
     let base = format!("http://{}", listener.local_addr().expect("bound address"));
     let shutdown = CancellationToken::new();
@@ -85,6 +142,7 @@ pub async fn spawn_app_with(overrides: &[(&str, serde_json::Value)]) -> TestApp 
         config,
         http: reqwest::Client::new(),
         shutdown,
+        _database: database,
     }
 }
 
@@ -113,6 +171,18 @@ impl TestApp {
             .await
             .expect("request sent");
         status_and_json(response).await
+    }
+
+    /// Enqueues a settlement of `from..=to` through the API and returns the job's id.
+    pub async fn post_settlement(&self, from: &str, to: &str) -> i64 {
+        let (status, body) = self
+            .post(
+                "/api/v1/jobs/settlement",
+                &serde_json::json!({"from": from, "to": to}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["job_id"].as_i64().expect("job id")
     }
 
     /// Creates a product and returns its id.

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use settle::config::Config;
+use serde_json::Value;
+use settle::config::{Config, WorkerConfig};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
@@ -18,6 +19,27 @@ pub struct WorkerProcess {
     pub log: std::path::PathBuf,
 }
 
+/// Every `[worker]` key of `w` as a `SETTLE_WORKER__<KEY>` variable (per-kind timeouts as
+/// `SETTLE_WORKER__TIMEOUTS__<KIND>`), so a worker process runs with the test's settings.
+fn worker_env(w: &WorkerConfig) -> Vec<(String, String)> {
+    let Value::Object(keys) = serde_json::to_value(w).expect("[worker] as JSON") else {
+        unreachable!("a struct serializes to an object")
+    };
+    let mut env = Vec::new();
+    for (key, value) in keys {
+        let name = format!("SETTLE_WORKER__{}", key.to_uppercase());
+        match value {
+            Value::Object(nested) => env.extend(
+                nested
+                    .into_iter()
+                    .map(|(sub, v)| (format!("{name}__{}", sub.to_uppercase()), v.to_string())),
+            ),
+            value => env.push((name, value.to_string())),
+        }
+    }
+    env
+}
+
 impl WorkerProcess {
     /// Starts `settle worker` on `config`'s database with its `[worker]` settings.
     pub fn start(config: &Config) -> Self {
@@ -26,7 +48,6 @@ impl WorkerProcess {
 
     /// As [`WorkerProcess::start`], with extra environment variables.
     pub fn start_with(config: &Config, env: &[(&str, String)]) -> Self {
-        let w = &config.worker;
         let log = std::env::temp_dir().join(format!(
             "settle-worker-{}-{}.log",
             std::process::id(),
@@ -41,32 +62,6 @@ impl WorkerProcess {
                 "SETTLE_DATABASE__MAX_CONNECTIONS",
                 config.database.max_connections.to_string(),
             )
-            .env("SETTLE_WORKER__CONCURRENCY", w.concurrency.to_string())
-            .env("SETTLE_WORKER__BATCH_SIZE", w.batch_size.to_string())
-            .env("SETTLE_WORKER__LEASE_MS", w.lease_ms.to_string())
-            .env("SETTLE_WORKER__HEARTBEAT_MS", w.heartbeat_ms.to_string())
-            .env(
-                "SETTLE_WORKER__POLL_INTERVAL_MS",
-                w.poll_interval_ms.to_string(),
-            )
-            .env("SETTLE_WORKER__CLAIM_BATCH", w.claim_batch.to_string())
-            .env(
-                "SETTLE_WORKER__BACKOFF_BASE_MS",
-                w.backoff_base_ms.to_string(),
-            )
-            .env(
-                "SETTLE_WORKER__BACKOFF_MAX_MS",
-                w.backoff_max_ms.to_string(),
-            )
-            .env("SETTLE_WORKER__MAX_ATTEMPTS", w.max_attempts.to_string())
-            .env(
-                "SETTLE_WORKER__MAX_TRANSIENT_RETRIES",
-                w.max_transient_retries.to_string(),
-            )
-            .env(
-                "SETTLE_WORKER__JOB_TIMEOUT_MS",
-                w.job_timeout_ms.to_string(),
-            )
             .env("SETTLE_LOG", "warn,settle=info,settle_workers=info")
             .env_remove("DATABASE_URL")
             .env_remove("WORKERS")
@@ -74,10 +69,9 @@ impl WorkerProcess {
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true);
-        for (kind, ms) in &w.timeouts {
-            let key = format!("SETTLE_WORKER__TIMEOUTS__{}", kind.to_uppercase());
-            command.env(key, ms.to_string());
-        }
+        command.envs(worker_env(&config.worker));
+        // The queue tests' probe kinds (noop, count, …); settlement is always registered.
+        command.env("SETTLE_WORKER__TEST_KINDS", "true");
         for (key, value) in env {
             command.env(key, value);
         }
@@ -193,6 +187,15 @@ pub async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
         .await
         .unwrap()
         .unwrap_or((0, 0))
+}
+
+/// The `count` a finished count job reported in its result: what its batches counted.
+pub async fn reported_count(pool: &PgPool, id: i64) -> Option<i64> {
+    sqlx::query_scalar("select (result ->> 'count')::bigint from jobs where id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("job result")
 }
 
 /// Creates the probe tables the test job kinds write to.
