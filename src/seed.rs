@@ -238,15 +238,15 @@ pub(crate) async fn build_indexes(
     Ok(())
 }
 
-/// The encoding tasks, and the channel their chunks (COPY bytes, row count) arrive on.
-type Encoders = (
-    tokio::task::JoinSet<anyhow::Result<()>>,
-    tokio::sync::mpsc::Receiver<(Vec<u8>, u64)>,
-);
-
 /// Encodes every chunk on `--connections` tasks, handing each buffer and its row count over a
 /// short channel (a few chunks in memory at most).
-fn encode_in_tasks(args: &SeedArgs, first_id: i64) -> Encoders {
+fn encode_in_tasks(
+    args: &SeedArgs,
+    first_id: i64,
+) -> (
+    tokio::task::JoinSet<anyhow::Result<()>>,
+    tokio::sync::mpsc::Receiver<(Vec<u8>, u64)>,
+) {
     let chunks = args.transactions.div_ceil(CHUNK);
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let mut tasks = tokio::task::JoinSet::new();
