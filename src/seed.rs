@@ -12,7 +12,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 
 /// Rows per COPY message burst and per progress-bar tick.
 const CHUNK: u64 = 50_000;
@@ -132,155 +132,19 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
     .await
     .context("reserving transaction ids")?;
     let bar = progress_bar(args);
-    if !copy_into_empty(pool, args, first_id, &bar).await? {
-        copy_alongside(pool, args, first_id, &bar).await?;
-    }
-    bar.finish_and_clear();
-    sqlx::query("analyze transactions")
-        .execute(pool)
-        .await
-        .context("analyzing transactions")?;
-    Ok(first_id)
-}
-
-/// The COPY every load uses: ids are assigned by the seed (see [`copy_transactions`]).
-const COPY_TRANSACTIONS: &str = "copy transactions
-     (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
-     from stdin (format binary)";
-
-/// The secondary indexes and unique constraints of `transactions` (everything but the primary
-/// key), each as the statement that drops it and the one that builds it again, read from the
-/// catalog so they are always the migrations' own.
-const SECONDARY_INDEXES: &str = "
-    select format('alter table transactions drop constraint %I', conname),
-           format('alter table transactions add constraint %I %s', conname,
-                  pg_get_constraintdef(oid))
-    from pg_constraint where conrelid = 'transactions'::regclass and contype = 'u'
-    union all
-    select format('drop index %s', i.indexrelid::regclass), pg_get_indexdef(i.indexrelid)
-    from pg_index i
-    where i.indrelid = 'transactions'::regclass and not i.indisprimary
-      and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)";
-
-/// Loads into an empty table in one transaction: drops the secondary indexes, copies the rows
-/// on one connection (encoded by `--connections` tasks), builds the indexes again, commits.
-/// One sorted build per index instead of ten million scattered index inserts (measured, 10M
-/// rows: see BENCHMARKS.md, Seed); a crash rolls all of it back, indexes included. Writers wait
-/// for the table meanwhile. Returns false, having changed nothing, when the table holds rows.
-async fn copy_into_empty(
-    pool: &PgPool,
-    args: &SeedArgs,
-    first_id: i64,
-    bar: &ProgressBar,
-) -> anyhow::Result<bool> {
-    let mut tx = pool.begin().await?;
-    let rebuild = drop_secondary_indexes(&mut tx).await?;
-    // Asked after the drops took the table's lock: no row can arrive in between.
-    let empty: bool = sqlx::query_scalar("select not exists (select 1 from transactions)")
-        .fetch_one(&mut *tx)
-        .await?;
-    if !empty {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    let (chunks, mut encoded) = encode_in_tasks(args, first_id);
-    let mut copy = tx.copy_in_raw(COPY_TRANSACTIONS).await?;
-    copy.send(copy_binary::HEADER).await?;
-    while let Some((buf, rows)) = encoded.recv().await {
-        copy.send(buf.as_slice()).await?;
-        bar.inc(rows);
-    }
-    copy.send(copy_binary::TRAILER).await?;
-    copy.finish().await?;
-    chunks
-        .join_all()
-        .await
-        .into_iter()
-        .collect::<Result<(), _>>()?;
-    build_indexes(&mut tx, &rebuild).await?;
-    tx.commit().await?;
-    Ok(true)
-}
-
-/// Drops the secondary indexes of `transactions` in the caller's transaction; returns the
-/// statements that build them again.
-pub(crate) async fn drop_secondary_indexes(
-    tx: &mut sqlx::PgConnection,
-) -> anyhow::Result<Vec<String>> {
-    let indexes: Vec<(String, String)> = sqlx::query_as(SECONDARY_INDEXES)
-        .fetch_all(&mut *tx)
-        .await
-        .context("reading the indexes of transactions")?;
-    for (drop, _) in &indexes {
-        // Statements built by the catalog query above from quoted identifiers.
-        sqlx::query(AssertSqlSafe(drop.as_str()))
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(indexes.into_iter().map(|(_, create)| create).collect())
-}
-
-/// Builds the indexes [`drop_secondary_indexes`] dropped, in the caller's transaction.
-pub(crate) async fn build_indexes(
-    tx: &mut sqlx::PgConnection,
-    creates: &[String],
-) -> anyhow::Result<()> {
-    sqlx::query("select set_config('maintenance_work_mem', '256MB', true)")
-        .execute(&mut *tx)
-        .await?;
-    for create in creates {
-        // Definitions from pg_get_indexdef / pg_get_constraintdef.
-        sqlx::query(AssertSqlSafe(create.as_str()))
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("rebuilding: {create}"))?;
-    }
-    Ok(())
-}
-
-/// Encodes every chunk on `--connections` tasks, handing each buffer and its row count over a
-/// short channel (a few chunks in memory at most).
-fn encode_in_tasks(
-    args: &SeedArgs,
-    first_id: i64,
-) -> (
-    tokio::task::JoinSet<anyhow::Result<()>>,
-    tokio::sync::mpsc::Receiver<(Vec<u8>, u64)>,
-) {
-    let chunks = args.transactions.div_ceil(CHUNK);
-    let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    let mut tasks = tokio::task::JoinSet::new();
-    for stream in 0..u64::from(args.connections) {
-        let (args, sender) = (args.clone(), sender.clone());
-        tasks.spawn(async move {
-            for chunk in (stream..chunks).step_by(args.connections as usize) {
-                let rows = chunk * CHUNK..((chunk + 1) * CHUNK).min(args.transactions);
-                let len = rows.end - rows.start;
-                let mut buf = Vec::with_capacity(len as usize * 64);
-                encode_chunk(&args, chunk, first_id, rows, &mut buf);
-                sender.send((buf, len)).await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    (tasks, receiver)
-}
-
-/// Loads into a table that already holds rows: `--connections` parallel COPY streams, the
-/// indexes maintained as rows arrive.
-async fn copy_alongside(
-    pool: &PgPool,
-    args: &SeedArgs,
-    first_id: i64,
-    bar: &ProgressBar,
-) -> anyhow::Result<()> {
     let chunks = args.transactions.div_ceil(CHUNK);
     let mut streams = tokio::task::JoinSet::new();
     for stream in 0..u64::from(args.connections) {
         let (pool, args, bar) = (pool.clone(), args.clone(), bar.clone());
         streams.spawn(async move {
             let mut conn = pool.acquire().await?;
-            let mut copy = conn.copy_in_raw(COPY_TRANSACTIONS).await?;
+            let mut copy = conn
+                .copy_in_raw(
+                    "copy transactions
+                         (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
+                     from stdin (format binary)",
+                )
+                .await?;
             copy.send(copy_binary::HEADER).await?;
             let mut buf = Vec::with_capacity(CHUNK as usize * 64);
             for chunk in (stream..chunks).step_by(args.connections as usize) {
@@ -300,7 +164,12 @@ async fn copy_alongside(
         done.context("COPY task panicked")?
             .context("COPY of transactions")?;
     }
-    Ok(())
+    bar.finish_and_clear();
+    sqlx::query("analyze transactions")
+        .execute(pool)
+        .await
+        .context("analyzing transactions")?;
+    Ok(first_id)
 }
 
 fn progress_bar(args: &SeedArgs) -> ProgressBar {
