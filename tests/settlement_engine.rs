@@ -9,9 +9,10 @@ mod support;
 use chrono_tz::Tz;
 use futures::TryStreamExt;
 use serde_json::json;
-use settle::settlement::engine::{self, Plan};
+use settle::settlement::plan::{self, Plan};
 use settle::settlement::transactions::Status;
 use settle::settlement::{DateRange, Settings, SettleError};
+use settle::settlement::{finalize, parts};
 use sqlx::PgPool;
 use support::{at, day, parse_csv, reference, settlements, store, txn};
 
@@ -51,9 +52,9 @@ impl Db {
         .execute(&self.pool)
         .await
         .unwrap();
-        let bounds = engine::high_water_mark(&self.pool).await.unwrap();
+        let bounds = plan::high_water_mark(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
-        let plan = engine::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
+        let plan = plan::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -71,7 +72,7 @@ impl Db {
                 let mut done = 0;
                 while !part.is_done() && limit.is_none_or(|l| done < l) {
                     let mut tx = pool.begin().await.unwrap();
-                    part = engine::process_batch(&mut tx, &plan, &part, batch)
+                    part = parts::process_batch(&mut tx, &plan, &part, batch)
                         .await
                         .unwrap();
                     tx.commit().await.unwrap();
@@ -88,7 +89,7 @@ impl Db {
     /// Finalizes and commits; returns the job's CSV as the download streams it.
     async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
         let mut tx = self.pool.begin().await.unwrap();
-        let rows = engine::finalize(&mut tx, plan).await?;
+        let rows = finalize::finalize(&mut tx, plan).await?;
         tx.commit().await?;
         let csv = download(&self.pool, plan.run.job_id).await;
         assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
@@ -100,7 +101,7 @@ impl Db {
         for mut part in plan.parts.clone() {
             while !part.is_done() {
                 let mut tx = self.pool.begin().await.unwrap();
-                match engine::process_batch(&mut tx, plan, &part, self.settings.batch_size).await {
+                match parts::process_batch(&mut tx, plan, &part, self.settings.batch_size).await {
                     Ok(next) => part = next,
                     Err(e) => return Some(e),
                 }
@@ -163,7 +164,7 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
     assert!(plan.processed() > 0 && plan.processed() < plan.run.total);
     // A batch whose transaction never commits (the worker died mid-batch) changes nothing.
     let mut tx = db.pool.begin().await.unwrap();
-    engine::process_batch(&mut tx, &plan, &plan.parts[0], 50)
+    parts::process_batch(&mut tx, &plan, &plan.parts[0], 50)
         .await
         .unwrap();
     drop(tx);
@@ -373,7 +374,7 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     let plan = db.start(2, range("2025-01-01", "2025-01-01")).await;
     // A batch holding both rows already overflows (and commits nothing).
     let mut tx = db.pool.begin().await.unwrap();
-    let both = engine::process_batch(&mut tx, &plan, &plan.parts[0], 10).await;
+    let both = parts::process_batch(&mut tx, &plan, &plan.parts[0], 10).await;
     assert!(matches!(both, Err(SettleError::Overflow)), "{both:?}");
     drop(tx);
     // One row per batch: the part's fold (or the finalize) finds the total does not fit.
@@ -382,7 +383,7 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
         Some(SettleError::Overflow)
     ));
     let mut conn = db.pool.acquire().await.unwrap();
-    engine::discard(&mut conn, 2).await.unwrap();
+    finalize::discard(&mut conn, 2).await.unwrap();
     assert_eq!(
         settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await,
         before
@@ -411,12 +412,12 @@ async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(
-        engine::refresh_statistics(&mut conn, db.settings.zone)
+        plan::refresh_statistics(&mut conn, db.settings.zone)
             .await
             .unwrap()
     );
     assert!(
-        !engine::refresh_statistics(&mut conn, db.settings.zone)
+        !plan::refresh_statistics(&mut conn, db.settings.zone)
             .await
             .unwrap()
     );
@@ -427,24 +428,20 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let db = db("UTC", 2, 10).await;
     store(&db.pool, &support::random_transactions(8, 100, 2, 2)).await;
     let range = range("2025-01-01", "2025-01-02");
-    let bounds = engine::high_water_mark(&db.pool).await.unwrap();
+    let bounds = plan::high_water_mark(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    engine::start(&mut tx, 5, range, &db.settings, 1, Some(bounds))
+    plan::start(&mut tx, 5, range, &db.settings, 1, Some(bounds))
         .await
         .unwrap();
     tx.commit().await.unwrap();
     // The former owner is mid-batch (holding its share lock) when the job is claimed again.
     let mut old = db.pool.begin().await.unwrap();
-    assert!(
-        settle::settlement::store::lock_run(&mut old, 5, 1)
-            .await
-            .unwrap()
-    );
+    assert!(parts::lock_run(&mut old, 5, 1).await.unwrap());
     let pool = db.pool.clone();
     let settings = db.settings.clone();
     let reclaim = tokio::spawn(async move {
         let mut tx = pool.begin().await.unwrap();
-        engine::start(&mut tx, 5, range, &settings, 2, Some(bounds))
+        plan::start(&mut tx, 5, range, &settings, 2, Some(bounds))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -457,16 +454,8 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     old.commit().await.unwrap();
     reclaim.await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    assert!(
-        !settle::settlement::store::lock_run(&mut conn, 5, 1)
-            .await
-            .unwrap()
-    );
-    assert!(
-        settle::settlement::store::lock_run(&mut conn, 5, 2)
-            .await
-            .unwrap()
-    );
+    assert!(!parts::lock_run(&mut conn, 5, 1).await.unwrap());
+    assert!(parts::lock_run(&mut conn, 5, 2).await.unwrap());
 }
 
 #[tokio::test]
@@ -510,7 +499,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     support::insert(&mut open, &rows[..1]).await;
     store(&db.pool, &rows[1..]).await;
     let pool = db.pool.clone();
-    let bounds = tokio::spawn(async move { engine::high_water_mark(&pool).await.unwrap() });
+    let bounds = tokio::spawn(async move { plan::high_water_mark(&pool).await.unwrap() });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         !bounds.is_finished(),
@@ -519,7 +508,7 @@ async fn an_insert_in_flight_below_the_high_water_mark_is_waited_for() {
     open.commit().await.unwrap();
     let bounds = bounds.await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    let plan = engine::start(
+    let plan = plan::start(
         &mut tx,
         1,
         range("2024-12-31", "2025-01-02"), // every day the rows may fall on

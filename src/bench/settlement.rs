@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use super::process::ApiProcess;
 use crate::config::Config;
 use crate::seed::{self, SeedArgs};
-use crate::settlement::{DateRange, Zone, store};
+use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
 pub struct SettlementBenchArgs {
@@ -311,7 +311,7 @@ async fn single_statement(
     file: &PathBuf,
 ) -> anyhow::Result<f64> {
     let mut tx = pool.begin().await?;
-    store::set_local_tuning(&mut tx).await?;
+    crate::settlement::set_local_tuning(&mut tx).await?;
     let day = zone.day_sql();
     // The same time bound the job uses, so the statement reads no more than it must either.
     let within = crate::settlement::input::paid_within(

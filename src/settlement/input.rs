@@ -1,6 +1,7 @@
 //! Reads of the job's input, the `transactions` table: its planner statistics, the writers a
 //! new job waits for, its high-water id, and the window of it a job reads (the id span and
-//! count of the transactions paid within the job's days). The job's own state is in [`super::store`].
+//! count of the transactions paid within the job's days). The job's own run and parts are
+//! in [`super::plan`].
 
 use sqlx::{AssertSqlSafe, PgConnection};
 

@@ -1,13 +1,13 @@
 //! The `settlement` job kind on the settle-workers queue.
 //!
-//! 1. In the job's first fenced batch: fix the input ([`engine::start`]) and read the claim's
+//! 1. In the job's first fenced batch: fix the input ([`plan::start`]) and read the claim's
 //!    fence; the commit proves the fence is ours and records `total`.
-//! 2. One task per part runs [`engine::process_batch`] in its own transaction, which first
-//!    locks the job's run row `for share` under that fence ([`store::lock_run`]): the part's
+//! 2. One task per part runs [`parts::process_batch`] in its own transaction, which first
+//!    locks the job's run row `for share` under that fence ([`parts::lock_run`]): the part's
 //!    sums and cursor commit together, and only while this worker holds the job. After each
 //!    part batch the job's progress is checkpointed through the queue's fenced batch, which
 //!    also re-reads the cancel flag (and fires the parts' token).
-//! 3. [`engine::finalize`] runs in the batch that completes the job, so the `settlements`
+//! 3. [`finalize::finalize`] runs in the batch that completes the job, so the `settlements`
 //!    replacement, the job's result (its CSV rows) and COMPLETED land together or not at all:
 //!    nothing outside that fenced transaction publishes or deletes a result.
 //!
@@ -23,8 +23,9 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{self, Plan};
-use super::store::{self, Part};
+use super::finalize;
+use super::parts;
+use super::plan::{self, Part, Plan};
 use super::{DateRange, DateRangeInput, Settings, SettleError};
 use crate::config::Config;
 
@@ -79,14 +80,14 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
         // Stopped by a cancel (not a shutdown): forget the work, leave settlements as it was.
         if ctx.cancel_requested().await? {
             let mut conn = ctx.pool().acquire().await?;
-            engine::discard(&mut conn, job_id)
+            finalize::discard(&mut conn, job_id)
                 .await
                 .map_err(JobError::failed)?;
         }
     }
     if matches!(outcome, Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_))) {
         let mut conn = ctx.pool().acquire().await?;
-        engine::discard(&mut conn, job_id)
+        finalize::discard(&mut conn, job_id)
             .await
             .map_err(JobError::failed)?;
     }
@@ -98,21 +99,30 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let started = std::time::Instant::now();
     // Only a first start reads the input's bounds (waiting for inserts in flight, maybe behind a
     // bulk load); a resumed job keeps its stored input and goes straight on.
-    let resumed = store::get_run(&mut *ctx.pool().acquire().await?, job_id)
+    let resumed = plan::get_run(&mut *ctx.pool().acquire().await?, job_id)
         .await?
         .is_some();
     let high_water = if resumed {
         None
     } else {
         tokio::select! {
-            mark = engine::high_water_mark(ctx.pool()) => Some(mark?),
+            mark = plan::high_water_mark(ctx.pool()) => Some(mark?),
             () = ctx.token().cancelled() => return Err(JobError::Stopped),
         }
     };
     // The run goes to this claim's fence in a fenced batch: if the commit lands, it was ours.
     let fence = ctx.fence();
     let mut batch = ctx.begin().await?;
-    let plan = engine::start(batch.conn(), job_id, range, settings, fence, high_water).await?;
+    if !resumed {
+        let abandoned = finalize::delete_abandoned_working_rows(batch.conn()).await?;
+        if abandoned > 0 {
+            tracing::info!(
+                abandoned,
+                "deleted working rows of settlement jobs no longer running"
+            );
+        }
+    }
+    let plan = plan::start(batch.conn(), job_id, range, settings, fence, high_water).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     batch
         .commit(&checkpoint, plan.processed(), Some(plan.run.total))
@@ -135,7 +145,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    let rows = engine::finalize(batch.conn(), &plan)
+    let rows = finalize::finalize(batch.conn(), &plan)
         .await
         .map_err(job_error)?;
     // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
@@ -156,10 +166,10 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     completed
 }
 
-/// The cleanup after a completion (see [`store::vacuum_after_replace`]); a failure is only
+/// The cleanup after a completion (see [`finalize::vacuum_after_replace`]); a failure is only
 /// logged, as the job is COMPLETED by then.
 async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
-    store::vacuum_after_replace(&mut *pool.acquire().await?).await
+    finalize::vacuum_after_replace(&mut *pool.acquire().await?).await
 }
 
 /// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
@@ -211,7 +221,7 @@ async fn run_parts(
         let checkpoint = Checkpoint::of(plan.run.high_water_id, &parts);
         let committed = async {
             let mut batch = ctx.begin().await?;
-            store::set_local_async_commit(batch.conn()).await?;
+            parts::set_local_async_commit(batch.conn()).await?;
             batch
                 .commit(&checkpoint, processed.min(plan.run.total), None)
                 .await
@@ -249,11 +259,11 @@ async fn run_part(
             return Err(JobError::Stopped);
         }
         let mut tx = pool.begin().await?;
-        if !store::lock_run(&mut tx, plan.run.job_id, fence).await? {
+        if !parts::lock_run(&mut tx, plan.run.job_id, fence).await? {
             return Err(JobError::LeaseLost);
         }
-        store::set_local_async_commit(&mut tx).await?;
-        part = engine::process_batch(&mut tx, &plan, &part, batch_size)
+        parts::set_local_async_commit(&mut tx).await?;
+        part = parts::process_batch(&mut tx, &plan, &part, batch_size)
             .await
             .map_err(job_error)?;
         tx.commit().await?;

@@ -1,27 +1,28 @@
 //! Settlement: PAID transactions aggregated per merchant and calendar day (in the configured time
 //! zone) into the `settlements` table and a CSV, as a job that survives crashes exactly.
 //!
-//! A job runs in four steps, each a small function in [`engine`]:
-//! 1. [`engine::start`] fixes its input once (an id high-water mark from
-//!    [`engine::high_water_mark`], and of the transactions up to it those paid within the job's
-//!    days, found by the `(paid_at, id)` index: their id span and true total) and splits the
-//!    span into disjoint parts, so a job's cost follows its range, not the table;
-//! 2. [`engine::process_batch`] aggregates the next `batch_size` rows of one part (keyset on id)
-//!    into one row of partial sums, inside a transaction the caller commits together with the checkpoint;
+//! The modules read in the order a job runs, [`job`] (the adapter to the queue) calling each:
+//! 1. [`plan`] fixes its input once (an id high-water mark from [`plan::high_water_mark`], and
+//!    of the transactions up to it those paid within the job's days, found by the `(paid_at,
+//!    id)` index through [`input`]: their id span and true total) and splits the span into
+//!    disjoint parts, so a job's cost follows its range, not the table;
+//! 2. [`parts`] aggregates the next `batch_size` rows of one part (keyset on id) into one row of
+//!    partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;
-//! 3. [`engine::finalize`] replaces the range's rows in `settlements` (never a row built from a
-//!    newer input) and stores them as the job's result ([`results`]), in the transaction that
-//!    completes the job;
-//! 4. [`engine::discard`] removes a cancelled or failed job's working rows.
+//! 3. [`finalize`] replaces the range's rows in `settlements` (never a row built from a newer
+//!    input) and stores them as the job's result ([`results`]), in the transaction that
+//!    completes the job; [`finalize::discard`] removes a cancelled or failed job's working
+//!    rows instead.
 //!
 //! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
 //! as they were.
 
-pub mod engine;
+pub mod finalize;
 pub mod input;
 pub mod job;
+pub mod parts;
+pub mod plan;
 pub mod results;
-pub mod store;
 pub mod transactions;
 
 use chrono::NaiveDate;
@@ -178,6 +179,34 @@ pub enum SettleError {
     Overflow,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
+}
+
+/// Session settings of the aggregation, scoped to the caller's transaction: the hash aggregate
+/// stays in memory, JIT (which costs more than it saves on these plans) stays off, every
+/// execution is planned for its actual id bounds, and a batch's id range is read with a bitmap
+/// heap scan, a page at a time, instead of an index scan that revisits each page per row
+/// (measured: 80 ms against 110-135 ms per 100,000-row batch); index-only scans stay on.
+/// Dates render as ISO in the CSV.
+pub async fn set_local_tuning(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "select set_config('work_mem', '64MB', true), set_config('jit', 'off', true),
+                set_config('plan_cache_mode', 'force_custom_plan', true),
+                set_config('enable_indexscan', 'off', true),
+                set_config('datestyle', 'ISO, YMD', true)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+impl SettleError {
+    /// A sum cast to bigint that does not fit (SQLSTATE 22003) is the job's overflow error.
+    pub fn from_sum(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => Self::Overflow,
+            _ => Self::Sql(e),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,19 +1,42 @@
-//! The steps of a settlement job, independent of the queue that runs them: each takes the
-//! connection or transaction the caller gives it, so the caller decides what commits together
-//! (a batch's partial sums with the job's checkpoint, the replacement with the completion).
+//! Step 1 of a settlement job: fix its input. The first time a job runs it takes the
+//! [`high_water_mark`] and, of the transactions up to it, finds those paid within the job's
+//! days (their id span and exact count, through [`super::input`]), and cuts the span into
+//! parts; a resumed job reads back what was fixed then. The result is a [`Plan`], which the
+//! parts ([`super::parts`]) and the finalize ([`super::finalize`]) work from.
 
+use chrono::NaiveDate;
 use sqlx::{PgConnection, PgPool};
 
 use super::input;
-use super::results;
-use super::store::{self, Part, Run};
-use super::{DateRange, Settings, SettleError, Zone};
+use super::{DateRange, Settings, Zone};
 
-/// Rows changed since the last `ANALYZE` beyond which the statistics count as stale: the
-/// planner then misjudges the keyset scans (measured: 582 ms per batch on fresh, unanalyzed
-/// rows against 0.7 ms after `ANALYZE`).
-const STALE_FRACTION: f64 = 0.1;
-const STALE_MIN_ROWS: f64 = 10_000.0;
+/// A job's fixed input, as stored in `settlement_runs`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Run {
+    pub job_id: i64,
+    pub from_date: NaiveDate,
+    pub to_date: NaiveDate,
+    pub time_zone: String,
+    pub high_water_id: i64,
+    pub total: i64,
+}
+
+/// One disjoint id sub-range `(lo_id, hi_id]` of a job and how far it has got.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Part {
+    pub part: i32,
+    pub lo_id: i64,
+    pub hi_id: i64,
+    /// Every id in `(lo_id, cursor_id]` is in the partial sums.
+    pub cursor_id: i64,
+    pub processed: i64,
+}
+
+impl Part {
+    pub fn is_done(&self) -> bool {
+        self.cursor_id >= self.hi_id
+    }
+}
 
 /// A job's fixed input and its parts, as of its last commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +61,13 @@ impl Plan {
         self.parts.iter().map(|p| p.processed).sum()
     }
 }
+
+/// Rows changed since the last `ANALYZE` beyond which the statistics count as stale: the
+/// planner then misjudges the keyset scans (measured: 582 ms per batch on fresh, unanalyzed
+/// rows against 0.7 ms after `ANALYZE`).
+const STALE_FRACTION: f64 = 0.1;
+
+const STALE_MIN_ROWS: f64 = 10_000.0;
 
 /// Makes sure the planner knows `transactions` well: statistics for the zone's day expression
 /// exist, and the table is analyzed if many rows changed since it last was (e.g. right after a
@@ -84,7 +114,7 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// the range's days, found through the `(paid_at, id)` index, which also gives the id span
 /// those rows occupy and their exact count (the job's `total`: what it will read). The span is
 /// cut into `parts` disjoint id sub-ranges. Either way the run now belongs to the claim `fence`
-/// (see [`store::lock_run`]): part batches of an earlier owner stop landing.
+/// (see [`super::parts::lock_run`]): part batches of an earlier owner stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
@@ -93,21 +123,14 @@ pub async fn start(
     fence: i64,
     high_water: Option<i64>,
 ) -> Result<Plan, sqlx::Error> {
-    if let Some(run) = store::get_run(tx, job_id).await? {
-        store::set_run_fence(tx, job_id, fence).await?;
-        let parts = store::get_parts(tx, job_id).await?;
+    if let Some(run) = get_run(tx, job_id).await? {
+        set_run_fence(tx, job_id, fence).await?;
+        let parts = get_parts(tx, job_id).await?;
         return Ok(Plan { run, parts });
     }
-    let abandoned = store::delete_abandoned_working_rows(tx).await?;
-    if abandoned > 0 {
-        tracing::info!(
-            abandoned,
-            "deleted working rows of settlement jobs no longer running"
-        );
-    }
-    let hi = high_water.expect("a first start is given engine::high_water_mark");
+    let hi = high_water.expect("a first start is given plan::high_water_mark");
     refresh_statistics(tx, settings.zone).await?;
-    store::set_local_tuning(tx).await?;
+    super::set_local_tuning(tx).await?;
     let window = input::window(tx, hi, range, settings.zone).await?;
     let run = Run {
         job_id,
@@ -117,10 +140,10 @@ pub async fn start(
         high_water_id: hi,
         total: window.rows,
     };
-    store::insert_run(tx, &run, fence).await?;
+    insert_run(tx, &run, fence).await?;
     let parts = split(window.after_id, window.last_id, settings.parts);
     for part in &parts {
-        store::insert_part(tx, job_id, part).await?;
+        insert_part(tx, job_id, part).await?;
     }
     Ok(Plan { run, parts })
 }
@@ -148,84 +171,76 @@ fn split(lo: i64, hi: i64, n: u32) -> Vec<Part> {
         .collect()
 }
 
-/// Aggregates the next batch of `part` into one row of partial sums and advances its cursor,
-/// in `tx`; the caller commits it with the checkpoint. A batch is the next `batch_size` ids
-/// after the cursor (keyset on the primary key, never OFFSET), so it holds at most
-/// `batch_size` rows and exactly that many where ids are dense; an empty batch jumps the gap to
-/// the next id. The part's last batch also folds the part's rows into one. Returns the part as
-/// it stands after the batch.
-pub async fn process_batch(
-    tx: &mut PgConnection,
-    plan: &Plan,
-    part: &Part,
-    batch_size: i64,
-) -> Result<Part, SettleError> {
-    store::set_local_tuning(tx).await?;
-    store::set_local_batch_plan(tx).await?;
-    let job_id = plan.run.job_id;
-    let mut next = part.clone();
-    let end = part
-        .cursor_id
-        .saturating_add(batch_size.max(1))
-        .min(part.hi_id);
-    let ids = (part.cursor_id, end);
-    match store::aggregate_ids(tx, job_id, part.part, ids, plan.range(), plan.zone())
-        .await
-        .map_err(overflow)?
-    {
-        Some(scanned) => {
-            next.cursor_id = end;
-            next.processed += scanned;
-        }
-        None => {
-            let following = store::next_id(tx, end, part.hi_id, plan.range(), plan.zone()).await?;
-            next.cursor_id = following.map_or(part.hi_id, |id| id - 1).max(end);
-        }
-    }
-    if next.is_done() {
-        store::fold_part(tx, job_id, part.part)
-            .await
-            .map_err(overflow)?;
-    }
-    store::advance_part(
-        tx,
-        job_id,
-        part.part,
-        next.cursor_id,
-        next.processed - part.processed,
+pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
+    sqlx::query_as(
+        "select job_id, from_date, to_date, time_zone, high_water_id, total
+         from settlement_runs where job_id = $1",
     )
+    .bind(job_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Stores the fixed input, owned by the claim `fence`.
+pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into settlement_runs
+             (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
+         values ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(run.job_id)
+    .bind(run.from_date)
+    .bind(run.to_date)
+    .bind(&run.time_zone)
+    .bind(run.high_water_id)
+    .bind(run.total)
+    .bind(fence)
+    .execute(conn)
     .await?;
-    Ok(next)
+    Ok(())
 }
 
-/// Writes the job's sums into `settlements` where no newer input's rows stand (see
-/// [`store::replace_settlements`]), stores the range's rows as the job's result (its CSV), and
-/// deletes the job's working rows, all in `tx`: the caller commits them with the job's
-/// completion, so the table, the result and COMPLETED land together or not at all. Returns the
-/// result's row count.
-pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
-    store::set_local_tuning(tx).await?;
-    store::lock_settlements(tx).await?;
-    store::replace_settlements(tx, plan.run.job_id, plan.run.high_water_id, plan.range())
-        .await
-        .map_err(overflow)?;
-    let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
-    store::delete_working_rows(tx, plan.run.job_id).await?;
-    Ok(rows)
+pub async fn insert_part(
+    conn: &mut PgConnection,
+    job_id: i64,
+    part: &Part,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
+         values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(job_id)
+    .bind(part.part)
+    .bind(part.lo_id)
+    .bind(part.hi_id)
+    .bind(part.cursor_id)
+    .bind(part.processed)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
-/// A sum cast to bigint that does not fit (SQLSTATE 22003) is the job's overflow error.
-fn overflow(e: sqlx::Error) -> SettleError {
-    match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => SettleError::Overflow,
-        _ => SettleError::Sql(e),
-    }
+pub async fn get_parts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<Part>, sqlx::Error> {
+    sqlx::query_as(
+        "select part, lo_id, hi_id, cursor_id, processed from settlement_parts
+         where job_id = $1 order by part",
+    )
+    .bind(job_id)
+    .fetch_all(conn)
+    .await
 }
 
-/// Forgets a cancelled or failed job's working rows. `settlements` and the results are
-/// untouched: only a committed [`finalize`] ever writes them.
-pub async fn discard(conn: &mut PgConnection, job_id: i64) -> Result<(), SettleError> {
-    store::delete_working_rows(conn, job_id).await?;
+/// Hands the run to the claim `fence`: waits for part batches of an earlier owner in flight.
+pub async fn set_run_fence(
+    conn: &mut PgConnection,
+    job_id: i64,
+    fence: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("update settlement_runs set fence = $2 where job_id = $1")
+        .bind(job_id)
+        .bind(fence)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

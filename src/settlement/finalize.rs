@@ -1,0 +1,133 @@
+//! Step 3 of a settlement job: finalize. In the transaction that completes the job, the job's
+//! sums replace the range's rows of `settlements` (never a row built from a newer input) and
+//! become the job's result ([`super::results`]); its working rows go. A cancelled or failed job
+//! is [`discard`]ed instead, and jobs that ended without either are swept by
+//! [`delete_abandoned_working_rows`].
+
+use sqlx::PgConnection;
+
+use super::plan::Plan;
+use super::results;
+use super::{DateRange, SettleError};
+
+/// Writes the job's sums into `settlements` where no newer input's rows stand (see
+/// [`replace_settlements`]), stores the range's rows as the job's result (its CSV), and
+/// deletes the job's working rows, all in `tx`: the caller commits them with the job's
+/// completion, so the table, the result and COMPLETED land together or not at all. Returns the
+/// result's row count.
+pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
+    super::set_local_tuning(tx).await?;
+    lock_settlements(tx).await?;
+    replace_settlements(tx, plan.run.job_id, plan.run.high_water_id, plan.range())
+        .await
+        .map_err(SettleError::from_sum)?;
+    let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
+    delete_working_rows(tx, plan.run.job_id).await?;
+    Ok(rows)
+}
+
+/// Forgets a cancelled or failed job's working rows. `settlements` and the results are
+/// untouched: only a committed [`finalize`] ever writes them.
+pub async fn discard(conn: &mut PgConnection, job_id: i64) -> Result<(), SettleError> {
+    delete_working_rows(conn, job_id).await?;
+    Ok(())
+}
+
+/// Serializes replacements of `settlements`, so overlapping jobs finishing at once cannot
+/// interleave their deletes and inserts. Released at commit.
+pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (the
+/// job's high-water id). Newest input wins: a `(merchant, day)` is inserted, or updated in place
+/// (see migration 0007) only where the stored row was built from the same or an older snapshot;
+/// the range's rows the job did not produce are deleted only where they are older (their
+/// merchant-day has no PAID transactions in this newer input). A row a newer job wrote stays as
+/// it is, whichever job finishes last. The casts to bigint fail (SQLSTATE 22003) rather than
+/// wrap when a sum leaves the 64-bit range.
+pub async fn replace_settlements(
+    conn: &mut PgConnection,
+    job_id: i64,
+    snapshot_id: i64,
+    range: DateRange,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
+              snapshot_id)
+         select m, d, sum(g)::int8, sum(f)::int8, (sum(g) - sum(f))::int8, sum(n)::int8, $1, $2
+         from settlement_batches as b,
+              unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
+                  as u(m, d, g, f, n)
+         where b.job_id = $1
+         group by m, d
+         on conflict (merchant_id, date) do update set
+             gross_cents = excluded.gross_cents, fee_cents = excluded.fee_cents,
+             net_cents = excluded.net_cents, txn_count = excluded.txn_count,
+             job_id = excluded.job_id, generated_at = excluded.generated_at,
+             snapshot_id = excluded.snapshot_id
+         where settlements.snapshot_id <= excluded.snapshot_id",
+    )
+    .bind(job_id)
+    .bind(snapshot_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "delete from settlements
+         where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
+    )
+    .bind(job_id)
+    .bind(snapshot_id)
+    .bind(range.from())
+    .bind(range.to())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Reclaims what a finished job left dead: its batch sums (all deleted, about 1 MB of arrays
+/// per batch) and the settlement versions it replaced. Autovacuum does this too where it is on;
+/// where it is off (as on the machine the benchmarks ran on) the scratch table's TOAST would
+/// otherwise grow by every job's arrays, and each re-run of a range would walk more dead index
+/// entries. Run after the job's COMPLETED commit, outside it (VACUUM cannot run in a
+/// transaction); skips a table another vacuum holds instead of waiting.
+pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("vacuum (skip_locked) settlement_batches, settlements")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes the job's batch sums, parts and fixed input.
+pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "with batches as (delete from settlement_batches where job_id = $1),
+              parts as (delete from settlement_parts where job_id = $1)
+         delete from settlement_runs where job_id = $1",
+    )
+    .bind(job_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the working rows of settlement jobs that are no longer live (FAILED after their last
+/// attempt, or pruned): only a cancel or a fatal error cleans up after itself, so a job that
+/// ran out of attempts would otherwise leave its partial sums behind forever.
+/// The runs are read before the queue is asked which of their jobs are live: a job never
+/// becomes live again, and a run inserted meanwhile is not in the list.
+pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let mut abandoned: Vec<i64> = sqlx::query_scalar("select job_id from settlement_runs")
+        .fetch_all(&mut *conn)
+        .await?;
+    let live = settle_workers::read::live_jobs(conn, &abandoned).await?;
+    abandoned.retain(|job_id| !live.contains(job_id));
+    for &job_id in &abandoned {
+        delete_working_rows(conn, job_id).await?;
+    }
+    Ok(abandoned.len() as u64)
+}
