@@ -11,7 +11,7 @@
 //! NUL bytes).
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
 pub const MAX_MERCHANT_ID_CHARS: usize = 255;
@@ -167,6 +167,44 @@ impl RawTransaction {
     }
 }
 
+/// A batch as the parallel arrays both of [`ingest`]'s statements unnest, in their `$1`..`$6`.
+struct Columns<'a> {
+    merchants: Vec<&'a str>,
+    externals: Vec<&'a str>,
+    amounts: Vec<i64>,
+    fees: Vec<i64>,
+    statuses: Vec<&'static str>,
+    paid: Vec<DateTime<Utc>>,
+}
+
+type Args = sqlx::postgres::PgArguments;
+
+impl<'a> Columns<'a> {
+    fn of(rows: &'a [NewTransaction]) -> Self {
+        Self {
+            merchants: rows.iter().map(|r| r.merchant_id.as_str()).collect(),
+            externals: rows.iter().map(|r| r.external_id.as_str()).collect(),
+            amounts: rows.iter().map(|r| r.amount_cents).collect(),
+            fees: rows.iter().map(|r| r.fee_cents).collect(),
+            statuses: rows.iter().map(|r| r.status.as_str()).collect(),
+            paid: rows.iter().map(|r| r.paid_at).collect(),
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, Args>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, Args> {
+        query
+            .bind(&self.merchants)
+            .bind(&self.externals)
+            .bind(&self.amounts)
+            .bind(&self.fees)
+            .bind(&self.statuses)
+            .bind(&self.paid)
+    }
+}
+
 /// What [`ingest`] did with a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingested {
@@ -191,12 +229,7 @@ pub async fn ingest(
     tx: &mut PgConnection,
     rows: &[NewTransaction],
 ) -> Result<Ingested, sqlx::Error> {
-    let merchants: Vec<&str> = rows.iter().map(|r| r.merchant_id.as_str()).collect();
-    let externals: Vec<&str> = rows.iter().map(|r| r.external_id.as_str()).collect();
-    let amounts: Vec<i64> = rows.iter().map(|r| r.amount_cents).collect();
-    let fees: Vec<i64> = rows.iter().map(|r| r.fee_cents).collect();
-    let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
-    let paid: Vec<DateTime<Utc>> = rows.iter().map(|r| r.paid_at).collect();
+    let columns = Columns::of(rows);
     let inserted = sqlx::query(
         "insert into transactions
              (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
@@ -205,21 +238,17 @@ pub async fn ingest(
                      $6::timestamptz[]) as t(m, e, a, f, s, p)
          order by m, e
          on conflict on constraint transactions_merchant_external_id_key do nothing",
-    )
-    .bind(&merchants)
-    .bind(&externals)
-    .bind(&amounts)
-    .bind(&fees)
-    .bind(&statuses)
-    .bind(&paid)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    );
+    let inserted = columns
+        .bind(inserted)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     let total = rows.len() as u64;
     if inserted < total {
         // Each element against the row stored under its identity (this batch's own first
         // occurrence included): any field that differs is a conflict.
-        let conflict: Option<i64> = sqlx::query_scalar(
+        let conflict = sqlx::query(
             "select t.n from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
                                     $6::timestamptz[]) with ordinality as t(m, e, a, f, s, p, n)
              join transactions x on x.merchant_id = t.m and x.external_id = t.e
@@ -227,16 +256,9 @@ pub async fn ingest(
                    is distinct from (t.a, t.f, t.s, t.p)
              order by t.n
              limit 1",
-        )
-        .bind(&merchants)
-        .bind(&externals)
-        .bind(&amounts)
-        .bind(&fees)
-        .bind(&statuses)
-        .bind(&paid)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(n) = conflict {
+        );
+        let conflict = columns.bind(conflict).fetch_optional(&mut *tx).await?;
+        if let Some(n) = conflict.map(|row| row.get::<i64, _>(0)) {
             let index = (n - 1) as usize;
             return Ok(Ingested::Conflict {
                 index,
