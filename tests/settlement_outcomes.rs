@@ -79,20 +79,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     assert!(a_done > b_done, "A must complete after B");
     assert_eq!(a_attempts, 2, "A was rescued: {}", second.log_text());
 
-    let all: Vec<_> = old.iter().chain(&new).cloned().collect();
-    let newest = reference(&all, day("2025-01-02"), day("2025-01-03"), Tz::UTC);
-    assert_ne!(
-        newest,
-        reference(&old, day("2025-01-02"), day("2025-01-03"), Tz::UTC)
-    );
-    let mut expected = reference(&old, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
-    expected.extend(newest.clone());
-    expected.extend(reference(
-        &old,
-        day("2025-01-04"),
-        day("2025-01-04"),
-        Tz::UTC,
-    ));
+    let (expected, newest) = support::newest_wins(&old, &new);
     assert_eq!(
         settlements(&app.pool, day("2025-01-01"), day("2025-01-04")).await,
         expected

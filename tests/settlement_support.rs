@@ -98,6 +98,28 @@ pub fn paid_within(rows: &[NewTransaction], from: &str, to: &str, zone: Tz) -> i
         .count() as i64
 }
 
+/// What `settlements` must hold for 2025-01-01..=04 (UTC) after job A settled those days from
+/// `old` and job B, with the newer input `old` + `new`, settled 01-02..=03, in either order:
+/// the newest input's rows where B covered, A's elsewhere. Also returns B's rows alone.
+pub fn newest_wins(old: &[NewTransaction], new: &[NewTransaction]) -> (Settled, Settled) {
+    let all: Vec<_> = old.iter().chain(new).cloned().collect();
+    let newest = reference(&all, day("2025-01-02"), day("2025-01-03"), Tz::UTC);
+    assert_ne!(
+        reference(old, day("2025-01-02"), day("2025-01-03"), Tz::UTC),
+        newest,
+        "the inputs must differ for the test to mean anything"
+    );
+    let mut expected = reference(old, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
+    expected.extend(newest.clone());
+    expected.extend(reference(
+        old,
+        day("2025-01-04"),
+        day("2025-01-04"),
+        Tz::UTC,
+    ));
+    (expected, newest)
+}
+
 /// The expected settlement of `rows` for `from..=to` in `zone`, computed without SQL.
 pub fn reference(rows: &[NewTransaction], from: NaiveDate, to: NaiveDate, zone: Tz) -> Settled {
     let mut out = Settled::new();
