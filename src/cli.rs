@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::http::AppState;
-use crate::{bench, db, http, seed, shutdown, telemetry, worker};
+use crate::{bench, db, http, local_cluster, seed, shutdown, telemetry, worker};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,22 +82,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             worker::run(pool, Arc::new(config), shutdown::on_signal()).await
         }
         Command::Serve { demo } => {
-            let pool = open(&config, true).await?;
-            if demo {
-                seed::demo_if_empty(&pool).await?;
+            let cluster = local_cluster::start_if_needed(&config.database).await?;
+            let served = serve(config, demo).await;
+            if let Some(cluster) = cluster {
+                cluster.stop().await;
             }
-            let config = Arc::new(config);
-            let token = shutdown::on_signal();
-            let listener = http::bind(&config)
-                .await
-                .context("cannot bind the HTTP port")?;
-            let state = AppState::new(pool.clone(), config.clone());
-            let (api, workers) = tokio::join!(
-                http::serve(listener, state, token.clone()),
-                worker::run(pool, config, token.clone()),
-            );
-            api?;
-            workers
+            served
         }
         Command::Seed(args) => {
             let pool = open(&config, true).await?;
@@ -106,6 +96,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(command) => bench::run(command, config).await,
     }
+}
+
+/// `serve`: migrate, optionally load demo data, then the API and the workers in one process.
+async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
+    let pool = open(&config, true).await?;
+    if demo {
+        seed::demo_if_empty(&pool).await?;
+    }
+    let config = Arc::new(config);
+    let token = shutdown::on_signal();
+    let listener = http::bind(&config)
+        .await
+        .context("cannot bind the HTTP port")?;
+    let state = AppState::new(pool.clone(), config.clone());
+    let (api, workers) = tokio::join!(
+        http::serve(listener, state, token.clone()),
+        worker::run(pool, config, token.clone()),
+    );
+    api?;
+    workers
 }
 
 /// Connects, creating the database and migrating when `migrate`, else refusing an unmigrated one.

@@ -35,6 +35,14 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
     /// Apply pending migrations when `api`/`worker` start instead of refusing to run.
     pub migrate_on_start: bool,
+    /// `serve` only: start a private cluster when nothing answers at a loopback `url` and
+    /// `DATABASE_URL` is not set (see [`crate::local_cluster`]).
+    pub local_cluster: bool,
+    /// Where that private cluster keeps its data (relative to the working directory).
+    pub local_data_dir: String,
+    /// The PostgreSQL server's `bin` directory for that cluster; unset searches
+    /// `/usr/lib/postgresql/*/bin`, then `PATH`.
+    pub local_bin_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,6 +12,7 @@
 //! - [`cli`]: the `settle` subcommands; wiring only.
 //! - [`config`]: `config.toml` + environment, validated at start.
 //! - [`db`]: pool, database creation, migration check.
+//! - [`local_cluster`]: the private PostgreSQL cluster `serve` starts when none is running.
 //! - [`http`]: the HTTP API (routers, request/response shapes, error mapping, OpenAPI, the
 //!   `Idempotency-Key` header).
 //! - [`orders`]: products and orders, the no-oversell statement, the coalescer, and finding
@@ -31,6 +32,7 @@ pub mod db;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod local_cluster;
 pub mod orders;
 pub mod seed;
 pub mod settlement;

@@ -6,8 +6,6 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-
 fn settle(database_url: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
     command
@@ -104,17 +102,7 @@ async fn serve_then_signal(signal: &str) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = settle::bench::process::listening_url(&line) {
-                return url;
-            }
-        }
-        panic!("api exited without listening");
-    })
-    .await
-    .expect("api listening within 30 s");
+    let (base, _, _log) = common::listening::base_url(&mut child).await;
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let pid = child.id().unwrap().to_string();

@@ -4,10 +4,11 @@
 //! tests run as root (initdb refuses root). Stopped with `-m immediate` and deleted on drop,
 //! also when the test panics (its server log is printed then, for the post-mortem).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
+
+use settle::local_cluster::{INITDB_OPTIONS, bin_dir, pg_command, running_as_root};
 
 /// A running private cluster; stopped and deleted when dropped.
 pub struct Cluster {
@@ -41,23 +42,8 @@ impl Cluster {
             cluster.check("chown", chown);
         }
         let data = cluster.data();
-        cluster
-            .run(
-                "initdb",
-                &[
-                    "-D",
-                    &data,
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ],
-            )
-            .await;
+        let initdb = [&["-D", &data][..], &INITDB_OPTIONS, &["--no-sync"]].concat();
+        cluster.run("initdb", &initdb).await;
         cluster.start_again().await;
         Some(cluster)
     }
@@ -129,18 +115,7 @@ impl Cluster {
     /// `program` from the server's bin dir, as the `postgres` user when we are root; run in the
     /// cluster dir, since the server's user may not be able to read our working directory.
     fn command(&self, program: &str) -> std::process::Command {
-        let path = self.bin.join(program);
-        let mut command = if running_as_root() {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            std::process::Command::new(path)
-        };
-        command
-            .current_dir(&self.dir)
-            .stdin(std::process::Stdio::null());
-        command
+        pg_command(&self.bin.join(program), &self.dir)
     }
 
     async fn run(&self, program: &str, args: &[&str]) {
@@ -183,25 +158,6 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The `bin` dir of the newest PostgreSQL installed under `/usr/lib/postgresql/*/bin` that has
-/// `initdb`.
-pub fn bin_dir() -> Option<PathBuf> {
-    let versions = std::fs::read_dir("/usr/lib/postgresql").ok()?;
-    versions
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").is_file().then_some((major, bin))
-        })
-        .max_by_key(|(major, _)| *major)
-        .map(|(_, bin)| bin)
-}
-
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// A port nothing listens on right now (the kernel hands out ephemeral ports in turn, so it is

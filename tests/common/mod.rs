@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod commit_cut;
+pub mod listening;
 pub mod processes;
 pub mod proxy;
 

@@ -1,0 +1,133 @@
+//! First contact on a machine where PostgreSQL is installed but not running: `serve` starts a
+//! private cluster of its own, says so, serves, and stops the cluster when it exits; where no
+//! server is installed, it says what to install or which `DATABASE_URL` to set.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use settle::local_cluster::{bin_dir, pg_command};
+
+/// A scratch directory for a private cluster's data; on drop, stops a server still running
+/// there (a failed test) and deletes it.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("settle-first-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.0.join("data")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(bin) = bin_dir().filter(|_| self.data().join("postmaster.pid").exists()) {
+            let data = self.data().to_string_lossy().into_owned();
+            let _ = pg_command(&bin.join("pg_ctl"), &self.0)
+                .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `settle serve` for a database URL on `port` of 127.0.0.1, with no `DATABASE_URL` given.
+fn serve(port: u16, data: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_settle"));
+    command
+        .arg("serve")
+        .env_remove("DATABASE_URL")
+        .env(
+            "SETTLE_DATABASE__URL",
+            format!("postgres://postgres@127.0.0.1:{port}/settle"),
+        )
+        .env("SETTLE_DATABASE__LOCAL_DATA_DIR", data)
+        .env("PORT", "0")
+        .env("SETTLE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `command`, asserts it failed, and returns what it said on stderr.
+async fn fails_saying(command: &mut tokio::process::Command) -> String {
+    let output = command.output().await.expect("run serve");
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("bound").port()
+}
+
+fn answers(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[tokio::test]
+async fn serve_starts_a_private_cluster_when_nothing_answers_and_stops_it_on_exit() {
+    if bin_dir().is_none() {
+        panic!("this test needs the PostgreSQL server binaries (apt-get install postgresql)");
+    }
+    let (scratch, port) = (Scratch::new(), free_port());
+    let mut child = serve(port, &scratch.data()).spawn().expect("spawn serve");
+    let (base, before, _log) = common::listening::base_url(&mut child).await;
+    let said = before.join("\n");
+    assert!(said.contains("private PostgreSQL cluster"), "{said}");
+    assert!(
+        answers(port),
+        "the private cluster listens on the URL's port"
+    );
+    let ready = reqwest::get(format!("{base}/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "migrated and ready on the private cluster"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().expect("pid") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("serve exits within 60 s")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(!answers(port), "the cluster stopped with serve");
+    assert!(!scratch.data().join("postmaster.pid").exists());
+}
+
+#[tokio::test]
+async fn without_a_server_installed_serve_says_what_to_install_or_set() {
+    let (scratch, port) = (Scratch::new(), free_port());
+    let empty_bin = scratch.0.join("bin");
+    std::fs::create_dir(&empty_bin).expect("empty bin dir");
+    let mut command = serve(port, &scratch.data());
+    let said = fails_saying(command.env("SETTLE_DATABASE__LOCAL_BIN_DIR", &empty_bin)).await;
+    assert!(said.contains("apt-get install postgresql"), "{said}");
+    assert!(said.contains("DATABASE_URL"), "{said}");
+    assert!(!answers(port));
+}
+
+#[tokio::test]
+async fn a_database_url_the_user_named_is_used_as_given() {
+    let (scratch, port) = (Scratch::new(), free_port());
+    let url = format!("postgres://postgres@127.0.0.1:{port}/settle");
+    let said = fails_saying(serve(port, &scratch.data()).env("DATABASE_URL", url)).await;
+    assert!(said.contains("cannot connect"), "{said}");
+    assert!(!scratch.data().exists(), "no cluster was made");
+}
