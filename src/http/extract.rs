@@ -28,3 +28,36 @@ pub struct Path<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
+
+/// Deserializes a JSON integer also when it is written as a number with a zero fraction
+/// (`2.0`, `1e3`): JSON Schema's `integer`, which the OpenAPI document promises, includes them,
+/// and serde's `i64` does not. Anything else (`1.5`, out of range) is refused as before.
+pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Integral;
+
+    impl serde::de::Visitor<'_> for Integral {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // 2^63 is exactly representable; every integral f64 below it fits in an i64.
+            let fits = v.fract() == 0.0 && (-(2f64.powi(63))..2f64.powi(63)).contains(&v);
+            fits.then_some(v as i64)
+                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Float(v), &self))
+        }
+    }
+
+    deserializer.deserialize_any(Integral)
+}

@@ -126,7 +126,14 @@ async fn list_jobs(
     let limit = pagination::limit(query.limit, &app.config.pagination)?;
     let state = query
         .status
-        .map(|status| status.to_lowercase().parse::<JobState>())
+        // Exactly as the document lists them (upper case), so a client generating from it
+        // meets the rule the server applies.
+        .map(
+            |status| match status.bytes().all(|b| b.is_ascii_uppercase()) {
+                true => status.to_lowercase().parse::<JobState>().map_err(|_| ()),
+                false => Err(()),
+            },
+        )
         .transpose()
         .map_err(|_| {
             ApiError::invalid(

@@ -7,6 +7,7 @@ pub mod extract;
 mod health;
 pub mod idempotency;
 mod jobs;
+mod limits;
 pub mod openapi;
 mod orders;
 mod pagination;
@@ -59,6 +60,7 @@ impl AppState {
 /// The whole API: every resource router, the docs, the fallbacks, and the middleware.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.http.max_body_bytes;
+    let config = state.config.clone();
     Router::new()
         .merge(products::router())
         .merge(orders::router())
@@ -72,7 +74,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
-        .merge(openapi::docs())
+        .merge(openapi::docs(&config))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

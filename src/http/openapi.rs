@@ -6,6 +6,8 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::config::Config;
+
 /// The shape of every error response.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -53,8 +55,36 @@ pub struct ErrorDetail {
 )]
 pub struct ApiDoc;
 
-pub fn docs() -> Router {
+/// The document with the limits `config` sets (see [`super::limits`]).
+pub fn document(config: &Config) -> utoipa::openapi::OpenApi {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    let missing = super::limits::complete(&mut doc, config);
+    debug_assert!(
+        missing.is_empty(),
+        "limits for fields not in the document: {missing:?}"
+    );
+    serde_json::from_value(doc).expect("the completed document is still a document")
+}
+
+pub fn docs(config: &Config) -> Router {
     SwaggerUi::new("/docs")
-        .url("/api/v1/openapi.json", ApiDoc::openapi())
+        .url("/api/v1/openapi.json", document(config))
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_finds_its_field() {
+        let config = Config::from_figment(Config::defaults()).expect("default config");
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("serializes");
+        assert_eq!(
+            super::super::limits::complete(&mut doc, &config),
+            Vec::<String>::new()
+        );
+        let name = &doc["components"]["schemas"]["CreateProductRequest"]["properties"]["name"];
+        assert_eq!(name["maxLength"], crate::orders::MAX_NAME_CHARS);
+    }
 }

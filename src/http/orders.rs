@@ -57,7 +57,9 @@ impl From<orders::Order> for OrderBody {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
+    #[serde(deserialize_with = "super::extract::integer")]
     pub product_id: i64,
+    #[serde(deserialize_with = "super::extract::integer")]
     pub quantity: i64,
     pub buyer_id: String,
 }

@@ -60,7 +60,9 @@ impl From<orders::Product> for ProductBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateProductRequest {
     pub name: String,
+    #[serde(deserialize_with = "super::extract::integer")]
     pub stock: i64,
+    #[serde(deserialize_with = "super::extract::integer")]
     pub price_cents: i64,
 }
 
@@ -68,6 +70,7 @@ pub struct CreateProductRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestockRequest {
+    #[serde(deserialize_with = "super::extract::integer")]
     pub quantity: i64,
 }
 

@@ -33,8 +33,10 @@ pub struct TransactionInput {
     /// per merchant. Re-sending it with the same fields is a harmless duplicate.
     pub external_id: String,
     /// Amount charged, in cents, ≥ 0.
+    #[serde(deserialize_with = "super::extract::integer")]
     pub amount_cents: i64,
     /// Fee taken, in cents, 0 ≤ fee ≤ amount.
+    #[serde(deserialize_with = "super::extract::integer")]
     pub fee_cents: i64,
     /// `PAID`, `PENDING`, `FAILED` or `REFUNDED`; only `PAID` is settled.
     pub status: String,
