@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod access;
+pub mod api_process;
 pub mod auth;
 pub mod cluster;
 pub mod commit_cut;
