@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::http::AppState;
-use crate::{bench, db, http, local_cluster, seed, shutdown, telemetry, worker};
+use crate::{bench, db, http, local_cluster, seed, shutdown, telemetry, tokens, worker};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,7 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// API and workers in one process, migrating on start: for development.
     Serve {
-        /// Load demo data (products and transactions) if the database has none.
+        /// Load demo data (products and transactions) if the database has none, and create an
+        /// admin token, printed alone on the last line of standard output.
         #[arg(long)]
         demo: bool,
     },
@@ -40,6 +41,9 @@ pub enum Command {
     Worker,
     /// Create the database if missing and apply pending migrations.
     Migrate,
+    /// API tokens: create (printed once), list, revoke.
+    #[command(subcommand)]
+    Tokens(tokens::command::TokensCommand),
     /// Load demo data at scale with COPY.
     Seed(seed::SeedArgs),
     /// Benchmarks against the raw Postgres limit measured in the same run.
@@ -94,6 +98,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             seed::run(&pool, &args).await?;
             Ok(())
         }
+        Command::Tokens(command) => {
+            let pool = open(&config, config.database.migrate_on_start).await?;
+            let done = tokens::command::run(command, &pool, &mut std::io::stdout()).await;
+            pool.close().await;
+            done
+        }
         Command::Bench(command) => bench::run(command, config).await,
     }
 }
@@ -103,6 +113,7 @@ async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     let pool = open(&config, true).await?;
     if demo {
         seed::demo_if_empty(&pool).await?;
+        demo_token(&pool).await?;
     }
     let config = Arc::new(config);
     let token = shutdown::on_signal();
@@ -116,6 +127,20 @@ async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     );
     api?;
     workers
+}
+
+/// `serve --demo`'s admin token, new at each start (a secret is never shown twice), printed
+/// where the README's examples say to take it from.
+async fn demo_token(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let new = tokens::NewToken::admin("serve --demo");
+    let (info, secret) = tokens::create(&mut conn, &new).await?;
+    println!(
+        "admin token {} for this demo (shown once; T=<it>, then curl -H \"authorization: Bearer $T\" …):",
+        info.id
+    );
+    println!("{}", secret.expose());
+    Ok(())
 }
 
 /// Connects, creating the database and migrating when `migrate`, else refusing an unmigrated one.

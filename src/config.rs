@@ -22,6 +22,7 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     pub worker: WorkerConfig,
     pub settlement: SettlementConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +145,15 @@ pub struct SettlementConfig {
     /// Disjoint id sub-ranges one settlement job aggregates concurrently (about the cores
     /// Postgres can give one job).
     pub parallel_parts: u32,
+}
+
+/// API tokens (`settle tokens`, `http/auth.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long an api process trusts a token it verified before asking the database again:
+    /// a revoked token stops working within this time. 0: every request asks.
+    pub cache_ttl_ms: u64,
 }
 
 /// A configuration that could not be loaded, naming the offending key.
@@ -276,6 +286,9 @@ impl Config {
                 "must be at least 1",
             );
         }
+        if self.auth.cache_ttl_ms > 60_000 {
+            return invalid("auth.cache_ttl_ms", "must be at most 60000 (one minute)");
+        }
         Ok(())
     }
 }
@@ -346,6 +359,7 @@ mod tests {
             ("worker.retention_interval_ms", 0),
             ("idempotency.prune_interval_ms", 0),
             ("pagination.default_page_size", 501),
+            ("auth.cache_ttl_ms", 60_001),
         ] {
             let figment = Config::defaults().merge(Serialized::default(key, value));
             let err = chain(Config::from_figment(figment).unwrap_err());

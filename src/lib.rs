@@ -18,6 +18,7 @@
 //! - [`orders`]: products and orders, the no-oversell statement, the coalescer, and finding
 //!   out whether orders were placed when a commit reply is lost.
 //! - [`idempotency`]: idempotency keys' storage (lock, look up, store, prune).
+//! - [`tokens`]: API tokens and roles (create, list, revoke, authenticate), stored as hashes.
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
@@ -38,4 +39,5 @@ pub mod seed;
 pub mod settlement;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tokens;
 pub mod worker;

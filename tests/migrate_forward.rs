@@ -103,7 +103,8 @@ async fn a_previous_release_database_migrates_forward_without_losing_anything() 
     let shutdown = CancellationToken::new();
     let state = AppState::new(pool.clone(), config.clone());
     tokio::spawn(settle::http::serve(listener, state, shutdown.clone()));
-    let http = reqwest::Client::new();
+    let token = common::auth::create_token(&pool, settle::tokens::Role::Admin, None).await;
+    let http = common::auth::client_with(&token);
     let csv = http
         .get(format!("{base}/downloads/{job}.csv"))
         .send()

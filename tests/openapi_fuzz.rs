@@ -18,6 +18,7 @@ async fn the_fuzzer_finds_no_undocumented_status_and_no_mismatch() {
     let app = common::spawn_app().await;
     app.product(1_000, 500).await;
     let document = app.url("/api/v1/openapi.json");
+    let token = app.admin_token.clone();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/schemathesis.toml");
     let run = tokio::task::spawn_blocking(move || {
         Command::new("st")
@@ -31,7 +32,7 @@ async fn the_fuzzer_finds_no_undocumented_status_and_no_mismatch() {
                 "--workers",
                 "2",
             ])
-            .env("SETTLE_FUZZ_TOKEN", "none-yet")
+            .env("SETTLE_FUZZ_TOKEN", token)
             .output()
     })
     .await

@@ -60,9 +60,10 @@ pub async fn run(args: IngestArgs, config: Config) -> anyhow::Result<()> {
         args.batches, args.batch_size, args.clients, args.database
     );
     let api = ApiProcess::start(&config).await?;
-    let (http, inserted) = http_phase(&api.base_url, &args, "http").await?;
+    let client = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
+    let (http, inserted) = http_phase(&client, &api.base_url, &args, "http").await?;
     anyhow::ensure!(inserted == rows as u64, "stored {inserted} of {rows}");
-    let (resend, again) = http_phase(&api.base_url, &args, "http").await?;
+    let (resend, again) = http_phase(&client, &api.base_url, &args, "http").await?;
     anyhow::ensure!(again == 0, "a re-send stored {again} rows");
     api.stop().await?;
     let bare = bare_phase(&config, &args).await?;
@@ -116,8 +117,12 @@ impl Row {
 
 /// Posts every batch once with `clients` concurrent clients; returns the seconds taken and
 /// how many rows the answers say were inserted.
-async fn http_phase(base: &str, args: &IngestArgs, prefix: &str) -> anyhow::Result<(f64, u64)> {
-    let http = reqwest::Client::new();
+async fn http_phase(
+    http: &reqwest::Client,
+    base: &str,
+    args: &IngestArgs,
+    prefix: &str,
+) -> anyhow::Result<(f64, u64)> {
     let url = format!("{base}/api/v1/transactions");
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..args.batches)

@@ -70,12 +70,12 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
     // The API as configured (orders for one product coalesced into shared transactions),
     // then with one statement per request, the path the raw phases replay without HTTP.
     let api = ApiProcess::start(&config).await?;
-    let http_coalesced = http_phase(&api.base_url, args.clients, duration).await?;
+    let http_coalesced = http_phase(&pool, &api.base_url, args.clients, duration).await?;
     api.stop().await?;
     http_coalesced.0.print("http");
     check_invariant(&pool, http_coalesced.1).await?;
     let api = ApiProcess::start_with(&config, &[("SETTLE_ORDERS__COALESCE", "false")]).await?;
-    let http_single = http_phase(&api.base_url, args.clients, duration).await?;
+    let http_single = http_phase(&pool, &api.base_url, args.clients, duration).await?;
     api.stop().await?;
     http_single.0.print("http/1");
     check_invariant(&pool, http_single.1).await?;
@@ -109,13 +109,13 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
 const BENCH_STOCK: i64 = crate::orders::MAX_STOCK;
 
 async fn http_phase(
+    pool: &PgPool,
     base: &str,
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<(Phase, i64)> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()?;
+    let builder = reqwest::Client::builder().pool_max_idle_per_host(clients);
+    let http = super::process::admin_client(pool, builder).await?;
     let product: Value = http
         .post(format!("{base}/api/v1/products"))
         .json(&json!({"name": "bench hot product", "stock": BENCH_STOCK, "price_cents": 1999}))

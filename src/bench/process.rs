@@ -34,6 +34,21 @@ pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP client that sends a fresh admin token (created through [`crate::tokens::create`])
+/// with every request, as a real client of the API must.
+pub async fn admin_client(
+    pool: &sqlx::PgPool,
+    builder: reqwest::ClientBuilder,
+) -> anyhow::Result<reqwest::Client> {
+    let mut conn = pool.acquire().await?;
+    let new = crate::tokens::NewToken::admin("settle bench");
+    let (_, secret) = crate::tokens::create(&mut conn, &new).await?;
+    let mut bearer = reqwest::header::HeaderValue::try_from(format!("Bearer {}", secret.expose()))?;
+    bearer.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, bearer)]);
+    Ok(builder.default_headers(headers).build()?)
+}
+
 /// A `settle api` child process on a free port.
 pub struct ApiProcess {
     child: Child,

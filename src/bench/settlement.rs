@@ -67,6 +67,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     );
 
     let api = ApiProcess::start(&config).await?;
+    let http = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
     let mut worker = start_worker(&config, batch_size, parts)?;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let rows = args.transactions as f64;
@@ -74,7 +75,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     let mut outcome = Ok(());
     // Job and statement alternate, so a slow spell of this shared machine hits both alike.
     for run in 1..=args.runs.max(1) {
-        let measured = measure(&pool, &api.base_url, range, zone).await;
+        let measured = measure(&pool, &http, &api.base_url, range, zone).await;
         let Ok(m) = measured else {
             outcome = measured.map(|_| ());
             break;
@@ -109,8 +110,8 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     let mut month_jobs = Vec::new();
     if outcome.is_ok() {
         for run in 1..=args.runs.max(1) {
-            let day = measure(&pool, &api.base_url, one_day, zone).await?;
-            let month = measure(&pool, &api.base_url, range, zone).await?;
+            let day = measure(&pool, &http, &api.base_url, one_day, zone).await?;
+            let month = measure(&pool, &http, &api.base_url, range, zone).await?;
             let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
                 .bind(day.job_id)
                 .fetch_one(&pool)
@@ -184,11 +185,12 @@ struct Measured {
 /// single statement, then the CSVs compared byte for byte.
 async fn measure(
     pool: &PgPool,
+    http: &reqwest::Client,
     api: &str,
     range: DateRange,
     zone: Zone,
 ) -> anyhow::Result<Measured> {
-    let (job_id, job_seconds) = run_job(pool, api, range).await?;
+    let (job_id, job_seconds) = run_job(pool, http, api, range).await?;
     // The worker vacuums after the job completes; the statement's time must not share the
     // machine with it.
     let quiet = Instant::now();
@@ -270,9 +272,14 @@ fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<
 }
 
 /// Posts the job and waits for COMPLETED; returns its id and the seconds from POST to done.
-async fn run_job(pool: &PgPool, api: &str, range: DateRange) -> anyhow::Result<(i64, f64)> {
+async fn run_job(
+    pool: &PgPool,
+    http: &reqwest::Client,
+    api: &str,
+    range: DateRange,
+) -> anyhow::Result<(i64, f64)> {
     let started = Instant::now();
-    let response: serde_json::Value = reqwest::Client::new()
+    let response: serde_json::Value = http
         .post(format!("{api}/api/v1/jobs/settlement"))
         .json(&json!(range.to_input()))
         .send()

@@ -23,6 +23,13 @@ pub enum ApiError {
     /// The body is not JSON, or not JSON of the expected shape (400).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// No token, or one that is malformed, unknown or revoked (401, with
+    /// `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The token is valid but its role may not do this (403).
+    #[error("a {0} token may not do this")]
+    Forbidden(crate::tokens::Role),
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
@@ -97,6 +104,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,6 +126,8 @@ impl ApiError {
         match self {
             Self::BadRequest { code, .. } | Self::Invalid { code, .. } => code,
             Self::Conflict { code, .. } => code,
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::Forbidden(_) => "FORBIDDEN",
             Self::NotFound(_) => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
@@ -182,7 +193,15 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Self::Unauthenticated(_) = self {
+            // RFC 6750: a 401 names the scheme the client should use.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 

@@ -24,10 +24,28 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
-/// `axum::extract::Query` whose rejection is an [`ApiError`].
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+/// `axum::extract::Query` whose rejection is an [`ApiError`], refusing a NUL in any value:
+/// Postgres text cannot hold one, so a filter carrying it would fail as a 500.
 pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        if parts.uri.query().is_some_and(|q| q.contains("%00")) {
+            return Err(ApiError::BadRequest {
+                code: "INVALID_QUERY",
+                message: "query parameters must not contain NUL characters".into(),
+            });
+        }
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
 
 /// Deserializes a JSON integer also when it is written as a number with a zero fraction
 /// (`2.0`, `1e3`): JSON Schema's `integer`, which the OpenAPI document promises, includes them,

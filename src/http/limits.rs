@@ -137,7 +137,15 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         .and_then(Value::as_array_mut)
     {
         for parameter in parameters {
+            let kind = &parameter["schema"]["type"];
+            let text = kind == "string"
+                || kind
+                    .as_array()
+                    .is_some_and(|t| t.contains(&json!("string")));
             let limits = match parameter["name"].as_str() {
+                Some("cursor") if path == "/api/v1/settlements" => {
+                    json!({"pattern": super::settlements::CURSOR_PATTERN})
+                }
                 Some("limit") => json!({"minimum": 1, "maximum": config.pagination.max_page_size}),
                 Some("status") => json!({"enum": settle_workers::JobState::ALL
                     .map(|state| state.as_str().to_uppercase())}),
@@ -148,6 +156,9 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
                     "maxLength": crate::idempotency::MAX_KEY_CHARS,
                     "pattern": VISIBLE_ASCII,
                 }),
+                Some("from" | "to") => json!({"format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}),
+                // Every other text filter: anything but NUL (see `extract::Query`).
+                _ if text && parameter["in"] == "query" => json!({"pattern": r"^[^\u0000]*$"}),
                 _ => continue,
             };
             merge(&mut parameter["schema"], limits);

@@ -1,6 +1,7 @@
 //! The HTTP transport: routers per resource, the middleware stack, and serving with graceful
 //! shutdown. Handlers parse input into domain types and call the domain; they hold no SQL.
 
+mod auth;
 mod downloads;
 pub mod error;
 pub mod extract;
@@ -13,6 +14,7 @@ mod orders;
 mod pagination;
 mod products;
 mod settlement_jobs;
+mod settlements;
 mod transactions;
 
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::orders::coalesce::Coalescer;
+use crate::tokens::cache::TokenCache;
 use error::ApiError;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -44,15 +47,19 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Places concurrent orders for one product together (when `orders.coalesce`).
     pub coalescer: Coalescer,
+    /// Tokens this process verified recently (`auth.cache_ttl_ms`).
+    pub tokens: TokenCache,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
         let coalescer = Coalescer::new(pool.clone(), config.orders.max_batch);
+        let tokens = TokenCache::new(Duration::from_millis(config.auth.cache_ttl_ms));
         Self {
             pool,
             config,
             coalescer,
+            tokens,
         }
     }
 }
@@ -69,6 +76,9 @@ pub fn router(state: AppState) -> Router {
         .merge(downloads::router())
         .merge(jobs::router())
         .merge(health::router())
+        .merge(settlements::router())
+        // Matched routes only, so an unknown path stays 404 without a token (see auth.rs).
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))

@@ -6,6 +6,7 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
+use super::auth::SecurityAddon;
 use crate::config::Config;
 
 /// The shape of every error response.
@@ -33,7 +34,10 @@ pub struct ErrorDetail {
         description = "Flash-sale ordering and settlement jobs on Postgres.\n\n\
         Every error is `{\"error\": {\"code\", \"message\", …}}`. Unknown routes answer 404 NOT_FOUND, \
         wrong methods 405 METHOD_NOT_ALLOWED, bodies over the limit 413 PAYLOAD_TOO_LARGE, \
-        non-JSON bodies 415 UNSUPPORTED_MEDIA_TYPE, an exhausted database pool 503 SERVICE_UNAVAILABLE."
+        non-JSON bodies 415 UNSUPPORTED_MEDIA_TYPE, an exhausted database pool 503 SERVICE_UNAVAILABLE.\n\n\
+        Every /api/v1 operation and the CSV download need `Authorization: Bearer <token>` \
+        (`settle tokens create`): 401 UNAUTHENTICATED without a live token, 403 FORBIDDEN when \
+        its role (admin, shop, ingest, merchant) may not call the operation."
     ),
     paths(
         super::products::create_product,
@@ -50,8 +54,10 @@ pub struct ErrorDetail {
         super::jobs::cancel_job,
         super::health::livez,
         super::health::readyz,
+        super::settlements::list_settlements,
     ),
-    components(schemas(ErrorBody, ErrorDetail, super::jobs::Job, super::jobs::JobPage))
+    components(schemas(ErrorBody, ErrorDetail, super::jobs::Job, super::jobs::JobPage)),
+    modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
 

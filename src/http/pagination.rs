@@ -35,9 +35,18 @@ pub fn limit(asked: Option<i64>, config: &PaginationConfig) -> Result<i64, ApiEr
 
 /// Given `limit + 1` rows, trims to `limit` and returns the cursor of the next page, if any.
 pub fn next_cursor<T>(rows: &mut Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Option<String> {
+    next_cursor_by(rows, limit, |row| id(row).to_string())
+}
+
+/// [`next_cursor`] for lists keyed by more than an id: `cursor` writes the last row's key.
+pub fn next_cursor_by<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
     if rows.len() as i64 <= limit {
         return None;
     }
     rows.truncate(limit as usize);
-    rows.last().map(|last| id(last).to_string())
+    rows.last().map(cursor)
 }

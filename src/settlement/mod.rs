@@ -15,11 +15,12 @@
 //!    rows instead.
 //!
 //! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
-//! as they were.
+//! as they were. [`list`] reads `settlements` back in keyset pages.
 
 pub mod finalize;
 pub mod input;
 pub mod job;
+pub mod list;
 pub mod parts;
 pub mod plan;
 pub mod results;

@@ -3,6 +3,9 @@
 //! real server on port 0.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod access;
+pub mod api_process;
+pub mod auth;
 pub mod cluster;
 pub mod commit_cut;
 pub mod listening;
@@ -113,7 +116,10 @@ pub struct TestApp {
     pub base: String,
     pub pool: PgPool,
     pub config: Arc<Config>,
+    /// Sends `admin_token` with every request.
     pub http: reqwest::Client,
+    /// An admin token on this app's database (`auth.rs` makes tokens of other roles).
+    pub admin_token: String,
     shutdown: CancellationToken,
     /// Drops the database; after the fields above (fields drop in declaration order).
     _database: TestDatabase,
@@ -137,11 +143,13 @@ pub async fn spawn_app_with(overrides: &[(&str, serde_json::Value)]) -> TestApp 
     let shutdown = CancellationToken::new();
     let state = AppState::new(pool.clone(), config.clone());
     tokio::spawn(settle::http::serve(listener, state, shutdown.clone()));
+    let admin_token = auth::create_token(&pool, settle::tokens::Role::Admin, None).await;
     TestApp {
         base,
         pool,
         config,
-        http: reqwest::Client::new(),
+        http: auth::client_with(&admin_token),
+        admin_token,
         shutdown,
         _database: database,
     }

@@ -1,0 +1,203 @@
+//! `GET /api/v1/settlements`: the `settlements` table in keyset pages, `(merchant_id, date)`
+//! order. An admin reads every merchant; a merchant token reads its own rows only, and asking
+//! for another merchant's answers an empty page, exactly as for a merchant with no
+//! settlements, so a merchant learns nothing of which other merchants exist.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Extension, Router};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{Json, Query};
+use super::openapi::ErrorBody;
+use super::pagination;
+use crate::settlement::list::{self, SettlementFilter, SettlementRow};
+use crate::tokens::{Principal, Role};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/settlements", get(list_settlements))
+}
+
+/// One merchant-day: the CSV's row, plus when and by which job it was built.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Settlement {
+    merchant_id: String,
+    /// The calendar day, `YYYY-MM-DD`, in `settlement.time_zone`.
+    date: NaiveDate,
+    gross_cents: i64,
+    fee_cents: i64,
+    /// `gross_cents - fee_cents`.
+    net_cents: i64,
+    txn_count: i64,
+    generated_at: DateTime<Utc>,
+    job_id: i64,
+}
+
+impl From<SettlementRow> for Settlement {
+    fn from(r: SettlementRow) -> Self {
+        Self {
+            merchant_id: r.merchant_id,
+            date: r.date,
+            gross_cents: r.gross_cents,
+            fee_cents: r.fee_cents,
+            net_cents: r.net_cents,
+            txn_count: r.txn_count,
+            generated_at: r.generated_at,
+            job_id: r.job_id,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListSettlementsQuery {
+    /// Only this merchant's rows (a merchant token reads only its own anyway).
+    merchant_id: Option<String>,
+    /// First day, `YYYY-MM-DD`, inclusive.
+    #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
+    from: Option<String>,
+    /// Last day, `YYYY-MM-DD`, inclusive.
+    #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
+    to: Option<String>,
+    /// Page size, 1 to `pagination.max_page_size`.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettlementPage {
+    data: Vec<Settlement>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// Settlements in `(merchant_id, date)` order. A merchant token sees its own rows only; asking
+/// for another `merchant_id` answers an empty page, as if that merchant had none.
+#[utoipa::path(
+    get, path = "/api/v1/settlements", tag = "settlements",
+    params(ListSettlementsQuery),
+    responses(
+        (status = 200, description = "In (merchant_id, date) order", body = SettlementPage),
+        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = ErrorBody),
+        (status = 422, description = "INVALID_LIMIT, INVALID_DATE, INVALID_DATE_RANGE", body = ErrorBody),
+    )
+)]
+async fn list_settlements(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Principal>,
+    Query(query): Query<ListSettlementsQuery>,
+) -> Result<Json<SettlementPage>, ApiError> {
+    let limit = pagination::limit(query.limit, &app.config.pagination)?;
+    let from = query.from.as_deref().map(|d| day(d, "from")).transpose()?;
+    let to = query.to.as_deref().map(|d| day(d, "to")).transpose()?;
+    if from.zip(to).is_some_and(|(from, to)| from > to) {
+        return Err(ApiError::invalid(
+            "INVALID_DATE_RANGE",
+            "to",
+            "from must not be after to",
+        ));
+    }
+    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    let merchant_id = match (caller.role, caller.merchant_id) {
+        (Role::Merchant, Some(own)) if query.merchant_id.as_ref().is_none_or(|m| *m == own) => {
+            Some(own)
+        }
+        (Role::Merchant, _) => return Ok(Json(SettlementPage::empty())),
+        _ => query.merchant_id,
+    };
+    let filter = SettlementFilter {
+        merchant_id,
+        from,
+        to,
+        after,
+    };
+    let mut conn = app.pool.acquire().await?;
+    let mut rows = list::list(&mut conn, &filter, limit + 1).await?;
+    let next_cursor = pagination::next_cursor_by(&mut rows, limit, cursor);
+    Ok(Json(SettlementPage {
+        data: rows.into_iter().map(Settlement::from).collect(),
+        next_cursor,
+    }))
+}
+
+impl SettlementPage {
+    fn empty() -> Self {
+        Self {
+            data: Vec::new(),
+            next_cursor: None,
+        }
+    }
+}
+
+fn day(raw: &str, field: &'static str) -> Result<NaiveDate, ApiError> {
+    NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
+        ApiError::invalid(
+            "INVALID_DATE",
+            field,
+            format!("{field} must be a calendar day as YYYY-MM-DD"),
+        )
+    })
+}
+
+/// `{days since 1970-01-01}_{merchant id as hex}`: opaque to clients, safe in a query string
+/// whatever characters the merchant id holds, and every string of [`CURSOR_PATTERN`] is a
+/// position in `(merchant_id, date)` order, so the document can say exactly what is accepted.
+fn cursor(row: &SettlementRow) -> String {
+    let days = (row.date - NaiveDate::default()).num_days();
+    format!("{days}_{}", hex::encode(&row.merchant_id))
+}
+
+/// What [`cursor`] writes: no NUL byte in the merchant id, which Postgres text cannot hold.
+pub const CURSOR_PATTERN: &str = r"^[0-9]{1,6}_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
+
+fn parse_cursor(raw: &str) -> Result<(String, NaiveDate), ApiError> {
+    let parsed = raw.split_once('_').and_then(|(days, merchant)| {
+        let days: u32 = days.parse().ok().filter(|d: &u32| *d < 1_000_000)?;
+        let date = NaiveDate::default().checked_add_days(chrono::Days::new(days.into()))?;
+        let bytes = hex::decode(merchant).ok().filter(|b| !b.contains(&0))?;
+        // Any bytes are a position in the order; a merchant id never holds invalid UTF-8.
+        Some((String::from_utf8_lossy(&bytes).into_owned(), date))
+    });
+    parsed.ok_or_else(|| ApiError::BadRequest {
+        code: "INVALID_CURSOR",
+        message: "cursor is not one this API returned".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_any_merchant_id() {
+        let row = SettlementRow {
+            merchant_id: "m_1 & ü/?".into(),
+            date: NaiveDate::from_ymd_opt(2025, 1, 31).unwrap(),
+            gross_cents: 0,
+            fee_cents: 0,
+            net_cents: 0,
+            txn_count: 1,
+            generated_at: Utc::now(),
+            job_id: 1,
+        };
+        let (merchant, date) = parse_cursor(&cursor(&row)).unwrap();
+        assert_eq!(
+            (merchant.as_str(), date),
+            (row.merchant_id.as_str(), row.date)
+        );
+        for bad in [
+            "",
+            "2025-01-31",
+            "2025-13-01_6d",
+            "2025-01-31_zz",
+            "2025-01-31_ff",
+        ] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
+    }
+}
