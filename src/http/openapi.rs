@@ -36,6 +36,7 @@ pub struct ErrorDetail {
     paths(
         super::products::create_product,
         super::products::get_product,
+        super::products::list_products,
         super::products::restock,
         super::orders::place_order,
         super::orders::get_order,
