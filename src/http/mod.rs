@@ -1,6 +1,7 @@
 //! The HTTP transport: routers per resource, the middleware stack, and serving with graceful
 //! shutdown. Handlers parse input into domain types and call the domain; they hold no SQL.
 
+mod dashboard;
 mod downloads;
 pub mod error;
 pub mod extract;
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .merge(downloads::router())
         .merge(jobs::router())
         .merge(health::router())
+        .merge(dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))

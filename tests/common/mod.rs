@@ -3,6 +3,7 @@
 //! real server on port 0.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod browser;
 pub mod cluster;
 pub mod commit_cut;
 pub mod processes;
