@@ -134,3 +134,23 @@ async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_bro
     assert!(std::fs::metadata(&shot).unwrap().len() > 0);
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
+    let app = spawn_app().await;
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    browser.wait_text("#token-state", "No token").await;
+    browser.fill_date("#settle-from", "2025-01-31").await;
+    browser.fill_date("#settle-to", "2025-01-01").await;
+    browser.click("#settle-submit").await;
+    let notice = browser.wait_text("#notice", "INVALID_DATE_RANGE").await;
+    assert!(notice.contains("422"), "{notice}");
+    let jobs: i64 = sqlx::query_scalar("select count(*) from jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+    assert!(browser.job_ids().await.is_empty());
+    browser.close().await;
+}

@@ -6,8 +6,8 @@
   const TOKEN_KEY = "settle.token";
   const POLL_MS = 1000;
   const PRODUCTS_EVERY = 5; // polls: stock changes slower than job progress matters
-  const JOB_PAGE = 50;
-  const PRODUCT_PAGE = 100;
+  // Lists ask for no `limit`: the server's `pagination.default_page_size` (newest first) is
+  // a screenful, and a page size over a lowered `max_page_size` would only be refused.
   const CANCELLABLE = new Set(["QUEUED", "RUNNING"]);
   const RETRYABLE = new Set(["FAILED", "CANCELLED"]);
 
@@ -275,7 +275,7 @@
   }
 
   async function refreshJobs() {
-    const page = await load("jobs", `/api/v1/jobs?limit=${JOB_PAGE}`);
+    const page = await load("jobs", "/api/v1/jobs");
     if (!page) return;
     const body = $("jobs-body");
     const seen = new Set();
@@ -303,7 +303,7 @@
   // ---- Products. ----
 
   async function refreshProducts() {
-    const page = await load("products", `/api/v1/products?limit=${PRODUCT_PAGE}`);
+    const page = await load("products", "/api/v1/products");
     if (!page) return;
     const body = $("products-body");
     body.replaceChildren(...page.data.map((product) => {
