@@ -2,6 +2,7 @@
 //! shutdown. Handlers parse input into domain types and call the domain; they hold no SQL.
 
 mod auth;
+mod dashboard;
 mod downloads;
 pub mod error;
 pub mod extract;
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .merge(settlements::router())
         // Matched routes only, so an unknown path stays 404 without a token (see auth.rs).
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .merge(dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))

@@ -42,6 +42,7 @@ pub struct ErrorDetail {
     paths(
         super::products::create_product,
         super::products::get_product,
+        super::products::list_products,
         super::products::restock,
         super::orders::place_order,
         super::orders::get_order,

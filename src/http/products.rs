@@ -1,4 +1,4 @@
-//! `/api/v1/products`: create, get, restock.
+//! `/api/v1/products`: create, get, list, restock.
 
 use axum::Router;
 use axum::extract::State;
@@ -6,17 +6,18 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
 use super::openapi::ErrorBody;
+use super::pagination::{self, Cursor};
 use crate::orders::{self, NewProduct, store};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/products", post(create_product))
+        .route("/api/v1/products", post(create_product).get(list_products))
         .route("/api/v1/products/{id}", get(get_product))
         .route("/api/v1/products/{id}/restock", post(restock))
 }
@@ -112,6 +113,45 @@ async fn get_product(
         .await?
         .map(|p| Json(p.into()))
         .ok_or_else(product_not_found)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListProductsQuery {
+    /// Page size, 1 to `pagination.max_page_size`.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProductPage {
+    data: Vec<ProductBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// List products, newest first, with their stock.
+#[utoipa::path(
+    get, path = "/api/v1/products", tag = "products",
+    params(ListProductsQuery),
+    responses(
+        (status = 200, description = "Newest first", body = ProductPage),
+        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = ErrorBody),
+        (status = 422, description = "INVALID_LIMIT", body = ErrorBody),
+    )
+)]
+async fn list_products(
+    State(app): State<AppState>,
+    Query(query): Query<ListProductsQuery>,
+) -> Result<Json<ProductPage>, ApiError> {
+    let limit = pagination::limit(query.limit, &app.config.pagination)?;
+    let before = query.cursor.as_deref().map(Cursor::parse).transpose()?;
+    let mut conn = app.pool.acquire().await?;
+    let mut rows = store::list_products(&mut conn, before.map(|c| c.0), limit + 1).await?;
+    let next_cursor = pagination::next_cursor(&mut rows, limit, |p| p.id);
+    let data = rows.into_iter().map(ProductBody::from).collect();
+    Ok(Json(ProductPage { data, next_cursor }))
 }
 
 #[utoipa::path(

@@ -32,6 +32,25 @@ pub async fn get_product(conn: &mut PgConnection, id: i64) -> Result<Option<Prod
     .await
 }
 
+/// Newest first, keyset-paginated on `id` like the order listing: at most `limit` products
+/// with an id below `before_id` (all of them when `None`).
+pub async fn list_products(
+    conn: &mut PgConnection,
+    before_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Product>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "select {PRODUCT_COLUMNS} from products
+         where ($1::bigint is null or id < $1)
+         order by id desc
+         limit $2"
+    )))
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
 /// Adds `quantity` units; `None` if the product does not exist.
 pub async fn restock(
     conn: &mut PgConnection,

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod api_process;
 pub mod auth;
+pub mod browser;
 pub mod cluster;
 pub mod commit_cut;
 pub mod listening;

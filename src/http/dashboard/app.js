@@ -1,0 +1,393 @@
+// settle's dashboard: plain JavaScript, no framework, no build step. Every value from the API
+// reaches the page through textContent or a number formatter, never as HTML.
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "settle.token";
+  const POLL_MS = 1000;
+  const PRODUCTS_EVERY = 5; // polls: stock changes slower than job progress matters
+  // Lists ask for no `limit`: the server's `pagination.default_page_size` (newest first) is
+  // a screenful, and a page size over a lowered `max_page_size` would only be refused.
+  const CANCELLABLE = new Set(["QUEUED", "RUNNING"]);
+  const RETRYABLE = new Set(["FAILED", "CANCELLED"]);
+
+  const numbers = new Intl.NumberFormat();
+  const money = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  const dated = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+
+  const $ = (id) => document.getElementById(id);
+
+  /** An element with a class and text; text goes through textContent, so it is never markup. */
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  // ---- The API: every call carries the tab's token. ----
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  function token() {
+    return sessionStorage.getItem(TOKEN_KEY) || "";
+  }
+
+  function authHeaders() {
+    const t = token();
+    return t ? { Authorization: "Bearer " + t } : {};
+  }
+
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json", ...authHeaders() };
+    const init = { method, headers };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(path, init);
+    } catch (_) {
+      throw new ApiError(0, "UNREACHABLE", "the settle API did not answer; is it running?");
+    }
+    const text = await response.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch (_) {
+      data = null;
+    }
+    if (!response.ok) {
+      const error = (data && data.error) || {};
+      throw new ApiError(response.status, error.code || "HTTP_" + response.status,
+        error.message || response.statusText || "request failed");
+    }
+    return data;
+  }
+
+  /** One sentence an operator can act on. */
+  function explain(what, error) {
+    const code = error.status ? `${error.status} ${error.code}` : error.code;
+    if (error.status === 401) {
+      return token()
+        ? `${what}: the API did not accept this token (${code}). Paste a valid token above and press Enter.`
+        : `${what}: the API needs a token (${code}). Paste one above and press Enter.`;
+    }
+    if (error.status === 403) {
+      return `${what}: this token's role may not do that (${code}). Use a token with the right role.`;
+    }
+    return `${what}: ${error.message} (${code}).`;
+  }
+
+  // ---- The notice: one message at a time; a list's message clears once that list loads. ----
+
+  let noticeSource = null;
+
+  function notify(source, message, ok) {
+    noticeSource = source;
+    $("notice-text").textContent = message;
+    $("notice").classList.toggle("ok", Boolean(ok));
+    $("notice").hidden = false;
+  }
+
+  function clearNotice(source) {
+    if (source === undefined || noticeSource === source) {
+      $("notice").hidden = true;
+      noticeSource = null;
+    }
+  }
+
+  // ---- Formatting. ----
+
+  function count(n) {
+    return numbers.format(Number(n) || 0);
+  }
+
+  function when(iso) {
+    if (!iso) return el("span", "time", "—");
+    const at = new Date(iso);
+    const today = at.toDateString() === new Date().toDateString();
+    const node = el("span", "time", today ? clock.format(at) : dated.format(at));
+    node.title = at.toString();
+    return node;
+  }
+
+  /** A job's input in a few words: a settlement's days, else `key value` pairs. */
+  function describeParams(job) {
+    const p = job.params || {};
+    if (typeof p.from === "string" && typeof p.to === "string") {
+      return p.from === p.to ? p.from : `${p.from} → ${p.to}`;
+    }
+    return Object.entries(p)
+      .map(([key, value]) => `${key} ${typeof value === "number" ? count(value) : JSON.stringify(value)}`)
+      .join(" · ");
+  }
+
+  // ---- Jobs. ----
+
+  const rows = new Map(); // job id -> { row, cells, status }
+
+  function jobRow(id) {
+    const row = el("tr");
+    row.dataset.jobId = String(id);
+    const cells = {
+      id: el("td", "num job-id"),
+      kind: el("td"),
+      status: el("td"),
+      progress: el("td"),
+      processed: el("td", "num processed"),
+      started: el("td"),
+      finished: el("td"),
+      actions: el("td"),
+    };
+    Object.values(cells).forEach((cell) => row.appendChild(cell));
+    return { row, cells, status: null };
+  }
+
+  function progressBar(job) {
+    const wrap = el("div", `progress s-${job.status.toLowerCase()}-bar`);
+    const bar = el("div", "bar");
+    const fill = el("div", "fill");
+    const pct = Math.max(0, Math.min(100, Number(job.progress) || 0));
+    fill.style.width = pct + "%";
+    bar.setAttribute("role", "progressbar");
+    bar.setAttribute("aria-valuemin", "0");
+    bar.setAttribute("aria-valuemax", "100");
+    bar.setAttribute("aria-valuenow", String(pct));
+    bar.appendChild(fill);
+    wrap.append(bar, el("span", "pct", pct + "%"));
+    return wrap;
+  }
+
+  function actionButton(label, className, path, job, doing) {
+    const button = el("button", className, label);
+    button.type = "button";
+    button.dataset.action = label.toLowerCase();
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      button.textContent = doing;
+      try {
+        await api("POST", path);
+        clearNotice("action");
+      } catch (error) {
+        notify("action", explain(`${label} job #${job.job_id}`, error));
+      }
+      await refreshJobs();
+    });
+    return button;
+  }
+
+  function downloadLink(job) {
+    const link = el("a", "download", "Download CSV");
+    link.href = job.download_url;
+    link.download = `settlement-${job.job_id}.csv`;
+    // A plain link cannot send the token: fetch with it and hand the file over.
+    link.addEventListener("click", async (event) => {
+      if (!token()) return;
+      event.preventDefault();
+      try {
+        const response = await fetch(job.download_url, { headers: authHeaders() });
+        if (!response.ok) throw new ApiError(response.status, "HTTP_" + response.status, response.statusText);
+        const url = URL.createObjectURL(await response.blob());
+        const save = el("a");
+        save.href = url;
+        save.download = link.download;
+        save.click();
+        setTimeout(() => URL.revokeObjectURL(url), 10000);
+      } catch (error) {
+        notify("action", explain(`Download of job #${job.job_id}`, error));
+      }
+    });
+    return link;
+  }
+
+  function actions(job) {
+    const box = el("div", "actions");
+    const id = encodeURIComponent(job.job_id);
+    if (CANCELLABLE.has(job.status)) {
+      box.appendChild(actionButton("Cancel", "danger", `/api/v1/jobs/${id}/cancel`, job, "Cancelling…"));
+    }
+    if (RETRYABLE.has(job.status)) {
+      box.appendChild(actionButton("Retry", "", `/api/v1/jobs/${id}/retry`, job, "Retrying…"));
+    }
+    if (job.status === "COMPLETED" && typeof job.download_url === "string"
+        && job.download_url.startsWith("/downloads/")) {
+      box.appendChild(downloadLink(job));
+    }
+    return box;
+  }
+
+  function fillJob(entry, job) {
+    const { row, cells } = entry;
+    row.dataset.status = job.status;
+    cells.id.textContent = "#" + job.job_id;
+    const kind = el("span", "kind", job.kind);
+    const params = el("span", "params", describeParams(job));
+    cells.kind.replaceChildren(kind, params);
+    if (job.error && job.status !== "COMPLETED") {
+      cells.kind.appendChild(el("span", "error-text", job.error));
+    }
+    cells.status.replaceChildren(el("span", `pill s-${job.status.toLowerCase()}`, job.status));
+    cells.progress.replaceChildren(progressBar(job));
+    const processed = el("span", "", count(job.processed));
+    cells.processed.replaceChildren(processed);
+    if (job.total > 0) cells.processed.append(el("span", "of", ` / ${count(job.total)}`));
+    cells.started.replaceChildren(when(job.started_at));
+    cells.finished.replaceChildren(when(job.finished_at));
+    // Buttons change only with the status, so a click in flight is not swept away.
+    if (entry.status !== job.status) {
+      cells.actions.replaceChildren(actions(job));
+      entry.status = job.status;
+    }
+  }
+
+  /** How many of the listed jobs are in each state, busiest first: the queue at a glance. */
+  function showSummary(jobs) {
+    const order = ["RUNNING", "CANCELLING", "QUEUED", "FAILED", "CANCELLED", "COMPLETED"];
+    const tally = new Map();
+    jobs.forEach((job) => tally.set(job.status, (tally.get(job.status) || 0) + 1));
+    $("jobs-summary").replaceChildren(...order.filter((s) => tally.has(s)).map((status) => {
+      const item = el("span");
+      item.append(el("b", "", count(tally.get(status))), " " + status.toLowerCase());
+      return item;
+    }));
+  }
+
+  /** A page of a list for the polling loop; null, with a notice, when it could not be had. */
+  async function load(what, path) {
+    const source = "load " + what;
+    try {
+      const page = await api("GET", path);
+      clearNotice(source);
+      return page;
+    } catch (error) {
+      notify(source, explain("Loading " + what, error));
+      return null;
+    }
+  }
+
+  async function refreshJobs() {
+    const page = await load("jobs", "/api/v1/jobs");
+    if (!page) return;
+    const body = $("jobs-body");
+    const seen = new Set();
+    for (const job of page.data) {
+      seen.add(job.job_id);
+      let entry = rows.get(job.job_id);
+      if (!entry) {
+        entry = jobRow(job.job_id);
+        rows.set(job.job_id, entry);
+      }
+      fillJob(entry, job);
+      body.appendChild(entry.row); // in the page's order, newest first
+    }
+    for (const [id, entry] of rows) {
+      if (!seen.has(id)) {
+        entry.row.remove();
+        rows.delete(id);
+      }
+    }
+    $("jobs-empty").hidden = page.data.length > 0;
+    showSummary(page.data);
+    $("jobs-updated").textContent = "Live · updated " + clock.format(new Date());
+  }
+
+  // ---- Products. ----
+
+  async function refreshProducts() {
+    const page = await load("products", "/api/v1/products");
+    if (!page) return;
+    const body = $("products-body");
+    body.replaceChildren(...page.data.map((product) => {
+      const row = el("tr");
+      row.dataset.productId = String(product.id);
+      const name = el("td");
+      name.append(el("span", "kind", product.name), el("span", "params", "#" + product.id));
+      const stock = product.stock > 0
+        ? el("td", "num", count(product.stock))
+        : el("td", "num sold-out", "Sold out");
+      row.append(name, el("td", "num", money.format(product.price_cents / 100)),
+        el("td", "num", count(product.sold)), stock);
+      return row;
+    }));
+    $("products-empty").hidden = page.data.length > 0;
+    $("products-count").textContent = page.next_cursor
+      ? `newest ${count(page.data.length)}`
+      : `${count(page.data.length)} ${page.data.length === 1 ? "product" : "products"}`;
+  }
+
+  // ---- The token: applied on Enter, kept for this tab only. ----
+
+  function showTokenState() {
+    $("token-state").textContent = token() ? "Applied · kept for this tab" : "No token";
+  }
+
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("token").value.trim();
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    showTokenState();
+    clearNotice();
+    refreshJobs();
+    refreshProducts();
+  });
+
+  // ---- Starting a settlement. ----
+
+  function isoDay(date) {
+    const pad = (n) => String(n).padStart(2, "0");
+    return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+  }
+
+  $("settlement-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const submit = $("settle-submit");
+    const from = $("settle-from").value;
+    const to = $("settle-to").value;
+    submit.disabled = true;
+    $("settle-result").textContent = "";
+    try {
+      const job = await api("POST", "/api/v1/jobs/settlement", { from, to });
+      $("settle-result").textContent = `Settlement #${job.job_id} queued.`;
+      clearNotice("action");
+      await refreshJobs();
+    } catch (error) {
+      notify("action", explain("Starting the settlement", error));
+    } finally {
+      submit.disabled = false;
+    }
+  });
+
+  // ---- Start. ----
+
+  $("notice-close").addEventListener("click", () => clearNotice());
+  $("token").value = token();
+  showTokenState();
+  // Yesterday, the day an operator most often settles.
+  const yesterday = isoDay(new Date(Date.now() - 24 * 3600 * 1000));
+  $("settle-from").value = yesterday;
+  $("settle-to").value = yesterday;
+
+  let polls = 0;
+  async function poll() {
+    if (!document.hidden) {
+      await refreshJobs();
+      if (polls % PRODUCTS_EVERY === 0) await refreshProducts();
+      polls += 1;
+    }
+    setTimeout(poll, POLL_MS);
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refreshJobs();
+  });
+  poll();
+})();

@@ -1,0 +1,162 @@
+//! The dashboard at `/`: served from the binary, and working in a real headless Chromium
+//! against a real api and a real worker process: an operator applies a token, cancels a running
+//! job by clicking, and starts a settlement with the form.
+
+mod common;
+
+use common::browser::Browser;
+use common::processes::{WorkerProcess, enqueue, job_state, probe_tables, wait_mid_way};
+use common::{TestApp, spawn_app, spawn_app_with};
+use fantoccini::key::Key;
+use serde_json::json;
+
+#[tokio::test]
+async fn the_dashboard_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
+    let app = spawn_app().await;
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/style.css", "text/css"),
+    ] {
+        let response = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers().clone();
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(content_type)
+        );
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'"), "{path}: {csp}");
+        let text = response.text().await.unwrap();
+        for remote in [
+            "src=\"http",
+            "href=\"http",
+            "src=\"//",
+            "href=\"//",
+            "url(http",
+            "import ",
+        ] {
+            assert!(!text.contains(remote), "{path} loads {remote}…");
+        }
+    }
+    let html = app
+        .http
+        .get(app.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("<input id=\"token\""), "a token field");
+    assert_eq!(html.matches("type=\"date\"").count(), 2, "two date fields");
+}
+
+/// Two products (one sold out) and three transactions paid on 2025-01-01.
+async fn seed(app: &TestApp) {
+    app.product(12_345, 1_999).await;
+    app.product(0, 250).await;
+    for (i, amount) in [10_000, 2_500, 7_250].into_iter().enumerate() {
+        let (status, body) = app
+            .post(
+                "/api/v1/transactions",
+                &json!({"merchant_id": "m-1", "external_id": format!("ch_{i}"),
+                        "amount_cents": amount, "fee_cents": 30, "status": "PAID",
+                        "paid_at": "2025-01-01T12:00:00Z"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_browser() {
+    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
+    probe_tables(&app.pool).await;
+    seed(&app).await;
+    let _worker = WorkerProcess::start(&app.config);
+    // Long jobs in small checkpointed batches: hundreds of batches, 300 ms apart.
+    let long = json!({"upto": 600_000, "batch": 2_000, "sleep_ms": 300});
+    let to_cancel = enqueue(&app.pool, "count", long.clone(), 1).await;
+    let keeps_running = enqueue(&app.pool, "count", long, 1).await;
+    let failed = enqueue(&app.pool, "fail", json!({"times": 9}), 1).await;
+    wait_mid_way(&app.pool, to_cancel).await;
+
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    browser
+        .type_into("#token", &format!("{}{}", app.admin_token, Key::Enter))
+        .await;
+    browser.wait_text("#token-state", "Applied").await;
+    assert_eq!(
+        browser.session_storage("settle.token").await,
+        app.admin_token
+    );
+    // The products, stock with thousands separators; the failed job offers a retry.
+    browser.wait_text("#products-body", "12,345").await;
+    browser.wait_text("#products-body", "Sold out").await;
+    browser.wait_job_status(failed, "FAILED").await;
+    let retry = format!("{} button[data-action=retry]", Browser::job_row(failed));
+    browser.find(&retry).await;
+
+    browser.wait_job_status(to_cancel, "RUNNING").await;
+    let cancel = format!("{} button[data-action=cancel]", Browser::job_row(to_cancel));
+    browser.click(&cancel).await;
+    browser.wait_job_status(to_cancel, "CANCELLED").await;
+    assert_eq!(job_state(&app.pool, to_cancel).await, "cancelled");
+
+    let before = browser.job_ids().await;
+    browser.fill_date("#settle-from", "2025-01-01").await;
+    browser.fill_date("#settle-to", "2025-01-01").await;
+    browser.click("#settle-submit").await;
+    let started =
+        common::processes::wait_for(common::browser::PATIENCE, "a new job row", || async {
+            let ids = browser.job_ids().await;
+            ids.into_iter().find(|id| !before.contains(id))
+        })
+        .await;
+    browser.wait_job_status(started, "COMPLETED").await;
+    assert_eq!(job_state(&app.pool, started).await, "completed");
+    let args: serde_json::Value = sqlx::query_scalar("select args from jobs where id = $1")
+        .bind(started)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(args, json!({"from": "2025-01-01", "to": "2025-01-01"}));
+    let row = Browser::job_row(started);
+    browser
+        .wait_text(&format!("{row} .actions"), "Download CSV")
+        .await;
+    browser.wait_text(&format!("{row} .processed"), "3").await;
+    assert_eq!(job_state(&app.pool, keeps_running).await, "running");
+    browser.wait_job_status(keeps_running, "RUNNING").await;
+
+    let shot = browser.screenshot("dashboard.png").await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 0);
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
+    let app = spawn_app().await;
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    browser.wait_text("#token-state", "No token").await;
+    let token = format!("{}{}", app.admin_token, Key::Enter);
+    browser.type_into("#token", &token).await;
+    browser.wait_text("#token-state", "Applied").await;
+    browser.fill_date("#settle-from", "2025-01-31").await;
+    browser.fill_date("#settle-to", "2025-01-01").await;
+    browser.click("#settle-submit").await;
+    let notice = browser.wait_text("#notice", "INVALID_DATE_RANGE").await;
+    assert!(notice.contains("422"), "{notice}");
+    let jobs: i64 = sqlx::query_scalar("select count(*) from jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+    assert!(browser.job_ids().await.is_empty());
+    browser.close().await;
+}

@@ -1,0 +1,102 @@
+//! `GET /api/v1/products`: every product with its stock, newest first, in keyset pages.
+
+mod common;
+
+use common::{assert_error, spawn_app, spawn_app_with};
+use serde_json::{Value, json};
+
+fn ids(page: &Value) -> Vec<i64> {
+    page["data"]
+        .as_array()
+        .expect("data is an array")
+        .iter()
+        .map(|p| p["id"].as_i64().expect("product id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn products_list_newest_first_in_keyset_pages_with_their_stock() {
+    let app = spawn_app().await;
+    let mut created = Vec::new();
+    for stock in 1..=5 {
+        created.push(app.product(stock, 250).await);
+    }
+    let (status, sold) = app
+        .post(
+            "/api/v1/orders",
+            &json!({"product_id": created[4], "quantity": 2, "buyer_id": "b"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{sold}");
+
+    let (status, first) = app.get("/api/v1/products?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(ids(&first), vec![created[4], created[3]]);
+    // The same shape as GET /api/v1/products/{id}, with the order's effect on stock.
+    let (_, one) = app.get(&format!("/api/v1/products/{}", created[4])).await;
+    assert_eq!(first["data"][0], one);
+    assert_eq!(
+        (one["stock"].as_i64(), one["sold"].as_i64()),
+        (Some(3), Some(2))
+    );
+
+    let mut seen = ids(&first);
+    let mut cursor = first["next_cursor"].as_str().map(str::to_owned);
+    let mut pages = 1;
+    while let Some(c) = cursor {
+        let (status, page) = app
+            .get(&format!("/api/v1/products?limit=2&cursor={c}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(ids(&page));
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        pages += 1;
+    }
+    assert_eq!(pages, 3, "5 products in pages of 2");
+    created.reverse();
+    assert_eq!(seen, created, "newest first, each product once");
+}
+
+#[tokio::test]
+async fn products_list_uses_the_configured_page_sizes() {
+    let app = spawn_app_with(&[
+        ("pagination.default_page_size", json!(2)),
+        ("pagination.max_page_size", json!(3)),
+    ])
+    .await;
+    for _ in 0..3 {
+        app.product(1, 1).await;
+    }
+    let (_, page) = app.get("/api/v1/products").await;
+    assert_eq!(ids(&page).len(), 2, "{page}");
+    assert!(page["next_cursor"].is_string());
+    let (_, page) = app.get("/api/v1/products?limit=3").await;
+    assert_eq!(ids(&page).len(), 3, "{page}");
+    assert!(page["next_cursor"].is_null());
+    let (status, body) = app.get("/api/v1/products?limit=4").await;
+    assert_eq!(status, 422);
+    assert_error(&body, "INVALID_LIMIT");
+}
+
+#[tokio::test]
+async fn products_list_refuses_bad_limits_and_cursors() {
+    let app = spawn_app().await;
+    for limit in ["0", "-1"] {
+        let (status, body) = app.get(&format!("/api/v1/products?limit={limit}")).await;
+        assert_eq!(status, 422, "limit={limit}");
+        assert_error(&body, "INVALID_LIMIT");
+    }
+    let (status, body) = app.get("/api/v1/products?limit=ten").await;
+    assert_eq!(status, 400);
+    assert_error(&body, "INVALID_QUERY");
+    for cursor in ["xyz", "0", "-5"] {
+        let (status, body) = app.get(&format!("/api/v1/products?cursor={cursor}")).await;
+        assert_eq!(status, 400, "cursor={cursor}");
+        assert_error(&body, "INVALID_CURSOR");
+    }
+    let (_, spec) = app.get("/api/v1/openapi.json").await;
+    let list = &spec["paths"]["/api/v1/products"]["get"];
+    for status in ["200", "400", "422"] {
+        assert!(list["responses"][status].is_object(), "{status} documented");
+    }
+}
