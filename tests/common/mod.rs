@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod commit_cut;
+pub mod ops;
 pub mod processes;
 pub mod proxy;
 
