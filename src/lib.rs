@@ -21,6 +21,7 @@
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
+//! - [`operator`]: `settle jobs list|show|cancel|retry`, the queue for operators.
 //! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
@@ -31,6 +32,7 @@ pub mod db;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod operator;
 pub mod orders;
 pub mod seed;
 pub mod settlement;

@@ -6,7 +6,7 @@ pub mod error;
 pub mod extract;
 mod health;
 pub mod idempotency;
-mod jobs;
+pub mod jobs;
 pub mod openapi;
 mod orders;
 mod pagination;
