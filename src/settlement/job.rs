@@ -102,7 +102,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     // checkpoint says which: the run is stored in the batch that commits the first checkpoint,
     // and a retried job comes back without one (it starts over: rows an earlier life of the job
     // left are discarded below, and its input is fixed anew).
-    let resumed = ctx.checkpoint::<Checkpoint>()?.is_some()
+    let resumed = ctx.checkpoint::<serde_json::Value>()?.is_some()
         && plan::get_run(&mut *ctx.pool().acquire().await?, job_id)
             .await?
             .is_some();
