@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::http::AppState;
-use crate::{bench, db, http, local_cluster, seed, shutdown, telemetry, tokens, worker};
+use crate::{bench, db, http, local_cluster, operator, seed, shutdown, telemetry, tokens, worker};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +49,9 @@ pub enum Command {
     /// Benchmarks against the raw Postgres limit measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Jobs for operators: list, show, cancel, retry, straight on the database.
+    #[command(subcommand)]
+    Jobs(operator::JobsCommand),
 }
 
 /// Runs the command, printing any error with its causes and mapping it to an exit code.
@@ -105,6 +108,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             done
         }
         Command::Bench(command) => bench::run(command, config).await,
+        Command::Jobs(command) => {
+            let pool = open(&config, false).await?;
+            let done =
+                operator::run(&pool, &config.pagination, command, &mut std::io::stdout()).await;
+            pool.close().await;
+            Ok(done?)
+        }
     }
 }
 

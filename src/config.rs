@@ -23,6 +23,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub settlement: SettlementConfig,
     pub auth: AuthConfig,
+    pub schedule: ScheduleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +157,30 @@ pub struct AuthConfig {
     pub cache_ttl_ms: u64,
 }
 
+/// The daily settlement every worker process schedules (see `crate::schedule`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Enqueue a settlement of the previous day once a day.
+    pub enabled: bool,
+    /// Local time of day (`HH:MM` or `HH:MM:SS`) from which the previous day is due.
+    pub at: String,
+    /// IANA zone of `at` and of "the previous day"; `settlement.time_zone` when absent.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Longest sleep between two looks at the clock.
+    pub check_interval_ms: u64,
+}
+
+impl ScheduleConfig {
+    /// `at` as a time of day, if it is one.
+    pub fn at_time(&self) -> Option<chrono::NaiveTime> {
+        ["%H:%M:%S", "%H:%M"]
+            .iter()
+            .find_map(|format| chrono::NaiveTime::parse_from_str(&self.at, format).ok())
+    }
+}
+
 /// A configuration that could not be loaded, naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -280,6 +305,16 @@ impl Config {
         if !(1..=64).contains(&self.settlement.parallel_parts) {
             return invalid("settlement.parallel_parts", "must be between 1 and 64");
         }
+        if self.schedule.at_time().is_none() {
+            return invalid("schedule.at", "must be a time of day, HH:MM or HH:MM:SS");
+        }
+        let zone = self.schedule.time_zone.as_deref();
+        if zone.is_some_and(|zone| zone.parse::<chrono_tz::Tz>().is_err()) {
+            return invalid("schedule.time_zone", "is not an IANA time zone name");
+        }
+        if self.schedule.check_interval_ms == 0 {
+            return invalid("schedule.check_interval_ms", "must be positive");
+        }
         if self.settlement.max_transactions_per_request == 0 {
             return invalid(
                 "settlement.max_transactions_per_request",
@@ -360,11 +395,28 @@ mod tests {
             ("idempotency.prune_interval_ms", 0),
             ("pagination.default_page_size", 501),
             ("auth.cache_ttl_ms", 60_001),
+            ("schedule.check_interval_ms", 0),
         ] {
             let figment = Config::defaults().merge(Serialized::default(key, value));
             let err = chain(Config::from_figment(figment).unwrap_err());
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn schedule_times_and_zones_are_checked() {
+        for (key, value) in [
+            ("schedule.at", "25:00"),
+            ("schedule.at", "noon"),
+            ("schedule.time_zone", "Mars/Olympus"),
+        ] {
+            let figment = Config::defaults().merge(Serialized::default(key, value));
+            let err = chain(Config::from_figment(figment).unwrap_err());
+            assert!(err.contains(key), "{key}={value}: {err}");
+        }
+        let figment = Config::defaults().merge(Serialized::default("schedule.at", "23:59:30"));
+        let config = Config::from_figment(figment).unwrap();
+        assert_eq!(config.schedule.at_time(), "23:59:30".parse().ok());
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
+//! - [`schedule`]: the daily settlement each worker process enqueues once per day.
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
+//! - [`operator`]: `settle jobs list|show|cancel|retry`, the queue for operators.
 //! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
@@ -34,7 +36,9 @@ pub mod http;
 pub mod idempotency;
 pub mod jobs;
 pub mod local_cluster;
+pub mod operator;
 pub mod orders;
+pub mod schedule;
 pub mod seed;
 pub mod settlement;
 pub mod shutdown;

@@ -1,6 +1,7 @@
 //! The worker process: maps `[worker]` config onto the settle-workers runtime, registers the
-//! job kinds (settlement; the queue's probe kinds only with `worker.test_kinds`), and runs until
-//! shutdown (stop claiming, checkpoint, release, exit).
+//! job kinds (settlement; the queue's probe kinds only with `worker.test_kinds`), runs the daily
+//! schedule when `schedule.enabled`, and runs until shutdown (stop claiming, checkpoint,
+//! release, exit).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,10 +59,15 @@ pub async fn run(
         Duration::from_millis(config.idempotency.prune_interval_ms),
         shutdown.clone(),
     ));
+    let schedule = crate::schedule::Schedule::from_config(&config)
+        .map(|s| tokio::spawn(crate::schedule::run(pool.clone(), s, shutdown.clone())));
     Worker::new(pool.clone(), settings(&config.worker), registry)
         .run(shutdown)
         .await;
     let _ = keys.await;
+    if let Some(schedule) = schedule {
+        let _ = schedule.await;
+    }
     pool.close().await;
     Ok(())
 }

@@ -69,6 +69,9 @@ pub enum ApiError {
         merchant_id: String,
         external_id: String,
     },
+    /// A retry of a job that is not FAILED or CANCELLED (409), with its current state.
+    #[error("only a FAILED or CANCELLED job can be retried; this one is {}", state.as_api_str())]
+    NotRetryable { state: settle_workers::JobState },
     /// The request conflicts with the resource's state (409).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -114,6 +117,7 @@ impl ApiError {
             Self::OutOfStock { .. }
             | Self::IdempotencyKeyInUse
             | Self::Conflict { .. }
+            | Self::NotRetryable { .. }
             | Self::TransactionConflict { .. } => StatusCode::CONFLICT,
             Self::Unavailable | Self::OrderNotPlaced | Self::OrderOutcomeUnknown { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -134,6 +138,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Self::OutOfStock { .. } => "OUT_OF_STOCK",
             Self::TransactionConflict { .. } => "TRANSACTION_CONFLICT",
+            Self::NotRetryable { .. } => "JOB_NOT_RETRYABLE",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
             Self::Unavailable => "SERVICE_UNAVAILABLE",
@@ -167,6 +172,9 @@ impl ApiError {
                 error.insert("index".into(), (*index).into());
                 error.insert("merchant_id".into(), merchant_id.as_str().into());
                 error.insert("external_id".into(), external_id.as_str().into());
+            }
+            Self::NotRetryable { state } => {
+                error.insert("status".into(), state.as_api_str().into());
             }
             Self::OrderOutcomeUnknown { order_id: Some(id) } => {
                 error.insert("order_id".into(), (*id).into());

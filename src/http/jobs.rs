@@ -1,5 +1,5 @@
-//! `/api/v1/jobs`: read one job, list jobs newest first, cancel a job. Jobs of every kind share
-//! these endpoints; each kind has its own `POST` to create them.
+//! `/api/v1/jobs`: read one job, list jobs newest first, cancel or retry a job. Jobs of every
+//! kind share these endpoints; each kind has its own `POST` to create them.
 
 use axum::Router;
 use axum::extract::State;
@@ -9,8 +9,8 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use settle_workers::read::{self, JobFilter, JobRecord};
-use settle_workers::{CancelOutcome, JobState};
+use settle_workers::read::{self, AttemptError, JobFilter, JobRecord};
+use settle_workers::{CancelOutcome, JobState, RetryOutcome};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/jobs/{id}/retry", post(retry_job))
 }
 
 /// A job as the API shows it.
@@ -43,13 +44,46 @@ pub struct Job {
     download_url: Option<String>,
     /// The latest failure's message, if an attempt failed.
     error: Option<String>,
+    /// Attempts started since the job was enqueued or last retried.
     attempt: i32,
+    /// Attempts before the job becomes FAILED.
+    max_attempts: i32,
+    /// Not started before this instant: the next attempt's time after a failure's backoff.
+    run_at: DateTime<Utc>,
+    /// The worker holding the job (its lease), while RUNNING or CANCELLING; else null.
+    worker: Option<String>,
+    /// One entry per failed attempt, oldest first, kept across retries.
+    errors: Vec<JobAttemptError>,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     /// The job's input, e.g. `{"from", "to"}` for a settlement.
     #[schema(value_type = Object)]
     params: Value,
+}
+
+/// A failed attempt in a job's `errors`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAttemptError {
+    /// The attempt's number, from 1 (a retried job counts from 1 again).
+    attempt: i32,
+    /// What went wrong.
+    error: String,
+    /// When the attempt failed.
+    at: DateTime<Utc>,
+    /// When the next attempt was due; null when this failure ended the job.
+    retry_at: Option<DateTime<Utc>>,
+}
+
+impl From<AttemptError> for JobAttemptError {
+    fn from(e: AttemptError) -> Self {
+        Self {
+            attempt: e.attempt,
+            error: e.error,
+            at: e.at,
+            retry_at: e.retry_at,
+        }
+    }
 }
 
 impl From<JobRecord> for Job {
@@ -65,6 +99,10 @@ impl From<JobRecord> for Job {
             download_url,
             error: job.last_error,
             attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            run_at: job.run_at,
+            worker: job.worker,
+            errors: job.errors.0.into_iter().map(Into::into).collect(),
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -178,17 +216,46 @@ async fn cancel_job(
 ) -> Result<Response, ApiError> {
     let mut conn = app.pool.acquire().await?;
     match settle_workers::request_cancel(&mut conn, id).await? {
-        CancelOutcome::Accepted(state) => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"job_id": id, "status": state.as_api_str()})),
-        )
-            .into_response()),
+        CancelOutcome::Accepted(state) => Ok(accepted(id, state)),
         CancelOutcome::Finished(state) => Err(ApiError::Conflict {
             code: "JOB_FINISHED",
             message: format!("the job is already {}", state.as_api_str()),
         }),
         CancelOutcome::NotFound => Err(not_found()),
     }
+}
+
+/// Retry a FAILED or CANCELLED job: it goes back to QUEUED, due now, with a fresh attempt
+/// budget, and starts over: its input is fixed anew (a settlement reads the transactions as they
+/// are now) and nothing of the earlier attempts' partial work is reused. `errors` keeps the
+/// earlier failures.
+#[utoipa::path(
+    post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = i64, Path)),
+    responses(
+        (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}`"),
+        (status = 400, description = "INVALID_PATH", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "JOB_NOT_RETRYABLE: the job is not FAILED or CANCELLED; \
+            `status` says what it is", body = ErrorBody),
+    )
+)]
+async fn retry_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    let mut conn = app.pool.acquire().await?;
+    match settle_workers::retry(&mut conn, id).await? {
+        RetryOutcome::Retried => Ok(accepted(id, JobState::Queued)),
+        RetryOutcome::NotRetryable(state) => Err(ApiError::NotRetryable { state }),
+        RetryOutcome::NotFound => Err(not_found()),
+    }
+}
+
+/// 202 `{"job_id", "status"}`: the job is now in `state`.
+fn accepted(id: i64, state: JobState) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": id, "status": state.as_api_str()})),
+    )
+        .into_response()
 }
 
 fn not_found() -> ApiError {

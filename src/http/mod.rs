@@ -8,7 +8,7 @@ pub mod error;
 pub mod extract;
 mod health;
 pub mod idempotency;
-mod jobs;
+pub mod jobs;
 mod limits;
 pub mod openapi;
 mod orders;

@@ -25,6 +25,8 @@ pub struct ErrorDetail {
     field: Option<String>,
     /// Units left, on OUT_OF_STOCK.
     available: Option<i64>,
+    /// The job's current status, on JOB_NOT_RETRYABLE.
+    status: Option<String>,
 }
 
 #[derive(OpenApi)]
@@ -53,11 +55,18 @@ pub struct ErrorDetail {
         super::jobs::get_job,
         super::jobs::list_jobs,
         super::jobs::cancel_job,
+        super::jobs::retry_job,
         super::health::livez,
         super::health::readyz,
         super::settlements::list_settlements,
     ),
-    components(schemas(ErrorBody, ErrorDetail, super::jobs::Job, super::jobs::JobPage)),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        super::jobs::Job,
+        super::jobs::JobPage,
+        super::jobs::JobAttemptError
+    )),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

@@ -118,16 +118,43 @@ pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result
 /// Deletes the working rows of settlement jobs that are no longer live (FAILED after their last
 /// attempt, or pruned): only a cancel or a fatal error cleans up after itself, so a job that
 /// ran out of attempts would otherwise leave its partial sums behind forever.
-/// The runs are read before the queue is asked which of their jobs are live: a job never
-/// becomes live again, and a run inserted meanwhile is not in the list.
+/// The runs are read, with the claim fence each was stored under, before the queue is asked
+/// which of their jobs are live, and each is deleted only if it still has that fence: a job
+/// that was retried meanwhile stores its fresh run under a newer claim's fence, which this
+/// leaves alone.
 pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let mut abandoned: Vec<i64> = sqlx::query_scalar("select job_id from settlement_runs")
-        .fetch_all(&mut *conn)
-        .await?;
-    let live = settle_workers::read::live_jobs(conn, &abandoned).await?;
-    abandoned.retain(|job_id| !live.contains(job_id));
-    for &job_id in &abandoned {
-        delete_working_rows(conn, job_id).await?;
+    let mut abandoned: Vec<(i64, i64)> =
+        sqlx::query_as("select job_id, fence from settlement_runs")
+            .fetch_all(&mut *conn)
+            .await?;
+    let ids: Vec<i64> = abandoned.iter().map(|&(job_id, _)| job_id).collect();
+    let live = settle_workers::read::live_jobs(conn, &ids).await?;
+    abandoned.retain(|(job_id, _)| !live.contains(job_id));
+    let mut deleted = 0;
+    for &(job_id, fence) in &abandoned {
+        deleted += delete_run_of_fence(conn, job_id, fence).await?;
     }
-    Ok(abandoned.len() as u64)
+    Ok(deleted)
+}
+
+/// Deletes the job's working rows if its run is still the one stored under claim `fence`;
+/// returns how many runs it deleted (0 or 1).
+async fn delete_run_of_fence(
+    conn: &mut PgConnection,
+    job_id: i64,
+    fence: i64,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query_scalar(
+        "with run as (delete from settlement_runs where job_id = $1 and fence = $2
+                      returning job_id),
+              batches as (delete from settlement_batches
+                          where job_id in (select job_id from run)),
+              parts as (delete from settlement_parts where job_id in (select job_id from run))
+         select count(*) from run",
+    )
+    .bind(job_id)
+    .bind(fence)
+    .fetch_one(conn)
+    .await
+    .map(|n: i64| n as u64)
 }

@@ -98,10 +98,14 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let job_id = ctx.id();
     let started = std::time::Instant::now();
     // Only a first start reads the input's bounds (waiting for inserts in flight, maybe behind a
-    // bulk load); a resumed job keeps its stored input and goes straight on.
-    let resumed = plan::get_run(&mut *ctx.pool().acquire().await?, job_id)
-        .await?
-        .is_some();
+    // bulk load); a resumed job keeps its stored input and goes straight on. The queue's
+    // checkpoint says which: the run is stored in the batch that commits the first checkpoint,
+    // and a retried job comes back without one (it starts over: rows an earlier life of the job
+    // left are discarded below, and its input is fixed anew).
+    let resumed = ctx.checkpoint::<serde_json::Value>()?.is_some()
+        && plan::get_run(&mut *ctx.pool().acquire().await?, job_id)
+            .await?
+            .is_some();
     let high_water = if resumed {
         None
     } else {
@@ -114,6 +118,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let fence = ctx.fence();
     let mut batch = ctx.begin().await?;
     if !resumed {
+        // A retried job's earlier run, parts and sums (a FAILED job keeps them): none is reused.
+        finalize::delete_working_rows(batch.conn(), job_id).await?;
         let abandoned = finalize::delete_abandoned_working_rows(batch.conn()).await?;
         if abandoned > 0 {
             tracing::info!(

@@ -12,6 +12,7 @@
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
 //! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
 //! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
+//! - [`retry`]: a FAILED or CANCELLED job back to QUEUED, starting over.
 //! - [`retention`]: pruning finished jobs under an advisory lock.
 //! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
 //! - [`registry`]: job kinds → bodies.
@@ -51,6 +52,7 @@ pub mod lease;
 pub mod read;
 pub mod registry;
 pub mod retention;
+pub mod retry;
 pub mod runtime;
 mod services;
 pub mod settings;
@@ -61,6 +63,7 @@ pub use enqueue::{NewJob, enqueue, enqueue_many};
 pub use error::JobError;
 pub use job::{Batch, JobContext, JobResult, Outcome};
 pub use registry::Registry;
+pub use retry::{RetryOutcome, retry};
 pub use runtime::Worker;
 pub use settings::WorkerSettings;
 pub use state::JobState;

@@ -2,8 +2,10 @@
 //! and which of some jobs are still live (for kinds that clean up after jobs that no longer are).
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 
 use crate::state::JobState;
 
@@ -21,7 +23,12 @@ pub struct JobRecord {
     /// The most recent failure's message, if any attempt failed.
     pub last_error: Option<String>,
     pub result: Option<Value>,
+    /// Not claimed before this instant (a retry's backoff).
     pub run_at: DateTime<Utc>,
+    /// The worker holding the job's lease (`lease_owner`); `None` unless running or cancelling.
+    pub worker: Option<String>,
+    /// Every failed attempt, oldest first, across retries.
+    pub errors: Json<Vec<AttemptError>>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -39,6 +46,19 @@ impl JobRecord {
     }
 }
 
+/// One failed attempt, as `finish::fail` appends it to the job's `errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// The attempt's number (from 1; a retried job counts again from 1).
+    pub attempt: i32,
+    pub error: String,
+    /// When the attempt failed.
+    pub at: DateTime<Utc>,
+    /// When the next attempt was due; `None` when this failure ended the job.
+    #[serde(default)]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
 /// Filters of a job listing.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
@@ -50,7 +70,8 @@ pub struct JobFilter {
 }
 
 const COLUMNS: &str = "id, kind, state, args, attempt, max_attempts, processed, total,
-    errors -> -1 ->> 'error' as last_error, result, run_at, created_at, started_at, finished_at";
+    errors -> -1 ->> 'error' as last_error, result, run_at, lease_owner as worker, errors,
+    created_at, started_at, finished_at";
 
 /// One job, or `None`.
 pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<JobRecord>, sqlx::Error> {

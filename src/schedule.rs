@@ -1,0 +1,212 @@
+//! The daily schedule: every worker process runs [`run`], which from `schedule.at` local time
+//! on enqueues a settlement of the previous day. Exactly once per day however many workers run,
+//! restart or are killed: the job is enqueued in one transaction with a `scheduled_runs` row
+//! keyed by the day (migration 0012), so of workers racing for a day one commits and the others
+//! meet the key and roll back; a worker killed mid-way rolls back and leaves the day to the
+//! next one that looks. No leader: each worker only remembers which day it last saw done, to
+//! spare the database a write per look.
+//!
+//! A worker starting after downtime catches up the most recent day that is due only (before
+//! `at`, that is the day before yesterday); older missed days are an operator's to enqueue.
+//! Settlement knowledge stays here, outside the queue crate, which only sees a job.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
+use chrono_tz::Tz;
+use settle_workers::NewJob;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::settlement::DateRange;
+use crate::settlement::job::KIND;
+
+/// The `scheduled_runs.schedule` of the daily settlement.
+pub const DAILY_SETTLEMENT: &str = "daily_settlement";
+
+/// When the daily settlement is due, from `[schedule]`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Local time of day from which the previous day is due.
+    at: NaiveTime,
+    /// The zone of `at` and of "the previous day".
+    zone: Tz,
+    /// Longest sleep between two looks at the clock.
+    check_interval: Duration,
+    /// Attempts of each enqueued job (`worker.max_attempts`, as for the API's jobs).
+    max_attempts: i32,
+}
+
+impl Schedule {
+    /// The schedule of `config`, or `None` when `schedule.enabled` is off.
+    pub fn from_config(config: &Config) -> Option<Self> {
+        let schedule = &config.schedule;
+        if !schedule.enabled {
+            return None;
+        }
+        let zone = schedule
+            .time_zone
+            .as_deref()
+            .unwrap_or(&config.settlement.time_zone);
+        Some(Self {
+            // Both checked by `Config::validate`.
+            at: schedule.at_time().unwrap_or(NaiveTime::MIN),
+            zone: zone.parse().unwrap_or(Tz::UTC),
+            check_interval: Duration::from_millis(schedule.check_interval_ms),
+            max_attempts: config.worker.max_attempts,
+        })
+    }
+
+    /// The most recent day whose settlement is due at `now`: yesterday once today's `at` has
+    /// passed, else the day before. Compared on the local wall clock, so a DST jump over `at`
+    /// still makes the day due, and a repeated hour does not make it due twice.
+    pub fn due_day(&self, now: DateTime<Utc>) -> NaiveDate {
+        let local = now.with_timezone(&self.zone).naive_local();
+        let back = if local.time() >= self.at { 1 } else { 2 };
+        local.date() - Days::new(back)
+    }
+
+    /// How long to sleep at `now` once the due day is done: until the next `at` on the wall
+    /// clock, at most the check interval (which also absorbs DST and clock changes).
+    fn sleep_after_done(&self, now: DateTime<Utc>) -> Duration {
+        let local = now.with_timezone(&self.zone).naive_local();
+        let mut next = local.date().and_time(self.at);
+        if next <= local {
+            next += chrono::Duration::days(1);
+        }
+        (next - local)
+            .to_std()
+            .unwrap_or_default()
+            .min(self.check_interval)
+    }
+}
+
+/// Enqueues the due day's settlement whenever it is not done yet, until `shutdown`.
+pub async fn run(pool: PgPool, schedule: Schedule, shutdown: CancellationToken) {
+    tracing::info!(at = %schedule.at, zone = %schedule.zone, "daily settlement scheduled");
+    let mut done: Option<NaiveDate> = None;
+    while !shutdown.is_cancelled() {
+        let now = Utc::now();
+        let day = schedule.due_day(now);
+        if done != Some(day) {
+            match enqueue_once(&pool, day, schedule.max_attempts).await {
+                Ok(Some(job_id)) => {
+                    tracing::info!(%day, job_id, "enqueued the scheduled settlement");
+                    done = Some(day);
+                }
+                Ok(None) => done = Some(day),
+                Err(e) => tracing::warn!(%day, error = %e, "scheduling the settlement failed"),
+            }
+        }
+        let sleep = if done == Some(day) {
+            schedule.sleep_after_done(Utc::now())
+        } else {
+            schedule.check_interval
+        };
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Enqueues a settlement of `day` unless one was enqueued for it before; returns the new job's
+/// id, or `None` when the day was already done (by this worker or another).
+pub async fn enqueue_once(
+    pool: &PgPool,
+    day: NaiveDate,
+    max_attempts: i32,
+) -> anyhow::Result<Option<i64>> {
+    let range = DateRange::new(day, day, i64::MAX)?;
+    let job = NewJob::new(KIND, serde_json::to_value(range.to_input())?).max_attempts(max_attempts);
+    let mut tx = pool.begin().await?;
+    let job_id = settle_workers::enqueue(&mut tx, &job).await?;
+    if !mark_day(&mut tx, day, job_id).await? {
+        // Another transaction has the day: this job must not exist either.
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    tx.commit().await?;
+    Ok(Some(job_id))
+}
+
+/// Records that `day` was enqueued as `job_id`; false when it already was. A concurrent
+/// transaction recording the same day makes this wait for its end.
+async fn mark_day(
+    conn: &mut PgConnection,
+    day: NaiveDate,
+    job_id: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "insert into scheduled_runs (schedule, day, job_id) values ($1, $2, $3)
+         on conflict on constraint scheduled_run_once_per_day do nothing",
+    )
+    .bind(DAILY_SETTLEMENT)
+    .bind(day)
+    .bind(job_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(at: &str, zone: &str) -> Schedule {
+        Schedule {
+            at: at.parse().unwrap(),
+            zone: zone.parse().unwrap(),
+            check_interval: Duration::from_secs(60),
+            max_attempts: 5,
+        }
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn day(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn yesterday_is_due_from_the_local_time_on() {
+        let s = schedule("00:30:00", "UTC");
+        assert_eq!(s.due_day(utc("2025-03-10T00:29:59Z")), day("2025-03-08"));
+        assert_eq!(s.due_day(utc("2025-03-10T00:30:00Z")), day("2025-03-09"));
+        assert_eq!(s.due_day(utc("2025-03-10T23:59:59Z")), day("2025-03-09"));
+        // Local days: 00:30 in Paris (UTC+1 in winter) is 23:30 UTC the evening before.
+        let paris = schedule("00:30:00", "Europe/Paris");
+        assert_eq!(
+            paris.due_day(utc("2025-01-09T23:29:00Z")),
+            day("2025-01-08")
+        );
+        assert_eq!(
+            paris.due_day(utc("2025-01-09T23:30:00Z")),
+            day("2025-01-09")
+        );
+    }
+
+    #[test]
+    fn a_dst_jump_over_the_time_still_makes_the_day_due() {
+        // 2025-03-30 in Paris: 02:00 jumps to 03:00, so 02:30 never happens on the clock.
+        let s = schedule("02:30:00", "Europe/Paris");
+        assert_eq!(s.due_day(utc("2025-03-30T00:59:00Z")), day("2025-03-28"));
+        assert_eq!(s.due_day(utc("2025-03-30T01:00:00Z")), day("2025-03-29"));
+    }
+
+    #[test]
+    fn the_sleep_ends_at_the_next_time_or_the_check_interval() {
+        let s = schedule("00:30:00", "UTC");
+        assert_eq!(
+            s.sleep_after_done(utc("2025-03-10T00:29:50Z")),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            s.sleep_after_done(utc("2025-03-10T00:30:00Z")),
+            Duration::from_secs(60)
+        );
+    }
+}

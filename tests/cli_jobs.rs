@@ -1,0 +1,118 @@
+//! `settle jobs list|show|cancel|retry`: the real binary on the database, as an operator runs
+//! it: a table for the list, the API's JSON for one job, clear errors and a non-zero exit for
+//! an unknown id or a job in the wrong state.
+
+mod common;
+
+use common::ops::settle_cli;
+use common::processes::{enqueue, job_state};
+use common::{TestApp, spawn_app};
+use serde_json::{Value, json};
+
+/// A noop job that ran out of attempts with `error`.
+async fn failed_job(app: &TestApp, error: &str) -> i64 {
+    let id = enqueue(&app.pool, "noop", json!({}), 1).await;
+    sqlx::query(
+        "update jobs set state = 'failed', attempt = 1, finished_at = now(),
+             errors = jsonb_build_array(jsonb_build_object('attempt', 1, 'error', $2::text,
+                                                           'at', now()))
+         where id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn list_shows_a_table_filtered_by_status_and_kind() {
+    let app = spawn_app().await;
+    let queued = enqueue(&app.pool, "noop", json!({}), 3).await;
+    let failed = failed_job(&app, "the bank said no").await;
+    let other = enqueue(&app.pool, "sleep", json!({"ms": 1}), 3).await;
+
+    let (ok, out, err) = settle_cli(&app, &["jobs", "list"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATUS"),
+        "{out}"
+    );
+    let ids: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [other, failed, queued].map(|id| id.to_string()),
+        "newest first: {out}"
+    );
+    assert!(
+        lines[2].contains("FAILED") && lines[2].contains("the bank said no"),
+        "{out}"
+    );
+
+    let (ok, out, _) = settle_cli(&app, &["jobs", "list", "--status", "FAILED"]);
+    assert!(
+        ok && out.lines().count() == 2 && out.contains(&failed.to_string()),
+        "{out}"
+    );
+    let (ok, out, _) = settle_cli(&app, &["jobs", "list", "--kind", "sleep", "--limit", "5"]);
+    assert!(
+        ok && out.lines().count() == 2 && out.contains("sleep"),
+        "{out}"
+    );
+    let (ok, _, err) = settle_cli(&app, &["jobs", "list", "--status", "sleeping"]);
+    assert!(!ok && err.contains("--status"), "{err}");
+    let (ok, _, err) = settle_cli(&app, &["jobs", "list", "--limit", "0"]);
+    assert!(!ok && err.contains("--limit"), "{err}");
+}
+
+#[tokio::test]
+async fn show_prints_the_jobs_api_json() {
+    let app = spawn_app().await;
+    let id = failed_job(&app, "timeout").await;
+    let (ok, out, err) = settle_cli(&app, &["jobs", "show", &id.to_string()]);
+    assert!(ok, "{err}");
+    let shown: Value = serde_json::from_str(&out).expect("JSON");
+    let (_, api) = app.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(shown, api);
+    assert_eq!(shown["errors"][0]["error"], "timeout");
+
+    let (ok, out, err) = settle_cli(&app, &["jobs", "show", "424242"]);
+    assert!(
+        !ok && out.is_empty() && err.contains("no job 424242"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_retry_change_the_job_or_say_why_not() {
+    let app = spawn_app().await;
+    let failed = failed_job(&app, "boom").await;
+    let queued = enqueue(&app.pool, "noop", json!({}), 3).await;
+
+    let (ok, out, err) = settle_cli(&app, &["jobs", "retry", &failed.to_string()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("job {failed}: QUEUED"));
+    assert_eq!(job_state(&app.pool, failed).await, "queued");
+    let (ok, _, err) = settle_cli(&app, &["jobs", "retry", &failed.to_string()]);
+    assert!(
+        !ok && err.contains("is QUEUED") && err.contains("FAILED or CANCELLED"),
+        "{err}"
+    );
+
+    let (ok, out, err) = settle_cli(&app, &["jobs", "cancel", &queued.to_string()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("job {queued}: CANCELLED"));
+    assert_eq!(job_state(&app.pool, queued).await, "cancelled");
+    let (ok, _, _) = settle_cli(&app, &["jobs", "retry", &queued.to_string()]);
+    assert!(ok, "a cancelled job can be retried");
+
+    for command in ["cancel", "retry"] {
+        let (ok, _, err) = settle_cli(&app, &["jobs", command, "424242"]);
+        assert!(!ok && err.contains("no job 424242"), "{command}: {err}");
+    }
+}

@@ -1,0 +1,65 @@
+//! Operating jobs from the tests: an in-process worker that stops when its guard drops, and the
+//! retry endpoint.
+
+use serde_json::json;
+use settle_workers::Worker;
+use tokio_util::sync::CancellationToken;
+
+use super::TestApp;
+
+/// A worker runtime in this process on the app's database and config; stopped when dropped.
+pub struct InProcessWorker {
+    pub owner: String,
+    stop: CancellationToken,
+}
+
+impl Drop for InProcessWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a worker with the kinds `app.config` registers (settlement, plus the probe kinds when
+/// `worker.test_kinds` is on).
+pub fn start_worker(app: &TestApp) -> InProcessWorker {
+    let worker = Worker::new(
+        app.pool.clone(),
+        settle::worker::settings(&app.config.worker),
+        settle::worker::registry(&app.config),
+    );
+    let owner = worker.owner().to_owned();
+    let stop = CancellationToken::new();
+    tokio::spawn(worker.run(stop.clone()));
+    InProcessWorker { owner, stop }
+}
+
+impl TestApp {
+    /// `POST /api/v1/jobs/{id}/retry`: status and body.
+    pub async fn retry(&self, id: i64) -> (u16, serde_json::Value) {
+        self.post(&format!("/api/v1/jobs/{id}/retry"), &json!({}))
+            .await
+    }
+
+    /// `POST /api/v1/jobs/{id}/cancel`: status and body.
+    pub async fn cancel(&self, id: i64) -> (u16, serde_json::Value) {
+        self.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+            .await
+    }
+}
+
+/// `settle <args>` on the app's database, as an operator runs it: no API, no token. Returns
+/// (success, stdout, stderr).
+pub fn settle_cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+        .args(args)
+        .env("SETTLE_DATABASE__URL", &app.config.database.url)
+        .env_remove("DATABASE_URL")
+        .env("SETTLE_LOG", "warn")
+        .output()
+        .expect("run settle");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,58 @@
+//! Retrying a job that ended badly: a FAILED or CANCELLED job goes back to QUEUED with a fresh
+//! attempt budget, and starts over. The queue forgets what the earlier attempts left in the
+//! row (checkpoint, progress, result, cancel flag, lease), so the kind's body meets the job as
+//! on its first start (`JobContext::checkpoint` is `None`) and fixes its input anew; a kind that
+//! keeps per-job rows of its own discards them when it starts without a checkpoint. The error
+//! history stays: the retried job's new failures are appended after the old ones.
+
+use sqlx::PgConnection;
+
+use crate::state::JobState;
+
+/// What a retry request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The job is QUEUED again, due now.
+    Retried,
+    /// The job is in this state, which is not FAILED or CANCELLED; nothing changed.
+    NotRetryable(JobState),
+    /// No such job.
+    NotFound,
+}
+
+/// Requeues job `id` if it is FAILED or CANCELLED. The state test and the reset are one
+/// statement: a concurrent cancel or claim cannot slip in between (both only act on live jobs,
+/// which this statement never touches), and of two concurrent retries exactly one wins.
+pub async fn retry(conn: &mut PgConnection, id: i64) -> Result<RetryOutcome, sqlx::Error> {
+    if requeue(conn, id).await? {
+        return Ok(RetryOutcome::Retried);
+    }
+    // Only for the answer: the state as it is now (the job may be moving on).
+    let state: Option<JobState> = sqlx::query_scalar("select state from jobs where id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(state.map_or(RetryOutcome::NotFound, RetryOutcome::NotRetryable))
+}
+
+/// The reset itself: true when the job was FAILED or CANCELLED and is now QUEUED, and the
+/// workers were woken (as an insert wakes them) to take it now rather than at their next poll.
+/// The fence is kept (it only ever grows), so a former holder stays shut out.
+async fn requeue(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let requeued: i64 = sqlx::query_scalar(
+        "with requeued as (
+             update jobs set
+                 state = 'queued', attempt = 0, run_at = now(),
+                 lease_owner = null, lease_expires_at = null, heartbeat_at = null,
+                 cancel_requested = false, checkpoint = null, processed = 0, total = null,
+                 result = null, started_at = null, finished_at = null
+             where id = $1 and state in ('failed', 'cancelled')
+             returning id
+         )
+         select count(*) from requeued, lateral (select pg_notify('settle_jobs', '')) n",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await?;
+    Ok(requeued == 1)
+}
