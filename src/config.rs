@@ -5,6 +5,7 @@
 //! value is checked by [`Config::validate`] before anything connects anywhere.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -120,6 +121,10 @@ pub struct WorkerConfig {
     /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
+    /// Where a `settle worker` process serves `GET /metrics` (its own job counters: it has no
+    /// API port); unset, it serves none. `serve` and `api` serve `/metrics` on the API port.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

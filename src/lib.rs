@@ -22,6 +22,7 @@
 //! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
 //! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
+//! - [`metrics`]: the Prometheus recorder, the names settle records under, the queue gauges.
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
 pub mod bench;
@@ -31,6 +32,7 @@ pub mod db;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod metrics;
 pub mod orders;
 pub mod seed;
 pub mod settlement;

@@ -7,6 +7,7 @@ pub mod extract;
 mod health;
 pub mod idempotency;
 mod jobs;
+mod metrics;
 pub mod openapi;
 mod orders;
 mod pagination;
@@ -31,6 +32,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::orders::coalesce::Coalescer;
 use error::ApiError;
 
@@ -43,6 +45,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Places concurrent orders for one product together (when `orders.coalesce`).
     pub coalescer: Coalescer,
+    /// The process's recorder and this app's cached queue gauges (`GET /metrics`).
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -52,6 +56,7 @@ impl AppState {
             pool,
             config,
             coalescer,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -67,12 +72,15 @@ pub fn router(state: AppState) -> Router {
         .merge(downloads::router())
         .merge(jobs::router())
         .merge(health::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .merge(openapi::docs())
+        // Outside every route, so each is counted under its template, whatever answered it.
+        .layer(middleware::from_fn(metrics::track))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -100,6 +108,8 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
         Err(_) => ApiError::Unavailable.into_response(),
     }
 }
+
+pub use metrics::serve_process_metrics;
 
 /// Binds `http.host:http.port` (port 0: any free port) and logs the address actually bound.
 pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
