@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod commit_cut;
 pub mod processes;
+pub mod prometheus;
 pub mod proxy;
 
 use std::sync::Arc;
