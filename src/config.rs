@@ -123,7 +123,8 @@ pub struct WorkerConfig {
     pub timeouts: BTreeMap<String, u64>,
     /// Where a `settle worker` process serves `GET /metrics` (its own job counters: it has no
     /// API port); unset, it serves none. `serve` and `api` serve `/metrics` on the API port.
-    #[serde(default)]
+    /// (Left out when unset, so `[worker]` serialized and read back stays valid.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
 }
 

@@ -27,7 +27,12 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(scrape))
 }
 
-/// The process's series and the queue gauges.
+/// The process's series and the queue gauges. Always 200: if the database cannot be read the
+/// queue gauges are left out, the process's own series still answer.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "Prometheus text format 0.0.4: settle_jobs, settle_job_*, \
+        settle_orders_total, settle_order_batch_size, settle_http_*", content_type = "text/plain", body = String),
+))]
 async fn scrape(State(app): State<AppState>) -> Response {
     let text = app.metrics.render(&app.pool).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()

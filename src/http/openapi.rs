@@ -48,6 +48,7 @@ pub struct ErrorDetail {
         super::jobs::cancel_job,
         super::health::livez,
         super::health::readyz,
+        super::metrics::scrape,
     ),
     components(schemas(ErrorBody, ErrorDetail, super::jobs::Job, super::jobs::JobPage))
 )]
