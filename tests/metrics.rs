@@ -4,14 +4,16 @@
 //! share it: each test asserts only on series that it alone produces (its own routes, order
 //! outcomes or job kind), so the counts are exact. The queue gauges are read from each app's
 //! own database at scrape time, so they are exact per test whatever runs beside it.
+//! A `settle worker` process has a recorder of its own, scraped on `worker.metrics_addr`.
 
 mod common;
 
 use std::time::Duration;
 
-use common::processes::wait_state;
+use common::processes::{WorkerProcess, probe_tables, wait_state};
+use common::prometheus::Scrape;
 use common::prometheus::scrape;
-use common::spawn_app;
+use common::{migrated_pool, spawn_app, test_config};
 use serde_json::json;
 use settle_workers::{NewJob, Worker};
 use tokio_util::sync::CancellationToken;
@@ -184,4 +186,38 @@ async fn a_finished_state_past_the_exact_limit_shows_the_planner_estimate() {
         "{estimate}"
     );
     assert!(error < 0.05, "estimate {estimate} for {big} rows");
+}
+
+#[tokio::test]
+async fn a_worker_process_serves_its_job_counters_on_worker_metrics_addr() {
+    let config = test_config(&[]);
+    let (pool, _db) = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let env = [("SETTLE_WORKER__METRICS_ADDR", addr.to_string())];
+    let mut worker = WorkerProcess::start_with(&config, &env);
+    let mut conn = pool.acquire().await.unwrap();
+    let job = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({"record": true})))
+        .await
+        .unwrap();
+    wait_state(&pool, job, "completed").await;
+
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics = Scrape::parse(&text);
+    let noop = [("kind", "noop"), ("outcome", "completed")];
+    assert_eq!(
+        metrics.count("settle_jobs_finished_total", &noop),
+        1.0,
+        "{text}"
+    );
+    // The queue gauges are the API's to serve, never repeated by every worker.
+    assert_eq!(metrics.value("settle_jobs", &[]), None);
+    assert!(worker.terminate().await, "{}", worker.log_text());
 }
