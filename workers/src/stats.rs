@@ -20,6 +20,18 @@
 //! within 4 % of the true count; a plain `count(*) … group by kind, state` took 480-580 ms on
 //! the same data, and grows with the table where this does not. The API caches a reading for
 //! a second, so scrapes cost at most one statement a second.
+//!
+//! The data, on a migrated database (then `vacuum analyze jobs`, as autovacuum would):
+//! ```sql
+//! insert into jobs (kind, args, state, attempt, started_at, finished_at, created_at)
+//! select case when g % 3 = 0 then 'settlement' else 'noop' end, '{}',
+//!        case when g % 20 = 0 then 'failed' when g % 20 = 1 then 'cancelled'
+//!             else 'completed' end::job_state,
+//!        1, now() - interval '1 day', now() - interval '1 day' + g * interval '1 ms',
+//!        now() - interval '1 day'
+//! from generate_series(1, 1000000) g;
+//! insert into jobs (kind, args) select 'noop', '{}' from generate_series(1, 1000);
+//! ```
 
 use sqlx::PgConnection;
 
