@@ -86,7 +86,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker => {
             let pool = open(&config, config.database.migrate_on_start).await?;
-            worker::run(pool, Arc::new(config), shutdown::on_signal()).await
+            let token = shutdown::on_signal();
+            if let Some(addr) = config.worker.metrics_addr {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .context("cannot bind worker.metrics_addr")?;
+                tokio::spawn(http::serve_process_metrics(listener, token.clone()));
+            }
+            worker::run(pool, Arc::new(config), token).await
         }
         Command::Serve { demo } => {
             let cluster = local_cluster::start_if_needed(&config.database).await?;

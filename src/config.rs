@@ -5,6 +5,7 @@
 //! value is checked by [`Config::validate`] before anything connects anywhere.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -130,6 +131,11 @@ pub struct WorkerConfig {
     /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
+    /// Where a `settle worker` process serves `GET /metrics` (its own job counters: it has no
+    /// API port); unset, it serves none. `serve` and `api` serve `/metrics` on the API port.
+    /// (Left out when unset, so `[worker]` serialized and read back stays valid.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,6 +26,7 @@
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
 //! - [`operator`]: `settle jobs list|show|cancel|retry`, the queue for operators.
 //! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
+//! - [`metrics`]: the Prometheus recorder, the names settle records under, the queue gauges.
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
 pub mod bench;
@@ -36,6 +37,7 @@ pub mod http;
 pub mod idempotency;
 pub mod jobs;
 pub mod local_cluster;
+pub mod metrics;
 pub mod operator;
 pub mod orders;
 pub mod schedule;

@@ -10,6 +10,7 @@ mod health;
 pub mod idempotency;
 pub mod jobs;
 mod limits;
+mod metrics;
 pub mod openapi;
 mod orders;
 mod pagination;
@@ -35,6 +36,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::orders::coalesce::Coalescer;
 use crate::tokens::cache::TokenCache;
 use error::ApiError;
@@ -50,6 +52,8 @@ pub struct AppState {
     pub coalescer: Coalescer,
     /// Tokens this process verified recently (`auth.cache_ttl_ms`).
     pub tokens: TokenCache,
+    /// The process's recorder and this app's cached queue gauges (`GET /metrics`).
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -61,6 +65,7 @@ impl AppState {
             config,
             coalescer,
             tokens,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -81,12 +86,15 @@ pub fn router(state: AppState) -> Router {
         // Matched routes only, so an unknown path stays 404 without a token (see auth.rs).
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
         .merge(dashboard::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .merge(openapi::docs(&config))
+        // Outside every route, so each is counted under its template, whatever answered it.
+        .layer(middleware::from_fn(metrics::track))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -114,6 +122,8 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
         Err(_) => ApiError::Unavailable.into_response(),
     }
 }
+
+pub use metrics::serve_process_metrics;
 
 /// Binds `http.host:http.port` (port 0: any free port) and logs the address actually bound.
 pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {

@@ -59,6 +59,7 @@ pub struct ErrorDetail {
         super::health::livez,
         super::health::readyz,
         super::settlements::list_settlements,
+        super::metrics::scrape,
     ),
     components(schemas(
         ErrorBody,

@@ -16,6 +16,7 @@ use super::idempotency::{self, replay, respond};
 use super::pagination::Cursor;
 use crate::db::is_connection_error;
 use crate::idempotency::Begun;
+use crate::metrics::{self, OrderOutcome};
 use crate::orders::coalesce::CoalesceError;
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{self, NewOrder, outcome};
@@ -89,7 +90,41 @@ async fn place_order(
     headers: HeaderMap,
     Json(request): Json<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key("orders", &headers)?;
+    let answer = place(&app, &headers, request).await;
+    if let Some(outcome) = order_outcome(&answer) {
+        metrics::order(outcome);
+    }
+    answer
+}
+
+/// `settle_orders_total{outcome}` of an answer; `None` for a stored answer replayed (it was
+/// counted when first given).
+fn order_outcome(answer: &Result<Response, ApiError>) -> Option<OrderOutcome> {
+    let status = match answer {
+        Ok(response) if response.extensions().get::<Replayed>().is_some() => return None,
+        Err(ApiError::OutOfStock { .. }) => return Some(OrderOutcome::OutOfStock),
+        Ok(response) => response.status(),
+        Err(error) => error.status(),
+    };
+    Some(match status {
+        s if s.is_success() => OrderOutcome::Placed,
+        // A keyed order's stored refusal: 409 is only ever OUT_OF_STOCK there.
+        StatusCode::CONFLICT if answer.is_ok() => OrderOutcome::OutOfStock,
+        s if s.is_client_error() => OrderOutcome::Rejected,
+        _ => OrderOutcome::Error,
+    })
+}
+
+/// Marks a response as the replay of a stored answer.
+#[derive(Debug, Clone, Copy)]
+struct Replayed;
+
+async fn place(
+    app: &AppState,
+    headers: &HeaderMap,
+    request: PlaceOrderRequest,
+) -> Result<Response, ApiError> {
+    let key = idempotency::key("orders", headers)?;
     let request_json = serde_json::to_value(&request).map_err(anyhow::Error::from)?;
     let order = NewOrder::parse(
         request.product_id,
@@ -114,7 +149,11 @@ async fn place_order(
     };
     let mut tx = match key.start(&app.pool, &request_json).await? {
         Begun::Execute(tx) => tx,
-        Begun::Replay(stored) => return replay(stored),
+        Begun::Replay(stored) => {
+            let mut response = replay(stored)?;
+            response.extensions_mut().insert(Replayed);
+            return Ok(response);
+        }
     };
     let placed = store::place_order(&mut tx, &order)
         .await

@@ -156,6 +156,7 @@ async fn place_batch(pool: &PgPool, product_id: i64, mut batch: Vec<Pending>) {
     if batch.is_empty() {
         return;
     }
+    crate::metrics::order_batch(batch.len());
     let orders: Vec<&NewOrder> = batch.iter().map(|p| &p.order).collect();
     let answers = place_all(pool, product_id, &orders).await;
     for (pending, answer) in batch.into_iter().zip(answers) {

@@ -12,6 +12,7 @@ pub mod commit_cut;
 pub mod listening;
 pub mod ops;
 pub mod processes;
+pub mod prometheus;
 pub mod proxy;
 
 use std::sync::Arc;

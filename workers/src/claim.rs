@@ -28,6 +28,8 @@ pub struct ClaimedJob {
     pub total: Option<i64>,
     /// Set when the job was rescued while a cancel was pending.
     pub cancel_requested: bool,
+    /// Taken over from an expired lease (the claim's rescue branch), not from the queue.
+    pub rescued: bool,
 }
 
 /// Claims up to `limit` jobs of `kinds` for `owner`: expired leases first (they are late
@@ -68,7 +70,7 @@ pub async fn claim(
              select id from (select id from expired union all select id from due) c limit $2
          )
          returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
-                   cancel_requested",
+                   cancel_requested, jobs.id in (select id from expired) as rescued",
     )
     .bind(owner)
     .bind(limit)

@@ -290,20 +290,24 @@ async fn write(
     fence: i64,
     ending: &Ending,
 ) -> Result<bool, sqlx::Error> {
-    match ending {
-        Ending::Complete(result) => finish::complete(conn, id, fence, result.as_ref()).await,
+    let ended = match ending {
+        Ending::Complete(result) => finish::complete(conn, id, fence, result.as_ref()).await?,
         Ending::Fail {
             error,
             fatal,
             retry_in,
-        } => Ok(finish::fail(conn, id, fence, error, *retry_in, *fatal)
-            .await?
-            .is_some()),
-        Ending::Snooze(after) => finish::snooze(conn, id, fence, *after).await,
-        Ending::Cancel => finish::cancelled(conn, id, fence).await,
-        Ending::Release => Ok(lease::release(conn, &[(id, fence)]).await? == 1),
-        Ending::CompleteLater | Ending::Nothing => Ok(true),
+        } => finish::fail(conn, id, fence, error, *retry_in, *fatal).await?,
+        Ending::Snooze(after) => finish::snooze(conn, id, fence, *after).await?,
+        Ending::Cancel => finish::cancelled(conn, id, fence).await?,
+        Ending::Release => return Ok(lease::release(conn, &[(id, fence)]).await? == 1),
+        Ending::CompleteLater | Ending::Nothing => return Ok(true),
+    };
+    // Each statement commits on its own: the ending is recorded once it is written (a retry
+    // after a lost reply matches nothing, so it is never counted twice).
+    if let Some(ended) = &ended {
+        ended.record();
     }
+    Ok(ended.is_some())
 }
 
 fn fatal(error: String) -> Ending {

@@ -9,33 +9,35 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use crate::metrics::{Ended, ended_columns};
 use crate::settings::WorkerSettings;
-use crate::state::JobState;
 
 /// Marks one held job COMPLETED with `result`, or CANCELLED (without the result) when a cancel
 /// was requested: a cancel answered `cancelling` always ends CANCELLED. The cancel request locks
 /// the row first, so either it committed before this statement (which then sees the flag) or it
 /// waits for this commit and answers that the job finished. False when the fence no longer
-/// matches. For a completion that commits the body's own writes, see [`lock_for_completion`].
+/// matches (`None`). For a completion that commits the body's own writes, see
+/// [`lock_for_completion`].
 pub async fn complete(
     conn: &mut PgConnection,
     id: i64,
     fence: i64,
     result: Option<&Value>,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+) -> Result<Option<Ended>, sqlx::Error> {
+    sqlx::query_as(concat!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
              result = case when cancel_requested then null else $3 end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
-    )
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         returning ",
+        ended_columns!()
+    ))
     .bind(id)
     .bind(fence)
     .bind(result)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Locks a held job's row inside the transaction that is about to complete it, and says whether
@@ -60,14 +62,14 @@ pub async fn lock_for_completion(
 
 /// Marks many held jobs COMPLETED without a result in one statement (the worker's completion
 /// batcher: one commit for many trivial jobs); those with a pending cancel end CANCELLED, as in
-/// [`complete`]. Returns the ids that were still held. Rows are
+/// [`complete`]. Returns the endings of the jobs that were still held. Rows are
 /// locked in id order, as the heartbeat and release lock them, so they never deadlock.
 pub async fn complete_many(
     conn: &mut PgConnection,
     held: &[(i64, i64)],
-) -> Result<Vec<i64>, sqlx::Error> {
+) -> Result<Vec<Ended>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(concat!(
+    sqlx::query_as(concat!(
         "with held as (",
         lock_held_jobs!(),
         ")
@@ -76,7 +78,8 @@ pub async fn complete_many(
                           else 'completed' end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
          from held where jobs.id = held.id
-         returning jobs.id",
+         returning jobs.",
+        ended_columns!()
     ))
     .bind(ids)
     .bind(fences)
@@ -94,8 +97,8 @@ pub async fn fail(
     error: &str,
     retry_in: Duration,
     fatal: bool,
-) -> Result<Option<JobState>, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Option<Ended>, sqlx::Error> {
+    sqlx::query_as(concat!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state
                           when $5 or attempt >= max_attempts then 'failed'
@@ -111,8 +114,9 @@ pub async fn fail(
              lease_owner = null,
              lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning state",
-    )
+         returning ",
+        ended_columns!()
+    ))
     .bind(id)
     .bind(fence)
     .bind(error)
@@ -124,14 +128,14 @@ pub async fn fail(
 
 /// Puts a held job back to QUEUED after `after` without spending its attempt (the job asked to
 /// run later). A job whose cancel was requested ends CANCELLED instead: a snooze must not park
-/// a cancel until the job is claimed again. False when the fence no longer matches.
+/// a cancel until the job is claimed again. `None` when the fence no longer matches.
 pub async fn snooze(
     conn: &mut PgConnection,
     id: i64,
     fence: i64,
     after: Duration,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+) -> Result<Option<Ended>, sqlx::Error> {
+    sqlx::query_as(concat!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
              finished_at = case when cancel_requested then now() end,
@@ -139,28 +143,34 @@ pub async fn snooze(
              run_at = case when cancel_requested then run_at
                            else now() + $3 * interval '1 millisecond' end,
              lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
-    )
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         returning ",
+        ended_columns!()
+    ))
     .bind(id)
     .bind(fence)
     .bind(after.as_millis() as f64)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(conn)
+    .await
 }
 
-/// Marks a held job CANCELLED. False when the fence no longer matches.
-pub async fn cancelled(conn: &mut PgConnection, id: i64, fence: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+/// Marks a held job CANCELLED. `None` when the fence no longer matches.
+pub async fn cancelled(
+    conn: &mut PgConnection,
+    id: i64,
+    fence: i64,
+) -> Result<Option<Ended>, sqlx::Error> {
+    sqlx::query_as(concat!(
         "update jobs set state = 'cancelled', finished_at = now(),
              lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
-    )
+         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         returning ",
+        ended_columns!()
+    ))
     .bind(id)
     .bind(fence)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(conn)
+    .await
 }
 
 /// The delay before retry number `attempt` (1-based): base · 2^(attempt-1), capped, plus up to

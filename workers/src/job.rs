@@ -214,10 +214,12 @@ impl Batch<'_> {
             }
             Some(false) => {}
         }
-        if !crate::finish::complete(&mut self.tx, id, fence, result.as_ref()).await? {
+        let Some(ended) = crate::finish::complete(&mut self.tx, id, fence, result.as_ref()).await?
+        else {
             return Err(JobError::LeaseLost);
-        }
+        };
         self.tx.commit().await?;
+        ended.record();
         self.ctx.finished.store(true, Ordering::SeqCst);
         Ok(Outcome::Completed(result))
     }

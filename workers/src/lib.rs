@@ -22,6 +22,8 @@
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API, and which jobs are still live.
+//! - [`stats`]: the queue at a glance (jobs by kind and state, oldest wait) for metrics.
+//! - [`metrics`]: the queue's counters (jobs finished, their run time, rescues).
 //! - [`state`]: [`JobState`], the `job_state` SQL type in Rust.
 //! - [`settings`], [`error`].
 
@@ -49,6 +51,7 @@ mod execute;
 pub mod finish;
 pub mod job;
 pub mod lease;
+pub mod metrics;
 pub mod read;
 pub mod registry;
 pub mod retention;
@@ -57,6 +60,7 @@ pub mod runtime;
 mod services;
 pub mod settings;
 pub mod state;
+pub mod stats;
 
 pub use cancel::{CancelOutcome, request_cancel};
 pub use enqueue::{NewJob, enqueue, enqueue_many};

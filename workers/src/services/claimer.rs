@@ -54,6 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         // Only an empty claim means the queue is drained: a short one may just have skipped
         // rows another worker was claiming at the same instant.
         let drained = jobs.is_empty();
+        crate::metrics::rescued(jobs.iter().filter(|job| job.rescued).count());
         for job in jobs {
             let slot = reserved.split(1).expect("a slot reserved per claimed job");
             tokio::spawn(crate::execute::run_job(shared.clone(), job, slot));

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{on_conn, retry_until};
 use crate::finish;
+use crate::metrics::Ended;
 use crate::runtime::Shared;
 
 /// Completes trivial jobs in batches until `done`, then flushes what is left.
@@ -52,9 +53,10 @@ async fn flush(shared: &Shared, batch: &[(i64, i64)]) {
         |e| tracing::warn!(error = %e, "completing jobs failed; retrying"),
     )
     .await;
-    if let Err(e) = completed {
+    match completed {
+        Ok(ended) => ended.iter().for_each(Ended::record),
         // The jobs' leases will expire and another worker re-runs them.
-        tracing::error!(error = %e, jobs = batch.len(), "cannot record completions");
+        Err(e) => tracing::error!(error = %e, jobs = batch.len(), "cannot record completions"),
     }
     let mut held = shared.held.lock().expect("held map");
     for (id, _) in batch {

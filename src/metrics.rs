@@ -1,0 +1,252 @@
+//! Prometheus metrics: the process's recorder, the names settle records under, and the queue
+//! gauges read from the database at scrape time.
+//!
+//! Counters and histograms are recorded where things happen, through the `metrics` facade:
+//! orders and HTTP requests here (called from `http/` and `orders/`), jobs in `settle-workers`.
+//! They go to one recorder per process, installed on first use ([`Metrics::new`]): the facade's
+//! recorder is process-global, and the worker crate records from any task on any thread, which
+//! only a global recorder sees (a `with_local_recorder` scope is one thread's, for one closure).
+//! So in `serve` one `/metrics` shows the API's and the workers' series, and a `settle worker`
+//! process serves its own on `worker.metrics_addr`.
+//!
+//! The queue gauges (`settle_jobs`, `settle_job_oldest_queued_seconds`) describe the database,
+//! not the process: each scrape renders them from one statement ([`settle_workers::stats`])
+//! into a recorder of its own, so no stale series lingers and two apps in one process (tests)
+//! never mix their databases. Scrapes within [`QUEUE_MAX_AGE`] share one reading.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use settle_workers::JobState;
+use settle_workers::stats::{self, StateCount};
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+pub const ORDERS: &str = "settle_orders_total";
+pub const ORDER_BATCH_SIZE: &str = "settle_order_batch_size";
+pub const HTTP_REQUESTS: &str = "settle_http_requests_total";
+pub const HTTP_DURATION: &str = "settle_http_request_duration_seconds";
+pub const JOBS: &str = "settle_jobs";
+pub const OLDEST_QUEUED: &str = "settle_job_oldest_queued_seconds";
+
+/// How old a reading of the queue gauges may be when a scrape reuses it.
+pub const QUEUE_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How often histograms are drained when nobody scrapes (`run_upkeep`), bounding their memory.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// How an order request ended, as `settle_orders_total{outcome}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOutcome {
+    Placed,
+    OutOfStock,
+    /// Refused as asked: invalid quantity or buyer, unknown product, an Idempotency-Key misuse.
+    Rejected,
+    /// The service failed to answer it (5xx): not placed, outcome unknown, or unavailable.
+    Error,
+}
+
+impl OrderOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Placed => "placed",
+            Self::OutOfStock => "out_of_stock",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Counts one answered order request.
+pub fn order(outcome: OrderOutcome) {
+    counter!(ORDERS, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Records how many orders one coalesced transaction placed or refused together.
+pub fn order_batch(size: usize) {
+    histogram!(ORDER_BATCH_SIZE).record(size as f64);
+}
+
+/// Records one answered HTTP request. `route` is the matched path template (or a fixed label
+/// for no route), `method` one of a fixed set: the label sets stay bounded whatever is asked.
+pub fn http_request(method: &'static str, route: String, status: u16, took: Duration) {
+    counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(),
+        "status" => status.to_string())
+    .increment(1);
+    histogram!(HTTP_DURATION, "route" => route).record(took.as_secs_f64());
+}
+
+/// The handle to the process's recorder and this app's queue gauges.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    queue: Arc<Mutex<Option<(Instant, String)>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Installs the process's recorder on first call; later calls share it.
+    pub fn new() -> Self {
+        Self {
+            handle: process_handle(),
+            queue: Arc::default(),
+        }
+    }
+
+    /// The process's series in the Prometheus text format.
+    pub fn render_process(&self) -> String {
+        self.handle.render()
+    }
+
+    /// The process's series and the queue gauges of `pool`'s database. If the database cannot
+    /// be read, the queue gauges are left out (and a warning logged): the process's own series
+    /// matter most while the database is in trouble.
+    pub async fn render(&self, pool: &PgPool) -> String {
+        let mut text = self.render_process();
+        match self.queue_gauges(pool).await {
+            Ok(queue) => text.push_str(&queue),
+            Err(e) => tracing::warn!(error = %e, "cannot read the queue for /metrics"),
+        }
+        text
+    }
+
+    /// The last reading if younger than [`QUEUE_MAX_AGE`], else a new one. Concurrent scrapes
+    /// wait for one reading rather than each running the statement.
+    async fn queue_gauges(&self, pool: &PgPool) -> Result<String, sqlx::Error> {
+        let mut cached = self.queue.lock().await;
+        if let Some((read_at, text)) = cached.as_ref()
+            && read_at.elapsed() < QUEUE_MAX_AGE
+        {
+            return Ok(text.clone());
+        }
+        let mut conn = pool.acquire().await?;
+        let counts = stats::queue_counts(&mut conn, stats::EXACT_UP_TO).await?;
+        let text = render_queue(&counts);
+        *cached = Some((Instant::now(), text.clone()));
+        Ok(text)
+    }
+}
+
+/// The queue gauges as Prometheus text: every state of every kind that has jobs (0 where it
+/// has none), and each such kind's oldest wait (0 when nothing is due).
+fn render_queue(counts: &[StateCount]) -> String {
+    let mut jobs: BTreeMap<(&str, &'static str), f64> = BTreeMap::new();
+    let mut oldest: BTreeMap<&str, f64> = BTreeMap::new();
+    for count in counts {
+        for state in JobState::ALL {
+            jobs.entry((&count.kind, state.as_str())).or_insert(0.0);
+        }
+        let wait = oldest.entry(&count.kind).or_insert(0.0);
+        *wait = wait.max(count.oldest_due_seconds.unwrap_or(0.0));
+        jobs.insert((&count.kind, count.state.as_str()), count.jobs as f64);
+    }
+    let recorder = PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&recorder, || {
+        describe_gauge!(
+            JOBS,
+            "Jobs by kind and state: exact for live states and for finished states up to 10000 \
+             rows, Postgres' estimate above"
+        );
+        describe_gauge!(
+            OLDEST_QUEUED,
+            Unit::Seconds,
+            "How long the oldest due queued job of each kind has waited"
+        );
+        for ((kind, state), n) in jobs {
+            gauge!(JOBS, "kind" => kind.to_owned(), "state" => state).set(n);
+        }
+        for (kind, seconds) in oldest {
+            gauge!(OLDEST_QUEUED, "kind" => kind.to_owned()).set(seconds);
+        }
+    });
+    recorder.handle().render()
+}
+
+/// The process's recorder, installed globally once, with its upkeep thread.
+fn process_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = match builder().install_recorder() {
+                Ok(handle) => handle,
+                Err(e) => {
+                    // Another recorder owns the facade: this one renders only what it is given.
+                    tracing::warn!(error = %e, "cannot install the metrics recorder");
+                    builder().build_recorder().handle()
+                }
+            };
+            describe();
+            let upkeep = handle.clone();
+            std::thread::spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP);
+                    upkeep.run_upkeep();
+                }
+            });
+            handle
+        })
+        .clone()
+}
+
+/// Histograms as Prometheus histograms (not summaries), with buckets fit to each.
+fn builder() -> PrometheusBuilder {
+    const SECONDS: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    // Jobs run from milliseconds (probe kinds) to hours (a year's settlement).
+    const JOB_SECONDS: &[f64] = &[
+        0.01,
+        0.1,
+        0.5,
+        1.0,
+        5.0,
+        15.0,
+        60.0,
+        300.0,
+        900.0,
+        3600.0,
+        4.0 * 3600.0,
+        24.0 * 3600.0,
+    ];
+    // Up to orders.max_batch (128 by default) and beyond.
+    const BATCH: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    let full = |name: &str| Matcher::Full(name.to_owned());
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(full(HTTP_DURATION), SECONDS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(full(settle_workers::metrics::JOB_DURATION), JOB_SECONDS)
+        })
+        .and_then(|b| b.set_buckets_for_metric(full(ORDER_BATCH_SIZE), BATCH))
+        .expect("bucket lists are not empty")
+}
+
+fn describe() {
+    describe_counter!(
+        ORDERS,
+        "Order requests answered, by outcome: placed, out_of_stock, rejected, error"
+    );
+    describe_histogram!(
+        ORDER_BATCH_SIZE,
+        "Orders decided together by one coalesced transaction"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by method, route template and status"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time to the response head, by route template"
+    );
+    settle_workers::metrics::describe();
+}

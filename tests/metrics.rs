@@ -1,0 +1,223 @@
+//! `GET /metrics`: the Prometheus text parsed, and its counts checked after known traffic.
+//!
+//! The `metrics` recorder is process-global, and the tests of this binary run in parallel and
+//! share it: each test asserts only on series that it alone produces (its own routes, order
+//! outcomes or job kind), so the counts are exact. The queue gauges are read from each app's
+//! own database at scrape time, so they are exact per test whatever runs beside it.
+//! A `settle worker` process has a recorder of its own, scraped on `worker.metrics_addr`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::processes::{WorkerProcess, probe_tables, wait_for, wait_state};
+use common::prometheus::Scrape;
+use common::prometheus::scrape;
+use common::{migrated_pool, spawn_app, test_config};
+use serde_json::json;
+use settle_workers::{NewJob, Worker};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
+    let app = spawn_app().await;
+    let product = app.product(3, 500).await;
+    let order =
+        |quantity: i64| json!({"product_id": product, "quantity": quantity, "buyer_id": "b-1"});
+    for expected in [201, 201, 201, 409, 409] {
+        assert_eq!(app.post("/api/v1/orders", &order(1)).await.0, expected);
+    }
+    assert_eq!(app.post("/api/v1/orders", &order(0)).await.0, 422);
+    for id in [987_654_321, 987_654_322] {
+        assert_eq!(app.get(&format!("/api/v1/orders/{id}")).await.0, 404);
+    }
+    let restock = format!("/api/v1/products/{product}/restock");
+    for _ in 0..3 {
+        assert_eq!(app.post(&restock, &json!({"quantity": 0})).await.0, 422);
+    }
+    assert_eq!(app.get("/no/such/route/42").await.0, 404);
+
+    let metrics = scrape(&app).await;
+    let orders = |outcome| metrics.count("settle_orders_total", &[("outcome", outcome)]);
+    assert_eq!(orders("placed"), 3.0);
+    assert_eq!(orders("out_of_stock"), 2.0);
+    assert_eq!(orders("rejected"), 1.0);
+    assert_eq!(orders("error"), 0.0);
+    // The coalescer decided the five well-formed orders (one at a time here).
+    assert_eq!(metrics.count("settle_order_batch_size_sum", &[]), 5.0);
+    assert_eq!(metrics.types["settle_order_batch_size"], "histogram");
+
+    let requests = |method, route, status| {
+        let labels = [("method", method), ("route", route), ("status", status)];
+        metrics.count("settle_http_requests_total", &labels)
+    };
+    assert_eq!(requests("POST", "/api/v1/orders", "201"), 3.0);
+    assert_eq!(requests("POST", "/api/v1/orders", "409"), 2.0);
+    assert_eq!(requests("GET", "/api/v1/orders/{id}", "404"), 2.0);
+    assert_eq!(
+        requests("POST", "/api/v1/products/{id}/restock", "422"),
+        3.0
+    );
+    assert!(requests("GET", "unmatched", "404") >= 1.0);
+    let durations = |route| {
+        metrics.count(
+            "settle_http_request_duration_seconds_count",
+            &[("route", route)],
+        )
+    };
+    assert_eq!(durations("/api/v1/products/{id}/restock"), 3.0);
+    assert_eq!(
+        metrics.types["settle_http_request_duration_seconds"],
+        "histogram"
+    );
+    // Never a raw path: the ids above and the unmatched path are nowhere in the labels.
+    let routes = metrics.label_values("settle_http_requests_total", "route");
+    assert!(
+        routes
+            .iter()
+            .all(|r| !r.contains("987654321") && !r.contains("/no/such")),
+        "{routes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_settlement_run_by_a_worker_is_counted_and_the_queue_gauges_match_the_table() {
+    let app = spawn_app().await;
+    let stop = CancellationToken::new();
+    let registry = settle::worker::registry(&app.config);
+    let settings = settle::worker::settings(&app.config.worker);
+    tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(stop.clone()));
+    let job = app.post_settlement("2026-01-01", "2026-01-02").await;
+    wait_state(&app.pool, job, "completed").await;
+    stop.cancel();
+    // Jobs of a kind no worker here runs: they stay queued, waiting.
+    let mut conn = app.pool.acquire().await.unwrap();
+    for _ in 0..3 {
+        settle_workers::enqueue(&mut conn, &NewJob::new("metrics_probe", json!({})))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let metrics = scrape(&app).await;
+    let settlement = [("kind", "settlement"), ("outcome", "completed")];
+    assert_eq!(
+        metrics.count("settle_jobs_finished_total", &settlement),
+        1.0
+    );
+    let runs = metrics.count(
+        "settle_job_duration_seconds_count",
+        &[("kind", "settlement")],
+    );
+    assert_eq!(runs, 1.0);
+    assert_eq!(metrics.types["settle_job_duration_seconds"], "histogram");
+    assert_eq!(metrics.types["settle_jobs"], "gauge");
+
+    let table: Vec<(String, String, i64)> =
+        sqlx::query_as("select kind, state::text, count(*) from jobs group by 1, 2")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(table.len(), 2, "{table:?}");
+    for (kind, state, jobs) in &table {
+        let gauge = metrics.value("settle_jobs", &[("kind", kind), ("state", state)]);
+        assert_eq!(gauge, Some(*jobs as f64), "{kind} {state}");
+    }
+    // Every state of a kind is shown, 0 where it has no job.
+    assert_eq!(
+        metrics.value(
+            "settle_jobs",
+            &[("kind", "settlement"), ("state", "queued")]
+        ),
+        Some(0.0)
+    );
+    let waited = metrics.count(
+        "settle_job_oldest_queued_seconds",
+        &[("kind", "metrics_probe")],
+    );
+    assert!(waited >= 1.0, "{waited}");
+    assert_eq!(
+        metrics.value(
+            "settle_job_oldest_queued_seconds",
+            &[("kind", "settlement")]
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn a_finished_state_past_the_exact_limit_shows_the_planner_estimate() {
+    let app = spawn_app().await;
+    // Twice the limit, so the floor (the rows counted) alone would be far off.
+    let (big, small) = (2 * settle_workers::stats::EXACT_UP_TO, 7);
+    for (kind, state, n) in [
+        ("metrics_bulk", "completed", big),
+        ("metrics_bulk", "failed", small),
+    ] {
+        sqlx::query(
+            "insert into jobs (kind, state, started_at, finished_at)
+             select $1, $2::job_state, now(), now() from generate_series(1, $3)",
+        )
+        .bind(kind)
+        .bind(state)
+        .bind(n)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    // What autovacuum does after a bulk change: the estimate reads the statistics.
+    sqlx::query("vacuum analyze jobs")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let metrics = scrape(&app).await;
+    let gauge = |state| {
+        let labels = [("kind", "metrics_bulk"), ("state", state)];
+        metrics.value("settle_jobs", &labels).expect("a gauge")
+    };
+    // Under the limit: exact. Past it: the estimate, close to the truth and never below the
+    // rows already counted.
+    assert_eq!(gauge("failed"), small as f64);
+    let estimate = gauge("completed");
+    let error = (estimate - big as f64).abs() / big as f64;
+    assert!(
+        estimate >= settle_workers::stats::EXACT_UP_TO as f64,
+        "{estimate}"
+    );
+    assert!(error < 0.05, "estimate {estimate} for {big} rows");
+}
+
+#[tokio::test]
+async fn a_worker_process_serves_its_job_counters_on_worker_metrics_addr() {
+    let config = test_config(&[]);
+    let (pool, _db) = migrated_pool(&config).await;
+    probe_tables(&pool).await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let env = [("SETTLE_WORKER__METRICS_ADDR", addr.to_string())];
+    let mut worker = WorkerProcess::start_with(&config, &env);
+    let mut conn = pool.acquire().await.unwrap();
+    let job = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({"record": true})))
+        .await
+        .unwrap();
+    wait_state(&pool, job, "completed").await;
+
+    // The counter is bumped just after the completing commit the database already shows.
+    let noop = [("kind", "noop"), ("outcome", "completed")];
+    let url = format!("http://{addr}/metrics");
+    let text = wait_for(
+        Duration::from_secs(10),
+        "the worker counts the noop",
+        || async {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            (Scrape::parse(&text).count("settle_jobs_finished_total", &noop) == 1.0).then_some(text)
+        },
+    )
+    .await;
+    let metrics = Scrape::parse(&text);
+    // The queue gauges are the API's to serve, never repeated by every worker.
+    assert_eq!(metrics.value("settle_jobs", &[]), None);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
