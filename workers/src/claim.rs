@@ -41,7 +41,8 @@ pub async fn claim(
     lease: Duration,
     kinds: &[String],
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ClaimedJob,
         "with expired as (
              select id from jobs
              where state in ('running', 'cancelling') and lease_expires_at < now()
@@ -69,11 +70,11 @@ pub async fn claim(
          )
          returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
                    cancel_requested",
+        owner,
+        limit,
+        lease.as_millis() as f64,
+        kinds,
     )
-    .bind(owner)
-    .bind(limit)
-    .bind(lease.as_millis() as f64)
-    .bind(kinds)
     .fetch_all(conn)
     .await
 }

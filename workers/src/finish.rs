@@ -23,16 +23,16 @@ pub async fn complete(
     fence: i64,
     result: Option<&Value>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
-             result = case when cancel_requested then null else $3 end,
+             result = case when cancel_requested then null else $3::jsonb end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+        id,
+        fence,
+        result,
     )
-    .bind(id)
-    .bind(fence)
-    .bind(result)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -47,13 +47,13 @@ pub async fn lock_for_completion(
     id: i64,
     fence: i64,
 ) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select cancel_requested from jobs
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
          for update",
+        id,
+        fence,
     )
-    .bind(id)
-    .bind(fence)
     .fetch_optional(conn)
     .await
 }
@@ -67,19 +67,17 @@ pub async fn complete_many(
     held: &[(i64, i64)],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(concat!(
-        "with held as (",
-        lock_held_jobs!(),
-        ")
+    over_held_jobs!(query_scalar!(
+        "
          update jobs set
              state = case when jobs.cancel_requested then 'cancelled'::job_state
                           else 'completed' end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
          from held where jobs.id = held.id
          returning jobs.id",
+        &ids,
+        &fences,
     ))
-    .bind(ids)
-    .bind(fences)
     .fetch_all(conn)
     .await
 }
@@ -95,7 +93,7 @@ pub async fn fail(
     retry_in: Duration,
     fatal: bool,
 ) -> Result<Option<JobState>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state
                           when $5 or attempt >= max_attempts then 'failed'
@@ -111,13 +109,13 @@ pub async fn fail(
              lease_owner = null,
              lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning state",
+         returning state as \"state: JobState\"",
+        id,
+        fence,
+        error,
+        retry_in.as_millis() as f64,
+        fatal,
     )
-    .bind(id)
-    .bind(fence)
-    .bind(error)
-    .bind(retry_in.as_millis() as f64)
-    .bind(fatal)
     .fetch_optional(conn)
     .await
 }
@@ -131,7 +129,7 @@ pub async fn snooze(
     fence: i64,
     after: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
              finished_at = case when cancel_requested then now() end,
@@ -140,10 +138,10 @@ pub async fn snooze(
                            else now() + $3 * interval '1 millisecond' end,
              lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+        id,
+        fence,
+        after.as_millis() as f64,
     )
-    .bind(id)
-    .bind(fence)
-    .bind(after.as_millis() as f64)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -151,13 +149,13 @@ pub async fn snooze(
 
 /// Marks a held job CANCELLED. False when the fence no longer matches.
 pub async fn cancelled(conn: &mut PgConnection, id: i64, fence: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set state = 'cancelled', finished_at = now(),
              lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+        id,
+        fence,
     )
-    .bind(id)
-    .bind(fence)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
