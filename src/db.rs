@@ -112,16 +112,17 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
     let Some((name, mut conn)) = maintenance_connection(url).await? else {
         return Ok(false);
     };
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
+    let exists = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_database where datname = $1) as "exists!""#,
+        name
+    )
+    .fetch_one(&mut conn)
+    .await?;
     if exists {
         return Ok(false);
     }
     let quoted = quote_ident(&name);
-    // The name is quoted as an identifier above; CREATE DATABASE takes no parameters.
+    // Dynamic: the database name comes from the URL, and CREATE DATABASE takes no parameters.
     match sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
         .execute(&mut conn)
         .await
@@ -139,7 +140,8 @@ pub async fn drop_database_if_exists(url: &str) -> Result<(), DbError> {
         return Ok(());
     };
     let quoted = quote_ident(&name);
-    // An identifier, quoted above: DROP DATABASE takes no parameters.
+    // Dynamic: the database name comes from the URL (quoted above); DROP DATABASE takes no
+    // parameters.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {quoted} with (force)"
     )))
@@ -156,16 +158,17 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 
 /// Number of embedded migrations the database has not applied yet.
 pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
-    let has_table: bool = sqlx::query_scalar("select to_regclass('_sqlx_migrations') is not null")
-        .fetch_one(pool)
-        .await?;
+    let has_table = sqlx::query_scalar!(
+        r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
+    )
+    .fetch_one(pool)
+    .await?;
     if !has_table {
         return Ok(MIGRATOR.iter().count());
     }
-    let applied: Vec<i64> =
-        sqlx::query_scalar("select version from _sqlx_migrations where success")
-            .fetch_all(pool)
-            .await?;
+    let applied = sqlx::query_scalar!("select version from _sqlx_migrations where success")
+        .fetch_all(pool)
+        .await?;
     Ok(MIGRATOR
         .iter()
         .filter(|m| !applied.contains(&m.version))

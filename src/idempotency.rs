@@ -143,32 +143,31 @@ impl IdempotencyKey {
         tx: &mut PgConnection,
         request: &Value,
     ) -> Result<Option<StoredResponse>, IdempotencyError> {
-        let locked: bool = sqlx::query_scalar(
-            "select pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))",
+        let locked = sqlx::query_scalar!(
+            r#"select pg_try_advisory_xact_lock(hashtextextended($1::text || ':' || $2::text, 0))
+                   as "locked!""#,
+            self.scope,
+            self.key,
         )
-        .bind(self.scope)
-        .bind(&self.key)
         .fetch_one(&mut *tx)
         .await?;
         if !locked {
             return Err(IdempotencyError::KeyInUse);
         }
-        let stored: Option<(Value, i16, Value)> = sqlx::query_as(
+        let stored = sqlx::query!(
             "select request, response_status, response_body from idempotency_keys
              where scope = $1 and key = $2 and expires_at > now()",
+            self.scope,
+            self.key,
         )
-        .bind(self.scope)
-        .bind(&self.key)
         .fetch_optional(&mut *tx)
         .await?;
         match stored {
             None => Ok(None),
-            Some((stored_request, _, _)) if &stored_request != request => {
-                Err(IdempotencyError::KeyReused)
-            }
-            Some((_, status, body)) => Ok(Some(StoredResponse {
-                status: status as u16,
-                body,
+            Some(stored) if &stored.request != request => Err(IdempotencyError::KeyReused),
+            Some(stored) => Ok(Some(StoredResponse {
+                status: stored.response_status as u16,
+                body: stored.response_body,
             })),
         }
     }
@@ -182,7 +181,7 @@ impl IdempotencyKey {
         body: &Value,
         ttl_hours: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "insert into idempotency_keys
                  (scope, key, request, response_status, response_body, expires_at)
              values ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
@@ -190,13 +189,13 @@ impl IdempotencyKey {
              set request = excluded.request, response_status = excluded.response_status,
                  response_body = excluded.response_body, created_at = now(),
                  expires_at = excluded.expires_at",
+            self.scope,
+            self.key,
+            request,
+            status as i16,
+            body,
+            ttl_hours as i32,
         )
-        .bind(self.scope)
-        .bind(&self.key)
-        .bind(request)
-        .bind(status as i16)
-        .bind(body)
-        .bind(ttl_hours as i32)
         .execute(tx)
         .await?;
         Ok(())
@@ -206,7 +205,7 @@ impl IdempotencyKey {
 /// Deletes up to 10,000 expired keys (one short statement, however many expired); returns how
 /// many. Expired keys are already ignored when read: this only keeps the table small.
 pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let pruned = sqlx::query(
+    let pruned = sqlx::query!(
         "delete from idempotency_keys where (scope, key) in (
              select scope, key from idempotency_keys where expires_at <= now() limit 10000
          )",

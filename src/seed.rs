@@ -95,7 +95,7 @@ pub async fn run(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedReport> {
 
 /// Seeds the demo data set unless the database already holds transactions.
 pub async fn demo_if_empty(pool: &PgPool) -> anyhow::Result<()> {
-    let any: bool = sqlx::query_scalar("select exists (select 1 from transactions)")
+    let any = sqlx::query_scalar!(r#"select exists (select 1 from transactions) as "any!""#)
         .fetch_one(pool)
         .await?;
     if !any {
@@ -106,12 +106,12 @@ pub async fn demo_if_empty(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 async fn insert_products(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "insert into products (name, price_cents, initial_stock, stock)
          select 'Demo product ' || n, 500 + (n * 250) % 10000, 1000, 1000
          from generate_series(1, $1) as n",
+        args.products as i32,
     )
-    .bind(args.products as i32)
     .execute(pool)
     .await
     .context("inserting products")?;
@@ -121,13 +121,13 @@ async fn insert_products(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<()> {
 /// Loads the transactions; returns the first id used.
 async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64> {
     // Reserve a contiguous id range so parallel streams and reruns never collide.
-    let first_id: i64 = sqlx::query_scalar(
-        "select setval(pg_get_serial_sequence('transactions', 'id'),
-                       greatest((select coalesce(max(id), 0) from transactions),
-                                (select last_value from transactions_id_seq where is_called))
-                       + $1::bigint) - $1::bigint + 1",
+    let first_id = sqlx::query_scalar!(
+        r#"select setval(pg_get_serial_sequence('transactions', 'id'),
+                         greatest((select coalesce(max(id), 0) from transactions),
+                                  (select last_value from transactions_id_seq where is_called))
+                         + $1::bigint) - $1::bigint + 1 as "first_id!""#,
+        args.transactions as i64,
     )
-    .bind(args.transactions as i64)
     .fetch_one(pool)
     .await
     .context("reserving transaction ids")?;
@@ -165,7 +165,7 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
             .context("COPY of transactions")?;
     }
     bar.finish_and_clear();
-    sqlx::query("analyze transactions")
+    sqlx::query!("analyze transactions")
         .execute(pool)
         .await
         .context("analyzing transactions")?;

@@ -67,7 +67,7 @@ pub async fn run(args: IngestArgs, config: Config) -> anyhow::Result<()> {
     anyhow::ensure!(again == 0, "a re-send stored {again} rows");
     api.stop().await?;
     let bare = bare_phase(&config, &args).await?;
-    let stored: i64 = sqlx::query_scalar("select count(*) from transactions")
+    let stored = sqlx::query_scalar!(r#"select count(*) as "count!" from transactions"#)
         .fetch_one(&pool)
         .await?;
     anyhow::ensure!(stored as f64 == 2.0 * rows, "{stored} rows in the table");
@@ -186,7 +186,7 @@ async fn bare_phase(config: &Config, args: &IngestArgs) -> anyhow::Result<f64> {
             format!("({})", p.join(", "))
         })
         .collect();
-    // Built from integers only: the VALUES list of numbered placeholders.
+    // Dynamic: the VALUES list has one row of numbered placeholders per batch element.
     let statement = Arc::new(format!(
         "insert into transactions
              (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)

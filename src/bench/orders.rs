@@ -227,17 +227,18 @@ where
 
 /// Checks `initial + restocks = stock + Σ quantity` and `stock >= 0` from the stored rows.
 async fn check_invariant(pool: &PgPool, product_id: i64) -> anyhow::Result<()> {
-    let (holds, orders): (bool, i64) = sqlx::query_as(
-        "select p.initial_stock + p.restocked = p.stock + coalesce(sum(o.quantity), 0)
-                and p.stock >= 0 and p.sold = coalesce(sum(o.quantity), 0),
-                count(o.id)
-         from products p left join orders o on o.product_id = p.id
-         where p.id = $1
-         group by p.id",
+    let checked = sqlx::query!(
+        r#"select p.initial_stock + p.restocked = p.stock + coalesce(sum(o.quantity), 0)
+                  and p.stock >= 0 and p.sold = coalesce(sum(o.quantity), 0) as "holds!",
+                  count(o.id) as "orders!"
+           from products p left join orders o on o.product_id = p.id
+           where p.id = $1
+           group by p.id"#,
+        product_id,
     )
-    .bind(product_id)
     .fetch_one(pool)
     .await?;
+    let (holds, orders) = (checked.holds, checked.orders);
     println!(
         "       invariant initial + restocks = stock + sum(quantity): {} ({orders} order rows)",
         if holds { "holds" } else { "VIOLATED" }

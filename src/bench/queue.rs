@@ -37,7 +37,7 @@ pub struct QueueArgs {
 pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     let config = super::process::bench_config(config, &args.database)?;
     let pool = crate::cli::open(&config, true).await?;
-    sqlx::query("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs").execute(&pool).await?;
     let w = &config.worker;
     println!(
         "settle bench queue: {} no-op jobs, {} worker processes x concurrency {}, claim_batch {}, database {}",
@@ -56,7 +56,7 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         args.latency_jobs
     );
 
-    sqlx::query("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs").execute(&pool).await?;
     let started = Instant::now();
     enqueue_all(&pool, args.jobs).await?;
     let enqueued = started.elapsed();
@@ -71,7 +71,7 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         stop_worker(&mut worker).await?;
     }
 
-    sqlx::query("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs").execute(&pool).await?;
     let raw_rate = raw_phase(&config, &pool, &args).await?;
     println!(
         "raw     {raw_rate:>9.0} jobs/s   (bare sqlx loop: {} tasks, same claim + batched complete SQL)",
@@ -123,9 +123,10 @@ async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
 /// Waits until no job is queued or running.
 async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
     loop {
-        let left: i64 = sqlx::query_scalar(
-            "select (select count(*) from jobs where state = 'queued')
-                  + (select count(*) from jobs where state in ('running', 'cancelling'))",
+        let left = sqlx::query_scalar!(
+            r#"select (select count(*) from jobs where state = 'queued')
+                    + (select count(*) from jobs where state in ('running', 'cancelling'))
+                   as "left!""#,
         )
         .fetch_one(pool)
         .await?;
@@ -143,11 +144,12 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     for _ in 0..n {
         let id = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({}))).await?;
         loop {
-            let started: bool =
-                sqlx::query_scalar("select started_at is not null from jobs where id = $1")
-                    .bind(id)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let started = sqlx::query_scalar!(
+                r#"select started_at is not null as "started!" from jobs where id = $1"#,
+                id
+            )
+            .fetch_one(&mut *conn)
+            .await?;
             if started {
                 break;
             }
@@ -155,13 +157,14 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let (p50, p99): (f64, f64) = sqlx::query_as(
-        "select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms)
-         from (select extract(epoch from started_at - created_at) * 1000 as ms from jobs) t",
+    let latency = sqlx::query!(
+        r#"select percentile_cont(0.5) within group (order by ms) as "p50!",
+                  percentile_cont(0.99) within group (order by ms) as "p99!"
+           from (select extract(epoch from started_at - created_at) * 1000 as ms from jobs) t"#,
     )
     .fetch_one(&mut *conn)
     .await?;
-    Ok((p50, p99))
+    Ok((latency.p50, latency.p99))
 }
 
 /// The same claim and completion statements the workers run, from a bare loop.

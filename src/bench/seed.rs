@@ -40,9 +40,9 @@ pub async fn run(args: SeedBenchArgs, config: Config) -> anyhow::Result<()> {
         seeded.seconds,
         args.transactions as f64 / seeded.seconds
     );
-    sqlx::query("truncate transactions").execute(&pool).await?;
+    sqlx::query!("truncate transactions").execute(&pool).await?;
     let started = Instant::now();
-    sqlx::query(
+    sqlx::query!(
         "insert into transactions
              (id, merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
          select g, 'm' || lpad((g % 1000)::text, 5, '0'), 'ch_' || lpad(g::text, 12, '0'),
@@ -51,11 +51,11 @@ pub async fn run(args: SeedBenchArgs, config: Config) -> anyhow::Result<()> {
                 case when g % 10 = 0 then 'PENDING' else 'PAID' end,
                 timestamptz '2025-01-01' + (g % 2592000) * interval '1 second'
          from generate_series(1, $1::bigint) g",
+        args.transactions as i64,
     )
-    .bind(args.transactions as i64)
     .execute(&pool)
     .await?;
-    sqlx::query("analyze transactions").execute(&pool).await?;
+    sqlx::query!("analyze transactions").execute(&pool).await?;
     let raw = started.elapsed().as_secs_f64();
     println!(
         "raw    {raw:>7.2} s  {:>10.0} rows/s  (one INSERT … SELECT generate_series, then ANALYZE)",

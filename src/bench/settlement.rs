@@ -112,10 +112,12 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
         for run in 1..=args.runs.max(1) {
             let day = measure(&pool, &http, &api.base_url, one_day, zone).await?;
             let month = measure(&pool, &http, &api.base_url, range, zone).await?;
-            let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
-                .bind(day.job_id)
-                .fetch_one(&pool)
-                .await?;
+            let total = sqlx::query_scalar!(
+                r#"select total as "total!" from jobs where id = $1"#,
+                day.job_id
+            )
+            .fetch_one(&pool)
+            .await?;
             println!(
                 "one-day run {run}: job {:>6.2} s, total {total} of {} rows, CSV identical: {}; \
                  {}-day job {:>6.2} s; ratio {:.3}",
@@ -194,9 +196,9 @@ async fn measure(
     // The worker vacuums after the job completes; the statement's time must not share the
     // machine with it.
     let quiet = Instant::now();
-    while sqlx::query_scalar::<_, bool>(
-        "select exists (select 1 from pg_stat_activity
-                        where query ilike 'vacuum%' and state = 'active')",
+    while sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_stat_activity
+                          where query ilike 'vacuum%' and state = 'active') as "active!""#,
     )
     .fetch_one(pool)
     .await?
@@ -234,14 +236,14 @@ async fn measure(
 
 /// Seeds `seed.transactions` rows unless exactly that many are already there.
 async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
-    let present: i64 = sqlx::query_scalar("select count(*) from transactions")
+    let present = sqlx::query_scalar!(r#"select count(*) as "count!" from transactions"#)
         .fetch_one(pool)
         .await?;
     if present == seed.transactions as i64 {
         println!("reusing {present} transactions");
         return Ok(());
     }
-    sqlx::query("truncate transactions").execute(pool).await?;
+    sqlx::query!("truncate transactions").execute(pool).await?;
     let report = seed::run(pool, seed).await?;
     println!(
         "seeded {} transactions in {:.1} s",
@@ -291,10 +293,12 @@ async fn run_job(
         .as_i64()
         .context("job_id in the response")?;
     loop {
-        let state: String = sqlx::query_scalar("select state::text from jobs where id = $1")
-            .bind(id)
-            .fetch_one(pool)
-            .await?;
+        let state = sqlx::query_scalar!(
+            r#"select state::text as "state!" from jobs where id = $1"#,
+            id
+        )
+        .fetch_one(pool)
+        .await?;
         match state.as_str() {
             "completed" => return Ok((id, started.elapsed().as_secs_f64())),
             "failed" | "cancelled" => anyhow::bail!("settlement job {id} ended {state}"),
@@ -326,6 +330,8 @@ async fn single_statement(
         &format!("'{}'", range.from()),
         &format!("'{}'", range.to()),
     );
+    // Dynamic: the day expression and time bound hold the zone as a literal, and COPY takes no
+    // parameters.
     let statement = format!(
         "copy (select merchant_id, {day} as date, sum(amount_cents)::int8 as gross_cents,
                       sum(fee_cents)::int8 as fee_cents,

@@ -26,6 +26,8 @@ use settle_workers::{JobContext, JobError, JobResult, Outcome};
 const PATIENCE: Duration = Duration::from_secs(60);
 
 pub async fn transient(ctx: JobContext) -> JobResult {
+    // Unchecked: the probe tables are made by `create_probe_tables`, not by the migrations the
+    // checks run against.
     sqlx::query(
         "insert into queue_probe_counts (job_id, counted, batches) values ($1, 1, 0)
          on conflict (job_id) do update set counted = queue_probe_counts.counted + 1",
@@ -33,7 +35,7 @@ pub async fn transient(ctx: JobContext) -> JobResult {
     .bind(ctx.id())
     .execute(ctx.pool())
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "do $$ begin
              raise exception 'probe serialization failure' using errcode = 'serialization_failure';
          end $$",
@@ -95,18 +97,19 @@ pub async fn final_step(mut ctx: JobContext) -> JobResult {
         ctx.token().clone(),
     );
     let mut batch = ctx.begin().await?;
+    // Unchecked: the probe tables are made by `create_probe_tables`, not by the migrations the
+    // checks run against.
     sqlx::query("insert into queue_probe_effects (job_id, attempt) values ($1, $2)")
         .bind(id)
         .bind(attempt)
         .execute(batch.conn())
         .await?;
     if let Wait::Blocked = args.wait {
-        sqlx::query("select 1 from jobs where id = $1 for update")
-            .bind(id)
-            .execute(batch.conn())
+        sqlx::query!("select 1 as one from jobs where id = $1 for update", id)
+            .fetch_optional(batch.conn())
             .await?;
     }
-    // Outside the batch, so the test sees it while the batch is still open.
+    // Outside the batch, so the test sees it while the batch is still open. Unchecked, as above.
     sqlx::query("insert into queue_probe_marks (job_id) values ($1)")
         .bind(id)
         .execute(&pool)
@@ -116,7 +119,7 @@ pub async fn final_step(mut ctx: JobContext) -> JobResult {
             let _ = tokio::time::timeout(PATIENCE, token.cancelled()).await;
         }
         Wait::Blocked => {
-            let backend: i32 = sqlx::query_scalar("select pg_backend_pid()")
+            let backend = sqlx::query_scalar!(r#"select pg_backend_pid() as "pid!""#)
                 .fetch_one(batch.conn())
                 .await?;
             wait_until_blocking(&pool, backend, &args.blocker).await?;
@@ -135,12 +138,13 @@ async fn wait_until_blocking(
 ) -> Result<(), JobError> {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while tokio::time::Instant::now() < deadline {
-        let blocked: bool = sqlx::query_scalar(
-            "select exists (select 1 from pg_stat_activity
-                            where application_name = $2 and $1 = any(pg_blocking_pids(pid)))",
+        let blocked = sqlx::query_scalar!(
+            r#"select exists (select 1 from pg_stat_activity
+                              where application_name = $2 and $1 = any(pg_blocking_pids(pid)))
+                   as "blocked!""#,
+            backend,
+            blocker,
         )
-        .bind(backend)
-        .bind(blocker)
         .fetch_one(pool)
         .await?;
         if blocked {

@@ -1,33 +1,37 @@
 //! The SQL of products and orders: one small function per statement.
 
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::PgConnection;
 
 use super::{NewOrder, NewProduct, Order, Product, Rejected};
 
-const PRODUCT_COLUMNS: &str =
-    "id, name, stock, price_cents, sold, initial_stock, restocked, created_at, updated_at";
+// Each statement spells out the product's columns: the checked macros take only literals.
 
 pub async fn insert_product(
     conn: &mut PgConnection,
     product: &NewProduct,
 ) -> Result<Product, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
+    sqlx::query_as!(
+        Product,
         "insert into products (name, price_cents, initial_stock, stock)
          values ($1, $2, $3, $3)
-         returning {PRODUCT_COLUMNS}"
-    )))
-    .bind(&product.name)
-    .bind(product.price_cents)
-    .bind(product.stock)
+         returning id, name, stock, price_cents, sold, initial_stock, restocked, created_at,
+                   updated_at",
+        product.name,
+        product.price_cents,
+        product.stock,
+    )
     .fetch_one(conn)
     .await
 }
 
 pub async fn get_product(conn: &mut PgConnection, id: i64) -> Result<Option<Product>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "select {PRODUCT_COLUMNS} from products where id = $1"
-    )))
-    .bind(id)
+    sqlx::query_as!(
+        Product,
+        "select id, name, stock, price_cents, sold, initial_stock, restocked, created_at,
+                updated_at
+         from products where id = $1",
+        id,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -39,14 +43,17 @@ pub async fn list_products(
     before_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Product>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "select {PRODUCT_COLUMNS} from products
+    sqlx::query_as!(
+        Product,
+        "select id, name, stock, price_cents, sold, initial_stock, restocked, created_at,
+                updated_at
+         from products
          where ($1::bigint is null or id < $1)
          order by id desc
-         limit $2"
-    )))
-    .bind(before_id)
-    .bind(limit)
+         limit $2",
+        before_id,
+        limit,
+    )
     .fetch_all(conn)
     .await
 }
@@ -57,14 +64,16 @@ pub async fn restock(
     id: i64,
     quantity: i64,
 ) -> Result<Option<Product>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
+    sqlx::query_as!(
+        Product,
         "update products
          set stock = stock + $2, restocked = restocked + $2, updated_at = now()
          where id = $1
-         returning {PRODUCT_COLUMNS}"
-    )))
-    .bind(id)
-    .bind(quantity)
+         returning id, name, stock, price_cents, sold, initial_stock, restocked, created_at,
+                   updated_at",
+        id,
+        quantity,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -76,7 +85,8 @@ pub async fn place_order(
     conn: &mut PgConnection,
     order: &NewOrder,
 ) -> Result<Result<Order, Rejected>, sqlx::Error> {
-    let placed: Option<Order> = sqlx::query_as(
+    let placed = sqlx::query_as!(
+        Order,
         "with taken as (
              update products
              set stock = stock - $2, sold = sold + $2, updated_at = now()
@@ -86,19 +96,19 @@ pub async fn place_order(
          insert into orders (product_id, buyer_id, quantity, unit_price_cents, total_cents)
          select id, $3, $2, price_cents, price_cents * $2 from taken
          returning id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at",
+        order.product_id,
+        i64::from(order.quantity.get()),
+        order.buyer_id.as_str(),
     )
-    .bind(order.product_id)
-    .bind(order.quantity.get())
-    .bind(order.buyer_id.as_str())
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(placed) = placed {
         return Ok(Ok(placed));
     }
-    let available: Option<i64> = sqlx::query_scalar("select stock from products where id = $1")
-        .bind(order.product_id)
-        .fetch_optional(conn)
-        .await?;
+    let available =
+        sqlx::query_scalar!("select stock from products where id = $1", order.product_id)
+            .fetch_optional(conn)
+            .await?;
     Ok(Err(match available {
         None => Rejected::UnknownProduct,
         Some(available) => Rejected::OutOfStock { available },
@@ -110,10 +120,13 @@ pub async fn lock_product(
     conn: &mut PgConnection,
     id: i64,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    sqlx::query_as("select stock, price_cents from products where id = $1 for update")
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    let locked = sqlx::query!(
+        "select stock, price_cents from products where id = $1 for update",
+        id
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.map(|row| (row.stock, row.price_cents)))
 }
 
 /// One order granted by [`crate::orders::coalesce`]: its stock is already reserved.
@@ -135,20 +148,8 @@ pub async fn insert_grants(
     }
     let buyers: Vec<&str> = grants.iter().map(|g| g.buyer_id).collect();
     let quantities: Vec<i32> = grants.iter().map(|g| g.quantity).collect();
-    let mut placed: Vec<(i64, Order)> = sqlx::query_as::<
-        _,
-        (
-            i64,
-            i64,
-            i64,
-            String,
-            i32,
-            i64,
-            i64,
-            chrono::DateTime<chrono::Utc>,
-        ),
-    >(
-        "with grants as (
+    let mut placed: Vec<(i64, Order)> = sqlx::query!(
+        r#"with grants as (
              select buyer_id, quantity, ord
              from unnest($2::text[], $3::int[]) with ordinality as g(buyer_id, quantity, ord)
          ),
@@ -165,34 +166,32 @@ pub async fn insert_grants(
          )
          insert into orders (id, product_id, buyer_id, quantity, unit_price_cents, total_cents)
          overriding system value
-         select ids.id, $1, g.buyer_id, g.quantity, $4, $4 * g.quantity
+         select ids.id, $1, g.buyer_id, g.quantity, $4::int8, $4::int8 * g.quantity
          from grants g join ids using (ord)
-         returning (select ord from ids where ids.id = orders.id), id, product_id, buyer_id,
-                   quantity, unit_price_cents, total_cents, created_at",
+         returning (select ord from ids where ids.id = orders.id) as "ord!", id, product_id,
+                   buyer_id, quantity, unit_price_cents, total_cents, created_at"#,
+        product_id,
+        &buyers as &[&str],
+        &quantities,
+        price_cents,
     )
-    .bind(product_id)
-    .bind(&buyers)
-    .bind(&quantities)
-    .bind(price_cents)
     .fetch_all(conn)
     .await?
     .into_iter()
-    .map(
-        |(ord, id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at)| {
-            (
-                ord,
-                Order {
-                    id,
-                    product_id,
-                    buyer_id,
-                    quantity,
-                    unit_price_cents,
-                    total_cents,
-                    created_at,
-                },
-            )
-        },
-    )
+    .map(|row| {
+        (
+            row.ord,
+            Order {
+                id: row.id,
+                product_id: row.product_id,
+                buyer_id: row.buyer_id,
+                quantity: row.quantity,
+                unit_price_cents: row.unit_price_cents,
+                total_cents: row.total_cents,
+                created_at: row.created_at,
+            },
+        )
+    })
     .collect();
     placed.sort_unstable_by_key(|(ord, _)| *ord);
     Ok(placed.into_iter().map(|(_, order)| order).collect())
@@ -207,34 +206,40 @@ pub async fn wait_product_unlocked(
     product_id: i64,
     timeout: std::time::Duration,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("select set_config('lock_timeout', $1, true)")
-        .bind(format!("{}ms", timeout.as_millis().max(1)))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("select 1 from products where id = $1 for share")
-        .bind(product_id)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "select set_config('lock_timeout', $1, true)",
+        format!("{}ms", timeout.as_millis().max(1))
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "select 1 as one from products where id = $1 for share",
+        product_id
+    )
+    .fetch_optional(conn)
+    .await?;
     Ok(())
 }
 
 /// The orders among `ids` that exist, in any order.
 pub async fn get_orders(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Order>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Order,
         "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at
          from orders where id = any($1)",
+        ids,
     )
-    .bind(ids)
     .fetch_all(conn)
     .await
 }
 
 pub async fn get_order(conn: &mut PgConnection, id: i64) -> Result<Option<Order>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Order,
         "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at
          from orders where id = $1",
+        id,
     )
-    .bind(id)
     .fetch_optional(conn)
     .await
 }
@@ -254,7 +259,8 @@ pub async fn list_orders(
     filter: &OrderFilter,
     limit: i64,
 ) -> Result<Vec<Order>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Order,
         "select id, product_id, buyer_id, quantity, unit_price_cents, total_cents, created_at
          from orders
          where ($1::bigint is null or product_id = $1)
@@ -262,11 +268,11 @@ pub async fn list_orders(
            and ($3::bigint is null or id < $3)
          order by id desc
          limit $4",
+        filter.product_id,
+        filter.buyer_id.as_deref(),
+        filter.before_id,
+        limit,
     )
-    .bind(filter.product_id)
-    .bind(filter.buyer_id.as_deref())
-    .bind(filter.before_id)
-    .bind(limit)
     .fetch_all(conn)
     .await
 }

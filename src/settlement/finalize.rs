@@ -36,7 +36,7 @@ pub async fn discard(conn: &mut PgConnection, job_id: i64) -> Result<(), SettleE
 /// Serializes replacements of `settlements`, so overlapping jobs finishing at once cannot
 /// interleave their deletes and inserts. Released at commit.
 pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
+    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
         .execute(conn)
         .await?;
     Ok(())
@@ -55,7 +55,7 @@ pub async fn replace_settlements(
     snapshot_id: i64,
     range: DateRange,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "insert into settlements
              (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
               snapshot_id)
@@ -71,19 +71,19 @@ pub async fn replace_settlements(
              job_id = excluded.job_id, generated_at = excluded.generated_at,
              snapshot_id = excluded.snapshot_id
          where settlements.snapshot_id <= excluded.snapshot_id",
+        job_id,
+        snapshot_id,
     )
-    .bind(job_id)
-    .bind(snapshot_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "delete from settlements
          where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
+        job_id,
+        snapshot_id,
+        range.from(),
+        range.to(),
     )
-    .bind(job_id)
-    .bind(snapshot_id)
-    .bind(range.from())
-    .bind(range.to())
     .execute(conn)
     .await?;
     Ok(())
@@ -96,7 +96,7 @@ pub async fn replace_settlements(
 /// entries. Run after the job's COMPLETED commit, outside it (VACUUM cannot run in a
 /// transaction); skips a table another vacuum holds instead of waiting.
 pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("vacuum (skip_locked) settlement_batches, settlements")
+    sqlx::query!("vacuum (skip_locked) settlement_batches, settlements")
         .execute(conn)
         .await?;
     Ok(())
@@ -104,12 +104,12 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
 
 /// Deletes the job's batch sums, parts and fixed input.
 pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "with batches as (delete from settlement_batches where job_id = $1),
               parts as (delete from settlement_parts where job_id = $1)
          delete from settlement_runs where job_id = $1",
+        job_id,
     )
-    .bind(job_id)
     .execute(conn)
     .await?;
     Ok(())
@@ -123,10 +123,12 @@ pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result
 /// that was retried meanwhile stores its fresh run under a newer claim's fence, which this
 /// leaves alone.
 pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let mut abandoned: Vec<(i64, i64)> =
-        sqlx::query_as("select job_id, fence from settlement_runs")
-            .fetch_all(&mut *conn)
-            .await?;
+    let mut abandoned: Vec<(i64, i64)> = sqlx::query!("select job_id, fence from settlement_runs")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|run| (run.job_id, run.fence))
+        .collect();
     let ids: Vec<i64> = abandoned.iter().map(|&(job_id, _)| job_id).collect();
     let live = settle_workers::read::live_jobs(conn, &ids).await?;
     abandoned.retain(|(job_id, _)| !live.contains(job_id));

@@ -12,29 +12,33 @@ use super::{DateRange, Zone};
 pub async fn transaction_statistics_age(
     conn: &mut PgConnection,
 ) -> Result<(i64, f64), sqlx::Error> {
-    sqlx::query_as(
-        "select coalesce(s.n_mod_since_analyze, 0), c.reltuples::float8
-         from pg_class c left join pg_stat_user_tables s on s.relid = c.oid
-         where c.oid = 'transactions'::regclass",
+    let row = sqlx::query!(
+        r#"select coalesce(s.n_mod_since_analyze, 0) as "changed!", c.reltuples::float8 as "estimated!"
+           from pg_class c left join pg_stat_user_tables s on s.relid = c.oid
+           where c.oid = 'transactions'::regclass"#,
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.changed, row.estimated))
+}
+
+pub async fn analyze_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query!("analyze transactions").execute(conn).await?;
+    Ok(())
+}
+
+pub async fn statistics_exist(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_statistic_ext where stxname = $1) as "exists!""#,
+        name
     )
     .fetch_one(conn)
     .await
 }
 
-pub async fn analyze_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("analyze transactions").execute(conn).await?;
-    Ok(())
-}
-
-pub async fn statistics_exist(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("select exists (select 1 from pg_statistic_ext where stxname = $1)")
-        .bind(name)
-        .fetch_one(conn)
-        .await
-}
-
 /// `(merchant_id, day)` ndistinct statistics for `zone` (UTC's come with the migration).
 pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<(), sqlx::Error> {
+    // Dynamic: the statistics' name and day expression hold the zone, a literal (see `day_sql`).
     sqlx::query(AssertSqlSafe(format!(
         "create statistics if not exists {} (ndistinct) on merchant_id, ({}) from transactions",
         zone.statistics_name(),
@@ -48,11 +52,11 @@ pub async fn create_statistics(conn: &mut PgConnection, zone: Zone) -> Result<()
 /// The virtual transaction ids of the other sessions holding a lock on `transactions` that
 /// allows writing (an insert takes ROW EXCLUSIVE before it draws an id).
 pub async fn transaction_writers(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select distinct virtualtransaction from pg_locks
-         where relation = 'transactions'::regclass and granted and pid <> pg_backend_pid()
-           and mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                        'AccessExclusiveLock')",
+    sqlx::query_scalar!(
+        r#"select distinct virtualtransaction as "virtualtransaction!" from pg_locks
+           where relation = 'transactions'::regclass and granted and pid <> pg_backend_pid()
+             and mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                          'AccessExclusiveLock')"#,
     )
     .fetch_all(conn)
     .await
@@ -64,18 +68,18 @@ pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bo
     if vxids.is_empty() {
         return Ok(false);
     }
-    sqlx::query_scalar(
-        "select exists (select 1 from pg_locks
-                        where locktype = 'virtualxid' and virtualxid = any($1))",
+    sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_locks
+                          where locktype = 'virtualxid' and virtualxid = any($1)) as "running!""#,
+        vxids,
     )
-    .bind(vxids)
     .fetch_one(conn)
     .await
 }
 
 /// The highest committed transaction id, 0 when there are none.
 pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select coalesce(max(id), 0) from transactions")
+    sqlx::query_scalar!(r#"select coalesce(max(id), 0) as "max_id!" from transactions"#)
         .fetch_one(conn)
         .await
 }
@@ -110,6 +114,7 @@ pub async fn window(
     range: DateRange,
     zone: Zone,
 ) -> Result<Window, sqlx::Error> {
+    // Dynamic: the time bound holds the job's zone as a literal (see `paid_within`).
     let (after_id, last_id, rows) = sqlx::query_as(AssertSqlSafe(format!(
         "select coalesce(min(id) - 1, $1), coalesce(max(id), $1), count(*)
          from transactions where id <= $1 and {}",

@@ -172,29 +172,30 @@ fn split(lo: i64, hi: i64, n: u32) -> Vec<Part> {
 }
 
 pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Run,
         "select job_id, from_date, to_date, time_zone, high_water_id, total
          from settlement_runs where job_id = $1",
+        job_id,
     )
-    .bind(job_id)
     .fetch_optional(conn)
     .await
 }
 
 /// Stores the fixed input, owned by the claim `fence`.
 pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "insert into settlement_runs
              (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
          values ($1, $2, $3, $4, $5, $6, $7)",
+        run.job_id,
+        run.from_date,
+        run.to_date,
+        run.time_zone,
+        run.high_water_id,
+        run.total,
+        fence,
     )
-    .bind(run.job_id)
-    .bind(run.from_date)
-    .bind(run.to_date)
-    .bind(&run.time_zone)
-    .bind(run.high_water_id)
-    .bind(run.total)
-    .bind(fence)
     .execute(conn)
     .await?;
     Ok(())
@@ -205,27 +206,28 @@ pub async fn insert_part(
     job_id: i64,
     part: &Part,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
          values ($1, $2, $3, $4, $5, $6)",
+        job_id,
+        part.part,
+        part.lo_id,
+        part.hi_id,
+        part.cursor_id,
+        part.processed,
     )
-    .bind(job_id)
-    .bind(part.part)
-    .bind(part.lo_id)
-    .bind(part.hi_id)
-    .bind(part.cursor_id)
-    .bind(part.processed)
     .execute(conn)
     .await?;
     Ok(())
 }
 
 pub async fn get_parts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<Part>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Part,
         "select part, lo_id, hi_id, cursor_id, processed from settlement_parts
          where job_id = $1 order by part",
+        job_id,
     )
-    .bind(job_id)
     .fetch_all(conn)
     .await
 }
@@ -236,11 +238,13 @@ pub async fn set_run_fence(
     job_id: i64,
     fence: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("update settlement_runs set fence = $2 where job_id = $1")
-        .bind(job_id)
-        .bind(fence)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "update settlement_runs set fence = $2 where job_id = $1",
+        job_id,
+        fence
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -27,15 +27,15 @@ pub async fn store(
     job_id: i64,
     range: DateRange,
 ) -> Result<u64, sqlx::Error> {
-    let stored = sqlx::query(
+    let stored = sqlx::query!(
         "insert into settlement_results
              (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
          select $1, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
          from settlements where date between $2 and $3",
+        job_id,
+        range.from(),
+        range.to(),
     )
-    .bind(job_id)
-    .bind(range.from())
-    .bind(range.to())
     .execute(conn)
     .await?;
     Ok(stored.rows_affected())
@@ -62,7 +62,7 @@ pub fn stream(
     tokio::spawn(async move {
         let copied = async {
             // Dates render as ISO whatever the server's default.
-            sqlx::query("set datestyle = 'ISO, YMD'")
+            sqlx::query!("set datestyle = 'ISO, YMD'")
                 .execute(&mut *conn)
                 .await?;
             let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;

@@ -11,7 +11,7 @@
 //! NUL bytes).
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
 pub const MAX_MERCHANT_ID_CHARS: usize = 255;
@@ -167,7 +167,8 @@ impl RawTransaction {
     }
 }
 
-/// A batch as the parallel arrays both of [`ingest`]'s statements unnest, in their `$1`..`$6`.
+/// A batch as the parallel arrays both of [`ingest`]'s statements unnest, in their `$1`..`$6`
+/// (bound by [`with_columns!`]).
 struct Columns<'a> {
     merchants: Vec<&'a str>,
     externals: Vec<&'a str>,
@@ -176,8 +177,6 @@ struct Columns<'a> {
     statuses: Vec<&'static str>,
     paid: Vec<DateTime<Utc>>,
 }
-
-type Args = sqlx::postgres::PgArguments;
 
 impl<'a> Columns<'a> {
     fn of(rows: &'a [NewTransaction]) -> Self {
@@ -190,19 +189,21 @@ impl<'a> Columns<'a> {
             paid: rows.iter().map(|r| r.paid_at).collect(),
         }
     }
+}
 
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, Args>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, Args> {
-        query
-            .bind(&self.merchants)
-            .bind(&self.externals)
-            .bind(&self.amounts)
-            .bind(&self.fees)
-            .bind(&self.statuses)
-            .bind(&self.paid)
-    }
+/// `sqlx::$macro!($sql, <the columns' six arrays>)`: a checked statement over a [`Columns`].
+macro_rules! with_columns {
+    ($macro:ident!($sql:literal, $columns:expr)) => {
+        sqlx::$macro!(
+            $sql,
+            &$columns.merchants as &[&str],
+            &$columns.externals as &[&str],
+            &$columns.amounts,
+            &$columns.fees,
+            &$columns.statuses as &[&str],
+            &$columns.paid,
+        )
+    };
 }
 
 /// What [`ingest`] did with a batch.
@@ -230,7 +231,7 @@ pub async fn ingest(
     rows: &[NewTransaction],
 ) -> Result<Ingested, sqlx::Error> {
     let columns = Columns::of(rows);
-    let inserted = sqlx::query(
+    let inserted = with_columns!(query!(
         "insert into transactions
              (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
          select m, e, a, f, s, p
@@ -238,27 +239,28 @@ pub async fn ingest(
                      $6::timestamptz[]) as t(m, e, a, f, s, p)
          order by m, e
          on conflict on constraint transactions_merchant_external_id_key do nothing",
-    );
-    let inserted = columns
-        .bind(inserted)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        columns
+    ))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     let total = rows.len() as u64;
     if inserted < total {
         // Each element against the row stored under its identity (this batch's own first
         // occurrence included): any field that differs is a conflict.
-        let conflict = sqlx::query(
-            "select t.n from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
+        let conflict = with_columns!(query_scalar!(
+            r#"select t.n as "n!" from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
                                     $6::timestamptz[]) with ordinality as t(m, e, a, f, s, p, n)
              join transactions x on x.merchant_id = t.m and x.external_id = t.e
              where (x.amount_cents, x.fee_cents, x.status, x.paid_at)
                    is distinct from (t.a, t.f, t.s, t.p)
              order by t.n
-             limit 1",
-        );
-        let conflict = columns.bind(conflict).fetch_optional(&mut *tx).await?;
-        if let Some(n) = conflict.map(|row| row.get::<i64, _>(0)) {
+             limit 1"#,
+            columns
+        ))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(n) = conflict {
             let index = (n - 1) as usize;
             return Ok(Ingested::Conflict {
                 index,

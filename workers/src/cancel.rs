@@ -50,10 +50,12 @@ pub async fn request_cancel(
 
 /// The job's state, with its row locked so a concurrent claim or finish is ordered around us.
 async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>, sqlx::Error> {
-    sqlx::query_scalar("select state from jobs where id = $1 for update")
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_scalar!(
+        r#"select state as "state: JobState" from jobs where id = $1 for update"#,
+        id
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 async fn mark_requested(
@@ -61,22 +63,20 @@ async fn mark_requested(
     id: i64,
     state: JobState,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "update jobs set cancel_requested = true, state = $2::job_state,
              finished_at = case when $2 = 'cancelled' then now() end
          where id = $1",
+        id,
+        state as JobState,
     )
-    .bind(id)
-    .bind(state)
     .execute(conn)
     .await?;
     Ok(())
 }
 
 async fn notify_cancel(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(CANCEL_CHANNEL)
-        .bind(id.to_string())
+    sqlx::query!("select pg_notify($1, $2)", CANCEL_CHANNEL, id.to_string())
         .execute(conn)
         .await?;
     Ok(())
@@ -85,10 +85,9 @@ async fn notify_cancel(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
 /// Whether a cancel was requested for job `id` (false for no such job). Read now, so a body that
 /// stopped can tell a cancel from a shutdown.
 pub(crate) async fn requested(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
-    let requested: Option<Option<bool>> =
-        sqlx::query_scalar("select cancel_requested from jobs where id = $1")
-            .bind(id)
+    let requested: Option<bool> =
+        sqlx::query_scalar!("select cancel_requested from jobs where id = $1", id)
             .fetch_optional(conn)
             .await?;
-    Ok(requested.flatten().unwrap_or(false))
+    Ok(requested.unwrap_or(false))
 }

@@ -43,7 +43,8 @@ pub async fn claim(
     lease: Duration,
     kinds: &[String],
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ClaimedJob,
         "with expired as (
              select id from jobs
              where state in ('running', 'cancelling') and lease_expires_at < now()
@@ -70,12 +71,12 @@ pub async fn claim(
              select id from (select id from expired union all select id from due) c limit $2
          )
          returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
-                   cancel_requested, jobs.id in (select id from expired) as rescued",
+                   cancel_requested, jobs.id in (select id from expired) as \"rescued!\"",
+        owner,
+        limit,
+        lease.as_millis() as f64,
+        kinds,
     )
-    .bind(owner)
-    .bind(limit)
-    .bind(lease.as_millis() as f64)
-    .bind(kinds)
     .fetch_all(conn)
     .await
 }

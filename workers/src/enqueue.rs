@@ -48,16 +48,16 @@ impl NewJob {
 
 /// Inserts one job on `conn` (typically the caller's open transaction) and returns its id.
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "insert into jobs (kind, args, priority, max_attempts, run_at)
          values ($1, $2, $3, $4, coalesce($5, now()))
          returning id",
+        job.kind,
+        job.args,
+        job.priority,
+        job.max_attempts,
+        job.run_at,
     )
-    .bind(&job.kind)
-    .bind(&job.args)
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(job.run_at)
     .fetch_one(conn)
     .await
 }
@@ -71,15 +71,15 @@ pub async fn enqueue_many(
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "insert into jobs (kind, args, priority, max_attempts, run_at)
          select j->>'kind', j->'args', (j->>'priority')::smallint, (j->>'max_attempts')::integer,
                 coalesce((j->>'run_at')::timestamptz, now())
          from jsonb_array_elements($1) with ordinality as t(j, n)
          order by n
          returning id",
+        json!(jobs),
     )
-    .bind(json!(jobs))
     .fetch_all(conn)
     .await
 }

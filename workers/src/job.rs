@@ -170,16 +170,16 @@ impl Batch<'_> {
         total: Option<i64>,
     ) -> Result<(), JobError> {
         let checkpoint = serde_json::to_value(checkpoint).map_err(JobError::failed)?;
-        let cancel: Option<bool> = sqlx::query_scalar(
+        let cancel: Option<bool> = sqlx::query_scalar!(
             "update jobs set checkpoint = $3, processed = $4, total = coalesce($5, total)
              where id = $1 and fence = $2 and state in ('running', 'cancelling')
              returning cancel_requested",
+            self.ctx.id,
+            self.ctx.fence,
+            checkpoint,
+            processed,
+            total,
         )
-        .bind(self.ctx.id)
-        .bind(self.ctx.fence)
-        .bind(&checkpoint)
-        .bind(processed)
-        .bind(total)
         .fetch_optional(&mut *self.tx)
         .await?;
         match cancel {

@@ -23,17 +23,16 @@ pub async fn heartbeat(
     lease: Duration,
 ) -> Result<Vec<Beat>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_as(concat!(
-        "with held as (",
-        lock_held_jobs!(),
-        ")
+    over_held_jobs!(query_as!(
+        Beat;
+        "
          update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
          from held where jobs.id = held.id
          returning jobs.id, jobs.cancel_requested",
+        &ids,
+        &fences,
+        lease.as_millis() as f64,
     ))
-    .bind(ids)
-    .bind(fences)
-    .bind(lease.as_millis() as f64)
     .fetch_all(conn)
     .await
 }
@@ -53,12 +52,13 @@ pub async fn reload(
     id: i64,
     fence: i64,
 ) -> Result<Option<Resume>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Resume,
         "select checkpoint, processed, total, cancel_requested from jobs
          where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+        id,
+        fence,
     )
-    .bind(id)
-    .bind(fence)
     .fetch_optional(conn)
     .await
 }
@@ -68,10 +68,8 @@ pub async fn reload(
 /// expiry. A job with a pending cancel becomes CANCELLED instead.
 pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(concat!(
-        "with held as (",
-        lock_held_jobs!(),
-        "), released as (
+    over_held_jobs!(query_scalar!(
+        ", released as (
              update jobs set
                  state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
                  finished_at = case when cancel_requested then now() end,
@@ -82,11 +80,11 @@ pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64
              from held where jobs.id = held.id
              returning jobs.id
          )
-         select count(*) from released, lateral (select pg_notify('settle_jobs', '')) n",
+         select count(*) as \"released!\" from released, lateral (select pg_notify('settle_jobs', '')) n",
+        &ids,
+        &fences,
     ))
-    .bind(ids)
-    .bind(fences)
     .fetch_one(conn)
     .await
-    .map(|n: i64| n as u64)
+    .map(|n| n as u64)
 }

@@ -27,10 +27,31 @@
 //! - [`state`]: [`JobState`], the `job_state` SQL type in Rust.
 //! - [`settings`], [`error`].
 
-/// The `held` rows of a statement over many held jobs (`$1` ids, `$2` their fences): those
-/// still held under that fence, locked in id order. Every such statement (heartbeat, release,
-/// batched completion) locks them the same way, so two of them never deadlock. A macro so the
-/// statements stay `&'static str` (`concat!`).
+/// A checked statement (`sqlx::query_scalar!` or `sqlx::query_as!`) over many held jobs
+/// (`$1` ids, `$2` their fences) that starts with `with held as (…)`: the rows still held under
+/// that fence, locked in id order. Every such statement (heartbeat, release, batched completion)
+/// locks them the same way, so two of them never deadlock. A macro because the checked macros
+/// take only string literals (joined with `+`), not a constant.
+macro_rules! over_held_jobs {
+    ($macro:ident!($($record:path;)? $rest:literal, $($arg:expr),* $(,)?)) => {
+        sqlx::$macro!(
+            $($record,)?
+            "with held as (
+                 select jobs.id from jobs
+                 join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
+                   on jobs.id = h.id and jobs.fence = h.fence
+                 where jobs.state in ('running', 'cancelling')
+                 order by jobs.id
+                 for update of jobs
+             )" + $rest,
+            $($arg),*
+        )
+    };
+}
+
+/// [`over_held_jobs`]'s lock as a plain string, for the runtime-checked endings in `finish.rs`
+/// (they return `ended_columns!()`, which the checked macros cannot splice); to go once those
+/// are converted.
 macro_rules! lock_held_jobs {
     () => {
         "select jobs.id from jobs

@@ -69,16 +69,19 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-const COLUMNS: &str = "id, kind, state, args, attempt, max_attempts, processed, total,
-    errors -> -1 ->> 'error' as last_error, result, run_at, lease_owner as worker, errors,
-    created_at, started_at, finished_at";
+// The column list is spelt out in both statements: the checked macros take only literals.
 
 /// One job, or `None`.
 pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<JobRecord>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from jobs where id = $1"
-    )))
-    .bind(id)
+    sqlx::query_as!(
+        JobRecord,
+        r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
+               total, errors -> -1 ->> 'error' as last_error, result, run_at,
+               lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
+               started_at, finished_at
+           from jobs where id = $1"#,
+        id,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -88,19 +91,23 @@ pub async fn list_jobs(
     conn: &mut PgConnection,
     filter: &JobFilter,
 ) -> Result<Vec<JobRecord>, sqlx::Error> {
-    // The SQL text is fixed; only bound values vary.
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLUMNS} from jobs
-         where ($1::job_state is null or state = $1::job_state)
-           and ($2::text is null or kind = $2)
-           and ($3::bigint is null or id < $3)
-         order by id desc
-         limit $4"
-    )))
-    .bind(filter.state)
-    .bind(filter.kind.as_deref())
-    .bind(filter.before)
-    .bind(filter.limit)
+    sqlx::query_as!(
+        JobRecord,
+        r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
+               total, errors -> -1 ->> 'error' as last_error, result, run_at,
+               lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
+               started_at, finished_at
+           from jobs
+           where ($1::job_state is null or state = $1::job_state)
+             and ($2::text is null or kind = $2)
+             and ($3::bigint is null or id < $3)
+           order by id desc
+           limit $4"#,
+        filter.state as Option<JobState>,
+        filter.kind.as_deref(),
+        filter.before,
+        filter.limit,
+    )
     .fetch_all(conn)
     .await
 }
@@ -108,11 +115,11 @@ pub async fn list_jobs(
 /// Which of `ids` are still live (queued, running or cancelling), in no particular order; a
 /// job that ended, or was pruned, is not.
 pub async fn live_jobs(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select id from jobs
          where id = any($1) and state in ('queued', 'running', 'cancelling')",
+        ids,
     )
-    .bind(ids)
     .fetch_all(conn)
     .await
 }

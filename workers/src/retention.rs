@@ -16,22 +16,24 @@ const PRUNE_BATCH: i64 = 10_000;
 /// pruning. Returns the rows deleted (0 when another worker holds the lock).
 pub async fn prune(conn: &mut PgConnection, older_than: Duration) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(PRUNE_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
+    let locked = sqlx::query_scalar!(
+        r#"select pg_try_advisory_xact_lock($1) as "locked!""#,
+        PRUNE_LOCK
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     if !locked {
         return Ok(0);
     }
-    let deleted = sqlx::query(
+    let deleted = sqlx::query!(
         "delete from jobs where id in (
              select id from jobs
              where finished_at < now() - $1 * interval '1 millisecond'
              limit $2
          )",
+        older_than.as_millis() as f64,
+        PRUNE_BATCH,
     )
-    .bind(older_than.as_millis() as f64)
-    .bind(PRUNE_BATCH)
     .execute(&mut *tx)
     .await?
     .rows_affected();
