@@ -138,13 +138,13 @@ async fn mark_day(
     day: NaiveDate,
     job_id: i64,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "insert into scheduled_runs (schedule, day, job_id) values ($1, $2, $3)
          on conflict on constraint scheduled_run_once_per_day do nothing",
+        DAILY_SETTLEMENT,
+        day,
+        job_id,
     )
-    .bind(DAILY_SETTLEMENT)
-    .bind(day)
-    .bind(job_id)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -146,17 +146,17 @@ async fn delete_run_of_fence(
     job_id: i64,
     fence: i64,
 ) -> Result<u64, sqlx::Error> {
-    sqlx::query_scalar(
-        "with run as (delete from settlement_runs where job_id = $1 and fence = $2
+    sqlx::query_scalar!(
+        r#"with run as (delete from settlement_runs where job_id = $1 and fence = $2
                       returning job_id),
               batches as (delete from settlement_batches
                           where job_id in (select job_id from run)),
               parts as (delete from settlement_parts where job_id in (select job_id from run))
-         select count(*) from run",
+         select count(*) as "deleted!" from run"#,
+        job_id,
+        fence,
     )
-    .bind(job_id)
-    .bind(fence)
     .fetch_one(conn)
     .await
-    .map(|n: i64| n as u64)
+    .map(|n| n as u64)
 }

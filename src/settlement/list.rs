@@ -38,7 +38,8 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<SettlementRow>, sqlx::Error> {
     let (after_merchant, after_date) = filter.after.clone().unzip();
-    sqlx::query_as(
+    sqlx::query_as!(
+        SettlementRow,
         "select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, generated_at,
                 job_id
          from settlements
@@ -48,13 +49,13 @@ pub async fn list(
            and ($4::text is null or (merchant_id, date) > ($4, $5::date))
          order by merchant_id, date
          limit $6",
+        filter.merchant_id.as_deref(),
+        filter.from,
+        filter.to,
+        after_merchant,
+        after_date,
+        limit,
     )
-    .bind(filter.merchant_id.as_deref())
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(after_merchant)
-    .bind(after_date)
-    .bind(limit)
     .fetch_all(conn)
     .await
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use crate::metrics::{Ended, ended_columns};
+use crate::metrics::Ended;
 use crate::settings::WorkerSettings;
+use crate::state::JobState;
 
 /// Marks one held job COMPLETED with `result`, or CANCELLED (without the result) when a cancel
 /// was requested: a cancel answered `cancelling` always ends CANCELLED. The cancel request locks
@@ -24,18 +25,19 @@ pub async fn complete(
     fence: i64,
     result: Option<&Value>,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "update jobs set
+    sqlx::query_as!(
+        Ended,
+        r#"update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
-             result = case when cancel_requested then null else $3 end,
+             result = case when cancel_requested then null else $3::jsonb end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning ",
-        ended_columns!()
-    ))
-    .bind(id)
-    .bind(fence)
-    .bind(result)
+         returning kind as "kind!", state as "state!: JobState",
+                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+        id,
+        fence,
+        result,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -49,13 +51,13 @@ pub async fn lock_for_completion(
     id: i64,
     fence: i64,
 ) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select cancel_requested from jobs
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
          for update",
+        id,
+        fence,
     )
-    .bind(id)
-    .bind(fence)
     .fetch_optional(conn)
     .await
 }
@@ -69,20 +71,19 @@ pub async fn complete_many(
     held: &[(i64, i64)],
 ) -> Result<Vec<Ended>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_as(concat!(
-        "with held as (",
-        lock_held_jobs!(),
-        ")
+    over_held_jobs!(query_as!(
+        Ended;
+        r#"
          update jobs set
              state = case when jobs.cancel_requested then 'cancelled'::job_state
                           else 'completed' end,
              finished_at = now(), lease_owner = null, lease_expires_at = null
          from held where jobs.id = held.id
-         returning jobs.",
-        ended_columns!()
+         returning jobs.kind as "kind!", jobs.state as "state!: JobState",
+                   extract(epoch from jobs.finished_at - jobs.started_at)::float8 as seconds"#,
+        &ids,
+        &fences,
     ))
-    .bind(ids)
-    .bind(fences)
     .fetch_all(conn)
     .await
 }
@@ -98,8 +99,9 @@ pub async fn fail(
     retry_in: Duration,
     fatal: bool,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "update jobs set
+    sqlx::query_as!(
+        Ended,
+        r#"update jobs set
              state = case when cancel_requested then 'cancelled'::job_state
                           when $5 or attempt >= max_attempts then 'failed'
                           else 'queued' end,
@@ -114,14 +116,14 @@ pub async fn fail(
              lease_owner = null,
              lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning ",
-        ended_columns!()
-    ))
-    .bind(id)
-    .bind(fence)
-    .bind(error)
-    .bind(retry_in.as_millis() as f64)
-    .bind(fatal)
+         returning kind as "kind!", state as "state!: JobState",
+                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+        id,
+        fence,
+        error,
+        retry_in.as_millis() as f64,
+        fatal,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -135,8 +137,9 @@ pub async fn snooze(
     fence: i64,
     after: Duration,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "update jobs set
+    sqlx::query_as!(
+        Ended,
+        r#"update jobs set
              state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
              finished_at = case when cancel_requested then now() end,
              attempt = case when cancel_requested then attempt else greatest(attempt - 1, 0) end,
@@ -144,12 +147,12 @@ pub async fn snooze(
                            else now() + $3 * interval '1 millisecond' end,
              lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning ",
-        ended_columns!()
-    ))
-    .bind(id)
-    .bind(fence)
-    .bind(after.as_millis() as f64)
+         returning kind as "kind!", state as "state!: JobState",
+                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+        id,
+        fence,
+        after.as_millis() as f64,
+    )
     .fetch_optional(conn)
     .await
 }
@@ -160,15 +163,16 @@ pub async fn cancelled(
     id: i64,
     fence: i64,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "update jobs set state = 'cancelled', finished_at = now(),
+    sqlx::query_as!(
+        Ended,
+        r#"update jobs set state = 'cancelled', finished_at = now(),
              lease_owner = null, lease_expires_at = null
          where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning ",
-        ended_columns!()
-    ))
-    .bind(id)
-    .bind(fence)
+         returning kind as "kind!", state as "state!: JobState",
+                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+        id,
+        fence,
+    )
     .fetch_optional(conn)
     .await
 }

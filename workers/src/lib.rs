@@ -49,20 +49,6 @@ macro_rules! over_held_jobs {
     };
 }
 
-/// [`over_held_jobs`]'s lock as a plain string, for the runtime-checked endings in `finish.rs`
-/// (they return `ended_columns!()`, which the checked macros cannot splice); to go once those
-/// are converted.
-macro_rules! lock_held_jobs {
-    () => {
-        "select jobs.id from jobs
-         join unnest($1::bigint[], $2::bigint[]) as h(id, fence)
-           on jobs.id = h.id and jobs.fence = h.fence
-         where jobs.state in ('running', 'cancelling')
-         order by jobs.id
-         for update of jobs"
-    };
-}
-
 pub mod cancel;
 pub mod claim;
 mod db;

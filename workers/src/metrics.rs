@@ -24,14 +24,6 @@ pub struct Ended {
     pub seconds: Option<f64>,
 }
 
-/// The columns an ending statement returns for [`Ended`].
-macro_rules! ended_columns {
-    () => {
-        "kind, state, extract(epoch from finished_at - started_at)::float8 as seconds"
-    };
-}
-pub(crate) use ended_columns;
-
 impl Ended {
     /// Counts the job as finished if the statement ended it (a retry or snooze did not).
     /// Call once its transaction has committed.

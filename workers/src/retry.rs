@@ -28,10 +28,12 @@ pub async fn retry(conn: &mut PgConnection, id: i64) -> Result<RetryOutcome, sql
         return Ok(RetryOutcome::Retried);
     }
     // Only for the answer: the state as it is now (the job may be moving on).
-    let state: Option<JobState> = sqlx::query_scalar("select state from jobs where id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+    let state = sqlx::query_scalar!(
+        r#"select state as "state: JobState" from jobs where id = $1"#,
+        id
+    )
+    .fetch_optional(conn)
+    .await?;
     Ok(state.map_or(RetryOutcome::NotFound, RetryOutcome::NotRetryable))
 }
 
@@ -39,8 +41,8 @@ pub async fn retry(conn: &mut PgConnection, id: i64) -> Result<RetryOutcome, sql
 /// workers were woken (as an insert wakes them) to take it now rather than at their next poll.
 /// The fence is kept (it only ever grows), so a former holder stays shut out.
 async fn requeue(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
-    let requeued: i64 = sqlx::query_scalar(
-        "with requeued as (
+    let requeued = sqlx::query_scalar!(
+        r#"with requeued as (
              update jobs set
                  state = 'queued', attempt = 0, run_at = now(),
                  lease_owner = null, lease_expires_at = null, heartbeat_at = null,
@@ -49,9 +51,9 @@ async fn requeue(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> 
              where id = $1 and state in ('failed', 'cancelled')
              returning id
          )
-         select count(*) from requeued, lateral (select pg_notify('settle_jobs', '')) n",
+         select count(*) as "requeued!" from requeued, lateral (select pg_notify('settle_jobs', '')) n"#,
+        id,
     )
-    .bind(id)
     .fetch_one(conn)
     .await?;
     Ok(requeued == 1)

@@ -61,8 +61,9 @@ pub async fn queue_counts(
     conn: &mut PgConnection,
     exact_up_to: i64,
 ) -> Result<Vec<StateCount>, sqlx::Error> {
-    sqlx::query_as(
-        "with live as (
+    sqlx::query_as!(
+        StateCount,
+        r#"with live as (
              select kind, state, count(*) as jobs,
                     extract(epoch from now() - min(run_at)
                         filter (where state = 'queued' and run_at <= now()))::float8 as oldest
@@ -115,7 +116,8 @@ pub async fn queue_counts(
                                        st.most_common_freqs) as v(state, freq)
              where c.oid = 'jobs'::regclass
          )
-         select kind, state, jobs, coalesce(oldest, 0) as oldest_due_seconds, true as exact
+         select kind as "kind!", state as "state!: JobState", jobs as "jobs!",
+                coalesce(oldest, 0) as oldest_due_seconds, true as "exact!"
          from live where state = 'queued'
          union all
          select kind, state, jobs, null, true from live where state <> 'queued'
@@ -127,10 +129,10 @@ pub async fn queue_counts(
          from split s
          join bounded b using (state)
          left join estimated e using (state)
-         order by 1, 2",
+         order by 1, 2"#,
+        exact_up_to,
+        SPLIT_SAMPLE,
     )
-    .bind(exact_up_to)
-    .bind(SPLIT_SAMPLE)
     .fetch_all(conn)
     .await
 }
