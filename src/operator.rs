@@ -149,7 +149,7 @@ fn write_table(out: &mut impl Write, jobs: &[JobRecord]) -> std::io::Result<()> 
 }
 
 fn row(job: &JobRecord) -> [String; 8] {
-    let error: String = job.last_error.as_deref().unwrap_or("").replace('\n', " ");
+    let error: String = job.last_error().unwrap_or("").replace('\n', " ");
     let error = match error.char_indices().nth(ERROR_WIDTH) {
         Some((cut, _)) => format!("{}…", &error[..cut]),
         None => error,

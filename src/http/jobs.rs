@@ -97,7 +97,7 @@ impl From<JobRecord> for Job {
             processed: job.processed,
             total: job.total.unwrap_or(0).max(job.processed),
             download_url,
-            error: job.last_error,
+            error: job.last_error().map(str::to_owned),
             attempt: job.attempt,
             max_attempts: job.max_attempts,
             run_at: job.run_at,

@@ -20,8 +20,6 @@ pub struct JobRecord {
     pub max_attempts: i32,
     pub processed: i64,
     pub total: Option<i64>,
-    /// The most recent failure's message, if any attempt failed.
-    pub last_error: Option<String>,
     pub result: Option<Value>,
     /// Not claimed before this instant (a retry's backoff).
     pub run_at: DateTime<Utc>,
@@ -35,6 +33,11 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// The most recent failure's message, if any attempt failed.
+    pub fn last_error(&self) -> Option<&str> {
+        self.errors.last().map(|e| e.error.as_str())
+    }
+
     /// 0–100: 100 once completed, else processed / total (0 while the total is unknown). Never
     /// goes down, since `processed` only moves with committed checkpoints.
     pub fn progress(&self) -> u8 {
@@ -76,7 +79,7 @@ pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<JobRecor
     sqlx::query_as!(
         JobRecord,
         r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
-               total, errors -> -1 ->> 'error' as last_error, result, run_at,
+               total, result, run_at,
                lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
                started_at, finished_at
            from jobs where id = $1"#,
@@ -94,7 +97,7 @@ pub async fn list_jobs(
     sqlx::query_as!(
         JobRecord,
         r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
-               total, errors -> -1 ->> 'error' as last_error, result, run_at,
+               total, result, run_at,
                lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
                started_at, finished_at
            from jobs
