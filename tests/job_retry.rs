@@ -230,6 +230,8 @@ async fn the_job_shows_its_attempts_errors_schedule_and_holder() {
     assert!(
         failed["errors"][0]["retry_at"].is_string() && failed["errors"][1]["retry_at"].is_null()
     );
+    // `error` is the newest attempt's message.
+    assert_eq!(failed["error"], failed["errors"][1]["error"], "{failed}");
     let running = job(&app, sleeping).await;
     assert_eq!(running["worker"], worker.owner.as_str(), "{running}");
     assert_eq!(running["errors"], json!([]));
