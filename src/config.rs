@@ -46,6 +46,12 @@ pub struct DatabaseConfig {
     /// The PostgreSQL server's `bin` directory for that cluster; unset searches
     /// `/usr/lib/postgresql/*/bin`, then `PATH`.
     pub local_bin_dir: Option<String>,
+    /// A streaming replica of `url` where settlement jobs read their batches (see
+    /// [`crate::settlement::replica`]); unset reads on the primary.
+    pub read_url: Option<String>,
+    /// How long a settlement job waits for that replica to replay past its fixed input before
+    /// it reads on the primary instead.
+    pub read_max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +239,12 @@ impl Config {
             && !self.database.url.starts_with("postgresql://")
         {
             return invalid("database.url", "must be a postgres:// URL");
+        }
+        if let Some(read_url) = &self.database.read_url
+            && !read_url.starts_with("postgres://")
+            && !read_url.starts_with("postgresql://")
+        {
+            return invalid("database.read_url", "must be a postgres:// URL");
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");

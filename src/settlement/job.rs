@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::finalize;
 use super::parts;
 use super::plan::{self, Part, Plan};
+use super::replica::Reads;
 use super::{DateRange, DateRangeInput, Settings, SettleError};
 use crate::config::Config;
 
@@ -34,7 +35,9 @@ pub const KIND: &str = "settlement";
 
 /// Registers the settlement kind on a worker's registry.
 pub fn register(registry: &mut Registry, config: &Config) {
-    let settings = Arc::new(Settings::new(&config.settlement, config.worker.batch_size));
+    let reads = Reads::new(&config.database, config.database.max_connections);
+    let settings =
+        Arc::new(Settings::new(&config.settlement, config.worker.batch_size).with_reads(reads));
     registry.register(KIND, move |ctx| run(ctx, settings.clone()));
 }
 
@@ -133,16 +136,19 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     batch
         .commit(&checkpoint, plan.processed(), Some(plan.run.total))
         .await?;
+    // The batches read on the replica once it has replayed the input just fixed.
+    let reads = settings.reads.ready(ctx.pool()).await?;
     tracing::info!(
         job = job_id,
         total = plan.run.total,
         high_water_id = plan.run.high_water_id,
         parts = plan.parts.len(),
+        replica = reads.is_some(),
         ms = started.elapsed().as_millis() as u64,
         "settlement input fixed"
     );
 
-    run_parts(ctx, &plan, fence, settings.batch_size).await?;
+    run_parts(ctx, &plan, fence, settings.batch_size, reads).await?;
     ctx.ensure_running()?;
     tracing::info!(
         job = job_id,
@@ -195,18 +201,15 @@ async fn run_parts(
     plan: &Plan,
     fence: i64,
     batch_size: i64,
+    reads: Option<PgPool>,
 ) -> Result<(), JobError> {
     let stop = ctx.token().child_token();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Part>();
     let mut tasks = tokio::task::JoinSet::new();
     for part in plan.parts.iter().filter(|p| !p.is_done()).cloned() {
-        let (pool, plan, stop, done) = (
-            ctx.pool().clone(),
-            plan.clone(),
-            stop.clone(),
-            done_tx.clone(),
-        );
-        tasks.spawn(run_part(pool, plan, part, fence, batch_size, stop, done));
+        let pools = (ctx.pool().clone(), reads.clone());
+        let (plan, stop, done) = (plan.clone(), stop.clone(), done_tx.clone());
+        tasks.spawn(run_part(pools, plan, part, fence, batch_size, stop, done));
     }
     drop(done_tx);
     let mut parts = plan.parts.clone();
@@ -250,9 +253,10 @@ async fn run_parts(
 }
 
 /// One part's loop: a transaction per batch, fenced by the claim lock, until the part is done
-/// or `stop` fires.
+/// or `stop` fires. With a read replica each batch is read there first, then stored in the
+/// fenced transaction on the primary (`pools`: the primary and the replica).
 async fn run_part(
-    pool: PgPool,
+    (pool, reads): (PgPool, Option<PgPool>),
     plan: Plan,
     mut part: Part,
     fence: i64,
@@ -264,14 +268,25 @@ async fn run_part(
         if stop.is_cancelled() {
             return Err(JobError::Stopped);
         }
+        let read = match &reads {
+            Some(replica) => {
+                let mut reader = replica.begin().await?;
+                let read = parts::read_batch(&mut reader, &plan, &part, batch_size).await;
+                reader.commit().await?;
+                Some(read.map_err(job_error)?)
+            }
+            None => None,
+        };
         let mut tx = pool.begin().await?;
         if !parts::lock_run(&mut tx, plan.run.job_id, fence).await? {
             return Err(JobError::LeaseLost);
         }
         parts::set_local_async_commit(&mut tx).await?;
-        part = parts::process_batch(&mut tx, &plan, &part, batch_size)
-            .await
-            .map_err(job_error)?;
+        part = match read {
+            Some(read) => parts::store_batch(&mut tx, &plan, &part, read).await,
+            None => parts::process_batch(&mut tx, &plan, &part, batch_size).await,
+        }
+        .map_err(job_error)?;
         tx.commit().await?;
         let _ = done.send(part.clone());
     }

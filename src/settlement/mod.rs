@@ -23,6 +23,7 @@ pub mod job;
 pub mod list;
 pub mod parts;
 pub mod plan;
+pub mod replica;
 pub mod results;
 pub mod transactions;
 
@@ -159,6 +160,8 @@ pub struct Settings {
     pub batch_size: i64,
     /// Disjoint id sub-ranges one job aggregates at once.
     pub parts: u32,
+    /// Where the parts read their batches.
+    pub reads: replica::Reads,
 }
 
 impl Settings {
@@ -168,7 +171,13 @@ impl Settings {
             zone: Zone::parse(&config.time_zone).unwrap_or(Zone(Tz::UTC)),
             batch_size,
             parts: config.parallel_parts,
+            reads: replica::Reads::primary(),
         }
+    }
+
+    /// These settings with the parts reading through `reads`.
+    pub fn with_reads(self, reads: replica::Reads) -> Self {
+        Self { reads, ..self }
     }
 }
 

@@ -23,40 +23,161 @@ pub async fn process_batch(
 ) -> Result<Part, SettleError> {
     super::set_local_tuning(tx).await?;
     set_local_batch_plan(tx).await?;
-    let job_id = plan.run.job_id;
-    let mut next = part.clone();
-    let end = part
-        .cursor_id
+    let end = batch_end(part, batch_size);
+    let scanned = aggregate_ids(
+        tx,
+        plan.run.job_id,
+        part.part,
+        (part.cursor_id, end),
+        plan.range(),
+        plan.zone(),
+    )
+    .await
+    .map_err(SettleError::from_sum)?;
+    let cursor_id = match scanned {
+        Some(_) => end,
+        None => skip_gap(tx, plan, part, end).await?,
+    };
+    finish_batch(tx, plan, part, cursor_id, scanned.unwrap_or(0)).await
+}
+
+/// A batch read on a replica ([`read_batch`]), to be stored on the primary ([`store_batch`]).
+#[derive(Debug)]
+pub struct ReadBatch {
+    /// Where the part's cursor moves.
+    cursor_id: i64,
+    /// `None` when the batch held no row of the input.
+    sums: Option<BatchSums>,
+}
+
+/// A batch's `(merchant, day)` sums of PAID rows, as aligned arrays, and the rows it read.
+#[derive(Debug, sqlx::FromRow)]
+struct BatchSums {
+    scanned: i64,
+    merchant_ids: Vec<String>,
+    dates: Vec<chrono::NaiveDate>,
+    gross_cents: Vec<i64>,
+    fee_cents: Vec<i64>,
+    txn_counts: Vec<i64>,
+}
+
+/// Reads the next batch of `part` on `reader` (a transaction on the read replica, see
+/// [`super::replica`]) without writing anything: the same sums and gap skip as
+/// [`process_batch`], for [`store_batch`] to land on the primary.
+pub async fn read_batch(
+    reader: &mut PgConnection,
+    plan: &Plan,
+    part: &Part,
+    batch_size: i64,
+) -> Result<ReadBatch, SettleError> {
+    super::set_local_tuning(reader).await?;
+    set_local_batch_plan(reader).await?;
+    let end = batch_end(part, batch_size);
+    let zone = plan.zone();
+    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
+    let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
+        "select {}",
+        batch_sums_sql(zone, ["$1", "$2", "$3", "$4"])
+    )))
+    .bind(part.cursor_id)
+    .bind(end)
+    .bind(plan.range().from())
+    .bind(plan.range().to())
+    .fetch_optional(&mut *reader)
+    .await
+    .map_err(SettleError::from_sum)?;
+    let cursor_id = match sums {
+        Some(_) => end,
+        None => skip_gap(reader, plan, part, end).await?,
+    };
+    Ok(ReadBatch { cursor_id, sums })
+}
+
+/// Lands a batch [`read_batch`] read: its sums as one row of the part's batch sums and the
+/// part's cursor, in `tx` (on the primary, under [`lock_run`]); as [`process_batch`] from there.
+pub async fn store_batch(
+    tx: &mut PgConnection,
+    plan: &Plan,
+    part: &Part,
+    batch: ReadBatch,
+) -> Result<Part, SettleError> {
+    let scanned = match &batch.sums {
+        Some(sums) => {
+            insert_sums(tx, plan.run.job_id, part.part, batch.cursor_id, sums).await?;
+            sums.scanned
+        }
+        None => 0,
+    };
+    super::set_local_tuning(tx).await?;
+    finish_batch(tx, plan, part, batch.cursor_id, scanned).await
+}
+
+/// The batch after `part`'s cursor ends here.
+fn batch_end(part: &Part, batch_size: i64) -> i64 {
+    part.cursor_id
         .saturating_add(batch_size.max(1))
-        .min(part.hi_id);
-    let ids = (part.cursor_id, end);
-    match aggregate_ids(tx, job_id, part.part, ids, plan.range(), plan.zone())
-        .await
-        .map_err(SettleError::from_sum)?
-    {
-        Some(scanned) => {
-            next.cursor_id = end;
-            next.processed += scanned;
-        }
-        None => {
-            let following = next_id(tx, end, part.hi_id, plan.range(), plan.zone()).await?;
-            next.cursor_id = following.map_or(part.hi_id, |id| id - 1).max(end);
-        }
-    }
+        .min(part.hi_id)
+}
+
+/// Where the cursor goes after an empty batch ending at `end`: just before the input's next id.
+async fn skip_gap(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    part: &Part,
+    end: i64,
+) -> Result<i64, SettleError> {
+    let following = next_id(conn, end, part.hi_id, plan.range(), plan.zone()).await?;
+    Ok(following.map_or(part.hi_id, |id| id - 1).max(end))
+}
+
+/// Moves the part's cursor and progress after a batch that read `scanned` rows, folding the
+/// part's batch rows into one when it is done.
+async fn finish_batch(
+    tx: &mut PgConnection,
+    plan: &Plan,
+    part: &Part,
+    cursor_id: i64,
+    scanned: i64,
+) -> Result<Part, SettleError> {
+    let next = Part {
+        cursor_id,
+        processed: part.processed + scanned,
+        ..part.clone()
+    };
+    let job_id = plan.run.job_id;
     if next.is_done() {
         fold_part(tx, job_id, part.part)
             .await
             .map_err(SettleError::from_sum)?;
     }
-    advance_part(
-        tx,
-        job_id,
-        part.part,
-        next.cursor_id,
-        next.processed - part.processed,
-    )
-    .await?;
+    advance_part(tx, job_id, part.part, cursor_id, scanned).await?;
     Ok(next)
+}
+
+async fn insert_sums(
+    tx: &mut PgConnection,
+    job_id: i64,
+    part: i32,
+    end_id: i64,
+    sums: &BatchSums,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "insert into settlement_batches (job_id, part, end_id, scanned,
+             merchant_ids, dates, gross_cents, fee_cents, txn_counts)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        job_id,
+        part,
+        end_id,
+        sums.scanned,
+        &sums.merchant_ids,
+        &sums.dates,
+        &sums.gross_cents,
+        &sums.fee_cents,
+        &sums.txn_counts,
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// The plan of a part batch, scoped to the caller's transaction.
@@ -127,33 +248,13 @@ pub async fn aggregate_ids(
     range: DateRange,
     zone: Zone,
 ) -> Result<Option<i64>, sqlx::Error> {
-    let day = zone.day_sql();
-    let paid = "status = 'PAID'";
-    let within = paid_within(zone, "$5", "$6");
-    // Dynamic: the day expression and time bound hold the job's zone as a literal (see
-    // `Zone::day_sql`).
+    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
     sqlx::query_scalar(AssertSqlSafe(format!(
         "insert into settlement_batches (job_id, part, end_id, scanned,
              merchant_ids, dates, gross_cents, fee_cents, txn_counts)
-         select $1, $2, $4, sum(scanned)::int8,
-                coalesce(array_agg(merchant_id) filter (where kept), '{{}}'),
-                coalesce(array_agg(day) filter (where kept), '{{}}'),
-                coalesce(array_agg(gross) filter (where kept), '{{}}'),
-                coalesce(array_agg(fee) filter (where kept), '{{}}'),
-                coalesce(array_agg(n) filter (where kept), '{{}}')
-         from (
-             select merchant_id, {day} as day,
-                    coalesce(sum(amount_cents) filter (where {paid}), 0)::int8 as gross,
-                    coalesce(sum(fee_cents) filter (where {paid}), 0)::int8 as fee,
-                    count(*) filter (where {paid}) as n,
-                    count(*) as scanned,
-                    {day} between $5 and $6 and count(*) filter (where {paid}) > 0 as kept
-             from transactions
-             where id > $3 and id <= $4 and {within}
-             group by merchant_id, {day}
-         ) as groups
-         having count(*) > 0
-         returning scanned"
+         select $1, $2, $4, {}
+         returning scanned",
+        batch_sums_sql(zone, ["$3", "$4", "$5", "$6"])
     )))
     .bind(job_id)
     .bind(part)
@@ -163,6 +264,35 @@ pub async fn aggregate_ids(
     .bind(range.to())
     .fetch_optional(conn)
     .await
+}
+
+/// The select list and `from` of a batch's sums over the input's ids in `(after, up_to]`
+/// (the placeholders of `[after, up_to, from, to]`): one row of aligned arrays, none when the
+/// batch holds no row of the input.
+fn batch_sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4]) -> String {
+    let day = zone.day_sql();
+    let paid = "status = 'PAID'";
+    let within = paid_within(zone, from, to);
+    format!(
+        "sum(scanned)::int8 as scanned,
+                coalesce(array_agg(merchant_id) filter (where kept), '{{}}') as merchant_ids,
+                coalesce(array_agg(day) filter (where kept), '{{}}') as dates,
+                coalesce(array_agg(gross) filter (where kept), '{{}}') as gross_cents,
+                coalesce(array_agg(fee) filter (where kept), '{{}}') as fee_cents,
+                coalesce(array_agg(n) filter (where kept), '{{}}') as txn_counts
+         from (
+             select merchant_id, {day} as day,
+                    coalesce(sum(amount_cents) filter (where {paid}), 0)::int8 as gross,
+                    coalesce(sum(fee_cents) filter (where {paid}), 0)::int8 as fee,
+                    count(*) filter (where {paid}) as n,
+                    count(*) as scanned,
+                    {day} between {from} and {to} and count(*) filter (where {paid}) > 0 as kept
+             from transactions
+             where id > {after} and id <= {up_to} and {within}
+         group by merchant_id, {day}
+         ) as groups
+         having count(*) > 0"
+    )
 }
 
 /// Folds all of a part's batch rows into one, so finishing the job merges one row per part

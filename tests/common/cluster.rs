@@ -24,7 +24,47 @@ impl Cluster {
     /// `initdb`s and starts a cluster; `None` (the caller skips) when no PostgreSQL server is
     /// installed under `/usr/lib/postgresql/*/bin`.
     pub async fn start() -> Option<Self> {
-        let bin = bin_dir()?;
+        let cluster = Self::new_dir(bin_dir()?);
+        let data = cluster.data();
+        let initdb = [&["-D", &data][..], &INITDB_OPTIONS, &["--no-sync"]].concat();
+        cluster.run("initdb", &initdb).await;
+        cluster.start_again().await;
+        Some(cluster)
+    }
+
+    /// A hot standby of `primary`: `pg_basebackup` of its data with a streaming-replication
+    /// configuration (`-R`), started on a port of its own. It replays everything the primary
+    /// commits (databases made later included) and answers read-only queries.
+    pub async fn standby_of(primary: &Cluster) -> Self {
+        let standby = Self::new_dir(primary.bin.clone());
+        let (data, port) = (standby.data(), primary.port.to_string());
+        standby
+            .run(
+                "pg_basebackup",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    &data,
+                    "-R",
+                    "-c",
+                    "fast",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ],
+            )
+            .await;
+        standby.start_again().await;
+        standby
+    }
+
+    /// A new, empty cluster dir (owned by the server's user) on a free port.
+    fn new_dir(bin: PathBuf) -> Self {
         let dir = std::env::temp_dir().join(format!("settle-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).expect("cluster temp dir");
         // From here on a failure still deletes the dir.
@@ -41,11 +81,7 @@ impl Cluster {
                 .expect("run chown");
             cluster.check("chown", chown);
         }
-        let data = cluster.data();
-        let initdb = [&["-D", &data][..], &INITDB_OPTIONS, &["--no-sync"]].concat();
-        cluster.run("initdb", &initdb).await;
-        cluster.start_again().await;
-        Some(cluster)
+        cluster
     }
 
     /// A URL for database `name` on this cluster.

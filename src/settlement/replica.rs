@@ -1,0 +1,101 @@
+//! Where a settlement job reads its batches: the primary, or a streaming replica
+//! (`database.read_url`) so the heavy scans leave the primary to orders and the queue.
+//!
+//! A job fixes its input on the primary (the high-water mark, the window and the parts). Before
+//! its parts read on the replica, [`Reads::ready`] takes the primary's current WAL position and
+//! waits until the replica has replayed past it, so every row of the input (committed before
+//! the mark was read) is visible there. The batches' sums, cursors and checkpoints are written
+//! to the primary, so a resumed job sees them wherever it reads. A replica that does not answer
+//! or lags past `database.read_max_wait_ms` costs nothing but the wait: that run of the job
+//! reads on the primary and says so in the log.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::DatabaseConfig;
+
+/// How often [`Reads::ready`] looks whether the replica has caught up.
+const REPLAY_POLL: Duration = Duration::from_millis(10);
+
+/// The replica's pool, if one is configured.
+#[derive(Debug, Clone, Default)]
+pub struct Reads {
+    replica: Option<PgPool>,
+    max_wait: Duration,
+}
+
+impl Reads {
+    /// Reads on the primary only.
+    pub fn primary() -> Self {
+        Self::default()
+    }
+
+    /// The replica of `config.read_url`, connected lazily (a worker starts even while it is
+    /// down), with at most `connections` of its own.
+    pub fn new(config: &DatabaseConfig, connections: u32) -> Self {
+        let replica = config.read_url.as_deref().and_then(|url| {
+            let options = crate::db::connect_options(url)
+                .inspect_err(|e| tracing::warn!(error = %e, "database.read_url is unusable"))
+                .ok()?;
+            Some(
+                PgPoolOptions::new()
+                    .max_connections(connections.max(1))
+                    .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+                    .connect_lazy_with(options),
+            )
+        });
+        Self {
+            replica,
+            max_wait: Duration::from_millis(config.read_max_wait_ms),
+        }
+    }
+
+    /// The pool a job's batches read from now: the replica once it has replayed everything the
+    /// `primary` committed so far, or `None` (read on the primary) when no replica is
+    /// configured, or it does not catch up within the wait.
+    pub async fn ready(&self, primary: &PgPool) -> Result<Option<PgPool>, sqlx::Error> {
+        let Some(replica) = &self.replica else {
+            return Ok(None);
+        };
+        let target: String = sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "lsn!""#)
+            .fetch_one(primary)
+            .await?;
+        let caught_up = tokio::time::timeout(self.max_wait, wait_for_replay(replica, &target));
+        match caught_up.await {
+            Ok(Ok(())) => Ok(Some(replica.clone())),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the read replica failed: reading on the primary");
+                Ok(None)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    lsn = %target,
+                    wait_ms = self.max_wait.as_millis() as u64,
+                    "the read replica has not replayed the job's input: reading on the primary"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Returns once `replica` has replayed the primary's WAL up to `lsn`. A server that is not in
+/// recovery (the primary itself, or a promoted replica) has everything already.
+async fn wait_for_replay(replica: &PgPool, lsn: &str) -> Result<(), sqlx::Error> {
+    let mut conn = replica.acquire().await?;
+    loop {
+        let replayed = sqlx::query_scalar!(
+            r#"select not pg_is_in_recovery()
+                      or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false) as "replayed!""#,
+            lsn,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if replayed {
+            return Ok(());
+        }
+        tokio::time::sleep(REPLAY_POLL).await;
+    }
+}

@@ -1,0 +1,181 @@
+//! Settlement reading on a streaming replica (`database.read_url`): a real hot standby made by
+//! `pg_basebackup` from a private primary, and a real `settle worker` process. The job fixes its
+//! input on the primary, waits until the replica has replayed it, reads its batches there and
+//! writes everything else to the primary; a replica that is not there costs only the wait.
+
+mod common;
+#[path = "settlement_support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use common::cluster::Cluster;
+use common::processes::{WorkerProcess, enqueue, processed, wait_for, wait_state};
+use common::{migrated_pool, test_config};
+use serde_json::json;
+use settle::config::Config;
+use sqlx::PgPool;
+use support::{day, reference, settlements};
+
+const BATCH: i64 = 200;
+
+fn config(url: String) -> Config {
+    test_config(&[
+        ("database.url", json!(url)),
+        ("worker.batch_size", json!(BATCH)),
+    ])
+}
+
+/// A worker whose settlement batches read at `read_url`.
+fn worker(config: &Config, read_url: String, max_wait_ms: u64) -> WorkerProcess {
+    WorkerProcess::start_with(
+        config,
+        &[
+            ("SETTLE_DATABASE__READ_URL", read_url),
+            ("SETTLE_DATABASE__READ_MAX_WAIT_MS", max_wait_ms.to_string()),
+            ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
+        ],
+    )
+}
+
+/// Sequential scans of `transactions` and scans of its primary key (how batches read: by id)
+/// on the server behind `pool` so far, as its sessions have reported them. Loading rows scans
+/// neither (their external ids' index is what an insert checks).
+async fn transaction_scans(pool: &PgPool) -> i64 {
+    support::scalar(
+        pool,
+        "select (coalesce(t.seq_scan, 0) + coalesce(i.idx_scan, 0))::int8
+         from pg_stat_user_tables t
+         join pg_stat_user_indexes i on i.relid = t.relid and i.indexrelname = 'transactions_pkey'
+         where t.relname = 'transactions'",
+    )
+    .await
+}
+
+async fn settle_days(pool: &PgPool) -> i64 {
+    enqueue(
+        pool,
+        "settlement",
+        json!({"from": "2025-01-01", "to": "2025-01-05"}),
+        3,
+    )
+    .await
+}
+
+/// Waits until the job's first checkpoint (its fixed input, with `total`) has committed.
+async fn input_fixed(pool: &PgPool, id: i64) {
+    wait_for(
+        Duration::from_secs(60),
+        "the job's input to be fixed",
+        || async {
+            let total: Option<i64> = sqlx::query_scalar("select total from jobs where id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            total.map(|_| ())
+        },
+    )
+    .await;
+}
+
+async fn set_replay_paused(standby: &PgPool, paused: bool) {
+    let sql = if paused {
+        "select pg_wal_replay_pause()::text"
+    } else {
+        "select pg_wal_replay_resume()::text"
+    };
+    sqlx::query(sql)
+        .execute(standby)
+        .await
+        .expect("replay control");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
+    let Some(primary) = Cluster::start().await else {
+        eprintln!("SKIPPED batches_are_read_on_the_replica_…: no initdb (install postgresql)");
+        return;
+    };
+    let config = config(primary.url("settle_replica"));
+    let (pool, _db) = migrated_pool(&config).await;
+    let early = support::random_transactions(41, 12_000, 6, 5);
+    support::store(&pool, &early).await;
+    let standby = Cluster::standby_of(&primary).await;
+    let replica = PgPool::connect(&standby.url("settle_replica"))
+        .await
+        .unwrap();
+    // Rows the replica has not replayed when the job starts: a read there now would miss them.
+    set_replay_paused(&replica, true).await;
+    let late = support::random_transactions(42, 8_000, 6, 5);
+    support::store(&pool, &late).await;
+    let (primary_before, replica_before) = (
+        transaction_scans(&pool).await,
+        transaction_scans(&replica).await,
+    );
+
+    let mut worker = worker(&config, standby.url("settle_replica"), 120_000);
+    let id = settle_days(&pool).await;
+    input_fixed(&pool, id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        processed(&pool, id).await,
+        0,
+        "no batch may be read before the replica replays the input"
+    );
+    set_replay_paused(&replica, false).await;
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+
+    let all = [early, late].concat();
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    assert_eq!(
+        settlements(&pool, from, to).await,
+        reference(&all, from, to, Tz::UTC)
+    );
+    // Each batch scans the replica at least once; the primary only fixed the input.
+    let batches = all.len() as i64 / BATCH;
+    let read_on_replica = transaction_scans(&replica).await - replica_before;
+    let read_on_primary = transaction_scans(&pool).await - primary_before;
+    assert!(
+        read_on_replica >= batches,
+        "{read_on_replica} scans on the replica"
+    );
+    assert!(
+        read_on_primary < batches / 4,
+        "{read_on_primary} scans on the primary"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_answer_leaves_the_reads_on_the_primary() {
+    let config = test_config(&[("worker.batch_size", json!(BATCH))]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let rows = support::random_transactions(43, 5_000, 4, 5);
+    support::store(&pool, &rows).await;
+    // Nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut worker = worker(
+        &config,
+        format!("postgres://postgres@127.0.0.1:{port}/x"),
+        500,
+    );
+    let id = settle_days(&pool).await;
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await);
+    assert!(
+        worker.log_text().contains("reading on the primary"),
+        "{}",
+        worker.log_text()
+    );
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    assert_eq!(
+        settlements(&pool, from, to).await,
+        reference(&rows, from, to, Tz::UTC)
+    );
+}
