@@ -113,6 +113,10 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
     /// Fallback poll interval when no NOTIFY arrives.
     pub poll_interval_ms: u64,
+    /// How often a worker probes the other workers' liveness locks.
+    pub rescue_probe_ms: u64,
+    /// How long a worker's lock must stay free before its jobs are rescued.
+    pub rescue_grace_ms: u64,
     /// Jobs claimed per claim statement.
     pub claim_batch: i64,
     /// Attempts before a failing job becomes FAILED.
@@ -298,6 +302,12 @@ impl Config {
         }
         if w.poll_interval_ms == 0 {
             return invalid("worker.poll_interval_ms", "must be positive");
+        }
+        if w.rescue_probe_ms == 0 || w.rescue_grace_ms < w.rescue_probe_ms * 2 {
+            return invalid(
+                "worker.rescue_grace_ms",
+                "must be at least twice worker.rescue_probe_ms, which must be positive",
+            );
         }
         if w.max_attempts < 1 {
             return invalid("worker.max_attempts", "must be at least 1");

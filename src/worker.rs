@@ -21,6 +21,8 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
         lease,
         heartbeat: Duration::from_millis(config.heartbeat_ms),
         poll_interval: Duration::from_millis(config.poll_interval_ms),
+        rescue_probe: Duration::from_millis(config.rescue_probe_ms),
+        rescue_grace: Duration::from_millis(config.rescue_grace_ms),
         backoff_base: Duration::from_millis(config.backoff_base_ms),
         backoff_max: Duration::from_millis(config.backoff_max_ms),
         max_transient_retries: config.max_transient_retries,

@@ -5,6 +5,7 @@ mod ingest;
 mod orders;
 pub mod process;
 mod queue;
+mod rescue;
 mod seed;
 mod settlement;
 
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     Orders(orders::OrdersArgs),
     /// 100,000 no-op jobs through real worker processes vs the bare claim-and-complete SQL.
     Queue(queue::QueueArgs),
+    /// A settlement's holder SIGKILLed again and again while another worker waits: time until
+    /// the job is claimed again and progresses, and the result checked exact.
+    Rescue(rescue::RescueArgs),
     /// `settle seed`'s COPY load vs a bare INSERT … SELECT generate_series of the same rows.
     Seed(seed::SeedBenchArgs),
     /// One settlement job through api + worker processes vs the single equivalent statement.
@@ -31,6 +35,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => ingest::run(args, config).await,
         BenchCommand::Orders(args) => orders::run(args, config).await,
         BenchCommand::Queue(args) => queue::run(args, config).await,
+        BenchCommand::Rescue(args) => rescue::run(args, config).await,
         BenchCommand::Seed(args) => seed::run(args, config).await,
         BenchCommand::Settlement(args) => settlement::run(args, config).await,
     }

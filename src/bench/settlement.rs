@@ -209,6 +209,23 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let (statement_seconds, same_csv) = against_statement(pool, job_id, range, zone).await?;
+    Ok(Measured {
+        job_id,
+        job_seconds,
+        statement_seconds,
+        same_csv,
+    })
+}
+
+/// Runs the single statement over `range` into a file and compares it byte for byte with
+/// job `job_id`'s CSV; returns the statement's seconds and whether the two are identical.
+pub(super) async fn against_statement(
+    pool: &PgPool,
+    job_id: i64,
+    range: DateRange,
+    zone: Zone,
+) -> anyhow::Result<(f64, bool)> {
     let file = std::env::temp_dir().join(format!("settle-bench-statement-{job_id}.csv"));
     let statement_seconds = single_statement(pool, range, zone, &file).await?;
     let job_csv: Vec<u8> = crate::settlement::results::stream(pool.acquire().await?, job_id)
@@ -226,16 +243,11 @@ async fn measure(
             file.display()
         );
     }
-    Ok(Measured {
-        job_id,
-        job_seconds,
-        statement_seconds,
-        same_csv,
-    })
+    Ok((statement_seconds, same_csv))
 }
 
 /// Seeds `seed.transactions` rows unless exactly that many are already there.
-async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
+pub(super) async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
     let present = sqlx::query_scalar!(r#"select count(*) as "count!" from transactions"#)
         .fetch_one(pool)
         .await?;

@@ -10,6 +10,8 @@
 //! - [`enqueue`]: insert jobs inside the caller's transaction, singly or in bulk.
 //! - [`claim`]: the claim statement, including the rescue of expired leases.
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
+//! - [`liveness`]: each worker's advisory lock, and the probe that expires a dead worker's
+//!   leases at once instead of at lease expiry.
 //! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
 //! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
 //! - [`retry`]: a FAILED or CANCELLED job back to QUEUED, starting over.
@@ -18,7 +20,8 @@
 //! - [`registry`]: job kinds → bodies.
 //! - [`runtime`]: the [`Worker`], the state its tasks share, and shutdown step by step.
 //! - `services`: the tasks beside the jobs, one file each: `claimer` (claim loops),
-//!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`.
+//!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`,
+//!   `rescuer` (liveness lock and probe).
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API, and which jobs are still live.
@@ -58,6 +61,7 @@ mod execute;
 pub mod finish;
 pub mod job;
 pub mod lease;
+pub mod liveness;
 pub mod metrics;
 pub mod read;
 pub mod registry;

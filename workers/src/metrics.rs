@@ -11,7 +11,8 @@ use crate::state::JobState;
 pub const JOBS_FINISHED: &str = "settle_jobs_finished_total";
 /// From a job's first claim to its end, by `kind`: backoff between attempts included.
 pub const JOB_DURATION: &str = "settle_job_duration_seconds";
-/// Jobs taken over from a worker whose lease expired (killed, paused, cut off).
+/// Jobs taken over from a worker whose lease expired (killed, paused, cut off), or was expired
+/// because its liveness lock was freed (killed).
 pub const JOB_RESCUES: &str = "settle_job_rescues_total";
 
 /// A job's end as its fenced ending statement returned it.

@@ -2,7 +2,8 @@
 //! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
 //! while a semaphore has free slots, each job runs in its own task (`execute`), and the
 //! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
-//! batcher and the retention pruner.
+//! batcher, the retention pruner, and the rescuer (this worker's liveness lock, and the probe
+//! that hands a dead worker's jobs on).
 //!
 //! Shutdown, step by step:
 //! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands
@@ -13,18 +14,18 @@
 //! 4. once every slot is back (each job task holds its slot until its ending is recorded or
 //!    queued for the batcher), the `done` token fires: the completion batcher flushes what is
 //!    queued and returns, and the heartbeat, which kept those jobs' leases until then, stops;
-//! 5. the runtime's own connections close.
+//! 5. the liveness lock is let go (its session closes), then the runtime's own connections.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
-use crate::services::{claimer, completer, heartbeat, listener, pruner};
+use crate::services::{claimer, completer, heartbeat, listener, pruner, rescuer};
 use crate::settings::WorkerSettings;
 
 /// Channel a worker is woken on when jobs are inserted or released.
@@ -49,7 +50,7 @@ pub(crate) struct Shared {
     pub registry: Registry,
     /// The registered kinds: the only ones this worker claims.
     pub kinds: Vec<String>,
-    /// This worker's name, stored as `lease_owner`.
+    /// This worker's name, stored as `lease_owner`; its liveness lock is keyed by it.
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
     pub wake: Notify,
@@ -81,7 +82,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(pool: PgPool, settings: WorkerSettings, registry: Registry) -> Self {
-        let owner = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let owner = format!(
+            "{}-{:08x}{}",
+            std::process::id(),
+            rand::random::<u32>(),
+            crate::liveness::LOCKED_OWNER_SUFFIX
+        );
         Self {
             pool,
             settings,
@@ -122,8 +128,18 @@ impl Worker {
         });
         tracing::info!(owner = %shared.owner, kinds = ?shared.registry.kinds(),
             concurrency = shared.settings.concurrency, "worker started");
+        // The liveness lock is held before the first claim and until every held job has ended
+        // or been released (after `done`), so no job of this worker ever looks orphaned.
+        let release = CancellationToken::new();
+        let (locked, first_lock) = oneshot::channel();
+        let holder = tokio::spawn(rescuer::hold(shared.clone(), release.clone(), locked));
+        tokio::select! {
+            _ = first_lock => {}
+            () = shutdown.cancelled() => {}
+        }
         let done = CancellationToken::new();
         let background = [
+            tokio::spawn(rescuer::probe(shared.clone(), done.clone())),
             tokio::spawn(listener::run(shared.clone())),
             tokio::spawn(heartbeat::run(shared.clone(), done.clone())),
             tokio::spawn(completer::run(shared.clone(), completed, done.clone())),
@@ -144,10 +160,13 @@ impl Worker {
         for task in background {
             let _ = task.await;
         }
+        release.cancel();
+        let _ = holder.await;
         shared.control.close().await;
         tracing::info!(owner = %shared.owner, "worker stopped");
     }
 }
 
-/// The runtime's own connections: one per claim lane, the heartbeat and the completion batcher.
-const CONTROL_CONNECTIONS: u32 = claimer::LANES as u32 + 2;
+/// The runtime's own connections: one per claim lane, the heartbeat, the completion batcher and
+/// the liveness probe. (The liveness lock has a session of its own besides.)
+const CONTROL_CONNECTIONS: u32 = claimer::LANES as u32 + 3;

@@ -17,6 +17,11 @@ pub struct WorkerSettings {
     pub heartbeat: Duration,
     /// Fallback poll when no NOTIFY arrives (jobs whose `run_at` comes due, lost notifications).
     pub poll_interval: Duration,
+    /// How often this worker probes the other workers' liveness locks (see `crate::liveness`).
+    pub rescue_probe: Duration,
+    /// How long an owner's lock must be seen free, probe after probe, before its jobs are
+    /// rescued: longer than a live worker takes to open a new session and lock again.
+    pub rescue_grace: Duration,
     /// First retry delay after a failure; doubles per attempt, plus up to 25 % jitter.
     pub backoff_base: Duration,
     /// Longest retry delay.
@@ -46,6 +51,8 @@ impl Default for WorkerSettings {
             lease: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
             poll_interval: Duration::from_secs(1),
+            rescue_probe: Duration::from_millis(200),
+            rescue_grace: Duration::from_millis(1000),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(600),
             max_transient_retries: 10,

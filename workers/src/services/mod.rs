@@ -7,12 +7,14 @@
 //! - [`heartbeat`]: extends every held lease; drops the jobs whose lease was lost.
 //! - [`completer`]: records trivial completions in batches, one commit for many jobs.
 //! - [`pruner`]: deletes finished jobs past retention.
+//! - [`rescuer`]: holds this worker's liveness lock; hands dead workers' jobs on in seconds.
 
 pub(crate) mod claimer;
 pub(crate) mod completer;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
 pub(crate) mod pruner;
+pub(crate) mod rescuer;
 
 use std::time::Duration;
 

@@ -1,0 +1,87 @@
+//! Liveness: how a worker proves it is alive to the others, so a killed worker's jobs move on
+//! within about a second instead of waiting out their lease.
+//!
+//! Each worker holds, on a connection of its own, a session-level advisory lock keyed by its
+//! `lease_owner` (the pair [`LOCK_CLASS`], `hashtext(owner)`). Postgres releases it the instant
+//! that session ends, which is the instant the process dies (SIGKILL, OOM, crash: the server
+//! sees the socket close). The other workers probe the owners of live leases against
+//! `pg_locks`; an owner seen without its lock for a whole grace period is dead, and its leases
+//! are expired so that the claim's rescue branch takes the jobs under a fresh fence.
+//!
+//! Only owners whose name ends in [`LOCKED_OWNER_SUFFIX`] are probed: they hold a lock. A
+//! worker of an older release (no lock) keeps being rescued by its lease alone, so a rolling
+//! deploy never has its live jobs taken. A hash collision of two owners can only make a dead
+//! owner look alive (its jobs then wait out the lease), never the reverse.
+
+use sqlx::PgConnection;
+use sqlx::postgres::PgListener;
+
+/// The `lease_owner` suffix of a worker that holds a liveness lock.
+pub const LOCKED_OWNER_SUFFIX: &str = "+lock";
+
+/// First half of every liveness lock's key ("setl"); `pg_locks` shows it as `classid`, the
+/// owner's hash as `objid`, with `objsubid = 2` (the two-integer form). The statements below
+/// repeat it as a literal, since the checked macros take no constants.
+pub const LOCK_CLASS: i32 = 0x7365_746c;
+
+/// Takes `owner`'s liveness lock on the holder's own session. False when another session holds
+/// it: this worker's previous session, not yet ended by the server (a cut network), or another
+/// owner whose name hashes alike.
+pub async fn lock(holder: &mut PgListener, owner: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select pg_try_advisory_lock(1936028780, hashtext($1)) as "locked!""#,
+        owner
+    )
+    .fetch_one(holder)
+    .await
+}
+
+/// What one probe found.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Probe {
+    /// Owners of live leases, other than the prober, whose lock no session holds now (those
+    /// whose leases this probe expired left out).
+    pub unlocked: Vec<String>,
+    /// Jobs whose leases this probe expired.
+    pub expired: i64,
+}
+
+/// Finds the owners (other than `me`) of live leases whose liveness lock is free, and expires
+/// the leases of those among `dead` that are still without it, waking the claimers if any
+/// was (one NOTIFY). An expired lease is what the claim's rescue branch takes, under a fresh fence.
+pub async fn probe(
+    conn: &mut PgConnection,
+    me: &str,
+    dead: &[String],
+) -> Result<Probe, sqlx::Error> {
+    sqlx::query_as!(
+        Probe,
+        r#"with unlocked as (
+               select jobs.id, jobs.lease_owner from jobs
+               where jobs.state in ('running', 'cancelling') and jobs.lease_expires_at > now()
+                 and jobs.lease_owner like '%' || $3 and jobs.lease_owner <> $1
+                 and hashtext(jobs.lease_owner)::oid not in (
+                     select objid from pg_locks
+                     where locktype = 'advisory' and granted and objsubid = 2
+                       and classid = 1936028780
+                       and database = (select oid from pg_database
+                                       where datname = current_database()))
+           ), expired as (
+               update jobs set lease_expires_at = now()
+               from unlocked
+               where jobs.id = unlocked.id and unlocked.lease_owner = any($2)
+                 and jobs.lease_owner = unlocked.lease_owner
+                 and jobs.state in ('running', 'cancelling')
+               -- Postgres delivers the same notification once per transaction.
+               returning jobs.id, pg_notify('settle_jobs', '')
+           )
+           select array(select distinct lease_owner from unlocked
+                        where lease_owner <> all($2)) as "unlocked!",
+                  (select count(*) from expired) as "expired!""#,
+        me,
+        dead,
+        LOCKED_OWNER_SUFFIX,
+    )
+    .fetch_one(conn)
+    .await
+}
