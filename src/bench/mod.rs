@@ -5,6 +5,8 @@ mod ingest;
 mod orders;
 pub mod process;
 mod queue;
+mod queue_deep;
+mod queue_peers;
 mod seed;
 mod settlement;
 
@@ -18,7 +20,8 @@ pub enum BenchCommand {
     Ingest(ingest::IngestArgs),
     /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
-    /// 100,000 no-op jobs through real worker processes vs the bare claim-and-complete SQL.
+    /// 100,000 no-op jobs through real worker processes vs graphile-worker and a pgbench
+    /// claim-and-complete loop; `--deep` for the deep-queue phases.
     Queue(queue::QueueArgs),
     /// `settle seed`'s COPY load vs a bare INSERT … SELECT generate_series of the same rows.
     Seed(seed::SeedBenchArgs),
