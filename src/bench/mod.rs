@@ -5,6 +5,8 @@ mod ingest;
 mod orders;
 pub mod process;
 mod queue;
+mod queue_deep;
+mod queue_peers;
 mod rescue;
 mod seed;
 mod settlement;
@@ -19,7 +21,8 @@ pub enum BenchCommand {
     Ingest(ingest::IngestArgs),
     /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
-    /// 100,000 no-op jobs through real worker processes vs the bare claim-and-complete SQL.
+    /// 100,000 no-op jobs through real worker processes vs graphile-worker and a pgbench
+    /// claim-and-complete loop; `--deep` for the deep-queue phases.
     Queue(queue::QueueArgs),
     /// A settlement's holder SIGKILLed again and again while another worker waits: time until
     /// the job is claimed again and progresses, and the result checked exact.

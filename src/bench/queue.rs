@@ -1,6 +1,8 @@
-//! `settle bench queue`: 100,000 no-op jobs drained by real `settle worker` child processes,
-//! enqueue-to-start latency on an idle queue, and the same claim-and-complete SQL driven by a
-//! bare sqlx loop in the same run, with the ratio.
+//! `settle bench queue`: 100,000 no-op jobs drained by real `settle worker` child processes and
+//! enqueue-to-start latency on an idle queue, beside two baselines measured in the same run:
+//! graphile-worker in its documented high-throughput configuration (`bench/graphile/`) and an
+//! independent pgbench claim-and-complete loop (`bench/queue-*.sql`), with the ratios.
+//! `--deep` measures instead how the claim rate holds up with a deep queue (`queue_deep`).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -8,9 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use settle_workers::{NewJob, claim, finish};
+use settle_workers::NewJob;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 
 use crate::config::Config;
@@ -26,9 +27,13 @@ pub struct QueueArgs {
     /// Jobs enqueued one at a time on an idle queue for the latency phase.
     #[arg(long, default_value_t = 1_000)]
     pub latency_jobs: usize,
-    /// Tasks of the bare sqlx loop (each claims `worker.claim_batch` per statement).
-    #[arg(long, default_value_t = 4)]
-    pub raw_tasks: usize,
+    #[command(flatten)]
+    pub peers: super::queue_peers::PeerArgs,
+    /// Measure the deep-queue phases (`queue_deep`) instead of the comparison.
+    #[arg(long)]
+    pub deep: bool,
+    #[command(flatten)]
+    pub deep_args: super::queue_deep::DeepArgs,
     /// Database the benchmark uses (created if missing); never the service's own.
     #[arg(long, default_value = "settle_bench_queue")]
     pub database: String,
@@ -38,21 +43,18 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     let config = super::process::bench_config(config, &args.database)?;
     let pool = crate::cli::open(&config, true).await?;
     sqlx::query!("truncate jobs").execute(&pool).await?;
+    if args.deep {
+        return super::queue_deep::run(&args.deep_args, &config, &pool, args.workers).await;
+    }
     let w = &config.worker;
     println!(
         "settle bench queue: {} no-op jobs, {} worker processes x concurrency {}, claim_batch {}, database {}",
         args.jobs, args.workers, w.concurrency, w.claim_batch, args.database
     );
-    let mut workers = Vec::new();
-    for _ in 0..args.workers {
-        workers.push(start_worker(&config)?);
-    }
-    // Let the workers connect and LISTEN before the clock starts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
+    let workers = start_workers(&config, args.workers).await?;
     let (latency_p50, latency_p99) = latency_phase(&pool, args.latency_jobs).await?;
     println!(
-        "pickup  enqueue-to-start on an idle queue: p50 {latency_p50:.2} ms   p99 {latency_p99:.2} ms   ({} jobs, one at a time)",
+        "pickup   settle enqueue-to-start on an idle queue: p50 {latency_p50:.2} ms   p99 {latency_p99:.2} ms   ({} jobs, one at a time)",
         args.latency_jobs
     );
 
@@ -61,26 +63,36 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     enqueue_all(&pool, args.jobs).await?;
     let enqueued = started.elapsed();
     wait_drained(&pool).await?;
-    let workers_rate = args.jobs as f64 / started.elapsed().as_secs_f64();
+    let total = started.elapsed();
+    let drain_rate = args.jobs as f64 / (total - enqueued).as_secs_f64();
     println!(
-        "workers {workers_rate:>9.0} jobs/s   (enqueue {:.2} s + drain, {:.2} s total)",
+        "settle   {drain_rate:>9.0} jobs/s drain   ({:.0} jobs/s with the enqueue: enqueue {:.2} s + drain {:.2} s)",
+        args.jobs as f64 / total.as_secs_f64(),
         enqueued.as_secs_f64(),
-        started.elapsed().as_secs_f64()
+        (total - enqueued).as_secs_f64()
     );
+    stop_workers(workers).await?;
+    sqlx::query!("truncate jobs").execute(&pool).await?;
+
+    let peers = super::queue_peers::run(&args.peers, &config, &args).await?;
+    super::queue_peers::print_ratios(drain_rate, latency_p50, &peers);
+    Ok(())
+}
+
+/// Starts `n` workers and lets them connect and LISTEN before any clock starts.
+pub(super) async fn start_workers(config: &Config, n: usize) -> anyhow::Result<Vec<Child>> {
+    let workers = (0..n)
+        .map(|_| start_worker(config))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(workers)
+}
+
+/// SIGTERM to each worker, then waits for their graceful exits.
+pub(super) async fn stop_workers(workers: Vec<Child>) -> anyhow::Result<()> {
     for mut worker in workers {
         stop_worker(&mut worker).await?;
     }
-
-    sqlx::query!("truncate jobs").execute(&pool).await?;
-    let raw_rate = raw_phase(&config, &pool, &args).await?;
-    println!(
-        "raw     {raw_rate:>9.0} jobs/s   (bare sqlx loop: {} tasks, same claim + batched complete SQL)",
-        args.raw_tasks
-    );
-    println!(
-        "ratio   workers / raw = {:.2}   (target: >= 15,000 jobs/s, p50 pickup < 5 ms)",
-        workers_rate / raw_rate
-    );
     Ok(())
 }
 
@@ -110,18 +122,22 @@ async fn stop_worker(child: &mut Child) -> anyhow::Result<()> {
 }
 
 /// Enqueues `n` no-op jobs in one transaction (bulk statements of 10,000).
-async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
-    let jobs: Vec<NewJob> = (0..n).map(|_| NewJob::new("noop", json!({}))).collect();
+pub(super) async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    for chunk in jobs.chunks(10_000) {
-        settle_workers::enqueue_many(&mut tx, chunk).await?;
+    let mut left = n;
+    while left > 0 {
+        let chunk: Vec<NewJob> = (0..left.min(10_000))
+            .map(|_| NewJob::new("noop", json!({})))
+            .collect();
+        settle_workers::enqueue_many(&mut tx, &chunk).await?;
+        left -= chunk.len();
     }
     tx.commit().await?;
     Ok(())
 }
 
 /// Waits until no job is queued or running.
-async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
+pub(super) async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
     loop {
         let left = sqlx::query_scalar!(
             r#"select (select count(*) from jobs where state = 'queued')
@@ -165,39 +181,4 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     .fetch_one(&mut *conn)
     .await?;
     Ok((latency.p50, latency.p99))
-}
-
-/// The same claim and completion statements the workers run, from a bare loop.
-async fn raw_phase(config: &Config, pool: &PgPool, args: &QueueArgs) -> anyhow::Result<f64> {
-    enqueue_all(pool, args.jobs).await?;
-    let raw = PgPoolOptions::new()
-        .max_connections(args.raw_tasks as u32)
-        .connect_with(crate::db::connect_options(&config.database.url)?)
-        .await?;
-    let (batch, lease) = (
-        config.worker.claim_batch,
-        Duration::from_millis(config.worker.lease_ms),
-    );
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for task in 0..args.raw_tasks {
-        let raw = raw.clone();
-        tasks.push(tokio::spawn(async move {
-            let owner = format!("raw-{task}");
-            let kinds = ["noop".to_owned()];
-            let mut conn = raw.acquire().await?;
-            loop {
-                let jobs = claim::claim(&mut conn, &owner, batch, lease, &kinds).await?;
-                if jobs.is_empty() {
-                    return anyhow::Ok(());
-                }
-                let held: Vec<(i64, i64)> = jobs.iter().map(|j| (j.id, j.fence)).collect();
-                finish::complete_many(&mut conn, &held).await?;
-            }
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok(args.jobs as f64 / started.elapsed().as_secs_f64())
 }

@@ -1,0 +1,203 @@
+//! `settle bench queue --deep`: does the claim stay fast when the queue is deep, and after many
+//! drains with autovacuum on?
+//!
+//! 1. The drain rate of the worker processes with `shallow_queue` jobs queued (drained and
+//!    re-queued until `measured_jobs` ran) against the rate of the first `measured_jobs` of
+//!    `deep_queue` queued jobs, with the ratio.
+//! 2. `cycles` drains of `cycle_jobs` jobs each with autovacuum on (turned on for this phase when
+//!    the server has it off, and turned back off after), each cycle's rate and the jobs table's
+//!    sizes. Finished jobs stay, as they do for `worker.retention_hours`.
+//!
+//! Rates run from the enqueue's commit to the jobs' `finished_at`, both Postgres' clock.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use sqlx::PgPool;
+
+use super::queue::{enqueue_all, start_workers, stop_workers, wait_drained};
+use crate::config::Config;
+
+#[derive(Debug, Args)]
+pub struct DeepArgs {
+    /// Jobs queued for the shallow rate.
+    #[arg(long, default_value_t = 10_000)]
+    pub shallow_queue: usize,
+    /// Jobs queued for the deep rate.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub deep_queue: usize,
+    /// Jobs timed at each depth.
+    #[arg(long, default_value_t = 100_000)]
+    pub measured_jobs: usize,
+    /// Drain cycles with autovacuum on.
+    #[arg(long, default_value_t = 10)]
+    pub cycles: usize,
+    /// Jobs enqueued and drained in each cycle.
+    #[arg(long, default_value_t = 100_000)]
+    pub cycle_jobs: usize,
+}
+
+pub async fn run(
+    deep: &DeepArgs,
+    config: &Config,
+    pool: &PgPool,
+    workers: usize,
+) -> anyhow::Result<()> {
+    println!(
+        "settle bench queue --deep: {workers} worker processes x concurrency {}, claim_batch {}",
+        config.worker.concurrency, config.worker.claim_batch
+    );
+    let running = start_workers(config, workers).await?;
+    let shallow = shallow_rate(pool, deep).await?;
+    println!(
+        "shallow  {shallow:>9.0} jobs/s   ({} queued, re-queued until {} ran)",
+        deep.shallow_queue, deep.measured_jobs
+    );
+    let deep_rate = deep_rate(pool, deep).await?;
+    println!(
+        "deep     {deep_rate:>9.0} jobs/s   (the first {} of {} queued)",
+        deep.measured_jobs, deep.deep_queue
+    );
+    println!(
+        "ratio    deep / shallow = {:.2}   (issue 11: >= 0.8)",
+        deep_rate / shallow
+    );
+    stop_workers(running).await?;
+    sqlx::query!("truncate jobs").execute(pool).await?;
+    if deep.cycles == 0 {
+        return Ok(());
+    }
+    let autovacuum = sqlx::query_scalar!(r#"select current_setting('autovacuum') as "on!""#)
+        .fetch_one(pool)
+        .await?;
+    if autovacuum != "on" {
+        println!("autovacuum is off on this server: on for the cycles (ALTER SYSTEM), then reset");
+        set_autovacuum(pool, true).await?;
+    }
+    let cycled = cycles(deep, config, pool, workers).await;
+    if autovacuum != "on" {
+        set_autovacuum(pool, false).await?;
+    }
+    cycled
+}
+
+/// The Postgres clock now, in seconds since the epoch.
+async fn now(pool: &PgPool) -> anyhow::Result<f64> {
+    Ok(
+        sqlx::query_scalar!(r#"select extract(epoch from clock_timestamp())::float8 as "now!""#)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// The newest `finished_at`, in seconds since the epoch.
+async fn last_finished(pool: &PgPool) -> anyhow::Result<f64> {
+    sqlx::query_scalar!(r#"select extract(epoch from max(finished_at))::float8 from jobs"#)
+        .fetch_one(pool)
+        .await?
+        .context("no job finished")
+}
+
+async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
+    let rounds = deep.measured_jobs.div_ceil(deep.shallow_queue);
+    let mut seconds = 0.0;
+    for _ in 0..rounds {
+        enqueue_all(pool, deep.shallow_queue).await?;
+        let committed = now(pool).await?;
+        wait_drained(pool).await?;
+        seconds += last_finished(pool).await? - committed;
+        sqlx::query!("truncate jobs").execute(pool).await?;
+    }
+    Ok((rounds * deep.shallow_queue) as f64 / seconds)
+}
+
+async fn deep_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    enqueue_all(pool, deep.deep_queue).await?;
+    let committed = now(pool).await?;
+    println!(
+        "deep     enqueued {} jobs in {:.1} s",
+        deep.deep_queue,
+        started.elapsed().as_secs_f64()
+    );
+    let measured = deep.measured_jobs as i64;
+    loop {
+        let finished = sqlx::query_scalar!(
+            r#"select count(*) as "n!" from jobs where finished_at is not null"#
+        )
+        .fetch_one(pool)
+        .await?;
+        if finished >= measured {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nth = sqlx::query_scalar!(
+        r#"select extract(epoch from finished_at)::float8 as "at!" from jobs
+           where finished_at is not null order by finished_at offset $1 limit 1"#,
+        measured - 1
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(measured as f64 / (nth - committed))
+}
+
+async fn cycles(
+    deep: &DeepArgs,
+    config: &Config,
+    pool: &PgPool,
+    workers: usize,
+) -> anyhow::Result<()> {
+    let running = start_workers(config, workers).await?;
+    println!(
+        "cycle     jobs/s   total MiB  heap MiB  indexes MiB  claim index KiB  live rows  dead rows  autovacuums"
+    );
+    for cycle in 1..=deep.cycles {
+        enqueue_all(pool, deep.cycle_jobs).await?;
+        let committed = now(pool).await?;
+        wait_drained(pool).await?;
+        let rate = deep.cycle_jobs as f64 / (last_finished(pool).await? - committed);
+        let s = sqlx::query!(
+            r#"select pg_total_relation_size('jobs') as "total!",
+                      pg_relation_size('jobs') as "heap!",
+                      pg_indexes_size('jobs') as "indexes!",
+                      coalesce(pg_relation_size(to_regclass('jobs_claimable_idx')), 0) as "claim!",
+                      n_live_tup as "live!", n_dead_tup as "dead!",
+                      autovacuum_count as "autovacuums!"
+               from pg_stat_user_tables where relid = 'jobs'::regclass"#
+        )
+        .fetch_one(pool)
+        .await?;
+        let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+        println!(
+            "{cycle:>5} {rate:>10.0} {:>11.1} {:>9.1} {:>12.1} {:>16.0} {:>10} {:>10} {:>12}",
+            mib(s.total),
+            mib(s.heap),
+            mib(s.indexes),
+            s.claim as f64 / 1024.0,
+            s.live,
+            s.dead,
+            s.autovacuums
+        );
+    }
+    stop_workers(running).await
+}
+
+/// Turns autovacuum on, or back to the server's configured value, and reloads the configuration.
+async fn set_autovacuum(pool: &PgPool, on: bool) -> anyhow::Result<()> {
+    if on {
+        sqlx::query!("alter system set autovacuum = on")
+            .execute(pool)
+            .await
+            .context("ALTER SYSTEM needs a superuser; run with --cycles 0 otherwise")?;
+    } else {
+        sqlx::query!("alter system reset autovacuum")
+            .execute(pool)
+            .await?;
+    }
+    sqlx::query_scalar!("select pg_reload_conf()")
+        .fetch_one(pool)
+        .await?;
+    Ok(())
+}
