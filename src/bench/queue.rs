@@ -2,7 +2,6 @@
 //! enqueue-to-start latency on an idle queue, and the same claim-and-complete SQL driven by a
 //! bare sqlx loop in the same run, with the ratio.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +13,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 
 use crate::config::Config;
+use crate::jobs::kind;
 
 #[derive(Debug, Args)]
 pub struct QueueArgs {
@@ -85,15 +85,9 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
 }
 
 fn start_worker(config: &Config) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("worker")
-        .env("SETTLE_DATABASE__URL", &config.database.url)
+    super::process::settle_command(config, "worker", "warn", false)?
         // The no-op jobs drained here are a probe kind, off in a production worker.
         .env("SETTLE_WORKER__TEST_KINDS", "true")
-        .env("SETTLE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .context("starting settle worker")
 }
@@ -111,7 +105,7 @@ async fn stop_worker(child: &mut Child) -> anyhow::Result<()> {
 
 /// Enqueues `n` no-op jobs in one transaction (bulk statements of 10,000).
 async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
-    let jobs: Vec<NewJob> = (0..n).map(|_| NewJob::new("noop", json!({}))).collect();
+    let jobs: Vec<NewJob> = (0..n).map(|_| NewJob::new(kind::NOOP, json!({}))).collect();
     let mut tx = pool.begin().await?;
     for chunk in jobs.chunks(10_000) {
         settle_workers::enqueue_many(&mut tx, chunk).await?;
@@ -142,7 +136,7 @@ async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
 async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     let mut conn = pool.acquire().await?;
     for _ in 0..n {
-        let id = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({}))).await?;
+        let id = settle_workers::enqueue(&mut conn, &NewJob::new(kind::NOOP, json!({}))).await?;
         loop {
             let started = sqlx::query_scalar!(
                 r#"select started_at is not null as "started!" from jobs where id = $1"#,
@@ -184,7 +178,7 @@ async fn raw_phase(config: &Config, pool: &PgPool, args: &QueueArgs) -> anyhow::
         let raw = raw.clone();
         tasks.push(tokio::spawn(async move {
             let owner = format!("raw-{task}");
-            let kinds = ["noop".to_owned()];
+            let kinds = [kind::NOOP.to_owned()];
             let mut conn = raw.acquire().await?;
             loop {
                 let jobs = claim::claim(&mut conn, &owner, batch, lease, &kinds).await?;
