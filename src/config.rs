@@ -454,9 +454,12 @@ mod tests {
         let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 300));
         let config = Config::from_figment(figment).unwrap();
         let settings = crate::worker::settings(&config.worker);
-        assert_eq!(settings.timeout_for("sleep"), Duration::from_millis(300));
         assert_eq!(
-            settings.timeout_for("noop"),
+            settings.timeout_for(crate::jobs::kind::SLEEP),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            settings.timeout_for(crate::jobs::kind::NOOP),
             Duration::from_millis(config.worker.job_timeout_ms)
         );
         let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 0));

@@ -89,7 +89,8 @@ mod tests {
         let registry = registry(&config);
         let kinds = registry.kinds();
         assert!(
-            kinds.contains(&"settlement") && kinds.contains(&"noop"),
+            kinds.contains(&crate::settlement::job::KIND)
+                && kinds.contains(&crate::jobs::kind::NOOP),
             "{kinds:?}"
         );
     }

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::access::{calls, settlement_row};
+use common::assert_refused;
 use common::auth::client_with;
 use common::{assert_error, spawn_app, spawn_app_with};
 use serde_json::json;
@@ -75,22 +76,25 @@ async fn unknown_routes_and_wrong_methods_answer_404_and_405_with_or_without_a_t
     let shop = app.client_as(Role::Shop, None).await;
     for client in [&reqwest::Client::new(), &shop, &app.http] {
         let unknown = client.get(app.url("/api/v1/nothing-here")).send();
-        let (status, body) = common::status_and_json(unknown.await.unwrap()).await;
-        assert_eq!(status, 404, "{body}");
-        assert_error(&body, "NOT_FOUND");
+        assert_refused(
+            common::status_and_json(unknown.await.unwrap()).await,
+            404,
+            "NOT_FOUND",
+        );
         // The OpenAPI document already says which routes exist; a 405 tells no more.
         let wrong_method = client.delete(app.url("/api/v1/orders")).send();
-        let (status, body) = common::status_and_json(wrong_method.await.unwrap()).await;
-        assert_eq!(status, 405, "{body}");
-        assert_error(&body, "METHOD_NOT_ALLOWED");
+        assert_refused(
+            common::status_and_json(wrong_method.await.unwrap()).await,
+            405,
+            "METHOD_NOT_ALLOWED",
+        );
     }
 }
 
 #[tokio::test]
 async fn a_revoked_token_stops_working_within_the_cache_ttl() {
     let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(2000))]).await;
-    let token = app.token(Role::Shop, None).await;
-    let shop = client_with(&token);
+    let shop = app.client_as(Role::Shop, None).await;
     let orders = || shop.get(app.url("/api/v1/orders")).send();
     assert_eq!(orders().await.unwrap().status(), 200);
     app.revoke_newest(Role::Shop).await;
@@ -98,16 +102,17 @@ async fn a_revoked_token_stops_working_within_the_cache_ttl() {
     assert_eq!(orders().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // ...then refused like any unknown token.
-    let (status, body) = common::status_and_json(orders().await.unwrap()).await;
-    assert_eq!(status, 401, "{body}");
-    assert_error(&body, "UNAUTHENTICATED");
+    assert_refused(
+        common::status_and_json(orders().await.unwrap()).await,
+        401,
+        "UNAUTHENTICATED",
+    );
 }
 
 #[tokio::test]
 async fn without_a_cache_revocation_is_immediate() {
     let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(0))]).await;
-    let token = app.token(Role::Ingest, None).await;
-    let ingest = client_with(&token);
+    let ingest = app.client_as(Role::Ingest, None).await;
     let transaction = json!({"merchant_id": "m-1", "external_id": "ch_1", "amount_cents": 1,
         "fee_cents": 0, "status": "PAID", "paid_at": "2025-01-01T00:00:00Z"});
     let transactions = || {

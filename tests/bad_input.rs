@@ -3,387 +3,222 @@
 
 mod common;
 
-use common::{assert_error, spawn_app, status_and_json};
-use serde_json::json;
+use common::{TestApp, assert_error, spawn_app, status_and_json};
+use serde_json::{Value, json};
 
-/// (method, path, content-type, raw body, expected status, expected code)
-type Case = (
-    &'static str,
-    String,
-    Option<&'static str>,
-    String,
-    u16,
-    &'static str,
-);
+/// A request the API must refuse, and how.
+struct Case {
+    method: &'static str,
+    path: String,
+    content_type: Option<&'static str>,
+    /// Sent as is: malformed JSON is a case too.
+    body: String,
+    status: u16,
+    code: &'static str,
+}
+
+const ORDERS: &str = "/api/v1/orders";
+const PRODUCTS: &str = "/api/v1/products";
+
+/// A POST of `body` as JSON (raw text or a value).
+fn post(path: impl Into<String>, body: impl ToString, status: u16, code: &'static str) -> Case {
+    Case {
+        method: "POST",
+        path: path.into(),
+        content_type: Some("application/json"),
+        body: body.to_string(),
+        status,
+        code,
+    }
+}
+
+/// A `method` request without a body.
+fn bare(method: &'static str, path: impl Into<String>, status: u16, code: &'static str) -> Case {
+    Case {
+        content_type: None,
+        method,
+        ..post(path, "", status, code)
+    }
+}
+
+fn get(path: impl Into<String>, status: u16, code: &'static str) -> Case {
+    bare("GET", path, status, code)
+}
+
+/// Orders that must be refused: bodies that are not JSON, not an order, or an order the
+/// rules refuse.
+fn order_cases(product: i64) -> Vec<Case> {
+    let order =
+        |q: Value, buyer: Value| json!({"product_id": product, "quantity": q, "buyer_id": buyer});
+    let invalid = |body: Value| post(ORDERS, body, 400, "INVALID_BODY");
+    let quantity = |q: Value| post(ORDERS, order(q, json!("b")), 422, "INVALID_QUANTITY");
+    let buyer = |b: Value| post(ORDERS, order(json!(1), b), 422, "INVALID_BUYER_ID");
+    let huge = format!("{{\"buyer_id\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    vec![
+        post(ORDERS, "{\"product_id\": 1,", 400, "MALFORMED_JSON"),
+        post(ORDERS, "not json", 400, "MALFORMED_JSON"),
+        post(ORDERS, "", 400, "MALFORMED_JSON"),
+        invalid(json!([])),
+        invalid(order(json!("1"), json!("b"))),
+        invalid(order(json!(1.5), json!("b"))),
+        invalid(order(json!(1), json!(7))),
+        invalid(order(json!(null), json!("b"))),
+        invalid(json!({"product_id": product, "quantity": 1})),
+        invalid(json!({"product_id": product, "quantity": 1, "buyer_id": "b", "extra": 1})),
+        invalid(order(json!(1e30), json!("b"))),
+        quantity(json!(0)),
+        quantity(json!(-3)),
+        quantity(json!(1001)),
+        quantity(json!(i64::MAX)),
+        buyer(json!("")),
+        buyer(json!("   ")),
+        buyer(json!("x".repeat(5 * 1024))),
+        post(
+            ORDERS,
+            json!({"product_id": 999_999, "quantity": 1, "buyer_id": "b"}),
+            404,
+            "NOT_FOUND",
+        ),
+        post(
+            ORDERS,
+            json!({"product_id": -1, "quantity": 1, "buyer_id": "b"}),
+            404,
+            "NOT_FOUND",
+        ),
+        post(ORDERS, order(json!(11), json!("b")), 409, "OUT_OF_STOCK"),
+        Case {
+            content_type: None,
+            ..post(
+                ORDERS,
+                order(json!(1), json!("b")),
+                415,
+                "UNSUPPORTED_MEDIA_TYPE",
+            )
+        },
+        post(ORDERS, huge, 413, "PAYLOAD_TOO_LARGE"),
+    ]
+}
+
+/// Reads, paths and methods that must be refused.
+fn path_cases(product: i64) -> Vec<Case> {
+    vec![
+        get("/api/v1/orders/abc", 400, "INVALID_PATH"),
+        get("/api/v1/orders/99999999999999999999", 400, "INVALID_PATH"),
+        get("/api/v1/orders/424242", 404, "NOT_FOUND"),
+        get("/api/v1/orders?limit=0", 422, "INVALID_LIMIT"),
+        get("/api/v1/orders?limit=x", 400, "INVALID_QUERY"),
+        get("/api/v1/orders?cursor=zz", 400, "INVALID_CURSOR"),
+        get("/api/v1/products/1.5", 400, "INVALID_PATH"),
+        get("/api/v1/products/77777", 404, "NOT_FOUND"),
+        bare(
+            "DELETE",
+            format!("{PRODUCTS}/{product}"),
+            405,
+            "METHOD_NOT_ALLOWED",
+        ),
+        Case {
+            method: "PUT",
+            ..post(ORDERS, "{}", 405, "METHOD_NOT_ALLOWED")
+        },
+        get("/api/v1/nothing-here", 404, "NOT_FOUND"),
+    ]
+}
+
+/// Products and restocks that must be refused.
+fn product_cases(product: i64) -> Vec<Case> {
+    let restock = format!("{PRODUCTS}/{product}/restock");
+    let quantity = |q: Value| post(&restock, json!({"quantity": q}), 422, "INVALID_QUANTITY");
+    vec![
+        post(
+            PRODUCTS,
+            json!({"name": "", "stock": 1, "price_cents": 1}),
+            422,
+            "INVALID_NAME",
+        ),
+        post(
+            PRODUCTS,
+            json!({"name": "n", "stock": -1, "price_cents": 1}),
+            422,
+            "INVALID_STOCK",
+        ),
+        post(
+            PRODUCTS,
+            json!({"name": "n", "stock": 1, "price_cents": -1}),
+            422,
+            "INVALID_PRICE",
+        ),
+        post(
+            PRODUCTS,
+            json!({"name": "n", "stock": "many", "price_cents": 1}),
+            400,
+            "INVALID_BODY",
+        ),
+        quantity(json!(0)),
+        quantity(json!(-5)),
+        quantity(json!(10_000_000_000_i64)),
+        post(
+            "/api/v1/products/abc/restock",
+            json!({"quantity": 1}),
+            400,
+            "INVALID_PATH",
+        ),
+        post(
+            "/api/v1/products/31337/restock",
+            json!({"quantity": 1}),
+            404,
+            "NOT_FOUND",
+        ),
+    ]
+}
+
+/// Sends `case` and checks the answer: its status and code, in the error shape, with a
+/// request id.
+async fn check(app: &TestApp, case: Case) {
+    let Case {
+        method,
+        path,
+        content_type,
+        body,
+        status,
+        code,
+    } = case;
+    let mut request = app
+        .http
+        .request(method.parse().unwrap(), app.url(&path))
+        .body(body.clone());
+    if let Some(ct) = content_type {
+        request = request.header("content-type", ct);
+    }
+    let response = request.send().await.expect("sent");
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "{method} {path}: every response carries a request id"
+    );
+    let (got, error) = status_and_json(response).await;
+    let shown = &body[..body.len().min(80)];
+    assert_eq!(got, status, "{method} {path} {shown}: {error}");
+    assert_error(&error, code);
+}
 
 #[tokio::test]
 async fn bad_inputs_get_a_clear_4xx_and_change_nothing() {
     let app = spawn_app().await;
     let product = app.product(10, 100).await;
-    let order = |q: serde_json::Value, buyer: serde_json::Value| {
-        json!({"product_id": product, "quantity": q, "buyer_id": buyer}).to_string()
-    };
-    let json_ct = Some("application/json");
-    let orders = || "/api/v1/orders".to_owned();
-    let cases: Vec<Case> = vec![
-        (
-            "POST",
-            orders(),
-            json_ct,
-            "{\"product_id\": 1,".into(),
-            400,
-            "MALFORMED_JSON",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            "not json".into(),
-            400,
-            "MALFORMED_JSON",
-        ),
-        ("POST", orders(), json_ct, "".into(), 400, "MALFORMED_JSON"),
-        ("POST", orders(), json_ct, "[]".into(), 400, "INVALID_BODY"),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!("1"), json!("b")),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1.5), json!("b")),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1), json!(7)),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(null), json!("b")),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            json!({"product_id": product, "quantity": 1}).to_string(),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            json!({"product_id": product, "quantity": 1, "buyer_id": "b", "extra": 1}).to_string(),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1e30), json!("b")),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(0), json!("b")),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(-3), json!("b")),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1001), json!("b")),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(i64::MAX), json!("b")),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1), json!("")),
-            422,
-            "INVALID_BUYER_ID",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1), json!("   ")),
-            422,
-            "INVALID_BUYER_ID",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(1), json!("x".repeat(5 * 1024))),
-            422,
-            "INVALID_BUYER_ID",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            json!({"product_id": 999_999, "quantity": 1, "buyer_id": "b"}).to_string(),
-            404,
-            "NOT_FOUND",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            json!({"product_id": -1, "quantity": 1, "buyer_id": "b"}).to_string(),
-            404,
-            "NOT_FOUND",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            order(json!(11), json!("b")),
-            409,
-            "OUT_OF_STOCK",
-        ),
-        (
-            "POST",
-            orders(),
-            None,
-            order(json!(1), json!("b")),
-            415,
-            "UNSUPPORTED_MEDIA_TYPE",
-        ),
-        (
-            "POST",
-            orders(),
-            json_ct,
-            format!("{{\"buyer_id\": \"{}\"}}", "x".repeat(2 * 1024 * 1024)),
-            413,
-            "PAYLOAD_TOO_LARGE",
-        ),
-        (
-            "GET",
-            "/api/v1/orders/abc".into(),
-            None,
-            String::new(),
-            400,
-            "INVALID_PATH",
-        ),
-        (
-            "GET",
-            "/api/v1/orders/99999999999999999999".into(),
-            None,
-            String::new(),
-            400,
-            "INVALID_PATH",
-        ),
-        (
-            "GET",
-            "/api/v1/orders/424242".into(),
-            None,
-            String::new(),
-            404,
-            "NOT_FOUND",
-        ),
-        (
-            "GET",
-            "/api/v1/orders?limit=0".into(),
-            None,
-            String::new(),
-            422,
-            "INVALID_LIMIT",
-        ),
-        (
-            "GET",
-            "/api/v1/orders?limit=x".into(),
-            None,
-            String::new(),
-            400,
-            "INVALID_QUERY",
-        ),
-        (
-            "GET",
-            "/api/v1/orders?cursor=zz".into(),
-            None,
-            String::new(),
-            400,
-            "INVALID_CURSOR",
-        ),
-        (
-            "GET",
-            "/api/v1/products/1.5".into(),
-            None,
-            String::new(),
-            400,
-            "INVALID_PATH",
-        ),
-        (
-            "GET",
-            "/api/v1/products/77777".into(),
-            None,
-            String::new(),
-            404,
-            "NOT_FOUND",
-        ),
-        (
-            "DELETE",
-            format!("/api/v1/products/{product}"),
-            None,
-            String::new(),
-            405,
-            "METHOD_NOT_ALLOWED",
-        ),
-        (
-            "PUT",
-            orders(),
-            json_ct,
-            "{}".into(),
-            405,
-            "METHOD_NOT_ALLOWED",
-        ),
-        (
-            "GET",
-            "/api/v1/nothing-here".into(),
-            None,
-            String::new(),
-            404,
-            "NOT_FOUND",
-        ),
-        (
-            "POST",
-            "/api/v1/products".into(),
-            json_ct,
-            json!({"name": "", "stock": 1, "price_cents": 1}).to_string(),
-            422,
-            "INVALID_NAME",
-        ),
-        (
-            "POST",
-            "/api/v1/products".into(),
-            json_ct,
-            json!({"name": "n", "stock": -1, "price_cents": 1}).to_string(),
-            422,
-            "INVALID_STOCK",
-        ),
-        (
-            "POST",
-            "/api/v1/products".into(),
-            json_ct,
-            json!({"name": "n", "stock": 1, "price_cents": -1}).to_string(),
-            422,
-            "INVALID_PRICE",
-        ),
-        (
-            "POST",
-            "/api/v1/products".into(),
-            json_ct,
-            json!({"name": "n", "stock": "many", "price_cents": 1}).to_string(),
-            400,
-            "INVALID_BODY",
-        ),
-        (
-            "POST",
-            format!("/api/v1/products/{product}/restock"),
-            json_ct,
-            json!({"quantity": 0}).to_string(),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            format!("/api/v1/products/{product}/restock"),
-            json_ct,
-            json!({"quantity": -5}).to_string(),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            format!("/api/v1/products/{product}/restock"),
-            json_ct,
-            json!({"quantity": 10_000_000_000_i64}).to_string(),
-            422,
-            "INVALID_QUANTITY",
-        ),
-        (
-            "POST",
-            "/api/v1/products/abc/restock".into(),
-            json_ct,
-            json!({"quantity": 1}).to_string(),
-            400,
-            "INVALID_PATH",
-        ),
-        (
-            "POST",
-            "/api/v1/products/31337/restock".into(),
-            json_ct,
-            json!({"quantity": 1}).to_string(),
-            404,
-            "NOT_FOUND",
-        ),
-    ];
-    for (method, path, content_type, body, status, code) in cases {
-        let mut request = app
-            .http
-            .request(method.parse().unwrap(), app.url(&path))
-            .body(body.clone());
-        if let Some(ct) = content_type {
-            request = request.header("content-type", ct);
+    for cases in [
+        order_cases(product),
+        path_cases(product),
+        product_cases(product),
+    ] {
+        for case in cases {
+            check(&app, case).await;
         }
-        let response = request.send().await.expect("sent");
-        assert!(
-            response.headers().contains_key("x-request-id"),
-            "{method} {path}: every response carries a request id"
-        );
-        let (got, error) = status_and_json(response).await;
-        let shown = &body[..body.len().min(80)];
-        assert_eq!(got, status, "{method} {path} {shown}: {error}");
-        assert_error(&error, code);
     }
     let (_, after) = app.get(&format!("/api/v1/products/{product}")).await;
     assert_eq!(
         (after["stock"].as_i64(), after["sold"].as_i64()),
         (Some(10), Some(0))
     );
-    let orders: i64 = sqlx::query_scalar("select count(*) from orders")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let orders = common::scalar(&app.pool, "select count(*) from orders").await;
     assert_eq!(orders, 0);
 }
 

@@ -5,17 +5,17 @@
 mod common;
 
 use common::ops::settle_cli;
-use common::processes::{enqueue, job_state};
+use common::processes::{enqueue, job_in_state, job_state};
 use common::{TestApp, spawn_app};
 use serde_json::{Value, json};
+use settle::jobs::kind::{NOOP, SLEEP};
 
-/// A noop job that ran out of attempts with `error`.
+/// A noop job that failed with `error`.
 async fn failed_job(app: &TestApp, error: &str) -> i64 {
-    let id = enqueue(&app.pool, "noop", json!({}), 1).await;
+    let id = job_in_state(&app.pool, "failed").await;
     sqlx::query(
-        "update jobs set state = 'failed', attempt = 1, finished_at = now(),
-             errors = jsonb_build_array(jsonb_build_object('attempt', 1, 'error', $2::text,
-                                                           'at', now()))
+        "update jobs set errors = jsonb_build_array(jsonb_build_object(
+             'attempt', 1, 'error', $2::text, 'at', now()))
          where id = $1",
     )
     .bind(id)
@@ -29,9 +29,9 @@ async fn failed_job(app: &TestApp, error: &str) -> i64 {
 #[tokio::test]
 async fn list_shows_a_table_filtered_by_status_and_kind() {
     let app = spawn_app().await;
-    let queued = enqueue(&app.pool, "noop", json!({}), 3).await;
+    let queued = enqueue(&app.pool, NOOP, json!({}), 3).await;
     let failed = failed_job(&app, "the bank said no").await;
-    let other = enqueue(&app.pool, "sleep", json!({"ms": 1}), 3).await;
+    let other = enqueue(&app.pool, SLEEP, json!({"ms": 1}), 3).await;
 
     let (ok, out, err) = settle_cli(&app, &["jobs", "list"]);
     assert!(ok, "{err}");
@@ -59,9 +59,9 @@ async fn list_shows_a_table_filtered_by_status_and_kind() {
         ok && out.lines().count() == 2 && out.contains(&failed.to_string()),
         "{out}"
     );
-    let (ok, out, _) = settle_cli(&app, &["jobs", "list", "--kind", "sleep", "--limit", "5"]);
+    let (ok, out, _) = settle_cli(&app, &["jobs", "list", "--kind", SLEEP, "--limit", "5"]);
     assert!(
-        ok && out.lines().count() == 2 && out.contains("sleep"),
+        ok && out.lines().count() == 2 && out.contains(SLEEP),
         "{out}"
     );
     let (ok, _, err) = settle_cli(&app, &["jobs", "list", "--status", "sleeping"]);
@@ -92,7 +92,7 @@ async fn show_prints_the_jobs_api_json() {
 async fn cancel_and_retry_change_the_job_or_say_why_not() {
     let app = spawn_app().await;
     let failed = failed_job(&app, "boom").await;
-    let queued = enqueue(&app.pool, "noop", json!({}), 3).await;
+    let queued = enqueue(&app.pool, NOOP, json!({}), 3).await;
 
     let (ok, out, err) = settle_cli(&app, &["jobs", "retry", &failed.to_string()]);
     assert!(ok, "{err}");

@@ -9,6 +9,7 @@ use common::processes::{WorkerProcess, enqueue, job_state, probe_tables, wait_mi
 use common::{TestApp, spawn_app, spawn_app_with};
 use fantoccini::key::Key;
 use serde_json::json;
+use settle::jobs::kind::{COUNT, FAIL};
 
 #[tokio::test]
 async fn the_dashboard_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
@@ -79,9 +80,9 @@ async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_bro
     let _worker = WorkerProcess::start(&app.config);
     // Long jobs in small checkpointed batches: hundreds of batches, 300 ms apart.
     let long = json!({"upto": 600_000, "batch": 2_000, "sleep_ms": 300});
-    let to_cancel = enqueue(&app.pool, "count", long.clone(), 1).await;
-    let keeps_running = enqueue(&app.pool, "count", long, 1).await;
-    let failed = enqueue(&app.pool, "fail", json!({"times": 9}), 1).await;
+    let to_cancel = enqueue(&app.pool, COUNT, long.clone(), 1).await;
+    let keeps_running = enqueue(&app.pool, COUNT, long, 1).await;
+    let failed = enqueue(&app.pool, FAIL, json!({"times": 9}), 1).await;
     wait_mid_way(&app.pool, to_cancel).await;
 
     let browser = Browser::start().await;
@@ -152,10 +153,7 @@ async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
     browser.click("#settle-submit").await;
     let notice = browser.wait_text("#notice", "INVALID_DATE_RANGE").await;
     assert!(notice.contains("422"), "{notice}");
-    let jobs: i64 = sqlx::query_scalar("select count(*) from jobs")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let jobs = common::scalar(&app.pool, "select count(*) from jobs").await;
     assert_eq!(jobs, 0);
     assert!(browser.job_ids().await.is_empty());
     browser.close().await;

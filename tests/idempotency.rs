@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::assert_refused;
 use common::{assert_error, spawn_app, status_and_json};
 use serde_json::json;
 
@@ -53,39 +54,41 @@ async fn twenty_concurrent_requests_with_one_key_make_one_order() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    let orders: i64 = sqlx::query_scalar("select count(*) from orders")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let orders = common::scalar(&app.pool, "select count(*) from orders").await;
     assert_eq!(orders, 1);
     // After the dust settles, a retry replays the same body and creates nothing.
     let (status, replay) = post_with_key(&app, "key-20", &body).await;
     assert_eq!((status, &replay), (201, &created[0].1));
-    let (_, product) = app.get(&format!("/api/v1/products/{product}")).await;
-    assert_eq!(product["stock"], 48);
+    assert_eq!(app.stock(product).await, 48);
+}
+
+/// Buyer `a`'s order of `quantity` units.
+fn order(product: i64, quantity: i64) -> serde_json::Value {
+    json!({"product_id": product, "quantity": quantity, "buyer_id": "a"})
 }
 
 #[tokio::test]
 async fn same_key_with_a_different_body_is_refused_and_changes_nothing() {
     let app = spawn_app().await;
     let product = app.product(5, 100).await;
-    let body = json!({"product_id": product, "quantity": 1, "buyer_id": "a"});
+    let body = order(product, 1);
     assert_eq!(post_with_key(&app, "k1", &body).await.0, 201);
-    let changed = json!({"product_id": product, "quantity": 2, "buyer_id": "a"});
-    let (status, error) = post_with_key(&app, "k1", &changed).await;
-    assert_eq!(status, 422);
-    assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
+    let changed = order(product, 2);
+    assert_refused(
+        post_with_key(&app, "k1", &changed).await,
+        422,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
     // The same key is independent per endpoint scope, and other keys work normally.
     assert_eq!(post_with_key(&app, "k2", &changed).await.0, 201);
-    let (_, product) = app.get(&format!("/api/v1/products/{product}")).await;
-    assert_eq!(product["stock"], 2);
+    assert_eq!(app.stock(product).await, 2);
 }
 
 #[tokio::test]
 async fn an_out_of_stock_answer_is_replayed_too() {
     let app = spawn_app().await;
     let product = app.product(1, 100).await;
-    let body = json!({"product_id": product, "quantity": 3, "buyer_id": "a"});
+    let body = order(product, 3);
     let (status, first) = post_with_key(&app, "oos", &body).await;
     assert_eq!(status, 409);
     assert_error(&first, "OUT_OF_STOCK");
@@ -97,7 +100,7 @@ async fn an_out_of_stock_answer_is_replayed_too() {
 async fn expired_keys_are_free_again() {
     let app = spawn_app().await;
     let product = app.product(5, 100).await;
-    let body = json!({"product_id": product, "quantity": 1, "buyer_id": "a"});
+    let body = order(product, 1);
     assert_eq!(post_with_key(&app, "old", &body).await.0, 201);
     sqlx::query("update idempotency_keys set expires_at = now() - interval '1 second'")
         .execute(&app.pool)
@@ -112,12 +115,13 @@ async fn expired_keys_are_free_again() {
 async fn malformed_keys_are_refused_before_anything_happens() {
     let app = spawn_app().await;
     let product = app.product(5, 100).await;
-    let body = json!({"product_id": product, "quantity": 1, "buyer_id": "a"});
+    let body = order(product, 1);
     for key in ["x".repeat(256), " ".to_owned()] {
-        let (status, error) = post_with_key(&app, &key, &body).await;
-        assert_eq!(status, 422, "{key:?}");
-        assert_error(&error, "INVALID_IDEMPOTENCY_KEY");
+        assert_refused(
+            post_with_key(&app, &key, &body).await,
+            422,
+            "INVALID_IDEMPOTENCY_KEY",
+        );
     }
-    let (_, product) = app.get(&format!("/api/v1/products/{product}")).await;
-    assert_eq!(product["stock"], 5);
+    assert_eq!(app.stock(product).await, 5);
 }

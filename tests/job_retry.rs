@@ -4,16 +4,16 @@
 //! fields: `max_attempts`, `run_at`, `worker`, `errors`.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use common::ops::start_worker;
-use common::processes::{enqueue, wait_processed, wait_state};
-use common::{TestApp, assert_error, spawn_app, spawn_app_with};
+use common::ops::{settling_app, start_worker};
+use common::processes::{enqueue, job_in_state, wait_processed, wait_state};
+use common::settlement as support;
+use common::{TestApp, assert_refused, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
+use settle::jobs::kind::{FAIL, SLEEP};
 use settle::settlement::transactions::Status;
 use support::{at, day, reference, settlements};
 
@@ -40,12 +40,7 @@ async fn job(app: &TestApp, id: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_settlement_retried_after_new_data_settles_the_new_input_exactly() {
-    let app = spawn_app_with(&[
-        ("worker.batch_size", json!(5)),
-        ("settlement.parallel_parts", json!(2)),
-    ])
-    .await;
-    let _worker = start_worker(&app);
+    let (app, _worker) = settling_app(5, 2).await;
     let old = support::random_transactions(41, 4_000, 5, 3);
     support::store(&app.pool, &old).await;
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
@@ -75,20 +70,15 @@ async fn a_cancelled_settlement_retried_after_new_data_settles_the_new_input_exa
         (Some(total), Some(total))
     );
     assert_eq!(job["attempt"], 1, "a fresh attempt budget: {job}");
-    let csv = app
-        .http
-        .get(app.url(&format!("/downloads/{id}.csv")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(support::parse_csv(&csv.text().await.unwrap()), expected);
+    assert_eq!(support::downloaded(&app, id).await, expected);
 }
 
 /// A settlement that ran out of attempts mid-way: its checkpoint, progress and working rows
 /// (a run fixed on old input, a part half done, sums of a merchant that does not exist) stay
 /// behind. A retry must reuse none of them.
 async fn failed_settlement_with_stale_work(app: &TestApp) -> i64 {
-    let id: i64 = sqlx::query_scalar(
+    let id = common::scalar(
+        &app.pool,
         "insert into jobs (kind, args, state, attempt, max_attempts, finished_at, processed, total,
                            checkpoint, errors)
          values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-02\"}', 'failed',
@@ -98,24 +88,8 @@ async fn failed_settlement_with_stale_work(app: &TestApp) -> i64 {
                    {\"attempt\": 2, \"error\": \"disk full\", \"at\": \"2025-01-03T00:01:00Z\"}]')
          returning id",
     )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    for statement in [
-        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
-         values ($1, '2025-01-01', '2025-01-02', 'UTC', 10, 10)",
-        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
-         values ($1, 0, 0, 10, 5, 5)",
-        "insert into settlement_batches (job_id, part, end_id, scanned, merchant_ids, dates,
-             gross_cents, fee_cents, txn_counts)
-         values ($1, 0, 5, 5, '{m-ghost}', '{2025-01-01}', '{100}', '{1}', '{5}')",
-    ] {
-        sqlx::query(statement)
-            .bind(id)
-            .execute(&app.pool)
-            .await
-            .unwrap();
-    }
+    .await;
+    support::leave_working_rows(&app.pool, id).await;
     id
 }
 
@@ -147,17 +121,7 @@ async fn a_failed_settlement_retried_starts_over_and_keeps_its_error_history() {
         (&errors[0]["attempt"], &errors[0]["error"]),
         (&json!(1), &json!("disk full"))
     );
-    for table in ["settlement_parts", "settlement_batches"] {
-        let left = support::scalar(
-            &app.pool,
-            &format!("select count(*) from {table} where job_id = {id}"),
-        )
-        .await;
-        assert_eq!(
-            left, 0,
-            "{table}: the completed job's working rows are gone"
-        );
-    }
+    support::assert_no_working_rows(&app.pool, id).await;
 }
 
 #[tokio::test]
@@ -165,35 +129,18 @@ async fn only_failed_or_cancelled_jobs_can_be_retried() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for state in ["queued", "running", "cancelling", "completed"] {
-        let id = enqueue(&app.pool, "noop", json!({}), 3).await;
-        sqlx::query(
-            "update jobs set state = $2::job_state,
-                 lease_owner = case when $2 in ('running', 'cancelling') then 'elsewhere' end,
-                 lease_expires_at = case when $2 in ('running', 'cancelling')
-                                         then now() + interval '1 hour' end,
-                 finished_at = case when $2 = 'completed' then now() end
-             where id = $1",
-        )
-        .bind(id)
-        .bind(state)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+        let id = job_in_state(&app.pool, state).await;
         ids.push((id, state.to_uppercase()));
     }
     for (id, status) in ids {
         let (code, body) = app.retry(id).await;
-        assert_eq!(code, 409, "{status}: {body}");
-        assert_error(&body, "JOB_NOT_RETRYABLE");
+        assert_refused((code, body.clone()), 409, "JOB_NOT_RETRYABLE");
         assert_eq!(body["error"]["status"], status.as_str(), "{body}");
         assert_eq!(job(&app, id).await["status"], status.as_str(), "unchanged");
     }
-    let (code, body) = app.retry(424_242).await;
-    assert_eq!(code, 404);
-    assert_error(&body, "NOT_FOUND");
-    let (code, body) = app.post("/api/v1/jobs/abc/retry", &json!({})).await;
-    assert_eq!(code, 400);
-    assert_error(&body, "INVALID_PATH");
+    assert_refused(app.retry(424_242).await, 404, "NOT_FOUND");
+    let path = app.post("/api/v1/jobs/abc/retry", &json!({})).await;
+    assert_refused(path, 400, "INVALID_PATH");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,8 +152,8 @@ async fn the_job_shows_its_attempts_errors_schedule_and_holder() {
     ])
     .await;
     let worker = start_worker(&app);
-    let failing = enqueue(&app.pool, "fail", json!({"times": 10}), 2).await;
-    let sleeping = enqueue(&app.pool, "sleep", json!({"ms": 60_000}), 3).await;
+    let failing = enqueue(&app.pool, FAIL, json!({"times": 10}), 2).await;
+    let sleeping = enqueue(&app.pool, SLEEP, json!({"ms": 60_000}), 3).await;
     wait_state(&app.pool, failing, "failed").await;
     wait_state(&app.pool, sleeping, "running").await;
 

@@ -15,6 +15,7 @@ use common::prometheus::Scrape;
 use common::prometheus::scrape;
 use common::{migrated_pool, spawn_app, test_config};
 use serde_json::json;
+use settle::jobs::kind::NOOP;
 use settle_workers::{NewJob, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -199,13 +200,13 @@ async fn a_worker_process_serves_its_job_counters_on_worker_metrics_addr() {
     let env = [("SETTLE_WORKER__METRICS_ADDR", addr.to_string())];
     let mut worker = WorkerProcess::start_with(&config, &env);
     let mut conn = pool.acquire().await.unwrap();
-    let job = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({"record": true})))
+    let job = settle_workers::enqueue(&mut conn, &NewJob::new(NOOP, json!({"record": true})))
         .await
         .unwrap();
     wait_state(&pool, job, "completed").await;
 
     // The counter is bumped just after the completing commit the database already shows.
-    let noop = [("kind", "noop"), ("outcome", "completed")];
+    let noop = [("kind", NOOP), ("outcome", "completed")];
     let url = format!("http://{addr}/metrics");
     let text = wait_for(
         Duration::from_secs(10),

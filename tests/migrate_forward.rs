@@ -41,15 +41,14 @@ async fn previous_release_data(pool: &PgPool, results_dir: &std::path::Path) -> 
     .execute(pool)
     .await
     .unwrap();
-    let job: i64 = sqlx::query_scalar(
+    let job = common::scalar(
+        pool,
         "insert into jobs (kind, args, state, finished_at, result)
          values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-01\"}', 'completed',
                  now(), jsonb_build_object('download_url', '/downloads/1.csv'))
          returning id",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    .await;
     sqlx::query(
         "insert into settlements
              (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id)

@@ -85,12 +85,12 @@ async fn five_hundred_buyers_on_one_hundred_units(coalesce: bool) {
     .await
     .unwrap();
     assert_eq!((stock, rows), (0, 100));
-    let transactions: i64 =
-        sqlx::query_scalar("select count(distinct xmin::text) from orders where product_id = $1")
-            .bind(product)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let transactions = common::scalar_of(
+        &app.pool,
+        "select count(distinct xmin::text) from orders where product_id = $1",
+        product,
+    )
+    .await;
     if coalesce {
         assert!(
             transactions < 100,
@@ -240,6 +240,5 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
         .await
         .unwrap();
     assert_eq!(buyers, ["in-flight"]);
-    let (_, product) = app.get(&format!("/api/v1/products/{product}")).await;
-    assert_eq!(product["stock"], 9);
+    assert_eq!(app.stock(product).await, 9);
 }

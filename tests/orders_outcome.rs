@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::assert_refused;
 use common::proxy::{CommitFault, Proxy};
 use common::{TestApp, assert_error, spawn_app_with, status_and_json};
 use serde_json::{Value, json};
@@ -89,9 +90,11 @@ async fn a_lost_commit_reply_is_answered_with_the_stored_order_and_a_cut_commit_
     for key in [None, Some("cut-commit-key")] {
         let buyer = format!("cut-commit-{}", key.is_some());
         proxy.plan(CommitFault::CutBefore);
-        let (status, body) = post_order(&app, key, &order(product, &buyer, 1)).await;
-        assert_eq!(status, 503, "{body}");
-        assert_error(&body, "ORDER_NOT_PLACED");
+        assert_refused(
+            post_order(&app, key, &order(product, &buyer, 1)).await,
+            503,
+            "ORDER_NOT_PLACED",
+        );
         assert!(orders_of(&direct, &buyer).await.is_empty(), "not placed");
         if let Some(key) = key {
             let (status, placed) = post_order(&app, Some(key), &order(product, &buyer, 1)).await;
@@ -176,8 +179,33 @@ async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
         stop.clone(),
     ));
     let restocks = tokio::spawn(restock_meanwhile(direct.clone(), product));
+    let answers = sell_out(&app, product, 600).await;
+    let restocked = restocks.await.expect("restocks");
+    stop.cancel();
+    chaos.await.expect("chaos task");
+    proxy.commit_faults(0, 0);
 
-    let sends = (0..600).map(|i| {
+    let (cuts, lost_replies, cut_commits) = proxy.faults();
+    let terminated = terminated.load(Ordering::Relaxed);
+    let faults = format!(
+        "{cuts} cuts, {terminated} terminated, {lost_replies} lost replies, \
+         {cut_commits} cut commits"
+    );
+    assert!(
+        cuts > 0 && terminated > 0 && lost_replies >= 3 && cut_commits >= 3,
+        "faults happened: {faults}"
+    );
+    check_every_kind_of_answer(&answers, &faults);
+    let rows = orders_by_buyer(&direct, product).await;
+    check_answers(&app, &answers, &rows).await;
+    check_books(&direct, product, initial, restocked).await;
+    check_retries(&app, &direct, &answers, &rows).await;
+    check_books(&direct, product, initial, restocked).await;
+}
+
+/// `buyers` concurrent orders of 1 to 3 units, every third with an idempotency key.
+async fn sell_out(app: &TestApp, product: i64, buyers: i64) -> Vec<Answer> {
+    let sends = (0..buyers).map(|i| {
         let buyer = format!("buyer-{i}");
         let key = (i % 3 == 0).then(|| format!("key-{i}"));
         let body = order(product, &buyer, 1 + i % 3);
@@ -197,23 +225,15 @@ async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
             }
         })
     });
-    let answers: Vec<Answer> = futures::future::join_all(sends)
+    futures::future::join_all(sends)
         .await
         .into_iter()
         .map(|r| r.expect("buyer task"))
-        .collect();
-    let restocked = restocks.await.expect("restocks");
-    stop.cancel();
-    chaos.await.expect("chaos task");
-    proxy.commit_faults(0, 0);
+        .collect()
+}
 
-    let (cuts, lost_replies, cut_commits) = proxy.faults();
-    let terminated = terminated.load(Ordering::Relaxed);
-    assert!(
-        cuts > 0 && terminated > 0 && lost_replies >= 3 && cut_commits >= 3,
-        "faults happened: {cuts} cuts, {terminated} terminated, {lost_replies} lost replies, \
-         {cut_commits} cut commits"
-    );
+/// Some orders were placed, some not, and the product sold out.
+fn check_every_kind_of_answer(answers: &[Answer], faults: &str) {
     let count = |code: &str| {
         answers
             .iter()
@@ -222,12 +242,11 @@ async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
     };
     let created = answers.iter().filter(|a| a.status == 201).count();
     let not_placed = count("ORDER_NOT_PLACED");
-    let unknown = count("ORDER_OUTCOME_UNKNOWN");
     eprintln!(
-        "{created} placed, {} out of stock, {not_placed} not placed, {unknown} unknown, {} \
-         unavailable; {cuts} cuts, {terminated} terminated, {lost_replies} lost replies, \
-         {cut_commits} cut commits",
+        "{created} placed, {} out of stock, {not_placed} not placed, {} unknown, {} \
+         unavailable; {faults}",
         count("OUT_OF_STOCK"),
+        count("ORDER_OUTCOME_UNKNOWN"),
         count("SERVICE_UNAVAILABLE"),
     );
     assert!(
@@ -235,35 +254,20 @@ async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
         "some orders placed, some not"
     );
     assert!(count("OUT_OF_STOCK") > 0, "the product sold out");
+}
 
-    let rows = orders_by_buyer(&direct, product).await;
-    check_answers(&app, &answers, &rows).await;
-    check_books(&direct, product, initial, restocked).await;
-
-    // Every keyed order that was not answered with its outcome resolves on a retry.
+/// Every keyed order that was not answered with its outcome resolves on a retry; an unkeyed
+/// one named as unknown exists exactly when it was stored.
+async fn check_retries(
+    app: &TestApp,
+    direct: &PgPool,
+    answers: &[Answer],
+    rows: &HashMap<String, i64>,
+) {
     for a in answers.iter().filter(|a| a.status == 503) {
         let existed = rows.get(&a.buyer).copied();
         match &a.key {
-            Some(key) => {
-                let (status, retried) = retry(&app, key, &a.body).await;
-                let now = orders_of(&direct, &a.buyer).await;
-                match (existed, status) {
-                    (Some(id), 201) => assert_eq!(retried["id"], id, "{retried}"),
-                    (None, 201) => assert_eq!(
-                        now,
-                        [(
-                            retried["id"].as_i64().unwrap(),
-                            a.body["quantity"].as_i64().unwrap() as i32
-                        )]
-                    ),
-                    (None, 409) => {
-                        assert_error(&retried, "OUT_OF_STOCK");
-                        assert!(now.is_empty());
-                    }
-                    other => panic!("{} retried: {other:?} {retried}", a.buyer),
-                }
-                assert!(now.len() <= 1, "one order per key");
-            }
+            Some(key) => check_keyed_retry(app, direct, a, key, existed).await,
             None => {
                 if let Some(id) = a.answer["error"]["order_id"].as_i64() {
                     let (status, _) = app.get(&format!("/api/v1/orders/{id}")).await;
@@ -272,7 +276,34 @@ async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
             }
         }
     }
-    check_books(&direct, product, initial, restocked).await;
+}
+
+/// A keyed retry answers the stored order, or places the one that was not, exactly once.
+async fn check_keyed_retry(
+    app: &TestApp,
+    direct: &PgPool,
+    a: &Answer,
+    key: &str,
+    existed: Option<i64>,
+) {
+    let (status, retried) = retry(app, key, &a.body).await;
+    let now = orders_of(direct, &a.buyer).await;
+    match (existed, status) {
+        (Some(id), 201) => assert_eq!(retried["id"], id, "{retried}"),
+        (None, 201) => assert_eq!(
+            now,
+            [(
+                retried["id"].as_i64().unwrap(),
+                a.body["quantity"].as_i64().unwrap() as i32
+            )]
+        ),
+        (None, 409) => {
+            assert_error(&retried, "OUT_OF_STOCK");
+            assert!(now.is_empty());
+        }
+        other => panic!("{} retried: {other:?} {retried}", a.buyer),
+    }
+    assert!(now.len() <= 1, "one order per key");
 }
 
 /// Until `stop`: every 10-50 ms, either cuts a random proxied connection or terminates a

@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::processes::{WorkerProcess, probe_tables, wait_for};
 use common::{migrated_pool, test_config};
 use serde_json::json;
+use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,7 +16,7 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
     let (pool, _db) = migrated_pool(&config).await;
     probe_tables(&pool).await;
     let jobs: Vec<NewJob> = (0..10_000)
-        .map(|_| NewJob::new("noop", json!({"record": true})))
+        .map(|_| NewJob::new(NOOP, json!({"record": true})))
         .collect();
     let mut tx = pool.begin().await.unwrap();
     for chunk in jobs.chunks(2_000) {
@@ -28,11 +29,8 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
         Duration::from_secs(120),
         "all 10,000 jobs completed",
         || async {
-            let done: i64 =
-                sqlx::query_scalar("select count(*) from jobs where state = 'completed'")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            let done =
+                common::scalar(&pool, "select count(*) from jobs where state = 'completed'").await;
             (done == 10_000).then_some(())
         },
     )
@@ -48,12 +46,12 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
     .await
     .unwrap();
     assert_eq!((effects, distinct, reruns), (10_000, 10_000, 0));
-    let owners: i64 = sqlx::query_scalar(
-        "select count(*) from jobs where state <> 'completed' or attempt <> 1 or lease_owner is not null",
+    let owners = common::scalar(
+        &pool,
+        "select count(*) from jobs
+         where state <> 'completed' or attempt <> 1 or lease_owner is not null",
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(owners, 0);
     for mut worker in workers {
         assert!(worker.terminate().await, "{}", worker.log_text());

@@ -9,32 +9,24 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, enqueue, probe_tables, wait_for, wait_state};
+use common::TestDatabase;
+use common::ops::{InProcessWorker, start_worker_on};
+use common::processes::{
+    WorkerProcess, enqueue, job_row, job_start, probe_pool, wait_for, wait_state,
+};
 use common::{migrated_pool, test_config};
 use serde_json::{Value, json};
 use settle::config::Config;
-use settle_workers::{CancelOutcome, JobState, Worker};
+use settle::jobs::kind::{FINAL_STEP, SLEEP, STUBBORN, TRANSIENT};
+use settle_workers::{CancelOutcome, JobState};
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio_util::sync::CancellationToken;
 
-/// An in-process worker with every probe kind; stops when dropped.
-struct InProcess(CancellationToken);
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
-}
-
-fn start_worker(config: &Config, pool: &PgPool) -> InProcess {
-    let token = CancellationToken::new();
-    let worker = Worker::new(
-        pool.clone(),
-        settle::worker::settings(&config.worker),
-        settle::worker::registry(config),
-    );
-    tokio::spawn(worker.run(token.clone()));
-    InProcess(token)
+/// A [`fast`] queue database with the probe tables, and an in-process worker on it.
+async fn with_worker() -> (PgPool, TestDatabase, InProcessWorker, Config) {
+    let config = fast(&[]);
+    let (pool, db) = probe_pool(&config).await;
+    let worker = start_worker_on(&config, &pool);
+    (pool, db, worker, config)
 }
 
 fn fast(overrides: &[(&str, Value)]) -> Config {
@@ -74,14 +66,8 @@ async fn wait_marked(pool: &PgPool, id: i64) {
 
 /// (state, attempt, result, errors, cancel_requested, lease_owner) of a job.
 async fn job(pool: &PgPool, id: i64) -> (String, i32, Option<Value>, Value, bool, Option<String>) {
-    sqlx::query_as(
-        "select state::text, attempt, result, errors, cancel_requested, lease_owner
-         from jobs where id = $1",
-    )
-    .bind(id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+    let columns = "state::text, attempt, result, errors, cancel_requested, lease_owner";
+    job_row(pool, id, columns).await
 }
 
 async fn effects(pool: &PgPool, id: i64) -> i64 {
@@ -94,11 +80,8 @@ async fn effects(pool: &PgPool, id: i64) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_cancelled() {
-    let config = fast(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let _worker = start_worker(&config, &pool);
-    let id = enqueue(&pool, "final_step", json!({"wait": "cancel"}), 3).await;
+    let (pool, _db, _worker, _) = with_worker().await;
+    let id = enqueue(&pool, FINAL_STEP, json!({"wait": "cancel"}), 3).await;
     wait_marked(&pool, id).await;
     // The job has written its effect in its last batch and not committed it yet.
     assert_eq!(
@@ -118,18 +101,10 @@ async fn a_cancel_before_the_completing_commit_rolls_the_batch_back_and_ends_can
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finished() {
-    let config = fast(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let _worker = start_worker(&config, &pool);
+    let (pool, _db, _worker, config) = with_worker().await;
     let blocker = "settle-endings-cancel";
-    let id = enqueue(
-        &pool,
-        "final_step",
-        json!({"wait": "blocked", "blocker": blocker}),
-        3,
-    )
-    .await;
+    let args = json!({"wait": "blocked", "blocker": blocker});
+    let id = enqueue(&pool, FINAL_STEP, args, 3).await;
     wait_marked(&pool, id).await;
     // The completing batch holds the job's row; the cancel queues behind it.
     let mut conn = PgConnection::connect(&config.database.url).await.unwrap();
@@ -150,15 +125,13 @@ async fn a_cancel_during_the_completing_commit_waits_and_is_told_the_job_finishe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
-    let config = fast(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    let _worker = start_worker(&config, &pool);
+    let (pool, _db, _worker, _) = with_worker().await;
     // Left to the completion batcher; recorded by the runtime with a result; failed with
     // attempts to spare.
     let mut ids = Vec::new();
     for then in ["complete", "result", "fail"] {
         let args = json!({"wait_ms": 60_000, "then": then});
-        ids.push(enqueue(&pool, "stubborn", args, 3).await);
+        ids.push(enqueue(&pool, STUBBORN, args, 3).await);
     }
     for &id in &ids {
         wait_state(&pool, id, "running").await;
@@ -182,17 +155,10 @@ async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snooze_keeps_a_pending_cancel() {
-    let config = fast(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    let _worker = start_worker(&config, &pool);
+    let (pool, _db, _worker, _) = with_worker().await;
     let hour = 3_600_000;
-    let cancelled = enqueue(
-        &pool,
-        "stubborn",
-        json!({"wait_ms": 60_000, "then": "snooze", "after_ms": hour}),
-        3,
-    )
-    .await;
+    let args = json!({"wait_ms": 60_000, "then": "snooze", "after_ms": hour});
+    let cancelled = enqueue(&pool, STUBBORN, args, 3).await;
     wait_state(&pool, cancelled, "running").await;
     assert_eq!(
         cancel(&pool, cancelled).await,
@@ -204,20 +170,10 @@ async fn a_snooze_keeps_a_pending_cancel() {
     assert_eq!(errors, json!([]));
 
     // Without a cancel the same snooze puts the job back for later, its attempt given back.
-    let snoozed = enqueue(
-        &pool,
-        "stubborn",
-        json!({"wait_ms": 0, "then": "snooze", "after_ms": hour}),
-        3,
-    )
-    .await;
+    let args = json!({"wait_ms": 0, "then": "snooze", "after_ms": hour});
+    let snoozed = enqueue(&pool, STUBBORN, args, 3).await;
     wait_for(Duration::from_secs(60), "the job snoozed", || async {
-        let (state, attempt, started): (String, i32, Option<chrono::DateTime<chrono::Utc>>) =
-            sqlx::query_as("select state::text, attempt, started_at from jobs where id = $1")
-                .bind(snoozed)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let (state, attempt, started) = job_start(&pool, snoozed).await;
         (state == "queued" && started.is_some()).then_some(attempt)
     })
     .await;
@@ -234,9 +190,8 @@ async fn a_snooze_keeps_a_pending_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_are_retried_a_bounded_number_of_times_per_attempt() {
     let config = fast(&[("worker.max_transient_retries", json!(2))]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(&pool, "transient", json!({}), 3).await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue(&pool, TRANSIENT, json!({}), 3).await;
     let _worker = WorkerProcess::start(&config);
     wait_state(&pool, id, "failed").await;
     let (_, attempt, _, errors, _, owner) = job(&pool, id).await;
@@ -256,7 +211,7 @@ async fn transient_errors_are_retried_a_bounded_number_of_times_per_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
-    let config = fast(&[("worker.timeouts", json!({"sleep": 300}))]);
+    let config = fast(&[("worker.timeouts", json!({SLEEP: 300}))]);
     assert_eq!(
         config.worker.job_timeout_ms, 3_600_000,
         "the default stays generous"
@@ -264,7 +219,7 @@ async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
     let (pool, _db) = migrated_pool(&config).await;
     let hung = enqueue(
         &pool,
-        "sleep",
+        SLEEP,
         json!({"ms": 600_000, "ignore_token": true}),
         2,
     )
@@ -282,7 +237,7 @@ async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
     // The worker goes on; kinds without their own timeout use the default.
     let other = enqueue(
         &pool,
-        "stubborn",
+        STUBBORN,
         json!({"wait_ms": 600, "then": "result"}),
         1,
     )

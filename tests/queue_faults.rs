@@ -7,12 +7,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    self, WorkerProcess, counted, enqueue, probe_tables, processed, reported_count, wait_for,
-    wait_state,
+    self, WorkerProcess, counted, enqueue, enqueue_count, job_row, probe_pool, processed,
+    reported_count, wait_for, wait_state,
 };
-use common::{migrated_pool, test_config};
+use common::test_config;
 use nix::sys::signal::Signal;
 use serde_json::json;
+use settle::jobs::kind::NOOP;
 use sqlx::{Connection, PgPool};
 
 /// Waits until the job has committed at least `at_least` rows of progress.
@@ -22,26 +23,20 @@ async fn wait_processed(pool: &PgPool, id: i64, at_least: i64) -> i64 {
 
 /// (attempt, fence, lease_owner) of a job.
 async fn claim_of(pool: &PgPool, id: i64) -> (i32, i64, Option<String>) {
-    sqlx::query_as("select attempt, fence, lease_owner from jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    job_row(pool, id, "attempt, fence, lease_owner").await
+}
+
+/// (fence, state, processed) of a job: what a stale holder's write would change.
+async fn fenced_row(pool: &PgPool, id: i64) -> (i64, String, i64) {
+    job_row(pool, id, "fence, state::text, processed").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s() {
     // Default lease and heartbeat: the bound is a promise of the default config.
     let config = test_config(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 400, "batch": 10, "sleep_ms": 100}),
-        5,
-    )
-    .await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue_count(&pool, 400, 10, 100).await;
     let first = WorkerProcess::start(&config);
     let at_kill = wait_processed(&pool, id, 50).await;
     first.kill().await;
@@ -72,26 +67,14 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
         ("worker.shutdown_grace_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 100, "batch": 5, "sleep_ms": 200}),
-        5,
-    )
-    .await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue_count(&pool, 100, 5, 200).await;
     let mut paused = WorkerProcess::start(&config);
     wait_processed(&pool, id, 10).await;
     paused.signal(Signal::SIGSTOP);
     let _other = WorkerProcess::start(&config);
     wait_state(&pool, id, "completed").await;
-    let before: (i64, String, i64) =
-        sqlx::query_as("select fence, state::text, processed from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let before = fenced_row(&pool, id).await;
     assert_eq!(counted(&pool, id).await, (100, 20));
 
     paused.signal(Signal::SIGCONT);
@@ -103,13 +86,7 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after: (i64, String, i64) =
-        sqlx::query_as("select fence, state::text, processed from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(before, after);
+    assert_eq!(fenced_row(&pool, id).await, before);
     assert_eq!(counted(&pool, id).await, (100, 20));
     assert!(
         paused.is_running(),
@@ -121,15 +98,8 @@ async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_the_lease_without_spending_the_attempt() {
     let config = test_config(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 300, "batch": 10, "sleep_ms": 100}),
-        5,
-    )
-    .await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue_count(&pool, 300, 10, 100).await;
     let mut first = WorkerProcess::start(&config);
     wait_processed(&pool, id, 30).await;
     let (_, _, first_owner) = claim_of(&pool, id).await;
@@ -167,19 +137,12 @@ async fn sigterm_releases_the_lease_without_spending_the_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     let config = test_config(&[]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 300, "batch": 10, "sleep_ms": 100}),
-        5,
-    )
-    .await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue_count(&pool, 300, 10, 100).await;
     let noops: Vec<i64> = {
         let mut ids = Vec::new();
         for _ in 0..200 {
-            ids.push(enqueue(&pool, "noop", json!({"record": true}), 5).await);
+            ids.push(enqueue(&pool, NOOP, json!({"record": true}), 5).await);
         }
         ids
     };
@@ -207,10 +170,7 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     for noop in noops {
         wait_state(&pool, noop, "completed").await;
     }
-    let effects: i64 = sqlx::query_scalar("select count(*) from queue_probe_effects")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let effects = common::scalar(&pool, "select count(*) from queue_probe_effects").await;
     assert_eq!(effects, 200);
     assert!(worker.is_running(), "{}", worker.log_text());
     // Every connection was replaced, not just lost.

@@ -9,11 +9,12 @@ mod common;
 use std::time::Duration;
 
 use common::processes::{
-    WorkerProcess, counted, enqueue, probe_tables, reported_count, wait_for, wait_state,
+    WorkerProcess, counted, enqueue, probe_pool, reported_count, wait_for, wait_state,
 };
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
+use settle::jobs::kind::COUNT;
 use sqlx::PgPool;
 
 /// True while some session of this database is idle in a transaction (the frozen batch).
@@ -34,16 +35,10 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
         ("worker.heartbeat_ms", json!(1000)),
         ("worker.poll_interval_ms", json!(200)),
     ]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
+    let (pool, _db) = probe_pool(&config).await;
     // Each batch holds its transaction open for 1.5 s after writing the job's count row.
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 40, "batch": 5, "hold_ms": 1500}),
-        5,
-    )
-    .await;
+    let args = json!({"upto": 40, "batch": 5, "hold_ms": 1500});
+    let id = enqueue(&pool, COUNT, args, 5).await;
     let mut frozen = WorkerProcess::start(&config);
     wait_for(Duration::from_secs(60), "a batch in progress", || async {
         let (rows, _) = counted(&pool, id).await;

@@ -2,21 +2,21 @@
 
 mod common;
 
-use common::processes::{enqueue, wait_state};
-use common::{assert_error, spawn_app};
-use serde_json::json;
+use common::ops::start_worker;
+use common::processes::{enqueue, job_in_state, wait_state};
+use common::{assert_refused, spawn_app};
+use serde_json::{Value, json};
+use settle::jobs::kind::{NOOP, SLEEP};
 use settle::settlement::results::HEADER;
-use settle_workers::Worker;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn a_job_reads_back_in_the_spec_shape() {
     let app = spawn_app().await;
-    let id = enqueue(&app.pool, "sleep", json!({"ms": 5}), 3).await;
+    let id = enqueue(&app.pool, SLEEP, json!({"ms": 5}), 3).await;
     let (status, job) = app.get(&format!("/api/v1/jobs/{id}")).await;
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["job_id"], id);
-    assert_eq!(job["kind"], "sleep");
+    assert_eq!(job["kind"], SLEEP);
     assert_eq!(job["status"], "QUEUED");
     assert_eq!(
         (job["progress"].as_i64(), job["processed"].as_i64()),
@@ -29,24 +29,14 @@ async fn a_job_reads_back_in_the_spec_shape() {
     assert!(job["finished_at"].is_null());
     assert_eq!(job["params"], json!({"ms": 5}));
 
-    let (status, body) = app.get("/api/v1/jobs/987654").await;
-    assert_eq!(status, 404);
-    assert_error(&body, "NOT_FOUND");
-    let (status, body) = app.get("/api/v1/jobs/abc").await;
-    assert_eq!(status, 400);
-    assert_error(&body, "INVALID_PATH");
+    assert_refused(app.get("/api/v1/jobs/987654").await, 404, "NOT_FOUND");
+    assert_refused(app.get("/api/v1/jobs/abc").await, 400, "INVALID_PATH");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_settlement_links_its_csv_and_shows_full_progress() {
     let app = spawn_app().await;
-    let stop = CancellationToken::new();
-    let worker = Worker::new(
-        app.pool.clone(),
-        settle::worker::settings(&app.config.worker),
-        settle::worker::registry(&app.config),
-    );
-    let running = tokio::spawn(worker.run(stop.clone()));
+    let worker = start_worker(&app);
     let (status, body) = app
         .post(
             "/api/v1/transactions",
@@ -66,19 +56,19 @@ async fn a_completed_settlement_links_its_csv_and_shows_full_progress() {
     );
     assert_eq!(job["download_url"], format!("/downloads/{id}.csv"));
     // The link leads to the job's CSV: its one merchant-day, net of the fee.
-    let csv = app
-        .http
-        .get(app.url(job["download_url"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(csv.status(), 200);
+    let csv = app.http.get(app.url(job["download_url"].as_str().unwrap()));
+    let (status, text) = common::status_and_text(csv.send().await.unwrap()).await;
     assert_eq!(
-        csv.text().await.unwrap(),
-        format!("{HEADER}\nm-1,2025-01-01,10000,320,9680,1\n")
+        (status, text),
+        (200, format!("{HEADER}\nm-1,2025-01-01,10000,320,9680,1\n"))
     );
-    stop.cancel();
-    running.await.unwrap();
+    worker.stop().await;
+}
+
+/// The ids of a page of jobs, in its order.
+fn job_ids(page: &Value) -> Vec<i64> {
+    let data = page["data"].as_array().expect("a page of jobs");
+    data.iter().map(|j| j["job_id"].as_i64().unwrap()).collect()
 }
 
 #[tokio::test]
@@ -86,7 +76,7 @@ async fn jobs_list_newest_first_by_keyset_and_filter_by_status_and_kind() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let kind = if i % 2 == 0 { "noop" } else { "sleep" };
+        let kind = if i % 2 == 0 { NOOP } else { SLEEP };
         ids.push(enqueue(&app.pool, kind, json!({"ms": 1}), 3).await);
     }
     let (status, _) = app
@@ -96,94 +86,47 @@ async fn jobs_list_newest_first_by_keyset_and_filter_by_status_and_kind() {
 
     let (status, page) = app.get("/api/v1/jobs?limit=2").await;
     assert_eq!(status, 200, "{page}");
-    let first: Vec<i64> = page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(first, vec![ids[4], ids[3]]);
+    assert_eq!(job_ids(&page), vec![ids[4], ids[3]]);
     let cursor = page["next_cursor"].as_str().unwrap().to_owned();
     let (_, page) = app
         .get(&format!("/api/v1/jobs?limit=2&cursor={cursor}"))
         .await;
-    let second: Vec<i64> = page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(second, vec![ids[2], ids[1]]);
+    assert_eq!(job_ids(&page), vec![ids[2], ids[1]]);
 
-    let (_, page) = app.get("/api/v1/jobs?kind=noop&status=QUEUED").await;
-    let queued_noops: Vec<i64> = page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(queued_noops, vec![ids[4], ids[2]]);
+    let (_, page) = app
+        .get(&format!("/api/v1/jobs?kind={NOOP}&status=QUEUED"))
+        .await;
+    assert_eq!(job_ids(&page), vec![ids[4], ids[2]]);
     assert!(page["next_cursor"].is_null());
     let (_, page) = app.get("/api/v1/jobs?status=CANCELLED").await;
     assert_eq!(page["data"][0]["job_id"], ids[0]);
 
-    let (status, body) = app.get("/api/v1/jobs?status=SLEEPING").await;
-    assert_eq!(status, 422);
-    assert_error(&body, "INVALID_STATUS");
-    let (status, body) = app.get("/api/v1/jobs?cursor=xyz").await;
-    assert_eq!(status, 400);
-    assert_error(&body, "INVALID_CURSOR");
+    for (query, status, code) in [
+        ("status=SLEEPING", 422, "INVALID_STATUS"),
+        ("cursor=xyz", 400, "INVALID_CURSOR"),
+    ] {
+        assert_refused(
+            app.get(&format!("/api/v1/jobs?{query}")).await,
+            status,
+            code,
+        );
+    }
 }
 
 #[tokio::test]
 async fn cancel_answers_per_state() {
     let app = spawn_app().await;
-    let queued = enqueue(&app.pool, "noop", json!({}), 3).await;
-    let running = enqueue(&app.pool, "noop", json!({}), 3).await;
-    let done = enqueue(&app.pool, "noop", json!({}), 3).await;
-    sqlx::query(
-        "update jobs set state = 'running', attempt = 1, lease_owner = 'elsewhere',
-             lease_expires_at = now() + interval '1 hour', started_at = now() where id = $1",
-    )
-    .bind(running)
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query("update jobs set state = 'failed', finished_at = now() where id = $1")
-        .bind(done)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    let queued = enqueue(&app.pool, NOOP, json!({}), 3).await;
+    let running = job_in_state(&app.pool, "running").await;
+    let done = job_in_state(&app.pool, "failed").await;
 
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{queued}/cancel"), &json!({}))
-        .await;
-    assert_eq!(
-        (status, body),
-        (202, json!({"job_id": queued, "status": "CANCELLED"}))
-    );
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{queued}/cancel"), &json!({}))
-        .await;
-    assert_eq!(
-        (status, body),
-        (202, json!({"job_id": queued, "status": "CANCELLED"}))
-    );
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{running}/cancel"), &json!({}))
-        .await;
-    assert_eq!(
-        (status, body),
-        (202, json!({"job_id": running, "status": "CANCELLING"}))
-    );
+    let accepted = |id: i64, status: &str| (202, json!({"job_id": id, "status": status}));
+    assert_eq!(app.cancel(queued).await, accepted(queued, "CANCELLED"));
+    // Cancelling a cancelled job changes nothing.
+    assert_eq!(app.cancel(queued).await, accepted(queued, "CANCELLED"));
+    assert_eq!(app.cancel(running).await, accepted(running, "CANCELLING"));
     let (_, job) = app.get(&format!("/api/v1/jobs/{running}")).await;
     assert_eq!(job["status"], "CANCELLING");
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{done}/cancel"), &json!({}))
-        .await;
-    assert_eq!(status, 409);
-    assert_error(&body, "JOB_FINISHED");
-    let (status, body) = app.post("/api/v1/jobs/424242/cancel", &json!({})).await;
-    assert_eq!(status, 404);
-    assert_error(&body, "NOT_FOUND");
+    assert_refused(app.cancel(done).await, 409, "JOB_FINISHED");
+    assert_refused(app.cancel(424242).await, 404, "NOT_FOUND");
 }

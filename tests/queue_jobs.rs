@@ -5,9 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, enqueue, probe_tables, wait_processed, wait_state};
+use common::processes::{
+    WorkerProcess, enqueue, enqueue_count, job_row, job_start, probe_pool, wait_processed,
+    wait_state,
+};
 use common::{migrated_pool, test_config};
 use serde_json::{Value, json};
+use settle::jobs::kind::{FAIL, NOOP, PANIC};
 use settle_workers::{CancelOutcome, JobState};
 use sqlx::PgPool;
 
@@ -20,11 +24,7 @@ fn fast_retries() -> settle::config::Config {
 }
 
 async fn row(pool: &PgPool, id: i64) -> (i32, Value, Option<Value>) {
-    sqlx::query_as("select attempt, errors, result from jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    job_row(pool, id, "attempt, errors, result").await
 }
 
 fn millis(v: &Value) -> i64 {
@@ -36,8 +36,8 @@ fn millis(v: &Value) -> i64 {
 async fn failures_retry_with_growing_backoff_then_fail_with_the_error_kept() {
     let config = fast_retries();
     let (pool, _db) = migrated_pool(&config).await;
-    let doomed = enqueue(&pool, "fail", json!({"times": 99}), 3).await;
-    let recovers = enqueue(&pool, "fail", json!({"times": 2}), 3).await;
+    let doomed = enqueue(&pool, FAIL, json!({"times": 99}), 3).await;
+    let recovers = enqueue(&pool, FAIL, json!({"times": 2}), 3).await;
     let _worker = WorkerProcess::start(&config);
     wait_state(&pool, doomed, "failed").await;
     wait_state(&pool, recovers, "completed").await;
@@ -72,7 +72,7 @@ async fn failures_retry_with_growing_backoff_then_fail_with_the_error_kept() {
 async fn a_panic_fails_the_attempt_not_the_worker() {
     let config = fast_retries();
     let (pool, _db) = migrated_pool(&config).await;
-    let id = enqueue(&pool, "panic", json!({"times": 1}), 3).await;
+    let id = enqueue(&pool, PANIC, json!({"times": 1}), 3).await;
     let mut worker = WorkerProcess::start(&config);
     wait_state(&pool, id, "completed").await;
     let (attempt, errors, _) = row(&pool, id).await;
@@ -84,7 +84,7 @@ async fn a_panic_fails_the_attempt_not_the_worker() {
             .contains("panicking on purpose"),
         "{errors}"
     );
-    let after = enqueue(&pool, "noop", json!({}), 3).await;
+    let after = enqueue(&pool, NOOP, json!({}), 3).await;
     wait_state(&pool, after, "completed").await;
     assert!(worker.is_running());
 }
@@ -93,21 +93,16 @@ async fn a_panic_fails_the_attempt_not_the_worker() {
 async fn a_cancelled_queued_job_never_starts() {
     let config = fast_retries();
     let (pool, _db) = migrated_pool(&config).await;
-    let id = enqueue(&pool, "noop", json!({}), 3).await;
+    let id = enqueue(&pool, NOOP, json!({}), 3).await;
     let mut conn = pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
     assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelled));
     let again = settle_workers::request_cancel(&mut conn, id).await.unwrap();
     assert_eq!(again, CancelOutcome::Accepted(JobState::Cancelled));
     let _worker = WorkerProcess::start(&config);
-    let later = enqueue(&pool, "noop", json!({}), 3).await;
+    let later = enqueue(&pool, NOOP, json!({}), 3).await;
     wait_state(&pool, later, "completed").await;
-    let (state, attempt, started): (String, i32, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("select state::text, attempt, started_at from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (state, attempt, started) = job_start(&pool, id).await;
     assert_eq!((state.as_str(), attempt, started), ("cancelled", 0, None));
     let finished = settle_workers::request_cancel(&mut conn, later)
         .await
@@ -124,15 +119,8 @@ async fn a_cancelled_queued_job_never_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_running_job_stops_at_its_next_checkpoint() {
     let config = fast_retries();
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
-    let id = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 100_000, "batch": 10, "sleep_ms": 100}),
-        3,
-    )
-    .await;
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue_count(&pool, 100_000, 10, 100).await;
     let _worker = WorkerProcess::start(&config);
     wait_processed(&pool, id, 20, Duration::from_secs(60)).await;
     let mut conn = pool.acquire().await.unwrap();

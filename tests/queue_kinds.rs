@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::processes::{enqueue, wait_state};
 use serde_json::json;
+use settle::jobs::kind::NOOP;
 use settle_workers::Worker;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +19,7 @@ async fn a_worker_leaves_unknown_kinds_queued() {
     ]);
     let (pool, _db) = common::migrated_pool(&config).await;
     let unknown = enqueue(&pool, "from-a-newer-release", json!({}), 3).await;
-    let known = enqueue(&pool, "noop", json!({}), 3).await;
+    let known = enqueue(&pool, NOOP, json!({}), 3).await;
 
     let stop = CancellationToken::new();
     let worker = Worker::new(

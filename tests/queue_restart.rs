@@ -10,10 +10,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::cluster::Cluster;
 use common::processes::{
-    self, WorkerProcess, counted, enqueue, probe_tables, processed, reported_count, wait_for,
+    self, WorkerProcess, counted, enqueue_count, probe_pool, processed, reported_count, wait_for,
 };
-use common::{migrated_pool, test_config};
+use common::test_config;
 use serde_json::json;
+use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
 use sqlx::PgPool;
 
@@ -31,7 +32,7 @@ async fn enqueue_spread(pool: &PgPool, n: usize, step: Duration) -> Vec<i64> {
     let jobs: Vec<NewJob> = (0..n)
         .map(|i| NewJob {
             run_at: Some(now + step * i as u32),
-            ..NewJob::new("noop", json!({"record": true}))
+            ..NewJob::new(NOOP, json!({"record": true}))
         })
         .collect();
     let mut tx = pool.begin().await.unwrap();
@@ -56,16 +57,9 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
         // (a rescue) instead of being quietly re-run.
         ("worker.lease_ms", json!(30_000)),
     ]);
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
+    let (pool, _db) = probe_pool(&config).await;
     // ≥ 12 s of checkpointed batches: still running after both restarts.
-    let count = enqueue(
-        &pool,
-        "count",
-        json!({"upto": 1200, "batch": 10, "sleep_ms": 100}),
-        5,
-    )
-    .await;
+    let count = enqueue_count(&pool, 1200, 10, 100).await;
     let mut worker = WorkerProcess::start(&config);
     wait_processed(&pool, count, 100).await;
     // Small jobs falling due one by one across both restarts: some run before, some fall due
@@ -85,77 +79,92 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
         .fetch_one(&pool)
         .await
         .unwrap();
-
-    // The heartbeat recovered: the held count job's lease was extended after the outage.
-    wait_for(DEADLINE, "a heartbeat after the restart", || async {
-        let (state, beat): (String, Option<DateTime<Utc>>) =
-            sqlx::query_as("select state::text, heartbeat_at from jobs where id = $1")
-                .bind(count)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(
-            state, "running",
-            "the count job ended before a heartbeat was seen"
-        );
-        beat.is_some_and(|beat| beat > back_at).then_some(())
-    })
-    .await;
-    // LISTEN was re-established (its session's last statement is the LISTEN).
-    wait_for(DEADLINE, "the worker to LISTEN again", || async {
-        let listening: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-             where datname = current_database() and query like 'LISTEN \"settle_jobs\"%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        (listening >= 1).then_some(())
-    })
-    .await;
+    wait_heartbeat_after(&pool, count, back_at).await;
+    wait_listening(&pool).await;
     // Jobs enqueued after the outage are claimed too.
     small.extend(enqueue_spread(&pool, 100, Duration::ZERO).await);
-
-    let total = small.len() as i64 + 1;
-    wait_for(DEADLINE, "every job completed", || async {
-        let done: i64 = sqlx::query_scalar("select count(*) from jobs where state = 'completed'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        (done == total).then_some(())
-    })
-    .await;
+    wait_completed(&pool, small.len() as i64 + 1).await;
 
     // Exact: a batch counted twice (a resume from an older checkpoint) would count more, a
     // batch skipped less.
     assert_eq!(counted(&pool, count).await, (1200, 120));
     assert_eq!(reported_count(&pool, count).await, Some(1200));
     assert_eq!(processed(&pool, count).await, 1200);
-    // One effect row per small job (the primary key refuses a second), from its first attempt.
-    let (effects, ours, reruns): (i64, i64, i64) = sqlx::query_as(
-        "select count(*), count(*) filter (where job_id = any($1)),
-                count(*) filter (where attempt <> 1)
-         from queue_probe_effects",
-    )
-    .bind(&small)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!((effects, ours, reruns), (500, 500, 0));
-    // Nothing was rescued or failed: transient errors spend no attempt and record no error.
-    let odd: Vec<(i64, i32, serde_json::Value)> = sqlx::query_as(
-        "select id, attempt, errors from jobs
-         where attempt <> 1 or fence <> 1 or errors <> '[]' or lease_owner is not null",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(odd.is_empty(), "{odd:?}\n{}", worker.log_text());
-
+    assert_each_ran_once(&pool, &small).await;
+    assert_nothing_rescued_or_failed(&pool, &worker).await;
     assert!(worker.is_running(), "{}", worker.log_text());
     assert!(
         worker.terminate().await,
         "the worker exits cleanly after the restarts: {}",
         worker.log_text()
     );
+}
+
+/// Waits until the held job's lease was extended after `back_at`: the heartbeat recovered.
+async fn wait_heartbeat_after(pool: &PgPool, id: i64, back_at: DateTime<Utc>) {
+    wait_for(DEADLINE, "a heartbeat after the restart", || async {
+        let (state, beat): (String, Option<DateTime<Utc>>) =
+            sqlx::query_as("select state::text, heartbeat_at from jobs where id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            state, "running",
+            "the job ended before a heartbeat was seen"
+        );
+        beat.is_some_and(|beat| beat > back_at).then_some(())
+    })
+    .await;
+}
+
+/// Waits until LISTEN was re-established (its session's last statement is the LISTEN).
+async fn wait_listening(pool: &PgPool) {
+    wait_for(DEADLINE, "the worker to LISTEN again", || async {
+        let listening = common::scalar(
+            pool,
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and query like 'LISTEN \"settle_jobs\"%'",
+        )
+        .await;
+        (listening >= 1).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `total` jobs are COMPLETED.
+async fn wait_completed(pool: &PgPool, total: i64) {
+    wait_for(DEADLINE, "every job completed", || async {
+        let done =
+            common::scalar(pool, "select count(*) from jobs where state = 'completed'").await;
+        (done == total).then_some(())
+    })
+    .await;
+}
+
+/// One effect row per small job (the primary key refuses a second), from its first attempt.
+async fn assert_each_ran_once(pool: &PgPool, small: &[i64]) {
+    let (effects, ours, reruns): (i64, i64, i64) = sqlx::query_as(
+        "select count(*), count(*) filter (where job_id = any($1)),
+                count(*) filter (where attempt <> 1)
+         from queue_probe_effects",
+    )
+    .bind(small)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let n = small.len() as i64;
+    assert_eq!((effects, ours, reruns), (n, n, 0));
+}
+
+/// Nothing was rescued or failed: transient errors spend no attempt and record no error.
+async fn assert_nothing_rescued_or_failed(pool: &PgPool, worker: &WorkerProcess) {
+    let odd: Vec<(i64, i32, serde_json::Value)> = sqlx::query_as(
+        "select id, attempt, errors from jobs
+         where attempt <> 1 or fence <> 1 or errors <> '[]' or lease_owner is not null",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(odd.is_empty(), "{odd:?}\n{}", worker.log_text());
 }

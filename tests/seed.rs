@@ -58,10 +58,7 @@ async fn the_same_seed_loads_the_same_rows_in_the_asked_shape() {
         (first.as_str(), last.as_str()),
         ("2025-01-01", "2025-01-07")
     );
-    let products: i64 = sqlx::query_scalar("select count(*) from products")
-        .fetch_one(&a)
-        .await
-        .unwrap();
+    let products = common::scalar(&a, "select count(*) from products").await;
     assert_eq!(products, 2);
     // ANALYZE writes reltuples into pg_class in its own transaction (the statistics views are
     // updated asynchronously); a table never analyzed or vacuumed has -1.

@@ -3,10 +3,9 @@
 //! computed in Rust, after interruptions, reruns, overlaps, empty ranges and zone edges.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use chrono_tz::Tz;
+use common::settlement as support;
 use futures::TryStreamExt;
 use serde_json::json;
 use settle::settlement::plan::{self, Plan};
@@ -41,6 +40,11 @@ fn range(from: &str, to: &str) -> DateRange {
 }
 
 impl Db {
+    /// The `settlements` rows of the days `from..=to`.
+    async fn settled(&self, from: &str, to: &str) -> support::Settled {
+        settlements(&self.pool, day(from), day(to)).await
+    }
+
     async fn start(&self, job: i64, range: DateRange) -> Plan {
         let bounds = plan::high_water_mark(&self.pool).await.unwrap();
         let mut tx = self.pool.begin().await.unwrap();
@@ -134,13 +138,12 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     assert_eq!(settlements(&db.pool, from, to).await, expected);
     assert_eq!(csv(&path), expected);
     // Working rows are gone.
-    let left: i64 = sqlx::query_scalar(
+    let left = common::scalar(
+        &db.pool,
         "select (select count(*) from settlement_batches) + (select count(*) from settlement_parts)
               + (select count(*) from settlement_runs)",
     )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(left, 0);
 }
 
@@ -168,10 +171,7 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
     let path = db.finalize(&done).await.unwrap();
     let expected = reference(&rows, day("2025-01-01"), day("2025-01-03"), Tz::UTC);
     assert_eq!(csv(&path), expected);
-    assert_eq!(
-        settlements(&db.pool, day("2025-01-01"), day("2025-01-03")).await,
-        expected
-    );
+    assert_eq!(db.settled("2025-01-01", "2025-01-03").await, expected);
 }
 
 #[tokio::test]
@@ -197,16 +197,10 @@ async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
 
     let (expected, newest) = support::newest_wins(&old, &new);
     assert!(newest.contains_key(&("only-new".to_owned(), day("2025-01-02"))));
-    assert_eq!(
-        settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await,
-        expected
-    );
+    assert_eq!(db.settled("2025-01-01", "2025-01-04").await, expected);
     // B's CSV still matches the table; A's CSV is the table as A left it.
     assert_eq!(csv(&b_csv), newest);
-    assert_eq!(
-        settlements(&db.pool, day("2025-01-02"), day("2025-01-03")).await,
-        newest
-    );
+    assert_eq!(db.settled("2025-01-02", "2025-01-03").await, newest);
     assert_eq!(csv(&download(&db.pool, 1).await), expected);
 }
 
@@ -216,7 +210,7 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let rows = support::random_transactions(4, 2000, 4, 6);
     store(&db.pool, &rows).await;
     db.run(1, range("2025-01-01", "2025-01-04")).await;
-    let first = settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await;
+    let first = db.settled("2025-01-01", "2025-01-04").await;
     // Rows an earlier run left that this one does not produce: inside the range they go,
     // outside it they stay.
     sqlx::query(
@@ -229,12 +223,9 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     .await
     .unwrap();
     db.run(2, range("2025-01-01", "2025-01-04")).await;
+    assert_eq!(db.settled("2025-01-01", "2025-01-04").await, first);
     assert_eq!(
-        settlements(&db.pool, day("2025-01-01"), day("2025-01-04")).await,
-        first
-    );
-    assert_eq!(
-        settlements(&db.pool, day("2024-12-31"), day("2024-12-31"))
+        db.settled("2024-12-31", "2024-12-31")
             .await
             .into_keys()
             .collect::<Vec<_>>(),
@@ -256,10 +247,7 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
         day("2025-01-06"),
         Tz::UTC,
     ));
-    assert_eq!(
-        settlements(&db.pool, day("2025-01-01"), day("2025-01-06")).await,
-        expected
-    );
+    assert_eq!(db.settled("2025-01-01", "2025-01-06").await, expected);
 }
 
 #[tokio::test]
@@ -337,7 +325,7 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     )
     .await;
     db.run(1, range("2025-01-01", "2025-01-01")).await;
-    let before = settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await;
+    let before = db.settled("2025-01-01", "2025-01-01").await;
     let huge = i64::MAX / 2 + 1;
     store(
         &db.pool,
@@ -360,15 +348,12 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     ));
     let mut conn = db.pool.acquire().await.unwrap();
     finalize::discard(&mut conn, 2).await.unwrap();
-    assert_eq!(
-        settlements(&db.pool, day("2025-01-01"), day("2025-01-01")).await,
-        before
-    );
-    let results: i64 =
-        sqlx::query_scalar("select count(*) from settlement_results where job_id = 2")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    assert_eq!(db.settled("2025-01-01", "2025-01-01").await, before);
+    let results = common::scalar(
+        &db.pool,
+        "select count(*) from settlement_results where job_id = 2",
+    )
+    .await;
     assert_eq!(results, 0);
 }
 

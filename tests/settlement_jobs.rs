@@ -4,45 +4,22 @@
 //! repeats the crash and cancel cases with real `settle worker` processes.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use common::processes::{wait_processed, wait_state};
+use common::ops::{InProcessWorker, settling_app, start_worker};
+use common::processes::{job_start, wait_processed, wait_state};
+use common::settlement as support;
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
-use settle_workers::Worker;
 use support::{day, parse_csv, reference, settlements};
-use tokio_util::sync::CancellationToken;
 
 /// The app plus an in-process worker that stops when dropped.
-struct Harness {
-    app: TestApp,
-    worker: CancellationToken,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.worker.cancel();
-    }
-}
-
-async fn harness(overrides: &[(&str, Value)]) -> Harness {
+async fn harness(overrides: &[(&str, Value)]) -> (TestApp, InProcessWorker) {
     let app = spawn_app_with(overrides).await;
-    Harness {
-        worker: start_worker(&app),
-        app,
-    }
-}
-
-fn start_worker(app: &TestApp) -> CancellationToken {
-    let registry = settle::worker::registry(&app.config);
-    let settings = settle::worker::settings(&app.config.worker);
-    let token = CancellationToken::new();
-    tokio::spawn(Worker::new(app.pool.clone(), settings, registry).run(token.clone()));
-    token
+    let worker = start_worker(&app);
+    (app, worker)
 }
 
 async fn post_job(app: &TestApp, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
@@ -72,11 +49,7 @@ async fn download(app: &TestApp, path: &str) -> (u16, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_to_job_to_completed_csv_and_table() {
-    let h = harness(&[
-        ("worker.batch_size", json!(64)),
-        ("settlement.parallel_parts", json!(3)),
-    ])
-    .await;
+    let (app, _worker) = settling_app(64, 3).await;
     let rows = support::random_transactions(11, 2500, 6, 4);
     for chunk in rows.chunks(500) {
         let body: Vec<Value> = chunk
@@ -88,11 +61,11 @@ async fn transactions_to_job_to_completed_csv_and_table() {
                        "paid_at": t.paid_at.to_rfc3339()})
             })
             .collect();
-        let (status, body) = h.app.post("/api/v1/transactions", &json!(body)).await;
+        let (status, body) = app.post("/api/v1/transactions", &json!(body)).await;
         assert_eq!(status, 201, "{body}");
     }
     let (status, body, location) = post_job(
-        &h.app,
+        &app,
         &json!({"from": "2025-01-01", "to": "2025-01-04"}),
         None,
     )
@@ -104,21 +77,21 @@ async fn transactions_to_job_to_completed_csv_and_table() {
         location.as_deref(),
         Some(format!("/api/v1/jobs/{id}").as_str())
     );
-    wait_state(&h.app.pool, id, "completed").await;
+    wait_state(&app.pool, id, "completed").await;
 
     let expected = reference(&rows, day("2025-01-01"), day("2025-01-04"), Tz::UTC);
-    let (status, content_type, text) = download(&h.app, &format!("/downloads/{id}.csv")).await;
+    let (status, content_type, text) = download(&app, &format!("/downloads/{id}.csv")).await;
     assert_eq!(status, 200);
     assert!(content_type.starts_with("text/csv"), "{content_type}");
     assert_eq!(parse_csv(&text), expected);
     assert_eq!(
-        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-04")).await,
+        settlements(&app.pool, day("2025-01-01"), day("2025-01-04")).await,
         expected
     );
     let (processed, total, result): (i64, Option<i64>, Value) =
         sqlx::query_as("select processed, total, result from jobs where id = $1")
             .bind(id)
-            .fetch_one(&h.app.pool)
+            .fetch_one(&app.pool)
             .await
             .unwrap();
     assert_eq!(Some(processed), total);
@@ -127,7 +100,7 @@ async fn transactions_to_job_to_completed_csv_and_table() {
     assert!(within < 2500);
     assert_eq!(total, Some(within));
     assert_eq!(result["download_url"], format!("/downloads/{id}.csv"));
-    let (status, job) = h.app.get(&format!("/api/v1/jobs/{id}")).await;
+    let (status, job) = app.get(&format!("/api/v1/jobs/{id}")).await;
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["kind"], "settlement");
     assert_eq!(job["status"], "COMPLETED");
@@ -144,28 +117,13 @@ async fn transactions_to_job_to_completed_csv_and_table() {
 
 #[tokio::test]
 async fn bad_settlement_requests_are_rejected_and_enqueue_nothing() {
-    let h = harness(&[("settlement.max_span_days", json!(31))]).await;
+    let (app, _worker) = harness(&[("settlement.max_span_days", json!(31))]).await;
+    let span = |from: &str, to: &str| json!({"from": from, "to": to});
     let cases = [
-        (
-            json!({"from": "2025-02-30", "to": "2025-03-01"}),
-            422,
-            "INVALID_DATE",
-        ),
-        (
-            json!({"from": "2025-01-01", "to": "01/31/2025"}),
-            422,
-            "INVALID_DATE",
-        ),
-        (
-            json!({"from": "2025-01-31", "to": "2025-01-01"}),
-            422,
-            "INVALID_DATE_RANGE",
-        ),
-        (
-            json!({"from": "2025-01-01", "to": "2025-02-01"}),
-            422,
-            "INVALID_DATE_RANGE",
-        ),
+        (span("2025-02-30", "2025-03-01"), 422, "INVALID_DATE"),
+        (span("2025-01-01", "01/31/2025"), 422, "INVALID_DATE"),
+        (span("2025-01-31", "2025-01-01"), 422, "INVALID_DATE_RANGE"),
+        (span("2025-01-01", "2025-02-01"), 422, "INVALID_DATE_RANGE"),
         (json!({"from": "2025-01-01"}), 400, "INVALID_BODY"),
         (
             json!({"from": 20250101, "to": "2025-01-02"}),
@@ -179,49 +137,43 @@ async fn bad_settlement_requests_are_rejected_and_enqueue_nothing() {
         ),
     ];
     for (body, status, code) in cases {
-        let (got, error, _) = post_job(&h.app, &body, None).await;
+        let (got, error, _) = post_job(&app, &body, None).await;
         assert_eq!(got, status, "{body}: {error}");
         assert_error(&error, code);
     }
     let (got, error, _) = post_job(
-        &h.app,
+        &app,
         &json!({"from": "2025-01-01", "to": "2025-01-02"}),
         Some(""),
     )
     .await;
     assert_eq!(got, 422, "{error}");
     assert_error(&error, "INVALID_IDEMPOTENCY_KEY");
-    let jobs = support::scalar(&h.app.pool, "select count(*) from jobs").await;
+    let jobs = support::scalar(&app.pool, "select count(*) from jobs").await;
     assert_eq!(jobs, 0);
 }
 
 #[tokio::test]
 async fn an_idempotent_retry_returns_the_same_job() {
-    let h = harness(&[]).await;
+    let (app, _worker) = harness(&[]).await;
     let body = json!({"from": "2025-01-01", "to": "2025-01-02"});
-    let (s1, b1, l1) = post_job(&h.app, &body, Some("settle-once")).await;
-    let (s2, b2, l2) = post_job(&h.app, &body, Some("settle-once")).await;
+    let (s1, b1, l1) = post_job(&app, &body, Some("settle-once")).await;
+    let (s2, b2, l2) = post_job(&app, &body, Some("settle-once")).await;
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(b1, b2);
     assert_eq!(l1, l2);
     let other = json!({"from": "2025-01-01", "to": "2025-01-03"});
-    let (s3, error, _) = post_job(&h.app, &other, Some("settle-once")).await;
+    let (s3, error, _) = post_job(&app, &other, Some("settle-once")).await;
     assert_eq!(s3, 422);
     assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
-    let jobs = support::scalar(&h.app.pool, "select count(*) from jobs").await;
+    let jobs = support::scalar(&app.pool, "select count(*) from jobs").await;
     assert_eq!(jobs, 1);
 }
 
 #[tokio::test]
 async fn downloads_serve_only_completed_jobs() {
     let app = spawn_app_with(&[]).await; // no worker: the job stays queued
-    let (_, body, _) = post_job(
-        &app,
-        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
-        None,
-    )
-    .await;
-    let id = body["job_id"].as_i64().unwrap();
+    let id = app.post_settlement("2025-01-01", "2025-01-02").await;
     // Even a file in the legacy results directory is not served before the job is COMPLETED.
     let dir = &app.config.settlement.results_dir;
     std::fs::create_dir_all(dir).unwrap();
@@ -245,58 +197,30 @@ async fn downloads_serve_only_completed_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
-    let h = harness(&[
-        ("worker.batch_size", json!(5)),
-        ("settlement.parallel_parts", json!(2)),
-    ])
-    .await;
-    let (from, to) = (day("2025-01-01"), day("2025-01-03"));
-    let days = json!({"from": "2025-01-01", "to": "2025-01-03"});
+    let (app, _worker) = settling_app(5, 2).await;
+    let days = (day("2025-01-01"), day("2025-01-03"));
     // A completed settlement of the same days gives the table rows the cancel must keep.
     let first = support::random_transactions(31, 200, 5, 3);
-    support::store(&h.app.pool, &first).await;
-    let (_, body, _) = post_job(&h.app, &days, None).await;
-    wait_state(&h.app.pool, body["job_id"].as_i64().unwrap(), "completed").await;
-    let before = settlements(&h.app.pool, from, to).await;
-    assert!(!before.is_empty());
-    assert_eq!(before, reference(&first, from, to, Tz::UTC));
+    let before = support::settle_first(&app, &first, days).await;
     // New input that a run not stopped in time would fold into those rows.
     let rows = support::random_transactions(12, 20_000, 5, 3);
-    support::store(&h.app.pool, &rows).await;
+    support::store(&app.pool, &rows).await;
     let all: Vec<_> = first.iter().chain(&rows).cloned().collect();
-    assert_ne!(reference(&all, from, to, Tz::UTC), before);
+    assert_ne!(reference(&all, days.0, days.1, Tz::UTC), before);
     // Running: a 5-row batch size makes the job long; cancel once it has made progress.
-    let (_, body, _) = post_job(&h.app, &days, None).await;
-    let id = body["job_id"].as_i64().unwrap();
-    wait_processed(&h.app.pool, id, 1, Duration::from_secs(12)).await;
-    let mut conn = h.app.pool.acquire().await.unwrap();
+    let id = app.post_settlement("2025-01-01", "2025-01-03").await;
+    wait_processed(&app.pool, id, 1, Duration::from_secs(12)).await;
+    let mut conn = app.pool.acquire().await.unwrap();
     settle_workers::request_cancel(&mut conn, id).await.unwrap();
-    wait_state(&h.app.pool, id, "cancelled").await;
-    let (processed, total): (i64, i64) =
-        sqlx::query_as("select processed, total from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&h.app.pool)
-            .await
-            .unwrap();
+    wait_state(&app.pool, id, "cancelled").await;
+    let (processed, total) = support::progress(&app.pool, id).await;
     assert!(
-        processed < total,
-        "{processed} of {total}: it should have stopped early"
+        total.is_some_and(|total| processed < total),
+        "{processed} of {total:?}: it should have stopped early"
     );
-    let results = support::scalar(
-        &h.app.pool,
-        &format!("select count(*) from settlement_results where job_id = {id}"),
-    )
-    .await;
-    assert_eq!(results, 0);
-    assert_eq!(settlements(&h.app.pool, from, to).await, before);
-    let working: i64 =
-        sqlx::query_scalar("select count(*) from settlement_parts where job_id = $1")
-            .bind(id)
-            .fetch_one(&h.app.pool)
-            .await
-            .unwrap();
-    assert_eq!(working, 0);
-    let (status, _, _) = download(&h.app, &format!("/downloads/{id}.csv")).await;
+    support::assert_left_nothing(&app.pool, id).await;
+    assert_eq!(settlements(&app.pool, days.0, days.1).await, before);
+    let (status, _, _) = download(&app, &format!("/downloads/{id}.csv")).await;
     assert_eq!(status, 404);
 }
 
@@ -304,13 +228,7 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
 async fn a_cancelled_queued_job_never_starts() {
     let app = spawn_app_with(&[]).await;
     support::store(&app.pool, &support::random_transactions(13, 100, 2, 2)).await;
-    let (_, body, _) = post_job(
-        &app,
-        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
-        None,
-    )
-    .await;
-    let id = body["job_id"].as_i64().unwrap();
+    let id = app.post_settlement("2025-01-01", "2025-01-02").await;
     let mut conn = app.pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();
     assert_eq!(
@@ -319,13 +237,8 @@ async fn a_cancelled_queued_job_never_starts() {
     );
     let worker = start_worker(&app);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    worker.cancel();
-    let (state, started): (String, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("select state::text, started_at from jobs where id = $1")
-            .bind(id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    worker.stop().await;
+    let (state, _, started) = job_start(&app.pool, id).await;
     assert_eq!((state.as_str(), started), ("cancelled", None));
     let runs = support::scalar(&app.pool, "select count(*) from settlement_runs").await;
     assert_eq!(runs, 0);
@@ -335,67 +248,38 @@ async fn a_cancelled_queued_job_never_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_settlement_clears_the_working_rows_of_jobs_that_gave_up() {
-    let h = harness(&[("worker.batch_size", json!(64))]).await;
+    let (app, _worker) = harness(&[("worker.batch_size", json!(64))]).await;
     // A settlement that ran out of attempts mid-way: its run, part and batch rows remain.
-    let dead: i64 = sqlx::query_scalar(
+    let dead = common::scalar(
+        &app.pool,
         "insert into jobs (kind, args, state, max_attempts, finished_at)
          values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-02\"}', 'failed', 1, now())
          returning id",
     )
-    .fetch_one(&h.app.pool)
-    .await
-    .unwrap();
-    for statement in [
-        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
-         values ($1, '2025-01-01', '2025-01-02', 'UTC', 10, 10)",
-        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id) values ($1, 0, 0, 10, 5)",
-        "insert into settlement_batches (job_id, part, end_id, scanned, merchant_ids, dates,
-             gross_cents, fee_cents, txn_counts)
-         values ($1, 0, 5, 5, '{m}', '{2025-01-01}', '{100}', '{1}', '{5}')",
-    ] {
-        sqlx::query(statement)
-            .bind(dead)
-            .execute(&h.app.pool)
-            .await
-            .unwrap();
-    }
-    let (status, body, _) = post_job(
-        &h.app,
-        &json!({"from": "2025-01-01", "to": "2025-01-02"}),
-        None,
-    )
     .await;
-    assert_eq!(status, 202, "{body}");
-    wait_state(&h.app.pool, body["job_id"].as_i64().unwrap(), "completed").await;
-    for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
-        let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "select count(*) from {table} where job_id = $1"
-        )))
-        .bind(dead)
-        .fetch_one(&h.app.pool)
-        .await
-        .unwrap();
-        assert_eq!(left, 0, "{table} rows of the failed job remain");
-    }
+    support::leave_working_rows(&app.pool, dead).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-02").await;
+    wait_state(&app.pool, id, "completed").await;
+    support::assert_no_working_rows(&app.pool, dead).await;
 }
 
 #[tokio::test]
 async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
-    let h = harness(&[]).await;
+    let (app, _worker) = harness(&[]).await;
     let rows = support::random_transactions(14, 3, 1, 1);
-    support::store(&h.app.pool, &rows[1..]).await;
+    support::store(&app.pool, &rows[1..]).await;
     // An insert left open (a stalled client, a bulk load): the job's input waits for it.
-    let mut open = h.app.pool.begin().await.unwrap();
+    let mut open = app.pool.begin().await.unwrap();
     support::insert(&mut open, &rows[..1]).await;
     let range = json!({"from": "2025-01-01", "to": "2025-01-01"});
-    let (_, body, _) = post_job(&h.app, &range, None).await;
+    let (_, body, _) = post_job(&app, &range, None).await;
     let waiting = body["job_id"].as_i64().unwrap();
-    wait_state(&h.app.pool, waiting, "running").await;
+    wait_state(&app.pool, waiting, "running").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (state, total): (String, Option<i64>) =
         sqlx::query_as("select state::text, total from jobs where id = $1")
             .bind(waiting)
-            .fetch_one(&h.app.pool)
+            .fetch_one(&app.pool)
             .await
             .unwrap();
     assert_eq!(
@@ -403,27 +287,23 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
         ("running", None),
         "the input is not fixed while the insert is open"
     );
-    let mut conn = h.app.pool.acquire().await.unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
     settle_workers::request_cancel(&mut conn, waiting)
         .await
         .unwrap();
-    wait_state(&h.app.pool, waiting, "cancelled").await;
+    wait_state(&app.pool, waiting, "cancelled").await;
     // Once the insert commits, the next job's input and result include its row.
     open.commit().await.unwrap();
-    let (_, body, _) = post_job(&h.app, &range, None).await;
+    let (_, body, _) = post_job(&app, &range, None).await;
     let id = body["job_id"].as_i64().unwrap();
-    wait_state(&h.app.pool, id, "completed").await;
-    let total: i64 = sqlx::query_scalar("select total from jobs where id = $1")
-        .bind(id)
-        .fetch_one(&h.app.pool)
-        .await
-        .unwrap();
+    wait_state(&app.pool, id, "completed").await;
+    let total = common::scalar_of(&app.pool, "select total from jobs where id = $1", id).await;
     assert_eq!(
         total,
         support::paid_within(&rows, "2025-01-01", "2025-01-01", Tz::UTC)
     );
     assert_eq!(
-        settlements(&h.app.pool, day("2025-01-01"), day("2025-01-01")).await,
+        settlements(&app.pool, day("2025-01-01"), day("2025-01-01")).await,
         reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC)
     );
 }

@@ -4,18 +4,17 @@
 //! its CSV or a job that resumes and completes.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use std::time::Duration;
 
 use chrono_tz::Tz;
 use common::commit_cut::{Cut, CutProxy};
 use common::processes::{WorkerProcess, wait_for, wait_mid_way, wait_state};
+use common::settlement as support;
 use common::{TestApp, spawn_app_with};
 use nix::sys::signal::Signal;
 use serde_json::json;
-use support::{day, parse_csv, reference, settlements};
+use support::{day, reference, settlements};
 
 /// A worker process with `batch` rows per batch and a `lease_ms` lease, on `database_url`.
 fn worker(app: &TestApp, batch: i64, lease_ms: u64, database_url: &str) -> WorkerProcess {
@@ -33,17 +32,6 @@ fn worker(app: &TestApp, batch: i64, lease_ms: u64, database_url: &str) -> Worke
             ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
         ],
     )
-}
-
-async fn download(app: &TestApp, id: i64) -> support::Settled {
-    let response = app
-        .http
-        .get(app.url(&format!("/downloads/{id}.csv")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "job {id}'s CSV");
-    parse_csv(&response.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,11 +73,11 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
         expected
     );
     assert_eq!(
-        download(&app, b).await,
+        support::downloaded(&app, b).await,
         newest,
         "B's CSV still matches the table"
     );
-    assert_eq!(download(&app, a).await, expected);
+    assert_eq!(support::downloaded(&app, a).await, expected);
     assert!(second.terminate().await, "{}", second.log_text());
 }
 
@@ -133,7 +121,7 @@ async fn final_commit_cut(cut: Cut) {
         "the final commit's connection was cut"
     );
     let expected = reference(&rows, day("2025-01-01"), day("2025-01-03"), Tz::UTC);
-    assert_eq!(download(&app, id).await, expected);
+    assert_eq!(support::downloaded(&app, id).await, expected);
     assert_eq!(
         settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await,
         expected

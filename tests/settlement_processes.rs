@@ -3,14 +3,13 @@
 //! stops, writes no CSV and leaves `settlements` as it was.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use chrono_tz::Tz;
 use common::processes::{WorkerProcess, wait_mid_way, wait_state};
+use common::settlement as support;
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
-use support::{day, parse_csv, reference, settlements};
+use support::{day, reference, settlements};
 
 fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
     vec![
@@ -46,29 +45,21 @@ fn worker(app: &TestApp) -> WorkerProcess {
     )
 }
 
-async fn enqueue(app: &TestApp, from: &str, to: &str) -> i64 {
-    let (status, body) = app
-        .post("/api/v1/jobs/settlement", &json!({"from": from, "to": to}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["job_id"].as_i64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     let app = spawn_app_with(&overrides(40)).await;
     let rows = support::random_transactions(21, 30_000, 8, 5);
     support::store(&app.pool, &rows).await;
-    let id = enqueue(&app, "2025-01-01", "2025-01-05").await;
+    let id = app.post_settlement("2025-01-01", "2025-01-05").await;
     let first = worker(&app);
     wait_mid_way(&app.pool, id).await;
     first.kill().await;
-    let high_water: i64 =
-        sqlx::query_scalar("select high_water_id from settlement_runs where job_id = $1")
-            .bind(id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let high_water = common::scalar_of(
+        &app.pool,
+        "select high_water_id from settlement_runs where job_id = $1",
+        id,
+    )
+    .await;
     let committed = support::scalar(
         &app.pool,
         "select coalesce(sum(processed), 0)::int8 from settlement_parts",
@@ -100,14 +91,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
         settlements(&app.pool, day("2025-01-01"), day("2025-01-05")).await,
         expected
     );
-    let response = app
-        .http
-        .get(app.url(&format!("/downloads/{id}.csv")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(parse_csv(&response.text().await.unwrap()), expected);
+    assert_eq!(support::downloaded(&app, id).await, expected);
     assert!(second.terminate().await, "{}", second.log_text());
 }
 
@@ -118,17 +102,15 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
     support::store(&app.pool, &rows).await;
     // An earlier settlement of the same days, which the cancelled job must leave alone.
     let mut w = worker(&app);
-    let done = enqueue(&app, "2025-01-01", "2025-01-03").await;
+    let done = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_state(&app.pool, done, "completed").await;
     let before = settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await;
     assert!(!before.is_empty());
 
     support::store(&app.pool, &support::random_transactions(24, 500, 8, 3)).await;
-    let id = enqueue(&app, "2025-01-01", "2025-01-03").await;
+    let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     let processed_then = wait_mid_way(&app.pool, id).await;
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, body) = app.cancel(id).await;
     assert_eq!(status, 202, "{body}");
     wait_state(&app.pool, id, "cancelled").await;
     let processed = common::processes::processed(&app.pool, id).await;
@@ -143,13 +125,9 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
         before
     );
     // Cancelling again is a no-op; the finished job refuses.
-    let (status, _) = app
-        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, _) = app.cancel(id).await;
     assert_eq!(status, 202);
-    let (status, body) = app
-        .post(&format!("/api/v1/jobs/{done}/cancel"), &json!({}))
-        .await;
+    let (status, body) = app.cancel(done).await;
     assert_eq!(status, 409, "{body}");
     assert!(w.terminate().await, "{}", w.log_text());
 }

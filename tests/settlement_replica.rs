@@ -4,14 +4,13 @@
 //! writes everything else to the primary; a replica that is not there costs only the wait.
 
 mod common;
-#[path = "settlement_support.rs"]
-mod support;
 
 use std::time::Duration;
 
 use chrono_tz::Tz;
 use common::cluster::Cluster;
 use common::processes::{WorkerProcess, enqueue, processed, wait_for, wait_state};
+use common::settlement as support;
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::config::Config;
@@ -43,7 +42,7 @@ fn worker(config: &Config, read_url: String, max_wait_ms: u64) -> WorkerProcess 
 /// on the server behind `pool` so far, as its sessions have reported them. Loading rows scans
 /// neither (their external ids' index is what an insert checks).
 async fn transaction_scans(pool: &PgPool) -> i64 {
-    support::scalar(
+    common::scalar(
         pool,
         "select (coalesce(t.seq_scan, 0) + coalesce(i.idx_scan, 0))::int8
          from pg_stat_user_tables t

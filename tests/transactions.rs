@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::assert_refused;
 use common::{TestApp, assert_error, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
 
@@ -119,11 +120,12 @@ async fn a_conflicting_resend_is_409_and_stores_nothing_of_the_request() {
     // Inside one request: the same identity twice with different fields.
     let mut changed = txn("m-5", 10, 1);
     changed["amount_cents"] = json!(11);
-    let (status, error) = app
-        .post("/api/v1/transactions", &json!([txn("m-5", 10, 1), changed]))
-        .await;
-    assert_eq!(status, 409, "{error}");
-    assert_error(&error, "TRANSACTION_CONFLICT");
+    assert_refused(
+        app.post("/api/v1/transactions", &json!([txn("m-5", 10, 1), changed]))
+            .await,
+        409,
+        "TRANSACTION_CONFLICT",
+    );
     assert_eq!(stored(&app).await, 1);
 }
 
@@ -165,10 +167,11 @@ async fn an_idempotency_key_replays_the_first_answer() {
     // A replay says what the first request did, not "2 duplicates".
     let again = common::status_and_json(post(body).await.unwrap()).await;
     assert_eq!(again, first);
-    let (status, error) =
-        common::status_and_json(post(json!([txn("m-1", 3, 0)])).await.unwrap()).await;
-    assert_eq!(status, 422, "{error}");
-    assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
+    assert_refused(
+        common::status_and_json(post(json!([txn("m-1", 3, 0)])).await.unwrap()).await,
+        422,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
     assert_eq!(stored(&app).await, 2);
 }
 
@@ -210,9 +213,11 @@ async fn wrong_shapes_are_400() {
     let mut missing = txn("m-1", 1000, 30);
     missing.as_object_mut().unwrap().remove("paid_at");
     for body in [wrong_type, unknown, missing, json!(42), json!([1, 2])] {
-        let (status, error) = app.post("/api/v1/transactions", &body).await;
-        assert_eq!(status, 400, "{body}: {error}");
-        assert_error(&error, "INVALID_BODY");
+        assert_refused(
+            app.post("/api/v1/transactions", &body).await,
+            400,
+            "INVALID_BODY",
+        );
     }
     let response = app
         .http
@@ -222,9 +227,11 @@ async fn wrong_shapes_are_400() {
         .send()
         .await
         .unwrap();
-    let (status, error) = common::status_and_json(response).await;
-    assert_eq!(status, 400);
-    assert_error(&error, "MALFORMED_JSON");
+    assert_refused(
+        common::status_and_json(response).await,
+        400,
+        "MALFORMED_JSON",
+    );
     assert_eq!(stored(&app).await, 0);
 }
 
@@ -250,12 +257,16 @@ async fn one_bad_element_stores_none_of_the_array() {
 async fn arrays_are_bounded_and_not_empty() {
     let app = spawn_app_with(&[("settlement.max_transactions_per_request", json!(5))]).await;
     let batch: Vec<Value> = (0..6).map(|i| txn("m-1", 100 + i, 1)).collect();
-    let (status, error) = app.post("/api/v1/transactions", &json!(batch)).await;
-    assert_eq!(status, 422, "{error}");
-    assert_error(&error, "INVALID_BATCH_SIZE");
-    let (status, error) = app.post("/api/v1/transactions", &json!([])).await;
-    assert_eq!(status, 422, "{error}");
-    assert_error(&error, "INVALID_BATCH_SIZE");
+    assert_refused(
+        app.post("/api/v1/transactions", &json!(batch)).await,
+        422,
+        "INVALID_BATCH_SIZE",
+    );
+    assert_refused(
+        app.post("/api/v1/transactions", &json!([])).await,
+        422,
+        "INVALID_BATCH_SIZE",
+    );
     assert_eq!(stored(&app).await, 0);
     let (status, rows) = app.post("/api/v1/transactions", &json!(batch[..5])).await;
     assert_eq!(status, 201, "{rows}");

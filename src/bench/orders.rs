@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -116,14 +116,8 @@ async fn http_phase(
 ) -> anyhow::Result<(Phase, i64)> {
     let builder = reqwest::Client::builder().pool_max_idle_per_host(clients);
     let http = super::process::admin_client(pool, builder).await?;
-    let product: Value = http
-        .post(format!("{base}/api/v1/products"))
-        .json(&json!({"name": "bench hot product", "stock": BENCH_STOCK, "price_cents": 1999}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let new = json!({"name": "bench hot product", "stock": BENCH_STOCK, "price_cents": 1999});
+    let product = super::process::post_json(&http, format!("{base}/api/v1/products"), &new).await?;
     let product_id = product["id"]
         .as_i64()
         .ok_or_else(|| anyhow::anyhow!("no product id"))?;

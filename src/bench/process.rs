@@ -63,15 +63,9 @@ impl ApiProcess {
 
     /// [`Self::start`] with extra environment variables (configuration overrides).
     pub async fn start_with(config: &Config, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("api")
+        let mut child = settle_command(config, "api", "warn,settle=info", true)?
             .envs(env.iter().copied())
-            .env("SETTLE_DATABASE__URL", &config.database.url)
             .env("PORT", "0")
-            .env("SETTLE_LOG", "warn,settle=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .context("starting settle api")?;
         let stderr = child.stderr.take().context("api stderr")?;
@@ -102,6 +96,39 @@ impl ApiProcess {
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
         Ok(())
     }
+}
+
+/// POSTs `body` as JSON to `url` and returns the JSON answer, failing on an error status.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = http.post(url).json(body).send().await?.error_for_status()?;
+    Ok(answer.json().await?)
+}
+
+/// `settle <subcommand>` on `config`'s database, logging at `log` to this process' stderr or
+/// (`piped`) to a pipe the caller reads; killed when dropped.
+pub fn settle_command(
+    config: &Config,
+    subcommand: &str,
+    log: &str,
+    piped: bool,
+) -> anyhow::Result<Command> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg(subcommand)
+        .env("SETTLE_DATABASE__URL", &config.database.url)
+        .env("SETTLE_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(if piped {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .kill_on_drop(true);
+    Ok(command)
 }
 
 /// The URL in the API's "listening on http://…" log line, without trailing fields or colours.

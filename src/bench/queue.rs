@@ -4,7 +4,6 @@
 //! independent pgbench claim-and-complete loop (`bench/queue-*.sql`), with the ratios.
 //! `--deep` measures instead how the claim rate holds up with a deep queue (`queue_deep`).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,6 +14,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 use crate::config::Config;
+use crate::jobs::kind;
 
 #[derive(Debug, Args)]
 pub struct QueueArgs {
@@ -97,15 +97,9 @@ pub(super) async fn stop_workers(workers: Vec<Child>) -> anyhow::Result<()> {
 }
 
 fn start_worker(config: &Config) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("worker")
-        .env("SETTLE_DATABASE__URL", &config.database.url)
+    super::process::settle_command(config, "worker", "warn", false)?
         // The no-op jobs drained here are a probe kind, off in a production worker.
         .env("SETTLE_WORKER__TEST_KINDS", "true")
-        .env("SETTLE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .context("starting settle worker")
 }
@@ -127,7 +121,7 @@ pub(super) async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let mut left = n;
     while left > 0 {
         let chunk: Vec<NewJob> = (0..left.min(10_000))
-            .map(|_| NewJob::new("noop", json!({})))
+            .map(|_| NewJob::new(kind::NOOP, json!({})))
             .collect();
         settle_workers::enqueue_many(&mut tx, &chunk).await?;
         left -= chunk.len();
@@ -158,7 +152,7 @@ pub(super) async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
 async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     let mut conn = pool.acquire().await?;
     for _ in 0..n {
-        let id = settle_workers::enqueue(&mut conn, &NewJob::new("noop", json!({}))).await?;
+        let id = settle_workers::enqueue(&mut conn, &NewJob::new(kind::NOOP, json!({}))).await?;
         loop {
             let started = sqlx::query_scalar!(
                 r#"select started_at is not null as "started!" from jobs where id = $1"#,

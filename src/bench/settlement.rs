@@ -293,14 +293,8 @@ async fn run_job(
     range: DateRange,
 ) -> anyhow::Result<(i64, f64)> {
     let started = Instant::now();
-    let response: serde_json::Value = http
-        .post(format!("{api}/api/v1/jobs/settlement"))
-        .json(&json!(range.to_input()))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let url = format!("{api}/api/v1/jobs/settlement");
+    let response = super::process::post_json(http, url, &json!(range.to_input())).await?;
     let id = response["job_id"]
         .as_i64()
         .context("job_id in the response")?;

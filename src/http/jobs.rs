@@ -17,7 +17,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::openapi::ErrorBody;
-use super::pagination::{self, Cursor};
+use super::pagination::{Page, PageQuery};
 use crate::settlement::job::KIND as SETTLEMENT_KIND;
 
 pub fn router() -> Router<AppState> {
@@ -117,8 +117,6 @@ impl From<JobRecord> for Job {
     params(("id" = i64, Path)),
     responses(
         (status = 200, body = Job),
-        (status = 400, description = "INVALID_PATH", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = ErrorBody),
     )
 )]
 async fn get_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Json<Job>, ApiError> {
@@ -135,33 +133,22 @@ pub struct ListJobsQuery {
     /// QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED or CANCELLED.
     status: Option<String>,
     kind: Option<String>,
-    /// Page size, 1 to `pagination.max_page_size`.
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobPage {
-    data: Vec<Job>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
 }
 
 #[utoipa::path(
     get, path = "/api/v1/jobs", tag = "jobs",
-    params(ListJobsQuery),
+    params(ListJobsQuery, PageQuery),
     responses(
-        (status = 200, description = "Newest first", body = JobPage),
-        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = ErrorBody),
+        (status = 200, description = "Newest first", body = Page<Job>),
         (status = 422, description = "INVALID_LIMIT, INVALID_STATUS", body = ErrorBody),
     )
 )]
 async fn list_jobs(
     State(app): State<AppState>,
     Query(query): Query<ListJobsQuery>,
-) -> Result<Json<JobPage>, ApiError> {
-    let limit = pagination::limit(query.limit, &app.config.pagination)?;
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Page<Job>>, ApiError> {
+    let limit = page.limit(&app.config.pagination)?;
     let state = query
         .status
         // Exactly as the document lists them (upper case), so a client generating from it
@@ -180,20 +167,15 @@ async fn list_jobs(
                 "status must be one of QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED, CANCELLED",
             )
         })?;
-    let before = query.cursor.as_deref().map(Cursor::parse).transpose()?;
     let filter = JobFilter {
         state,
         kind: query.kind,
-        before: before.map(|c| c.0),
+        before: page.before()?,
         limit: limit + 1,
     };
     let mut conn = app.pool.acquire().await?;
-    let mut rows = read::list_jobs(&mut conn, &filter).await?;
-    let next_cursor = pagination::next_cursor(&mut rows, limit, |job| job.id);
-    Ok(Json(JobPage {
-        data: rows.into_iter().map(Job::from).collect(),
-        next_cursor,
-    }))
+    let rows = read::list_jobs(&mut conn, &filter).await?;
+    Ok(Json(Page::by_id(rows, limit, |job| job.id)))
 }
 
 /// Cancel a job: a QUEUED job becomes CANCELLED at once and never starts; a RUNNING one becomes
@@ -205,8 +187,6 @@ async fn list_jobs(
     params(("id" = i64, Path)),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\"}`: CANCELLED or CANCELLING"),
-        (status = 400, description = "INVALID_PATH", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = ErrorBody),
         (status = 409, description = "JOB_FINISHED: the job already COMPLETED or FAILED", body = ErrorBody),
     )
 )]
@@ -234,8 +214,6 @@ async fn cancel_job(
     params(("id" = i64, Path)),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}`"),
-        (status = 400, description = "INVALID_PATH", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = ErrorBody),
         (status = 409, description = "JOB_NOT_RETRYABLE: the job is not FAILED or CANCELLED; \
             `status` says what it is", body = ErrorBody),
     )

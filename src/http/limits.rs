@@ -169,7 +169,25 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         *body = json!("#/components/schemas/TransactionBatch");
     }
     let takes_body = operation.get("requestBody").is_some();
+    let paged = operation["parameters"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == "cursor"));
     let mut common = Vec::new();
+    if path.contains("{id}") {
+        // The id in the path (`extract::Path`) and the row it names.
+        let invalid = match takes_body {
+            true => "MALFORMED_JSON, INVALID_BODY, INVALID_PATH",
+            false => "INVALID_PATH",
+        };
+        common.push(("400", invalid));
+        common.push(("404", "NOT_FOUND"));
+    }
+    if paged {
+        // Every list's page parameters (`pagination::PageQuery`); a list with filters of its
+        // own states its 422 itself.
+        common.push(("400", "INVALID_QUERY, INVALID_CURSOR"));
+        common.push(("422", "INVALID_LIMIT"));
+    }
     if path.starts_with("/api/v1/") || path.starts_with("/downloads/") {
         common.push(("503", "SERVICE_UNAVAILABLE, TIMEOUT: the database is overloaded or the request ran past http.request_timeout_ms"));
         common.push((

@@ -65,7 +65,6 @@ pub struct ErrorDetail {
         ErrorBody,
         ErrorDetail,
         super::jobs::Job,
-        super::jobs::JobPage,
         super::jobs::JobAttemptError
     )),
     modifiers(&SecurityAddon)

@@ -13,7 +13,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::idempotency::{self, replay, respond};
-use super::pagination::Cursor;
+use super::pagination::{Page, PageQuery};
 use crate::db::is_connection_error;
 use crate::idempotency::Begun;
 use crate::metrics::{self, OrderOutcome};
@@ -238,8 +238,6 @@ fn is_stock_violation(e: &sqlx::Error) -> bool {
     params(("id" = i64, Path)),
     responses(
         (status = 200, body = OrderBody),
-        (status = 400, description = "INVALID_PATH", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = super::openapi::ErrorBody),
     )
 )]
 async fn get_order(
@@ -258,46 +256,27 @@ async fn get_order(
 pub struct ListOrdersQuery {
     product_id: Option<i64>,
     buyer_id: Option<String>,
-    /// Page size, 1 to `pagination.max_page_size`.
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct OrderPage {
-    data: Vec<OrderBody>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
 }
 
 #[utoipa::path(
     get, path = "/api/v1/orders", tag = "orders",
-    params(ListOrdersQuery),
+    params(ListOrdersQuery, PageQuery),
     responses(
-        (status = 200, description = "Newest first", body = OrderPage),
-        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = super::openapi::ErrorBody),
-        (status = 422, description = "INVALID_LIMIT", body = super::openapi::ErrorBody),
+        (status = 200, description = "Newest first", body = Page<OrderBody>),
     )
 )]
 async fn list_orders(
     State(app): State<AppState>,
     Query(query): Query<ListOrdersQuery>,
-) -> Result<Json<OrderPage>, ApiError> {
-    let limit = super::pagination::limit(query.limit, &app.config.pagination)?;
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Page<OrderBody>>, ApiError> {
+    let limit = page.limit(&app.config.pagination)?;
     let filter = OrderFilter {
         product_id: query.product_id,
         buyer_id: query.buyer_id,
-        before_id: query
-            .cursor
-            .as_deref()
-            .map(Cursor::parse)
-            .transpose()?
-            .map(|c| c.0),
+        before_id: page.before()?,
     };
     let mut conn = app.pool.acquire().await?;
-    let mut data = store::list_orders(&mut conn, &filter, limit + 1).await?;
-    let next_cursor = super::pagination::next_cursor(&mut data, limit, |o| o.id);
-    let data = data.into_iter().map(OrderBody::from).collect();
-    Ok(Json(OrderPage { data, next_cursor }))
+    let rows = store::list_orders(&mut conn, &filter, limit + 1).await?;
+    Ok(Json(Page::by_id(rows, limit, |o| o.id)))
 }

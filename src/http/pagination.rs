@@ -1,52 +1,103 @@
-//! Keyset pagination shared by the list endpoints: an opaque cursor naming the last id seen.
+//! Keyset pagination shared by the list endpoints: the `limit` and `cursor` query parameters
+//! every list takes, and the page every list answers (`data` plus an opaque `next_cursor`
+//! naming the last row seen).
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use crate::config::PaginationConfig;
 
-/// The id a page ends at; the next page starts strictly below it.
-#[derive(Debug, Clone, Copy)]
-pub struct Cursor(pub i64);
+/// The query parameters of a page, read beside each list's own filters (a second `Query`
+/// extractor over the same query string).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Page size, 1 to `pagination.max_page_size`.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
 
-impl Cursor {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
-        raw.parse::<i64>()
-            .ok()
-            .filter(|id| *id > 0)
-            .map(Self)
-            .ok_or_else(|| ApiError::BadRequest {
-                code: "INVALID_CURSOR",
-                message: "cursor is not one this API returned".into(),
-            })
+impl PageQuery {
+    /// The page size asked for, checked against the configured bounds.
+    pub fn limit(&self, config: &PaginationConfig) -> Result<i64, ApiError> {
+        let max = config.max_page_size;
+        match self.limit.unwrap_or(config.default_page_size) {
+            limit if (1..=max).contains(&limit) => Ok(limit),
+            _ => Err(ApiError::invalid(
+                "INVALID_LIMIT",
+                "limit",
+                format!("limit must be between 1 and {max}"),
+            )),
+        }
+    }
+
+    /// The cursor as sent, for lists keyed by more than an id.
+    pub fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref()
+    }
+
+    /// For lists keyed by id: the id the previous page ended at (the next page starts strictly
+    /// below it), `None` on the first page.
+    pub fn before(&self) -> Result<Option<i64>, ApiError> {
+        self.cursor().map(parse_id).transpose()
     }
 }
 
-/// The page size asked for, checked against the configured bounds.
-pub fn limit(asked: Option<i64>, config: &PaginationConfig) -> Result<i64, ApiError> {
-    let max = config.max_page_size;
-    match asked.unwrap_or(config.default_page_size) {
-        limit if (1..=max).contains(&limit) => Ok(limit),
-        _ => Err(ApiError::invalid(
-            "INVALID_LIMIT",
-            "limit",
-            format!("limit must be between 1 and {max}"),
-        )),
+fn parse_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(invalid_cursor)
+}
+
+/// The error of a cursor this API did not write.
+pub fn invalid_cursor() -> ApiError {
+    ApiError::BadRequest {
+        code: "INVALID_CURSOR",
+        message: "cursor is not one this API returned".into(),
     }
 }
 
-/// Given `limit + 1` rows, trims to `limit` and returns the cursor of the next page, if any.
-pub fn next_cursor<T>(rows: &mut Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Option<String> {
-    next_cursor_by(rows, limit, |row| id(row).to_string())
+/// One page of a list, as answered.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    data: Vec<T>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
-/// [`next_cursor`] for lists keyed by more than an id: `cursor` writes the last row's key.
-pub fn next_cursor_by<T>(
-    rows: &mut Vec<T>,
-    limit: i64,
-    cursor: impl Fn(&T) -> String,
-) -> Option<String> {
-    if rows.len() as i64 <= limit {
-        return None;
+impl<T> Page<T> {
+    /// The page of `rows` (fetched with `limit + 1`, so one more means a next page), trimmed to
+    /// `limit`; `cursor` writes the last row's key.
+    pub fn of<R>(mut rows: Vec<R>, limit: i64, cursor: impl Fn(&R) -> String) -> Self
+    where
+        T: From<R>,
+    {
+        let next_cursor = (rows.len() as i64 > limit).then(|| {
+            rows.truncate(limit as usize);
+            rows.last().map(cursor)
+        });
+        Self {
+            data: rows.into_iter().map(T::from).collect(),
+            next_cursor: next_cursor.flatten(),
+        }
     }
-    rows.truncate(limit as usize);
-    rows.last().map(cursor)
+
+    /// [`Page::of`] for lists keyed by id, newest first.
+    pub fn by_id<R>(rows: Vec<R>, limit: i64, id: impl Fn(&R) -> i64) -> Self
+    where
+        T: From<R>,
+    {
+        Self::of(rows, limit, |row| id(row).to_string())
+    }
+
+    /// A page with nothing on it.
+    pub fn empty() -> Self {
+        Self {
+            data: Vec::new(),
+            next_cursor: None,
+        }
+    }
 }

@@ -6,13 +6,13 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::openapi::ErrorBody;
-use super::pagination::{self, Cursor};
+use super::pagination::{Page, PageQuery};
 use crate::orders::{self, NewProduct, store};
 
 pub fn router() -> Router<AppState> {
@@ -80,7 +80,6 @@ pub struct RestockRequest {
     request_body = CreateProductRequest,
     responses(
         (status = 201, body = ProductBody),
-        (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 422, description = "INVALID_NAME, INVALID_STOCK, INVALID_PRICE", body = ErrorBody),
     )
@@ -100,8 +99,6 @@ async fn create_product(
     params(("id" = i64, Path)),
     responses(
         (status = 200, body = ProductBody),
-        (status = 400, description = "INVALID_PATH", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = ErrorBody),
     )
 )]
 async fn get_product(
@@ -115,43 +112,23 @@ async fn get_product(
         .ok_or_else(product_not_found)
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListProductsQuery {
-    /// Page size, 1 to `pagination.max_page_size`.
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ProductPage {
-    data: Vec<ProductBody>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
-}
-
 /// List products, newest first, with their stock.
 #[utoipa::path(
     get, path = "/api/v1/products", tag = "products",
-    params(ListProductsQuery),
+    params(PageQuery),
     responses(
-        (status = 200, description = "Newest first", body = ProductPage),
-        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = ErrorBody),
-        (status = 422, description = "INVALID_LIMIT", body = ErrorBody),
+        (status = 200, description = "Newest first", body = Page<ProductBody>),
     )
 )]
 async fn list_products(
     State(app): State<AppState>,
-    Query(query): Query<ListProductsQuery>,
-) -> Result<Json<ProductPage>, ApiError> {
-    let limit = pagination::limit(query.limit, &app.config.pagination)?;
-    let before = query.cursor.as_deref().map(Cursor::parse).transpose()?;
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Page<ProductBody>>, ApiError> {
+    let limit = page.limit(&app.config.pagination)?;
+    let before = page.before()?;
     let mut conn = app.pool.acquire().await?;
-    let mut rows = store::list_products(&mut conn, before.map(|c| c.0), limit + 1).await?;
-    let next_cursor = pagination::next_cursor(&mut rows, limit, |p| p.id);
-    let data = rows.into_iter().map(ProductBody::from).collect();
-    Ok(Json(ProductPage { data, next_cursor }))
+    let rows = store::list_products(&mut conn, before, limit + 1).await?;
+    Ok(Json(Page::by_id(rows, limit, |p| p.id)))
 }
 
 #[utoipa::path(
@@ -160,8 +137,6 @@ async fn list_products(
     request_body = RestockRequest,
     responses(
         (status = 200, body = ProductBody),
-        (status = 400, description = "MALFORMED_JSON, INVALID_BODY, INVALID_PATH", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND", body = ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, STOCK_TOO_LARGE", body = ErrorBody),
     )
 )]

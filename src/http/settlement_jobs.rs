@@ -45,7 +45,6 @@ pub struct DateRangeBody {
         description = "Up to 255 characters; a retry with the same key and body returns the same job")),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}` with a `Location` header"),
-        (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
         (status = 422, description = "INVALID_DATE, INVALID_DATE_RANGE (from > to or span over \
             settlement.max_span_days), INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = ErrorBody),

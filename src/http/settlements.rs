@@ -14,7 +14,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Query};
 use super::openapi::ErrorBody;
-use super::pagination;
+use super::pagination::{self, Page, PageQuery};
 use crate::settlement::list::{self, SettlementFilter, SettlementRow};
 use crate::tokens::{Principal, Role};
 
@@ -63,27 +63,15 @@ pub struct ListSettlementsQuery {
     /// Last day, `YYYY-MM-DD`, inclusive.
     #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
     to: Option<String>,
-    /// Page size, 1 to `pagination.max_page_size`.
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SettlementPage {
-    data: Vec<Settlement>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    next_cursor: Option<String>,
 }
 
 /// Settlements in `(merchant_id, date)` order. A merchant token sees its own rows only; asking
 /// for another `merchant_id` answers an empty page, as if that merchant had none.
 #[utoipa::path(
     get, path = "/api/v1/settlements", tag = "settlements",
-    params(ListSettlementsQuery),
+    params(ListSettlementsQuery, PageQuery),
     responses(
-        (status = 200, description = "In (merchant_id, date) order", body = SettlementPage),
-        (status = 400, description = "INVALID_QUERY, INVALID_CURSOR", body = ErrorBody),
+        (status = 200, description = "In (merchant_id, date) order", body = Page<Settlement>),
         (status = 422, description = "INVALID_LIMIT, INVALID_DATE, INVALID_DATE_RANGE", body = ErrorBody),
     )
 )]
@@ -91,8 +79,9 @@ async fn list_settlements(
     State(app): State<AppState>,
     Extension(caller): Extension<Principal>,
     Query(query): Query<ListSettlementsQuery>,
-) -> Result<Json<SettlementPage>, ApiError> {
-    let limit = pagination::limit(query.limit, &app.config.pagination)?;
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Page<Settlement>>, ApiError> {
+    let limit = page.limit(&app.config.pagination)?;
     let from = query.from.as_deref().map(|d| day(d, "from")).transpose()?;
     let to = query.to.as_deref().map(|d| day(d, "to")).transpose()?;
     if from.zip(to).is_some_and(|(from, to)| from > to) {
@@ -102,12 +91,12 @@ async fn list_settlements(
             "from must not be after to",
         ));
     }
-    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    let after = page.cursor().map(parse_cursor).transpose()?;
     let merchant_id = match (caller.role, caller.merchant_id) {
         (Role::Merchant, Some(own)) if query.merchant_id.as_ref().is_none_or(|m| *m == own) => {
             Some(own)
         }
-        (Role::Merchant, _) => return Ok(Json(SettlementPage::empty())),
+        (Role::Merchant, _) => return Ok(Json(Page::empty())),
         _ => query.merchant_id,
     };
     let filter = SettlementFilter {
@@ -117,21 +106,8 @@ async fn list_settlements(
         after,
     };
     let mut conn = app.pool.acquire().await?;
-    let mut rows = list::list(&mut conn, &filter, limit + 1).await?;
-    let next_cursor = pagination::next_cursor_by(&mut rows, limit, cursor);
-    Ok(Json(SettlementPage {
-        data: rows.into_iter().map(Settlement::from).collect(),
-        next_cursor,
-    }))
-}
-
-impl SettlementPage {
-    fn empty() -> Self {
-        Self {
-            data: Vec::new(),
-            next_cursor: None,
-        }
-    }
+    let rows = list::list(&mut conn, &filter, limit + 1).await?;
+    Ok(Json(Page::of(rows, limit, cursor)))
 }
 
 fn day(raw: &str, field: &'static str) -> Result<NaiveDate, ApiError> {
@@ -163,10 +139,7 @@ fn parse_cursor(raw: &str) -> Result<(String, NaiveDate), ApiError> {
         // Any bytes are a position in the order; a merchant id never holds invalid UTF-8.
         Some((String::from_utf8_lossy(&bytes).into_owned(), date))
     });
-    parsed.ok_or_else(|| ApiError::BadRequest {
-        code: "INVALID_CURSOR",
-        message: "cursor is not one this API returned".into(),
-    })
+    parsed.ok_or_else(pagination::invalid_cursor)
 }
 
 #[cfg(test)]

@@ -80,7 +80,6 @@ pub struct IngestReport {
         description = "Up to 255 characters; a retry with the same key and body replays the first answer")),
     responses(
         (status = 201, description = "Stored: how many were new and how many were duplicates", body = IngestReport),
-        (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = ErrorBody),
         (status = 409, description = "TRANSACTION_CONFLICT (names the index, merchant_id and external_id; \
             nothing stored), IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),

@@ -97,13 +97,7 @@ pub async fn final_step(mut ctx: JobContext) -> JobResult {
         ctx.token().clone(),
     );
     let mut batch = ctx.begin().await?;
-    // Unchecked: the probe tables are made by `create_probe_tables`, not by the migrations the
-    // checks run against.
-    sqlx::query("insert into queue_probe_effects (job_id, attempt) values ($1, $2)")
-        .bind(id)
-        .bind(attempt)
-        .execute(batch.conn())
-        .await?;
+    super::record_effect(batch.conn(), id, attempt).await?;
     if let Wait::Blocked = args.wait {
         sqlx::query!("select 1 as one from jobs where id = $1 for update", id)
             .fetch_optional(batch.conn())

@@ -21,18 +21,39 @@ use serde::Deserialize;
 use settle_workers::{JobContext, JobError, JobResult, Outcome, Registry};
 use sqlx::PgPool;
 
+/// The probe kinds' names: each is written here once, for the registry below and for the tests
+/// and benchmarks that enqueue them.
+pub mod kind {
+    /// Completes at once; `{"record": true}` writes an effect row as it completes.
+    pub const NOOP: &str = "noop";
+    /// Sleeps `{"ms": n}`.
+    pub const SLEEP: &str = "sleep";
+    /// Fails its first `{"times": n}` attempts.
+    pub const FAIL: &str = "fail";
+    /// Panics in its first `{"times": n}` attempts.
+    pub const PANIC: &str = "panic";
+    /// Counts in checkpointed batches.
+    pub const COUNT: &str = "count";
+    /// Fails with a transient database error, always.
+    pub const TRANSIENT: &str = "transient";
+    /// Ends as told whether or not a cancel came.
+    pub const STUBBORN: &str = "stubborn";
+    /// Waits inside its completing batch.
+    pub const FINAL_STEP: &str = "final_step";
+}
+
 /// The registry of every kind this crate knows; `batch_size` is the default count batch.
 pub fn registry(batch_size: i64) -> Registry {
     let mut registry = Registry::new();
     registry
-        .register("noop", noop)
-        .register("sleep", sleep)
-        .register("fail", fail)
-        .register("panic", panic)
-        .register("count", move |ctx| count::run(ctx, batch_size))
-        .register("transient", endings::transient)
-        .register("stubborn", endings::stubborn)
-        .register("final_step", endings::final_step);
+        .register(kind::NOOP, noop)
+        .register(kind::SLEEP, sleep)
+        .register(kind::FAIL, fail)
+        .register(kind::PANIC, panic)
+        .register(kind::COUNT, move |ctx| count::run(ctx, batch_size))
+        .register(kind::TRANSIENT, endings::transient)
+        .register(kind::STUBBORN, endings::stubborn)
+        .register(kind::FINAL_STEP, endings::final_step);
     registry
 }
 
@@ -73,14 +94,25 @@ async fn noop(mut ctx: JobContext) -> JobResult {
     }
     let (id, attempt) = (ctx.id(), ctx.attempt());
     let mut batch = ctx.begin().await?;
+    record_effect(batch.conn(), id, attempt).await?;
+    batch.complete(None).await
+}
+
+/// Writes attempt `attempt` of job `id`'s effect row, in the caller's transaction (a primary key
+/// catches a second run).
+async fn record_effect(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    attempt: i32,
+) -> Result<(), sqlx::Error> {
     // Unchecked: the probe tables are made by `create_probe_tables`, not by the migrations the
     // checks run against.
     sqlx::query("insert into queue_probe_effects (job_id, attempt) values ($1, $2)")
         .bind(id)
         .bind(attempt)
-        .execute(batch.conn())
+        .execute(conn)
         .await?;
-    batch.complete(None).await
+    Ok(())
 }
 
 #[derive(Deserialize)]

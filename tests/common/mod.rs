@@ -14,6 +14,7 @@ pub mod ops;
 pub mod processes;
 pub mod prometheus;
 pub mod proxy;
+pub mod settlement;
 
 use std::sync::Arc;
 
@@ -197,6 +198,13 @@ impl TestApp {
         body["job_id"].as_i64().expect("job id")
     }
 
+    /// A product's stock, as the API reads it.
+    pub async fn stock(&self, product: i64) -> i64 {
+        let (status, body) = self.get(&format!("/api/v1/products/{product}")).await;
+        assert_eq!(status, 200, "{body}");
+        body["stock"].as_i64().expect("stock")
+    }
+
     /// Creates a product and returns its id.
     pub async fn product(&self, stock: i64, price_cents: i64) -> i64 {
         let (status, body) = self
@@ -210,9 +218,31 @@ impl TestApp {
     }
 }
 
-pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
+/// A single `bigint` the test asks for (counts, mostly).
+pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .expect("a bigint")
+}
+
+/// [`scalar`] of a statement taking one `bigint` (`$1`), e.g. a job's id.
+pub async fn scalar_of(pool: &PgPool, sql: &str, arg: i64) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(arg)
+        .fetch_one(pool)
+        .await
+        .expect("a bigint")
+}
+
+/// The status and the text of a response.
+pub async fn status_and_text(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
-    let text = response.text().await.expect("response body");
+    (status, response.text().await.expect("response body"))
+}
+
+pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let (status, text) = status_and_text(response).await;
     (
         status,
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
@@ -223,4 +253,11 @@ pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::V
 pub fn assert_error(body: &serde_json::Value, code: &str) {
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+/// Asserts an answer (status, body) is a `status` error with `code`, in the error shape.
+pub fn assert_refused(answer: (u16, serde_json::Value), status: u16, code: &str) {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert_error(&body, code);
 }

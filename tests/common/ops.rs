@@ -2,7 +2,10 @@
 //! retry endpoint.
 
 use serde_json::json;
+use settle::config::Config;
 use settle_workers::Worker;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::TestApp;
@@ -11,6 +14,17 @@ use super::TestApp;
 pub struct InProcessWorker {
     pub owner: String,
     stop: CancellationToken,
+    running: Option<JoinHandle<()>>,
+}
+
+impl InProcessWorker {
+    /// Stops the worker and waits for its graceful exit (panicking if its task panicked).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(running) = self.running.take() {
+            running.await.expect("the worker runtime exits cleanly");
+        }
+    }
 }
 
 impl Drop for InProcessWorker {
@@ -22,15 +36,36 @@ impl Drop for InProcessWorker {
 /// Starts a worker with the kinds `app.config` registers (settlement, plus the probe kinds when
 /// `worker.test_kinds` is on).
 pub fn start_worker(app: &TestApp) -> InProcessWorker {
+    start_worker_on(&app.config, &app.pool)
+}
+
+/// An app and a worker in this process settling in batches of `batch_size` rows over
+/// `parallel_parts` parts: small numbers make a settlement long enough to catch mid-way.
+pub async fn settling_app(batch_size: i64, parallel_parts: i64) -> (TestApp, InProcessWorker) {
+    let app = super::spawn_app_with(&[
+        ("worker.batch_size", json!(batch_size)),
+        ("settlement.parallel_parts", json!(parallel_parts)),
+    ])
+    .await;
+    let worker = start_worker(&app);
+    (app, worker)
+}
+
+/// [`start_worker`] on any test database and its config.
+pub fn start_worker_on(config: &Config, pool: &PgPool) -> InProcessWorker {
     let worker = Worker::new(
-        app.pool.clone(),
-        settle::worker::settings(&app.config.worker),
-        settle::worker::registry(&app.config),
+        pool.clone(),
+        settle::worker::settings(&config.worker),
+        settle::worker::registry(config),
     );
     let owner = worker.owner().to_owned();
     let stop = CancellationToken::new();
-    tokio::spawn(worker.run(stop.clone()));
-    InProcessWorker { owner, stop }
+    let running = Some(tokio::spawn(worker.run(stop.clone())));
+    InProcessWorker {
+        owner,
+        stop,
+        running,
+    }
 }
 
 impl TestApp {

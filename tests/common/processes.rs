@@ -5,10 +5,12 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use settle::config::{Config, WorkerConfig};
+use settle::jobs::kind;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
@@ -139,6 +141,26 @@ pub async fn job_state(pool: &PgPool, id: i64) -> String {
         .expect("job state")
 }
 
+/// `columns` (a select list) of job `id`, e.g. `job_row::<(i32, i64)>(pool, id, "attempt,
+/// fence")`.
+pub async fn job_row<T>(pool: &PgPool, id: i64, columns: &str) -> T
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    // Dynamic: the test names the columns it reads.
+    let sql = format!("select {columns} from jobs where id = $1");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("job row")
+}
+
+/// (state, attempt, started_at) of a job: whether and how often it was started.
+pub async fn job_start(pool: &PgPool, id: i64) -> (String, i32, Option<DateTime<Utc>>) {
+    job_row(pool, id, "state::text, attempt, started_at").await
+}
+
 /// Waits (up to 60 s) until job `id` is in `state`.
 pub async fn wait_state(pool: &PgPool, id: i64, state: &str) {
     wait_for(
@@ -179,6 +201,29 @@ pub async fn enqueue(pool: &PgPool, kind: &str, args: serde_json::Value, max_att
     .expect("enqueue")
 }
 
+/// A `noop` job put straight into `state` (as stored: `running`, `failed`, …): started once
+/// unless queued, held by a worker `elsewhere` while running or cancelling, finished now once
+/// ended. For what the API answers per state, without running anything.
+pub async fn job_in_state(pool: &PgPool, state: &str) -> i64 {
+    let id = enqueue(pool, kind::NOOP, serde_json::json!({}), 3).await;
+    sqlx::query(
+        "update jobs set state = $2::job_state,
+             attempt = case when $2 = 'queued' then 0 else 1 end,
+             started_at = case when $2 <> 'queued' then now() end,
+             lease_owner = case when $2 in ('running', 'cancelling') then 'elsewhere' end,
+             lease_expires_at = case when $2 in ('running', 'cancelling')
+                                     then now() + interval '1 hour' end,
+             finished_at = case when $2 in ('completed', 'failed', 'cancelled') then now() end
+         where id = $1",
+    )
+    .bind(id)
+    .bind(state)
+    .execute(pool)
+    .await
+    .expect("job state set");
+    id
+}
+
 /// (counted, batches) of a count job's effect row; (0, 0) before its first batch.
 pub async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
     sqlx::query_as("select counted, batches from queue_probe_counts where job_id = $1")
@@ -203,6 +248,20 @@ pub async fn probe_tables(pool: &PgPool) {
     settle::jobs::create_probe_tables(pool)
         .await
         .expect("probe tables");
+}
+
+/// [`super::migrated_pool`] with the probe tables: the database of a queue test.
+pub async fn probe_pool(config: &Config) -> (PgPool, super::TestDatabase) {
+    let (pool, database) = super::migrated_pool(config).await;
+    probe_tables(&pool).await;
+    (pool, database)
+}
+
+/// Enqueues a `count` job (5 attempts) counting `1..=upto` in batches of `batch`, each batch
+/// sleeping `sleep_ms` before it commits; returns its id.
+pub async fn enqueue_count(pool: &PgPool, upto: i64, batch: i64, sleep_ms: u64) -> i64 {
+    let args = serde_json::json!({"upto": upto, "batch": batch, "sleep_ms": sleep_ms});
+    enqueue(pool, kind::COUNT, args, 5).await
 }
 
 /// Waits (up to 60 s) until the job has committed some progress but less than half; returns

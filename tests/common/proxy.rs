@@ -168,11 +168,15 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let cut = CancellationToken::new();
     shared.live.lock().unwrap().insert(id, cut.clone());
-    let swallow = AtomicU8::new(PASS);
+    let link = Link {
+        shared: &shared,
+        cut: &cut,
+        swallow: AtomicU8::new(PASS),
+    };
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let upstream = client_to_server(client_read, server_write, &shared, &cut, &swallow);
-    let downstream = server_to_client(server_read, client_write, &shared, &cut, &swallow);
+    let upstream = link.client_to_server(client_read, server_write);
+    let downstream = link.server_to_client(server_read, client_write);
     tokio::select! {
         _ = cut.cancelled() => {}
         _ = upstream => {}
@@ -182,71 +186,80 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     // Both sockets drop here: the client and the server each see the connection end.
 }
 
-async fn client_to_server(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    shared: &Shared,
-    cut: &CancellationToken,
-    swallow: &AtomicU8,
-) -> std::io::Result<()> {
-    let mut started = false;
-    loop {
-        let frame = if started {
-            read_typed(&mut from).await?
-        } else {
-            let frame = read_untyped(&mut from).await?;
-            // SSLRequest and GSSENCRequest are followed by another untyped message; the
-            // startup message (protocol 3.x) by typed ones.
-            let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
-            started = code >> 16 == 3;
-            frame
-        };
-        if started && frame[0] == b'Q' && is_commit(&frame[5..]) {
-            match shared.next_fault() {
-                None => {}
-                Some(CommitFault::CutBefore) => {
-                    shared.cut_commits.fetch_add(1, Ordering::Relaxed);
-                    cut.cancel();
-                    return Ok(());
-                }
-                Some(fault) => {
-                    shared.lost_replies.fetch_add(1, Ordering::Relaxed);
-                    if fault == CommitFault::LoseReplyThenBlackout {
-                        shared.refusing.store(true, Ordering::SeqCst);
-                        swallow.store(SWALLOW_THEN_BLACKOUT, Ordering::SeqCst);
-                    } else {
-                        swallow.store(SWALLOW, Ordering::SeqCst);
+/// What the two pumps of one connection share.
+struct Link<'a> {
+    shared: &'a Shared,
+    /// Cancelled to cut the connection (both sockets drop).
+    cut: &'a CancellationToken,
+    /// What the server-to-client pump does with the server's next bytes (see [`PASS`]).
+    swallow: AtomicU8,
+}
+
+impl Link<'_> {
+    /// Client to server, frame by frame, planting the planned fault at each COMMIT.
+    async fn client_to_server(
+        &self,
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+    ) -> std::io::Result<()> {
+        let mut started = false;
+        loop {
+            let frame = if started {
+                read_typed(&mut from).await?
+            } else {
+                let frame = read_untyped(&mut from).await?;
+                // SSLRequest and GSSENCRequest are followed by another untyped message; the
+                // startup message (protocol 3.x) by typed ones.
+                let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
+                started = code >> 16 == 3;
+                frame
+            };
+            if started && frame[0] == b'Q' && is_commit(&frame[5..]) {
+                match self.shared.next_fault() {
+                    None => {}
+                    Some(CommitFault::CutBefore) => {
+                        self.shared.cut_commits.fetch_add(1, Ordering::Relaxed);
+                        self.cut.cancel();
+                        return Ok(());
+                    }
+                    Some(fault) => {
+                        self.shared.lost_replies.fetch_add(1, Ordering::Relaxed);
+                        if fault == CommitFault::LoseReplyThenBlackout {
+                            self.shared.refusing.store(true, Ordering::SeqCst);
+                            self.swallow.store(SWALLOW_THEN_BLACKOUT, Ordering::SeqCst);
+                        } else {
+                            self.swallow.store(SWALLOW, Ordering::SeqCst);
+                        }
                     }
                 }
             }
+            to.write_all(&frame).await?;
         }
-        to.write_all(&frame).await?;
     }
-}
 
-async fn server_to_client(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    shared: &Shared,
-    cut: &CancellationToken,
-    swallow: &AtomicU8,
-) -> std::io::Result<()> {
-    let mut buffer = vec![0; 16 * 1024];
-    loop {
-        let n = from.read(&mut buffer).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        let fault = swallow.load(Ordering::SeqCst);
-        if fault != PASS {
-            // The server answered the COMMIT: it has committed. The client never hears.
-            if fault == SWALLOW_THEN_BLACKOUT {
-                shared.cut_all();
+    /// Server to client, swallowing the reply to a COMMIT that is to lose it.
+    async fn server_to_client(
+        &self,
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+    ) -> std::io::Result<()> {
+        let mut buffer = vec![0; 16 * 1024];
+        loop {
+            let n = from.read(&mut buffer).await?;
+            if n == 0 {
+                return Ok(());
             }
-            cut.cancel();
-            return Ok(());
+            let fault = self.swallow.load(Ordering::SeqCst);
+            if fault != PASS {
+                // The server answered the COMMIT: it has committed. The client never hears.
+                if fault == SWALLOW_THEN_BLACKOUT {
+                    self.shared.cut_all();
+                }
+                self.cut.cancel();
+                return Ok(());
+            }
+            to.write_all(&buffer[..n]).await?;
         }
-        to.write_all(&buffer[..n]).await?;
     }
 }
 

@@ -13,6 +13,26 @@ use crate::metrics::Ended;
 use crate::settings::WorkerSettings;
 use crate::state::JobState;
 
+/// One held job's ending: `update jobs set $set` (plus the released lease) where `(id, fence)`
+/// still holds the job in a running state, returning its [`Ended`], `None` when the fence no
+/// longer matches. `$1` is the id and `$2` the fence; `$set` numbers its own parameters from
+/// `$3`. Every ending shares this fence, release and return, so they cannot drift apart.
+macro_rules! end_held_job {
+    ($conn:expr, $set:literal, $($arg:expr),* $(,)?) => {
+        sqlx::query_as!(
+            Ended,
+            "update jobs set " + $set + ",
+                 lease_owner = null, lease_expires_at = null
+             where id = $1 and fence = $2 and state in ('running', 'cancelling')
+             returning kind as \"kind!\", state as \"state!: JobState\",
+                       extract(epoch from finished_at - started_at)::float8 as seconds",
+            $($arg),*
+        )
+        .fetch_optional($conn)
+        .await
+    };
+}
+
 /// Marks one held job COMPLETED with `result`, or CANCELLED (without the result) when a cancel
 /// was requested: a cancel answered `cancelling` always ends CANCELLED. The cancel request locks
 /// the row first, so either it committed before this statement (which then sees the flag) or it
@@ -25,21 +45,15 @@ pub async fn complete(
     fence: i64,
     result: Option<&Value>,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as!(
-        Ended,
-        r#"update jobs set
-             state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
-             result = case when cancel_requested then null else $3::jsonb end,
-             finished_at = now(), lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning kind as "kind!", state as "state!: JobState",
-                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+    end_held_job!(
+        conn,
+        "state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
+         result = case when cancel_requested then null else $3::jsonb end,
+         finished_at = now()",
         id,
         fence,
         result,
     )
-    .fetch_optional(conn)
-    .await
 }
 
 /// Locks a held job's row inside the transaction that is about to complete it, and says whether
@@ -99,33 +113,25 @@ pub async fn fail(
     retry_in: Duration,
     fatal: bool,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as!(
-        Ended,
-        r#"update jobs set
-             state = case when cancel_requested then 'cancelled'::job_state
-                          when $5 or attempt >= max_attempts then 'failed'
-                          else 'queued' end,
-             run_at = case when cancel_requested or $5 or attempt >= max_attempts then run_at
-                           else now() + $4 * interval '1 millisecond' end,
-             finished_at = case when cancel_requested or $5 or attempt >= max_attempts
-                                then now() end,
-             errors = errors || jsonb_build_array(jsonb_build_object(
-                 'attempt', attempt, 'error', $3::text, 'at', now(),
-                 'retry_at', case when cancel_requested or $5 or attempt >= max_attempts then null
-                                  else now() + $4 * interval '1 millisecond' end)),
-             lease_owner = null,
-             lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning kind as "kind!", state as "state!: JobState",
-                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+    end_held_job!(
+        conn,
+        "state = case when cancel_requested then 'cancelled'::job_state
+                      when $5 or attempt >= max_attempts then 'failed'
+                      else 'queued' end,
+         run_at = case when cancel_requested or $5 or attempt >= max_attempts then run_at
+                       else now() + $4 * interval '1 millisecond' end,
+         finished_at = case when cancel_requested or $5 or attempt >= max_attempts
+                            then now() end,
+         errors = errors || jsonb_build_array(jsonb_build_object(
+             'attempt', attempt, 'error', $3::text, 'at', now(),
+             'retry_at', case when cancel_requested or $5 or attempt >= max_attempts then null
+                              else now() + $4 * interval '1 millisecond' end))",
         id,
         fence,
         error,
         retry_in.as_millis() as f64,
         fatal,
     )
-    .fetch_optional(conn)
-    .await
 }
 
 /// Puts a held job back to QUEUED after `after` without spending its attempt (the job asked to
@@ -137,24 +143,17 @@ pub async fn snooze(
     fence: i64,
     after: Duration,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as!(
-        Ended,
-        r#"update jobs set
-             state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
-             finished_at = case when cancel_requested then now() end,
-             attempt = case when cancel_requested then attempt else greatest(attempt - 1, 0) end,
-             run_at = case when cancel_requested then run_at
-                           else now() + $3 * interval '1 millisecond' end,
-             lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning kind as "kind!", state as "state!: JobState",
-                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
+    end_held_job!(
+        conn,
+        "state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
+         finished_at = case when cancel_requested then now() end,
+         attempt = case when cancel_requested then attempt else greatest(attempt - 1, 0) end,
+         run_at = case when cancel_requested then run_at
+                       else now() + $3 * interval '1 millisecond' end",
         id,
         fence,
         after.as_millis() as f64,
     )
-    .fetch_optional(conn)
-    .await
 }
 
 /// Marks a held job CANCELLED. `None` when the fence no longer matches.
@@ -163,18 +162,7 @@ pub async fn cancelled(
     id: i64,
     fence: i64,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    sqlx::query_as!(
-        Ended,
-        r#"update jobs set state = 'cancelled', finished_at = now(),
-             lease_owner = null, lease_expires_at = null
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
-         returning kind as "kind!", state as "state!: JobState",
-                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
-        id,
-        fence,
-    )
-    .fetch_optional(conn)
-    .await
+    end_held_job!(conn, "state = 'cancelled', finished_at = now()", id, fence)
 }
 
 /// The delay before retry number `attempt` (1-based): base · 2^(attempt-1), capped, plus up to

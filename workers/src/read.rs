@@ -72,21 +72,25 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-// The column list is spelt out in both statements: the checked macros take only literals.
+/// `select` a job's columns `from jobs` and then `$rest`, as [`JobRecord`]s: the checked macros
+/// take only literals, so the one column list is spliced into each statement here.
+macro_rules! select_jobs {
+    ($rest:literal, $($arg:expr),* $(,)?) => {
+        sqlx::query_as!(
+            JobRecord,
+            r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
+                   total, result, run_at,
+                   lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
+                   started_at, finished_at
+               from jobs "# + $rest,
+            $($arg),*
+        )
+    };
+}
 
 /// One job, or `None`.
 pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<JobRecord>, sqlx::Error> {
-    sqlx::query_as!(
-        JobRecord,
-        r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
-               total, result, run_at,
-               lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
-               started_at, finished_at
-           from jobs where id = $1"#,
-        id,
-    )
-    .fetch_optional(conn)
-    .await
+    select_jobs!("where id = $1", id).fetch_optional(conn).await
 }
 
 /// Up to `filter.limit` jobs, newest first.
@@ -94,18 +98,12 @@ pub async fn list_jobs(
     conn: &mut PgConnection,
     filter: &JobFilter,
 ) -> Result<Vec<JobRecord>, sqlx::Error> {
-    sqlx::query_as!(
-        JobRecord,
-        r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
-               total, result, run_at,
-               lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
-               started_at, finished_at
-           from jobs
-           where ($1::job_state is null or state = $1::job_state)
-             and ($2::text is null or kind = $2)
-             and ($3::bigint is null or id < $3)
-           order by id desc
-           limit $4"#,
+    select_jobs!(
+        "where ($1::job_state is null or state = $1::job_state)
+           and ($2::text is null or kind = $2)
+           and ($3::bigint is null or id < $3)
+         order by id desc
+         limit $4",
         filter.state as Option<JobState>,
         filter.kind.as_deref(),
         filter.before,

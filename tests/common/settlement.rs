@@ -1,6 +1,5 @@
-//! Shared by the settlement tests (included with `#[path]`): random transactions, the reference
-//! settlement computed in Rust from the rows the test generated, and readers of the results.
-#![allow(dead_code)] // each test crate uses a different part of this module
+//! For the settlement tests: random transactions, the reference settlement computed in Rust
+//! from the rows the test generated, readers of the results, and the steps several tests share.
 
 use std::collections::BTreeMap;
 
@@ -176,10 +175,85 @@ pub fn parse_csv(text: &str) -> Settled {
     out
 }
 
-/// A single `bigint` the test asks for (counts, mostly).
-pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_one(pool)
+pub use super::scalar;
+
+/// How many rows of `table` belong to job `id` (its results, parts, batches…).
+pub async fn rows_of_job(pool: &PgPool, table: &str, id: i64) -> i64 {
+    scalar(
+        pool,
+        &format!("select count(*) from {table} where job_id = {id}"),
+    )
+    .await
+}
+
+/// (processed, total) of a job.
+pub async fn progress(pool: &PgPool, id: i64) -> (i64, Option<i64>) {
+    super::processes::job_row(pool, id, "processed, total").await
+}
+
+/// Asserts a cancelled settlement job left nothing behind: no result, no stored CSV, no working
+/// rows.
+pub async fn assert_left_nothing(pool: &PgPool, id: i64) {
+    let (result,): (Option<serde_json::Value>,) =
+        super::processes::job_row(pool, id, "result").await;
+    assert_eq!(result, None, "no result for a cancelled job");
+    let results = rows_of_job(pool, "settlement_results", id).await;
+    assert_eq!(results, 0, "no CSV for a cancelled job");
+    let working = rows_of_job(pool, "settlement_parts", id).await;
+    assert_eq!(working, 0, "the cancelled job's working rows are discarded");
+}
+
+/// Stores `rows`, settles `from..=to` through the API (a worker must be running) and returns
+/// the `settlements` rows the job left, checked against the reference: rows that a later job
+/// must keep or replace.
+pub async fn settle_first(
+    app: &super::TestApp,
+    rows: &[NewTransaction],
+    (from, to): (NaiveDate, NaiveDate),
+) -> Settled {
+    store(&app.pool, rows).await;
+    let id = app
+        .post_settlement(&from.to_string(), &to.to_string())
+        .await;
+    super::processes::wait_state(&app.pool, id, "completed").await;
+    let settled = settlements(&app.pool, from, to).await;
+    assert!(!settled.is_empty());
+    assert_eq!(settled, reference(rows, from, to, Tz::UTC));
+    settled
+}
+
+/// Job `id`'s CSV through `/downloads`, parsed; asserts it is served.
+pub async fn downloaded(app: &super::TestApp, id: i64) -> Settled {
+    let response = app
+        .http
+        .get(app.url(&format!("/downloads/{id}.csv")))
+        .send()
         .await
-        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200, "job {id}'s CSV");
+    parse_csv(&response.text().await.unwrap())
+}
+
+/// Leaves working rows of settlement job `id` as a run that gave up mid-way would: a run fixed
+/// on old input, a part half done, and sums of a merchant (`m-ghost`) that does not exist.
+pub async fn leave_working_rows(pool: &PgPool, id: i64) {
+    for statement in [
+        "insert into settlement_runs (job_id, from_date, to_date, time_zone, high_water_id, total)
+         values ($1, '2025-01-01', '2025-01-02', 'UTC', 10, 10)",
+        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
+         values ($1, 0, 0, 10, 5, 5)",
+        "insert into settlement_batches (job_id, part, end_id, scanned, merchant_ids, dates,
+             gross_cents, fee_cents, txn_counts)
+         values ($1, 0, 5, 5, '{m-ghost}', '{2025-01-01}', '{100}', '{1}', '{5}')",
+    ] {
+        sqlx::query(statement).bind(id).execute(pool).await.unwrap();
+    }
+}
+
+/// Asserts job `id` has no working rows left (run, parts, batch sums).
+pub async fn assert_no_working_rows(pool: &PgPool, id: i64) {
+    for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
+        let left = rows_of_job(pool, table, id).await;
+        assert_eq!(left, 0, "{table} rows of job {id} remain");
+    }
 }
