@@ -7,9 +7,13 @@
 //! duplicate is told at once that the key is in use instead of queueing behind it, and
 //! a duplicate arriving after the commit finds the stored response and replays it.
 //!
-//! When the reply to the commit is lost, [`IdempotencyKey::settled`] finds out what happened the
-//! same way: once the key's lock is free the transaction has ended, and the key's row is there
-//! if and only if it committed.
+//! A request takes its key with [`IdempotencyKey::start`]; a transaction that executes many
+//! keyed requests at once (a coalesced batch of orders, [`crate::orders::coalesce`]) takes all
+//! their keys with one [`claim_all`] and stores all their responses with one [`store_all`].
+//!
+//! When the reply to the commit is lost, [`settled_all`] finds out what happened the same way:
+//! once a key's lock is free the transaction has ended, and the key's row is there (with this
+//! request) if and only if it committed.
 //!
 //! Only outcomes of executing the request are stored (success, unknown product, out of stock);
 //! requests rejected by validation store nothing, so a corrected retry with the same key works.
@@ -23,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 /// Longest key, in characters.
 pub const MAX_KEY_CHARS: usize = 255;
 
-/// Pause between looks while [`IdempotencyKey::settled`] waits for a key's lock.
+/// Pause between looks while [`settled_all`] waits for keys' locks.
 const SETTLE_PAUSE: Duration = Duration::from_millis(50);
 
 /// Why a keyed request cannot go ahead.
@@ -43,7 +47,7 @@ pub enum IdempotencyError {
 }
 
 /// A client-chosen key, scoped to the endpoint it was used on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey {
     scope: &'static str,
     key: String,
@@ -89,87 +93,38 @@ impl IdempotencyKey {
     /// right after would be told the key is in use.
     pub async fn start(&self, pool: &PgPool, request: &Value) -> Result<Begun, IdempotencyError> {
         let mut tx = pool.begin().await?;
-        match self.begin(&mut tx, request).await {
-            Ok(None) => Ok(Begun::Execute(tx)),
-            Ok(Some(stored)) => {
+        let claim = match claim_all(&mut tx, &[(self, request)]).await {
+            Ok(mut claims) => claims.pop().expect("one claim per key"),
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e.into());
+            }
+        };
+        match claim {
+            Claim::Execute => Ok(Begun::Execute(tx)),
+            Claim::Replay(stored) => {
                 tx.rollback().await?;
                 Ok(Begun::Replay(stored))
             }
-            Err(e) => {
+            Claim::Refused(e) => {
                 tx.rollback().await?;
                 Err(e)
             }
         }
     }
 
-    /// After this key's transaction failed to confirm its commit: waits (at most `within`)
-    /// until no transaction holds the key, then returns the stored response, `Some(None)` if
-    /// there is none (the transaction did not commit), or `None` if that could not be found
-    /// out in time. A lock that stays taken is either the lost transaction, whose backend
-    /// ends as soon as the server notices its client is gone, or a concurrent retry, whose
-    /// outcome is then the answer.
+    /// After this key's transaction failed to confirm its commit: [`settled_all`] for this key
+    /// alone.
     pub async fn settled(
         &self,
         pool: &PgPool,
         request: &Value,
         within: Duration,
     ) -> Option<Option<StoredResponse>> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let error = match tokio::time::timeout(left, self.start(pool, request)).await {
-                Ok(Ok(Begun::Replay(stored))) => return Some(Some(stored)),
-                Ok(Ok(Begun::Execute(tx))) => {
-                    // Nothing stored: the lost transaction aborted. Release the lock.
-                    let _ = tx.rollback().await;
-                    return Some(None);
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "timed out".to_owned(),
-            };
-            if tokio::time::Instant::now() + SETTLE_PAUSE >= deadline {
-                tracing::warn!(%error, "could not find out whether a keyed request committed");
-                return None;
-            }
-            tokio::time::sleep(SETTLE_PAUSE).await;
-        }
-    }
-
-    /// Locks the key for this transaction and looks for a stored response.
-    ///
-    /// `Ok(Some(_))`: replay it. `Ok(None)`: execute the request, then [`Self::store`].
-    async fn begin(
-        &self,
-        tx: &mut PgConnection,
-        request: &Value,
-    ) -> Result<Option<StoredResponse>, IdempotencyError> {
-        let locked = sqlx::query_scalar!(
-            r#"select pg_try_advisory_xact_lock(hashtextextended($1::text || ':' || $2::text, 0))
-                   as "locked!""#,
-            self.scope,
-            self.key,
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        if !locked {
-            return Err(IdempotencyError::KeyInUse);
-        }
-        let stored = sqlx::query!(
-            "select request, response_status, response_body from idempotency_keys
-             where scope = $1 and key = $2 and expires_at > now()",
-            self.scope,
-            self.key,
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        match stored {
-            None => Ok(None),
-            Some(stored) if &stored.request != request => Err(IdempotencyError::KeyReused),
-            Some(stored) => Ok(Some(StoredResponse {
-                status: stored.response_status as u16,
-                body: stored.response_body,
-            })),
-        }
+        settled_all(pool, &[(self, request)], within)
+            .await
+            .pop()
+            .flatten()
     }
 
     /// Stores the response in the caller's transaction (replacing an expired one).
@@ -181,25 +136,198 @@ impl IdempotencyKey {
         body: &Value,
         ttl_hours: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
-            "insert into idempotency_keys
-                 (scope, key, request, response_status, response_body, expires_at)
-             values ($1, $2, $3, $4, $5, now() + make_interval(hours => $6))
-             on conflict (scope, key) do update
-             set request = excluded.request, response_status = excluded.response_status,
-                 response_body = excluded.response_body, created_at = now(),
-                 expires_at = excluded.expires_at",
-            self.scope,
-            self.key,
+        let record = Record {
+            key: self,
             request,
-            status as i16,
+            status,
             body,
-            ttl_hours as i32,
-        )
-        .execute(tx)
-        .await?;
-        Ok(())
+        };
+        store_all(tx, &[record], ttl_hours).await
     }
+}
+
+/// What a transaction found when it tried to take a key ([`claim_all`]).
+#[derive(Debug)]
+pub enum Claim {
+    /// First time: the transaction holds the key; execute the request and store its response
+    /// in the same transaction.
+    Execute,
+    /// Seen before with the same request: answer this.
+    Replay(StoredResponse),
+    /// [`IdempotencyError::KeyInUse`] or [`IdempotencyError::KeyReused`].
+    Refused(IdempotencyError),
+}
+
+/// A key with the request it came with.
+pub type KeyedRequest<'a> = (&'a IdempotencyKey, &'a Value);
+
+/// Locks each key for the caller's transaction, without waiting for one another transaction
+/// holds, and looks up the stored responses: one [`Claim`] per key, in order.
+///
+/// The keys must be distinct: a transaction may take its own lock twice, so a second use of
+/// a key in the same call would not be refused.
+pub async fn claim_all(
+    tx: &mut PgConnection,
+    keys: &[KeyedRequest<'_>],
+) -> Result<Vec<Claim>, sqlx::Error> {
+    let scopes: Vec<&str> = keys.iter().map(|(k, _)| k.scope).collect();
+    let names: Vec<&str> = keys.iter().map(|(k, _)| k.key.as_str()).collect();
+    let locked = sqlx::query!(
+        r#"select k.ord as "ord!",
+                  pg_try_advisory_xact_lock(hashtextextended(k.scope || ':' || k.key, 0))
+                      as "locked!"
+           from unnest($1::text[], $2::text[]) with ordinality as k(scope, key, ord)"#,
+        &scopes as &[&str],
+        &names as &[&str],
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut claims: Vec<Claim> = keys
+        .iter()
+        .map(|_| Claim::Refused(IdempotencyError::KeyInUse))
+        .collect();
+    for row in locked.iter().filter(|row| row.locked) {
+        claims[position(row.ord)] = Claim::Execute;
+    }
+    if !claims.iter().any(|c| matches!(c, Claim::Execute)) {
+        return Ok(claims);
+    }
+    // A statement after the one that took the locks: its snapshot sees whatever the keys'
+    // previous holders committed.
+    let stored = sqlx::query!(
+        r#"select k.ord as "ord!", i.request, i.response_status, i.response_body
+           from unnest($1::text[], $2::text[]) with ordinality as k(scope, key, ord)
+           join idempotency_keys i on i.scope = k.scope and i.key = k.key
+           where i.expires_at > now()"#,
+        &scopes as &[&str],
+        &names as &[&str],
+    )
+    .fetch_all(tx)
+    .await?;
+    for row in stored {
+        let i = position(row.ord);
+        if !matches!(claims[i], Claim::Execute) {
+            continue;
+        }
+        claims[i] = if &row.request == keys[i].1 {
+            Claim::Replay(StoredResponse {
+                status: row.response_status as u16,
+                body: row.response_body,
+            })
+        } else {
+            Claim::Refused(IdempotencyError::KeyReused)
+        };
+    }
+    Ok(claims)
+}
+
+/// The index of a row numbered by `with ordinality` (from 1).
+fn position(ordinality: i64) -> usize {
+    usize::try_from(ordinality - 1).expect("ordinality counts from 1")
+}
+
+/// A response to store under its key ([`store_all`]).
+pub struct Record<'a> {
+    pub key: &'a IdempotencyKey,
+    pub request: &'a Value,
+    /// The status it is answered with (an HTTP status code).
+    pub status: u16,
+    pub body: &'a Value,
+}
+
+/// Stores each response under its key in the caller's transaction, which must hold the keys
+/// ([`claim_all`]), replacing expired ones; one statement for all of them.
+pub async fn store_all(
+    tx: &mut PgConnection,
+    records: &[Record<'_>],
+    ttl_hours: i64,
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let scopes: Vec<&str> = records.iter().map(|r| r.key.scope).collect();
+    let names: Vec<&str> = records.iter().map(|r| r.key.key.as_str()).collect();
+    let requests: Vec<Value> = records.iter().map(|r| r.request.clone()).collect();
+    let statuses: Vec<i16> = records.iter().map(|r| r.status as i16).collect();
+    let bodies: Vec<Value> = records.iter().map(|r| r.body.clone()).collect();
+    sqlx::query!(
+        "insert into idempotency_keys
+             (scope, key, request, response_status, response_body, expires_at)
+         select scope, key, request, status, body, now() + make_interval(hours => $6)
+         from unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::jsonb[])
+             as r(scope, key, request, status, body)
+         on conflict (scope, key) do update
+         set request = excluded.request, response_status = excluded.response_status,
+             response_body = excluded.response_body, created_at = now(),
+             expires_at = excluded.expires_at",
+        &scopes as &[&str],
+        &names as &[&str],
+        &requests,
+        &statuses,
+        &bodies,
+        ttl_hours as i32,
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// After a transaction holding `keys` failed to confirm its commit: waits (at most `within`)
+/// until no transaction holds each key, then gives, per key, the stored response,
+/// `Some(None)` if there is none or it answered another request (the transaction did not
+/// commit), or `None` if that could not be found out in time. A lock that stays taken is
+/// either the lost transaction, whose backend ends as soon as the server notices its client
+/// is gone, or a concurrent retry, whose outcome is then the answer.
+pub async fn settled_all(
+    pool: &PgPool,
+    keys: &[KeyedRequest<'_>],
+    within: Duration,
+) -> Vec<Option<Option<StoredResponse>>> {
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    let mut settled: Vec<Option<Option<StoredResponse>>> = keys.iter().map(|_| None).collect();
+    let mut open: Vec<usize> = (0..keys.len()).collect();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let asked: Vec<KeyedRequest<'_>> = open.iter().map(|&i| keys[i]).collect();
+        let error = match tokio::time::timeout(left, look(pool, &asked)).await {
+            Ok(Ok(claims)) => {
+                let mut in_use = Vec::new();
+                for (i, claim) in open.into_iter().zip(claims) {
+                    match claim {
+                        Claim::Replay(stored) => settled[i] = Some(Some(stored)),
+                        Claim::Execute | Claim::Refused(IdempotencyError::KeyReused) => {
+                            settled[i] = Some(None);
+                        }
+                        Claim::Refused(_) => in_use.push(i),
+                    }
+                }
+                open = in_use;
+                if open.is_empty() {
+                    return settled;
+                }
+                "a key is still in use".to_owned()
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if tokio::time::Instant::now() + SETTLE_PAUSE >= deadline {
+            tracing::warn!(%error, "could not find out whether a keyed request committed");
+            return settled;
+        }
+        tokio::time::sleep(SETTLE_PAUSE).await;
+    }
+}
+
+/// Takes the keys and reads their responses, then lets go of them.
+async fn look(pool: &PgPool, keys: &[KeyedRequest<'_>]) -> Result<Vec<Claim>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let claims = claim_all(&mut tx, keys).await;
+    // Only read: whether the rollback arrives changes nothing but when the locks are free.
+    let _ = tx.rollback().await;
+    claims
 }
 
 /// Deletes up to 10,000 expired keys (one short statement, however many expired); returns how

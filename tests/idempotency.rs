@@ -1,25 +1,20 @@
 //! `Idempotency-Key` on orders: one effect per key, replays, reuse with another body refused.
+//! Keyed orders are placed by the coalescer, whose batch transaction stores each key's answer:
+//! one order per key, the first answer replayed exactly (after a restart too), refusals stored
+//! as well, nothing of a key left by a batch that failed. The sell-out runs with
+//! `orders.coalesce = false` (one transaction per request) as well.
 
 mod common;
 
-use common::assert_refused;
-use common::{assert_error, spawn_app, status_and_json};
-use serde_json::json;
+use common::{
+    TestApp, api_process, assert_error, assert_refused, spawn_app, spawn_app_with, status_and_json,
+};
+use serde_json::{Value, json};
+use settle::tokens::Role;
+use sqlx::PgPool;
 
-async fn post_with_key(
-    app: &common::TestApp,
-    key: &str,
-    body: &serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let response = app
-        .http
-        .post(app.url("/api/v1/orders"))
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .expect("sent");
-    status_and_json(response).await
+async fn post_with_key(app: &TestApp, key: &str, body: &Value) -> (u16, Value) {
+    post_keyed(&app.http, &app.base, key, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -124,4 +119,253 @@ async fn malformed_keys_are_refused_before_anything_happens() {
         );
     }
     assert_eq!(app.stock(product).await, 5);
+}
+
+async fn post_keyed(http: &reqwest::Client, base: &str, key: &str, body: &Value) -> (u16, Value) {
+    let response = http
+        .post(format!("{base}/api/v1/orders"))
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("sent");
+    status_and_json(response).await
+}
+
+/// Sends every (key, body) at once; the answers in the same order.
+async fn concurrently(app: &TestApp, requests: &[(String, Value)]) -> Vec<(u16, Value)> {
+    let sends = requests.iter().cloned().map(|(key, body)| {
+        let (http, base) = (app.http.clone(), app.base.clone());
+        tokio::spawn(async move { post_keyed(&http, &base, &key, &body).await })
+    });
+    futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.expect("request task"))
+        .collect()
+}
+
+async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+fn order_by(product: i64, buyer: &str, quantity: i64) -> Value {
+    json!({"product_id": product, "quantity": quantity, "buyer_id": buyer})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_answer_is_replayed_exactly_after_a_restart() {
+    let config = common::test_config(&[]);
+    let (pool, _db) = common::migrated_pool(&config).await;
+    let http =
+        common::auth::client_with(&common::auth::create_token(&pool, Role::Admin, None).await);
+    let url = &config.database.url;
+    let api = api_process::start(url, &["api"], &[]).await;
+    let response = http
+        .post(format!("{}/api/v1/products", api.base))
+        .json(&json!({"name": "restart", "stock": 3, "price_cents": 100}))
+        .send()
+        .await
+        .expect("sent");
+    let (status, product) = status_and_json(response).await;
+    assert_eq!(status, 201, "{product}");
+    let product = product["id"].as_i64().expect("product id");
+    let (wanted, too_many) = (
+        order_by(product, "restart", 2),
+        order_by(product, "restart", 5),
+    );
+    let placed = post_keyed(&http, &api.base, "restart-placed", &wanted).await;
+    let refused = post_keyed(&http, &api.base, "restart-refused", &too_many).await;
+    assert_eq!(placed.0, 201, "{}", placed.1);
+    assert_eq!(refused.0, 409);
+    assert_error(&refused.1, "OUT_OF_STOCK");
+
+    drop(api); // SIGKILL
+    let api = api_process::start(url, &["api"], &[]).await;
+    assert_eq!(
+        post_keyed(&http, &api.base, "restart-placed", &wanted).await,
+        placed
+    );
+    assert_eq!(
+        post_keyed(&http, &api.base, "restart-refused", &too_many).await,
+        refused
+    );
+    let (status, reused) = post_keyed(&http, &api.base, "restart-placed", &too_many).await;
+    assert_eq!(status, 422);
+    assert_error(&reused, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(scalar(&pool, "select count(*) from orders").await, 1);
+    assert_eq!(scalar(&pool, "select stock from products").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_buyer_keyed_sells_exactly_the_stock_coalesced() {
+    every_buyer_keyed_sells_exactly_the_stock(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_buyer_keyed_sells_exactly_the_stock_one_transaction_each() {
+    every_buyer_keyed_sells_exactly_the_stock(false).await;
+}
+
+/// 300 keyed buyers of one unit each on 100 units: 100 orders, 200 `OUT_OF_STOCK`, every
+/// answer stored; after a restock each key still replays its first answer. (Buyers may wait
+/// long for a connection one transaction each: this is about answers, not load shedding.)
+async fn every_buyer_keyed_sells_exactly_the_stock(coalesce: bool) {
+    let app = spawn_app_with(&[
+        ("orders.coalesce", json!(coalesce)),
+        ("database.acquire_timeout_ms", json!(60_000)),
+    ])
+    .await;
+    let product = app.product(100, 250).await;
+    let requests: Vec<(String, Value)> = (0..300)
+        .map(|i| {
+            (
+                format!("sale-{i}"),
+                order_by(product, &format!("buyer-{i}"), 1),
+            )
+        })
+        .collect();
+    let answers = concurrently(&app, &requests).await;
+    for (status, body) in &answers {
+        match status {
+            201 => assert_eq!(body["quantity"], 1, "{body}"),
+            409 => assert_error(body, "OUT_OF_STOCK"),
+            other => panic!("answered {other}: {body}"),
+        }
+    }
+    let placed = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(placed, 100, "exactly the stock is sold");
+    let sold = "select coalesce(sum(quantity), 0)::bigint from orders";
+    assert_eq!(scalar(&app.pool, sold).await, 100);
+    assert_eq!(scalar(&app.pool, "select stock from products").await, 0);
+    let stored = "select count(*) from idempotency_keys where scope = 'orders'";
+    assert_eq!(scalar(&app.pool, stored).await, 300, "every answer stored");
+
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/products/{product}/restock"),
+            &json!({"quantity": 50}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for ((key, body), first) in requests.iter().zip(&answers) {
+        assert_eq!(&post_keyed(&app.http, &app.base, key, body).await, first);
+    }
+    assert_eq!(scalar(&app.pool, sold).await, 100, "replays place nothing");
+}
+
+/// Twelve keys, each sent six times at once, one of the six with another quantity: one order
+/// per key, every 201 of a key is that order, every other answer a refusal of the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_sharing_keys_place_one_order_per_key() {
+    let app = spawn_app().await;
+    let product = app.product(1000, 100).await;
+    let requests: Vec<(String, Value)> = (0..72)
+        .map(|i| {
+            let key = i % 12;
+            let quantity = if i / 12 == 5 { 2 } else { 1 };
+            (
+                format!("dup-{key}"),
+                order_by(product, &format!("dup-{key}"), quantity),
+            )
+        })
+        .collect();
+    let answers = concurrently(&app, &requests).await;
+    for key in 0..12 {
+        let buyer = format!("dup-{key}");
+        let stored: Vec<(i64, i32)> =
+            sqlx::query_as("select id, quantity from orders where buyer_id = $1")
+                .bind(&buyer)
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored.len(), 1, "one order for {buyer}: {stored:?}");
+        let (id, quantity) = stored[0];
+        for ((_, body), (status, answer)) in requests.iter().zip(&answers) {
+            if body["buyer_id"] != buyer.as_str() {
+                continue;
+            }
+            match status {
+                201 => assert_eq!(
+                    (&answer["id"], &answer["quantity"]),
+                    (&json!(id), &json!(quantity))
+                ),
+                409 => assert_error(answer, "IDEMPOTENCY_KEY_IN_USE"),
+                422 => assert_error(answer, "IDEMPOTENCY_KEY_REUSED"),
+                other => panic!("{buyer} answered {other}: {answer}"),
+            }
+        }
+        let (status, replay) = post_keyed(
+            &app.http,
+            &app.base,
+            &buyer,
+            &order_by(product, &buyer, quantity.into()),
+        )
+        .await;
+        assert_eq!((status, &replay["id"]), (201, &json!(id)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_stores_no_key_and_a_retry_places_the_order() {
+    let app = spawn_app().await;
+    let product = app.product(10, 100).await;
+    // A check the batch's key insert breaks, so the whole transaction fails after its grant.
+    sqlx::query("alter table idempotency_keys add constraint no_poison check (key <> 'poison')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let body = order_by(product, "poisoned", 2);
+    let (status, error) = post_keyed(&app.http, &app.base, "poison", &body).await;
+    assert_eq!(status, 500, "{error}");
+    assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 0);
+    assert_eq!(scalar(&app.pool, "select stock from products").await, 10);
+    assert_eq!(
+        scalar(&app.pool, "select count(*) from idempotency_keys").await,
+        0
+    );
+
+    sqlx::query("alter table idempotency_keys drop constraint no_poison")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    // At once: the failed batch released the key when it rolled back.
+    let (status, placed) = post_keyed(&app.http, &app.base, "poison", &body).await;
+    assert_eq!(status, 201, "{placed}");
+    assert_eq!(
+        post_keyed(&app.http, &app.base, "poison", &body).await,
+        (201, placed)
+    );
+    assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 1);
+    assert_eq!(scalar(&app.pool, "select stock from products").await, 8);
+}
+
+/// A key belongs to the endpoint, whoever sends it: another token with the same key and body
+/// gets the replay, and the same key on another endpoint is another key.
+#[tokio::test]
+async fn a_key_is_scoped_to_the_orders_endpoint_not_to_the_token() {
+    let app = spawn_app().await;
+    let product = app.product(10, 100).await;
+    let body = order_by(product, "scoped", 1);
+    let (status, first) = post_keyed(&app.http, &app.base, "shared", &body).await;
+    assert_eq!(status, 201, "{first}");
+    let shop = app.client_as(Role::Shop, None).await;
+    assert_eq!(
+        post_keyed(&shop, &app.base, "shared", &body).await,
+        (201, first)
+    );
+    let transaction = json!({"merchant_id": "m-1", "external_id": "scoped-1",
+        "amount_cents": 1000, "fee_cents": 30, "status": "PAID",
+        "paid_at": "2025-01-15T12:00:00Z"});
+    let response = app
+        .http
+        .post(app.url("/api/v1/transactions"))
+        .header("Idempotency-Key", "shared")
+        .json(&transaction)
+        .send()
+        .await
+        .expect("sent");
+    let (status, report) = status_and_json(response).await;
+    assert_eq!((status, &report["inserted"]), (201, &json!(1)));
+    assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 1);
 }

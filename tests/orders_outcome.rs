@@ -32,7 +32,13 @@ async fn app_behind_proxy() -> (Proxy, TestApp, PgPool) {
     );
     let proxy = Proxy::start(&upstream).await;
     let name = format!("settle_test_{}", uuid::Uuid::new_v4().simple());
-    let app = spawn_app_with(&[("database.url", json!(proxy.url(&name)))]).await;
+    // Small batches: keyed and unkeyed orders share batches, and the faults need many commits
+    // to hit.
+    let app = spawn_app_with(&[
+        ("database.url", json!(proxy.url(&name))),
+        ("orders.max_batch", json!(8)),
+    ])
+    .await;
     let options = PgConnectOptions::from_str(&format!("{}/{name}", common::server_url()))
         .expect("direct url")
         .application_name("settle-test");

@@ -1,6 +1,7 @@
 //! Benchmarks: each drives settle the way users do and prints its figures next to the raw
 //! Postgres rate of the same work measured in the same run, with the ratio.
 
+mod drive;
 mod ingest;
 mod orders;
 pub mod process;
@@ -19,7 +20,8 @@ use crate::config::Config;
 pub enum BenchCommand {
     /// Posts of 1,000 transactions through the HTTP API vs a bare multi-row INSERT of the same.
     Ingest(ingest::IngestArgs),
-    /// Concurrent orders on one hot product through the HTTP API vs the same SQL without HTTP.
+    /// Concurrent orders on one hot product through the HTTP API (unkeyed, keyed, a keyed
+    /// sell-out) vs the same SQL without HTTP.
     Orders(orders::OrdersArgs),
     /// 100,000 no-op jobs through real worker processes vs graphile-worker and a pgbench
     /// claim-and-complete loop; `--deep` for the deep-queue phases.

@@ -37,7 +37,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::orders::coalesce::Coalescer;
+use crate::orders::coalesce::{Coalescer, KeyStore};
 use crate::tokens::cache::TokenCache;
 use error::ApiError;
 
@@ -58,7 +58,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
-        let coalescer = Coalescer::new(pool.clone(), config.orders.max_batch);
+        let keys = KeyStore {
+            render: orders::stored_answer,
+            ttl_hours: config.idempotency.ttl_hours,
+        };
+        let coalescer = Coalescer::new(pool.clone(), config.orders.max_batch, keys);
         let tokens = TokenCache::new(Duration::from_millis(config.auth.cache_ttl_ms));
         Self {
             pool,

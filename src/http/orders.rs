@@ -12,14 +12,14 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
-use super::idempotency::{self, replay, respond};
+use super::idempotency::{self, replay};
 use super::pagination::{Page, PageQuery};
 use crate::db::is_connection_error;
-use crate::idempotency::Begun;
+use crate::idempotency::{Begun, StoredResponse};
 use crate::metrics::{self, OrderOutcome};
-use crate::orders::coalesce::CoalesceError;
+use crate::orders::coalesce::{Answer, CoalesceError, Keyed};
 use crate::orders::store::{self, OrderFilter};
-use crate::orders::{self, NewOrder, outcome};
+use crate::orders::{self, NewOrder, Order, Rejected, outcome};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -132,48 +132,39 @@ async fn place(
         request.buyer_id,
         &app.config.orders,
     )?;
+    if app.config.orders.coalesce {
+        // With the product's other waiting orders; a key is taken and its answer stored by
+        // the batch's transaction.
+        let key = key.map(|key| Keyed {
+            key,
+            request: request_json,
+        });
+        let answer = app.coalescer.place(order, key).await;
+        return coalesced(answer.map_err(coalesce_error)?);
+    }
     let Some(key) = key else {
-        // Without a key there is nothing to store: place it with the product's other waiting
-        // orders, or alone in one statement.
-        let order = if app.config.orders.coalesce {
-            app.coalescer.place(order).await.map_err(coalesce_error)??
-        } else {
-            let mut conn = app.pool.acquire().await?;
-            // One statement, its own transaction: a connection failure while it runs may
-            // come after its commit, and no id is known to look for.
-            store::place_order(&mut conn, &order)
-                .await
-                .map_err(|e| unanswered(e, ApiError::OrderOutcomeUnknown { order_id: None }))??
-        };
+        let mut conn = app.pool.acquire().await?;
+        // One statement, its own transaction: a connection failure while it runs may come
+        // after its commit, and no id is known to look for.
+        let order = store::place_order(&mut conn, &order)
+            .await
+            .map_err(|e| unanswered(e, ApiError::OrderOutcomeUnknown { order_id: None }))??;
         return Ok((StatusCode::CREATED, Json(OrderBody::from(order))).into_response());
     };
     let mut tx = match key.start(&app.pool, &request_json).await? {
         Begun::Execute(tx) => tx,
-        Begun::Replay(stored) => {
-            let mut response = replay(stored)?;
-            response.extensions_mut().insert(Replayed);
-            return Ok(response);
-        }
+        Begun::Replay(stored) => return replayed(stored),
     };
     let placed = store::place_order(&mut tx, &order)
         .await
         .map_err(|e| unanswered(e, ApiError::OrderNotPlaced))?;
     let order_id = placed.as_ref().ok().map(|order| order.id);
-    let (status, body) = match placed {
-        Ok(order) => (
-            StatusCode::CREATED,
-            serde_json::to_value(OrderBody::from(order)).map_err(anyhow::Error::from)?,
-        ),
-        Err(rejected) => {
-            let error = ApiError::from(rejected);
-            (error.status(), error.body())
-        }
-    };
+    let answer = stored_answer(&placed).map_err(anyhow::Error::from)?;
     key.store(
         &mut tx,
         &request_json,
-        status.as_u16(),
-        &body,
+        answer.status,
+        &answer.body,
         app.config.idempotency.ttl_hours,
     )
     .await
@@ -189,7 +180,45 @@ async fn place(
             None => Err(ApiError::OrderOutcomeUnknown { order_id }),
         };
     }
-    Ok(respond(status, body))
+    replay(answer)
+}
+
+/// A keyed order's answer as stored under its key and sent: the order (201), or the refusal's
+/// status and error body. The coalescer stores it through [`KeyStore`](crate::orders::coalesce::KeyStore).
+pub fn stored_answer(decided: &Result<Order, Rejected>) -> serde_json::Result<StoredResponse> {
+    Ok(match decided {
+        Ok(order) => StoredResponse {
+            status: StatusCode::CREATED.as_u16(),
+            body: serde_json::to_value(OrderBody::from(order.clone()))?,
+        },
+        Err(rejected) => {
+            let error = ApiError::from(rejected.clone());
+            StoredResponse {
+                status: error.status().as_u16(),
+                body: error.body(),
+            }
+        }
+    })
+}
+
+/// The HTTP answer to a coalesced order.
+fn coalesced(answer: Answer) -> Result<Response, ApiError> {
+    match answer {
+        Answer::Decided(decided) => {
+            let order = decided?;
+            Ok((StatusCode::CREATED, Json(OrderBody::from(order))).into_response())
+        }
+        Answer::Stored(stored) => replay(stored),
+        Answer::Replay(stored) => replayed(stored),
+        Answer::Refused(e) => Err(e.into()),
+    }
+}
+
+/// An answer an earlier request stored, marked as a replay.
+fn replayed(stored: StoredResponse) -> Result<Response, ApiError> {
+    let mut response = replay(stored)?;
+    response.extensions_mut().insert(Replayed);
+    Ok(response)
 }
 
 /// A statement of an order's placement failed. The schema's last line of defence is a 409, a

@@ -1,4 +1,4 @@
-//! Coalescing: concurrent orders for one product placed by one transaction.
+//! Coalescing: concurrent orders of a product placed by one transaction.
 //!
 //! On a hot product every order commits on the same row, so throughput is bounded by commit
 //! latency (one WAL flush each) and by the lock convoy of the buyers queued on that row: at 64
@@ -8,37 +8,71 @@
 //! stock decrement, and commits once for all of them. Every buyer still gets exactly the answer
 //! the single statement would give: an order, or `OUT_OF_STOCK` with what was left.
 //!
+//! Orders with an `Idempotency-Key` ride the same batches ([`super::batch`]): the batch's
+//! transaction takes their keys (a key in use or reused is refused, a stored answer replayed,
+//! as [`crate::idempotency`] does for a single request) and stores each decided order's answer
+//! under its key before the one commit, so a key's answer exists if and only if its order's
+//! fate committed.
+//!
 //! The no-oversell guarantee does not depend on this module: the decrement is computed under
 //! the row lock in the same transaction as the inserts, and `stock_not_negative` still stands.
 //!
 //! No buyer is told "failed" for an order that exists. A batch whose statements fail placed
-//! nothing, and its buyers are told so. A batch whose commit fails may have committed anyway
-//! (the reply can be lost after the commit): [`super::outcome`] then waits for the batch's row
-//! lock on a fresh connection and reads which of its orders exist, so each buyer gets the
-//! stored order, "not placed", or, only if that check fails too, "outcome unknown" with the id
-//! the order has if it was placed.
+//! nothing and stored no key, and its buyers are told so. A batch whose commit fails may have
+//! committed anyway (the reply can be lost after the commit): [`super::outcome`] then finds out
+//! on a fresh connection which of its orders exist and which of its keys were stored, so each
+//! buyer gets the stored answer, "not placed", or, only if that check fails too, "outcome
+//! unknown" with the id the order has if it was placed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::{PgPool, Postgres, Transaction};
+use serde_json::Value;
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{self, Grant};
-use super::{NewOrder, Order, Rejected, outcome};
+use super::{NewOrder, Order, Rejected, batch, outcome};
+use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
 
 /// A product's task ends after this long without orders, freeing its slot.
 const IDLE: Duration = Duration::from_secs(5);
 
-/// What a buyer is told: the database's decision, or why there is none.
-type Answer = Result<Result<Order, Rejected>, CoalesceError>;
+/// What a buyer is told.
+#[derive(Debug)]
+pub enum Answer {
+    /// An order without a key: placed, or why not.
+    Decided(Result<Order, Rejected>),
+    /// A keyed order's answer, decided by its batch and stored under its key.
+    Stored(StoredResponse),
+    /// The answer an earlier request with the same key and body stored.
+    Replay(StoredResponse),
+    /// The key is held by a request in flight, or was stored with another request.
+    Refused(IdempotencyError),
+}
 
-type Reply = oneshot::Sender<Answer>;
+/// A keyed order's key, and the request its answer is stored with.
+#[derive(Debug)]
+pub struct Keyed {
+    pub key: IdempotencyKey,
+    pub request: Value,
+}
 
-struct Pending {
-    order: NewOrder,
-    reply: Reply,
+/// How a keyed order's answer is stored under its key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyStore {
+    /// The response a decision is answered with (the HTTP layer's rendering): stored as it
+    /// is answered, so a replay is the first answer exactly.
+    pub render: fn(&Result<Order, Rejected>) -> serde_json::Result<StoredResponse>,
+    /// How long a stored answer is replayed (`idempotency.ttl_hours`).
+    pub ttl_hours: i64,
+}
+
+/// One order waiting for its product's next batch.
+pub(super) struct Pending {
+    pub(super) order: NewOrder,
+    pub(super) key: Option<Keyed>,
+    reply: oneshot::Sender<Result<Answer, CoalesceError>>,
 }
 
 /// Routes each order to its product's task, starting the task on first use.
@@ -46,13 +80,14 @@ struct Pending {
 pub struct Coalescer {
     pool: PgPool,
     max_batch: usize,
+    keys: KeyStore,
     products: Arc<Mutex<HashMap<i64, mpsc::UnboundedSender<Pending>>>>,
 }
 
 /// Why a coalesced order has no answer from the database.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CoalesceError {
-    /// A statement of the batch failed before its commit: nothing of it was placed.
+    /// A statement of the batch failed before its commit: nothing of it was placed or stored.
     #[error(transparent)]
     Sql(Arc<sqlx::Error>),
     /// The batch's commit failed, and the check afterwards found this order not placed.
@@ -67,18 +102,24 @@ pub enum CoalesceError {
 }
 
 impl Coalescer {
-    pub fn new(pool: PgPool, max_batch: usize) -> Self {
+    pub fn new(pool: PgPool, max_batch: usize, keys: KeyStore) -> Self {
         Self {
             pool,
             max_batch,
+            keys,
             products: Arc::default(),
         }
     }
 
-    /// Places `order` together with whatever other orders for its product are waiting.
-    pub async fn place(&self, order: NewOrder) -> Result<Result<Order, Rejected>, CoalesceError> {
+    /// Places `order` (under `key`, if it has one) together with whatever other orders for
+    /// its product are waiting.
+    pub async fn place(
+        &self,
+        order: NewOrder,
+        key: Option<Keyed>,
+    ) -> Result<Answer, CoalesceError> {
         let (reply, answer) = oneshot::channel();
-        let mut pending = Pending { order, reply };
+        let mut pending = Pending { order, key, reply };
         loop {
             let sender = self.sender(pending.order.product_id);
             match sender.send(pending) {
@@ -104,6 +145,7 @@ impl Coalescer {
                     product_id,
                     rx,
                     self.max_batch,
+                    self.keys,
                 ));
                 tx
             })
@@ -128,6 +170,7 @@ async fn run_product(
     product_id: i64,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     max_batch: usize,
+    keys: KeyStore,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     loop {
@@ -140,16 +183,16 @@ async fn run_product(
                     batch.push(pending);
                 }
                 if !batch.is_empty() {
-                    place_batch(&pool, product_id, std::mem::take(&mut batch)).await;
+                    place_batch(&pool, product_id, keys, std::mem::take(&mut batch)).await;
                 }
                 return;
             }
-            Ok(_) => place_batch(&pool, product_id, std::mem::take(&mut batch)).await,
+            Ok(_) => place_batch(&pool, product_id, keys, std::mem::take(&mut batch)).await,
         }
     }
 }
 
-async fn place_batch(pool: &PgPool, product_id: i64, mut batch: Vec<Pending>) {
+async fn place_batch(pool: &PgPool, product_id: i64, keys: KeyStore, mut batch: Vec<Pending>) {
     // A buyer whose request was abandoned while queued (timed out, disconnected) gets no order:
     // nobody would learn it was placed.
     batch.retain(|pending| !pending.reply.is_closed());
@@ -157,121 +200,38 @@ async fn place_batch(pool: &PgPool, product_id: i64, mut batch: Vec<Pending>) {
         return;
     }
     crate::metrics::order_batch(batch.len());
-    let orders: Vec<&NewOrder> = batch.iter().map(|p| &p.order).collect();
-    let answers = place_all(pool, product_id, &orders).await;
+    let answers = place_all(pool, product_id, keys, &batch).await;
     for (pending, answer) in batch.into_iter().zip(answers) {
         let _ = pending.reply.send(answer);
     }
 }
 
 /// One answer per order, in order: the batch's decisions if it committed, else why not.
-async fn place_all(pool: &PgPool, product_id: i64, orders: &[&NewOrder]) -> Vec<Answer> {
-    let (tx, decided) = match grant_all(pool, product_id, orders).await {
-        Ok(Some(granted)) => granted,
-        Ok(None) => {
-            return orders
-                .iter()
-                .map(|_| Ok(Err(Rejected::UnknownProduct)))
-                .collect();
-        }
+async fn place_all(
+    pool: &PgPool,
+    product_id: i64,
+    keys: KeyStore,
+    batch: &[Pending],
+) -> Vec<Result<Answer, CoalesceError>> {
+    let (tx, decided) = match batch::decide(pool, product_id, keys, batch).await {
+        Ok(decided) => decided,
         Err(e) => {
             let e = Arc::new(e);
-            return orders
+            return batch
                 .iter()
                 .map(|_| Err(CoalesceError::Sql(e.clone())))
                 .collect();
         }
     };
     match tx.commit().await {
-        Ok(()) => decided.into_iter().map(Ok).collect(),
+        Ok(()) => decided.into_iter().map(|d| Ok(d.committed())).collect(),
         Err(e) => {
             tracing::warn!(
                 product_id,
                 error = %e,
                 "an order batch's commit failed; checking which orders exist"
             );
-            settle_lost_commit(pool, product_id, decided).await
+            outcome::settle_lost_commit(pool, product_id, batch, decided).await
         }
     }
-}
-
-/// The answers of a batch whose commit failed: the stored orders if it committed, "not
-/// placed" if not, "unknown" if that cannot be found out. An `OUT_OF_STOCK` decision stands
-/// only if the batch committed or granted nothing: it was computed after the batch's grants,
-/// which an aborted batch never made.
-async fn settle_lost_commit(
-    pool: &PgPool,
-    product_id: i64,
-    decided: Vec<Result<Order, Rejected>>,
-) -> Vec<Answer> {
-    let ids: Vec<i64> = decided.iter().flatten().map(|order| order.id).collect();
-    if ids.is_empty() {
-        return decided.into_iter().map(Ok).collect();
-    }
-    let Some(stored) = outcome::placed(pool, product_id, &ids).await else {
-        return decided
-            .into_iter()
-            .map(|decision| match decision {
-                Ok(order) => Err(CoalesceError::OutcomeUnknown {
-                    order_id: Some(order.id),
-                }),
-                Err(_) => Err(CoalesceError::NotPlaced),
-            })
-            .collect();
-    };
-    let committed = !stored.is_empty();
-    let mut stored: HashMap<i64, Order> = stored.into_iter().map(|o| (o.id, o)).collect();
-    decided
-        .into_iter()
-        .map(|decision| match decision {
-            Ok(order) => stored
-                .remove(&order.id)
-                .map(Ok)
-                .ok_or(CoalesceError::NotPlaced),
-            Err(rejected) if committed => Ok(Err(rejected)),
-            Err(_) => Err(CoalesceError::NotPlaced),
-        })
-        .collect()
-}
-
-/// Opens the batch's transaction, locks the product row once, grants orders in arrival order
-/// while stock lasts, and writes the grants and one stock decrement; returns the transaction,
-/// still to commit, with each order's decision. `None` if the product does not exist.
-async fn grant_all(
-    pool: &PgPool,
-    product_id: i64,
-    orders: &[&NewOrder],
-) -> Result<Option<(Transaction<'static, Postgres>, Vec<Result<Order, Rejected>>)>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let Some((mut stock, price_cents)) = store::lock_product(&mut tx, product_id).await? else {
-        // Nothing was written: the answer stands whether or not the rollback arrives.
-        let _ = tx.rollback().await;
-        return Ok(None);
-    };
-    let mut grants = Vec::with_capacity(orders.len());
-    let mut answers: Vec<Option<Rejected>> = Vec::with_capacity(orders.len());
-    for order in orders {
-        let quantity = i64::from(order.quantity.get());
-        if quantity <= stock {
-            stock -= quantity;
-            grants.push(Grant {
-                buyer_id: order.buyer_id.as_str(),
-                quantity: order.quantity.get(),
-            });
-            answers.push(None);
-        } else {
-            answers.push(Some(Rejected::OutOfStock { available: stock }));
-        }
-    }
-    let mut placed = store::insert_grants(&mut tx, product_id, price_cents, &grants)
-        .await?
-        .into_iter();
-    let decided = answers
-        .into_iter()
-        .map(|rejected| match rejected {
-            Some(rejected) => Err(rejected),
-            None => Ok(placed.next().expect("one placed order per grant")),
-        })
-        .collect();
-    Ok(Some((tx, decided)))
 }

@@ -3,6 +3,7 @@
 //! The types here parse, they do not merely validate: a [`NewOrder`] holds a [`Quantity`] and a
 //! [`BuyerId`] that are already known good, so [`store`] never sees bad input.
 
+mod batch;
 pub mod coalesce;
 pub mod outcome;
 pub mod store;
@@ -161,7 +162,7 @@ impl NewOrder {
 }
 
 /// Why an order was not placed, decided by the database.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Rejected {
     UnknownProduct,
     OutOfStock { available: i64 },

@@ -10,16 +10,23 @@
 //!   connection is granted that lock the batch has committed or aborted, and the next statement
 //!   sees its orders if it committed.
 //!
+//! A keyed order's answer is its key's: once no transaction holds the key, its stored answer
+//! is there if and only if the batch committed ([`crate::idempotency::settled_all`]).
+//!
 //! If that cannot be done within [`WAIT`] (the database is unreachable, or the batch's backend
 //! still holds the lock because the server has not noticed its client is gone), the outcome
 //! stays unknown and the buyers are told so.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::{Order, store};
+use super::batch::Decision;
+use super::coalesce::{Answer, CoalesceError, Pending};
+use super::{Order, Rejected, store};
 use crate::db;
+use crate::idempotency::{self, KeyedRequest};
 
 /// How long to look for the outcome. A backend whose client vanished without the server
 /// noticing holds its locks until the idle-in-transaction timeout ends its session, so waiting
@@ -28,6 +35,102 @@ pub const WAIT: Duration = db::IDLE_IN_TRANSACTION_TIMEOUT.saturating_add(Durati
 
 /// Pause between attempts when the check's own connection fails.
 const PAUSE: Duration = Duration::from_millis(50);
+
+/// The answers of a batch whose commit failed: the stored orders and keys' answers if it
+/// committed, "not placed" if not, "unknown" if that cannot be found out. An unkeyed order's
+/// `OUT_OF_STOCK` stands only if the batch committed or granted nothing: it was computed after
+/// the batch's grants, which an aborted batch never made.
+pub(super) async fn settle_lost_commit(
+    pool: &PgPool,
+    product_id: i64,
+    batch: &[Pending],
+    decided: Vec<Decision>,
+) -> Vec<Result<Answer, CoalesceError>> {
+    let keyed: Vec<KeyedRequest<'_>> = batch
+        .iter()
+        .zip(&decided)
+        .filter_map(|(pending, decision)| match (&pending.key, decision) {
+            (Some(keyed), Decision::Keyed { .. }) => Some((&keyed.key, &keyed.request)),
+            _ => None,
+        })
+        .collect();
+    let (mut found, keys) = tokio::join!(
+        find_orders(pool, product_id, &decided),
+        idempotency::settled_all(pool, &keyed, WAIT),
+    );
+    let mut keys = keys.into_iter();
+    decided
+        .into_iter()
+        .map(|decision| match decision {
+            Decision::Plain(decided) => found.answer(decided),
+            Decision::Keyed { order_id, .. } => match keys.next().flatten() {
+                Some(Some(response)) => Ok(Answer::Stored(response)),
+                Some(None) => Err(CoalesceError::NotPlaced),
+                None => Err(CoalesceError::OutcomeUnknown { order_id }),
+            },
+            Decision::Settled(answer) => Ok(answer),
+        })
+        .collect()
+}
+
+/// What the check found of a batch's unkeyed orders after a lost commit.
+enum Found {
+    /// Nothing to look for: the batch granted nothing, or has no unkeyed order to answer.
+    Nothing,
+    /// Whether the batch committed, and those of its granted orders that exist.
+    Orders {
+        committed: bool,
+        stored: HashMap<i64, Order>,
+    },
+    /// The check failed.
+    Unknown,
+}
+
+impl Found {
+    /// An unkeyed order's answer, given what was found.
+    fn answer(&mut self, decided: Result<Order, Rejected>) -> Result<Answer, CoalesceError> {
+        match (self, decided) {
+            (Self::Nothing, decided) => Ok(Answer::Decided(decided)),
+            (Self::Orders { stored, .. }, Ok(order)) => stored
+                .remove(&order.id)
+                .map(|order| Answer::Decided(Ok(order)))
+                .ok_or(CoalesceError::NotPlaced),
+            (
+                Self::Orders {
+                    committed: true, ..
+                },
+                Err(rejected),
+            ) => Ok(Answer::Decided(Err(rejected))),
+            (Self::Unknown, Ok(order)) => Err(CoalesceError::OutcomeUnknown {
+                order_id: Some(order.id),
+            }),
+            (Self::Orders { .. } | Self::Unknown, Err(_)) => Err(CoalesceError::NotPlaced),
+        }
+    }
+}
+
+/// Looks for the batch's granted orders (keyed ones included: any of them tells whether it
+/// committed) if it has unkeyed orders to answer.
+async fn find_orders(pool: &PgPool, product_id: i64, decided: &[Decision]) -> Found {
+    let ids: Vec<i64> = decided
+        .iter()
+        .filter_map(|decision| match decision {
+            Decision::Plain(Ok(order)) => Some(order.id),
+            Decision::Keyed { order_id, .. } => *order_id,
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() || !decided.iter().any(|d| matches!(d, Decision::Plain(_))) {
+        return Found::Nothing;
+    }
+    match placed(pool, product_id, &ids).await {
+        Some(orders) => Found::Orders {
+            committed: !orders.is_empty(),
+            stored: orders.into_iter().map(|o| (o.id, o)).collect(),
+        },
+        None => Found::Unknown,
+    }
+}
 
 /// The orders among `ids` (all written by one transaction that held `product_id`'s row lock)
 /// that exist once that transaction has certainly ended; `None` if that could not be found out

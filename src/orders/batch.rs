@@ -1,0 +1,198 @@
+//! One coalesced batch's transaction ([`super::coalesce`]): lock the product row, take the
+//! keyed orders' keys, grant orders in arrival order while stock lasts, write the grants with
+//! one stock decrement, and store each keyed order's answer under its key. The caller commits,
+//! so the orders, the decrement and the keys' answers take effect together or not at all.
+//!
+//! A keyed order whose key is in use, was used with another body, or already has an answer
+//! takes no part in the grants: it is answered from its key, whatever becomes of the batch.
+//! Two orders of one batch with the same key are concurrent requests with one key: the first
+//! goes ahead, the second is told the key is in use, as it would be by a separate transaction.
+
+use std::collections::HashSet;
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use super::coalesce::{Answer, KeyStore, Pending};
+use super::store::{self, Grant};
+use super::{Order, Rejected};
+use crate::idempotency::{self, Claim, IdempotencyError, KeyedRequest, Record, StoredResponse};
+
+/// What the batch decided for one order, answered once its transaction has ended.
+pub(super) enum Decision {
+    /// An order without a key: placed, or why not.
+    Plain(Result<Order, Rejected>),
+    /// A keyed order's grant or refusal (`order_id` if granted), and the response this
+    /// transaction stores under its key.
+    Keyed {
+        order_id: Option<i64>,
+        response: StoredResponse,
+    },
+    /// A keyed order answered from its key alone: it stands whether the batch commits or not.
+    Settled(Answer),
+}
+
+impl Decision {
+    /// The buyer's answer once the batch has committed.
+    pub(super) fn committed(self) -> Answer {
+        match self {
+            Self::Plain(decided) => Answer::Decided(decided),
+            Self::Keyed { response, .. } => Answer::Stored(response),
+            Self::Settled(answer) => answer,
+        }
+    }
+}
+
+/// An order's fate before the statements that write it.
+enum Verdict {
+    /// Answered from its key.
+    Settled(Answer),
+    Grant,
+    Refuse(Rejected),
+}
+
+/// Opens the batch's transaction and writes its decisions; returns the transaction, still to
+/// commit, with one decision per order. If a statement fails, the transaction is rolled back
+/// here: a dropped one would hold the product's row and the keys until its connection is
+/// next used.
+pub(super) async fn decide(
+    pool: &PgPool,
+    product_id: i64,
+    keys: KeyStore,
+    batch: &[Pending],
+) -> Result<(Transaction<'static, Postgres>, Vec<Decision>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    match decide_in(&mut tx, product_id, keys, batch).await {
+        Ok(decided) => Ok((tx, decided)),
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+async fn decide_in(
+    tx: &mut PgConnection,
+    product_id: i64,
+    keys: KeyStore,
+    batch: &[Pending],
+) -> Result<Vec<Decision>, sqlx::Error> {
+    let product = store::lock_product(tx, product_id).await?;
+    let verdicts = grant(product, batch, claim_keys(tx, batch).await?);
+    let grants: Vec<Grant<'_>> = batch
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, verdict)| matches!(verdict, Verdict::Grant))
+        .map(|(pending, _)| Grant {
+            buyer_id: pending.order.buyer_id.as_str(),
+            quantity: pending.order.quantity.get(),
+        })
+        .collect();
+    let price_cents = product.map_or(0, |(_, price_cents)| price_cents);
+    let mut placed = store::insert_grants(tx, product_id, price_cents, &grants)
+        .await?
+        .into_iter();
+    let mut decisions = Vec::with_capacity(batch.len());
+    for (pending, verdict) in batch.iter().zip(verdicts) {
+        let decided = match verdict {
+            Verdict::Settled(answer) => {
+                decisions.push(Decision::Settled(answer));
+                continue;
+            }
+            Verdict::Grant => Ok(placed.next().expect("one placed order per grant")),
+            Verdict::Refuse(rejected) => Err(rejected),
+        };
+        decisions.push(match pending.key {
+            None => Decision::Plain(decided),
+            Some(_) => Decision::Keyed {
+                order_id: decided.as_ref().ok().map(|order| order.id),
+                response: (keys.render)(&decided).map_err(|e| sqlx::Error::Encode(e.into()))?,
+            },
+        });
+    }
+    store_answers(tx, batch, &decisions, keys.ttl_hours).await?;
+    Ok(decisions)
+}
+
+/// Takes the batch's keys: per order, the answer its key alone gives (replay, in use,
+/// reused), or `None` to decide it (no key, or a key taken by this transaction).
+async fn claim_keys(
+    tx: &mut PgConnection,
+    batch: &[Pending],
+) -> Result<Vec<Option<Answer>>, sqlx::Error> {
+    let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
+    let mut seen = HashSet::new();
+    let mut claimed: Vec<(usize, KeyedRequest<'_>)> = Vec::new();
+    for (i, pending) in batch.iter().enumerate() {
+        let Some(keyed) = &pending.key else { continue };
+        if seen.insert(&keyed.key) {
+            claimed.push((i, (&keyed.key, &keyed.request)));
+        } else {
+            answers[i] = Some(Answer::Refused(IdempotencyError::KeyInUse));
+        }
+    }
+    if claimed.is_empty() {
+        return Ok(answers);
+    }
+    let requests: Vec<KeyedRequest<'_>> = claimed.iter().map(|(_, request)| *request).collect();
+    let claims = idempotency::claim_all(tx, &requests).await?;
+    for ((i, _), claim) in claimed.into_iter().zip(claims) {
+        answers[i] = match claim {
+            Claim::Execute => None,
+            Claim::Replay(stored) => Some(Answer::Replay(stored)),
+            Claim::Refused(e) => Some(Answer::Refused(e)),
+        };
+    }
+    Ok(answers)
+}
+
+/// Grants the orders to decide in arrival order while `product`'s stock (locked) lasts;
+/// every order is refused when the product does not exist.
+fn grant(
+    product: Option<(i64, i64)>,
+    batch: &[Pending],
+    settled: Vec<Option<Answer>>,
+) -> Vec<Verdict> {
+    let mut stock = product.map(|(stock, _)| stock);
+    batch
+        .iter()
+        .zip(settled)
+        .map(|(pending, settled)| {
+            if let Some(answer) = settled {
+                return Verdict::Settled(answer);
+            }
+            let Some(left) = stock.as_mut() else {
+                return Verdict::Refuse(Rejected::UnknownProduct);
+            };
+            let quantity = i64::from(pending.order.quantity.get());
+            if quantity <= *left {
+                *left -= quantity;
+                Verdict::Grant
+            } else {
+                Verdict::Refuse(Rejected::OutOfStock { available: *left })
+            }
+        })
+        .collect()
+}
+
+/// Stores the answers of the orders this transaction decided under their keys.
+async fn store_answers(
+    tx: &mut PgConnection,
+    batch: &[Pending],
+    decisions: &[Decision],
+    ttl_hours: i64,
+) -> Result<(), sqlx::Error> {
+    let records: Vec<Record<'_>> = batch
+        .iter()
+        .zip(decisions)
+        .filter_map(|(pending, decision)| match (&pending.key, decision) {
+            (Some(keyed), Decision::Keyed { response, .. }) => Some(Record {
+                key: &keyed.key,
+                request: &keyed.request,
+                status: response.status,
+                body: &response.body,
+            }),
+            _ => None,
+        })
+        .collect();
+    idempotency::store_all(tx, &records, ttl_hours).await
+}
