@@ -21,9 +21,7 @@ pub async fn process_batch(
     part: &Part,
     batch_size: i64,
 ) -> Result<Part, SettleError> {
-    super::set_local_tuning(tx).await?;
-    set_local_batch_plan(tx).await?;
-    let end = batch_end(part, batch_size);
+    let end = begin_batch(tx, part, batch_size).await?;
     let scanned = aggregate_ids(
         tx,
         plan.run.job_id,
@@ -70,9 +68,7 @@ pub async fn read_batch(
     part: &Part,
     batch_size: i64,
 ) -> Result<ReadBatch, SettleError> {
-    super::set_local_tuning(reader).await?;
-    set_local_batch_plan(reader).await?;
-    let end = batch_end(part, batch_size);
+    let end = begin_batch(reader, part, batch_size).await?;
     let zone = plan.zone();
     // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
     let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
@@ -108,15 +104,26 @@ pub async fn store_batch(
         }
         None => 0,
     };
-    super::set_local_tuning(tx).await?;
+    if batch.cursor_id >= part.hi_id {
+        // The part's fold (in `finish_batch`) wants the aggregation's memory.
+        super::set_local_tuning(tx).await?;
+    }
     finish_batch(tx, plan, part, batch.cursor_id, scanned).await
 }
 
-/// The batch after `part`'s cursor ends here.
-fn batch_end(part: &Part, batch_size: i64) -> i64 {
-    part.cursor_id
+/// Scopes the aggregation's settings and plan to `conn`'s transaction; returns where the batch
+/// after `part`'s cursor ends.
+async fn begin_batch(
+    conn: &mut PgConnection,
+    part: &Part,
+    batch_size: i64,
+) -> Result<i64, sqlx::Error> {
+    super::set_local_tuning(conn).await?;
+    set_local_batch_plan(conn).await?;
+    Ok(part
+        .cursor_id
         .saturating_add(batch_size.max(1))
-        .min(part.hi_id)
+        .min(part.hi_id))
 }
 
 /// Where the cursor goes after an empty batch ending at `end`: just before the input's next id.
