@@ -7,6 +7,12 @@
 //! expired sooner by the probe of [`crate::liveness`]. A live worker's heartbeat keeps its
 //! lease in the future, so a live job is never rescued. The re-claim bumps the fence, so whatever
 //! the old holder still tries to write matches zero rows.
+//!
+//! Per-kind caps ([`crate::caps`]) ride in the same statement: the worker passes each capped
+//! kind that has room with its free places, and the statement keeps, among the rows it locked,
+//! at most that many of the kind. A capped kind without room is not passed at all. When no
+//! capped kind is passed, the claim is the uncapped statement, unchanged: the hot path of short
+//! uncapped jobs pays nothing for caps it does not meet.
 
 use std::time::Duration;
 
@@ -33,50 +39,111 @@ pub struct ClaimedJob {
     pub rescued: bool,
 }
 
+/// A capped kind passed to a claim, and how many more of its jobs this claim may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub kind: String,
+    pub places: i64,
+}
+
+/// The claim statement: the two candidate branches (expired leases, due queued jobs), each
+/// selecting `id` plus `$columns` and locked with `skip locked`, then `$ctes` (more common table
+/// expressions, or nothing), and `$picked`, the select of the ids that are taken. `$1` owner,
+/// `$2` limit, `$3` lease (ms), `$4` kinds; `$ctes` may use more. A macro because the checked
+/// macros take only string literals, so both claims share every word but the choice.
+macro_rules! claim_statement {
+    ($columns:literal, $ctes:literal, $picked:literal, $($arg:expr),* $(,)?) => {
+        sqlx::query_as!(
+            ClaimedJob,
+            "with expired as (
+                 select id" + $columns + " from jobs
+                 where state in ('running', 'cancelling') and lease_expires_at < now()
+                   and kind = any($4)
+                 order by lease_expires_at
+                 limit $2
+                 for update skip locked
+             ), due as (
+                 select id" + $columns + " from jobs
+                 where state = 'queued' and run_at <= now() and kind = any($4)
+                 order by priority desc, run_at, id
+                 limit $2
+                 for update skip locked
+             )" + $ctes + "
+             update jobs set
+                 state = case when jobs.state = 'queued' then 'running'::job_state
+                              else jobs.state end,
+                 attempt = jobs.attempt + 1,
+                 fence = jobs.fence + 1,
+                 lease_owner = $1,
+                 lease_expires_at = now() + $3 * interval '1 millisecond',
+                 heartbeat_at = now(),
+                 started_at = coalesce(jobs.started_at, now())
+             where jobs.id in (" + $picked + ")
+             returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
+                       cancel_requested, jobs.id in (select id from expired) as \"rescued!\"",
+            $($arg),*
+        )
+    };
+}
+
 /// Claims up to `limit` jobs of `kinds` for `owner`: expired leases first (they are late
 /// already), then due queued jobs by priority. Rows locked by another claimer are skipped, never
 /// waited on. Only kinds this worker can run are claimed, so during a rolling deploy an older
 /// worker leaves a new kind's jobs to the workers that know it instead of failing them.
+///
+/// `rooms` are the capped kinds among `kinds`: of each, at most its `places` jobs are taken
+/// (the first ones in claim order); the other candidates of the kind stay where they are.
 pub async fn claim(
     conn: &mut PgConnection,
     owner: &str,
     limit: i64,
     lease: Duration,
     kinds: &[String],
+    rooms: &[Room],
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    sqlx::query_as!(
-        ClaimedJob,
-        "with expired as (
-             select id from jobs
-             where state in ('running', 'cancelling') and lease_expires_at < now()
-               and kind = any($4)
-             order by lease_expires_at
+    let lease_ms = lease.as_millis() as f64;
+    if rooms.is_empty() {
+        return claim_statement!(
+            "",
+            "",
+            "select id from (select id from expired union all select id from due) c limit $2",
+            owner,
+            limit,
+            lease_ms,
+            kinds,
+        )
+        .fetch_all(conn)
+        .await;
+    }
+    let (capped, places): (Vec<String>, Vec<i64>) = rooms
+        .iter()
+        .map(|room| (room.kind.clone(), room.places))
+        .unzip();
+    // The candidates keep their claim order (`place`); `nth` numbers each kind's candidates in
+    // that order, so a capped kind keeps its first `places` and the rest are passed over.
+    claim_statement!(
+        ", kind",
+        ", candidates as (
+             select id, kind, row_number() over () as place
+             from (select id, kind from expired union all select id, kind from due) c
+         ), picked as (
+             select c.id
+             from (select id, kind, place,
+                          row_number() over (partition by kind order by place) as nth
+                   from candidates) c
+             left join unnest($5::text[], $6::bigint[]) as room(kind, places)
+               on room.kind = c.kind
+             where room.places is null or c.nth <= room.places
+             order by c.place
              limit $2
-             for update skip locked
-         ), due as (
-             select id from jobs
-             where state = 'queued' and run_at <= now() and kind = any($4)
-             order by priority desc, run_at, id
-             limit $2
-             for update skip locked
-         )
-         update jobs set
-             state = case when jobs.state = 'queued' then 'running'::job_state else jobs.state end,
-             attempt = jobs.attempt + 1,
-             fence = jobs.fence + 1,
-             lease_owner = $1,
-             lease_expires_at = now() + $3 * interval '1 millisecond',
-             heartbeat_at = now(),
-             started_at = coalesce(jobs.started_at, now())
-         where jobs.id in (
-             select id from (select id from expired union all select id from due) c limit $2
-         )
-         returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
-                   cancel_requested, jobs.id in (select id from expired) as \"rescued!\"",
+         )",
+        "select id from picked",
         owner,
         limit,
-        lease.as_millis() as f64,
+        lease_ms,
         kinds,
+        &capped,
+        &places,
     )
     .fetch_all(conn)
     .await

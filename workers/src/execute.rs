@@ -37,8 +37,15 @@ enum Ending {
 }
 
 /// Runs `job` in the slot it was claimed for, to an ending, and records it; the slot is freed
-/// when this returns (for a trivial completion, once it is queued for the batcher).
-pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, slot: OwnedSemaphorePermit) {
+/// when this returns (for a trivial completion, once it is queued for the batcher). A job of a
+/// capped kind also holds its kind's `place` (see `crate::caps`), freed only once its ending is
+/// written, so it never waits in the batcher.
+pub(crate) async fn run_job(
+    shared: Arc<Shared>,
+    job: ClaimedJob,
+    slot: OwnedSemaphorePermit,
+    place: Option<OwnedSemaphorePermit>,
+) {
     let (id, fence) = (job.id, job.fence);
     let stop = shared.shutdown.child_token();
     let lost = CancellationToken::new();
@@ -60,6 +67,11 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, slot: OwnedSem
         attempt(&shared, job, &stop, &lost).await
     };
     tracing::debug!(job = id, ?ending, "attempt ended");
+    let ending = match ending {
+        // Its place must stay taken until the database no longer shows the job running.
+        Ending::CompleteLater if place.is_some() => Ending::Complete(None),
+        ending => ending,
+    };
     match ending {
         Ending::CompleteLater => {
             // The batcher forgets the job once its completion is recorded; until then the
@@ -74,6 +86,11 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job: ClaimedJob, slot: OwnedSem
     }
     drop(slot);
     shared.job_done.notify_one();
+    if place.is_some() {
+        drop(place);
+        // A claim loop that found the kind full and nothing else to do sleeps until woken.
+        shared.wake.notify_one();
+    }
 }
 
 async fn attempt(

@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`enqueue`]: insert jobs inside the caller's transaction, singly or in bulk.
-//! - [`claim`]: the claim statement, including the rescue of expired leases.
+//! - [`claim`]: the claim statement, including the rescue of expired leases and the caps.
+//! - `caps`: per-kind caps: the free places of each capped kind, reserved for a claim.
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
 //! - [`liveness`]: each worker's advisory lock, and the probe that expires a dead worker's
 //!   leases at once instead of at lease expiry.
@@ -53,6 +54,7 @@ macro_rules! over_held_jobs {
 }
 
 pub mod cancel;
+mod caps;
 pub mod claim;
 mod db;
 pub mod enqueue;

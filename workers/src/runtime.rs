@@ -24,6 +24,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::caps::Caps;
 use crate::registry::Registry;
 use crate::services::{claimer, completer, heartbeat, listener, pruner, rescuer};
 use crate::settings::WorkerSettings;
@@ -48,8 +49,11 @@ pub(crate) struct Shared {
     pub control: PgPool,
     pub settings: WorkerSettings,
     pub registry: Registry,
-    /// The registered kinds: the only ones this worker claims.
-    pub kinds: Vec<String>,
+    /// The registered kinds without a cap: claimed whenever slots are free. With the capped
+    /// kinds that have room, the only ones this worker claims.
+    pub uncapped: Vec<String>,
+    /// The capped registered kinds and their free places.
+    pub caps: Caps,
     /// This worker's name, stored as `lease_owner`; its liveness lock is keyed by it.
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
@@ -108,16 +112,20 @@ impl Worker {
             .max_connections(CONTROL_CONNECTIONS)
             .acquire_timeout(self.pool.options().get_acquire_timeout())
             .connect_lazy_with((*self.pool.connect_options()).clone());
+        let kinds: Vec<String> = self
+            .registry
+            .kinds()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let caps = Caps::new(&self.settings.kind_concurrency, &kinds);
+        let uncapped = kinds.into_iter().filter(|kind| !caps.caps(kind)).collect();
         let shared = Arc::new(Shared {
             pool: self.pool,
             control,
             settings: self.settings,
-            kinds: self
-                .registry
-                .kinds()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            uncapped,
+            caps,
             registry: self.registry,
             owner: self.owner,
             held: Mutex::new(HashMap::new()),
@@ -127,7 +135,8 @@ impl Worker {
             completions,
         });
         tracing::info!(owner = %shared.owner, kinds = ?shared.registry.kinds(),
-            concurrency = shared.settings.concurrency, "worker started");
+            concurrency = shared.settings.concurrency,
+            caps = ?shared.settings.kind_concurrency, "worker started");
         // The liveness lock is held before the first claim and until every held job has ended
         // or been released (after `done`), so no job of this worker ever looks orphaned.
         let release = CancellationToken::new();

@@ -35,6 +35,9 @@ pub struct WorkerSettings {
     pub job_timeout: Duration,
     /// Per-kind attempt timeouts, overriding `job_timeout`.
     pub kind_timeouts: HashMap<String, Duration>,
+    /// Most jobs of a kind this worker runs at once (each at least 1), within `concurrency`;
+    /// kinds not listed are bounded by `concurrency` alone (see `crate::caps`).
+    pub kind_concurrency: HashMap<String, usize>,
     /// Finished jobs older than this are pruned; `None` keeps them forever.
     pub retention: Option<Duration>,
     /// How often this worker tries to prune (only the holder of the advisory lock does).
@@ -58,6 +61,7 @@ impl Default for WorkerSettings {
             max_transient_retries: 10,
             job_timeout: Duration::from_secs(3600),
             kind_timeouts: HashMap::new(),
+            kind_concurrency: HashMap::new(),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),

@@ -1,13 +1,16 @@
 //! The claim loops: the only place jobs enter a worker. Each claims only for free slots, so a
 //! worker never holds a job it cannot start at once and a job it could not run yet stays
 //! claimable by an idle worker; the claim statement itself ([`crate::claim`]) also rescues
-//! expired leases. Each claimed job runs in its own task ([`crate::execute`]).
+//! expired leases. Each claimed job runs in its own task ([`crate::execute`]). A capped kind
+//! ([`crate::caps`]) is claimed only for its free places, reserved the same way as the slots.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::caps::Reserved;
 use crate::claim;
 use crate::db::on_conn;
 use crate::runtime::Shared;
@@ -37,11 +40,19 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         let Ok(mut reserved) = slots.clone().try_acquire_many_owned(free as u32) else {
             continue; // the other lane took them
         };
-        let (owner, kinds) = (&shared.owner, &shared.kinds);
-        let claimed = on_conn(&shared.control, async |conn| {
-            claim::claim(conn, owner, free as i64, settings.lease, kinds).await
-        })
-        .await;
+        // Capped kinds' free places, reserved like the slots; a full kind is not claimed.
+        let mut places = shared.caps.reserve();
+        let rooms = places.rooms();
+        let kinds = claimable(&shared, &places);
+        let claimed = if kinds.is_empty() {
+            Ok(Vec::new()) // every kind is capped and full: a job's end wakes this loop
+        } else {
+            let owner = &shared.owner;
+            on_conn(&shared.control, async |conn| {
+                claim::claim(conn, owner, free as i64, settings.lease, &kinds, &rooms).await
+            })
+            .await
+        };
         let jobs = match claimed {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -57,8 +68,10 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         crate::metrics::rescued(jobs.iter().filter(|job| job.rescued).count());
         for job in jobs {
             let slot = reserved.split(1).expect("a slot reserved per claimed job");
-            tokio::spawn(crate::execute::run_job(shared.clone(), job, slot));
+            let place = places.take(&job.kind);
+            tokio::spawn(crate::execute::run_job(shared.clone(), job, slot, place));
         }
+        drop(places);
         if reserved.num_permits() > 0 {
             drop(reserved);
             // Slots given back: the other lane may be waiting for them.
@@ -71,6 +84,16 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
             shared.wake.notify_one();
         }
     }
+}
+
+/// The kinds one claim asks for: every uncapped kind this worker runs, plus the capped kinds
+/// with a free place. Borrowed when no capped kind has room (always, for a worker without caps).
+fn claimable<'a>(shared: &'a Shared, places: &Reserved) -> Cow<'a, [String]> {
+    let mut with_room = places.kinds().peekable();
+    if with_room.peek().is_none() {
+        return Cow::Borrowed(&shared.uncapped);
+    }
+    Cow::Owned(shared.uncapped.iter().chain(with_room).cloned().collect())
 }
 
 /// Waits until a slot is free, then up to [`GATHER`] for `share` of them; false on shutdown.
