@@ -141,11 +141,24 @@ pub struct WorkerConfig {
     /// Attempt timeouts by job kind (ms), overriding `job_timeout_ms`.
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
+    /// Per-kind settings (`[worker.kinds.<kind>]`), for the kinds that need their own.
+    #[serde(default)]
+    pub kinds: BTreeMap<String, KindConfig>,
     /// Where a `settle worker` process serves `GET /metrics` (its own job counters: it has no
     /// API port); unset, it serves none. `serve` and `api` serve `/metrics` on the API port.
     /// (Left out when unset, so `[worker]` serialized and read back stays valid.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// One job kind's settings in a worker (`[worker.kinds.<kind>]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    /// Most jobs of this kind one worker process runs at once (within `worker.concurrency`),
+    /// so a burst of them leaves slots and connections to the other kinds. Signed so that a
+    /// negative value is refused with the key named, like zero.
+    pub concurrency: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,7 +216,7 @@ pub enum ConfigError {
     #[error("invalid configuration")]
     Load(#[from] Box<figment::Error>),
     #[error("invalid configuration: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid { key: String, problem: String },
 }
 
 /// The defaults, shipped as the documented `config.toml` and compiled in so a binary run from
@@ -233,9 +246,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, problem: &str| {
+        let invalid = |key: &str, problem: &str| {
             Err(ConfigError::Invalid {
-                key,
+                key: key.to_owned(),
                 problem: problem.to_owned(),
             })
         };
@@ -323,6 +336,13 @@ impl Config {
         }
         if w.timeouts.values().any(|&ms| ms == 0) {
             return invalid("worker.timeouts", "must all be positive");
+        }
+        if let Some((kind, _)) = w.kinds.iter().find(|(_, k)| k.concurrency < 1) {
+            let key = format!("worker.kinds.{kind}.concurrency");
+            return invalid(
+                &key,
+                "must be at least 1 (leave the kind out to cap it only by worker.concurrency)",
+            );
         }
         if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
             return invalid("settlement.time_zone", "is not an IANA time zone name");
@@ -465,5 +485,34 @@ mod tests {
         let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 0));
         let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(err.contains("worker.timeouts"), "{err}");
+    }
+
+    #[test]
+    fn kind_caps_are_read_and_checked() {
+        let defaults = Config::from_figment(Config::defaults()).unwrap();
+        let settings = crate::worker::settings(&defaults.worker);
+        assert_eq!(settings.kind_concurrency["settlement"], 2);
+        let figment =
+            Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurrency = 3\n"));
+        let settings = crate::worker::settings(&Config::from_figment(figment).unwrap().worker);
+        assert_eq!(settings.kind_concurrency[crate::jobs::kind::SLEEP], 3);
+        assert!(
+            !settings
+                .kind_concurrency
+                .contains_key(crate::jobs::kind::NOOP)
+        );
+        for bad in ["0", "-1"] {
+            let toml = format!("[worker.kinds.sleep]\nconcurrency = {bad}\n");
+            let figment = Config::defaults().merge(Toml::string(&toml));
+            let err = chain(Config::from_figment(figment).unwrap_err());
+            assert!(
+                err.contains("`worker.kinds.sleep.concurrency` must be at least 1"),
+                "{bad}: {err}"
+            );
+        }
+        let figment =
+            Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurency = 3\n"));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(err.contains("concurency"), "{err}");
     }
 }

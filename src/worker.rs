@@ -32,6 +32,12 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
             .iter()
             .map(|(kind, &ms)| (kind.clone(), Duration::from_millis(ms)))
             .collect(),
+        // Validated at least 1.
+        kind_concurrency: config
+            .kinds
+            .iter()
+            .map(|(kind, k)| (kind.clone(), k.concurrency as usize))
+            .collect(),
         retention: Some(Duration::from_secs(config.retention_hours * 3600)),
         retention_interval: Duration::from_millis(config.retention_interval_ms),
         shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
