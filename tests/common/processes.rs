@@ -21,25 +21,30 @@ pub struct WorkerProcess {
     pub log: std::path::PathBuf,
 }
 
-/// Every `[worker]` key of `w` as a `SETTLE_WORKER__<KEY>` variable (per-kind timeouts as
-/// `SETTLE_WORKER__TIMEOUTS__<KIND>`), so a worker process runs with the test's settings.
+/// Every `[worker]` key of `w` as a `SETTLE_WORKER__<KEY>` variable (nested tables one level
+/// further each: per-kind timeouts as `SETTLE_WORKER__TIMEOUTS__<KIND>`, per-kind caps as
+/// `SETTLE_WORKER__KINDS__<KIND>__CONCURRENCY`), so a worker process runs with the test's
+/// settings.
 fn worker_env(w: &WorkerConfig) -> Vec<(String, String)> {
-    let Value::Object(keys) = serde_json::to_value(w).expect("[worker] as JSON") else {
-        unreachable!("a struct serializes to an object")
-    };
     let mut env = Vec::new();
-    for (key, value) in keys {
-        let name = format!("SETTLE_WORKER__{}", key.to_uppercase());
-        match value {
-            Value::Object(nested) => env.extend(
-                nested
-                    .into_iter()
-                    .map(|(sub, v)| (format!("{name}__{}", sub.to_uppercase()), v.to_string())),
-            ),
-            value => env.push((name, value.to_string())),
-        }
-    }
+    flatten_env(
+        "SETTLE_WORKER",
+        serde_json::to_value(w).expect("[worker] as JSON"),
+        &mut env,
+    );
     env
+}
+
+/// `value` as variables named `prefix` (a leaf) or `prefix__<KEY>…` (a table).
+fn flatten_env(prefix: &str, value: Value, env: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(keys) => {
+            for (key, value) in keys {
+                flatten_env(&format!("{prefix}__{}", key.to_uppercase()), value, env);
+            }
+        }
+        value => env.push((prefix.to_owned(), value.to_string())),
+    }
 }
 
 impl WorkerProcess {

@@ -1,0 +1,190 @@
+//! Per-kind caps (`[worker.kinds.<kind>] concurrency = N`), with real worker processes: a
+//! worker never runs more than N jobs of a capped kind at once, whatever its concurrency, while
+//! other kinds take its remaining slots; each worker process holds its own cap; and a capped
+//! job that ends frees its place for the next one.
+//!
+//! What ran when is read from Postgres afterwards, for every instant rather than sampled: each
+//! job here runs once, so its `[started_at, finished_at)` (the claim's and the ending's
+//! statement times) is when the database showed it running, and a trigger records which worker
+//! each claim was for (`lease_owner` is cleared when a job ends).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::processes::{WorkerProcess, probe_pool, wait_for};
+use common::test_config;
+use serde_json::json;
+use settle::jobs::kind::{COUNT, SLEEP};
+use settle_workers::NewJob;
+use sqlx::PgPool;
+
+/// The capped kind's cap in every test, and the workers' concurrency: well above it.
+const CAP: i64 = 2;
+const CONCURRENCY: i64 = 8;
+
+fn capped_config(poll_interval_ms: u64) -> settle::config::Config {
+    test_config(&[
+        ("worker.concurrency", json!(CONCURRENCY)),
+        ("worker.kinds.sleep.concurrency", json!(CAP)),
+        ("worker.poll_interval_ms", json!(poll_interval_ms)),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_kind_runs_at_most_its_cap_while_other_kinds_fill_the_slots() {
+    let config = capped_config(1000);
+    let (pool, _db) = probe_pool(&config).await;
+    record_claims(&pool).await;
+    // The capped jobs come first in the queue, so every claim meets them before the others.
+    let mut jobs = vec![NewJob::new(SLEEP, json!({"ms": 200})); 10];
+    let long_count = json!({"upto": 30, "batch": 1, "sleep_ms": 100});
+    jobs.extend(vec![NewJob::new(COUNT, long_count); 6]);
+    enqueue_all(&pool, &jobs).await;
+
+    let mut worker = WorkerProcess::start(&config);
+    wait_all_completed(&pool, jobs.len()).await;
+    let instants = running_instants(&pool).await;
+    let most_capped = instants.iter().map(|i| i.capped).max();
+    assert_eq!(most_capped, Some(CAP), "{instants:#?}");
+    // The slots the cap keeps from the capped kind went to the other kind, at the same time.
+    assert!(
+        instants
+            .iter()
+            .any(|i| i.capped == CAP && i.running == CONCURRENCY),
+        "{instants:#?}"
+    );
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_process_holds_its_own_cap() {
+    let config = capped_config(1000);
+    let (pool, _db) = probe_pool(&config).await;
+    record_claims(&pool).await;
+    let mut workers = [WorkerProcess::start(&config), WorkerProcess::start(&config)];
+    for worker in &workers {
+        wait_for(Duration::from_secs(30), "the worker to start", || async {
+            worker.log_text().contains("worker started").then_some(())
+        })
+        .await;
+    }
+    let jobs = vec![NewJob::new(SLEEP, json!({"ms": 300})); 16];
+    enqueue_all(&pool, &jobs).await;
+
+    wait_all_completed(&pool, jobs.len()).await;
+    let instants = running_instants(&pool).await;
+    let mut most: HashMap<&str, i64> = HashMap::new();
+    for instant in &instants {
+        let seen = most.entry(instant.owner.as_str()).or_default();
+        *seen = (*seen).max(instant.capped);
+    }
+    assert_eq!(most.len(), 2, "both workers ran jobs: {instants:#?}");
+    assert!(most.values().all(|&n| n == CAP), "{most:?} {instants:#?}");
+    // Together they ran twice the cap at once: the cap is each worker's, not a shared one.
+    assert_eq!(most_at_once(&pool).await, 2 * CAP);
+    for worker in &mut workers {
+        assert!(worker.terminate().await, "{}", worker.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_job_that_ends_frees_its_place() {
+    // No poll within the test's wait: after the first claim fills the cap, only the places
+    // freed by ending jobs can bring the next ones in.
+    let config = capped_config(600_000);
+    let (pool, _db) = probe_pool(&config).await;
+    let mut worker = WorkerProcess::start(&config);
+    wait_for(Duration::from_secs(30), "the worker to start", || async {
+        worker.log_text().contains("worker started").then_some(())
+    })
+    .await;
+    let jobs = vec![NewJob::new(SLEEP, json!({"ms": 50})); 10];
+    enqueue_all(&pool, &jobs).await;
+    wait_all_completed(&pool, jobs.len()).await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+/// Enqueues `jobs` in one transaction (one NOTIFY), in order.
+async fn enqueue_all(pool: &PgPool, jobs: &[NewJob]) {
+    let mut tx = pool.begin().await.unwrap();
+    settle_workers::enqueue_many(&mut tx, jobs).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Waits (up to 60 s) until all `n` jobs completed, each on its first attempt (so each ran
+/// once, in one interval).
+async fn wait_all_completed(pool: &PgPool, n: usize) {
+    wait_for(Duration::from_secs(60), "every job completed", || async {
+        let done =
+            common::scalar(pool, "select count(*) from jobs where state = 'completed'").await;
+        (done == n as i64).then_some(())
+    })
+    .await;
+    let again = common::scalar(pool, "select count(*) from jobs where attempt <> 1").await;
+    assert_eq!(again, 0, "a job ran more than once");
+}
+
+/// Records the worker of every claim (the fence goes up at every claim and only then).
+async fn record_claims(pool: &PgPool) {
+    // Unchecked: test-only DDL, several statements in one round trip.
+    sqlx::raw_sql(
+        "create table cap_claims (job_id bigint primary key, owner text not null);
+         create function cap_record_claim() returns trigger language plpgsql as $$
+         begin
+             insert into cap_claims values (new.id, new.lease_owner)
+                 on conflict (job_id) do update set owner = excluded.owner;
+             return null;
+         end $$;
+         create trigger cap_record_claim after update of fence on jobs
+             for each row when (new.fence <> old.fence) execute function cap_record_claim();",
+    )
+    .execute(pool)
+    .await
+    .expect("claim recorder");
+}
+
+/// What one worker was running the instant one of its jobs started.
+#[derive(Debug, sqlx::FromRow)]
+struct Moment {
+    owner: String,
+    /// Jobs of the capped kind (`sleep`).
+    capped: i64,
+    /// Jobs of every kind.
+    running: i64,
+}
+
+/// For every instant a job started, what its worker was running then. The count of running
+/// jobs only ever rises when a job starts, so its maxima are among these instants.
+async fn running_instants(pool: &PgPool) -> Vec<Moment> {
+    sqlx::query_as(
+        "with runs as (
+             select c.owner, j.kind, j.started_at, j.finished_at
+             from jobs j join cap_claims c on c.job_id = j.id
+         ), instants as (
+             select distinct owner, started_at as at from runs
+         )
+         select i.owner, i.at,
+                count(*) filter (where r.kind = $1) as capped, count(*) as running
+         from instants i
+         join runs r on r.owner = i.owner and r.started_at <= i.at and r.finished_at > i.at
+         group by i.owner, i.at
+         order by i.at",
+    )
+    .bind(SLEEP)
+    .fetch_all(pool)
+    .await
+    .expect("running instants")
+}
+
+/// The most jobs running at once across every worker.
+async fn most_at_once(pool: &PgPool) -> i64 {
+    common::scalar(
+        pool,
+        "select max((select count(*) from jobs o
+                     where o.started_at <= j.started_at and o.finished_at > j.started_at))
+         from jobs j",
+    )
+    .await
+}
