@@ -119,22 +119,24 @@ pub async fn claim(
         .iter()
         .map(|room| (room.kind.clone(), room.places))
         .unzip();
-    // The candidates keep their claim order (`place`); `nth` numbers each kind's candidates in
-    // that order, so a capped kind keeps its first `places` and the rest are passed over.
+    // Uncapped candidates pass as they are; each capped kind keeps its first `places`
+    // candidates in claim order (a lateral limit per capped kind, no sort). The uncapped come
+    // first when `$2` cuts (only when expired leases and due jobs together exceed it).
     claim_statement!(
         ", kind",
         ", candidates as (
-             select id, kind, row_number() over () as place
-             from (select id, kind from expired union all select id, kind from due) c
+             select id, kind from expired union all select id, kind from due
          ), picked as (
-             select c.id
-             from (select id, kind, place,
-                          row_number() over (partition by kind order by place) as nth
-                   from candidates) c
-             left join unnest($5::text[], $6::bigint[]) as room(kind, places)
-               on room.kind = c.kind
-             where room.places is null or c.nth <= room.places
-             order by c.place
+             select id from (
+                 select id from candidates where kind <> all($5)
+                 union all
+                 select capped.id
+                 from unnest($5::text[], $6::bigint[]) as room(kind, places)
+                 cross join lateral (
+                     select id from candidates where candidates.kind = room.kind
+                     limit room.places
+                 ) capped
+             ) p
              limit $2
          )",
         "select id from picked",
