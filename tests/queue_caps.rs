@@ -65,10 +65,7 @@ async fn each_worker_process_holds_its_own_cap() {
     record_claims(&pool).await;
     let mut workers = [WorkerProcess::start(&config), WorkerProcess::start(&config)];
     for worker in &workers {
-        wait_for(Duration::from_secs(30), "the worker to start", || async {
-            worker.log_text().contains("worker started").then_some(())
-        })
-        .await;
+        wait_started(worker).await;
     }
     let jobs = vec![NewJob::new(SLEEP, json!({"ms": 300})); 16];
     enqueue_all(&pool, &jobs).await;
@@ -96,14 +93,19 @@ async fn a_capped_job_that_ends_frees_its_place() {
     let config = capped_config(600_000);
     let (pool, _db) = probe_pool(&config).await;
     let mut worker = WorkerProcess::start(&config);
-    wait_for(Duration::from_secs(30), "the worker to start", || async {
-        worker.log_text().contains("worker started").then_some(())
-    })
-    .await;
+    wait_started(&worker).await;
     let jobs = vec![NewJob::new(SLEEP, json!({"ms": 50})); 10];
     enqueue_all(&pool, &jobs).await;
     wait_all_completed(&pool, jobs.len()).await;
     assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+/// Waits (up to 30 s) until `worker` has connected and is about to claim.
+async fn wait_started(worker: &WorkerProcess) {
+    wait_for(Duration::from_secs(30), "the worker to start", || async {
+        worker.log_text().contains("worker started").then_some(())
+    })
+    .await;
 }
 
 /// Enqueues `jobs` in one transaction (one NOTIFY), in order.
