@@ -98,7 +98,7 @@ async fn an_out_of_stock_answer_is_replayed_too() {
 
 #[tokio::test]
 async fn expired_keys_are_free_again() {
-    let (app, product, body) = one_of_five().await;
+    let (app, _, body) = one_of_five().await;
     assert_eq!(post_with_key(&app, "old", &body).await.0, 201);
     sqlx::query("update idempotency_keys set expires_at = now() - interval '1 second'")
         .execute(&app.pool)
