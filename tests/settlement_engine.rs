@@ -147,8 +147,7 @@ fn csv(text: &str) -> support::Settled {
 #[tokio::test]
 async fn a_run_equals_the_reference_in_table_and_csv() {
     let db = db("UTC", 3, 97).await;
-    let rows = support::random_transactions(1, 3000, 7, 5);
-    store(&db.pool, &rows).await;
+    let rows = support::store_random(&db.pool, 1, 3000, 7, 5).await;
     let (from, to) = (day("2025-01-01"), day("2025-01-05"));
     let path = db.run(1, range("2025-01-01", "2025-01-05")).await;
     let expected = reference(&rows, from, to, Tz::UTC);
@@ -168,8 +167,7 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
 #[tokio::test]
 async fn a_resumed_run_equals_an_uninterrupted_one() {
     let db = db("UTC", 2, 50).await;
-    let rows = support::random_transactions(2, 2000, 5, 3);
-    store(&db.pool, &rows).await;
+    let rows = support::store_random(&db.pool, 2, 2000, 5, 3).await;
     let plan = db.start(7, range("2025-01-01", "2025-01-03")).await;
     let plan = db.batches(&plan, Some(4)).await;
     assert!(plan.processed() > 0 && plan.processed() < plan.run.total);
@@ -180,7 +178,7 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
         .unwrap();
     drop(tx);
     // Rows arriving after the start are not part of this job's input.
-    store(&db.pool, &support::random_transactions(3, 100, 5, 3)).await;
+    support::store_random(&db.pool, 3, 100, 5, 3).await;
     // A new worker starts from scratch: it gets the fixed input and the committed cursors.
     let resumed = db.start(7, range("2025-01-01", "2025-01-03")).await;
     assert_eq!(resumed, plan);
@@ -195,8 +193,7 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
 #[tokio::test]
 async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
     let db = db("UTC", 2, 300).await;
-    let old = support::random_transactions(40, 1500, 4, 4);
-    store(&db.pool, &old).await;
+    let old = support::store_random(&db.pool, 40, 1500, 4, 4).await;
     // A fixes its input, then new transactions arrive (one a merchant-day only they have).
     let a = db.start(1, range("2025-01-01", "2025-01-04")).await;
     let mut new = support::random_transactions(41, 500, 4, 4);
@@ -225,8 +222,7 @@ async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
 #[tokio::test]
 async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let db = db("UTC", 2, 200).await;
-    let rows = support::random_transactions(4, 2000, 4, 6);
-    store(&db.pool, &rows).await;
+    let rows = support::store_random(&db.pool, 4, 2000, 4, 6).await;
     db.run(1, range("2025-01-01", "2025-01-04")).await;
     let first = db.settled("2025-01-01", "2025-01-04").await;
     // Rows an earlier run left that this one does not produce: inside the range they go,
@@ -250,8 +246,7 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
         [("kept".to_owned(), day("2024-12-31"))]
     );
     // An overlapping later range replaces the shared days and keeps the others.
-    let more = support::random_transactions(5, 500, 4, 6);
-    store(&db.pool, &more).await;
+    let more = support::store_random(&db.pool, 5, 500, 4, 6).await;
     let path = db.run(3, range("2025-01-03", "2025-01-06")).await;
     let all: Vec<_> = rows.iter().chain(&more).cloned().collect();
     assert_eq!(
@@ -276,7 +271,7 @@ async fn an_empty_range_writes_a_header_only_and_an_empty_table_works() {
         path,
         "merchant_id,date,gross_cents,fee_cents,net_cents,txn_count\n"
     );
-    store(&db.pool, &support::random_transactions(6, 300, 3, 3)).await;
+    support::store_random(&db.pool, 6, 300, 3, 3).await;
     let path = db.run(2, range("2026-06-01", "2026-06-30")).await;
     assert!(csv(&path).is_empty());
 }
@@ -378,7 +373,7 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
 #[tokio::test]
 async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
     let db = db("UTC", 1, 100).await;
-    store(&db.pool, &support::random_transactions(7, 20_000, 3, 2)).await;
+    support::store_random(&db.pool, 7, 20_000, 3, 2).await;
     let mut conn = db.pool.acquire().await.unwrap();
     // The activity counters are flushed asynchronously; wait until they show the load.
     for _ in 0..50 {
@@ -405,7 +400,7 @@ async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
 #[tokio::test]
 async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let db = db("UTC", 2, 10).await;
-    store(&db.pool, &support::random_transactions(8, 100, 2, 2)).await;
+    support::store_random(&db.pool, 8, 100, 2, 2).await;
     let range = range("2025-01-01", "2025-01-02");
     let bounds = plan::high_water_mark(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();

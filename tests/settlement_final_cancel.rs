@@ -26,8 +26,7 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
     let before = support::settle_first(&app, &first, days).await;
 
     // New input that a completed second job would show.
-    let second = support::random_transactions(22, 1500, 4, 3);
-    support::store(&app.pool, &second).await;
+    let second = support::store_random(&app.pool, 22, 1500, 4, 3).await;
     let mut holder = SettlementsLock::hold(&app.config.database.url).await;
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     holder.wait_for_a_waiter(&app.pool).await;
