@@ -4,6 +4,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use settle_workers::error::{is_session_lost, sql_state};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -184,21 +185,12 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
 }
 
 /// Whether `e` means the connection or the server failed, rather than the statement being
-/// refused: the session is gone or going (I/O, protocol, `08…` connection exceptions, `57P…`
-/// shutdowns and terminations, the idle-in-transaction timeout, too many connections), so the
-/// request may succeed on a fresh connection and is answered 503, never 500.
+/// refused: the session is gone or going (as the queue's transient errors, plus every `57P…`
+/// shutdown and termination and too many connections), so the request may succeed on a fresh
+/// connection and is answered 503, never 500.
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "25P03" || code == "53300"
-        }),
-        _ => false,
-    }
+    is_session_lost(e)
+        || sql_state(e).is_some_and(|code| code.starts_with("57P") || code == "53300")
 }
 
 /// `name` as a quoted SQL identifier, for the statements that take no parameters (CREATE and

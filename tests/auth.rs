@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::access::{calls, settlement_row};
-use common::assert_refused;
+use common::assert_response_refused;
 use common::auth::client_with;
 use common::{assert_error, spawn_app, spawn_app_with};
 use serde_json::json;
@@ -76,18 +76,10 @@ async fn unknown_routes_and_wrong_methods_answer_404_and_405_with_or_without_a_t
     let shop = app.client_as(Role::Shop, None).await;
     for client in [&reqwest::Client::new(), &shop, &app.http] {
         let unknown = client.get(app.url("/api/v1/nothing-here")).send();
-        assert_refused(
-            common::status_and_json(unknown.await.unwrap()).await,
-            404,
-            "NOT_FOUND",
-        );
+        assert_response_refused(unknown.await.unwrap(), 404, "NOT_FOUND").await;
         // The OpenAPI document already says which routes exist; a 405 tells no more.
         let wrong_method = client.delete(app.url("/api/v1/orders")).send();
-        assert_refused(
-            common::status_and_json(wrong_method.await.unwrap()).await,
-            405,
-            "METHOD_NOT_ALLOWED",
-        );
+        assert_response_refused(wrong_method.await.unwrap(), 405, "METHOD_NOT_ALLOWED").await;
     }
 }
 
@@ -102,11 +94,7 @@ async fn a_revoked_token_stops_working_within_the_cache_ttl() {
     assert_eq!(orders().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // ...then refused like any unknown token.
-    assert_refused(
-        common::status_and_json(orders().await.unwrap()).await,
-        401,
-        "UNAUTHENTICATED",
-    );
+    assert_response_refused(orders().await.unwrap(), 401, "UNAUTHENTICATED").await;
 }
 
 #[tokio::test]

@@ -62,11 +62,16 @@ fn order(product: i64, quantity: i64) -> serde_json::Value {
     json!({"product_id": product, "quantity": quantity, "buyer_id": "a"})
 }
 
-#[tokio::test]
-async fn same_key_with_a_different_body_is_refused_and_changes_nothing() {
+/// An app with a product of 5 units, its id, and buyer `a`'s order of one of them.
+async fn one_of_five() -> (TestApp, i64, Value) {
     let app = spawn_app().await;
     let product = app.product(5, 100).await;
-    let body = order(product, 1);
+    (app, product, order(product, 1))
+}
+
+#[tokio::test]
+async fn same_key_with_a_different_body_is_refused_and_changes_nothing() {
+    let (app, product, body) = one_of_five().await;
     assert_eq!(post_with_key(&app, "k1", &body).await.0, 201);
     let changed = order(product, 2);
     assert_refused(
@@ -93,9 +98,7 @@ async fn an_out_of_stock_answer_is_replayed_too() {
 
 #[tokio::test]
 async fn expired_keys_are_free_again() {
-    let app = spawn_app().await;
-    let product = app.product(5, 100).await;
-    let body = order(product, 1);
+    let (app, _, body) = one_of_five().await;
     assert_eq!(post_with_key(&app, "old", &body).await.0, 201);
     sqlx::query("update idempotency_keys set expires_at = now() - interval '1 second'")
         .execute(&app.pool)
@@ -108,9 +111,7 @@ async fn expired_keys_are_free_again() {
 
 #[tokio::test]
 async fn malformed_keys_are_refused_before_anything_happens() {
-    let app = spawn_app().await;
-    let product = app.product(5, 100).await;
-    let body = order(product, 1);
+    let (app, product, body) = one_of_five().await;
     for key in ["x".repeat(256), " ".to_owned()] {
         assert_refused(
             post_with_key(&app, &key, &body).await,

@@ -41,8 +41,7 @@ async fn job(app: &TestApp, id: i64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_settlement_retried_after_new_data_settles_the_new_input_exactly() {
     let (app, _worker) = settling_app(5, 2).await;
-    let old = support::random_transactions(41, 4_000, 5, 3);
-    support::store(&app.pool, &old).await;
+    let old = support::store_random(&app.pool, 41, 4_000, 5, 3).await;
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_processed(&app.pool, id, 1, Duration::from_secs(30)).await;
     assert_eq!(app.cancel(id).await.0, 202);
@@ -96,8 +95,7 @@ async fn failed_settlement_with_stale_work(app: &TestApp) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_settlement_retried_starts_over_and_keeps_its_error_history() {
     let app = spawn_app_with(&[("worker.batch_size", json!(64))]).await;
-    let rows = support::random_transactions(42, 1_500, 4, 2);
-    support::store(&app.pool, &rows).await;
+    let rows = support::store_random(&app.pool, 42, 1_500, 4, 2).await;
     let id = failed_settlement_with_stale_work(&app).await;
     let _worker = start_worker(&app);
 

@@ -47,15 +47,25 @@ async fn concurrently(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_buyers_never_oversell_one_hundred_units_coalesced() {
-    five_hundred_buyers_on_one_hundred_units(true).await;
+/// Each ordering scenario runs twice, with `orders.coalesce` on (orders share a batch's
+/// transaction) and off (one statement each): both paths keep the same promises.
+macro_rules! in_both_modes {
+    ($scenario:ident: $coalesced:ident, $one_statement_each:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $coalesced() {
+            $scenario(true).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $one_statement_each() {
+            $scenario(false).await;
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_buyers_never_oversell_one_hundred_units_one_statement_each() {
-    five_hundred_buyers_on_one_hundred_units(false).await;
-}
+in_both_modes!(five_hundred_buyers_on_one_hundred_units:
+    five_hundred_buyers_never_oversell_one_hundred_units_coalesced,
+    five_hundred_buyers_never_oversell_one_hundred_units_one_statement_each);
 
 async fn five_hundred_buyers_on_one_hundred_units(coalesce: bool) {
     let app = common::spawn_app_with(&[("orders.coalesce", json!(coalesce))]).await;
@@ -101,15 +111,9 @@ async fn five_hundred_buyers_on_one_hundred_units(coalesce: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_coalesced() {
-    mixed_quantities_and_restocks(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_one_statement_each() {
-    mixed_quantities_and_restocks(false).await;
-}
+in_both_modes!(mixed_quantities_and_restocks:
+    mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_coalesced,
+    mixed_quantities_and_concurrent_restocks_keep_the_books_balanced_one_statement_each);
 
 async fn mixed_quantities_and_restocks(coalesce: bool) {
     let app = common::spawn_app_with(&[("orders.coalesce", json!(coalesce))]).await;

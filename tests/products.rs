@@ -84,17 +84,12 @@ async fn products_list_uses_the_configured_page_sizes() {
 #[tokio::test]
 async fn products_list_refuses_bad_limits_and_cursors() {
     let app = spawn_app().await;
-    for (query, status, code) in [
-        ("limit=0", 422, "INVALID_LIMIT"),
-        ("limit=-1", 422, "INVALID_LIMIT"),
-        ("limit=ten", 400, "INVALID_QUERY"),
-        ("cursor=xyz", 400, "INVALID_CURSOR"),
+    // An id cursor is a positive id.
+    let ids = [
         ("cursor=0", 400, "INVALID_CURSOR"),
         ("cursor=-5", 400, "INVALID_CURSOR"),
-    ] {
-        let answer = app.get(&format!("/api/v1/products?{query}")).await;
-        assert_refused(answer, status, code);
-    }
+    ];
+    app.assert_list_refuses("/api/v1/products", &ids).await;
     let (_, spec) = app.get("/api/v1/openapi.json").await;
     let list = &spec["paths"]["/api/v1/products"]["get"];
     for status in ["200", "400", "422"] {

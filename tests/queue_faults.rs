@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::processes::{
     self, WorkerProcess, counted, enqueue, enqueue_count, job_row, probe_pool, processed,
-    reported_count, wait_for, wait_state,
+    reported_count, short_lease, wait_for, wait_state,
 };
 use common::test_config;
 use nix::sys::signal::Signal;
@@ -61,12 +61,7 @@ async fn sigkilled_job_resumes_from_its_checkpoint_on_another_worker_within_15_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_past_its_lease_writes_nothing_and_drops_the_job() {
-    let config = test_config(&[
-        ("worker.lease_ms", json!(2000)),
-        ("worker.heartbeat_ms", json!(500)),
-        ("worker.shutdown_grace_ms", json!(1000)),
-        ("worker.poll_interval_ms", json!(200)),
-    ]);
+    let config = test_config(&short_lease(2000, 500));
     let (pool, _db) = probe_pool(&config).await;
     let id = enqueue_count(&pool, 100, 5, 200).await;
     let mut paused = WorkerProcess::start(&config);

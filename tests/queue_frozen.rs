@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::processes::{
-    WorkerProcess, counted, enqueue, probe_pool, reported_count, wait_for, wait_state,
+    WorkerProcess, counted, enqueue, probe_pool, reported_count, short_lease, wait_for, wait_state,
 };
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
@@ -30,11 +30,8 @@ async fn idle_in_transaction(pool: &PgPool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
-    let config = test_config(&[
-        ("worker.lease_ms", json!(10_000)),
-        ("worker.heartbeat_ms", json!(1000)),
-        ("worker.poll_interval_ms", json!(200)),
-    ]);
+    // The default lease and grace, a faster heartbeat and poll.
+    let config = test_config(&short_lease(10_000, 1000));
     let (pool, _db) = probe_pool(&config).await;
     // Each batch holds its transaction open for 1.5 s after writing the job's count row.
     let args = json!({"upto": 40, "batch": 5, "hold_ms": 1500});

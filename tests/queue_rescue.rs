@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::processes::{
-    WorkerProcess, counted, enqueue, probe_tables, reported_count, wait_for, wait_processed,
+    WorkerProcess, counted, enqueue_count, probe_pool, reported_count, wait_for, wait_processed,
     wait_state,
 };
-use common::{migrated_pool, test_config};
+use common::{TestDatabase, test_config};
 use serde_json::json;
 use settle::config::Config;
 use settle_workers::liveness::LOCK_CLASS;
@@ -22,16 +22,13 @@ use sqlx::PgPool;
 /// Generous: the machine running this may be small and busy.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Default settings but a two-minute lease, longer than any wait here: a job that changes
-/// hands in these tests does so through the liveness lock, never at lease expiry.
-fn long_lease() -> Config {
-    test_config(&[("worker.lease_ms", json!(120_000))])
-}
-
-/// A count job of `upto` rows in batches of `batch`, each batch taking `sleep_ms`.
-async fn count_job(pool: &PgPool, upto: i64, batch: i64, sleep_ms: u64) -> i64 {
-    let args = json!({"upto": upto, "batch": batch, "sleep_ms": sleep_ms});
-    enqueue(pool, "count", args, 5).await
+/// A queue database, and the settings its workers start with: the defaults but a two-minute
+/// lease, longer than any wait here, so a job that changes hands in these tests does so through
+/// the liveness lock, never at lease expiry.
+async fn long_lease_queue() -> (Config, PgPool, TestDatabase) {
+    let config = test_config(&[("worker.lease_ms", json!(120_000))]);
+    let (pool, database) = probe_pool(&config).await;
+    (config, pool, database)
 }
 
 /// (attempt, fence, lease_owner, lease_expires_at, heartbeat_at) of a job.
@@ -84,11 +81,9 @@ async fn locks_held(pool: &PgPool) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_job_is_taken_by_a_waiting_worker_long_before_its_lease_ends() {
-    let config = long_lease();
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
+    let (config, pool, _db) = long_lease_queue().await;
     let mut workers = vec![WorkerProcess::start(&config), WorkerProcess::start(&config)];
-    let id = count_job(&pool, 400, 10, 100).await;
+    let id = enqueue_count(&pool, 400, 10, 100).await;
     let at_kill = wait_processed(&pool, id, 50, DEADLINE).await;
     let (_, _, owner, lease_until, _) = claim_of(&pool, id).await;
     let (owner, lease_until) = (owner.expect("held"), lease_until.expect("held"));
@@ -120,13 +115,11 @@ async fn a_killed_workers_job_is_taken_by_a_waiting_worker_long_before_its_lease
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_workers_long_jobs_are_never_taken_by_the_workers_probing_beside_it() {
-    let config = long_lease();
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
+    let (config, pool, _db) = long_lease_queue().await;
     let mut live = WorkerProcess::start(&config);
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(count_job(&pool, 100, 5, 300).await);
+        ids.push(enqueue_count(&pool, 100, 5, 300).await);
     }
     for &id in &ids {
         wait_processed(&pool, id, 5, DEADLINE).await;
@@ -157,11 +150,9 @@ async fn a_live_workers_long_jobs_are_never_taken_by_the_workers_probing_beside_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_lock_session_is_terminated_locks_again_and_keeps_its_job() {
-    let config = long_lease();
-    let (pool, _db) = migrated_pool(&config).await;
-    probe_tables(&pool).await;
+    let (config, pool, _db) = long_lease_queue().await;
     let mut worker = WorkerProcess::start(&config);
-    let id = count_job(&pool, 400, 10, 100).await;
+    let id = enqueue_count(&pool, 400, 10, 100).await;
     wait_processed(&pool, id, 50, DEADLINE).await;
     let waiting = WorkerProcess::start(&config);
     let (_, _, owner, ..) = claim_of(&pool, id).await;

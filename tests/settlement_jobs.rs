@@ -203,8 +203,7 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
     let first = support::random_transactions(31, 200, 5, 3);
     let before = support::settle_first(&app, &first, days).await;
     // New input that a run not stopped in time would fold into those rows.
-    let rows = support::random_transactions(12, 20_000, 5, 3);
-    support::store(&app.pool, &rows).await;
+    let rows = support::store_random(&app.pool, 12, 20_000, 5, 3).await;
     let all: Vec<_> = first.iter().chain(&rows).cloned().collect();
     assert_ne!(reference(&all, days.0, days.1, Tz::UTC), before);
     // Running: a 5-row batch size makes the job long; cancel once it has made progress.
@@ -227,7 +226,7 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
 #[tokio::test]
 async fn a_cancelled_queued_job_never_starts() {
     let app = spawn_app_with(&[]).await;
-    support::store(&app.pool, &support::random_transactions(13, 100, 2, 2)).await;
+    support::store_random(&app.pool, 13, 100, 2, 2).await;
     let id = app.post_settlement("2025-01-01", "2025-01-02").await;
     let mut conn = app.pool.acquire().await.unwrap();
     let outcome = settle_workers::request_cancel(&mut conn, id).await.unwrap();

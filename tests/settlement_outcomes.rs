@@ -38,16 +38,14 @@ fn worker(app: &TestApp, batch: i64, lease_ms: u64, database_url: &str) -> Worke
 async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
     let url = app.config.database.url.clone();
-    let old = support::random_transactions(50, 20_000, 6, 4);
-    support::store(&app.pool, &old).await;
+    let old = support::store_random(&app.pool, 50, 20_000, 6, 4).await;
     // A fixes its input on the first worker, which is frozen mid-job.
     let a = app.post_settlement("2025-01-01", "2025-01-04").await;
     let first = worker(&app, 50, 4000, &url);
     wait_mid_way(&app.pool, a).await;
     first.signal(Signal::SIGSTOP);
     // New transactions arrive; B, over part of A's range, completes on another worker.
-    let new = support::random_transactions(51, 3_000, 6, 4);
-    support::store(&app.pool, &new).await;
+    let new = support::store_random(&app.pool, 51, 3_000, 6, 4).await;
     let mut second = worker(&app, 1_000_000, 4000, &url);
     let b = app.post_settlement("2025-01-02", "2025-01-03").await;
     wait_state(&app.pool, b, "completed").await;
@@ -85,8 +83,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
 /// commit's connection once, `cut` deciding whether the commit reached the server.
 async fn final_commit_cut(cut: Cut) {
     let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
-    let rows = support::random_transactions(60, 5_000, 5, 3);
-    support::store(&app.pool, &rows).await;
+    let rows = support::store_random(&app.pool, 60, 5_000, 5, 3).await;
     let server = common::server_url();
     let upstream = server
         .rsplit('@')

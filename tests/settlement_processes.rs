@@ -5,22 +5,20 @@
 mod common;
 
 use chrono_tz::Tz;
-use common::processes::{WorkerProcess, wait_mid_way, wait_state};
+use common::processes::{WorkerProcess, short_lease, wait_mid_way, wait_state};
 use common::settlement as support;
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
 use support::{day, reference, settlements};
 
 fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
-    vec![
+    let mut overrides = short_lease(2000, 500);
+    overrides.extend([
         ("worker.batch_size", json!(batch)),
-        ("worker.lease_ms", json!(2000)),
-        ("worker.heartbeat_ms", json!(500)),
-        ("worker.shutdown_grace_ms", json!(1000)),
-        ("worker.poll_interval_ms", json!(200)),
         ("settlement.parallel_parts", json!(2)),
         ("settlement.time_zone", json!("America/New_York")),
-    ]
+    ]);
+    overrides
 }
 
 /// A worker process with the test's settlement settings (the helper passes `[worker]` only).
@@ -48,8 +46,7 @@ fn worker(app: &TestApp) -> WorkerProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     let app = spawn_app_with(&overrides(40)).await;
-    let rows = support::random_transactions(21, 30_000, 8, 5);
-    support::store(&app.pool, &rows).await;
+    let rows = support::store_random(&app.pool, 21, 30_000, 8, 5).await;
     let id = app.post_settlement("2025-01-01", "2025-01-05").await;
     let first = worker(&app);
     wait_mid_way(&app.pool, id).await;
@@ -66,7 +63,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     )
     .await;
     // Rows arriving after the job started are not part of its input.
-    support::store(&app.pool, &support::random_transactions(22, 500, 8, 5)).await;
+    support::store_random(&app.pool, 22, 500, 8, 5).await;
 
     let mut second = worker(&app);
     wait_state(&app.pool, id, "completed").await;
@@ -98,8 +95,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_was() {
     let app = spawn_app_with(&overrides(20)).await;
-    let rows = support::random_transactions(23, 30_000, 8, 3);
-    support::store(&app.pool, &rows).await;
+    support::store_random(&app.pool, 23, 30_000, 8, 3).await;
     // An earlier settlement of the same days, which the cancelled job must leave alone.
     let mut w = worker(&app);
     let done = app.post_settlement("2025-01-01", "2025-01-03").await;
@@ -107,7 +103,7 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
     let before = settlements(&app.pool, day("2025-01-01"), day("2025-01-03")).await;
     assert!(!before.is_empty());
 
-    support::store(&app.pool, &support::random_transactions(24, 500, 8, 3)).await;
+    support::store_random(&app.pool, 24, 500, 8, 3).await;
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     let processed_then = wait_mid_way(&app.pool, id).await;
     let (status, body) = app.cancel(id).await;

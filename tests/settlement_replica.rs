@@ -99,16 +99,14 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
     };
     let config = config(primary.url("settle_replica"));
     let (pool, _db) = migrated_pool(&config).await;
-    let early = support::random_transactions(41, 12_000, 6, 5);
-    support::store(&pool, &early).await;
+    let early = support::store_random(&pool, 41, 12_000, 6, 5).await;
     let standby = Cluster::standby_of(&primary).await;
     let replica = PgPool::connect(&standby.url("settle_replica"))
         .await
         .unwrap();
     // Rows the replica has not replayed when the job starts: a read there now would miss them.
     set_replay_paused(&replica, true).await;
-    let late = support::random_transactions(42, 8_000, 6, 5);
-    support::store(&pool, &late).await;
+    let late = support::store_random(&pool, 42, 8_000, 6, 5).await;
     let (primary_before, replica_before) = (
         transaction_scans(&pool).await,
         transaction_scans(&replica).await,
@@ -151,8 +149,7 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
 async fn a_replica_that_does_not_answer_leaves_the_reads_on_the_primary() {
     let config = test_config(&[("worker.batch_size", json!(BATCH))]);
     let (pool, _db) = migrated_pool(&config).await;
-    let rows = support::random_transactions(43, 5_000, 4, 5);
-    support::store(&pool, &rows).await;
+    let rows = support::store_random(&pool, 43, 5_000, 4, 5).await;
     // Nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

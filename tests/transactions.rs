@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::assert_refused;
 use common::{TestApp, assert_error, spawn_app, spawn_app_with};
+use common::{assert_refused, assert_response_refused};
 use serde_json::{Value, json};
 
 /// A transaction whose provider id is derived from its fields, so equal calls are re-sends.
@@ -167,11 +167,8 @@ async fn an_idempotency_key_replays_the_first_answer() {
     // A replay says what the first request did, not "2 duplicates".
     let again = common::status_and_json(post(body).await.unwrap()).await;
     assert_eq!(again, first);
-    assert_refused(
-        common::status_and_json(post(json!([txn("m-1", 3, 0)])).await.unwrap()).await,
-        422,
-        "IDEMPOTENCY_KEY_REUSED",
-    );
+    let reused = post(json!([txn("m-1", 3, 0)])).await.unwrap();
+    assert_response_refused(reused, 422, "IDEMPOTENCY_KEY_REUSED").await;
     assert_eq!(stored(&app).await, 2);
 }
 
@@ -227,11 +224,7 @@ async fn wrong_shapes_are_400() {
         .send()
         .await
         .unwrap();
-    assert_refused(
-        common::status_and_json(response).await,
-        400,
-        "MALFORMED_JSON",
-    );
+    assert_response_refused(response, 400, "MALFORMED_JSON").await;
     assert_eq!(stored(&app).await, 0);
 }
 

@@ -8,6 +8,7 @@ pub mod process;
 mod queue;
 mod queue_deep;
 mod queue_peers;
+mod replica;
 mod rescue;
 mod seed;
 mod settlement;
@@ -26,6 +27,8 @@ pub enum BenchCommand {
     /// 100,000 no-op jobs through real worker processes vs graphile-worker and a pgbench
     /// claim-and-complete loop; `--deep` for the deep-queue phases.
     Queue(queue::QueueArgs),
+    /// Primary CPU of a settlement reading its batches on the primary vs on a hot standby.
+    Replica(replica::ReplicaBenchArgs),
     /// A settlement's holder SIGKILLed again and again while another worker waits: time until
     /// the job is claimed again and progresses, and the result checked exact.
     Rescue(rescue::RescueArgs),
@@ -40,6 +43,7 @@ pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => ingest::run(args, config).await,
         BenchCommand::Orders(args) => orders::run(args, config).await,
         BenchCommand::Queue(args) => queue::run(args, config).await,
+        BenchCommand::Replica(args) => replica::run(args, config).await,
         BenchCommand::Rescue(args) => rescue::run(args, config).await,
         BenchCommand::Seed(args) => seed::run(args, config).await,
         BenchCommand::Settlement(args) => settlement::run(args, config).await,

@@ -16,7 +16,6 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 use crate::config::Config;
-use crate::seed::SeedArgs;
 use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
@@ -43,19 +42,9 @@ pub struct RescueArgs {
 }
 
 pub async fn run(args: RescueArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
-    let pool = crate::cli::open(&config, true).await?;
-    let seed = SeedArgs {
-        transactions: args.transactions,
-        days: 30,
-        merchants: 1_000,
-        quiet: true,
-        ..SeedArgs::demo()
-    };
-    super::settlement::ensure_seeded(&pool, &seed).await?;
-    let last_day = seed.start + chrono::Days::new(u64::from(seed.days) - 1);
-    let range =
-        DateRange::new(seed.start, last_day, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let seed = super::settlement::history(args.transactions, 30, 1_000);
+    let (config, pool, range) =
+        super::settlement::seeded_history(config, &args.database, &seed).await?;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let w = &config.worker;
     println!(

@@ -44,20 +44,36 @@ pub struct SettlementBenchArgs {
     pub database: String,
 }
 
-pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
+/// A settlement benchmark's database (see [`super::process::bench_config`]) holding `seed`'s
+/// transactions (seeded unless exactly that many are there), and the range of all their days.
+pub(super) async fn seeded_history(
+    config: Config,
+    database: &str,
+    seed: &SeedArgs,
+) -> anyhow::Result<(Config, PgPool, DateRange)> {
+    let config = super::process::bench_config(config, database)?;
     let pool = crate::cli::open(&config, true).await?;
-    let seed = SeedArgs {
-        transactions: args.transactions,
-        days: args.days,
-        merchants: args.merchants,
-        quiet: true,
-        ..SeedArgs::demo()
-    };
-    ensure_seeded(&pool, &seed).await?;
-    let last_day = seed.start + chrono::Days::new(u64::from(args.days) - 1);
+    ensure_seeded(&pool, seed).await?;
+    let last_day = seed.start + chrono::Days::new(u64::from(seed.days) - 1);
     let range =
         DateRange::new(seed.start, last_day, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((config, pool, range))
+}
+
+/// [`SeedArgs`] of `transactions` over `days` and `merchants`, quietly.
+pub(super) fn history(transactions: u64, days: u32, merchants: u32) -> SeedArgs {
+    SeedArgs {
+        transactions,
+        days,
+        merchants,
+        quiet: true,
+        ..SeedArgs::demo()
+    }
+}
+
+pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()> {
+    let seed = history(args.transactions, args.days, args.merchants);
+    let (config, pool, range) = seeded_history(config, &args.database, &seed).await?;
     let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
     let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
     println!(
@@ -270,8 +286,21 @@ fn worker_log() -> PathBuf {
 }
 
 fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
+    worker_command(config, batch_size, parts)?
+        .spawn()
+        .context("starting settle worker")
+}
+
+/// A `settle worker` on the benchmark's database, logging its settlement phases to
+/// [`worker_log`].
+pub(super) fn worker_command(
+    config: &Config,
+    batch_size: i64,
+    parts: u32,
+) -> anyhow::Result<Command> {
     let log = std::fs::File::create(worker_log())?;
-    Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .arg("worker")
         .env("SETTLE_DATABASE__URL", &config.database.url)
         .env("BATCH_SIZE", batch_size.to_string())
@@ -280,13 +309,12 @@ fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting settle worker")
+        .kill_on_drop(true);
+    Ok(command)
 }
 
 /// Posts the job and waits for COMPLETED; returns its id and the seconds from POST to done.
-async fn run_job(
+pub(super) async fn run_job(
     pool: &PgPool,
     http: &reqwest::Client,
     api: &str,

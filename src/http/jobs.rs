@@ -114,7 +114,6 @@ impl From<JobRecord> for Job {
 
 #[utoipa::path(
     get, path = "/api/v1/jobs/{id}", tag = "jobs",
-    params(("id" = i64, Path)),
     responses(
         (status = 200, body = Job),
     )
@@ -184,7 +183,6 @@ async fn list_jobs(
 /// Cancelling a cancelled job changes nothing.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
-    params(("id" = i64, Path)),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\"}`: CANCELLED or CANCELLING"),
         (status = 409, description = "JOB_FINISHED: the job already COMPLETED or FAILED", body = ErrorBody),
@@ -211,7 +209,6 @@ async fn cancel_job(
 /// earlier failures.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
-    params(("id" = i64, Path)),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}`"),
         (status = 409, description = "JOB_NOT_RETRYABLE: the job is not FAILED or CANCELLED; \

@@ -68,7 +68,6 @@ pub struct PlaceOrderRequest {
 /// Place an order. Never oversells: the decrement and the insert are one statement.
 #[utoipa::path(
     post, path = "/api/v1/orders", tag = "orders",
-    request_body = PlaceOrderRequest,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Up to 255 characters; a retry with the same key and body replays the stored response")),
     responses(
@@ -264,7 +263,6 @@ fn is_stock_violation(e: &sqlx::Error) -> bool {
 
 #[utoipa::path(
     get, path = "/api/v1/orders/{id}", tag = "orders",
-    params(("id" = i64, Path)),
     responses(
         (status = 200, body = OrderBody),
     )

@@ -77,7 +77,6 @@ pub struct RestockRequest {
 
 #[utoipa::path(
     post, path = "/api/v1/products", tag = "products",
-    request_body = CreateProductRequest,
     responses(
         (status = 201, body = ProductBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
@@ -96,7 +95,6 @@ async fn create_product(
 
 #[utoipa::path(
     get, path = "/api/v1/products/{id}", tag = "products",
-    params(("id" = i64, Path)),
     responses(
         (status = 200, body = ProductBody),
     )
@@ -133,8 +131,6 @@ async fn list_products(
 
 #[utoipa::path(
     post, path = "/api/v1/products/{id}/restock", tag = "products",
-    params(("id" = i64, Path)),
-    request_body = RestockRequest,
     responses(
         (status = 200, body = ProductBody),
         (status = 422, description = "INVALID_QUANTITY, STOCK_TOO_LARGE", body = ErrorBody),

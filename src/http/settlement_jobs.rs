@@ -40,7 +40,6 @@ pub struct DateRangeBody {
 /// `download_url`.
 #[utoipa::path(
     post, path = "/api/v1/jobs/settlement", tag = "jobs",
-    request_body = DateRangeBody,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Up to 255 characters; a retry with the same key and body returns the same job")),
     responses(

@@ -91,8 +91,54 @@ pub struct Window {
     pub after_id: i64,
     /// The highest such id (the high-water id when there are none).
     pub last_id: i64,
-    /// How many there are.
-    pub rows: i64,
+    /// How many there are; `None` when [`edges`] found the span without counting them (the
+    /// job then counts them in its one pass over the rows).
+    pub rows: Option<i64>,
+}
+
+impl Window {
+    /// The job's `total` before it has read its input: the exact count where there is one,
+    /// else the ids in the span, which bound it (and equal it where ids are dense).
+    pub fn total_bound(&self) -> i64 {
+        self.rows.unwrap_or(self.last_id - self.after_id)
+    }
+}
+
+/// How many ids at each end of the table [`edges`] looks at.
+const EDGE_ROWS: i64 = 1_000;
+
+/// The input's id span without a pass over it, when the range holds one of the lowest
+/// [`EDGE_ROWS`] ids up to the high-water id and one of the highest (a range covering the
+/// history's start and end, such as a month settled on a month of history): walking the primary
+/// key from each end, the first row paid within the days is then the span's edge. `None` when
+/// either end has no such row; [`window`] then finds the span (and the count) through the
+/// `(paid_at, id)` index, at a cost that follows the range. This is what lets a job over (nearly)
+/// all of the table read its rows once, counting them as it goes, instead of twice.
+pub async fn edges(
+    conn: &mut PgConnection,
+    high_water_id: i64,
+    range: DateRange,
+    zone: Zone,
+) -> Result<Option<Window>, sqlx::Error> {
+    let within = paid_within(zone, "$2", "$3");
+    // Dynamic: the time bound holds the job's zone as a literal (see `paid_within`).
+    let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
+        "select (select min(id) from (select id, paid_at from transactions where id <= $1
+                                      order by id limit $4) as lowest where {within}),
+                (select max(id) from (select id, paid_at from transactions where id <= $1
+                                      order by id desc limit $4) as highest where {within})"
+    )))
+    .bind(high_water_id)
+    .bind(range.from())
+    .bind(range.to())
+    .bind(EDGE_ROWS)
+    .fetch_one(conn)
+    .await?;
+    Ok(first.zip(last).map(|(first, last)| Window {
+        after_id: first - 1,
+        last_id: last,
+        rows: None,
+    }))
 }
 
 /// `paid_at >= <first instant of from> and paid_at < <first instant of the day after to>`, in
@@ -128,6 +174,6 @@ pub async fn window(
     Ok(Window {
         after_id,
         last_id,
-        rows,
+        rows: Some(rows),
     })
 }

@@ -157,9 +157,17 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
+    // What the parts read is the input's exact count: where it was not counted up front (see
+    // `input::edges`), the total becomes it with the completion.
+    let read: i64 = plan::get_parts(batch.conn(), job_id)
+        .await?
+        .iter()
+        .map(|part| part.processed)
+        .sum();
     let rows = finalize::finalize(batch.conn(), &plan)
         .await
         .map_err(job_error)?;
+    batch.set_progress(read, read).await?;
     // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
     let result = json!({"download_url": format!("/downloads/{job_id}.csv"), "csv_rows": rows});
     let completed = batch.complete(Some(result)).await;

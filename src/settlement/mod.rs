@@ -4,8 +4,10 @@
 //! The modules read in the order a job runs, [`job`] (the adapter to the queue) calling each:
 //! 1. [`plan`] fixes its input once (an id high-water mark from [`plan::high_water_mark`], and
 //!    of the transactions up to it those paid within the job's days, found by the `(paid_at,
-//!    id)` index through [`input`]: their id span and true total) and splits the span into
-//!    disjoint parts, so a job's cost follows its range, not the table;
+//!    id)` index through [`input`]: their id span and true total, or, for a range holding the
+//!    history's first and last rows, the span from the primary key's ends and the total
+//!    counted in the job's one pass) and splits the span into disjoint parts, so a job's cost
+//!    follows its range, not the table;
 //! 2. [`parts`] aggregates the next `batch_size` rows of one part (keyset on id) into one row of
 //!    partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;

@@ -18,6 +18,8 @@ pub struct Run {
     pub to_date: NaiveDate,
     pub time_zone: String,
     pub high_water_id: i64,
+    /// The input's exact count, or a bound on it (the ids of its span) where the job counts
+    /// its rows as it reads them ([`input::edges`]); the completion records the count.
     pub total: i64,
 }
 
@@ -111,8 +113,10 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// Fixes the job's input the first time it runs and returns it; on any later run returns what
 /// was fixed then, with each part's committed cursor. A first start must be given the
 /// [`high_water_mark`]: the input is every transaction up to it whose `paid_at` falls within
-/// the range's days, found through the `(paid_at, id)` index, which also gives the id span
-/// those rows occupy and their exact count (the job's `total`: what it will read). The span is
+/// the range's days. Their id span comes from the primary key's two ends where the range holds
+/// the first and the last of those transactions ([`input::edges`]: a month settled on a month of
+/// history, read once and counted as it is read); else from the `(paid_at, id)` index, which
+/// also gives their exact count (the job's `total`: what it will read). The span is
 /// cut into `parts` disjoint id sub-ranges. Either way the run now belongs to the claim `fence`
 /// (see [`super::parts::lock_run`]): part batches of an earlier owner stop landing.
 pub async fn start(
@@ -130,15 +134,22 @@ pub async fn start(
     }
     let hi = high_water.expect("a first start is given plan::high_water_mark");
     refresh_statistics(tx, settings.zone).await?;
+    // Before the aggregation's tuning, which turns off the index scans the edges walk and
+    // the index-only scan that counts a short range (measured: a day of 10M rows in 128 ms
+    // index-only against 685 ms through the heap, where the visibility map is set, as
+    // autovacuum leaves an insert-only table).
+    let window = match input::edges(tx, hi, range, settings.zone).await? {
+        Some(window) => window,
+        None => input::window(tx, hi, range, settings.zone).await?,
+    };
     super::set_local_tuning(tx).await?;
-    let window = input::window(tx, hi, range, settings.zone).await?;
     let run = Run {
         job_id,
         from_date: range.from(),
         to_date: range.to(),
         time_zone: settings.zone.name().to_owned(),
         high_water_id: hi,
-        total: window.rows,
+        total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
     let parts = split(window.after_id, window.last_id, settings.parts);

@@ -11,9 +11,6 @@ pub mod cache;
 pub mod command;
 pub mod store;
 
-use std::fmt;
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -55,22 +52,7 @@ impl Role {
     }
 }
 
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = TokenError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|role| role.as_str() == s)
-            .ok_or_else(|| TokenError::UnknownRole(s.to_owned()))
-    }
-}
+settle_workers::impl_display_from_str!(Role, TokenError, TokenError::UnknownRole);
 
 /// Why a token could not be created or revoked, in the operator's terms.
 #[derive(Debug, thiserror::Error)]

@@ -186,6 +186,23 @@ impl TestApp {
         status_and_json(response).await
     }
 
+    /// Asserts the list at `path` refuses each of its own `(query, status, code)` cases and the
+    /// page parameters every list shares: a limit below 1 (422), a limit that is not a number
+    /// (400) and a cursor this API did not write (400).
+    pub async fn assert_list_refuses(&self, path: &str, own: &[(&str, u16, &str)]) {
+        let paging = [
+            ("limit=0", 422, "INVALID_LIMIT"),
+            ("limit=-1", 422, "INVALID_LIMIT"),
+            ("limit=ten", 400, "INVALID_QUERY"),
+            ("cursor=xyz", 400, "INVALID_CURSOR"),
+        ];
+        for &(query, status, code) in paging.iter().chain(own) {
+            let (got, body) = self.get(&format!("{path}?{query}")).await;
+            assert_eq!(got, status, "{path}?{query}: {body}");
+            assert_error(&body, code);
+        }
+    }
+
     /// Enqueues a settlement of `from..=to` through the API and returns the job's id.
     pub async fn post_settlement(&self, from: &str, to: &str) -> i64 {
         let (status, body) = self
@@ -260,4 +277,10 @@ pub fn assert_refused(answer: (u16, serde_json::Value), status: u16, code: &str)
     let (got, body) = answer;
     assert_eq!(got, status, "{body}");
     assert_error(&body, code);
+}
+
+/// [`assert_refused`] for a response as sent, for the requests [`TestApp`]'s helpers do not
+/// make: another client, another method, a raw body.
+pub async fn assert_response_refused(response: reqwest::Response, status: u16, code: &str) {
+    assert_refused(status_and_json(response).await, status, code);
 }

@@ -8,11 +8,23 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
+use serde_json::{Value, json};
 use settle::config::{Config, WorkerConfig};
 use settle::jobs::kind;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
+
+/// Worker settings for a test that outlives a lease on purpose: `lease_ms` and `heartbeat_ms` as
+/// given, the shutdown grace at its most (half the lease, as in `config.toml`) and a 200 ms poll,
+/// so a job freed when its lease ends is taken again soon after.
+pub fn short_lease(lease_ms: u64, heartbeat_ms: u64) -> Vec<(&'static str, Value)> {
+    vec![
+        ("worker.lease_ms", json!(lease_ms)),
+        ("worker.heartbeat_ms", json!(heartbeat_ms)),
+        ("worker.shutdown_grace_ms", json!(lease_ms / 2)),
+        ("worker.poll_interval_ms", json!(200)),
+    ]
+}
 
 /// A running `settle worker` child; killed when dropped.
 pub struct WorkerProcess {

@@ -77,6 +77,20 @@ pub async fn store(pool: &PgPool, rows: &[NewTransaction]) {
     }
 }
 
+/// Stores [`random_transactions`]`(seed, n, merchants, days)` and returns them: a test's input,
+/// in the database and at hand for its reference.
+pub async fn store_random(
+    pool: &PgPool,
+    seed: u64,
+    n: usize,
+    merchants: u32,
+    days: i64,
+) -> Vec<NewTransaction> {
+    let rows = random_transactions(seed, n, merchants, days);
+    store(pool, &rows).await;
+    rows
+}
+
 /// Ingests `rows` on `conn` (inside the caller's transaction, if it opened one): all are new.
 pub async fn insert(conn: &mut sqlx::PgConnection, rows: &[NewTransaction]) {
     let ingested = ingest(conn, rows).await.unwrap();

@@ -2,6 +2,8 @@
 //! last checkpoint without spending an attempt, a bounded number of times) rather than the
 //! job's.
 
+use std::borrow::Cow;
+
 /// Why a job body returned without an [`crate::Outcome`].
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -41,22 +43,33 @@ impl JobError {
 /// Database errors that say nothing about the job: the connection went away, the server is
 /// restarting, or Postgres chose this transaction as a serialization/deadlock victim.
 pub fn is_transient(e: &sqlx::Error) -> bool {
+    is_session_lost(e)
+        || matches!(e, sqlx::Error::PoolTimedOut)
+        // 40001 serialization_failure, 40P01 deadlock_detected.
+        || sql_state(e).is_some_and(|code| matches!(&*code, "40001" | "40P01"))
+}
+
+/// The session is gone or going, whatever the statement was: I/O, TLS or protocol failures, a
+/// closed pool, 08* connection exceptions, 57P01-03 admin shutdown / crash shutdown / cannot
+/// connect now (pg_terminate_backend, restarts), 25P03 idle_in_transaction_session_timeout.
+/// The API's 503 and the queue's transient retry both start from this list.
+pub fn is_session_lost(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 40001 serialization_failure, 40P01 deadlock_detected, 08* connection exceptions,
-            // 57P01-03 admin shutdown / crash shutdown / cannot connect now (pg_terminate_backend,
-            // restarts), 25P03 idle_in_transaction_session_timeout.
-            matches!(
-                &*code,
-                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "25P03"
-            ) || code.starts_with("08")
+        _ => sql_state(e).is_some_and(|code| {
+            matches!(&*code, "57P01" | "57P02" | "57P03" | "25P03") || code.starts_with("08")
         }),
-        _ => false,
+    }
+}
+
+/// The SQLSTATE of a database error; `None` for every other error.
+pub fn sql_state(e: &sqlx::Error) -> Option<Cow<'_, str>> {
+    match e {
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
     }
 }

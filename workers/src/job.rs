@@ -197,6 +197,28 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Records the job's progress in this batch's transaction (fenced), to land with its
+    /// commit or completion: for a body that knows its exact `total` only once it has read
+    /// its input. `Err(LeaseLost)` when another worker owns the job.
+    pub async fn set_progress(&mut self, processed: i64, total: i64) -> Result<(), JobError> {
+        let held = sqlx::query!(
+            "update jobs set processed = $3, total = $4
+             where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+            self.ctx.id,
+            self.ctx.fence,
+            processed,
+            total,
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        if held.rows_affected() == 0 {
+            return Err(JobError::LeaseLost);
+        }
+        self.ctx.processed = processed;
+        self.ctx.total = Some(total);
+        Ok(())
+    }
+
     /// Commits the batch's writes and marks the job COMPLETED with `result`, in one fenced
     /// transaction: the job's effect and its completion land together or not at all.
     ///

@@ -2,9 +2,6 @@
 //! statements write and compare states in their own SQL; Rust code reads, binds and matches
 //! this enum, so a misspelt state is a compile error rather than a row that matches nothing.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
 /// Where a job is in its life: QUEUED → RUNNING → COMPLETED, FAILED or CANCELLED (back to
@@ -67,27 +64,37 @@ impl JobState {
     }
 }
 
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A name that is not a job state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown job state {0:?}")]
 pub struct UnknownState(pub String);
 
-impl FromStr for JobState {
-    type Err = UnknownState;
+// Shown and parsed as the stored (lowercase) name.
+crate::impl_display_from_str!(JobState, UnknownState, UnknownState);
 
-    /// Parses the stored (lowercase) name.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
-    }
+/// `Display` as `as_str()` and `FromStr` as the one of `ALL` whose `as_str()` the text is (else
+/// `Err($unknown(text))`), for a fieldless enum with both: each value's name is spelt once, in
+/// `as_str`, for both directions.
+#[macro_export]
+macro_rules! impl_display_from_str {
+    ($enum:ty, $error:ty, $unknown:expr) => {
+        impl ::std::fmt::Display for $enum {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::std::str::FromStr for $enum {
+            type Err = $error;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .into_iter()
+                    .find(|value| value.as_str() == s)
+                    .ok_or_else(|| $unknown(s.to_owned()))
+            }
+        }
+    };
 }
 
 #[cfg(test)]
