@@ -12,10 +12,15 @@ use crate::config::Config;
 
 /// The configuration with its database URL pointed at `database`.
 pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config> {
-    let mut url = url::Url::parse(&config.database.url).context("database.url")?;
-    url.set_path(database);
-    config.database.url = url.to_string();
+    config.database.url = with_database(&config.database.url, database).context("database.url")?;
     Ok(config)
+}
+
+/// `url` naming `database` instead of its own.
+pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(url)?;
+    url.set_path(database);
+    Ok(url.to_string())
 }
 
 /// Drops the benchmark database so every run starts from the same state; `cli::open`

@@ -8,11 +8,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use futures::TryStreamExt;
 use sqlx::PgPool;
 
 use super::process::ApiProcess;
-use super::settlement::{run_job, seeded_history, worker_command};
+use super::settlement::{job_csv, run_job, seeded_history, worker_command};
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -36,7 +35,8 @@ pub async fn run(args: ReplicaBenchArgs, config: Config) -> anyhow::Result<()> {
     // `bench settlement`'s defaults, so the two reuse one seeded database.
     let seed = super::settlement::history(args.transactions, 30, 1_000);
     let (config, pool, range) = seeded_history(config, &args.database, &seed).await?;
-    let read_url = with_database(&args.read_url, &args.database);
+    // The standby holds the primary's databases under the same names.
+    let read_url = super::process::with_database(&args.read_url, &args.database)?;
     let postmaster = Postmaster::of(&pool).await?;
     println!(
         "settle bench replica: {} transactions, {} days, primary postmaster pid {}, standby {}",
@@ -99,27 +99,6 @@ fn median(measured: &[(f64, f64)], of: impl Fn(&(f64, f64)) -> f64) -> f64 {
     values[values.len() / 2]
 }
 
-/// `url` with its database path replaced by `database`: the standby holds the primary's
-/// databases under the same names.
-fn with_database(url: &str, database: &str) -> String {
-    let base = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.find('/').map(|i| &url[..url.len() - rest.len() + i]))
-        .unwrap_or(url);
-    format!("{base}/{database}")
-}
-
-async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8>> {
-    Ok(
-        crate::settlement::results::stream(pool.acquire().await?, job_id)
-            .try_fold(Vec::new(), |mut all, chunk| async move {
-                all.extend_from_slice(&chunk);
-                Ok(all)
-            })
-            .await?,
-    )
-}
-
 /// The primary's postmaster, whose processes' CPU time is what a job costs the primary.
 struct Postmaster(u32);
 
@@ -175,22 +154,5 @@ impl ProcStat {
             ticks: field(14)? + field(15)?,
             reaped_ticks: field(16)? + field(17)?,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn the_standby_url_names_the_benchmark_database() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5433/postgres", "b"),
-            "postgres://postgres@127.0.0.1:5433/b"
-        );
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5433", "b"),
-            "postgres://postgres@127.0.0.1:5433/b"
-        );
     }
 }

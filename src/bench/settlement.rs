@@ -244,13 +244,7 @@ pub(super) async fn against_statement(
 ) -> anyhow::Result<(f64, bool)> {
     let file = std::env::temp_dir().join(format!("settle-bench-statement-{job_id}.csv"));
     let statement_seconds = single_statement(pool, range, zone, &file).await?;
-    let job_csv: Vec<u8> = crate::settlement::results::stream(pool.acquire().await?, job_id)
-        .try_fold(Vec::new(), |mut all, chunk| async move {
-            all.extend_from_slice(&chunk);
-            Ok(all)
-        })
-        .await?;
-    let same_csv = job_csv == tokio::fs::read(&file).await?;
+    let same_csv = job_csv(pool, job_id).await? == tokio::fs::read(&file).await?;
     if same_csv {
         let _ = tokio::fs::remove_file(&file).await;
     } else {
@@ -260,6 +254,18 @@ pub(super) async fn against_statement(
         );
     }
     Ok((statement_seconds, same_csv))
+}
+
+/// Job `job_id`'s CSV, as `GET /downloads/{id}.csv` streams it.
+pub(super) async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8>> {
+    Ok(
+        crate::settlement::results::stream(pool.acquire().await?, job_id)
+            .try_fold(Vec::new(), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            })
+            .await?,
+    )
 }
 
 /// Seeds `seed.transactions` rows unless exactly that many are already there.

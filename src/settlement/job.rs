@@ -148,7 +148,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         "settlement input fixed"
     );
 
-    run_parts(ctx, &plan, fence, settings.batch_size, reads).await?;
+    let parts = run_parts(ctx, &plan, fence, settings.batch_size, reads).await?;
+    let plan = Plan { parts, ..plan };
     ctx.ensure_running()?;
     tracing::info!(
         job = job_id,
@@ -157,17 +158,14 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    // What the parts read is the input's exact count: where it was not counted up front (see
-    // `input::edges`), the total becomes it with the completion.
-    let read: i64 = plan::get_parts(batch.conn(), job_id)
-        .await?
-        .iter()
-        .map(|part| part.processed)
-        .sum();
     let rows = finalize::finalize(batch.conn(), &plan)
         .await
         .map_err(job_error)?;
-    batch.set_progress(read, read).await?;
+    // What the parts read is the input's exact count: where it was not counted up front (see
+    // `input::edges`), the total becomes it with the completion.
+    batch
+        .set_progress(plan.processed(), plan.processed())
+        .await?;
     // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
     let result = json!({"download_url": format!("/downloads/{job_id}.csv"), "csv_rows": rows});
     let completed = batch.complete(Some(result)).await;
@@ -202,15 +200,15 @@ fn job_error(e: SettleError) -> JobError {
 }
 
 /// Runs every unfinished part on its own task, checkpointing the job's progress after each
-/// part batch; returns when all parts are done, or with the first error (after stopping the
-/// other parts).
+/// part batch; returns every part as its last batch committed it once all are done, or the
+/// first error (after stopping the other parts).
 async fn run_parts(
     ctx: &mut JobContext,
     plan: &Plan,
     fence: i64,
     batch_size: i64,
     reads: Option<PgPool>,
-) -> Result<(), JobError> {
+) -> Result<Vec<Part>, JobError> {
     let stop = ctx.token().child_token();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Part>();
     let mut tasks = tokio::task::JoinSet::new();
@@ -257,7 +255,7 @@ async fn run_parts(
             failure.get_or_insert(e);
         }
     }
-    failure.map_or(Ok(()), Err)
+    failure.map_or(Ok(parts), Err)
 }
 
 /// One part's loop: a transaction per batch, fenced by the claim lock, until the part is done
