@@ -14,7 +14,7 @@ use settle::jobs::kind::{NOOP, SLEEP};
 async fn failed_job(app: &TestApp, error: &str) -> i64 {
     let id = job_in_state(&app.pool, "failed").await;
     sqlx::query(
-        "update jobs set errors = jsonb_build_array(jsonb_build_object(
+        "update finished_jobs set errors = jsonb_build_array(jsonb_build_object(
              'attempt', 1, 'error', $2::text, 'at', now()))
          where id = $1",
     )

@@ -120,7 +120,7 @@ async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_bro
         .await;
     browser.wait_job_status(started, "COMPLETED").await;
     assert_eq!(job_state(&app.pool, started).await, "completed");
-    let args: serde_json::Value = sqlx::query_scalar("select args from jobs where id = $1")
+    let args: serde_json::Value = sqlx::query_scalar("select args from all_jobs where id = $1")
         .bind(started)
         .fetch_one(&app.pool)
         .await
@@ -153,7 +153,7 @@ async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
     browser.click("#settle-submit").await;
     let notice = browser.wait_text("#notice", "INVALID_DATE_RANGE").await;
     assert!(notice.contains("422"), "{notice}");
-    let jobs = common::scalar(&app.pool, "select count(*) from jobs").await;
+    let jobs = common::scalar(&app.pool, "select count(*) from all_jobs").await;
     assert_eq!(jobs, 0);
     assert!(browser.job_ids().await.is_empty());
     browser.close().await;

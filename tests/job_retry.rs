@@ -78,7 +78,7 @@ async fn a_cancelled_settlement_retried_after_new_data_settles_the_new_input_exa
 async fn failed_settlement_with_stale_work(app: &TestApp) -> i64 {
     let id = common::scalar(
         &app.pool,
-        "insert into jobs (kind, args, state, attempt, max_attempts, finished_at, processed, total,
+        "insert into finished_jobs (kind, args, state, attempt, max_attempts, finished_at, processed, total,
                            checkpoint, errors)
          values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-02\"}', 'failed',
                  2, 2, now(), 5, 10,

@@ -115,7 +115,7 @@ async fn a_settlement_run_by_a_worker_is_counted_and_the_queue_gauges_match_the_
     assert_eq!(metrics.types["settle_jobs"], "gauge");
 
     let table: Vec<(String, String, i64)> =
-        sqlx::query_as("select kind, state::text, count(*) from jobs group by 1, 2")
+        sqlx::query_as("select kind, state::text, count(*) from all_jobs group by 1, 2")
             .fetch_all(&app.pool)
             .await
             .unwrap();
@@ -156,7 +156,7 @@ async fn a_finished_state_past_the_exact_limit_shows_the_planner_estimate() {
         ("metrics_bulk", "failed", small),
     ] {
         sqlx::query(
-            "insert into jobs (kind, state, started_at, finished_at)
+            "insert into finished_jobs (kind, state, started_at, finished_at)
              select $1, $2::job_state, now(), now() from generate_series(1, $3)",
         )
         .bind(kind)
@@ -167,7 +167,7 @@ async fn a_finished_state_past_the_exact_limit_shows_the_planner_estimate() {
         .unwrap();
     }
     // What autovacuum does after a bulk change: the estimate reads the statistics.
-    sqlx::query("vacuum analyze jobs")
+    sqlx::query("vacuum analyze finished_jobs")
         .execute(&app.pool)
         .await
         .unwrap();

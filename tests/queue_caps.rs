@@ -119,12 +119,15 @@ async fn enqueue_all(pool: &PgPool, jobs: &[NewJob]) {
 /// once, in one interval).
 async fn wait_all_completed(pool: &PgPool, n: usize) {
     wait_for(Duration::from_secs(60), "every job completed", || async {
-        let done =
-            common::scalar(pool, "select count(*) from jobs where state = 'completed'").await;
+        let done = common::scalar(
+            pool,
+            "select count(*) from all_jobs where state = 'completed'",
+        )
+        .await;
         (done == n as i64).then_some(())
     })
     .await;
-    let again = common::scalar(pool, "select count(*) from jobs where attempt <> 1").await;
+    let again = common::scalar(pool, "select count(*) from all_jobs where attempt <> 1").await;
     assert_eq!(again, 0, "a job ran more than once");
 }
 
@@ -163,7 +166,7 @@ async fn running_instants(pool: &PgPool) -> Vec<Moment> {
     sqlx::query_as(
         "with runs as (
              select c.owner, j.kind, j.started_at, j.finished_at
-             from jobs j join cap_claims c on c.job_id = j.id
+             from all_jobs j join cap_claims c on c.job_id = j.id
          ), instants as (
              select distinct owner, started_at as at from runs
          )
@@ -184,9 +187,9 @@ async fn running_instants(pool: &PgPool) -> Vec<Moment> {
 async fn most_at_once(pool: &PgPool) -> i64 {
     common::scalar(
         pool,
-        "select max((select count(*) from jobs o
+        "select max((select count(*) from all_jobs o
                      where o.started_at <= j.started_at and o.finished_at > j.started_at))
-         from jobs j",
+         from all_jobs j",
     )
     .await
 }

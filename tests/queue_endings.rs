@@ -178,7 +178,7 @@ async fn a_snooze_keeps_a_pending_cancel() {
     })
     .await;
     let (attempt, later): (i32, bool) = sqlx::query_as(
-        "select attempt, run_at > now() + interval '50 minutes' from jobs where id = $1",
+        "select attempt, run_at > now() + interval '50 minutes' from all_jobs where id = $1",
     )
     .bind(snoozed)
     .fetch_one(&pool)

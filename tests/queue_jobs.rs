@@ -128,7 +128,7 @@ async fn a_cancelled_running_job_stops_at_its_next_checkpoint() {
     assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelling));
     wait_state(&pool, id, "cancelled").await;
     let (processed, counted): (i64, i64) = sqlx::query_as(
-        "select j.processed, c.counted from jobs j join queue_probe_counts c on c.job_id = j.id
+        "select j.processed, c.counted from all_jobs j join queue_probe_counts c on c.job_id = j.id
          where j.id = $1",
     )
     .bind(id)

@@ -32,7 +32,7 @@ async fn a_worker_leaves_unknown_kinds_queued() {
     // Several claim rounds later, the unknown kind is still untouched.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (state, attempt): (String, i32) =
-        sqlx::query_as("select state::text, attempt from jobs where id = $1")
+        sqlx::query_as("select state::text, attempt from all_jobs where id = $1")
             .bind(unknown)
             .fetch_one(&pool)
             .await

@@ -42,7 +42,7 @@ type Claim = (
 
 async fn claim_of(pool: &PgPool, id: i64) -> Claim {
     sqlx::query_as(
-        "select attempt, fence, lease_owner, lease_expires_at, heartbeat_at from jobs
+        "select attempt, fence, lease_owner, lease_expires_at, heartbeat_at from all_jobs
          where id = $1",
     )
     .bind(id)

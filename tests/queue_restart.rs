@@ -104,7 +104,7 @@ async fn a_postgres_restart_mid_job_is_survived_and_every_job_completes_exactly(
 async fn wait_heartbeat_after(pool: &PgPool, id: i64, back_at: DateTime<Utc>) {
     wait_for(DEADLINE, "a heartbeat after the restart", || async {
         let (state, beat): (String, Option<DateTime<Utc>>) =
-            sqlx::query_as("select state::text, heartbeat_at from jobs where id = $1")
+            sqlx::query_as("select state::text, heartbeat_at from all_jobs where id = $1")
                 .bind(id)
                 .fetch_one(pool)
                 .await
@@ -135,8 +135,11 @@ async fn wait_listening(pool: &PgPool) {
 /// Waits until `total` jobs are COMPLETED.
 async fn wait_completed(pool: &PgPool, total: i64) {
     wait_for(DEADLINE, "every job completed", || async {
-        let done =
-            common::scalar(pool, "select count(*) from jobs where state = 'completed'").await;
+        let done = common::scalar(
+            pool,
+            "select count(*) from all_jobs where state = 'completed'",
+        )
+        .await;
         (done == total).then_some(())
     })
     .await;
@@ -160,7 +163,7 @@ async fn assert_each_ran_once(pool: &PgPool, small: &[i64]) {
 /// Nothing was rescued or failed: transient errors spend no attempt and record no error.
 async fn assert_nothing_rescued_or_failed(pool: &PgPool, worker: &WorkerProcess) {
     let odd: Vec<(i64, i32, serde_json::Value)> = sqlx::query_as(
-        "select id, attempt, errors from jobs
+        "select id, attempt, errors from all_jobs
          where attempt <> 1 or fence <> 1 or errors <> '[]' or lease_owner is not null",
     )
     .fetch_all(pool)

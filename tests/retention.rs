@@ -21,7 +21,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     let (pool, _db) = common::migrated_pool(&config).await;
     // Two old finished jobs, one recent finished job, one old job still queued.
     sqlx::query(
-        "insert into jobs (kind, args, state, finished_at, created_at) values
+        "insert into finished_jobs (kind, args, state, finished_at, created_at) values
              ('noop', '{}', 'completed', now() - interval '10 days', now() - interval '10 days'),
              ('noop', '{}', 'failed', now() - interval '9 days', now() - interval '9 days'),
              ('noop', '{}', 'cancelled', now() - interval '1 hour', now() - interval '1 hour')",
@@ -37,7 +37,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     sqlx::query(
         "insert into settlement_results
              (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
-         select id, 'm', '2025-01-01', 1, 0, 1, 1 from jobs
+         select id, 'm', '2025-01-01', 1, 0, 1, 1 from finished_jobs
          where state in ('completed', 'cancelled')",
     )
     .execute(&pool)
@@ -66,11 +66,11 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
             .unwrap(),
         2
     );
-    assert_eq!(count(&pool, "select count(*) from jobs").await, 2);
+    assert_eq!(count(&pool, "select count(*) from all_jobs").await, 2);
     assert_eq!(
         count(
             &pool,
-            "select count(*) from settlement_results r join jobs j on j.id = r.job_id
+            "select count(*) from settlement_results r join all_jobs j on j.id = r.job_id
              where j.state = 'cancelled'"
         )
         .await,
@@ -83,7 +83,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     assert_eq!(
         count(
             &pool,
-            "select count(*) from jobs where state in ('queued', 'cancelled')"
+            "select count(*) from all_jobs where state in ('queued', 'cancelled')"
         )
         .await,
         2

@@ -27,7 +27,7 @@ fn zone_around_noon() -> Tz {
 /// The scheduled settlements' days (`from` = `to`), one entry per job, in day order.
 async fn settlement_days(pool: &PgPool) -> Vec<NaiveDate> {
     sqlx::query_scalar(
-        "select (args ->> 'from')::date from jobs
+        "select (args ->> 'from')::date from all_jobs
          where kind = 'settlement' and args ->> 'from' = args ->> 'to'
          order by 1",
     )
@@ -85,7 +85,7 @@ async fn several_workers_killed_and_restarted_enqueue_each_day_once() {
         [before, yesterday]
     );
     for (day, job_id) in runs {
-        let from: String = sqlx::query_scalar("select args ->> 'from' from jobs where id = $1")
+        let from: String = sqlx::query_scalar("select args ->> 'from' from all_jobs where id = $1")
             .bind(job_id)
             .fetch_one(&pool)
             .await

@@ -46,7 +46,7 @@ async fn fixed_input(pool: &PgPool, settings: &Settings, from: &str, to: &str) -
 
 /// `(status, processed, total)` of a finished job.
 async fn ending(pool: &PgPool, id: i64) -> (String, i64, Option<i64>) {
-    sqlx::query_as("select state::text, processed, total from jobs where id = $1")
+    sqlx::query_as("select state::text, processed, total from all_jobs where id = $1")
         .bind(id)
         .fetch_one(pool)
         .await

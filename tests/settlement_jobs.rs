@@ -89,7 +89,7 @@ async fn transactions_to_job_to_completed_csv_and_table() {
         expected
     );
     let (processed, total, result): (i64, Option<i64>, Value) =
-        sqlx::query_as("select processed, total, result from jobs where id = $1")
+        sqlx::query_as("select processed, total, result from all_jobs where id = $1")
             .bind(id)
             .fetch_one(&app.pool)
             .await
@@ -149,7 +149,7 @@ async fn bad_settlement_requests_are_rejected_and_enqueue_nothing() {
     .await;
     assert_eq!(got, 422, "{error}");
     assert_error(&error, "INVALID_IDEMPOTENCY_KEY");
-    let jobs = support::scalar(&app.pool, "select count(*) from jobs").await;
+    let jobs = support::scalar(&app.pool, "select count(*) from all_jobs").await;
     assert_eq!(jobs, 0);
 }
 
@@ -166,7 +166,7 @@ async fn an_idempotent_retry_returns_the_same_job() {
     let (s3, error, _) = post_job(&app, &other, Some("settle-once")).await;
     assert_eq!(s3, 422);
     assert_error(&error, "IDEMPOTENCY_KEY_REUSED");
-    let jobs = support::scalar(&app.pool, "select count(*) from jobs").await;
+    let jobs = support::scalar(&app.pool, "select count(*) from all_jobs").await;
     assert_eq!(jobs, 1);
 }
 
@@ -251,7 +251,7 @@ async fn a_new_settlement_clears_the_working_rows_of_jobs_that_gave_up() {
     // A settlement that ran out of attempts mid-way: its run, part and batch rows remain.
     let dead = common::scalar(
         &app.pool,
-        "insert into jobs (kind, args, state, max_attempts, finished_at)
+        "insert into finished_jobs (kind, args, state, max_attempts, finished_at)
          values ('settlement', '{\"from\": \"2025-01-01\", \"to\": \"2025-01-02\"}', 'failed', 1, now())
          returning id",
     )
@@ -276,7 +276,7 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
     wait_state(&app.pool, waiting, "running").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (state, total): (String, Option<i64>) =
-        sqlx::query_as("select state::text, total from jobs where id = $1")
+        sqlx::query_as("select state::text, total from all_jobs where id = $1")
             .bind(waiting)
             .fetch_one(&app.pool)
             .await
@@ -296,7 +296,7 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
     let (_, body, _) = post_job(&app, &range, None).await;
     let id = body["job_id"].as_i64().unwrap();
     wait_state(&app.pool, id, "completed").await;
-    let total = common::scalar_of(&app.pool, "select total from jobs where id = $1", id).await;
+    let total = common::scalar_of(&app.pool, "select total from all_jobs where id = $1", id).await;
     assert_eq!(
         total,
         support::paid_within(&rows, "2025-01-01", "2025-01-01", Tz::UTC)

@@ -55,7 +55,7 @@ async fn a_frozen_workers_older_input_completing_last_leaves_the_newest_rows() {
     let (a_done, b_done, a_attempts): (f64, f64, i32) = sqlx::query_as(
         "select extract(epoch from a.finished_at)::float8, extract(epoch from b.finished_at)::float8,
                 a.attempt
-         from jobs a, jobs b where a.id = $1 and b.id = $2",
+         from all_jobs a, all_jobs b where a.id = $1 and b.id = $2",
     )
     .bind(a)
     .bind(b)

@@ -68,7 +68,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     let mut second = worker(&app);
     wait_state(&app.pool, id, "completed").await;
     let (attempt, processed, total): (i32, i64, i64) =
-        sqlx::query_as("select attempt, processed, total from jobs where id = $1")
+        sqlx::query_as("select attempt, processed, total from all_jobs where id = $1")
             .bind(id)
             .fetch_one(&app.pool)
             .await

@@ -68,7 +68,7 @@ async fn input_fixed(pool: &PgPool, id: i64) {
         Duration::from_secs(60),
         "the job's input to be fixed",
         || async {
-            let total: Option<i64> = sqlx::query_scalar("select total from jobs where id = $1")
+            let total: Option<i64> = sqlx::query_scalar("select total from all_jobs where id = $1")
                 .bind(id)
                 .fetch_one(pool)
                 .await

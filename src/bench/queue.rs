@@ -42,7 +42,9 @@ pub struct QueueArgs {
 pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     let config = super::process::bench_config(config, &args.database)?;
     let pool = crate::cli::open(&config, true).await?;
-    sqlx::query!("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs, finished_jobs")
+        .execute(&pool)
+        .await?;
     if args.deep {
         return super::queue_deep::run(&args.deep_args, &config, &pool, args.workers).await;
     }
@@ -58,7 +60,9 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         args.latency_jobs
     );
 
-    sqlx::query!("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs, finished_jobs")
+        .execute(&pool)
+        .await?;
     let started = Instant::now();
     enqueue_all(&pool, args.jobs).await?;
     let enqueued = started.elapsed();
@@ -72,7 +76,9 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         (total - enqueued).as_secs_f64()
     );
     stop_workers(workers).await?;
-    sqlx::query!("truncate jobs").execute(&pool).await?;
+    sqlx::query!("truncate jobs, finished_jobs")
+        .execute(&pool)
+        .await?;
 
     let peers = super::queue_peers::run(&args.peers, &config, &args).await?;
     super::queue_peers::print_ratios(drain_rate, latency_p50, &peers);
@@ -155,7 +161,7 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
         let id = settle_workers::enqueue(&mut conn, &NewJob::new(kind::NOOP, json!({}))).await?;
         loop {
             let started = sqlx::query_scalar!(
-                r#"select started_at is not null as "started!" from jobs where id = $1"#,
+                r#"select started_at is not null as "started!" from all_jobs where id = $1"#,
                 id
             )
             .fetch_one(&mut *conn)
@@ -170,7 +176,7 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     let latency = sqlx::query!(
         r#"select percentile_cont(0.5) within group (order by ms) as "p50!",
                   percentile_cont(0.99) within group (order by ms) as "p99!"
-           from (select extract(epoch from started_at - created_at) * 1000 as ms from jobs) t"#,
+           from (select extract(epoch from started_at - created_at) * 1000 as ms from all_jobs) t"#,
     )
     .fetch_one(&mut *conn)
     .await?;

@@ -5,8 +5,9 @@
 //!    re-queued until `measured_jobs` ran) against the rate of the first `measured_jobs` of
 //!    `deep_queue` queued jobs, with the ratio.
 //! 2. `cycles` drains of `cycle_jobs` jobs each with autovacuum on (turned on for this phase when
-//!    the server has it off, and turned back off after), each cycle's rate and the jobs table's
-//!    sizes. Finished jobs stay, as they do for `worker.retention_hours`.
+//!    the server has it off, and turned back off after), each cycle's rate, the jobs table's
+//!    sizes and the finished jobs' table's. Finished jobs stay, as they do for
+//!    `worker.retention_hours`.
 //!
 //! Rates run from the enqueue's commit to the jobs' `finished_at`, both Postgres' clock.
 
@@ -64,7 +65,9 @@ pub async fn run(
         deep_rate / shallow
     );
     stop_workers(running).await?;
-    sqlx::query!("truncate jobs").execute(pool).await?;
+    sqlx::query!("truncate jobs, finished_jobs")
+        .execute(pool)
+        .await?;
     if deep.cycles == 0 {
         return Ok(());
     }
@@ -93,7 +96,7 @@ async fn now(pool: &PgPool) -> anyhow::Result<f64> {
 
 /// The newest `finished_at`, in seconds since the epoch.
 async fn last_finished(pool: &PgPool) -> anyhow::Result<f64> {
-    sqlx::query_scalar!(r#"select extract(epoch from max(finished_at))::float8 from jobs"#)
+    sqlx::query_scalar!(r#"select extract(epoch from max(finished_at))::float8 from finished_jobs"#)
         .fetch_one(pool)
         .await?
         .context("no job finished")
@@ -107,7 +110,9 @@ async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
         let committed = now(pool).await?;
         wait_drained(pool).await?;
         seconds += last_finished(pool).await? - committed;
-        sqlx::query!("truncate jobs").execute(pool).await?;
+        sqlx::query!("truncate jobs, finished_jobs")
+            .execute(pool)
+            .await?;
     }
     Ok((rounds * deep.shallow_queue) as f64 / seconds)
 }
@@ -123,19 +128,17 @@ async fn deep_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
     );
     let measured = deep.measured_jobs as i64;
     loop {
-        let finished = sqlx::query_scalar!(
-            r#"select count(*) as "n!" from jobs where finished_at is not null"#
-        )
-        .fetch_one(pool)
-        .await?;
+        let finished = sqlx::query_scalar!(r#"select count(*) as "n!" from finished_jobs"#)
+            .fetch_one(pool)
+            .await?;
         if finished >= measured {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let nth = sqlx::query_scalar!(
-        r#"select extract(epoch from finished_at)::float8 as "at!" from jobs
-           where finished_at is not null order by finished_at offset $1 limit 1"#,
+        r#"select extract(epoch from finished_at)::float8 as "at!" from finished_jobs
+           order by finished_at offset $1 limit 1"#,
         measured - 1
     )
     .fetch_one(pool)
@@ -151,7 +154,7 @@ async fn cycles(
 ) -> anyhow::Result<()> {
     let running = start_workers(config, workers).await?;
     println!(
-        "cycle     jobs/s   total MiB  heap MiB  indexes MiB  claim index KiB  live rows  dead rows  autovacuums"
+        "cycle     jobs/s   total MiB  heap MiB  indexes MiB  claim index KiB  live rows  dead rows  autovacuums  finished MiB"
     );
     for cycle in 1..=deep.cycles {
         enqueue_all(pool, deep.cycle_jobs).await?;
@@ -164,21 +167,23 @@ async fn cycles(
                       pg_indexes_size('jobs') as "indexes!",
                       coalesce(pg_relation_size(to_regclass('jobs_claimable_idx')), 0) as "claim!",
                       n_live_tup as "live!", n_dead_tup as "dead!",
-                      autovacuum_count as "autovacuums!"
+                      autovacuum_count as "autovacuums!",
+                      pg_total_relation_size('finished_jobs') as "finished!"
                from pg_stat_user_tables where relid = 'jobs'::regclass"#
         )
         .fetch_one(pool)
         .await?;
         let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
         println!(
-            "{cycle:>5} {rate:>10.0} {:>11.1} {:>9.1} {:>12.1} {:>16.0} {:>10} {:>10} {:>12}",
+            "{cycle:>5} {rate:>10.0} {:>11.1} {:>9.1} {:>12.1} {:>16.0} {:>10} {:>10} {:>12} {:>13.1}",
             mib(s.total),
             mib(s.heap),
             mib(s.indexes),
             s.claim as f64 / 1024.0,
             s.live,
             s.dead,
-            s.autovacuums
+            s.autovacuums,
+            mib(s.finished)
         );
     }
     stop_workers(running).await

@@ -1,6 +1,6 @@
 //! The baselines of `settle bench queue`, run on the same machine and Postgres server in the
 //! same sitting: graphile-worker through its own Node runner (`bench/graphile/`), and a pgbench
-//! claim-and-complete loop on a plain table of the jobs table's shape (`bench/queue-*.sql`).
+//! claim-and-complete loop on a minimal hand-written queue table (`bench/queue-*.sql`).
 //! Either is skipped with a message where its tool (node and npm, or psql and pgbench) is missing.
 
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ async fn pgbench(
         anyhow::ensure!(done == jobs, "pgbench completed {done} of {jobs} jobs");
         let rate = jobs as f64 / seconds;
         println!(
-            "pgbench  {rate:>9.0} jobs/s         ({clients} clients, claim {batch} + complete per loop, {seconds:.2} s, on a plain table of the jobs table's shape)"
+            "pgbench  {rate:>9.0} jobs/s         ({clients} clients, claim {batch} + complete per loop, {seconds:.2} s, on a minimal queue table: primary key + due index)"
         );
         rates.push((clients, rate));
     }

@@ -209,8 +209,9 @@ struct JobNow {
 async fn job_now(pool: &PgPool, id: i64) -> anyhow::Result<JobNow> {
     Ok(sqlx::query_as!(
         JobNow,
-        r#"select state::text as "state!", attempt, processed, total, lease_owner
-           from jobs where id = $1"#,
+        r#"select state::text as "state!", attempt as "attempt!", processed as "processed!",
+                  total, lease_owner
+           from all_jobs where id = $1"#,
         id
     )
     .fetch_one(pool)

@@ -129,7 +129,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
             let day = measure(&pool, &http, &api.base_url, one_day, zone).await?;
             let month = measure(&pool, &http, &api.base_url, range, zone).await?;
             let total = sqlx::query_scalar!(
-                r#"select total as "total!" from jobs where id = $1"#,
+                r#"select total as "total!" from all_jobs where id = $1"#,
                 day.job_id
             )
             .fetch_one(&pool)
@@ -334,7 +334,7 @@ pub(super) async fn run_job(
         .context("job_id in the response")?;
     loop {
         let state = sqlx::query_scalar!(
-            r#"select state::text as "state!" from jobs where id = $1"#,
+            r#"select state::text as "state!" from all_jobs where id = $1"#,
             id
         )
         .fetch_one(pool)

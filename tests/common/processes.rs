@@ -151,7 +151,7 @@ where
 
 /// A job's state (`queued`, `running`, …).
 pub async fn job_state(pool: &PgPool, id: i64) -> String {
-    sqlx::query_scalar("select state::text from jobs where id = $1")
+    sqlx::query_scalar("select state::text from all_jobs where id = $1")
         .bind(id)
         .fetch_one(pool)
         .await
@@ -165,7 +165,7 @@ where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
     // Dynamic: the test names the columns it reads.
-    let sql = format!("select {columns} from jobs where id = $1");
+    let sql = format!("select {columns} from all_jobs where id = $1");
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .fetch_one(pool)
@@ -190,7 +190,7 @@ pub async fn wait_state(pool: &PgPool, id: i64, state: &str) {
 
 /// A job's committed progress (`processed`).
 pub async fn processed(pool: &PgPool, id: i64) -> i64 {
-    sqlx::query_scalar("select processed from jobs where id = $1")
+    sqlx::query_scalar("select processed from all_jobs where id = $1")
         .bind(id)
         .fetch_one(pool)
         .await
@@ -219,25 +219,31 @@ pub async fn enqueue(pool: &PgPool, kind: &str, args: serde_json::Value, max_att
 }
 
 /// A `noop` job put straight into `state` (as stored: `running`, `failed`, …): started once
-/// unless queued, held by a worker `elsewhere` while running or cancelling, finished now once
-/// ended. For what the API answers per state, without running anything.
+/// unless queued, held by a worker `elsewhere` while running or cancelling, finished now (and
+/// moved to `finished_jobs`, as an ending moves it) once ended. For what the API answers per
+/// state, without running anything.
 pub async fn job_in_state(pool: &PgPool, state: &str) -> i64 {
     let id = enqueue(pool, kind::NOOP, serde_json::json!({}), 3).await;
-    sqlx::query(
+    let sql = if ["completed", "failed", "cancelled"].contains(&state) {
+        "with ended as (delete from jobs where id = $1 returning *)
+         insert into finished_jobs (id, kind, args, state, attempt, max_attempts, started_at,
+                                    finished_at, created_at)
+         select id, kind, args, $2::job_state, 1, max_attempts, now(), now(), created_at
+         from ended"
+    } else {
         "update jobs set state = $2::job_state,
              attempt = case when $2 = 'queued' then 0 else 1 end,
              started_at = case when $2 <> 'queued' then now() end,
-             lease_owner = case when $2 in ('running', 'cancelling') then 'elsewhere' end,
-             lease_expires_at = case when $2 in ('running', 'cancelling')
-                                     then now() + interval '1 hour' end,
-             finished_at = case when $2 in ('completed', 'failed', 'cancelled') then now() end
-         where id = $1",
-    )
-    .bind(id)
-    .bind(state)
-    .execute(pool)
-    .await
-    .expect("job state set");
+             lease_owner = case when $2 <> 'queued' then 'elsewhere' end,
+             lease_expires_at = case when $2 <> 'queued' then now() + interval '1 hour' end
+         where id = $1"
+    };
+    sqlx::query(sql)
+        .bind(id)
+        .bind(state)
+        .execute(pool)
+        .await
+        .expect("job state set");
     id
 }
 
@@ -253,7 +259,7 @@ pub async fn counted(pool: &PgPool, id: i64) -> (i64, i32) {
 
 /// The `count` a finished count job reported in its result: what its batches counted.
 pub async fn reported_count(pool: &PgPool, id: i64) -> Option<i64> {
-    sqlx::query_scalar("select (result ->> 'count')::bigint from jobs where id = $1")
+    sqlx::query_scalar("select (result ->> 'count')::bigint from all_jobs where id = $1")
         .bind(id)
         .fetch_one(pool)
         .await
@@ -286,7 +292,7 @@ pub async fn enqueue_count(pool: &PgPool, upto: i64, batch: i64, sleep_ms: u64) 
 pub async fn wait_mid_way(pool: &PgPool, id: i64) -> i64 {
     wait_for(Duration::from_secs(60), "progress mid-way", || async {
         let (processed, total): (i64, Option<i64>) =
-            sqlx::query_as("select processed, total from jobs where id = $1")
+            sqlx::query_as("select processed, total from all_jobs where id = $1")
                 .bind(id)
                 .fetch_one(pool)
                 .await

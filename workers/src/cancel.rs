@@ -27,28 +27,35 @@ pub async fn request_cancel(
     conn: &mut PgConnection,
     id: i64,
 ) -> Result<CancelOutcome, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    let Some(state) = lock_state(&mut tx, id).await? else {
-        return Ok(CancelOutcome::NotFound);
-    };
-    let outcome = match state {
-        JobState::Queued => {
-            mark_requested(&mut tx, id, JobState::Cancelled).await?;
-            CancelOutcome::Accepted(JobState::Cancelled)
-        }
-        JobState::Running => {
-            mark_requested(&mut tx, id, JobState::Cancelling).await?;
-            notify_cancel(&mut tx, id).await?;
-            CancelOutcome::Accepted(JobState::Cancelling)
-        }
-        JobState::Cancelling | JobState::Cancelled => CancelOutcome::Accepted(state),
-        JobState::Completed | JobState::Failed => CancelOutcome::Finished(state),
-    };
-    tx.commit().await?;
-    Ok(outcome)
+    // A job moves between `jobs` and `finished_jobs` when it ends or is retried; a move that
+    // lands between the two reads hides it from both once, never twice in a row.
+    for _ in 0..2 {
+        let mut tx = conn.begin().await?;
+        let outcome = match lock_state(&mut tx, id).await? {
+            Some(JobState::Queued) => {
+                cancel_queued(&mut tx, id).await?;
+                CancelOutcome::Accepted(JobState::Cancelled)
+            }
+            Some(JobState::Running) => {
+                mark_cancelling(&mut tx, id).await?;
+                notify_cancel(&mut tx, id).await?;
+                CancelOutcome::Accepted(JobState::Cancelling)
+            }
+            Some(state) => CancelOutcome::Accepted(state),
+            None => match finished_state(&mut tx, id).await? {
+                Some(JobState::Cancelled) => CancelOutcome::Accepted(JobState::Cancelled),
+                Some(state) => CancelOutcome::Finished(state),
+                None => continue,
+            },
+        };
+        tx.commit().await?;
+        return Ok(outcome);
+    }
+    Ok(CancelOutcome::NotFound)
 }
 
-/// The job's state, with its row locked so a concurrent claim or finish is ordered around us.
+/// A live job's state, with its row locked so a concurrent claim or ending is ordered around
+/// us (`None`: no live job has this id, or it ended while we waited for the lock).
 async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>, sqlx::Error> {
     sqlx::query_scalar!(
         r#"select state as "state: JobState" from jobs where id = $1 for update"#,
@@ -58,17 +65,42 @@ async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>
     .await
 }
 
-async fn mark_requested(
-    conn: &mut PgConnection,
-    id: i64,
-    state: JobState,
-) -> Result<(), sqlx::Error> {
+/// A finished job's state (`None`: no finished job has this id).
+async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select state as "state: JobState" from finished_jobs where id = $1"#,
+        id
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// A queued job ends CANCELLED at once: it moves to `finished_jobs`, as every ending does
+/// (`finish`).
+async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
-        "update jobs set cancel_requested = true, state = $2::job_state,
-             finished_at = case when $2 = 'cancelled' then now() end
-         where id = $1",
+        "with ended as (
+             delete from jobs where id = $1 and state = 'queued' returning *
+         )
+         insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
+             run_at, fence, cancel_requested, processed, total, checkpoint, errors, result,
+             created_at, finished_at)
+         select id, kind, args, 'cancelled', priority, attempt, max_attempts, run_at, fence, true,
+                processed, total, checkpoint, errors, result, created_at, now()
+         from ended",
         id,
-        state as JobState,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A running job is asked to stop: CANCELLING until its holder records the ending.
+async fn mark_cancelling(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "update jobs set cancel_requested = true, state = 'cancelling'
+         where id = $1 and state = 'running'",
+        id,
     )
     .execute(conn)
     .await?;

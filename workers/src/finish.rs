@@ -13,23 +13,57 @@ use crate::metrics::Ended;
 use crate::settings::WorkerSettings;
 use crate::state::JobState;
 
-/// One held job's ending: `update jobs set $set` (plus the released lease) where `(id, fence)`
-/// still holds the job in a running state, returning its [`Ended`], `None` when the fence no
-/// longer matches. `$1` is the id and `$2` the fence; `$set` numbers its own parameters from
-/// `$3`. Every ending shares this fence, release and return, so they cannot drift apart.
-macro_rules! end_held_job {
-    ($conn:expr, $set:literal, $($arg:expr),* $(,)?) => {
-        sqlx::query_as!(
-            Ended,
-            "update jobs set " + $set + ",
-                 lease_owner = null, lease_expires_at = null
-             where id = $1 and fence = $2 and state in ('running', 'cancelling')
-             returning kind as \"kind!\", state as \"state!: JobState\",
-                       extract(epoch from finished_at - started_at)::float8 as seconds",
-            $($arg),*
-        )
-        .fetch_optional($conn)
-        .await
+/// Held jobs' endings in one statement (`$ids` and their `$fences`, locked in id order by
+/// [`over_held_jobs`]): each job is either finished, when `$final` holds for its row, or
+/// requeued. A finished job's row is deleted from `jobs` and inserted into `finished_jobs` with
+/// state `$state`, result `$result`, errors `$errors` and `finished_at = now()`; a requeued one
+/// stays with `update jobs set $requeue`. Both release the lease. Returns an [`Ended`] per job
+/// still held under its fence. `$final` and the others read the job's columns, and the
+/// statement's own parameters from `$3`. Every ending shares this shape, so they cannot drift
+/// apart. Without `requeue`, every job finishes (`$final` is true).
+macro_rules! end_jobs {
+    ($ids:expr, $fences:expr, final: $final:literal, state: $state:literal,
+     result: $result:literal, errors: $errors:literal, requeue: $requeue:literal
+     $(, $arg:expr)* $(,)?) => {
+        over_held_jobs!(query_as!(
+            Ended;
+            ", ended as (
+                 delete from jobs using held where jobs.id = held.id and (" + $final + ")
+                 returning jobs.*
+             ), finished as (
+                 insert into finished_jobs (id, kind, args, state, priority, attempt,
+                     max_attempts, run_at, fence, heartbeat_at, cancel_requested, processed,
+                     total, checkpoint, errors, result, created_at, started_at, finished_at)
+                 select id, kind, args, " + $state + ", priority, attempt, max_attempts, run_at,
+                        fence, heartbeat_at, cancel_requested, processed, total, checkpoint,
+                        " + $errors + ", " + $result + ", created_at, started_at, now()
+                 from ended
+                 returning kind, state,
+                           extract(epoch from finished_at - started_at)::float8 as seconds
+             ), requeued as (
+                 update jobs set " + $requeue + ", lease_owner = null, lease_expires_at = null
+                 from held where jobs.id = held.id and not (" + $final + ")
+                 returning jobs.kind, jobs.state, null::float8 as seconds
+             )
+             select kind as \"kind!\", state as \"state!: JobState\", seconds from finished
+             union all
+             select kind, state, seconds from requeued",
+            $ids,
+            $fences
+            $(, $arg)*
+        ))
+    };
+    ($ids:expr, $fences:expr, state: $state:literal, result: $result:literal
+     $(, $arg:expr)* $(,)?) => {
+        end_jobs!($ids, $fences, final: "true", state: $state, result: $result,
+                  errors: "errors", requeue: "state = jobs.state" $(, $arg)*)
+    };
+}
+
+/// One held job's ending by [`end_jobs`]: `None` when the fence no longer matches.
+macro_rules! end_job {
+    ($conn:expr, $id:expr, $fence:expr, $($rest:tt)*) => {
+        end_jobs!(&[$id][..], &[$fence][..], $($rest)*).fetch_optional($conn).await
     };
 }
 
@@ -45,13 +79,12 @@ pub async fn complete(
     fence: i64,
     result: Option<&Value>,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    end_held_job!(
+    end_job!(
         conn,
-        "state = case when cancel_requested then 'cancelled'::job_state else 'completed' end,
-         result = case when cancel_requested then null else $3::jsonb end,
-         finished_at = now()",
         id,
         fence,
+        state: "case when cancel_requested then 'cancelled'::job_state else 'completed' end",
+        result: "case when cancel_requested then null else $3::jsonb end",
         result,
     )
 }
@@ -85,19 +118,12 @@ pub async fn complete_many(
     held: &[(i64, i64)],
 ) -> Result<Vec<Ended>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    over_held_jobs!(query_as!(
-        Ended;
-        r#"
-         update jobs set
-             state = case when jobs.cancel_requested then 'cancelled'::job_state
-                          else 'completed' end,
-             finished_at = now(), lease_owner = null, lease_expires_at = null
-         from held where jobs.id = held.id
-         returning jobs.kind as "kind!", jobs.state as "state!: JobState",
-                   extract(epoch from jobs.finished_at - jobs.started_at)::float8 as seconds"#,
+    end_jobs!(
         &ids,
         &fences,
-    ))
+        state: "case when cancel_requested then 'cancelled'::job_state else 'completed' end",
+        result: "null",
+    )
     .fetch_all(conn)
     .await
 }
@@ -113,21 +139,19 @@ pub async fn fail(
     retry_in: Duration,
     fatal: bool,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    end_held_job!(
+    end_job!(
         conn,
-        "state = case when cancel_requested then 'cancelled'::job_state
-                      when $5 or attempt >= max_attempts then 'failed'
-                      else 'queued' end,
-         run_at = case when cancel_requested or $5 or attempt >= max_attempts then run_at
-                       else now() + $4 * interval '1 millisecond' end,
-         finished_at = case when cancel_requested or $5 or attempt >= max_attempts
-                            then now() end,
-         errors = errors || jsonb_build_array(jsonb_build_object(
-             'attempt', attempt, 'error', $3::text, 'at', now(),
-             'retry_at', case when cancel_requested or $5 or attempt >= max_attempts then null
-                              else now() + $4 * interval '1 millisecond' end))",
         id,
         fence,
+        final: "cancel_requested or $5 or attempt >= max_attempts",
+        state: "case when cancel_requested then 'cancelled'::job_state else 'failed' end",
+        result: "null",
+        errors: "errors || jsonb_build_array(jsonb_build_object(
+                     'attempt', attempt, 'error', $3::text, 'at', now(), 'retry_at', null))",
+        requeue: "state = 'queued', run_at = now() + $4 * interval '1 millisecond',
+                  errors = errors || jsonb_build_array(jsonb_build_object(
+                      'attempt', attempt, 'error', $3::text, 'at', now(),
+                      'retry_at', now() + $4 * interval '1 millisecond'))",
         error,
         retry_in.as_millis() as f64,
         fatal,
@@ -143,15 +167,16 @@ pub async fn snooze(
     fence: i64,
     after: Duration,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    end_held_job!(
+    end_job!(
         conn,
-        "state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
-         finished_at = case when cancel_requested then now() end,
-         attempt = case when cancel_requested then attempt else greatest(attempt - 1, 0) end,
-         run_at = case when cancel_requested then run_at
-                       else now() + $3 * interval '1 millisecond' end",
         id,
         fence,
+        final: "cancel_requested",
+        state: "'cancelled'",
+        result: "null",
+        errors: "errors",
+        requeue: "state = 'queued', attempt = greatest(attempt - 1, 0),
+                  run_at = now() + $3 * interval '1 millisecond'",
         after.as_millis() as f64,
     )
 }
@@ -162,7 +187,7 @@ pub async fn cancelled(
     id: i64,
     fence: i64,
 ) -> Result<Option<Ended>, sqlx::Error> {
-    end_held_job!(conn, "state = 'cancelled', finished_at = now()", id, fence)
+    end_job!(conn, id, fence, state: "'cancelled'", result: "null")
 }
 
 /// The delay before retry number `attempt` (1-based): base · 2^(attempt-1), capped, plus up to

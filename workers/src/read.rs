@@ -72,17 +72,20 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-/// `select` a job's columns `from jobs` and then `$rest`, as [`JobRecord`]s: the checked macros
-/// take only literals, so the one column list is spliced into each statement here.
+/// `select` a job's columns `from all_jobs` (live and finished jobs) and then `$rest`, as
+/// [`JobRecord`]s: the checked macros take only literals, so the one column list is spliced
+/// into each statement here. A view's columns may all be null as far as sqlx can tell, hence
+/// the `!` on those the tables declare `not null`.
 macro_rules! select_jobs {
     ($rest:literal, $($arg:expr),* $(,)?) => {
         sqlx::query_as!(
             JobRecord,
-            r#"select id, kind, state as "state: JobState", args, attempt, max_attempts, processed,
-                   total, result, run_at,
-                   lease_owner as worker, errors as "errors: Json<Vec<AttemptError>>", created_at,
-                   started_at, finished_at
-               from jobs "# + $rest,
+            r#"select id as "id!", kind as "kind!", state as "state!: JobState", args as "args!",
+                   attempt as "attempt!", max_attempts as "max_attempts!",
+                   processed as "processed!", total, result, run_at as "run_at!",
+                   lease_owner as worker, errors as "errors!: Json<Vec<AttemptError>>",
+                   created_at as "created_at!", started_at, finished_at
+               from all_jobs "# + $rest,
             $($arg),*
         )
     };

@@ -26,8 +26,8 @@ pub async fn prune(conn: &mut PgConnection, older_than: Duration) -> Result<u64,
         return Ok(0);
     }
     let deleted = sqlx::query!(
-        "delete from jobs where id in (
-             select id from jobs
+        "delete from finished_jobs where id in (
+             select id from finished_jobs
              where finished_at < now() - $1 * interval '1 millisecond'
              limit $2
          )",

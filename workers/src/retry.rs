@@ -29,7 +29,7 @@ pub async fn retry(conn: &mut PgConnection, id: i64) -> Result<RetryOutcome, sql
     }
     // Only for the answer: the state as it is now (the job may be moving on).
     let state = sqlx::query_scalar!(
-        r#"select state as "state: JobState" from jobs where id = $1"#,
+        r#"select state as "state!: JobState" from all_jobs where id = $1"#,
         id
     )
     .fetch_optional(conn)
@@ -37,24 +37,21 @@ pub async fn retry(conn: &mut PgConnection, id: i64) -> Result<RetryOutcome, sql
     Ok(state.map_or(RetryOutcome::NotFound, RetryOutcome::NotRetryable))
 }
 
-/// The reset itself: true when the job was FAILED or CANCELLED and is now QUEUED, and the
-/// workers were woken (as an insert wakes them) to take it now rather than at their next poll.
-/// The fence is kept (it only ever grows), so a former holder stays shut out.
+/// The reset itself: true when the job was FAILED or CANCELLED and is now QUEUED, moved back
+/// from `finished_jobs` to `jobs` under its id, and the workers were woken (by the insert's
+/// trigger, as any enqueue wakes them) to take it now rather than at their next poll. The fence
+/// is kept (it only ever grows), so a former holder stays shut out.
 async fn requeue(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
-    let requeued = sqlx::query_scalar!(
-        r#"with requeued as (
-             update jobs set
-                 state = 'queued', attempt = 0, run_at = now(),
-                 lease_owner = null, lease_expires_at = null, heartbeat_at = null,
-                 cancel_requested = false, checkpoint = null, processed = 0, total = null,
-                 result = null, started_at = null, finished_at = null
-             where id = $1 and state in ('failed', 'cancelled')
-             returning id
+    let requeued = sqlx::query!(
+        "with moved as (
+             delete from finished_jobs where id = $1 and state in ('failed', 'cancelled')
+             returning *
          )
-         select count(*) as "requeued!" from requeued, lateral (select pg_notify('settle_jobs', '')) n"#,
+         insert into jobs (id, kind, args, priority, max_attempts, fence, errors, created_at)
+         select id, kind, args, priority, max_attempts, fence, errors, created_at from moved",
         id,
     )
-    .fetch_one(conn)
+    .execute(conn)
     .await?;
-    Ok(requeued == 1)
+    Ok(requeued.rows_affected() == 1)
 }

@@ -1,11 +1,10 @@
 //! The queue at a glance, for metrics: how many jobs each kind has in each state, and how long
 //! the oldest due job of each kind has waited. One statement, cheap however many finished jobs
 //! are retained:
-//! - the live states (queued, running, cancelling) are counted exactly: only their rows are
-//!   visited (`jobs_state_id_idx` and the partial claim and lease indexes hold them apart from
-//!   the finished ones), so the cost follows the backlog, not the table;
+//! - the live states (queued, running, cancelling) are counted exactly: they are the `jobs`
+//!   table, finished jobs having a table of their own, so the cost follows the backlog;
 //! - a finished state (completed, failed, cancelled) is counted up to `exact_up_to` rows from
-//!   `jobs_state_id_idx` alone (an index-only scan). Under that, its rows are counted by kind,
+//!   `finished_jobs_state_id_idx` alone (an index-only scan). Under that, its rows are counted by kind,
 //!   exactly. At or past it, the count is Postgres' own estimate (the planner's: the state's
 //!   share in the table's statistics times the table's current size; autovacuum's ANALYZE keeps
 //!   the share fresh), at least `exact_up_to`, split across kinds as among the state's newest
@@ -21,9 +20,10 @@
 //! the same data, and grows with the table where this does not. The API caches a reading for
 //! a second, so scrapes cost at most one statement a second.
 //!
-//! The data, on a migrated database (then `vacuum analyze jobs`, as autovacuum would):
+//! The data, on a migrated database (then `vacuum analyze finished_jobs`, as autovacuum would;
+//! measured when finished and live jobs shared one table):
 //! ```sql
-//! insert into jobs (kind, args, state, attempt, started_at, finished_at, created_at)
+//! insert into finished_jobs (kind, args, state, attempt, started_at, finished_at, created_at)
 //! select case when g % 3 = 0 then 'settlement' else 'noop' end, '{}',
 //!        case when g % 20 = 0 then 'failed' when g % 20 = 1 then 'cancelled'
 //!             else 'completed' end::job_state,
@@ -68,22 +68,21 @@ pub async fn queue_counts(
                     extract(epoch from now() - min(run_at)
                         filter (where state = 'queued' and run_at <= now()))::float8 as oldest
              from jobs
-             where state in ('queued', 'running', 'cancelling')
              group by kind, state
          ), bounded as (
-             -- Each finished state's rows up to $1, from jobs_state_id_idx alone (an
+             -- Each finished state's rows up to $1, from finished_jobs_state_id_idx alone (an
              -- index-only scan: no table page is read while the visibility map is current).
              select 'completed'::job_state as state,
-                    (select count(*) from (select from jobs where state = 'completed' limit $1) n)
+                    (select count(*) from (select from finished_jobs where state = 'completed' limit $1) n)
                         as jobs
              union all
-             select 'failed', (select count(*) from (select from jobs where state = 'failed' limit $1) n)
+             select 'failed', (select count(*) from (select from finished_jobs where state = 'failed' limit $1) n)
              union all
              select 'cancelled',
-                    (select count(*) from (select from jobs where state = 'cancelled' limit $1) n)
+                    (select count(*) from (select from finished_jobs where state = 'cancelled' limit $1) n)
          ), small as (
              -- The exact split by kind of the states under $1 rows (at most $1 rows each).
-             select kind, state, count(*) as jobs from jobs
+             select kind, state, count(*) as jobs from finished_jobs
              where state in (select state from bounded where jobs < $1)
              group by kind, state
          ), split as (
@@ -91,15 +90,15 @@ pub async fn queue_counts(
              -- estimate by.
              select state, kind, count(*)::float8 / sum(count(*)) over (partition by state) as share
              from (
-                 (select state, kind from jobs where state = 'completed'
+                 (select state, kind from finished_jobs where state = 'completed'
                   and (select jobs from bounded where state = 'completed') >= $1
                   order by id desc limit $2)
                  union all
-                 (select state, kind from jobs where state = 'failed'
+                 (select state, kind from finished_jobs where state = 'failed'
                   and (select jobs from bounded where state = 'failed') >= $1
                   order by id desc limit $2)
                  union all
-                 (select state, kind from jobs where state = 'cancelled'
+                 (select state, kind from finished_jobs where state = 'cancelled'
                   and (select jobs from bounded where state = 'cancelled') >= $1
                   order by id desc limit $2)
              ) as newest
@@ -110,11 +109,11 @@ pub async fn queue_counts(
                         * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
                         * v.freq as jobs
              from pg_class c
-             join pg_stats st on st.schemaname = current_schema() and st.tablename = 'jobs'
+             join pg_stats st on st.schemaname = current_schema() and st.tablename = 'finished_jobs'
                  and st.attname = 'state'
              cross join lateral unnest(st.most_common_vals::text::job_state[],
                                        st.most_common_freqs) as v(state, freq)
-             where c.oid = 'jobs'::regclass
+             where c.oid = 'finished_jobs'::regclass
          )
          select kind as "kind!", state as "state!: JobState", jobs as "jobs!",
                 coalesce(oldest, 0) as oldest_due_seconds, true as "exact!"
