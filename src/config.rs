@@ -129,6 +129,10 @@ pub struct WorkerConfig {
     pub retention_hours: u64,
     /// How often each worker tries to delete them (one at a time does, under an advisory lock).
     pub retention_interval_ms: u64,
+    /// Dead rows in the jobs table past which a worker vacuums it; 0 leaves it to autovacuum.
+    pub vacuum_dead_rows: i64,
+    /// How often each worker reads the jobs table's dead rows.
+    pub vacuum_interval_ms: u64,
     /// Transient database errors in a row (without the job's checkpoint moving) retried without
     /// spending an attempt; the next one fails the attempt.
     pub max_transient_retries: u32,
@@ -313,6 +317,12 @@ impl Config {
         if w.retention_interval_ms == 0 {
             return invalid("worker.retention_interval_ms", "must be positive");
         }
+        if w.vacuum_dead_rows < 0 {
+            return invalid("worker.vacuum_dead_rows", "must be 0 (off) or positive");
+        }
+        if w.vacuum_interval_ms == 0 {
+            return invalid("worker.vacuum_interval_ms", "must be positive");
+        }
         if w.poll_interval_ms == 0 {
             return invalid("worker.poll_interval_ms", "must be positive");
         }
@@ -440,6 +450,8 @@ mod tests {
         for (key, value) in [
             ("worker.shutdown_grace_ms", 5001),
             ("worker.retention_interval_ms", 0),
+            ("worker.vacuum_dead_rows", -1),
+            ("worker.vacuum_interval_ms", 0),
             ("idempotency.prune_interval_ms", 0),
             ("pagination.default_page_size", 501),
             ("auth.cache_ttl_ms", 60_001),

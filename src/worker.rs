@@ -41,6 +41,8 @@ pub fn settings(config: &WorkerConfig) -> WorkerSettings {
         retention: Some(Duration::from_secs(config.retention_hours * 3600)),
         retention_interval: Duration::from_millis(config.retention_interval_ms),
         shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+        vacuum_dead_rows: config.vacuum_dead_rows,
+        vacuum_interval: Duration::from_millis(config.vacuum_interval_ms),
     }
 }
 

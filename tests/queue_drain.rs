@@ -64,3 +64,34 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
         assert!(worker.terminate().await, "{}", worker.log_text());
     }
 }
+
+/// A worker vacuums the jobs table once its dead rows pass `worker.vacuum_dead_rows` (counted
+/// by Postgres as a manual vacuum: autovacuum's runs count apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
+    let config = test_config(&[]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let vacuums = "select vacuum_count from pg_stat_user_tables where relname = 'jobs'";
+    assert_eq!(common::scalar(&pool, vacuums).await, 0);
+    let jobs = vec![NewJob::new(NOOP, json!({})); 2_000];
+    let mut conn = pool.acquire().await.unwrap();
+    settle_workers::enqueue_many(&mut conn, &jobs)
+        .await
+        .unwrap();
+
+    let mut worker = WorkerProcess::start_with(
+        &config,
+        &[
+            ("SETTLE_WORKER__VACUUM_DEAD_ROWS", "1000".into()),
+            ("SETTLE_WORKER__VACUUM_INTERVAL_MS", "100".into()),
+        ],
+    );
+    wait_for(Duration::from_secs(60), "a vacuum of jobs", || async {
+        (common::scalar(&pool, vacuums).await > 0).then_some(())
+    })
+    .await;
+    let left = common::scalar(&pool, "select count(*) from jobs").await;
+    let finished = common::scalar(&pool, "select count(*) from finished_jobs").await;
+    assert_eq!(left + finished, 2_000);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}

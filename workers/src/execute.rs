@@ -15,7 +15,7 @@ use crate::claim::ClaimedJob;
 use crate::db::{on_conn, retry_until};
 use crate::error::JobError;
 use crate::job::{JobContext, Outcome};
-use crate::runtime::{Held, Shared};
+use crate::runtime::{Completion, Held, Shared};
 use crate::{finish, lease};
 
 /// How an attempt is recorded.
@@ -37,7 +37,9 @@ enum Ending {
 }
 
 /// Runs `job` in the slot it was claimed for, to an ending, and records it; the slot is freed
-/// when this returns (for a trivial completion, once it is queued for the batcher). A job of a
+/// when this returns (for a trivial completion, once it is queued for the batcher, which takes
+/// one of the `concurrency` places of its queue: a full queue keeps the slot taken, so claims
+/// cannot run ahead of the completions). A job of a
 /// capped kind also holds its kind's `place` (see `crate::caps`), freed only once its ending is
 /// written, so it never waits in the batcher.
 pub(crate) async fn run_job(
@@ -74,9 +76,11 @@ pub(crate) async fn run_job(
     };
     match ending {
         Ending::CompleteLater => {
-            // The batcher forgets the job once its completion is recorded; until then the
-            // heartbeat keeps its lease.
-            let _ = shared.completions.send((id, fence));
+            // The batcher forgets the job and frees its place once its completion is recorded;
+            // until then the heartbeat keeps its lease.
+            if let Ok(queued) = shared.completing.clone().acquire_owned().await {
+                let _ = shared.completions.send(Completion { id, fence, queued });
+            }
         }
         Ending::Nothing => shared.forget(id),
         ending => {

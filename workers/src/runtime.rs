@@ -2,7 +2,7 @@
 //! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
 //! while a semaphore has free slots, each job runs in its own task (`execute`), and the
 //! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
-//! batcher, the retention pruner, and the rescuer (this worker's liveness lock, and the probe
+//! batcher, the retention pruner, the vacuumer, and the rescuer (this worker's liveness lock, and the probe
 //! that hands a dead worker's jobs on).
 //!
 //! Shutdown, step by step:
@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::caps::Caps;
 use crate::registry::Registry;
-use crate::services::{claimer, completer, heartbeat, listener, pruner, rescuer};
+use crate::services::{claimer, completer, heartbeat, listener, pruner, rescuer, vacuumer};
 use crate::settings::WorkerSettings;
 
 /// Channel a worker is woken on when jobs are inserted or released.
@@ -39,6 +39,18 @@ pub(crate) struct Held {
     pub stop: CancellationToken,
     /// Fired when the lease is gone: the body is aborted and nothing more is written.
     pub lost: CancellationToken,
+}
+
+/// A job that completed without a result, waiting for the completion batcher: its id, its
+/// fence, and its place in the batcher's queue, held until its completion is recorded.
+pub(crate) struct Completion {
+    pub id: i64,
+    pub fence: i64,
+    #[expect(
+        dead_code,
+        reason = "held for its drop: the place frees once the batch is recorded"
+    )]
+    pub queued: OwnedSemaphorePermit,
 }
 
 /// State shared by the claim loop, the job tasks and the background tasks.
@@ -62,7 +74,11 @@ pub(crate) struct Shared {
     pub job_done: Notify,
     pub shutdown: CancellationToken,
     /// Trivial completions, flushed in batches by the [`completer`].
-    pub completions: mpsc::UnboundedSender<(i64, i64)>,
+    pub completions: mpsc::UnboundedSender<Completion>,
+    /// Places in the completion batcher's queue (`concurrency` of them): a job waits for one,
+    /// keeping its slot, so the queue, the batches and the held jobs stay bounded when the
+    /// batcher falls behind.
+    pub completing: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -119,6 +135,7 @@ impl Worker {
             .map(str::to_owned)
             .collect();
         let caps = Caps::new(&self.settings.kind_concurrency, &kinds);
+        let completing = Arc::new(Semaphore::new(self.settings.concurrency));
         let uncapped = kinds.into_iter().filter(|kind| !caps.caps(kind)).collect();
         let shared = Arc::new(Shared {
             pool: self.pool,
@@ -133,6 +150,7 @@ impl Worker {
             job_done: Notify::new(),
             shutdown: shutdown.clone(),
             completions,
+            completing,
         });
         tracing::info!(owner = %shared.owner, kinds = ?shared.registry.kinds(),
             concurrency = shared.settings.concurrency,
@@ -153,6 +171,7 @@ impl Worker {
             tokio::spawn(heartbeat::run(shared.clone(), done.clone())),
             tokio::spawn(completer::run(shared.clone(), completed, done.clone())),
             tokio::spawn(pruner::run(shared.clone())),
+            tokio::spawn(vacuumer::run(shared.clone())),
         ];
         let concurrency = shared.settings.concurrency;
         let slots = Arc::new(Semaphore::new(concurrency));

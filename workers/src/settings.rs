@@ -44,13 +44,17 @@ pub struct WorkerSettings {
     pub retention_interval: Duration,
     /// On shutdown, how long running jobs get to reach a checkpoint before they are stopped.
     pub shutdown_grace: Duration,
+    /// Dead rows in `jobs` past which a worker vacuums it (0: never; autovacuum's job alone).
+    pub vacuum_dead_rows: i64,
+    /// How often this worker reads the dead rows (and vacuums past the threshold).
+    pub vacuum_interval: Duration,
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 64,
-            claim_batch: 100,
+            concurrency: 256,
+            claim_batch: 256,
             lease: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
             poll_interval: Duration::from_secs(1),
@@ -65,6 +69,8 @@ impl Default for WorkerSettings {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            vacuum_dead_rows: 100_000,
+            vacuum_interval: Duration::from_secs(2),
         }
     }
 }

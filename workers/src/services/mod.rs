@@ -7,6 +7,7 @@
 //! - [`heartbeat`]: extends every held lease; drops the jobs whose lease was lost.
 //! - [`completer`]: records trivial completions in batches, one commit for many jobs.
 //! - [`pruner`]: deletes finished jobs past retention.
+//! - [`vacuumer`]: vacuums the jobs table when its dead rows pile up.
 //! - [`rescuer`]: holds this worker's liveness lock; hands dead workers' jobs on in seconds.
 
 pub(crate) mod claimer;
@@ -15,6 +16,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod listener;
 pub(crate) mod pruner;
 pub(crate) mod rescuer;
+pub(crate) mod vacuumer;
 
 use std::time::Duration;
 
