@@ -1,0 +1,114 @@
+use super::*;
+use figment::providers::Serialized;
+use std::time::Duration;
+
+/// The error with its causes, as the CLI prints it.
+fn chain(e: ConfigError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
+#[test]
+fn defaults_are_valid() {
+    Config::from_figment(Config::defaults()).expect("shipped config.toml is valid");
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let figment = Config::defaults().merge(Toml::string("[http]\nprot = 1\n"));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("prot"), "{err}");
+    // Page sizes moved to [pagination]; the old keys are refused, not ignored.
+    let figment = Config::defaults().merge(Toml::string("[orders]\nmax_page_size = 9\n"));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("max_page_size"), "{err}");
+}
+
+#[test]
+fn bad_value_is_named() {
+    let figment = Config::defaults().merge(Serialized::default("worker.concurrency", 0));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("worker.concurrency"), "{err}");
+    let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("port"), "{err}");
+    for (key, value) in [
+        ("worker.shutdown_grace_ms", 5001),
+        ("worker.retention_interval_ms", 0),
+        ("worker.vacuum_dead_rows", -1),
+        ("worker.vacuum_interval_ms", 0),
+        ("idempotency.prune_interval_ms", 0),
+        ("pagination.default_page_size", 501),
+        ("auth.cache_ttl_ms", 60_001),
+        ("schedule.check_interval_ms", 0),
+    ] {
+        let figment = Config::defaults().merge(Serialized::default(key, value));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn schedule_times_and_zones_are_checked() {
+    for (key, value) in [
+        ("schedule.at", "25:00"),
+        ("schedule.at", "noon"),
+        ("schedule.time_zone", "Mars/Olympus"),
+    ] {
+        let figment = Config::defaults().merge(Serialized::default(key, value));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(err.contains(key), "{key}={value}: {err}");
+    }
+    let figment = Config::defaults().merge(Serialized::default("schedule.at", "23:59:30"));
+    let config = Config::from_figment(figment).unwrap();
+    assert_eq!(config.schedule.at_time(), "23:59:30".parse().ok());
+}
+
+#[test]
+fn attempt_timeouts_per_kind_override_the_default() {
+    let defaults = Config::from_figment(Config::defaults()).unwrap();
+    assert!(defaults.worker.timeouts["settlement"] > defaults.worker.job_timeout_ms);
+    let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 300));
+    let config = Config::from_figment(figment).unwrap();
+    let settings = crate::worker::settings(&config.worker);
+    assert_eq!(
+        settings.timeout_for(crate::jobs::kind::SLEEP),
+        Duration::from_millis(300)
+    );
+    assert_eq!(
+        settings.timeout_for(crate::jobs::kind::NOOP),
+        Duration::from_millis(config.worker.job_timeout_ms)
+    );
+    let figment = Config::defaults().merge(Serialized::default("worker.timeouts.sleep", 0));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("worker.timeouts"), "{err}");
+}
+
+#[test]
+fn kind_caps_are_read_and_checked() {
+    let defaults = Config::from_figment(Config::defaults()).unwrap();
+    let settings = crate::worker::settings(&defaults.worker);
+    assert!(
+        settings.kind_concurrency.is_empty(),
+        "no kind is capped by default"
+    );
+    let figment = Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurrency = 3\n"));
+    let settings = crate::worker::settings(&Config::from_figment(figment).unwrap().worker);
+    assert_eq!(settings.kind_concurrency[crate::jobs::kind::SLEEP], 3);
+    assert!(
+        !settings
+            .kind_concurrency
+            .contains_key(crate::jobs::kind::NOOP)
+    );
+    for bad in ["0", "-1"] {
+        let toml = format!("[worker.kinds.sleep]\nconcurrency = {bad}\n");
+        let figment = Config::defaults().merge(Toml::string(&toml));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(
+            err.contains("`worker.kinds.sleep.concurrency` must be at least 1"),
+            "{bad}: {err}"
+        );
+    }
+    let figment = Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurency = 3\n"));
+    let err = chain(Config::from_figment(figment).unwrap_err());
+    assert!(err.contains("concurency"), "{err}");
+}

@@ -1,0 +1,142 @@
+//! Every value of a [`Config`] checked before anything connects anywhere: each problem names
+//! its key.
+
+use super::{Config, ConfigError};
+
+impl Config {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                problem: problem.to_owned(),
+            })
+        };
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return invalid("database.url", "must be a postgres:// URL");
+        }
+        if let Some(read_url) = &self.database.read_url
+            && !read_url.starts_with("postgres://")
+            && !read_url.starts_with("postgresql://")
+        {
+            return invalid("database.read_url", "must be a postgres:// URL");
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be at least 1024");
+        }
+        if !(1..=1_000_000).contains(&self.orders.max_quantity) {
+            return invalid("orders.max_quantity", "must be between 1 and 1000000");
+        }
+        if self.orders.max_batch == 0 {
+            return invalid("orders.max_batch", "must be at least 1");
+        }
+        let pages = &self.pagination;
+        if !(1..=pages.max_page_size).contains(&pages.default_page_size) {
+            return invalid(
+                "pagination.default_page_size",
+                "must be between 1 and pagination.max_page_size",
+            );
+        }
+        if self.idempotency.ttl_hours < 1 {
+            return invalid("idempotency.ttl_hours", "must be at least 1");
+        }
+        if self.idempotency.prune_interval_ms == 0 {
+            return invalid("idempotency.prune_interval_ms", "must be positive");
+        }
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            return invalid("worker.concurrency", "must be at least 1");
+        }
+        if w.batch_size < 1 {
+            return invalid("worker.batch_size", "must be at least 1");
+        }
+        if w.claim_batch < 1 {
+            return invalid("worker.claim_batch", "must be at least 1");
+        }
+        if w.heartbeat_ms == 0 || w.heartbeat_ms * 2 > w.lease_ms {
+            return invalid(
+                "worker.heartbeat_ms",
+                "must be positive and at most half of worker.lease_ms",
+            );
+        }
+        if w.shutdown_grace_ms == 0 || w.shutdown_grace_ms * 2 > w.lease_ms {
+            return invalid(
+                "worker.shutdown_grace_ms",
+                "must be positive and at most half of worker.lease_ms",
+            );
+        }
+        if w.retention_interval_ms == 0 {
+            return invalid("worker.retention_interval_ms", "must be positive");
+        }
+        if w.vacuum_dead_rows < 0 {
+            return invalid("worker.vacuum_dead_rows", "must be 0 (off) or positive");
+        }
+        if w.vacuum_interval_ms == 0 {
+            return invalid("worker.vacuum_interval_ms", "must be positive");
+        }
+        if w.poll_interval_ms == 0 {
+            return invalid("worker.poll_interval_ms", "must be positive");
+        }
+        if w.rescue_probe_ms == 0 || w.rescue_grace_ms < w.rescue_probe_ms * 2 {
+            return invalid(
+                "worker.rescue_grace_ms",
+                "must be at least twice worker.rescue_probe_ms, which must be positive",
+            );
+        }
+        if w.max_attempts < 1 {
+            return invalid("worker.max_attempts", "must be at least 1");
+        }
+        if w.backoff_base_ms == 0 || w.backoff_max_ms < w.backoff_base_ms {
+            return invalid(
+                "worker.backoff_max_ms",
+                "must be at least worker.backoff_base_ms, which must be positive",
+            );
+        }
+        if w.job_timeout_ms == 0 {
+            return invalid("worker.job_timeout_ms", "must be positive");
+        }
+        if w.timeouts.values().any(|&ms| ms == 0) {
+            return invalid("worker.timeouts", "must all be positive");
+        }
+        if let Some((kind, _)) = w.kinds.iter().find(|(_, k)| k.concurrency < 1) {
+            let key = format!("worker.kinds.{kind}.concurrency");
+            return invalid(
+                &key,
+                "must be at least 1 (leave the kind out to cap it only by worker.concurrency)",
+            );
+        }
+        if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
+            return invalid("settlement.time_zone", "is not an IANA time zone name");
+        }
+        if self.settlement.max_span_days < 1 {
+            return invalid("settlement.max_span_days", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.settlement.parallel_parts) {
+            return invalid("settlement.parallel_parts", "must be between 1 and 64");
+        }
+        if self.schedule.at_time().is_none() {
+            return invalid("schedule.at", "must be a time of day, HH:MM or HH:MM:SS");
+        }
+        let zone = self.schedule.time_zone.as_deref();
+        if zone.is_some_and(|zone| zone.parse::<chrono_tz::Tz>().is_err()) {
+            return invalid("schedule.time_zone", "is not an IANA time zone name");
+        }
+        if self.schedule.check_interval_ms == 0 {
+            return invalid("schedule.check_interval_ms", "must be positive");
+        }
+        if self.settlement.max_transactions_per_request == 0 {
+            return invalid(
+                "settlement.max_transactions_per_request",
+                "must be at least 1",
+            );
+        }
+        if self.auth.cache_ttl_ms > 60_000 {
+            return invalid("auth.cache_ttl_ms", "must be at most 60000 (one minute)");
+        }
+        Ok(())
+    }
+}

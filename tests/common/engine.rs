@@ -1,0 +1,141 @@
+//! The settlement steps' harness for `settlement_engine.rs`: a migrated database with the
+//! settlement settings of a test, and the steps driven the way the queue drives them (each
+//! batch in its own committed transaction, parts concurrently).
+
+use futures::TryStreamExt;
+use serde_json::json;
+use settle::settlement::plan::{self, Plan};
+use settle::settlement::{DateRange, Settings, SettleError};
+use settle::settlement::{finalize, parts};
+use sqlx::PgPool;
+
+use super::settlement::{self, day, parse_csv, settlements};
+
+pub struct Db {
+    pub pool: PgPool,
+    pub settings: Settings,
+    /// Drops the database with this `Db`.
+    _database: super::TestDatabase,
+}
+
+pub async fn db(zone: &str, parts: u32, batch_size: i64) -> Db {
+    let config = super::test_config(&[
+        ("settlement.time_zone", json!(zone)),
+        ("settlement.parallel_parts", json!(parts)),
+    ]);
+    let (pool, database) = super::migrated_pool(&config).await;
+    Db {
+        pool,
+        settings: Settings::new(&config.settlement, batch_size),
+        _database: database,
+    }
+}
+
+pub fn range(from: &str, to: &str) -> DateRange {
+    DateRange::new(day(from), day(to), 366).unwrap()
+}
+
+impl Db {
+    /// The `settlements` rows of the days `from..=to`.
+    pub async fn settled(&self, from: &str, to: &str) -> settlement::Settled {
+        settlements(&self.pool, day(from), day(to)).await
+    }
+
+    pub async fn start(&self, job: i64, range: DateRange) -> Plan {
+        let bounds = plan::high_water_mark(&self.pool).await.unwrap();
+        let mut tx = self.pool.begin().await.unwrap();
+        let plan = plan::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        plan
+    }
+
+    /// Runs every part concurrently, each batch committed on its own; stops each part after
+    /// `limit` batches when given. Returns the plan as committed.
+    pub async fn batches(&self, plan: &Plan, limit: Option<usize>) -> Plan {
+        let mut tasks = tokio::task::JoinSet::new();
+        for part in plan.parts.clone() {
+            let (pool, plan, batch) = (self.pool.clone(), plan.clone(), self.settings.batch_size);
+            tasks.spawn(async move {
+                let mut part = part;
+                let mut done = 0;
+                while !part.is_done() && limit.is_none_or(|l| done < l) {
+                    let mut tx = pool.begin().await.unwrap();
+                    part = parts::process_batch(&mut tx, &plan, &part, batch)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    done += 1;
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        self.start(plan.run.job_id, plan.range()).await
+    }
+
+    /// Finalizes and commits; returns the job's CSV as the download streams it.
+    pub async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
+        let mut tx = self.pool.begin().await.unwrap();
+        let rows = finalize::finalize(&mut tx, plan).await?;
+        tx.commit().await?;
+        let csv = download(&self.pool, plan.run.job_id).await;
+        assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
+        Ok(csv)
+    }
+
+    /// Runs the plan's batches one by one, then finalizes; returns the first error.
+    pub async fn run_until_error(&self, plan: &Plan) -> Option<SettleError> {
+        for mut part in plan.parts.clone() {
+            while !part.is_done() {
+                let mut tx = self.pool.begin().await.unwrap();
+                match parts::process_batch(&mut tx, plan, &part, self.settings.batch_size).await {
+                    Ok(next) => part = next,
+                    Err(e) => return Some(e),
+                }
+                tx.commit().await.unwrap();
+            }
+        }
+        self.finalize(plan).await.err()
+    }
+
+    pub async fn run(&self, job: i64, range: DateRange) -> String {
+        let plan = self.start(job, range).await;
+        let plan = self.batches(&plan, None).await;
+        self.assert_read_all(&plan).await;
+        self.finalize(&plan).await.unwrap()
+    }
+
+    /// The parts read exactly the plan's input, counted here by the day expression (not by the
+    /// job's id span and time bound), within the total it started with (a count or a bound).
+    pub async fn assert_read_all(&self, plan: &Plan) {
+        let input: i64 = sqlx::query_scalar(
+            "select count(*) from transactions
+             where id <= $1 and (paid_at at time zone $2)::date between $3 and $4",
+        )
+        .bind(plan.run.high_water_id)
+        .bind(&plan.run.time_zone)
+        .bind(plan.run.from_date)
+        .bind(plan.run.to_date)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(plan.processed(), input);
+        assert!(plan.processed() <= plan.run.total, "{plan:?}");
+    }
+}
+
+/// A job's stored CSV, read the way `GET /downloads/{id}.csv` streams it.
+pub async fn download(pool: &PgPool, job: i64) -> String {
+    let chunks: Vec<_> = settle::settlement::results::stream(pool.acquire().await.unwrap(), job)
+        .try_collect()
+        .await
+        .unwrap();
+    String::from_utf8(chunks.concat()).unwrap()
+}
+
+pub fn csv(text: &str) -> settlement::Settled {
+    parse_csv(text)
+}
