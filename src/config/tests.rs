@@ -87,9 +87,11 @@ fn attempt_timeouts_per_kind_override_the_default() {
 fn kind_caps_are_read_and_checked() {
     let defaults = Config::from_figment(Config::defaults()).unwrap();
     let settings = crate::worker::settings(&defaults.worker);
-    assert!(
-        settings.kind_concurrency.is_empty(),
-        "no kind is capped by default"
+    let settlement = crate::settlement::job::KIND.to_owned();
+    assert_eq!(
+        settings.kind_concurrency,
+        std::collections::HashMap::from([(settlement, 2)]),
+        "settlement alone is capped by default"
     );
     let figment = Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurrency = 3\n"));
     let settings = crate::worker::settings(&Config::from_figment(figment).unwrap().worker);

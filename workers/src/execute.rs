@@ -92,6 +92,8 @@ pub(crate) async fn run_job(
     shared.job_done.notify_one();
     if place.is_some() {
         drop(place);
+        // More of its kind may be waiting for the place.
+        shared.caps.hint();
         // A claim loop that found the kind full and nothing else to do sleeps until woken.
         shared.wake.notify_one();
     }

@@ -134,7 +134,11 @@ impl Worker {
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let caps = Caps::new(&self.settings.kind_concurrency, &kinds);
+        let caps = Caps::new(
+            &self.settings.kind_concurrency,
+            &kinds,
+            self.settings.poll_interval,
+        );
         let completing = Arc::new(Semaphore::new(self.settings.concurrency));
         let uncapped = kinds.into_iter().filter(|kind| !caps.caps(kind)).collect();
         let shared = Arc::new(Shared {

@@ -66,6 +66,9 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         // rows another worker was claiming at the same instant.
         let drained = jobs.is_empty();
         crate::metrics::rescued(jobs.iter().filter(|job| job.rescued).count());
+        if !rooms.is_empty() && !jobs.iter().any(|job| shared.caps.caps(&job.kind)) {
+            shared.caps.found_none(&places);
+        }
         for job in jobs {
             let slot = reserved.split(1).expect("a slot reserved per claimed job");
             let place = places.take(&job.kind);

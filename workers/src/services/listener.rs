@@ -26,6 +26,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 Ok(l) => {
                     listener = Some(l);
                     // Notifications may have been missed while disconnected.
+                    shared.caps.hint();
                     shared.wake.notify_one();
                 }
                 Err(e) => {
@@ -47,9 +48,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     held.stop.cancel();
                 }
             }
-            Ok(Some(_)) => shared.wake.notify_one(),
+            Ok(Some(_)) => {
+                shared.caps.hint();
+                shared.wake.notify_one();
+            }
             // The connection dropped; sqlx reconnects on the next call.
-            Ok(None) => shared.wake.notify_one(),
+            Ok(None) => {
+                shared.caps.hint();
+                shared.wake.notify_one();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "LISTEN connection failed");
                 listener = None;
