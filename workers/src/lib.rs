@@ -3,7 +3,9 @@
 //! settle's durable job queue on Postgres: jobs are rows, claimed with `FOR UPDATE SKIP
 //! LOCKED`, held under a lease a heartbeat extends, and fenced by a counter bumped at every
 //! claim, so a worker that lost its lease writes nothing. Long jobs commit their own writes
-//! with their checkpoint in one transaction and resume from it on any worker.
+//! with their checkpoint in one transaction and resume from it on any worker. Live jobs are
+//! rows of `jobs`; the statement that ends a job moves its row to `finished_jobs`, and
+//! `all_jobs` reads both.
 //!
 //! # Layout
 //!
@@ -13,7 +15,8 @@
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
 //! - [`liveness`]: each worker's advisory lock, and the probe that expires a dead worker's
 //!   leases at once instead of at lease expiry.
-//! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced.
+//! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced, each moving a job
+//!   that ends to `finished_jobs`.
 //! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
 //! - [`retry`]: a FAILED or CANCELLED job back to QUEUED, starting over.
 //! - [`retention`]: pruning finished jobs under an advisory lock.
@@ -22,7 +25,7 @@
 //! - [`runtime`]: the [`Worker`], the state its tasks share, and shutdown step by step.
 //! - `services`: the tasks beside the jobs, one file each: `claimer` (claim loops),
 //!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`,
-//!   `rescuer` (liveness lock and probe).
+//!   `vacuumer` (keeps the jobs table compact), `rescuer` (liveness lock and probe).
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API, and which jobs are still live.
