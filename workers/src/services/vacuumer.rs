@@ -7,8 +7,8 @@
 //! drains of 100,000 jobs with autovacuum on: the drain rate fell from 39.7k to 15.2k jobs/s as
 //! dead rows reached 1.77M, autovacuum having run once). So every `vacuum_interval` each worker
 //! reads the table's dead rows from Postgres' statistics and, past `vacuum_dead_rows`, vacuums
-//! it. `skip_locked` lets one vacuum run at a time: a worker that finds one running skips,
-//! never waits. Since `jobs` holds only live jobs (finished ones are in `finished_jobs`), a
+//! it, unless a vacuum of it is already running; `skip_locked` covers two workers starting at
+//! the same instant (the later one skips, never waits). Since `jobs` holds only live jobs (finished ones are in `finished_jobs`), a
 //! vacuum costs what the backlog and the dead rows cost, not the retained history.
 
 use std::sync::Arc;
@@ -30,28 +30,22 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             return;
         }
         let vacuumed = on_conn(&shared.pool, async |conn| {
-            let dead = sqlx::query_scalar!(
-                "select n_dead_tup from pg_stat_user_tables where relid = 'jobs'::regclass"
+            // A vacuum already running (another worker's, autovacuum's) is left to finish.
+            let table = sqlx::query!(
+                r#"select coalesce(n_dead_tup, 0) as "dead!",
+                          exists (select from pg_stat_progress_vacuum p
+                                  where p.relid = s.relid) as "vacuuming!"
+                   from pg_stat_user_tables s where s.relid = 'jobs'::regclass"#
             )
-            .fetch_optional(&mut *conn)
-            .await?
-            .flatten()
-            .unwrap_or(0);
-            if dead < threshold {
+            .fetch_one(&mut *conn)
+            .await?;
+            if table.dead < threshold || table.vacuuming {
                 return Ok(None);
             }
-            // A vacuum already running is not news: Postgres' "skipping vacuum" warning is
-            // kept off this session's log.
-            sqlx::query!("set client_min_messages = error")
-                .execute(&mut *conn)
-                .await?;
             sqlx::query!("vacuum (skip_locked) jobs")
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query!("reset client_min_messages")
-                .execute(&mut *conn)
-                .await?;
-            Ok(Some(dead))
+            Ok(Some(table.dead))
         })
         .await;
         match vacuumed {
