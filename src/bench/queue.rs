@@ -42,9 +42,7 @@ pub struct QueueArgs {
 pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     let config = super::process::bench_config(config, &args.database)?;
     let pool = crate::cli::open(&config, true).await?;
-    sqlx::query!("truncate jobs, finished_jobs")
-        .execute(&pool)
-        .await?;
+    clear_jobs(&pool).await?;
     if args.deep {
         return super::queue_deep::run(&args.deep_args, &config, &pool, args.workers).await;
     }
@@ -60,9 +58,7 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         args.latency_jobs
     );
 
-    sqlx::query!("truncate jobs, finished_jobs")
-        .execute(&pool)
-        .await?;
+    clear_jobs(&pool).await?;
     let started = Instant::now();
     enqueue_all(&pool, args.jobs).await?;
     let enqueued = started.elapsed();
@@ -76,9 +72,7 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         (total - enqueued).as_secs_f64()
     );
     stop_workers(workers).await?;
-    sqlx::query!("truncate jobs, finished_jobs")
-        .execute(&pool)
-        .await?;
+    clear_jobs(&pool).await?;
 
     let peers = super::queue_peers::run(&args.peers, &config, &args).await?;
     super::queue_peers::print_ratios(drain_rate, latency_p50, &peers);
@@ -118,6 +112,14 @@ async fn stop_worker(child: &mut Child) -> anyhow::Result<()> {
             .await?;
     }
     tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    Ok(())
+}
+
+/// Empties the queue, live and finished jobs, between phases.
+pub(super) async fn clear_jobs(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query!("truncate jobs, finished_jobs")
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Args;
 use sqlx::PgPool;
 
-use super::queue::{enqueue_all, start_workers, stop_workers, wait_drained};
+use super::queue::{clear_jobs, enqueue_all, start_workers, stop_workers, wait_drained};
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -65,9 +65,7 @@ pub async fn run(
         deep_rate / shallow
     );
     stop_workers(running).await?;
-    sqlx::query!("truncate jobs, finished_jobs")
-        .execute(pool)
-        .await?;
+    clear_jobs(pool).await?;
     if deep.cycles == 0 {
         return Ok(());
     }
@@ -110,9 +108,7 @@ async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
         let committed = now(pool).await?;
         wait_drained(pool).await?;
         seconds += last_finished(pool).await? - committed;
-        sqlx::query!("truncate jobs, finished_jobs")
-            .execute(pool)
-            .await?;
+        clear_jobs(pool).await?;
     }
     Ok((rounds * deep.shallow_queue) as f64 / seconds)
 }

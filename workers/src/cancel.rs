@@ -83,10 +83,11 @@ async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
              delete from jobs where id = $1 and state = 'queued' returning *
          )
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
-             run_at, fence, cancel_requested, processed, total, checkpoint, errors, result,
-             created_at, finished_at)
-         select id, kind, args, 'cancelled', priority, attempt, max_attempts, run_at, fence, true,
-                processed, total, checkpoint, errors, result, created_at, now()
+             run_at, fence, heartbeat_at, cancel_requested, processed, total, checkpoint, errors,
+             result, created_at, started_at, finished_at)
+         select id, kind, args, 'cancelled', priority, attempt, max_attempts, run_at, fence,
+                heartbeat_at, true, processed, total, checkpoint, errors, result, created_at,
+                started_at, now()
          from ended",
         id,
     )

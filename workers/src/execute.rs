@@ -39,9 +39,9 @@ enum Ending {
 /// Runs `job` in the slot it was claimed for, to an ending, and records it; the slot is freed
 /// when this returns (for a trivial completion, once it is queued for the batcher, which takes
 /// one of the `concurrency` places of its queue: a full queue keeps the slot taken, so claims
-/// cannot run ahead of the completions). A job of a
-/// capped kind also holds its kind's `place` (see `crate::caps`), freed only once its ending is
-/// written, so it never waits in the batcher.
+/// cannot run ahead of the completions). A job of a capped kind also holds its kind's `place`
+/// (see `crate::caps`), freed only once its ending is written, so it never waits in the
+/// batcher.
 pub(crate) async fn run_job(
     shared: Arc<Shared>,
     job: ClaimedJob,
@@ -78,9 +78,13 @@ pub(crate) async fn run_job(
         Ending::CompleteLater => {
             // The batcher forgets the job and frees its place once its completion is recorded;
             // until then the heartbeat keeps its lease.
-            if let Ok(queued) = shared.completing.clone().acquire_owned().await {
-                let _ = shared.completions.send(Completion { id, fence, queued });
-            }
+            let queued = shared
+                .completing
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the batcher's places are never closed");
+            let _ = shared.completions.send(Completion { id, fence, queued });
         }
         Ending::Nothing => shared.forget(id),
         ending => {

@@ -2,8 +2,8 @@
 //! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
 //! while a semaphore has free slots, each job runs in its own task (`execute`), and the
 //! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
-//! batcher, the retention pruner, the vacuumer, and the rescuer (this worker's liveness lock, and the probe
-//! that hands a dead worker's jobs on).
+//! batcher, the retention pruner, the vacuumer, and the rescuer (this worker's liveness lock,
+//! and the probe that hands a dead worker's jobs on).
 //!
 //! Shutdown, step by step:
 //! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands

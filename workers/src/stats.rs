@@ -4,10 +4,10 @@
 //! - the live states (queued, running, cancelling) are counted exactly: they are the `jobs`
 //!   table, finished jobs having a table of their own, so the cost follows the backlog;
 //! - a finished state (completed, failed, cancelled) is counted up to `exact_up_to` rows from
-//!   `finished_jobs_state_id_idx` alone (an index-only scan). Under that, its rows are counted by kind,
-//!   exactly. At or past it, the count is Postgres' own estimate (the planner's: the state's
-//!   share in the table's statistics times the table's current size; autovacuum's ANALYZE keeps
-//!   the share fresh), at least `exact_up_to`, split across kinds as among the state's newest
+//!   `finished_jobs_state_id_idx` alone (an index-only scan). Under that, its rows are counted
+//!   by kind, exactly. At or past it, the count is Postgres' own estimate (the planner's: the
+//!   state's share in the table's statistics times the table's current size; autovacuum's
+//!   ANALYZE keeps the share fresh), at least `exact_up_to`, split across kinds as among the state's newest
 //!   [`SPLIT_SAMPLE`] rows. So a scrape reads a bounded number of rows whatever the table holds.
 //!   Retention keeps finished jobs for `worker.retention_hours`; how many finish is the exact
 //!   `settle_jobs_finished_total` counter.
@@ -73,13 +73,16 @@ pub async fn queue_counts(
              -- Each finished state's rows up to $1, from finished_jobs_state_id_idx alone (an
              -- index-only scan: no table page is read while the visibility map is current).
              select 'completed'::job_state as state,
-                    (select count(*) from (select from finished_jobs where state = 'completed' limit $1) n)
-                        as jobs
+                    (select count(*)
+                     from (select from finished_jobs where state = 'completed' limit $1) n) as jobs
              union all
-             select 'failed', (select count(*) from (select from finished_jobs where state = 'failed' limit $1) n)
+             select 'failed',
+                    (select count(*)
+                     from (select from finished_jobs where state = 'failed' limit $1) n)
              union all
              select 'cancelled',
-                    (select count(*) from (select from finished_jobs where state = 'cancelled' limit $1) n)
+                    (select count(*)
+                     from (select from finished_jobs where state = 'cancelled' limit $1) n)
          ), small as (
              -- The exact split by kind of the states under $1 rows (at most $1 rows each).
              select kind, state, count(*) as jobs from finished_jobs
@@ -109,7 +112,8 @@ pub async fn queue_counts(
                         * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
                         * v.freq as jobs
              from pg_class c
-             join pg_stats st on st.schemaname = current_schema() and st.tablename = 'finished_jobs'
+             join pg_stats st on st.schemaname = current_schema()
+                 and st.tablename = 'finished_jobs'
                  and st.attname = 'state'
              cross join lateral unnest(st.most_common_vals::text::job_state[],
                                        st.most_common_freqs) as v(state, freq)

@@ -45,7 +45,9 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         let rooms = places.rooms();
         let kinds = claimable(&shared, &places);
         let claimed = if kinds.is_empty() {
-            Ok(Vec::new()) // every kind is capped and full: a job's end wakes this loop
+            // Every kind is capped, and full or found without due jobs: a job's end, a NOTIFY
+            // or the next poll wakes this loop.
+            Ok(Vec::new())
         } else {
             let owner = &shared.owner;
             on_conn(&shared.control, async |conn| {

@@ -8,8 +8,9 @@
 //! dead rows reached 1.77M, autovacuum having run once). So every `vacuum_interval` each worker
 //! reads the table's dead rows from Postgres' statistics and, past `vacuum_dead_rows`, vacuums
 //! it, unless a vacuum of it is already running; `skip_locked` covers two workers starting at
-//! the same instant (the later one skips, never waits). Since `jobs` holds only live jobs (finished ones are in `finished_jobs`), a
-//! vacuum costs what the backlog and the dead rows cost, not the retained history.
+//! the same instant (the later one skips, never waits). Since `jobs` holds only live jobs
+//! (finished ones are in `finished_jobs`), a vacuum costs what the backlog and the dead rows
+//! cost, not the retained history.
 
 use std::sync::Arc;
 
