@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn settle(database_url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+    let mut command = common::settle_command();
     command
         .env("SETTLE_DATABASE__URL", database_url)
         .env("PORT", "0")

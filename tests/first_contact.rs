@@ -41,10 +41,9 @@ impl Drop for Scratch {
 
 /// `settle serve` for a database URL on `port` of 127.0.0.1, with no `DATABASE_URL` given.
 fn serve(port: u16, data: &Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_settle"));
+    let mut command = tokio::process::Command::from(common::settle_command());
     command
         .arg("serve")
-        .env_remove("DATABASE_URL")
         .env(
             "SETTLE_DATABASE__URL",
             format!("postgres://postgres@127.0.0.1:{port}/settle"),

@@ -1,4 +1,5 @@
-//! Throughput correctness: two real worker processes drain many jobs, each exactly once.
+//! Draining: real worker processes drain many jobs, each exactly once; the jobs table stays
+//! compact; a worker whose completions cannot land stops claiming.
 
 mod common;
 
@@ -9,6 +10,7 @@ use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
+use sqlx::PgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
@@ -25,19 +27,7 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
     tx.commit().await.unwrap();
 
     let workers = [WorkerProcess::start(&config), WorkerProcess::start(&config)];
-    wait_for(
-        Duration::from_secs(120),
-        "all 10,000 jobs completed",
-        || async {
-            let done = common::scalar(
-                &pool,
-                "select count(*) from all_jobs where state = 'completed'",
-            )
-            .await;
-            (done == 10_000).then_some(())
-        },
-    )
-    .await;
+    all_completed(&pool, 10_000, Duration::from_secs(120)).await;
 
     // One effect row per job (the primary key would have refused a second), each written by
     // the transaction that completed the job on its first attempt.
@@ -94,4 +84,60 @@ async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
     let finished = common::scalar(&pool, "select count(*) from finished_jobs").await;
     assert_eq!(left + finished, 2_000);
     assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+/// The completion batcher's queue is bounded: while its statement cannot land (a test session
+/// holds `finished_jobs` in SHARE mode, which every completion's insert waits for), a worker of
+/// `concurrency` slots holds at most twice that many jobs (a batch waiting on the lock, and one
+/// job per slot waiting for a place in the next) instead of claiming the whole queue; once the
+/// lock goes, every job completes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_completions_cannot_land_stops_claiming() {
+    const SLOTS: i64 = 4;
+    let config = test_config(&[
+        ("worker.concurrency", json!(SLOTS)),
+        ("worker.poll_interval_ms", json!(100)),
+    ]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let jobs = vec![NewJob::new(NOOP, json!({})); 200];
+    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &jobs)
+        .await
+        .unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    for statement in [
+        // The pool ends a session idle in a transaction after half a lease; this one waits.
+        "set local idle_in_transaction_session_timeout = 0",
+        "lock table finished_jobs in share mode",
+    ] {
+        sqlx::query(statement).execute(&mut *blocker).await.unwrap();
+    }
+
+    let mut worker = WorkerProcess::start(&config);
+    let held = "select count(*) from jobs where state = 'running'";
+    wait_for(
+        Duration::from_secs(30),
+        "the slots and places full",
+        || async { (common::scalar(&pool, held).await >= 2 * SLOTS).then_some(()) },
+    )
+    .await;
+    // A worker whose batcher queued without bound would go on claiming (every job here takes
+    // no time) until the queue was empty.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(common::scalar(&pool, held).await, 2 * SLOTS);
+    }
+
+    blocker.rollback().await.unwrap();
+    all_completed(&pool, 200, Duration::from_secs(60)).await;
+    assert_eq!(common::scalar(&pool, "select count(*) from jobs").await, 0);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+/// Waits until `jobs` jobs have completed.
+async fn all_completed(pool: &PgPool, jobs: i64, timeout: Duration) {
+    let completed = "select count(*) from all_jobs where state = 'completed'";
+    wait_for(timeout, &format!("all {jobs} jobs completed"), || async {
+        (common::scalar(pool, completed).await == jobs).then_some(())
+    })
+    .await;
 }

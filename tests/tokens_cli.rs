@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::api_process;
 use common::auth::client_with;
 
 fn settle(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_settle"))
+    common::settle_command()
         .args(args)
         .env("SETTLE_DATABASE__URL", url)
         .env("NO_COLOR", "1")

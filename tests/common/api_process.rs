@@ -16,7 +16,7 @@ pub struct ApiChild {
 
 /// Runs `settle <args>` on `database_url` with `env` and waits (30 s at most) until it listens.
 pub async fn start(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> ApiChild {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_settle"))
+    let mut child = Command::from(super::settle_command())
         .args(args)
         .envs(env.iter().copied())
         .env("SETTLE_DATABASE__URL", database_url)

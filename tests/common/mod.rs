@@ -26,6 +26,22 @@ use settle::http::AppState;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// The `settle` binary, started with none of the variables it reads from a developer's shell
+/// (`DATABASE_URL`, `PORT`, `WORKERS`, `BATCH_SIZE`, `SETTLE_*`): a child sees only what its test
+/// sets, so a `DATABASE_URL` exported for sqlx development cannot point it at another database.
+pub fn settle_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_settle"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("SETTLE_")
+            || ["DATABASE_URL", "PORT", "WORKERS", "BATCH_SIZE"].contains(&key.as_ref())
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    command
+}
+
 /// Postgres the tests run against: `TEST_DATABASE_URL`, else the local default server.
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")

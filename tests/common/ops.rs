@@ -85,10 +85,9 @@ impl TestApp {
 /// `settle <args>` on the app's database, as an operator runs it: no API, no token. Returns
 /// (success, stdout, stderr).
 pub fn settle_cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_settle"))
+    let output = super::settle_command()
         .args(args)
         .env("SETTLE_DATABASE__URL", &app.config.database.url)
-        .env_remove("DATABASE_URL")
         .env("SETTLE_LOG", "warn")
         .output()
         .expect("run settle");

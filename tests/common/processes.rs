@@ -73,7 +73,7 @@ impl WorkerProcess {
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).expect("worker log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+        let mut command = Command::from(super::settle_command());
         command
             .arg("worker")
             .env("SETTLE_DATABASE__URL", &config.database.url)
@@ -82,9 +82,6 @@ impl WorkerProcess {
                 config.database.max_connections.to_string(),
             )
             .env("SETTLE_LOG", "warn,settle=info,settle_workers=info")
-            .env_remove("DATABASE_URL")
-            .env_remove("WORKERS")
-            .env_remove("BATCH_SIZE")
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true);
