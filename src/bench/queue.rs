@@ -2,7 +2,9 @@
 //! enqueue-to-start latency on an idle queue, beside two baselines measured in the same run:
 //! graphile-worker in its documented high-throughput configuration (`bench/graphile/`) and an
 //! independent pgbench claim-and-complete loop (`bench/queue-*.sql`), with the ratios.
-//! `--deep` measures instead how the claim rate holds up with a deep queue (`queue_deep`).
+//! settle and graphile alternate for `--rounds` rounds and the median of the rounds' ratios is
+//! the figure (one run moves by ±10 % here). `--deep` measures instead how the claim rate holds
+//! up with a deep queue (`queue_deep`).
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,9 @@ pub struct QueueArgs {
     /// Worker processes (each with the configured `worker.concurrency`).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Rounds of settle then graphile; the printed ratio is the median of the rounds'.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Jobs enqueued one at a time on an idle queue for the latency phase.
     #[arg(long, default_value_t = 1_000)]
     pub latency_jobs: usize,
@@ -51,18 +56,43 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         "settle bench queue: {} no-op jobs, {} worker processes x concurrency {}, claim_batch {}, database {}",
         args.jobs, args.workers, w.concurrency, w.claim_batch, args.database
     );
-    let workers = start_workers(&config, args.workers).await?;
-    let (latency_p50, latency_p99) = latency_phase(&pool, args.latency_jobs).await?;
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        println!("round {round}");
+        let settle = settle_round(&config, &pool, &args).await?;
+        let graphile = super::queue_peers::graphile(&args.peers, &config, &args).await?;
+        rounds.push((settle, graphile));
+    }
+    let pgbench = super::queue_peers::pgbench(&args.peers, &config, args.jobs).await?;
+    super::queue_peers::print_ratios(&rounds, &pgbench);
+    Ok(())
+}
+
+/// What one round of settle measured.
+pub struct SettleRound {
+    pub drain_jobs_per_s: f64,
+    pub pickup_p50_ms: f64,
+}
+
+/// Starts the workers, measures pickup on the idle queue and then the drain of `args.jobs`,
+/// stops the workers and empties the queue.
+async fn settle_round(
+    config: &Config,
+    pool: &PgPool,
+    args: &QueueArgs,
+) -> anyhow::Result<SettleRound> {
+    let workers = start_workers(config, args.workers).await?;
+    let (latency_p50, latency_p99) = latency_phase(pool, args.latency_jobs).await?;
     println!(
         "pickup   settle enqueue-to-start on an idle queue: p50 {latency_p50:.2} ms   p99 {latency_p99:.2} ms   ({} jobs, one at a time)",
         args.latency_jobs
     );
 
-    clear_jobs(&pool).await?;
+    clear_jobs(pool).await?;
     let started = Instant::now();
-    enqueue_all(&pool, args.jobs).await?;
+    enqueue_all(pool, args.jobs).await?;
     let enqueued = started.elapsed();
-    wait_drained(&pool).await?;
+    wait_drained(pool).await?;
     let total = started.elapsed();
     let drain_rate = args.jobs as f64 / (total - enqueued).as_secs_f64();
     println!(
@@ -72,11 +102,11 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
         (total - enqueued).as_secs_f64()
     );
     stop_workers(workers).await?;
-    clear_jobs(&pool).await?;
-
-    let peers = super::queue_peers::run(&args.peers, &config, &args).await?;
-    super::queue_peers::print_ratios(drain_rate, latency_p50, &peers);
-    Ok(())
+    clear_jobs(pool).await?;
+    Ok(SettleRound {
+        drain_jobs_per_s: drain_rate,
+        pickup_p50_ms: latency_p50,
+    })
 }
 
 /// Starts `n` workers and lets them connect and LISTEN before any clock starts.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::queue::QueueArgs;
+use super::queue::{QueueArgs, SettleRound};
 use crate::config::Config;
 
 const PGBENCH_SETUP: &str = include_str!("../../bench/queue-setup.sql");
@@ -63,34 +63,46 @@ pub struct GraphileRun {
     pub pickup_p99_ms: f64,
 }
 
-pub struct Peers {
-    pub graphile: Option<GraphileRun>,
-    /// (clients, jobs/s) for each pgbench run.
-    pub pgbench: Vec<(usize, f64)>,
+/// The median of `values` (the upper one of an even count); `None` when there are none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
-pub async fn run(peers: &PeerArgs, config: &Config, args: &QueueArgs) -> anyhow::Result<Peers> {
-    let graphile = match peers.peer {
-        Peer::Graphile => graphile(peers, config, args).await?,
-        Peer::None => None,
-    };
-    let pgbench = pgbench(peers, config, args.jobs).await?;
-    Ok(Peers { graphile, pgbench })
-}
-
-pub fn print_ratios(settle_drain: f64, settle_p50: f64, peers: &Peers) {
-    let mut line = format!("ratio    pickup p50 settle {settle_p50:.2} ms");
-    if let Some(g) = &peers.graphile {
-        line += &format!(
-            ", graphile {:.2} ms   settle / graphile = {:.2}",
-            g.pickup_p50_ms,
-            settle_drain / g.drain_jobs_per_s
-        );
+/// Prints each round's settle / graphile, then the medians over the rounds: the ratio, the
+/// pickups, and settle's median drain against pgbench's best.
+pub fn print_ratios(rounds: &[(SettleRound, Option<GraphileRun>)], pgbench: &[(usize, f64)]) {
+    let paired: Vec<f64> = rounds
+        .iter()
+        .filter_map(|(s, g)| g.as_ref().map(|g| s.drain_jobs_per_s / g.drain_jobs_per_s))
+        .collect();
+    if !paired.is_empty() {
+        let each: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
+        println!("rounds   settle / graphile: {}", each.join(", "));
     }
-    if let Some((clients, best)) = peers.pgbench.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+    let settle_p50 = median(rounds.iter().map(|(s, _)| s.pickup_p50_ms).collect());
+    let mut line = format!(
+        "ratio    median of {} rounds: pickup p50 settle {:.2} ms",
+        rounds.len(),
+        settle_p50.unwrap_or(f64::NAN)
+    );
+    let graphile_p50 = median(
+        rounds
+            .iter()
+            .filter_map(|(_, g)| g.as_ref().map(|g| g.pickup_p50_ms))
+            .collect(),
+    );
+    if let (Some(p50), Some(ratio)) = (graphile_p50, median(paired)) {
+        line += &format!(", graphile {p50:.2} ms   settle / graphile = {ratio:.2}");
+    }
+    let settle_drain = median(rounds.iter().map(|(s, _)| s.drain_jobs_per_s).collect());
+    if let (Some(drain), Some((clients, best))) = (
+        settle_drain,
+        pgbench.iter().max_by(|a, b| a.1.total_cmp(&b.1)),
+    ) {
         line += &format!(
             "   settle / pgbench = {:.2} (its best, {clients} clients)",
-            settle_drain / best
+            drain / best
         );
     }
     println!("{line}   (issue 11: settle >= 1.0x graphile, pickup p50 < 2 ms)");
@@ -107,11 +119,16 @@ async fn present(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn graphile(
+/// One graphile run in its best configuration, `None` with `--peer none` or where node or npm
+/// is missing.
+pub async fn graphile(
     peers: &PeerArgs,
     config: &Config,
     args: &QueueArgs,
 ) -> anyhow::Result<Option<GraphileRun>> {
+    if peers.peer == Peer::None {
+        return Ok(None);
+    }
     if !(present("node").await && present("npm").await) {
         println!("graphile skipped: node and npm are not both installed");
         return Ok(None);
@@ -176,7 +193,8 @@ async fn graphile(
     Ok(Some(g))
 }
 
-async fn pgbench(
+/// The pgbench claim-and-complete loop at each of `--pgbench-clients`: (clients, jobs/s).
+pub async fn pgbench(
     peers: &PeerArgs,
     config: &Config,
     jobs: usize,
