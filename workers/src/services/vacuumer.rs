@@ -8,14 +8,19 @@
 //! dead rows reached 1.77M, autovacuum having run once). So every `vacuum_interval` each worker
 //! reads the table's dead rows from Postgres' statistics and, past `vacuum_dead_rows`, vacuums
 //! it, unless a vacuum of it is already running; `skip_locked` covers two workers starting at
-//! the same instant (the later one skips, never waits). Since `jobs` holds only live jobs
-//! (finished ones are in `finished_jobs`), a vacuum costs what the backlog and the dead rows
-//! cost, not the retained history.
+//! the same instant, or autovacuum starting between the check and the statement (the later
+//! one skips, never waits). Postgres warns of every such skip, which is expected here, so the
+//! vacuumer runs on a session of its own (one connection per worker, outside the pool) with
+//! `client_min_messages = error`: the setting can never leak to another statement, and an
+//! error drops the session for a fresh one. Since `jobs` holds only live jobs (finished ones
+//! are in `finished_jobs`), a vacuum costs what the backlog and the dead rows cost, not the
+//! retained history.
 
 use std::sync::Arc;
 
+use sqlx::{Connection, PgConnection};
+
 use super::pause;
-use crate::db::on_conn;
 use crate::runtime::Shared;
 
 /// Until shutdown: every `vacuum_interval`, vacuums `jobs` if it holds `vacuum_dead_rows` dead
@@ -25,34 +30,59 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     if threshold == 0 {
         return;
     }
+    let options = shared
+        .pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .options([("client_min_messages", "error")]);
+    let mut session: Option<PgConnection> = None;
     loop {
         pause(&shared.shutdown, shared.settings.vacuum_interval).await;
         if shared.shutdown.is_cancelled() {
             return;
         }
-        let vacuumed = on_conn(&shared.pool, async |conn| {
-            // A vacuum already running (another worker's, autovacuum's) is left to finish.
-            let table = sqlx::query!(
-                r#"select coalesce(n_dead_tup, 0) as "dead!",
-                          exists (select from pg_stat_progress_vacuum p
-                                  where p.relid = s.relid) as "vacuuming!"
-                   from pg_stat_user_tables s where s.relid = 'jobs'::regclass"#
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            if table.dead < threshold || table.vacuuming {
-                return Ok(None);
-            }
-            sqlx::query!("vacuum (skip_locked) jobs")
-                .execute(&mut *conn)
-                .await?;
-            Ok(Some(table.dead))
-        })
-        .await;
-        match vacuumed {
+        let conn = match session.as_mut() {
+            Some(conn) => conn,
+            None => match PgConnection::connect_with(&options).await {
+                Ok(conn) => session.insert(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "connecting the vacuumer failed");
+                    continue;
+                }
+            },
+        };
+        match vacuum_if_due(conn, threshold).await {
             Ok(None) => {}
             Ok(Some(dead)) => tracing::debug!(dead, "vacuumed the jobs table"),
-            Err(e) => tracing::warn!(error = %e, "vacuuming the jobs table failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "vacuuming the jobs table failed");
+                session = None;
+            }
         }
     }
+}
+
+/// Vacuums `jobs` if it holds `threshold` dead rows or more and no vacuum of it is running (one
+/// of another worker's, or autovacuum's, is left to finish); returns the dead rows it found
+/// when it vacuumed.
+async fn vacuum_if_due(
+    conn: &mut PgConnection,
+    threshold: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    let table = sqlx::query!(
+        r#"select coalesce(n_dead_tup, 0) as "dead!",
+                  exists (select from pg_stat_progress_vacuum p
+                          where p.relid = s.relid) as "vacuuming!"
+           from pg_stat_user_tables s where s.relid = 'jobs'::regclass"#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if table.dead < threshold || table.vacuuming {
+        return Ok(None);
+    }
+    sqlx::query!("vacuum (skip_locked) jobs")
+        .execute(conn)
+        .await?;
+    Ok(Some(table.dead))
 }
