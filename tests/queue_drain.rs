@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, probe_tables, wait_for};
+use common::processes::{WorkerProcess, eager_vacuum, probe_tables, wait_for};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
@@ -78,13 +78,7 @@ async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
         sqlx::query(statement).execute(&mut *blocker).await.unwrap();
     }
 
-    let mut worker = WorkerProcess::start_with(
-        &config,
-        &[
-            ("SETTLE_WORKER__VACUUM_DEAD_ROWS", "1000".into()),
-            ("SETTLE_WORKER__VACUUM_INTERVAL_MS", "100".into()),
-        ],
-    );
+    let mut worker = WorkerProcess::start_with(&config, &eager_vacuum());
     let dead = "select n_dead_tup from pg_stat_user_tables where relname = 'jobs'";
     wait_for(Duration::from_secs(60), "dead rows past 1,000", || async {
         (common::scalar(&pool, dead).await >= 1_000).then_some(())

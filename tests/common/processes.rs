@@ -26,6 +26,14 @@ pub fn short_lease(lease_ms: u64, heartbeat_ms: u64) -> Vec<(&'static str, Value
     ]
 }
 
+/// Environment of a worker that vacuums `jobs` past 1,000 dead rows, checking every 100 ms.
+pub fn eager_vacuum() -> [(&'static str, String); 2] {
+    [
+        ("SETTLE_WORKER__VACUUM_DEAD_ROWS", "1000".into()),
+        ("SETTLE_WORKER__VACUUM_INTERVAL_MS", "100".into()),
+    ]
+}
+
 /// A running `settle worker` child; killed when dropped.
 pub struct WorkerProcess {
     child: Child,

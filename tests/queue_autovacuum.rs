@@ -1,0 +1,66 @@
+//! The vacuumer and autovacuum, on a private cluster (the shared test server runs with
+//! autovacuum off, and its settings are not the tests' to change): a throttled autovacuum of
+//! `jobs` does not hold the worker's own vacuum off.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::processes::{WorkerProcess, eager_vacuum, wait_for};
+use common::{migrated_pool, test_config};
+use serde_json::json;
+use settle::jobs::kind::NOOP;
+use settle_workers::NewJob;
+
+/// Autovacuum visits every second and, at a cost limit of 1 with a 100 ms delay, crawls through
+/// the dead rows of 20,000 deleted jobs for minutes. A worker whose threshold they pass queues
+/// its own vacuum behind it; Postgres cancels the autovacuum once `deadlock_timeout` (1 s)
+/// has passed, and the worker's vacuum runs. Without the takeover the worker would skip while
+/// the autovacuum ran, and no manual vacuum would come within the wait below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_takes_over_from_a_throttled_autovacuum_of_the_jobs_table() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let config = test_config(&[("database.url", json!(cluster.url("settle_autovacuum")))]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let jobs = vec![NewJob::new(NOOP, json!({})); 20_000];
+    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &jobs)
+        .await
+        .unwrap();
+    for statement in [
+        "alter system set autovacuum_naptime = 1",
+        "select pg_reload_conf()",
+        "alter table jobs set (autovacuum_vacuum_threshold = 0,
+             autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100,
+             autovacuum_vacuum_cost_limit = 1)",
+        // 20,000 dead rows for the autovacuum to crawl through.
+        "delete from jobs",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let autovacuuming = "select count(*) from pg_stat_progress_vacuum p
+                         join pg_stat_activity a on a.pid = p.pid
+                         where p.datname = current_database() and p.relid = 'jobs'::regclass
+                           and a.backend_type = 'autovacuum worker'";
+    wait_for(Duration::from_secs(60), "an autovacuum of jobs", || async {
+        (common::scalar(&pool, autovacuuming).await > 0).then_some(())
+    })
+    .await;
+
+    let mut worker = WorkerProcess::start_with(&config, &eager_vacuum());
+    let vacuums = "select vacuum_count from pg_stat_user_tables where relname = 'jobs'";
+    wait_for(
+        Duration::from_secs(30),
+        "the worker's vacuum of jobs",
+        || async { (common::scalar(&pool, vacuums).await > 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        cluster.server_log().contains("canceling autovacuum task"),
+        "{}",
+        cluster.server_log()
+    );
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
