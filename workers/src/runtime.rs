@@ -7,7 +7,8 @@
 //!
 //! Shutdown, step by step:
 //! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands
-//!    its jobs straight back), and the listener and the pruner return;
+//!    its jobs straight back), and the listener, the pruner and the vacuumer (mid-vacuum too)
+//!    return;
 //! 2. every running job's stop token (a child of shutdown) fires; bodies stop at their next
 //!    checkpoint, and the runtime releases their leases without spending the attempt;
 //! 3. a body still running after `shutdown_grace` is aborted and released the same way;

@@ -57,7 +57,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
             },
         };
-        match vacuum_if_due(conn, threshold).await {
+        let vacuumed = tokio::select! {
+            vacuumed = vacuum_if_due(conn, threshold) => vacuumed,
+            // Shutdown does not wait for a vacuum (or a takeover's wait): the session closes
+            // and the server finishes or drops the vacuum on its own.
+            () = shared.shutdown.cancelled() => return,
+        };
+        match vacuumed {
             Ok(None) => {}
             Ok(Some(dead)) => tracing::debug!(dead, "vacuumed the jobs table"),
             Err(e) => {
