@@ -10,7 +10,7 @@ use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
@@ -65,18 +65,13 @@ async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
     let (pool, _db) = migrated_pool(&config).await;
     let vacuums = "select vacuum_count from pg_stat_user_tables where relname = 'jobs'";
     assert_eq!(common::scalar(&pool, vacuums).await, 0);
-    let jobs = vec![NewJob::new(NOOP, json!({})); 2_000];
-    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &jobs)
-        .await
-        .unwrap();
-    let mut blocker = pool.begin().await.unwrap();
-    for statement in [
-        "set local idle_in_transaction_session_timeout = 0",
-        // The lock a VACUUM takes: claims and endings go on, the worker's vacuum is skipped.
+    // The lock a VACUUM takes: claims and endings go on, the worker's vacuum is skipped.
+    let blocker = noops_behind(
+        &pool,
+        2_000,
         "lock table jobs in share update exclusive mode",
-    ] {
-        sqlx::query(statement).execute(&mut *blocker).await.unwrap();
-    }
+    )
+    .await;
 
     let mut worker = WorkerProcess::start_with(&config, &eager_vacuum());
     let dead = "select n_dead_tup from pg_stat_user_tables where relname = 'jobs'";
@@ -117,18 +112,7 @@ async fn a_worker_whose_completions_cannot_land_stops_claiming() {
         ("worker.poll_interval_ms", json!(100)),
     ]);
     let (pool, _db) = migrated_pool(&config).await;
-    let jobs = vec![NewJob::new(NOOP, json!({})); 200];
-    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &jobs)
-        .await
-        .unwrap();
-    let mut blocker = pool.begin().await.unwrap();
-    for statement in [
-        // The pool ends a session idle in a transaction after half a lease; this one waits.
-        "set local idle_in_transaction_session_timeout = 0",
-        "lock table finished_jobs in share mode",
-    ] {
-        sqlx::query(statement).execute(&mut *blocker).await.unwrap();
-    }
+    let blocker = noops_behind(&pool, 200, "lock table finished_jobs in share mode").await;
 
     let mut worker = WorkerProcess::start(&config);
     let held = "select count(*) from jobs where state = 'running'";
@@ -158,4 +142,22 @@ async fn all_completed(pool: &PgPool, jobs: i64, timeout: Duration) {
         (common::scalar(pool, completed).await == jobs).then_some(())
     })
     .await;
+}
+
+/// Queues `jobs` no-op jobs, then opens a transaction that takes `lock` (a `lock table`
+/// statement) and holds it until the caller ends it.
+async fn noops_behind(pool: &PgPool, jobs: usize, lock: &str) -> Transaction<'static, Postgres> {
+    let queued = vec![NewJob::new(NOOP, json!({})); jobs];
+    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &queued)
+        .await
+        .unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    // The pool ends a session idle in a transaction after half a lease; this one waits.
+    for statement in ["set local idle_in_transaction_session_timeout = 0", lock] {
+        sqlx::query(AssertSqlSafe(statement.to_owned()))
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+    }
+    blocker
 }
