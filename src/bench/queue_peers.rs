@@ -80,11 +80,11 @@ pub fn print_ratios(rounds: &[(SettleRound, Option<GraphileRun>)], pgbench: &[(u
         let each: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
         println!("rounds   settle / graphile: {}", each.join(", "));
     }
-    let settle_p50 = median(rounds.iter().map(|(s, _)| s.pickup_p50_ms).collect());
+    let settle_p50 =
+        median(rounds.iter().map(|(s, _)| s.pickup_p50_ms).collect()).expect("at least one round");
     let mut line = format!(
-        "ratio    median of {} rounds: pickup p50 settle {:.2} ms",
-        rounds.len(),
-        settle_p50.unwrap_or(f64::NAN)
+        "ratio    median of {} rounds: pickup p50 settle {settle_p50:.2} ms",
+        rounds.len()
     );
     let graphile_p50 = median(
         rounds

@@ -88,7 +88,9 @@ async fn vacuum_if_due(
         r#"select coalesce(n_dead_tup, 0) as "dead!",
                   (select a.backend_type from pg_stat_progress_vacuum p
                    join pg_stat_activity a on a.pid = p.pid
-                   where p.relid = s.relid limit 1) as running
+                   -- The view lists every database's vacuums; relids repeat across them.
+                   where p.datname = current_database() and p.relid = s.relid
+                   limit 1) as running
            from pg_stat_user_tables s where s.relid = 'jobs'::regclass"#
     )
     .fetch_one(&mut *conn)
