@@ -7,13 +7,14 @@
 //! drains of 100,000 jobs with autovacuum on: the drain rate fell from 39.7k to 15.2k jobs/s as
 //! dead rows reached 1.77M, autovacuum having run once). So every `vacuum_interval` each worker
 //! reads the table's dead rows from Postgres' statistics and, past `vacuum_dead_rows`, vacuums
-//! it, unless a vacuum of it is already running; `skip_locked` covers two workers starting at
-//! the same instant, or autovacuum starting between the check and the statement (the later
-//! one skips, never waits). Postgres warns of every such skip, which is expected here, so the
-//! vacuumer runs on a session of its own (one connection per worker, outside the pool) with
-//! `client_min_messages = error`: the setting can never leak to another statement, and an
-//! error drops the session for a fresh one. A vacuum already running is left to finish, except
-//! autovacuum's: throttled by its cost delay it can take tens of seconds on a busy `jobs`,
+//! it, unless another session holds a lock the vacuum would wait for (another vacuum, an
+//! `ANALYZE`, an index build); `skip_locked` covers two workers starting at the same instant,
+//! or autovacuum starting between the check and the statement (the later one skips, never
+//! waits). Postgres warns of every such skip, which is expected here, so the vacuumer runs on a
+//! session of its own (one connection per worker, outside the pool) with `client_min_messages =
+//! error`: the setting can never leak to another statement, and an error drops the session for
+//! a fresh one. Such a holder is left to finish, except autovacuum (its vacuums and its
+//! analyzes alike): throttled by its cost delay it can take tens of seconds on a busy `jobs`,
 //! while dead rows pile up (measured: drains fell from ~14k to 3-5k jobs/s for two cycles of the
 //! deep bench). The worker then queues its own `VACUUM jobs` behind it; Postgres cancels an
 //! autovacuum that blocks another session's lock request once `deadlock_timeout` has passed
@@ -77,20 +78,28 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 /// How long a vacuum queued behind autovacuum's waits for it to give way.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
-/// Vacuums `jobs` if it holds `threshold` dead rows or more, unless a vacuum of it is running
-/// (another worker's is left to finish; autovacuum's is taken over); returns the dead rows it
-/// found when it vacuumed.
+/// Vacuums `jobs` if it holds `threshold` dead rows or more, unless another session holds a
+/// lock the vacuum would wait for (left to finish, except autovacuum, which is taken over);
+/// returns the dead rows it found when it vacuumed.
 async fn vacuum_if_due(
     conn: &mut PgConnection,
     threshold: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
+    // Whoever holds a lock on `jobs` that a vacuum's SHARE UPDATE EXCLUSIVE waits for:
+    // another vacuum, or an ANALYZE (autovacuum's analyzes hold it too, throttled alike).
     let table = sqlx::query!(
         r#"select coalesce(n_dead_tup, 0) as "dead!",
-                  (select a.backend_type from pg_stat_progress_vacuum p
-                   join pg_stat_activity a on a.pid = p.pid
-                   -- The view lists every database's vacuums; relids repeat across them.
-                   where p.datname = current_database() and p.relid = s.relid
-                   limit 1) as running
+                  (select a.backend_type from pg_locks l
+                   join pg_stat_activity a on a.pid = l.pid
+                   where l.locktype = 'relation' and l.relation = s.relid and l.granted
+                     -- Relation oids repeat across databases.
+                     and l.database = (select oid from pg_database
+                                       where datname = current_database())
+                     and l.mode in ('ShareUpdateExclusiveLock', 'ShareLock',
+                                    'ShareRowExclusiveLock', 'ExclusiveLock',
+                                    'AccessExclusiveLock')
+                     and l.pid <> pg_backend_pid()
+                   limit 1) as holder
            from pg_stat_user_tables s where s.relid = 'jobs'::regclass"#
     )
     .fetch_one(&mut *conn)
@@ -98,7 +107,7 @@ async fn vacuum_if_due(
     if table.dead < threshold {
         return Ok(None);
     }
-    let vacuumed = match table.running.as_deref() {
+    let vacuumed = match table.holder.as_deref() {
         None => {
             sqlx::query!("vacuum (skip_locked) jobs")
                 .execute(conn)
