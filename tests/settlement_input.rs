@@ -1,18 +1,21 @@
 //! How a settlement job fixes its input. A range holding the history's first and last rows
 //! takes its id span from the primary key's two ends and counts its rows as it reads them: its
 //! `total` bounds the count (the span's ids) until the job completes with the exact count. Any
-//! other range is counted up front through the `(paid_at, id)` index.
+//! other range takes its span from the quarter-hour index, also counted as it is read; in a
+//! zone whose midnight is off the quarter hours, through the `(paid_at, id)` index, which counts
+//! it up front.
 
 mod common;
 
 use chrono_tz::Tz;
+use common::TestApp;
 use common::ops::settling_app;
 use common::processes::wait_state;
 use common::settlement as support;
 use serde_json::json;
 use settle::settlement::plan::{self, Plan};
 use settle::settlement::transactions::{NewTransaction, Status};
-use settle::settlement::{DateRange, Settings};
+use settle::settlement::{DateRange, Settings, Zone};
 use sqlx::PgPool;
 use support::{at, day, txn};
 
@@ -44,6 +47,17 @@ async fn fixed_input(pool: &PgPool, settings: &Settings, from: &str, to: &str) -
     plan
 }
 
+/// Queues a settlement of `from..=to` through the API; returns its id once COMPLETED.
+async fn settled(app: &TestApp, from: &str, to: &str) -> i64 {
+    let (status, body) = app
+        .post("/api/v1/jobs/settlement", &json!({"from": from, "to": to}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_i64().unwrap();
+    wait_state(&app.pool, id, "completed").await;
+    id
+}
+
 /// `(status, processed, total)` of a finished job.
 async fn ending(pool: &PgPool, id: i64) -> (String, i64, Option<i64>) {
     sqlx::query_as("select state::text, processed, total from all_jobs where id = $1")
@@ -70,15 +84,7 @@ async fn a_range_holding_both_ends_is_counted_as_it_is_read() {
         first_id(&app.pool).await
     );
 
-    let (status, body) = app
-        .post(
-            "/api/v1/jobs/settlement",
-            &json!({"from": "2025-01-01", "to": "2025-01-03"}),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["job_id"].as_i64().unwrap();
-    wait_state(&app.pool, id, "completed").await;
+    let id = settled(&app, "2025-01-01", "2025-01-03").await;
     // The completion records what the job read: the exact count.
     assert_eq!(
         ending(&app.pool, id).await,
@@ -91,18 +97,78 @@ async fn a_range_holding_both_ends_is_counted_as_it_is_read() {
     );
 }
 
+/// Stores, and returns, more than `input::EDGE_ROWS` rows paid at `before` (the lowest ids), 40
+/// rows alternating between `day` and `other`, then as many paid at `after` (the highest ids):
+/// a range holding `day` but neither end finds its span in the middle of the table.
+async fn store_padded(
+    pool: &PgPool,
+    [before, day, other, after]: [&str; 4],
+) -> Vec<NewTransaction> {
+    let row = |i: usize, paid_at: &str| txn("m1", 10 + i as i64, 1, Status::Paid, at(paid_at));
+    let mut rows: Vec<_> = (0..1_100).map(|i| row(i, before)).collect();
+    rows.extend((0..40).map(|i| row(i, if i % 2 == 0 { day } else { other })));
+    rows.extend((0..1_100).map(|i| row(i, after)));
+    // Ingestion inserts in (merchant, external id) order: these ids follow the list's.
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.external_id = format!("ch_{i:06}");
+    }
+    support::store(pool, &rows).await;
+    rows
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_range_missing_an_end_is_counted_up_front() {
+async fn a_range_in_the_middle_takes_its_span_from_the_quarter_hours() {
     let (app, _worker) = settling_app(7, 2).await;
-    let rows = history(40);
-    support::store(&app.pool, &rows).await;
+    let rows = store_padded(
+        &app.pool,
+        [
+            "2025-01-01T08:00:00Z",
+            "2025-01-02T23:59:59Z",
+            "2025-01-09T00:00:00Z",
+            "2025-01-20T08:00:00Z",
+        ],
+    )
+    .await;
+    let within = support::paid_within(&rows, "2025-01-02", "2025-01-02", Tz::UTC);
+    assert_eq!(within, 20);
     let settings = Settings::new(&app.config.settlement, 7);
-    // The lowest id is paid on 01-01, outside 01-02..=01-09.
-    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-09").await;
-    let within = support::paid_within(&rows, "2025-01-02", "2025-01-09", Tz::UTC);
-    assert_eq!((plan.run.total, within), (41, 41));
-    // The span starts at the first row of the range, not at the table's.
-    assert_eq!(plan.parts.first().unwrap().lo_id, first_id(&app.pool).await);
+    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
+    // No count up front: the total is the span's ids, from the day's first row to its last
+    // (the 01-09 rows between them included).
+    assert_eq!(plan.run.total, 39);
+    let first_of_day = first_id(&app.pool).await + 1_100;
+    assert_eq!(plan.parts.first().unwrap().lo_id, first_of_day - 1);
+
+    let id = settled(&app, "2025-01-02", "2025-01-02").await;
+    assert_eq!(
+        ending(&app.pool, id).await,
+        ("completed".to_owned(), within, Some(within))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_whose_midnight_is_off_the_quarter_hours_is_counted_up_front() {
+    let (app, _worker) = settling_app(7, 2).await;
+    // Liberia kept Monrovia mean time, UTC-00:44:30, until 1972: its 1971-01-02 began at
+    // 00:44:30 UTC. The row paid at 00:30 UTC belongs to the 1st there.
+    let rows = store_padded(
+        &app.pool,
+        [
+            "1970-12-20T08:00:00Z",
+            "1971-01-02T12:00:00Z",
+            "1971-01-02T00:30:00Z",
+            "1971-01-20T08:00:00Z",
+        ],
+    )
+    .await;
+    let monrovia: Tz = "Africa/Monrovia".parse().unwrap();
+    let within = support::paid_within(&rows, "1971-01-02", "1971-01-02", monrovia);
+    let settings = Settings {
+        zone: Zone::parse("Africa/Monrovia").unwrap(),
+        ..Settings::new(&app.config.settlement, 7)
+    };
+    let plan = fixed_input(&app.pool, &settings, "1971-01-02", "1971-01-02").await;
+    assert_eq!((plan.run.total, within), (20, 20));
 }
 
 async fn first_id(pool: &PgPool) -> i64 {

@@ -111,8 +111,8 @@ const EDGE_ROWS: i64 = 1_000;
 /// [`EDGE_ROWS`] ids up to the high-water id and one of the highest (a range covering the
 /// history's start and end, such as a month settled on a month of history): walking the primary
 /// key from each end, the first row paid within the days is then the span's edge. `None` when
-/// either end has no such row; [`window`] then finds the span (and the count) through the
-/// `(paid_at, id)` index, at a cost that follows the range. This is what lets a job over (nearly)
+/// either end has no such row; [`bucket_span`] (or [`window`]) then finds the span through an
+/// index on `paid_at`, at a cost that follows the range. This is what lets a job over (nearly)
 /// all of the table read its rows once, counting them as it goes, instead of twice.
 pub async fn edges(
     conn: &mut PgConnection,
@@ -138,6 +138,68 @@ pub async fn edges(
         after_id: first - 1,
         last_id: last,
         rows: None,
+    }))
+}
+
+/// The quarter hours of `transactions_paid_bucket_id_idx` (migration 0014), as SQL: the
+/// index's expression, which a query must repeat exactly for the planner to use it.
+const PAID_BUCKET: &str = "date_bin('15 minutes', paid_at, timestamptz '2000-01-01 00:00:00+00')";
+
+/// The input's id span without a pass over its rows, from the quarter-hour index: the lowest
+/// and the highest id up to the high-water id in each quarter hour of the range's days, two
+/// index probes each (measured at 100M rows: a day's 96 quarter hours in a few milliseconds,
+/// where [`window`]'s pass over its 3.3M `(paid_at, id)` entries took 0.5-1 s). The span bounds
+/// the job's total as [`edges`]' does; the job counts its rows as it reads them. `None` when
+/// the zone's midnights at the range's ends are not on a quarter hour (historical local mean
+/// times): [`window`] then finds the span.
+pub async fn bucket_span(
+    conn: &mut PgConnection,
+    high_water_id: i64,
+    range: DateRange,
+    zone: Zone,
+) -> Result<Option<Window>, sqlx::Error> {
+    let name = zone.name().replace('\'', "''");
+    let ends = |id: &str, order: &str| {
+        format!(
+            "(select {id}(probe.id) from buckets cross join lateral
+                  (select id from transactions where {PAID_BUCKET} = buckets.quarter and id <= $1
+                   order by id {order} limit 1) as probe)"
+        )
+    };
+    // Dynamic: the days' bounds hold the job's zone as a literal (see `paid_within`).
+    let (aligned, first, last): (bool, Option<i64>, Option<i64>) =
+        sqlx::query_as(AssertSqlSafe(format!(
+            "with days as (
+                 select ($2::date::timestamp at time zone '{name}') as starts,
+                        (($3::date + 1)::timestamp at time zone '{name}') as ends
+             ), buckets as (
+                 select quarter from days,
+                     generate_series(days.starts, days.ends - interval '15 minutes',
+                                     interval '15 minutes') as quarter
+             )
+             select (select date_bin('15 minutes', starts, timestamptz '2000-01-01 00:00:00+00') = starts
+                            and date_bin('15 minutes', ends, timestamptz '2000-01-01 00:00:00+00') = ends
+                     from days),
+                    {}, {}",
+            ends("min", "asc"),
+            ends("max", "desc"),
+        )))
+        .bind(high_water_id)
+        .bind(range.from())
+        .bind(range.to())
+        .fetch_one(conn)
+        .await?;
+    Ok(aligned.then(|| match first.zip(last) {
+        Some((first, last)) => Window {
+            after_id: first - 1,
+            last_id: last,
+            rows: None,
+        },
+        None => Window {
+            after_id: high_water_id,
+            last_id: high_water_id,
+            rows: Some(0),
+        },
     }))
 }
 
