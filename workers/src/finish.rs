@@ -28,7 +28,8 @@ macro_rules! end_jobs {
         over_held_jobs!(query_as!(
             Ended;
             ", ended as (
-                 delete from jobs using held where jobs.id = held.id and (" + $final + ")
+                 delete from jobs where jobs.id = any(array(select id from held))
+                     and (" + $final + ")
                  returning jobs.*
              ), finished as (
                  insert into finished_jobs (id, kind, args, state, priority, attempt,
@@ -42,7 +43,7 @@ macro_rules! end_jobs {
                            extract(epoch from finished_at - started_at)::float8 as seconds
              ), requeued as (
                  update jobs set " + $requeue + ", lease_owner = null, lease_expires_at = null
-                 from held where jobs.id = held.id and not (" + $final + ")
+                 where jobs.id = any(array(select id from held)) and not (" + $final + ")
                  returning jobs.kind, jobs.state, null::float8 as seconds
              )
              select kind as \"kind!\", state as \"state!: JobState\", seconds from finished

@@ -27,7 +27,7 @@ pub async fn heartbeat(
         Beat;
         "
          update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
-         from held where jobs.id = held.id
+         where jobs.id = any(array(select id from held))
          returning jobs.id, jobs.cancel_requested",
         &ids,
         &fences,
@@ -77,7 +77,7 @@ pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64
                  run_at = now(),
                  lease_owner = null,
                  lease_expires_at = null
-             from held where jobs.id = held.id
+             where jobs.id = any(array(select id from held))
              returning jobs.id
          )
          select count(*) as \"released!\" from released, lateral (select pg_notify('settle_jobs', '')) n",

@@ -44,7 +44,11 @@
 /// be flattened into a join): as a join, the planner scanned the partial index of running jobs
 /// instead whenever its statistics said few jobs run, and after a drain that index holds an
 /// entry for every job that ran since the last vacuum (measured: 22-50 ms per heartbeat of 3
-/// jobs with 300,000 such entries, against 0.2 ms by primary key).
+/// jobs with 300,000 such entries, against 0.2 ms by primary key). The statement's own step
+/// reaches them the same way, by `jobs.id = any(array(select id from held))`, an index
+/// condition on the primary key: joined to `held`, a planner that took `jobs` for nearly empty
+/// scanned the whole table once per held job (measured in the deep bench: heartbeats of 4-11 s,
+/// and leases lost to them).
 macro_rules! over_held_jobs {
     ($macro:ident!($($record:path;)? $rest:literal $(+ $more:literal)*, $($arg:expr),* $(,)?)) => {
         sqlx::$macro!(

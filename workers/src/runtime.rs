@@ -204,15 +204,18 @@ impl Worker {
 /// the liveness probe. (The liveness lock has a session of its own besides.)
 const CONTROL_CONNECTIONS: u32 = claimer::LANES as u32 + 3;
 
-/// The runtime's own connections' options: `options` with bitmap scans off. The planner picks
-/// the claim's plan from the statistics of `jobs`, whose contents swing between empty and a
-/// deep backlog: an analyze (or a vacuum) that saw no queued job leaves an estimate of one
-/// row, for which a bitmap scan of the claimable index and a sort look cheapest, and until the
-/// next analyze every claim then reads and sorts the whole backlog to take its batch (measured
-/// in the deep bench: 100-240 ms per claim instead of ~1 ms, 100,000 jobs draining at 4.4k
-/// jobs/s instead of 20-25k). Without bitmap scans the claim walks the index in its order and
-/// stops at its limit whatever the estimate; the runtime's other statements (heartbeats,
-/// completions, the liveness probe) look jobs up by id, where an index scan is as good.
+/// The runtime's own connections' options: `options` with bitmap and sequential scans off (a
+/// cost penalty, so a statement with no other path still runs). The planner picks their plans
+/// from the statistics of `jobs`, whose contents swing between empty and a deep backlog: where
+/// they predict about one row (not analyzed since the backlog came, or analyzed while it was
+/// drained), a bitmap scan of the claimable index plus a sort looks cheapest for the claim, and
+/// every claim then read and sorted the whole backlog to take its batch (measured in the deep
+/// bench: claims of 100-240 ms, drains at 4-7k jobs/s instead of 20-25k); a sequential scan
+/// would look as cheap for the held jobs' ids (see `over_held_jobs`). Every statement of the
+/// runtime finds its rows through an index (the claimable one in its order, the primary key,
+/// the lease expiry), whatever the estimate.
 pub fn control_options(options: &PgConnectOptions) -> PgConnectOptions {
-    options.clone().options([("enable_bitmapscan", "off")])
+    options
+        .clone()
+        .options([("enable_bitmapscan", "off"), ("enable_seqscan", "off")])
 }
