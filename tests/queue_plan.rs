@@ -34,6 +34,17 @@ const HEARTBEAT_JOINED: &str = "with held as materialized (
                                 update jobs set heartbeat_at = now()
                                 from held where jobs.id = held.id";
 
+/// The lookup every statement over held jobs starts with (`over_held_jobs`): each held id, by
+/// primary key, locked.
+const HELD: &str =
+    "select j.id from unnest('{1,2,3}'::bigint[], '{1,1,1}'::bigint[]) as h(id, fence)
+                    cross join lateral (
+                        select jobs.id from jobs
+                        where jobs.id = h.id and jobs.fence = h.fence
+                          and jobs.state::text in ('running', 'cancelling')
+                        for update
+                    ) as j";
+
 async fn plan(conn: &mut PgConnection, statement: &str) -> String {
     let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("explain {statement}")))
         .fetch_all(conn)
@@ -83,6 +94,8 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_heartbeaten_through_
     // The trap: every row of jobs read and compared with each held id.
     let joined = plan(&mut control, HEARTBEAT_JOINED).await;
     assert!(joined.contains("Join Filter"), "{joined}");
+    let held = plan(&mut control, HELD).await;
+    assert!(held.contains("Index Scan using jobs_pkey"), "{held}");
     let heartbeat = plan(&mut control, HEARTBEAT).await;
     assert!(
         heartbeat.contains("Index Cond: (id = ANY") && !heartbeat.contains("Join Filter"),

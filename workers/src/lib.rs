@@ -44,7 +44,10 @@
 /// be flattened into a join): as a join, the planner scanned the partial index of running jobs
 /// instead whenever its statistics said few jobs run, and after a drain that index holds an
 /// entry for every job that ran since the last vacuum (measured: 22-50 ms per heartbeat of 3
-/// jobs with 300,000 such entries, against 0.2 ms by primary key). The statement's own step
+/// jobs with 300,000 such entries, against 0.2 ms by primary key). The state is compared as
+/// text for the same reason: as an enum it implies that index's predicate, and on the runtime's
+/// sessions (no bitmap scans, see [`runtime::control_options`]) the planner walked that index
+/// whole for each id (100-640 ms per heartbeat in the deep bench). The statement's own step
 /// reaches them the same way, by `jobs.id = any(array(select id from held))`, an index
 /// condition on the primary key: joined to `held`, a planner that took `jobs` for nearly empty
 /// scanned the whole table once per held job (measured in the deep bench: heartbeats of 4-11 s,
@@ -60,7 +63,7 @@ macro_rules! over_held_jobs {
                  cross join lateral (
                      select jobs.id from jobs
                      where jobs.id = h.id and jobs.fence = h.fence
-                       and jobs.state in ('running', 'cancelling')
+                       and jobs.state::text in ('running', 'cancelling')
                      for update
                  ) as j
              )" + $rest $(+ $more)*,
