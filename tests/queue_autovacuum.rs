@@ -40,10 +40,10 @@ async fn a_worker_takes_over_from_a_throttled_autoanalyze_of_the_jobs_table() {
     .await;
 }
 
-/// Leaves 50,000 dead jobs for a crawling autovacuum (started by the table's `thresholds`, throttled),
-/// waits until it works on `jobs` (as `progress`, a `pg_stat_progress_*` view, shows), then
-/// starts a worker that vacuums past 1,000 dead rows: its vacuum must come within 30 s, and
-/// the server must have cancelled the autovacuum for it.
+/// Leaves 50,000 dead jobs for a crawling autovacuum (started by the table's `thresholds`,
+/// throttled), waits until it works on `jobs` (as `progress`, a `pg_stat_progress_*` view,
+/// shows), then starts a worker that vacuums past 1,000 dead rows: its vacuum must come within
+/// 30 s, and the server must have cancelled the autovacuum for it.
 async fn takes_over_from(thresholds: &str, progress: &str) {
     let Some(cluster) = Cluster::start().await else {
         return;

@@ -141,9 +141,11 @@ pub async fn edges(
     }))
 }
 
-/// The quarter hours of `transactions_paid_bucket_id_idx` (migration 0014), as SQL: the
-/// index's expression, which a query must repeat exactly for the planner to use it.
-const PAID_BUCKET: &str = "date_bin('15 minutes', paid_at, timestamptz '2000-01-01 00:00:00+00')";
+/// The quarter hour `instant` (SQL) falls in, as `transactions_paid_bucket_id_idx` (migration
+/// 0014) indexes `paid_at`: a query must repeat the expression exactly for the planner to use it.
+fn quarter_of(instant: &str) -> String {
+    format!("date_bin('15 minutes', {instant}, timestamptz '2000-01-01 00:00:00+00')")
+}
 
 /// The input's id span without a pass over its rows, from the quarter-hour index: the lowest
 /// and the highest id up to the high-water id in each quarter hour of the range's days, two
@@ -158,31 +160,32 @@ pub async fn bucket_span(
     range: DateRange,
     zone: Zone,
 ) -> Result<Option<Window>, sqlx::Error> {
-    let name = zone.name().replace('\'', "''");
-    let ends = |id: &str, order: &str| {
+    let (starts, ends) = day_bounds(zone, "$2", "$3");
+    let probe = |end: &str, order: &str| {
         format!(
-            "(select {id}(probe.id) from buckets cross join lateral
-                  (select id from transactions where {PAID_BUCKET} = buckets.quarter and id <= $1
-                   order by id {order} limit 1) as probe)"
+            "(select {end}(probe.id) from quarters cross join lateral
+                  (select id from transactions where {} = quarters.at and id <= $1
+                   order by id {order} limit 1) as probe)",
+            quarter_of("paid_at")
         )
     };
-    // Dynamic: the days' bounds hold the job's zone as a literal (see `paid_within`).
+    // Dynamic: the days' bounds hold the job's zone as a literal (see `day_bounds`).
     let (aligned, first, last): (bool, Option<i64>, Option<i64>) =
         sqlx::query_as(AssertSqlSafe(format!(
             "with days as (
-                 select ($2::date::timestamp at time zone '{name}') as starts,
-                        (($3::date + 1)::timestamp at time zone '{name}') as ends
-             ), buckets as (
-                 select quarter from days,
+                 select starts, ends, {} = starts and {} = ends as aligned
+                 from (select {starts} as starts, {ends} as ends) as bounds
+             ), quarters as (
+                 select at from days,
                      generate_series(days.starts, days.ends - interval '15 minutes',
-                                     interval '15 minutes') as quarter
+                                     interval '15 minutes') as at
+                 where days.aligned
              )
-             select (select date_bin('15 minutes', starts, timestamptz '2000-01-01 00:00:00+00') = starts
-                            and date_bin('15 minutes', ends, timestamptz '2000-01-01 00:00:00+00') = ends
-                     from days),
-                    {}, {}",
-            ends("min", "asc"),
-            ends("max", "desc"),
+             select (select aligned from days), {}, {}",
+            quarter_of("starts"),
+            quarter_of("ends"),
+            probe("min", "asc"),
+            probe("max", "desc"),
         )))
         .bind(high_water_id)
         .bind(range.from())
@@ -203,15 +206,23 @@ pub async fn bucket_span(
     }))
 }
 
-/// `paid_at >= <first instant of from> and paid_at < <first instant of the day after to>`, in
-/// the zone, as SQL on `$from`/`$to` date parameters: the time bound of a job's input, which
-/// the `(paid_at, id)` index serves. The zone is a literal (see [`Zone::day_sql`]).
-pub fn paid_within(zone: Zone, from: &str, to: &str) -> String {
+/// The first instant of the day `from` and of the day after `to` in the zone, as SQL on
+/// `$from`/`$to` date parameters: the ends of a job's input in time. The zone is a literal
+/// (see [`Zone::day_sql`]).
+fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
     let name = zone.name().replace('\'', "''");
-    format!(
-        "paid_at >= ({from}::date::timestamp at time zone '{name}') \
-         and paid_at < (({to}::date + 1)::timestamp at time zone '{name}')"
+    (
+        format!("({from}::date::timestamp at time zone '{name}')"),
+        format!("(({to}::date + 1)::timestamp at time zone '{name}')"),
     )
+}
+
+/// `paid_at >= <first instant of from> and paid_at < <first instant of the day after to>`, in
+/// the zone ([`day_bounds`]): the time bound of a job's input, which the `(paid_at, id)` index
+/// serves.
+pub fn paid_within(zone: Zone, from: &str, to: &str) -> String {
+    let (starts, ends) = day_bounds(zone, from, to);
+    format!("paid_at >= {starts} and paid_at < {ends}")
 }
 
 /// The job's input window: one index-only pass over the range's days in the `(paid_at, id)`
