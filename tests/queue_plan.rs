@@ -1,12 +1,14 @@
-//! The plans of the runtime's statements on its own connections. The planner chooses them
+//! The plans of the runtime's own statements on its own connections. The planner chooses them
 //! from the statistics of `jobs`, whose contents swing between empty and a deep backlog; where
 //! they predict about one row, the cheapest-looking plans read the whole backlog: the claim as
-//! a bitmap scan plus a sort, the heartbeat and the completion as a scan of all of `jobs` per
-//! held job. The deep bench caught both (claims of 100-240 ms, heartbeats of 4-11 s;
-//! BENCHMARKS.md, "Deep queue"). The runtime's sessions rule out the first, the statements'
-//! shape the second.
+//! a bitmap scan plus a sort, the statements over held jobs as a scan of all of `jobs` per held
+//! job. The deep bench caught both (claims of 100-240 ms, heartbeats of 4-11 s; BENCHMARKS.md,
+//! "Deep queue"). The runtime's sessions rule out the first, the statements' shape the second.
+//! Each test runs the real statement, then explains the statement the session prepared for it.
 
 mod common;
+
+use std::time::Duration;
 
 use common::{migrated_pool, test_config};
 use serde_json::json;
@@ -14,43 +16,28 @@ use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-/// The claim's branch of due jobs, as `settle_workers::claim` writes it.
-const DUE: &str = "select id from jobs
-                   where state = 'queued' and run_at <= now() and kind = any('{noop}')
-                   order by priority desc, run_at, id
-                   limit 256
-                   for update skip locked";
+const LEASE: Duration = Duration::from_secs(60);
 
-/// The heartbeat's shape (`settle_workers::lease`): a batch of held ids, locked in a
-/// materialized step, then their rows updated.
-const HEARTBEAT: &str = "with held as materialized (
-                             select id from unnest('{1,2,3,4,5,6,7,8}'::bigint[]) as h(id))
-                         update jobs set heartbeat_at = now()
-                         where jobs.id = any(array(select id from held))";
-
-/// The shape the heartbeat had: its rows reached by a join to the batch.
-const HEARTBEAT_JOINED: &str = "with held as materialized (
-                                    select id from unnest('{1,2,3,4,5,6,7,8}'::bigint[]) as h(id))
-                                update jobs set heartbeat_at = now()
-                                from held where jobs.id = held.id";
-
-/// The lookup every statement over held jobs starts with (`over_held_jobs`): each held id, by
-/// primary key, locked.
-const HELD: &str =
-    "select j.id from unnest('{1,2,3}'::bigint[], '{1,1,1}'::bigint[]) as h(id, fence)
-                    cross join lateral (
-                        select jobs.id from jobs
-                        where jobs.id = h.id and jobs.fence = h.fence
-                          and jobs.state::text in ('running', 'cancelling')
-                        for update
-                    ) as j";
-
+/// The plan of `statement` (SQL) on `conn`.
 async fn plan(conn: &mut PgConnection, statement: &str) -> String {
     let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("explain {statement}")))
         .fetch_all(conn)
         .await
         .unwrap();
     lines.join("\n")
+}
+
+/// The plan of the statement `conn` prepared whose text holds `marker`, run with `args` (SQL).
+async fn prepared_plan(conn: &mut PgConnection, marker: &str, args: &str) -> String {
+    let name: String = sqlx::query_scalar(
+        "select name from pg_prepared_statements
+         where strpos(statement, $1) > 0 and statement not ilike 'explain%'",
+    )
+    .bind(marker)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    plan(conn, &format!("execute {name}({args})")).await
 }
 
 async fn enqueue(pool: &PgPool, n: usize) {
@@ -65,18 +52,45 @@ async fn control(pool: &PgPool) -> PgConnection {
     PgConnection::connect_with(&options).await.unwrap()
 }
 
+/// The plan `conn` makes for the claim of a batch of `noop` jobs. The claim runs once first,
+/// for a kind without jobs (so the session prepares it and nothing changes).
+async fn claim_plan(conn: &mut PgConnection) -> String {
+    let kinds = ["absent".to_owned()];
+    let claimed = settle_workers::claim::claim(conn, "w", 256, LEASE, &kinds, &[])
+        .await
+        .unwrap();
+    assert!(claimed.is_empty());
+    prepared_plan(conn, "with expired as", "'w', 256, 60000, '{noop}'").await
+}
+
 #[tokio::test]
 async fn a_backlog_the_statistics_have_not_seen_is_claimed_in_index_order() {
     let (pool, _db) = migrated_pool(&test_config(&[])).await;
     enqueue(&pool, 20_000).await;
-    let ordinary = plan(&mut pool.acquire().await.unwrap(), DUE).await;
+    // The trap, for the claim's branch of due jobs on its own: bitmap and sort on an ordinary
+    // session. (The whole claim statement sits near the same tie and lands on either side.)
+    let due = "select id from jobs
+               where state = 'queued' and run_at <= now() and kind = any('{noop}')
+               order by priority desc, run_at, id
+               limit 256
+               for update skip locked";
+    let ordinary = plan(&mut *pool.acquire().await.unwrap(), due).await;
     assert!(
         ordinary.contains("Bitmap Heap Scan") && ordinary.contains("Sort"),
         "the trap, on an ordinary session: {ordinary}"
     );
-    let claim = plan(&mut control(&pool).await, DUE).await;
+    let mut control = control(&pool).await;
+    let branch = plan(&mut control, due).await;
     assert!(
-        claim.contains("Index Scan using jobs_claimable_idx") && !claim.contains("Sort"),
+        branch.contains("Index Scan using jobs_claimable_idx") && !branch.contains("Sort"),
+        "{branch}"
+    );
+    // The runtime's claim itself, as its session prepared it: the due jobs in index order.
+    let claim = claim_plan(&mut control).await;
+    assert!(
+        claim.contains("Index Scan using jobs_claimable_idx")
+            && !claim.contains("Bitmap")
+            && !claim.contains("Sort Key: jobs"),
         "{claim}"
     );
 }
@@ -91,14 +105,27 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_heartbeaten_through_
     }
     enqueue(&pool, 20_000).await;
     let mut control = control(&pool).await;
-    // The trap: every row of jobs read and compared with each held id.
-    let joined = plan(&mut control, HEARTBEAT_JOINED).await;
+    // The trap, in the shape the heartbeat had: every row of jobs read for each held id.
+    let joined = plan(
+        &mut control,
+        "with held as materialized (select id from unnest('{1,2,3}'::bigint[]) as h(id))
+         update jobs set heartbeat_at = now() from held where jobs.id = held.id",
+    )
+    .await;
     assert!(joined.contains("Join Filter"), "{joined}");
-    let held = plan(&mut control, HELD).await;
-    assert!(held.contains("Index Scan using jobs_pkey"), "{held}");
-    let heartbeat = plan(&mut control, HEARTBEAT).await;
+
+    settle_workers::lease::heartbeat(&mut control, &[(1, 1)], LEASE)
+        .await
+        .unwrap();
+    let args = "'{1,2,3}'::bigint[], '{1,1,1}'::bigint[], 60000";
+    let heartbeat = prepared_plan(&mut control, "lease_expires_at = now() +", args).await;
+    // Each held id found by primary key (not by walking the partial index of held jobs), and
+    // their rows updated through an index condition, not a join.
     assert!(
-        heartbeat.contains("Index Cond: (id = ANY") && !heartbeat.contains("Join Filter"),
+        heartbeat.contains("Index Cond: (id = h.id)")
+            && heartbeat.contains("Index Cond: (id = ANY")
+            && !heartbeat.contains("jobs_lease_expiry_idx")
+            && !heartbeat.contains("Join Filter"),
         "{heartbeat}"
     );
 }
