@@ -74,7 +74,7 @@ async fn a_backlog_the_statistics_have_not_seen_is_claimed_in_index_order() {
                order by priority desc, run_at, id
                limit 256
                for update skip locked";
-    let ordinary = plan(&mut *pool.acquire().await.unwrap(), due).await;
+    let ordinary = plan(&mut pool.acquire().await.unwrap(), due).await;
     assert!(
         ordinary.contains("Bitmap Heap Scan") && ordinary.contains("Sort"),
         "the trap, on an ordinary session: {ordinary}"
