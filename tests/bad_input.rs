@@ -261,6 +261,27 @@ async fn health_and_docs_are_served() {
     ] {
         assert!(spec_text.contains(code), "{code} documented");
     }
+    for path in [
+        "/api/v1/orders",
+        "/api/v1/transactions",
+        "/api/v1/jobs/settlement",
+    ] {
+        let params = spec["paths"][path]["post"]["parameters"]
+            .as_array()
+            .unwrap();
+        let key = params.iter().find(|p| p["name"] == "Idempotency-Key");
+        let key = key.unwrap_or_else(|| panic!("{path} documents Idempotency-Key"));
+        assert_eq!(
+            (&key["in"], &key["required"]),
+            (&json!("header"), &json!(false))
+        );
+        assert!(
+            key["description"]
+                .as_str()
+                .unwrap()
+                .contains("255 characters")
+        );
+    }
     let docs = app.http.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
 }

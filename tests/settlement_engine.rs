@@ -228,7 +228,7 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
         Some(SettleError::Overflow)
     ));
     let mut conn = db.pool.acquire().await.unwrap();
-    finalize::discard(&mut conn, 2).await.unwrap();
+    finalize::delete_working_rows(&mut conn, 2).await.unwrap();
     assert_eq!(db.settled("2025-01-01", "2025-01-01").await, before);
     let results = common::scalar(
         &db.pool,

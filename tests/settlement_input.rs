@@ -97,17 +97,18 @@ async fn a_range_holding_both_ends_is_counted_as_it_is_read() {
     );
 }
 
-/// Stores, and returns, more than `input::EDGE_ROWS` rows paid at `before` (the lowest ids), 40
-/// rows alternating between `day` and `other`, then as many paid at `after` (the highest ids):
-/// a range holding `day` but neither end finds its span in the middle of the table.
-async fn store_padded(
-    pool: &PgPool,
-    [before, day, other, after]: [&str; 4],
-) -> Vec<NewTransaction> {
-    let row = |i: usize, paid_at: &str| txn("m1", 10 + i as i64, 1, Status::Paid, at(paid_at));
-    let mut rows: Vec<_> = (0..1_100).map(|i| row(i, before)).collect();
-    rows.extend((0..40).map(|i| row(i, if i % 2 == 0 { day } else { other })));
-    rows.extend((0..1_100).map(|i| row(i, after)));
+/// Stores, and returns, more than `input::EDGE_ROWS` rows paid 13 days before `day` (the
+/// lowest ids), 40 rows alternating between `day` and `other`, then as many paid 18 days after
+/// `day` (the highest ids): a range holding `day` but neither end finds its span in the middle
+/// of the table.
+async fn store_padded(pool: &PgPool, day: &str, other: &str) -> Vec<NewTransaction> {
+    let day = at(day);
+    let row = |i: usize, paid_at| txn("m1", 10 + i as i64, 1, Status::Paid, paid_at);
+    let mut rows: Vec<_> = (0..1_100)
+        .map(|i| row(i, day - chrono::Days::new(13)))
+        .collect();
+    rows.extend((0..40).map(|i| row(i, if i % 2 == 0 { day } else { at(other) })));
+    rows.extend((0..1_100).map(|i| row(i, day + chrono::Days::new(18))));
     // Ingestion inserts in (merchant, external id) order: these ids follow the list's.
     for (i, row) in rows.iter_mut().enumerate() {
         row.external_id = format!("ch_{i:06}");
@@ -119,16 +120,7 @@ async fn store_padded(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_in_the_middle_takes_its_span_from_the_quarter_hours() {
     let (app, _worker) = settling_app(7, 2).await;
-    let rows = store_padded(
-        &app.pool,
-        [
-            "2025-01-01T08:00:00Z",
-            "2025-01-02T23:59:59Z",
-            "2025-01-09T00:00:00Z",
-            "2025-01-20T08:00:00Z",
-        ],
-    )
-    .await;
+    let rows = store_padded(&app.pool, "2025-01-02T23:59:59Z", "2025-01-09T00:00:00Z").await;
     let within = support::paid_within(&rows, "2025-01-02", "2025-01-02", Tz::UTC);
     assert_eq!(within, 20);
     let settings = Settings::new(&app.config.settlement, 7);
@@ -151,16 +143,7 @@ async fn a_zone_whose_midnight_is_off_the_quarter_hours_is_counted_up_front() {
     let (app, _worker) = settling_app(7, 2).await;
     // Liberia kept Monrovia mean time, UTC-00:44:30, until 1972: its 1971-01-02 began at
     // 00:44:30 UTC. The row paid at 00:30 UTC belongs to the 1st there.
-    let rows = store_padded(
-        &app.pool,
-        [
-            "1970-12-20T08:00:00Z",
-            "1971-01-02T12:00:00Z",
-            "1971-01-02T00:30:00Z",
-            "1971-01-20T08:00:00Z",
-        ],
-    )
-    .await;
+    let rows = store_padded(&app.pool, "1971-01-02T12:00:00Z", "1971-01-02T00:30:00Z").await;
     let monrovia: Tz = "Africa/Monrovia".parse().unwrap();
     let within = support::paid_within(&rows, "1971-01-02", "1971-01-02", monrovia);
     let settings = Settings {

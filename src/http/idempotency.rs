@@ -11,6 +11,18 @@ use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
 /// The header a client names its key in.
 pub const HEADER: &str = "idempotency-key";
 
+/// The header as the OpenAPI document shows it, once for every endpoint that takes a key
+/// (`params(KeyHeader)`); [`key`] reads it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code, reason = "only describes the header; `key` reads it")]
+pub struct KeyHeader {
+    /// Up to 255 characters; a retry with the same key and body is answered with the first
+    /// answer again (its status and body) instead of being acted on twice.
+    #[param(rename = "Idempotency-Key")]
+    key: Option<String>,
+}
+
 /// The request's key for the endpoint `scope`, if it sent one.
 pub fn key(scope: &'static str, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = headers.get(HEADER) else {

@@ -68,8 +68,7 @@ pub struct PlaceOrderRequest {
 /// Place an order. Never oversells: the decrement and the insert are one statement.
 #[utoipa::path(
     post, path = "/api/v1/orders", tag = "orders",
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Up to 255 characters; a retry with the same key and body replays the stored response")),
+    params(super::idempotency::KeyHeader),
     responses(
         (status = 201, description = "Order placed", body = OrderBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = super::openapi::ErrorBody),

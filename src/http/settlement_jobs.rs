@@ -40,8 +40,7 @@ pub struct DateRangeBody {
 /// `download_url`.
 #[utoipa::path(
     post, path = "/api/v1/jobs/settlement", tag = "jobs",
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Up to 255 characters; a retry with the same key and body returns the same job")),
+    params(super::idempotency::KeyHeader),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}` with a `Location` header"),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),

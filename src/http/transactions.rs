@@ -76,8 +76,7 @@ pub struct IngestReport {
     post, path = "/api/v1/transactions", tag = "transactions",
     request_body(content = TransactionInput,
         description = "One transaction, or a JSON array of 1 to `settlement.max_transactions_per_request` of them"),
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Up to 255 characters; a retry with the same key and body replays the first answer")),
+    params(super::idempotency::KeyHeader),
     responses(
         (status = 201, description = "Stored: how many were new and how many were duplicates", body = IngestReport),
         (status = 409, description = "TRANSACTION_CONFLICT (names the index, merchant_id and external_id; \

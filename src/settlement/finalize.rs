@@ -1,8 +1,8 @@
 //! Step 3 of a settlement job: finalize. In the transaction that completes the job, the job's
 //! sums replace the range's rows of `settlements` (never a row built from a newer input) and
 //! become the job's result ([`super::results`]); its working rows go. A cancelled or failed job
-//! is [`discard`]ed instead, and jobs that ended without either are swept by
-//! [`delete_abandoned_working_rows`].
+//! forgets them instead ([`delete_working_rows`]), and jobs that ended without either are swept
+//! by [`delete_abandoned_working_rows`].
 
 use sqlx::PgConnection;
 
@@ -17,29 +17,12 @@ use super::{DateRange, SettleError};
 /// result's row count.
 pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     super::set_local_tuning(tx).await?;
-    lock_settlements(tx).await?;
     replace_settlements(tx, plan.run.job_id, plan.run.high_water_id, plan.range())
         .await
         .map_err(SettleError::from_sum)?;
     let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
     delete_working_rows(tx, plan.run.job_id).await?;
     Ok(rows)
-}
-
-/// Forgets a cancelled or failed job's working rows. `settlements` and the results are
-/// untouched: only a committed [`finalize`] ever writes them.
-pub async fn discard(conn: &mut PgConnection, job_id: i64) -> Result<(), SettleError> {
-    delete_working_rows(conn, job_id).await?;
-    Ok(())
-}
-
-/// Serializes replacements of `settlements`, so overlapping jobs finishing at once cannot
-/// interleave their deletes and inserts. Released at commit.
-pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (the
@@ -49,12 +32,18 @@ pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error
 /// merchant-day has no PAID transactions in this newer input). A row a newer job wrote stays as
 /// it is, whichever job finishes last. The casts to bigint fail (SQLSTATE 22003) rather than
 /// wrap when a sum leaves the 64-bit range.
+///
+/// First it takes a transaction lock that serializes replacements, so overlapping jobs
+/// finishing at once cannot interleave their deletes and inserts; it is released at commit.
 pub async fn replace_settlements(
     conn: &mut PgConnection,
     job_id: i64,
     snapshot_id: i64,
     range: DateRange,
 ) -> Result<(), sqlx::Error> {
+    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query!(
         "insert into settlements
              (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
@@ -102,7 +91,9 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
     Ok(())
 }
 
-/// Deletes the job's batch sums, parts and fixed input.
+/// Deletes the job's batch sums, parts and fixed input: after its finalize, or to forget a
+/// cancelled or failed job's work (`settlements` and the results are untouched then: only a
+/// committed [`finalize`] ever writes them).
 pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "with batches as (delete from settlement_batches where job_id = $1),

@@ -79,18 +79,16 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
         .map_err(|e| JobError::Fatal(format!("invalid settlement args: {e}")))?;
     let job_id = ctx.id();
     let outcome = settle(&mut ctx, range, &settings).await;
-    if matches!(outcome, Err(JobError::Stopped) | Ok(Outcome::Cancelled)) {
-        // Stopped by a cancel (not a shutdown): forget the work, leave settlements as it was.
-        if ctx.cancel_requested().await? {
-            let mut conn = ctx.pool().acquire().await?;
-            finalize::discard(&mut conn, job_id)
-                .await
-                .map_err(JobError::failed)?;
-        }
-    }
-    if matches!(outcome, Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_))) {
+    // A job stopped by a cancel (not a shutdown) or failed for good forgets its work;
+    // `settlements` stays as it was, since only a committed finalize writes it.
+    let discard = match &outcome {
+        Err(JobError::Stopped) | Ok(Outcome::Cancelled) => ctx.cancel_requested().await?,
+        Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_)) => true,
+        _ => false,
+    };
+    if discard {
         let mut conn = ctx.pool().acquire().await?;
-        finalize::discard(&mut conn, job_id)
+        finalize::delete_working_rows(&mut conn, job_id)
             .await
             .map_err(JobError::failed)?;
     }

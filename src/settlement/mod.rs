@@ -13,8 +13,8 @@
 //!    parts run concurrently, each with its own cursor;
 //! 3. [`finalize`] replaces the range's rows in `settlements` (never a row built from a newer
 //!    input) and stores them as the job's result ([`results`]), in the transaction that
-//!    completes the job; [`finalize::discard`] removes a cancelled or failed job's working
-//!    rows instead.
+//!    completes the job; [`finalize::delete_working_rows`] removes a cancelled or failed
+//!    job's working rows instead.
 //!
 //! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
 //! as they were. [`list`] reads `settlements` back in keyset pages.
