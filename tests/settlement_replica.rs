@@ -38,6 +38,23 @@ fn worker(config: &Config, read_url: String, max_wait_ms: u64) -> WorkerProcess 
     )
 }
 
+/// Waits until the worker's sessions (`application_name` `settle…`) have left the server behind
+/// `pool`: each hands its statistics over as it exits. `pool`'s own sessions are named so too
+/// when it is settle's (`migrated_pool`), and are left out by their number then.
+async fn worker_sessions_ended(pool: &PgPool, pool_named_settle: bool) {
+    let sql = "select count(*) from pg_stat_activity where application_name like 'settle%'";
+    wait_for(
+        Duration::from_secs(15),
+        "the worker's sessions to end",
+        || async {
+            let named = common::scalar(pool, sql).await;
+            let own = if pool_named_settle { pool.size() } else { 0 };
+            (named <= i64::from(own)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Sequential scans of `transactions` and scans of its primary key (how batches read: by id)
 /// on the server behind `pool` so far, as its sessions have reported them. Loading rows scans
 /// neither (their external ids' index is what an insert checks).
@@ -131,13 +148,16 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
         reference(&all, from, to, Tz::UTC)
     );
     // Each batch scans the replica at least once; the primary only fixed the input. A backend
-    // hands its counts to the statistics once a second at most, or as it exits, which the
-    // worker's replica connections may not have done yet: wait, past the 10 s idle flush.
+    // hands its counts to the statistics once a second at most, or as it exits: read them
+    // once the worker's sessions have ended on both servers (and, for the lower bound, until
+    // the last exiting session's counts arrive, which follows its leaving the session list).
+    worker_sessions_ended(&pool, true).await;
+    worker_sessions_ended(&replica, false).await;
     let batches = all.len() as i64 / BATCH;
     let what = format!("{batches} scans on the replica");
-    wait_for(Duration::from_secs(15), &what, || async {
+    wait_for(Duration::from_secs(5), &what, || async {
         let read = transaction_scans(&replica).await - replica_before;
-        (read >= batches).then_some(read)
+        (read >= batches).then_some(())
     })
     .await;
     let read_on_primary = transaction_scans(&pool).await - primary_before;
