@@ -2,8 +2,9 @@
 //! from the statistics of `jobs`, whose contents swing between empty and a deep backlog; where
 //! they predict about one row, the cheapest-looking plans read the whole backlog: the claim as
 //! a bitmap scan plus a sort, the statements over held jobs as a scan of all of `jobs` per held
-//! job. The deep bench caught both (claims of 100-240 ms, heartbeats of 4-11 s; BENCHMARKS.md,
-//! "Deep queue"). The runtime's sessions rule out the first, the statements' shape the second.
+//! job, and the claim's update as a walk of the whole primary key. The deep bench caught all
+//! three (claims of 100-240 ms, heartbeats of 4-11 s, claims of 5.7-6.5 s; BENCHMARKS.md, "Deep
+//! queue"). The runtime's sessions rule out the first, the statements' shape the others.
 //! Each test runs the real statement, then explains the statement the session prepared for it.
 
 mod common;
@@ -95,16 +96,21 @@ async fn a_backlog_the_statistics_have_not_seen_is_claimed_in_index_order() {
     );
 }
 
+/// A backlog of 20,000 jobs in a table last analyzed while drained (pages, and no live row in
+/// them), and a runtime session to plan against it.
+async fn backlog_analyzed_while_drained(pool: &PgPool) -> PgConnection {
+    enqueue(pool, 20_000).await;
+    for statement in ["delete from jobs", "analyze jobs"] {
+        sqlx::query(statement).execute(pool).await.unwrap();
+    }
+    enqueue(pool, 20_000).await;
+    control(pool).await
+}
+
 #[tokio::test]
 async fn a_backlog_after_an_analyze_of_the_drained_table_is_heartbeaten_through_its_ids() {
     let (pool, _db) = migrated_pool(&test_config(&[])).await;
-    enqueue(&pool, 20_000).await;
-    // Analyzed while drained: pages, and no live row in them.
-    for statement in ["delete from jobs", "analyze jobs"] {
-        sqlx::query(statement).execute(&pool).await.unwrap();
-    }
-    enqueue(&pool, 20_000).await;
-    let mut control = control(&pool).await;
+    let mut control = backlog_analyzed_while_drained(&pool).await;
     // The trap, in the shape the heartbeat had: every row of jobs read for each held id.
     let joined = plan(
         &mut control,
@@ -128,4 +134,39 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_heartbeaten_through_
             && !heartbeat.contains("Join Filter"),
         "{heartbeat}"
     );
+}
+
+/// The plan `conn` makes for a claim, as it prepared it: uncapped, or with `settlement` capped.
+async fn claimed_plan(conn: &mut PgConnection, capped: bool) -> String {
+    let kinds = ["absent".to_owned()];
+    let rooms = [settle_workers::claim::Room {
+        kind: "absent".to_owned(),
+        places: 1,
+    }];
+    let rooms = if capped { &rooms[..] } else { &[] };
+    settle_workers::claim::claim(conn, "w", 256, LEASE, &kinds, rooms)
+        .await
+        .unwrap();
+    if capped {
+        let args = "'w', 256, 60000, '{noop,absent}', '{absent}', '{1}'";
+        prepared_plan(conn, "candidates as", args).await
+    } else {
+        prepared_plan(conn, "c limit $2", "'w', 256, 60000, '{noop}'").await
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_after_an_analyze_of_the_drained_table_is_claimed_through_its_ids() {
+    let (pool, _db) = migrated_pool(&test_config(&[])).await;
+    let mut control = backlog_analyzed_while_drained(&pool).await;
+    // Both claims update the rows they picked through an index condition on the primary key.
+    // Joined to the picked ids instead, a planner that took `jobs` for nearly empty walked the
+    // primary key whole for each claim (the deep bench: claims of 5.7-6.5 s).
+    for capped in [false, true] {
+        let claim = claimed_plan(&mut control, capped).await;
+        assert!(
+            claim.contains("Index Cond: (id = ANY") && !claim.contains("Join Filter"),
+            "capped {capped}: {claim}"
+        );
+    }
 }

@@ -51,6 +51,12 @@ pub struct Room {
 /// expressions, or nothing), and `$picked`, the select of the ids that are taken. `$1` owner,
 /// `$2` limit, `$3` lease (ms), `$4` kinds; `$ctes` may use more. A macro because the checked
 /// macros take only string literals, so both claims share every word but the choice.
+///
+/// The update reaches the picked rows by `jobs.id = any(array(...))`, an index condition on
+/// the primary key, as the statements over held jobs do (see `over_held_jobs`): as a semi-join
+/// to the picked ids, a planner whose statistics took `jobs` for nearly empty (analyzed while
+/// drained) walked the whole primary key for every claim (measured in the deep bench: claims
+/// of 5.7-6.5 s against a backlog of 100,000; tests/queue_plan.rs shows the trap).
 macro_rules! claim_statement {
     ($columns:literal, $ctes:literal, $picked:literal, $($arg:expr),* $(,)?) => {
         sqlx::query_as!(
@@ -78,7 +84,7 @@ macro_rules! claim_statement {
                  lease_expires_at = now() + $3 * interval '1 millisecond',
                  heartbeat_at = now(),
                  started_at = coalesce(jobs.started_at, now())
-             where jobs.id in (" + $picked + ")
+             where jobs.id = any(array(" + $picked + "))
              returning id, kind, args, attempt, max_attempts, fence, checkpoint, processed, total,
                        cancel_requested, jobs.id in (select id from expired) as \"rescued!\"",
             $($arg),*
