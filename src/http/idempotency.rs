@@ -1,7 +1,11 @@
 //! The `Idempotency-Key` header, and stored responses replayed as HTTP responses. The keys'
 //! storage is the domain's [`crate::idempotency`].
 
-use axum::http::{HeaderMap, StatusCode};
+use std::convert::Infallible;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
@@ -11,25 +15,38 @@ use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
 /// The header a client names its key in.
 pub const HEADER: &str = "idempotency-key";
 
-/// The header as the OpenAPI document shows it, once for every endpoint that takes a key
-/// (`params(KeyHeader)`); [`key`] reads it.
-#[derive(utoipa::IntoParams)]
+/// The request's `Idempotency-Key` header, as sent: handlers extract it (never refused: a bad
+/// key is answered by the handler, in its place among the request's checks, see
+/// [`KeyHeader::scoped`]), and the OpenAPI document shows it once for every endpoint that takes
+/// a key (`params(KeyHeader)`).
+#[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]
-#[allow(dead_code, reason = "only describes the header; `key` reads it")]
 pub struct KeyHeader {
     /// Up to 255 characters; a retry with the same key and body is answered with the first
     /// answer again (its status and body) instead of being acted on twice.
-    #[param(rename = "Idempotency-Key")]
-    key: Option<String>,
+    #[param(rename = "Idempotency-Key", value_type = Option<String>)]
+    key: Option<HeaderValue>,
 }
 
-/// The request's key for the endpoint `scope`, if it sent one.
-pub fn key(scope: &'static str, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
-    let Some(value) = headers.get(HEADER) else {
-        return Ok(None);
-    };
-    let raw = value.to_str().map_err(|_| IdempotencyError::InvalidKey)?;
-    Ok(Some(IdempotencyKey::parse(scope, raw)?))
+impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self {
+            key: parts.headers.get(HEADER).cloned(),
+        })
+    }
+}
+
+impl KeyHeader {
+    /// The key for the endpoint `scope`, if the request sent one.
+    pub fn scoped(&self, scope: &'static str) -> Result<Option<IdempotencyKey>, ApiError> {
+        let Some(value) = &self.key else {
+            return Ok(None);
+        };
+        let raw = value.to_str().map_err(|_| IdempotencyError::InvalidKey)?;
+        Ok(Some(IdempotencyKey::parse(scope, raw)?))
+    }
 }
 
 /// A stored response's status; a stored number that is not one is an internal error.

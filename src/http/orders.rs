@@ -2,7 +2,7 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
-use super::idempotency::{self, replay};
+use super::idempotency::{KeyHeader, replay};
 use super::pagination::{Page, PageQuery};
 use crate::db::is_connection_error;
 use crate::idempotency::{Begun, StoredResponse};
@@ -68,7 +68,7 @@ pub struct PlaceOrderRequest {
 /// Place an order. Never oversells: the decrement and the insert are one statement.
 #[utoipa::path(
     post, path = "/api/v1/orders", tag = "orders",
-    params(super::idempotency::KeyHeader),
+    params(KeyHeader),
     responses(
         (status = 201, description = "Order placed", body = OrderBody),
         (status = 400, description = "MALFORMED_JSON, INVALID_BODY", body = super::openapi::ErrorBody),
@@ -85,10 +85,10 @@ pub struct PlaceOrderRequest {
 )]
 async fn place_order(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    key: KeyHeader,
     Json(request): Json<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
-    let answer = place(&app, &headers, request).await;
+    let answer = place(&app, &key, request).await;
     if let Some(outcome) = order_outcome(&answer) {
         metrics::order(outcome);
     }
@@ -119,10 +119,10 @@ struct Replayed;
 
 async fn place(
     app: &AppState,
-    headers: &HeaderMap,
+    key: &KeyHeader,
     request: PlaceOrderRequest,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key("orders", headers)?;
+    let key = key.scoped("orders")?;
     let request_json = serde_json::to_value(&request).map_err(anyhow::Error::from)?;
     let order = NewOrder::parse(
         request.product_id,

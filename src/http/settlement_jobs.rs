@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency;
+use super::idempotency::{self, KeyHeader};
 use super::openapi::ErrorBody;
 use crate::idempotency::Begun;
 use crate::settlement::job::KIND;
@@ -40,7 +40,7 @@ pub struct DateRangeBody {
 /// `download_url`.
 #[utoipa::path(
     post, path = "/api/v1/jobs/settlement", tag = "jobs",
-    params(super::idempotency::KeyHeader),
+    params(KeyHeader),
     responses(
         (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}` with a `Location` header"),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
@@ -50,10 +50,10 @@ pub struct DateRangeBody {
 )]
 async fn create_settlement_job(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    key: KeyHeader,
     Json(body): Json<DateRangeBody>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key("settlement_jobs", &headers)?;
+    let key = key.scoped("settlement_jobs")?;
     let input = DateRangeInput {
         from: body.from,
         to: body.to,

@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{self, replay, respond};
+use super::idempotency::{KeyHeader, replay, respond};
 use super::openapi::ErrorBody;
 use crate::idempotency::Begun;
 use crate::settlement::transactions::{self, Ingested, NewTransaction, RawTransaction};
@@ -76,7 +76,7 @@ pub struct IngestReport {
     post, path = "/api/v1/transactions", tag = "transactions",
     request_body(content = TransactionInput,
         description = "One transaction, or a JSON array of 1 to `settlement.max_transactions_per_request` of them"),
-    params(super::idempotency::KeyHeader),
+    params(KeyHeader),
     responses(
         (status = 201, description = "Stored: how many were new and how many were duplicates", body = IngestReport),
         (status = 409, description = "TRANSACTION_CONFLICT (names the index, merchant_id and external_id; \
@@ -89,10 +89,10 @@ pub struct IngestReport {
 )]
 async fn create_transactions(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    key: KeyHeader,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key("transactions", &headers)?;
+    let key = key.scoped("transactions")?;
     let parsed = parse(&body, app.config.settlement.max_transactions_per_request)?;
     let mut tx = match &key {
         Some(key) => match key.start(&app.pool, &body).await? {
