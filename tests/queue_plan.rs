@@ -170,3 +170,20 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_claimed_through_its_
         );
     }
 }
+
+#[tokio::test]
+async fn a_backlog_after_an_analyze_of_the_drained_table_is_probed_through_its_ids() {
+    let (pool, _db) = migrated_pool(&test_config(&[])).await;
+    let mut control = backlog_analyzed_while_drained(&pool).await;
+    let dead = ["gone+lock".to_owned()];
+    settle_workers::liveness::probe(&mut control, "w", &dead)
+        .await
+        .unwrap();
+    let args = "'w', '{gone+lock}', '+lock'";
+    let probe = prepared_plan(&mut control, "with unlocked as", args).await;
+    // The leases expired through an index condition on the primary key, not a join.
+    assert!(
+        probe.contains("Index Cond: (id = ANY") && !probe.contains("Join Filter"),
+        "{probe}"
+    );
+}

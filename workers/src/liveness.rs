@@ -49,6 +49,11 @@ pub struct Probe {
 /// Finds the owners (other than `me`) of live leases whose liveness lock is free, and expires
 /// the leases of those among `dead` that are still without it, waking the claimers if any
 /// was (one NOTIFY). An expired lease is what the claim's rescue branch takes, under a fresh fence.
+///
+/// The leases are expired through `jobs.id = any(array(...))` and a state compared as text, as
+/// the statements over held jobs reach theirs (see `over_held_jobs`): as a join to `unlocked`,
+/// a planner that took `jobs` for nearly empty walked the whole partial index of held jobs on
+/// every probe, dead entries included (tests/queue_plan.rs).
 pub async fn probe(
     conn: &mut PgConnection,
     me: &str,
@@ -68,10 +73,9 @@ pub async fn probe(
                                        where datname = current_database()))
            ), expired as (
                update jobs set lease_expires_at = now()
-               from unlocked
-               where jobs.id = unlocked.id and unlocked.lease_owner = any($2)
-                 and jobs.lease_owner = unlocked.lease_owner
-                 and jobs.state in ('running', 'cancelling')
+               where jobs.id = any(array(select id from unlocked where lease_owner = any($2)))
+                 and jobs.lease_owner = any($2)
+                 and jobs.state::text in ('running', 'cancelling')
                -- Postgres delivers the same notification once per transaction.
                returning jobs.id, pg_notify('settle_jobs', '')
            )
