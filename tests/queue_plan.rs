@@ -187,3 +187,55 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_probed_through_its_i
         "{probe}"
     );
 }
+
+/// A fresh ordinary session (not the pool's, so it has prepared nothing yet).
+async fn ordinary(pool: &PgPool) -> PgConnection {
+    PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap()
+}
+
+/// The statements that reach one job by its id (and its fence and state) find it by primary
+/// key: with the state compared as an enum, its predicate implied a partial index's, and a
+/// planner that took `jobs` for nearly empty walked that whole index instead (the held jobs'
+/// after a drain, the queued jobs' on a deep queue). The job's checkpoint and progress
+/// statements share `lease::reload`'s condition.
+#[tokio::test]
+async fn one_job_is_reached_by_its_primary_key_whatever_the_statistics() {
+    let (pool, _db) = migrated_pool(&test_config(&[])).await;
+    let mut control = backlog_analyzed_while_drained(&pool).await;
+    let noop = [NOOP.to_owned()];
+    let claimed = settle_workers::claim::claim(&mut control, "w", 2, LEASE, &noop, &[])
+        .await
+        .unwrap();
+    let (running, queued) = (&claimed[0], claimed[1].id + 1);
+    let held = format!("{}, {}", running.id, running.fence);
+
+    let mut conn = ordinary(&pool).await;
+    settle_workers::lease::reload(&mut conn, running.id, running.fence)
+        .await
+        .unwrap();
+    let reload = prepared_plan(&mut conn, "cancel_requested from jobs", &held).await;
+    let mut conn = ordinary(&pool).await;
+    settle_workers::finish::lock_for_completion(&mut conn, running.id, running.fence)
+        .await
+        .unwrap();
+    let completion = prepared_plan(&mut conn, "cancel_requested from jobs", &held).await;
+    let mut conn = ordinary(&pool).await;
+    settle_workers::request_cancel(&mut conn, running.id)
+        .await
+        .unwrap();
+    settle_workers::request_cancel(&mut conn, queued)
+        .await
+        .unwrap();
+    let cancelling = prepared_plan(&mut conn, "set cancel_requested = true", "1").await;
+    let cancelled = prepared_plan(&mut conn, "with ended as", "1").await;
+    for plan in [reload, completion, cancelling, cancelled] {
+        assert!(
+            plan.contains("Index Scan using jobs_pkey")
+                && !plan.contains("jobs_lease_expiry_idx")
+                && !plan.contains("jobs_claimable_idx"),
+            "{plan}"
+        );
+    }
+}

@@ -80,7 +80,7 @@ async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobSt
 async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "with ended as (
-             delete from jobs where id = $1 and state = 'queued' returning *
+             delete from jobs where id = $1 and state::text = 'queued' returning *
          )
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
              run_at, fence, heartbeat_at, cancel_requested, processed, total, checkpoint, errors,
@@ -100,7 +100,7 @@ async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
 async fn mark_cancelling(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "update jobs set cancel_requested = true, state = 'cancelling'
-         where id = $1 and state = 'running'",
+         where id = $1 and state::text = 'running'",
         id,
     )
     .execute(conn)

@@ -101,7 +101,7 @@ pub async fn lock_for_completion(
 ) -> Result<Option<bool>, sqlx::Error> {
     sqlx::query_scalar!(
         "select cancel_requested from jobs
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')
+         where id = $1 and fence = $2 and state::text in ('running', 'cancelling')
          for update",
         id,
         fence,

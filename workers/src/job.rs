@@ -172,7 +172,7 @@ impl Batch<'_> {
         let checkpoint = serde_json::to_value(checkpoint).map_err(JobError::failed)?;
         let cancel: Option<bool> = sqlx::query_scalar!(
             "update jobs set checkpoint = $3, processed = $4, total = coalesce($5, total)
-             where id = $1 and fence = $2 and state in ('running', 'cancelling')
+             where id = $1 and fence = $2 and state::text in ('running', 'cancelling')
              returning cancel_requested",
             self.ctx.id,
             self.ctx.fence,
@@ -203,7 +203,7 @@ impl Batch<'_> {
     pub async fn set_progress(&mut self, processed: i64, total: i64) -> Result<(), JobError> {
         let held = sqlx::query!(
             "update jobs set processed = $3, total = $4
-             where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+             where id = $1 and fence = $2 and state::text in ('running', 'cancelling')",
             self.ctx.id,
             self.ctx.fence,
             processed,

@@ -55,7 +55,7 @@ pub async fn reload(
     sqlx::query_as!(
         Resume,
         "select checkpoint, processed, total, cancel_requested from jobs
-         where id = $1 and fence = $2 and state in ('running', 'cancelling')",
+         where id = $1 and fence = $2 and state::text in ('running', 'cancelling')",
         id,
         fence,
     )

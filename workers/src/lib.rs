@@ -51,7 +51,10 @@
 /// reaches them the same way, by `jobs.id = any(array(select id from held))`, an index
 /// condition on the primary key: joined to `held`, a planner that took `jobs` for nearly empty
 /// scanned the whole table once per held job (measured in the deep bench: heartbeats of 4-11 s,
-/// and leases lost to them).
+/// and leases lost to them). Every statement that reaches one job by its id compares the state
+/// as text too (a job's checkpoint and progress, `lease::reload`, `finish::lock_for_completion`,
+/// the cancels), so the primary key serves it, not a walk of the held jobs' or the queued jobs'
+/// partial index (tests/queue_plan.rs).
 macro_rules! over_held_jobs {
     ($macro:ident!($($record:path;)? $rest:literal $(+ $more:literal)*, $($arg:expr),* $(,)?)) => {
         sqlx::$macro!(
