@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::processes::{WorkerProcess, eager_vacuum, wait_for};
+use common::processes::{WorkerProcess, eager_vacuum, wait_for, wait_for_jobs_vacuum};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
@@ -81,13 +81,7 @@ async fn takes_over_from(thresholds: &str, progress: &str) {
     .await;
 
     let mut worker = WorkerProcess::start_with(&config, &eager_vacuum());
-    let vacuums = "select vacuum_count from pg_stat_user_tables where relname = 'jobs'";
-    wait_for(
-        Duration::from_secs(30),
-        "the worker's vacuum of jobs",
-        || async { (common::scalar(&pool, vacuums).await > 0).then_some(()) },
-    )
-    .await;
+    wait_for_jobs_vacuum(&pool, Duration::from_secs(30)).await;
     assert!(
         cluster.server_log().contains("canceling autovacuum task"),
         "{}",

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, eager_vacuum, probe_tables, wait_for};
+use common::processes::{
+    WorkerProcess, eager_vacuum, jobs_vacuums, probe_tables, wait_for, wait_for_jobs_vacuum,
+};
 use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
@@ -63,8 +65,7 @@ async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
 async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
     let config = test_config(&[]);
     let (pool, _db) = migrated_pool(&config).await;
-    let vacuums = "select vacuum_count from pg_stat_user_tables where relname = 'jobs'";
-    assert_eq!(common::scalar(&pool, vacuums).await, 0);
+    assert_eq!(jobs_vacuums(&pool).await, 0);
     // The lock a VACUUM takes: claims and endings go on, the worker's vacuum is skipped.
     let blocker = noops_behind(
         &pool,
@@ -81,7 +82,7 @@ async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
     .await;
     // Five of the worker's checks find the dead rows and the table taken.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(common::scalar(&pool, vacuums).await, 0);
+    assert_eq!(jobs_vacuums(&pool).await, 0);
     assert!(
         !worker.log_text().contains("skipping vacuum"),
         "{}",
@@ -89,13 +90,33 @@ async fn a_worker_vacuums_the_jobs_table_its_drain_left_dead_rows_in() {
     );
 
     blocker.rollback().await.unwrap();
-    wait_for(Duration::from_secs(60), "a vacuum of jobs", || async {
-        (common::scalar(&pool, vacuums).await > 0).then_some(())
-    })
-    .await;
+    wait_for_jobs_vacuum(&pool, Duration::from_secs(60)).await;
     let left = common::scalar(&pool, "select count(*) from jobs").await;
     let finished = common::scalar(&pool, "select count(*) from finished_jobs").await;
     assert_eq!(left + finished, 2_000);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
+/// A drain that ends below `worker.vacuum_dead_rows` is vacuumed all the same once no live job
+/// is left: a tenth of the threshold is enough then (an idle worker's claims would otherwise
+/// walk every dead entry its drain left at the claimable index's oldest end, to find nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_queue_is_vacuumed_below_the_threshold() {
+    let config = test_config(&[]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let jobs = vec![NewJob::new(NOOP, json!({})); 3_000];
+    settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &jobs)
+        .await
+        .unwrap();
+    // 3,000 jobs leave 6,000 dead rows: under the threshold, over a tenth of it.
+    let env = [
+        ("SETTLE_WORKER__VACUUM_DEAD_ROWS", "50000".to_owned()),
+        ("SETTLE_WORKER__VACUUM_INTERVAL_MS", "100".to_owned()),
+    ];
+    let mut worker = WorkerProcess::start_with(&config, &env);
+    wait_for_jobs_vacuum(&pool, Duration::from_secs(60)).await;
+    let finished = common::scalar(&pool, "select count(*) from finished_jobs").await;
+    assert_eq!(finished, 3_000);
     assert!(worker.terminate().await, "{}", worker.log_text());
 }
 

@@ -154,13 +154,26 @@ where
     }
 }
 
+/// How many times a session (a worker, not autovacuum) vacuumed `jobs`.
+pub async fn jobs_vacuums(pool: &PgPool) -> i64 {
+    super::scalar(
+        pool,
+        "select vacuum_count from pg_stat_user_tables where relname = 'jobs'",
+    )
+    .await
+}
+
+/// Waits up to `timeout` for a worker's vacuum of `jobs`.
+pub async fn wait_for_jobs_vacuum(pool: &PgPool, timeout: Duration) {
+    wait_for(timeout, "a vacuum of jobs", || async {
+        (jobs_vacuums(pool).await > 0).then_some(())
+    })
+    .await;
+}
+
 /// A job's state (`queued`, `running`, …).
 pub async fn job_state(pool: &PgPool, id: i64) -> String {
-    sqlx::query_scalar("select state::text from all_jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .expect("job state")
+    job_row::<(String,)>(pool, id, "state::text").await.0
 }
 
 /// `columns` (a select list) of job `id`, e.g. `job_row::<(i32, i64)>(pool, id, "attempt,
@@ -195,11 +208,7 @@ pub async fn wait_state(pool: &PgPool, id: i64, state: &str) {
 
 /// A job's committed progress (`processed`).
 pub async fn processed(pool: &PgPool, id: i64) -> i64 {
-    sqlx::query_scalar("select processed from all_jobs where id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .expect("job progress")
+    job_row::<(i64,)>(pool, id, "processed").await.0
 }
 
 /// Waits (up to `timeout`) until job `id` has committed at least `at_least` rows of progress;
