@@ -29,6 +29,16 @@ async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
         assert_eq!(app.post("/api/v1/orders", &order(1)).await.0, expected);
     }
     assert_eq!(app.post("/api/v1/orders", &order(0)).await.0, 422);
+    // A malformed Idempotency-Key is refused in the handler, so it counts as rejected too.
+    let bad_key = app
+        .http
+        .post(app.url("/api/v1/orders"))
+        .header("idempotency-key", "x".repeat(256))
+        .json(&order(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 422);
     for id in [987_654_321, 987_654_322] {
         assert_eq!(app.get(&format!("/api/v1/orders/{id}")).await.0, 404);
     }
@@ -42,7 +52,7 @@ async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
     let orders = |outcome| metrics.count("settle_orders_total", &[("outcome", outcome)]);
     assert_eq!(orders("placed"), 3.0);
     assert_eq!(orders("out_of_stock"), 2.0);
-    assert_eq!(orders("rejected"), 1.0);
+    assert_eq!(orders("rejected"), 2.0);
     assert_eq!(orders("error"), 0.0);
     // The coalescer decided the five well-formed orders (one at a time here).
     assert_eq!(metrics.count("settle_order_batch_size_sum", &[]), 5.0);

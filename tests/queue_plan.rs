@@ -136,7 +136,7 @@ async fn a_backlog_after_an_analyze_of_the_drained_table_is_heartbeaten_through_
     );
 }
 
-/// The plan `conn` makes for a claim, as it prepared it: uncapped, or with `settlement` capped.
+/// The plan `conn` makes for a claim, as it prepared it: uncapped, or with a kind capped.
 async fn claimed_plan(conn: &mut PgConnection, capped: bool) -> String {
     let kinds = ["absent".to_owned()];
     let rooms = [settle_workers::claim::Room {
@@ -205,10 +205,11 @@ async fn one_job_is_reached_by_its_primary_key_whatever_the_statistics() {
     let (pool, _db) = migrated_pool(&test_config(&[])).await;
     let mut control = backlog_analyzed_while_drained(&pool).await;
     let noop = [NOOP.to_owned()];
-    let claimed = settle_workers::claim::claim(&mut control, "w", 2, LEASE, &noop, &[])
+    let claimed = settle_workers::claim::claim(&mut control, "w", 1, LEASE, &noop, &[])
         .await
         .unwrap();
-    let (running, queued) = (&claimed[0], claimed[1].id + 1);
+    // The claim took the oldest job; the next id is still queued.
+    let (running, queued) = (&claimed[0], claimed[0].id + 1);
     let held = format!("{}, {}", running.id, running.fence);
 
     let mut conn = ordinary(&pool).await;
