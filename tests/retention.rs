@@ -15,6 +15,13 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
         .unwrap()
 }
 
+/// A transaction of another session that has run `sql` (taking a lock) and stays open.
+async fn hold(pool: &PgPool, sql: &'static str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    tx
+}
+
 #[tokio::test]
 async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     let config = common::test_config(&[]);
@@ -46,11 +53,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     let week = Duration::from_secs(7 * 24 * 3600);
 
     // While another session holds the pruner's lock, this worker prunes nothing.
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(6806942347142627329)")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold(&pool, "select pg_advisory_xact_lock(6806942347142627329)").await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
         settle_workers::retention::prune(&mut conn, week)
@@ -118,5 +121,41 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
     assert_eq!(
         count(&pool, "select count(*) from idempotency_keys").await,
         1
+    );
+}
+
+/// Ranges of `finished_jobs` that no vacuum has summarized match every prune's index scan; the
+/// prune summarizes them (autovacuum's `autosummarize` does nothing where autovacuum is off),
+/// and a vacuum holding the table's lock delays that, never the prune.
+#[tokio::test]
+async fn a_prune_summarizes_the_finished_jobs_it_has_not_seen() {
+    let config = common::test_config(&[]);
+    let (pool, _db) = common::migrated_pool(&config).await;
+    let fill = "insert into finished_jobs (kind, args, state, finished_at, created_at)
+                select 'noop', '{}', 'completed', now() - interval '10 days', now()
+                from generate_series(1, 5000)";
+    let unsummarized = "select brin_summarize_new_values('finished_jobs_finished_at_idx')::int8";
+    let week = Duration::from_secs(7 * 24 * 3600);
+    sqlx::query(fill).execute(&pool).await.unwrap();
+
+    // As a vacuum would, another session holds SHARE UPDATE EXCLUSIVE: the prune still deletes.
+    let vacuum = hold(
+        &pool,
+        "lock table finished_jobs in share update exclusive mode",
+    )
+    .await;
+    let mut conn = pool.acquire().await.unwrap();
+    let pruned = settle_workers::retention::prune(&mut conn, week).await;
+    assert_eq!(pruned.unwrap(), 5000);
+    vacuum.rollback().await.unwrap();
+
+    sqlx::query(fill).execute(&pool).await.unwrap();
+    settle_workers::retention::prune(&mut conn, week)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&pool, unsummarized).await,
+        0,
+        "left for the next vacuum"
     );
 }
