@@ -238,6 +238,24 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     assert_eq!(results, 0);
 }
 
+/// Rows that are not PAID are read and counted (`run` checks the count) but never summed into
+/// a result, so their amounts cannot overflow one (a batch groups them apart, see `parts::aggregate_ids`).
+#[tokio::test]
+async fn amounts_of_rows_not_paid_never_reach_the_sums() {
+    let db = db("UTC", 1, 10).await;
+    let huge = i64::MAX / 2 + 1;
+    let rows = [
+        txn("m", 5, 1, Status::Paid, at("2025-01-01T10:00:00Z")),
+        txn("m", huge, 0, Status::Failed, at("2025-01-01T11:00:00Z")),
+        txn("m", huge, 0, Status::Refunded, at("2025-01-01T12:00:00Z")),
+    ];
+    store(&db.pool, &rows).await;
+    let path = db.run(1, range("2025-01-01", "2025-01-01")).await;
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
+    assert_eq!(expected.len(), 1);
+    assert_eq!(csv(&path), expected);
+}
+
 #[tokio::test]
 async fn stale_statistics_are_refreshed_before_the_input_is_fixed() {
     let db = db("UTC", 1, 100).await;
