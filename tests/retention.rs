@@ -159,3 +159,39 @@ async fn a_prune_summarizes_the_finished_jobs_it_has_not_seen() {
         "left for the next vacuum"
     );
 }
+
+/// Only the owner of `finished_jobs`' index may summarize it: a worker connecting as another
+/// role (granted what pruning needs) still prunes, without the summaries.
+#[tokio::test]
+async fn a_worker_that_does_not_own_the_table_still_prunes() {
+    let config = common::test_config(&[]);
+    let (pool, _db) = common::migrated_pool(&config).await;
+    let role = format!("{}_pruner", pool.connect_options().get_database().unwrap());
+    for sql in [
+        format!("create role {role}"),
+        format!("grant select, delete on finished_jobs, settlement_results to {role}"),
+        "insert into finished_jobs (kind, args, state, finished_at, created_at)
+         select 'noop', '{}', 'completed', now() - interval '10 days', now()
+         from generate_series(1, 100)"
+            .to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("set role {role}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let pruned = settle_workers::retention::prune(&mut conn, week).await;
+    conn.detach();
+    let cleanup = format!("drop owned by {role}; drop role {role}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(cleanup))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pruned.unwrap(), 100);
+}
