@@ -8,13 +8,6 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 /// A transaction of another session that has run `sql` (taking a lock) and stays open.
 async fn hold(pool: &PgPool, sql: &'static str) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = pool.begin().await.unwrap();
@@ -69,9 +62,12 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
             .unwrap(),
         2
     );
-    assert_eq!(count(&pool, "select count(*) from all_jobs").await, 2);
     assert_eq!(
-        count(
+        common::scalar(&pool, "select count(*) from all_jobs").await,
+        2
+    );
+    assert_eq!(
+        common::scalar(
             &pool,
             "select count(*) from settlement_results r join all_jobs j on j.id = r.job_id
              where j.state = 'cancelled'"
@@ -80,11 +76,11 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
         1
     );
     assert_eq!(
-        count(&pool, "select count(*) from settlement_results").await,
+        common::scalar(&pool, "select count(*) from settlement_results").await,
         1
     );
     assert_eq!(
-        count(
+        common::scalar(
             &pool,
             "select count(*) from all_jobs where state in ('queued', 'cancelled')"
         )
@@ -111,7 +107,7 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
         1
     );
     assert_eq!(
-        count(
+        common::scalar(
             &pool,
             "select count(*) from idempotency_keys where key = 'live'"
         )
@@ -119,7 +115,7 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
         1
     );
     assert_eq!(
-        count(&pool, "select count(*) from idempotency_keys").await,
+        common::scalar(&pool, "select count(*) from idempotency_keys").await,
         1
     );
 }
@@ -154,7 +150,7 @@ async fn a_prune_summarizes_the_finished_jobs_it_has_not_seen() {
         .await
         .unwrap();
     assert_eq!(
-        count(&pool, unsummarized).await,
+        common::scalar(&pool, unsummarized).await,
         0,
         "left for the next vacuum"
     );

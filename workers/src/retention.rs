@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
+use crate::error::sql_state;
+
 /// Advisory lock key of the pruner ("settle" + "prune").
 const PRUNE_LOCK: i64 = 0x5e77_1e00_0000_0001;
 
@@ -60,18 +62,12 @@ async fn summarize_new_ranges(conn: &mut PgConnection) -> Result<(), sqlx::Error
             .await;
     match summarized {
         Ok(_) => attempt.commit().await,
-        Err(sqlx::Error::Database(e))
-            if matches!(e.code().as_deref(), Some(LOCK_NOT_AVAILABLE | NOT_OWNER)) =>
-        {
+        // 55P03 lock_not_available: past the lock timeout. 42501 insufficient_privilege: only
+        // the index's owner may summarize it; such a worker prunes without the summaries,
+        // which autovacuum still makes where it runs.
+        Err(e) if sql_state(&e).is_some_and(|code| matches!(&*code, "55P03" | "42501")) => {
             attempt.rollback().await
         }
         Err(e) => Err(e),
     }
 }
-
-/// SQLSTATE of a lock wait that ran past `lock_timeout`.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-
-/// SQLSTATE of a worker whose role does not own the index (only its owner may summarize it):
-/// its prunes go on without the summaries, which autovacuum still makes where it runs.
-const NOT_OWNER: &str = "42501";
