@@ -30,6 +30,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 
 use super::pause;
+use crate::error::sql_state;
 use crate::runtime::Shared;
 
 /// Until shutdown: every `vacuum_interval`, vacuums `jobs` if it holds `vacuum_dead_rows` dead
@@ -135,9 +136,7 @@ async fn vacuum_if_due(
         Ok(_) => Ok(Some(table.dead)),
         // 55P03: still held after TAKEOVER_WAIT (another worker took over first, or an
         // autovacuum that prevents wraparound, which Postgres never cancels).
-        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") => {
-            Ok(None)
-        }
+        Err(e) if sql_state(&e).as_deref() == Some("55P03") => Ok(None),
         Err(e) => Err(e),
     }
 }
