@@ -277,11 +277,12 @@ pub async fn aggregate_ids(
 /// (the placeholders of `[after, up_to, from, to]`): one row of aligned arrays, none when the
 /// batch holds no row of the input.
 fn batch_sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4]) -> String {
-    // The day of a PAID row; NULL for the others, which fall into one group per merchant,
-    // counted and dropped (their sums are never cast, so only PAID sums can overflow): a
-    // filter on the aggregates instead computes every row's day and tests its status once
-    // per aggregate (8% slower per batch, measured on 1M rows).
-    let paid_day = format!("case when status = 'PAID' then {} end", zone.day_sql());
+    // `paid.day`: the day of a PAID row; NULL for the others, which fall into one group per
+    // merchant, counted and dropped (their sums are never cast, so only PAID sums can
+    // overflow): a filter on the aggregates instead computes every row's day and tests its
+    // status once per aggregate (8% slower per batch, measured on 1M rows). The lateral
+    // subquery only names the expression once; the planner flattens it into the scan.
+    let day = zone.day_sql();
     let within = paid_within(zone, from, to);
     format!(
         "sum(n)::int8 as scanned,
@@ -291,14 +292,15 @@ fn batch_sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4]) -> String {
                 coalesce(array_agg(fee::int8) filter (where kept), '{{}}') as fee_cents,
                 coalesce(array_agg(n) filter (where kept), '{{}}') as txn_counts
          from (
-             select merchant_id, {paid_day} as day,
+             select merchant_id, paid.day,
                     sum(amount_cents) as gross,
                     sum(fee_cents) as fee,
                     count(*) as n,
-                    coalesce({paid_day} between {from} and {to}, false) as kept
-             from transactions
+                    coalesce(paid.day between {from} and {to}, false) as kept
+             from transactions,
+                  lateral (select case when status = 'PAID' then {day} end as day) as paid
              where id > {after} and id <= {up_to} and {within}
-         group by merchant_id, {paid_day}
+             group by merchant_id, paid.day
          ) as groups
          having count(*) > 0"
     )
