@@ -239,7 +239,8 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
 }
 
 /// Rows that are not PAID are read and counted (`run` checks the count) but never summed into
-/// a result, so their amounts cannot overflow one (a batch groups them apart, see `parts::aggregate_ids`).
+/// a result, so their amounts cannot overflow one (a batch groups them apart, see
+/// `parts::aggregate_ids`).
 #[tokio::test]
 async fn amounts_of_rows_not_paid_never_reach_the_sums() {
     let db = db("UTC", 1, 10).await;
