@@ -5,7 +5,7 @@
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::input::paid_within;
+use super::input::{paid_within, paid_within_filter};
 use super::plan::{Part, Plan};
 use super::{DateRange, SettleError, Zone};
 
@@ -283,7 +283,7 @@ fn batch_sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4]) -> String {
     // status once per aggregate (8% slower per batch, measured on 1M rows). The lateral
     // subquery only names the expression once; the planner flattens it into the scan.
     let day = zone.day_sql();
-    let within = paid_within(zone, from, to);
+    let within = paid_within_filter(zone, from, to);
     format!(
         "sum(n)::int8 as scanned,
                 coalesce(array_agg(merchant_id) filter (where kept), '{{}}') as merchant_ids,
