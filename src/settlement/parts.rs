@@ -138,7 +138,8 @@ async fn skip_gap(
 }
 
 /// Moves the part's cursor and progress after a batch that read `scanned` rows, folding the
-/// part's batch rows into one when it is done.
+/// part's batch rows into one when it is done. A part done in its first batch has at most that
+/// batch's row (rows land only with the cursor moving past `lo_id`), so it has nothing to fold.
 async fn finish_batch(
     tx: &mut PgConnection,
     plan: &Plan,
@@ -152,7 +153,7 @@ async fn finish_batch(
         ..part.clone()
     };
     let job_id = plan.run.job_id;
-    if next.is_done() {
+    if next.is_done() && part.cursor_id > part.lo_id {
         fold_part(tx, job_id, part.part)
             .await
             .map_err(SettleError::from_sum)?;
