@@ -5,28 +5,33 @@
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::input::{paid_within, paid_within_filter};
+use super::input::{self, Probe, paid_within_filter};
 use super::plan::{Part, Plan};
 use super::{DateRange, SettleError, Zone};
 
 /// Aggregates the next batch of `part` into one row of partial sums and advances its cursor,
 /// in `tx`; the caller commits it with the checkpoint. A batch is the next `batch_size` ids
 /// after the cursor (keyset on the primary key, never OFFSET), so it holds at most
-/// `batch_size` rows and exactly that many where ids are dense; an empty batch jumps the gap to
-/// the next id. The part's last batch also folds the part's rows into one. Returns the part as
-/// it stands after the batch.
+/// `batch_size` rows and exactly that many where ids are dense (on a short range it reads only
+/// the part of those ids where the input lies, see [`begin_batch`]); an empty batch jumps the
+/// gap to the next id. The part's last batch also folds the part's rows into one. Returns the
+/// part as it stands after the batch.
 pub async fn process_batch(
     tx: &mut PgConnection,
     plan: &Plan,
     part: &Part,
     batch_size: i64,
 ) -> Result<Part, SettleError> {
-    let end = begin_batch(tx, part, batch_size).await?;
+    let Batch {
+        after,
+        read_to,
+        end,
+    } = begin_batch(tx, plan, part, batch_size).await?;
     let scanned = aggregate_ids(
         tx,
         plan.run.job_id,
         part.part,
-        (part.cursor_id, end),
+        (after, read_to, end),
         plan.range(),
         plan.zone(),
     )
@@ -68,15 +73,19 @@ pub async fn read_batch(
     part: &Part,
     batch_size: i64,
 ) -> Result<ReadBatch, SettleError> {
-    let end = begin_batch(reader, part, batch_size).await?;
+    let Batch {
+        after,
+        read_to,
+        end,
+    } = begin_batch(reader, plan, part, batch_size).await?;
     let zone = plan.zone();
     // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
     let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
         "select {}",
         batch_sums_sql(zone, ["$1", "$2", "$3", "$4"])
     )))
-    .bind(part.cursor_id)
-    .bind(end)
+    .bind(after)
+    .bind(read_to)
     .bind(plan.range().from())
     .bind(plan.range().to())
     .fetch_optional(&mut *reader)
@@ -111,19 +120,56 @@ pub async fn store_batch(
     finish_batch(tx, plan, part, batch.cursor_id, scanned).await
 }
 
-/// Scopes the aggregation's settings and plan to `conn`'s transaction; returns where the batch
-/// after `part`'s cursor ends.
+/// The ids a batch reads, `(after, read_to]`, and where it moves the part's cursor, `end`:
+/// every id in `(cursor, after]` and `(read_to, end]` is known to hold none of the input.
+struct Batch {
+    after: i64,
+    read_to: i64,
+    end: i64,
+}
+
+/// Scopes the aggregation's settings and plan to `conn`'s transaction; returns the [`Batch`]
+/// after `part`'s cursor. On a range of at most [`input::PROBED_DAYS`] days the batch's ids
+/// are first narrowed to those from the input's next id to its last within a batch of it
+/// ([`input::probe_batch`]), so ids of other days in the part's span (e.g. between a day's
+/// rows and a straggler of that day posted days later) are stepped over, not read through the
+/// primary key, where a 1M-id batch of them costs as much as a full one (measured on 10M rows,
+/// a one-day job whose span a straggler stretched to the table's end: 0.41-0.44 s without the
+/// probe, 0.16-0.18 s through the `(paid_at, id)` index that the batches used before). Longer
+/// ranges skip the probe (its cost follows their quarter hours) and step over such ids after
+/// one empty batch ([`skip_gap`]).
 async fn begin_batch(
     conn: &mut PgConnection,
+    plan: &Plan,
     part: &Part,
     batch_size: i64,
-) -> Result<i64, sqlx::Error> {
+) -> Result<Batch, sqlx::Error> {
+    let batch_size = batch_size.max(1);
+    let range = plan.range();
+    let mut batch = Batch {
+        after: part.cursor_id,
+        read_to: part.cursor_id.saturating_add(batch_size).min(part.hi_id),
+        end: part.cursor_id.saturating_add(batch_size).min(part.hi_id),
+    };
+    if (range.to() - range.from()).num_days() < input::PROBED_DAYS {
+        let probe = (part.cursor_id, part.hi_id, batch_size);
+        match input::probe_batch(conn, probe, range, plan.zone()).await? {
+            Probe::Found { first, last } => {
+                batch.after = first - 1;
+                batch.read_to = last;
+                batch.end = (first - 1).saturating_add(batch_size).min(part.hi_id);
+            }
+            Probe::Empty => {
+                batch.after = part.hi_id;
+                batch.read_to = part.hi_id;
+                batch.end = part.hi_id;
+            }
+            Probe::Unknown => {}
+        }
+    }
     super::set_local_tuning(conn).await?;
     set_local_batch_plan(conn).await?;
-    Ok(part
-        .cursor_id
-        .saturating_add(batch_size.max(1))
-        .min(part.hi_id))
+    Ok(batch)
 }
 
 /// Where the cursor goes after an empty batch ending at `end`: just before the input's next id.
@@ -133,7 +179,7 @@ async fn skip_gap(
     part: &Part,
     end: i64,
 ) -> Result<i64, SettleError> {
-    let following = next_id(conn, end, part.hi_id, plan.range(), plan.zone()).await?;
+    let following = input::next_id(conn, end, part.hi_id, plan.range(), plan.zone()).await?;
     Ok(following.map_or(part.hi_id, |id| id - 1).max(end))
 }
 
@@ -221,38 +267,16 @@ pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx:
     Ok(())
 }
 
-/// The first id of the job's input after `after` up to `hi`, to skip a gap: ids that do not
-/// exist, or rows paid outside the job's days (later or earlier arrivals between its own).
-pub async fn next_id(
-    conn: &mut PgConnection,
-    after: i64,
-    hi: i64,
-    range: DateRange,
-    zone: Zone,
-) -> Result<Option<i64>, sqlx::Error> {
-    // Dynamic: the time bound holds the job's zone as a literal (see `paid_within`).
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "select min(id) from transactions where id > $1 and id <= $2 and {}",
-        paid_within(zone, "$3", "$4")
-    )))
-    .bind(after)
-    .bind(hi)
-    .bind(range.from())
-    .bind(range.to())
-    .fetch_one(conn)
-    .await
-}
-
 /// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s
-/// days) and stores, as one row of the part's batch sums, the `(merchant, day)` sums of the
-/// PAID ones. Returns the rows read, `None` when there were none (nothing is stored then): the
-/// other rows are grouped apart and counted in the same pass. A batch sum past 64 bits fails
+/// days) and stores, as one row of the part's batch sums ending at `end_id`, the `(merchant,
+/// day)` sums of the PAID ones. Returns the rows read, `None` when there were none (nothing is
+/// stored then): the other rows are grouped apart and counted in the same pass. A batch sum past 64 bits fails
 /// its cast (SQLSTATE 22003).
 pub async fn aggregate_ids(
     conn: &mut PgConnection,
     job_id: i64,
     part: i32,
-    (after, up_to): (i64, i64),
+    (after, up_to, end_id): (i64, i64, i64),
     range: DateRange,
     zone: Zone,
 ) -> Result<Option<i64>, sqlx::Error> {
@@ -260,7 +284,7 @@ pub async fn aggregate_ids(
     sqlx::query_scalar(AssertSqlSafe(format!(
         "insert into settlement_batches (job_id, part, end_id, scanned,
              merchant_ids, dates, gross_cents, fee_cents, txn_counts)
-         select $1, $2, $4, {}
+         select $1, $2, $7, {}
          returning scanned",
         batch_sums_sql(zone, ["$3", "$4", "$5", "$6"])
     )))
@@ -270,6 +294,7 @@ pub async fn aggregate_ids(
     .bind(up_to)
     .bind(range.from())
     .bind(range.to())
+    .bind(end_id)
     .fetch_optional(conn)
     .await
 }
