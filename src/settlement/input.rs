@@ -237,9 +237,11 @@ pub async fn next_id(
     .await
 }
 
-/// Ranges of at most this many days have their batches probed ([`probe_batch`]): a probe is
-/// two index descents per quarter hour of the range (one 30-day pass of 2,880 descents took
-/// 9-13 ms on 10M rows, a day's 96 about 0.4 ms), under 1% of a 1M-id batch up to a week.
+/// Ranges of at most this many days have their batches probed ([`probe_batch`]): a probe makes
+/// two passes of one index descent per quarter hour of the range. Measured on 10M rows, a
+/// 30-day pass (2,880 descents) took 9-13 ms and a day's (96) about 0.4 ms, so a week's probe
+/// is some 5 ms, about 1% of a 1M-id batch (~400 ms); longer ranges would pay more per batch
+/// than they can save once per hole in their span.
 pub const PROBED_DAYS: i64 = 7;
 
 /// Where the input lies in the next batch of a part whose cursor is at `after` (its ids up to
