@@ -138,6 +138,61 @@ async fn a_range_in_the_middle_takes_its_span_from_the_quarter_hours() {
     );
 }
 
+/// The day's rows inside each part's id range.
+async fn rows_per_part(pool: &PgPool, plan: &Plan, day: &str) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for part in &plan.parts {
+        let rows: i64 = sqlx::query_scalar(
+            "select count(*) from transactions
+             where id > $1 and id <= $2 and (paid_at at time zone 'UTC')::date = $3::date",
+        )
+        .bind(part.lo_id)
+        .bind(part.hi_id)
+        .bind(day)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        counts.push(rows);
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
+    let (app, _worker) = settling_app(50, 3).await;
+    // Three rows in each of the day's quarter hours, in time order, then 1,100 rows of a later
+    // day, then one more row of the day, posted late (the highest id): its span is 1,389 ids.
+    let midnight = at("2025-01-02T00:00:00Z");
+    let mut rows: Vec<_> = (0..288)
+        .map(|i| midnight + chrono::Duration::minutes(5 * i))
+        .chain((0..1_100).map(|_| at("2025-01-20T12:00:00Z")))
+        .chain([at("2025-01-02T12:01:00Z")])
+        .enumerate()
+        .map(|(i, paid_at)| txn("m1", 10 + i as i64, 1, Status::Paid, paid_at))
+        .collect();
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.external_id = format!("ch_{i:06}");
+    }
+    // Rows of an earlier day hold the lowest ids, so the span comes from the quarter hours.
+    let early = (0..1_100).map(|_| txn("m0", 5, 1, Status::Paid, at("2024-12-20T12:00:00Z")));
+    support::store(&app.pool, &early.collect::<Vec<_>>()).await;
+    support::store(&app.pool, &rows).await;
+
+    let settings = Settings::new(&app.config.settlement, 50);
+    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
+    assert_eq!(plan.run.total, 1_389);
+    // Cut by width, the first part would hold all 288 rows before the later day's.
+    let counts = rows_per_part(&app.pool, &plan, "2025-01-02").await;
+    assert_eq!(counts.iter().sum::<i64>(), 289);
+    assert!(counts.iter().all(|n| (90..=102).contains(n)), "{counts:?}");
+
+    let id = settled(&app, "2025-01-02", "2025-01-02").await;
+    assert_eq!(
+        ending(&app.pool, id).await,
+        ("completed".to_owned(), 289, Some(289))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_whose_midnight_is_off_the_quarter_hours_is_counted_up_front() {
     let (app, _worker) = settling_app(7, 2).await;

@@ -85,7 +85,7 @@ pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
 }
 
 /// The transactions up to a high-water id whose `paid_at` falls within a range's days.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     /// Just below the lowest such id (the high-water id when there are none).
     pub after_id: i64,
@@ -94,6 +94,10 @@ pub struct Window {
     /// How many there are; `None` when [`edges`] found the span without counting them (the
     /// job then counts them in its one pass over the rows).
     pub rows: Option<i64>,
+    /// The first and the last of those ids in each quarter hour of the range that holds any,
+    /// where [`bucket_span`] found the span (empty otherwise): where the input lies within the
+    /// span, for cutting it into parts of about equal input.
+    pub quarters: Vec<(i64, i64)>,
 }
 
 impl Window {
@@ -138,6 +142,7 @@ pub async fn edges(
         after_id: first - 1,
         last_id: last,
         rows: None,
+        quarters: Vec::new(),
     }))
 }
 
@@ -171,46 +176,56 @@ fn quarters_of_days(zone: Zone, from: &str, to: &str) -> String {
 /// and the highest id up to the high-water id in each quarter hour of the range's days, two
 /// index probes each (measured at 100M rows: a day's 96 quarter hours in a few milliseconds,
 /// where [`window`]'s pass over its 3.3M `(paid_at, id)` entries took 0.5-1 s). The span bounds
-/// the job's total as [`edges`]' does; the job counts its rows as it reads them. `None` when
-/// the zone's midnights at the range's ends are not on a quarter hour (historical local mean
-/// times): [`window`] then finds the span.
+/// the job's total as [`edges`]' does; the job counts its rows as it reads them. Each quarter
+/// hour's two ids are kept as the window's `quarters`. `None` when the zone's midnights at the
+/// range's ends are not on a quarter hour (historical local mean times): [`window`] then finds
+/// the span.
 pub async fn bucket_span(
     conn: &mut PgConnection,
     high_water_id: i64,
     range: DateRange,
     zone: Zone,
 ) -> Result<Option<Window>, sqlx::Error> {
-    let probe = |end: &str, order: &str| {
+    let probe = |order: &str| {
         format!(
-            "(select {end}(probe.id) from quarters cross join lateral
-                  (select id from transactions where {} = quarters.at and id <= $1
-                   order by id {order} limit 1) as probe)",
+            "(select id from transactions where {} = quarters.at and id <= $1
+              order by id {order} limit 1)",
             quarter_of("paid_at")
         )
     };
     // Dynamic: the days' bounds hold the job's zone as a literal (see `day_bounds`).
-    let (aligned, first, last): (bool, Option<i64>, Option<i64>) =
+    let (aligned, firsts, lasts): (bool, Vec<i64>, Vec<i64>) =
         sqlx::query_as(AssertSqlSafe(format!(
-            "with {} select (select aligned from days), {}, {}",
+            "with {}, spans as materialized (
+                 select {} as first, {} as last from quarters
+             )
+             select (select aligned from days),
+                    coalesce(array_agg(first) filter (where first is not null), '{{}}'),
+                    coalesce(array_agg(last) filter (where first is not null), '{{}}')
+             from spans",
             quarters_of_days(zone, "$2", "$3"),
-            probe("min", "asc"),
-            probe("max", "desc"),
+            probe("asc"),
+            probe("desc"),
         )))
         .bind(high_water_id)
         .bind(range.from())
         .bind(range.to())
         .fetch_one(conn)
         .await?;
+    let first = firsts.iter().min().copied();
+    let last = lasts.iter().max().copied();
     Ok(aligned.then(|| match first.zip(last) {
         Some((first, last)) => Window {
             after_id: first - 1,
             last_id: last,
             rows: None,
+            quarters: firsts.into_iter().zip(lasts).collect(),
         },
         None => Window {
             after_id: high_water_id,
             last_id: high_water_id,
             rows: Some(0),
+            quarters: Vec::new(),
         },
     }))
 }
@@ -352,5 +367,6 @@ pub async fn window(
         after_id,
         last_id,
         rows: Some(rows),
+        quarters: Vec::new(),
     })
 }

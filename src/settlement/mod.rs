@@ -6,8 +6,8 @@
 //!    of the transactions up to it those paid within the job's days, found by the `(paid_at,
 //!    id)` index through [`input`]: their id span and true total, or, for a range holding the
 //!    history's first and last rows, the span from the primary key's ends and the total
-//!    counted in the job's one pass) and splits the span into disjoint parts, so a job's cost
-//!    follows its range, not the table;
+//!    counted in the job's one pass) and splits the span into disjoint parts of about equal
+//!    input ([`cuts`]), so a job's cost follows its range, not the table;
 //! 2. [`parts`] aggregates the next `batch_size` rows of one part (keyset on id) into one row of
 //!    partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    parts run concurrently, each with its own cursor;
@@ -19,6 +19,7 @@
 //! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
 //! as they were. [`list`] reads `settlements` back in keyset pages.
 
+pub mod cuts;
 pub mod finalize;
 pub mod input;
 pub mod job;

@@ -120,8 +120,9 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// per quarter hour ([`input::bucket_span`]); else (a zone whose midnight is off the quarter
 /// hours) from the `(paid_at, id)` index, which also gives their exact count. The job's `total`
 /// is that count or the span's ids, which bound it. The span is cut into `parts` disjoint id
-/// sub-ranges. Either way the run now belongs to the claim `fence`
-/// (see [`super::parts::lock_run`]): part batches of an earlier owner stop landing.
+/// sub-ranges of about equal input ([`super::cuts`]). Either way the run now belongs to the
+/// claim `fence` (see [`super::parts::lock_run`]): part batches of an earlier owner stop
+/// landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
@@ -158,32 +159,24 @@ pub async fn start(
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
-    let parts = split(window.after_id, window.last_id, settings.parts);
+    let parts = split(&window, settings.parts);
     for part in &parts {
         insert_part(tx, job_id, part).await?;
     }
     Ok(Plan { run, parts })
 }
 
-/// `(lo, hi]` cut into `n` contiguous id ranges of equal width (the last takes the remainder).
-fn split(lo: i64, hi: i64, n: u32) -> Vec<Part> {
-    let n = i64::from(n.max(1));
-    let width = (hi - lo).max(0) / n;
-    (0..n)
-        .map(|i| {
-            let start = lo + width * i;
-            let end = if i == n - 1 {
-                hi.max(lo)
-            } else {
-                start + width
-            };
-            Part {
-                part: i as i32,
-                lo_id: start,
-                hi_id: end,
-                cursor_id: start,
-                processed: 0,
-            }
+/// `window`'s span cut into `n` parts ([`super::cuts`]), each at its start.
+fn split(window: &input::Window, n: u32) -> Vec<Part> {
+    super::cuts::spans(window, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (lo_id, hi_id))| Part {
+            part: i as i32,
+            lo_id,
+            hi_id,
+            cursor_id: lo_id,
+            processed: 0,
         })
         .collect()
 }
@@ -263,23 +256,4 @@ pub async fn set_run_fence(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split;
-
-    #[test]
-    fn parts_cover_the_range_without_overlap() {
-        for (lo, hi, n) in [(0, 10, 3), (5, 5, 2), (0, 1, 4), (100, 1_000_000, 2)] {
-            let parts = split(lo, hi, n);
-            assert_eq!(parts.len(), n as usize);
-            assert_eq!(parts[0].lo_id, lo);
-            assert_eq!(parts.last().unwrap().hi_id, hi);
-            for pair in parts.windows(2) {
-                assert_eq!(pair[0].hi_id, pair[1].lo_id);
-            }
-            assert!(parts.iter().all(|p| p.lo_id <= p.hi_id));
-        }
-    }
 }

@@ -1,0 +1,171 @@
+//! How a job's input span is cut into parts that hold about equal shares of its input, so the
+//! parts, which run side by side, finish together.
+
+use super::input::Window;
+
+/// The `(lo_id, hi_id]` id ranges of `n` parts covering `window`'s span without overlap, in
+/// order, at the [`cuts`].
+pub fn spans(window: &Window, n: u32) -> Vec<(i64, i64)> {
+    let hi = window.last_id.max(window.after_id);
+    let bounds: Vec<i64> = [window.after_id]
+        .into_iter()
+        .chain(cuts(window, n))
+        .chain([hi])
+        .collect();
+    bounds.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+/// A quarter hour whose ids run over more than this many times the typical quarter hour's
+/// (the 90th percentile) holds rows posted long after the others, and counts as a typical one
+/// (see [`cuts`]): a busy quarter hour's ids run a few times a quiet one's, a quarter hour
+/// with one row posted a day late a hundred times a busy one's.
+const STRETCH: i64 = 8;
+
+/// Where `window`'s span is cut into `n` parts: the last id of each part but the last. Ids are
+/// drawn in time order, so each quarter hour's input lies between its first and last id
+/// (`window.quarters`), and the cuts fall at equal shares of the input so placed: each quarter
+/// hour counts as many rows as it spans ids, spread evenly over them, unless it spans more
+/// than [`STRETCH`] typical quarter hours; it then counts as one typical quarter hour spread
+/// thinly over its span. So a few rows posted days late, which stretch a day's span over days
+/// of other ids, do not leave the whole day to the first part as cutting by width would, and
+/// rows loaded out of time order (sorted by merchant, say) still spread over the span. Without
+/// quarter hours (a span from [`super::input::edges`] or [`super::input::window`]) the cuts
+/// are at equal widths.
+fn cuts(window: &Window, n: u32) -> Vec<i64> {
+    let (lo, hi) = (window.after_id, window.last_id.max(window.after_id));
+    let n = i64::from(n.max(1));
+    if window.quarters.is_empty() {
+        let width = (hi - lo) / n;
+        return (1..n).map(|i| lo + width * i).collect();
+    }
+    let spans: Vec<(i64, i64)> = window
+        .quarters
+        .iter()
+        .map(|&(first, last)| (first, last.max(first) - first + 1))
+        .collect();
+    let mut widths: Vec<i64> = spans.iter().map(|&(_, ids)| ids).collect();
+    widths.sort_unstable();
+    let typical = widths[widths.len() * 9 / 10];
+    // Where the density of rows per id changes: `(id, change)`.
+    let mut steps = Vec::with_capacity(spans.len() * 2);
+    let mut total = 0.0;
+    for &(first, ids) in &spans {
+        let rows = if ids > STRETCH * typical {
+            typical
+        } else {
+            ids
+        } as f64;
+        total += rows;
+        steps.push((first, rows / ids as f64));
+        steps.push((first + ids, -rows / ids as f64));
+    }
+    steps.sort_by_key(|&(id, _)| id);
+    let mut cuts = Vec::with_capacity(n as usize - 1);
+    let (mut counted, mut density, mut at) = (0.0, 0.0, lo + 1);
+    let mut shares = (1..n).map(|i| total * i as f64 / n as f64).peekable();
+    for (id, change) in steps {
+        // Rows in `[at, id)`, at `density` each.
+        let here = density * (id - at) as f64;
+        while let Some(&share) = shares.peek() {
+            if density <= 0.0 || counted + here < share {
+                break;
+            }
+            let cut = at - 1 + ((share - counted) / density).round() as i64;
+            cuts.push(cut.clamp(cuts.last().copied().unwrap_or(lo), hi));
+            shares.next();
+        }
+        counted += here;
+        density += change;
+        at = id;
+    }
+    // Rounding can leave a share unplaced at the end.
+    cuts.resize(n as usize - 1, hi);
+    cuts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Window, spans};
+
+    fn window(after_id: i64, last_id: i64, quarters: Vec<(i64, i64)>) -> Window {
+        Window {
+            after_id,
+            last_id,
+            rows: None,
+            quarters,
+        }
+    }
+
+    /// The parts of `window` in `n`, checked to cover its span without overlap.
+    fn parts(window: &Window, n: u32) -> Vec<(i64, i64)> {
+        let parts = spans(window, n);
+        assert_eq!(parts.len(), n as usize);
+        assert_eq!(parts[0].0, window.after_id);
+        assert_eq!(parts.last().unwrap().1, window.last_id.max(window.after_id));
+        for pair in parts.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0);
+        }
+        assert!(parts.iter().all(|(lo, hi)| lo <= hi));
+        parts
+    }
+
+    #[test]
+    fn without_quarter_hours_parts_have_equal_widths() {
+        for (lo, hi, n) in [(0, 10, 3), (5, 5, 2), (0, 1, 4), (100, 1_000_000, 2)] {
+            parts(&window(lo, hi, Vec::new()), n);
+        }
+        assert_eq!(
+            parts(&window(0, 9, Vec::new()), 3),
+            [(0, 3), (3, 6), (6, 9)]
+        );
+    }
+
+    /// A day of 96 quarter hours of 100 ids each from id 1 (in time order).
+    fn day() -> Vec<(i64, i64)> {
+        (0..96).map(|q| (1 + 100 * q, 100 + 100 * q)).collect()
+    }
+
+    #[test]
+    fn a_day_in_time_order_is_cut_into_thirds() {
+        let cut = parts(&window(0, 9_600, day()), 3);
+        assert_eq!(cut, [(0, 3_200), (3_200, 6_400), (6_400, 9_600)]);
+        // A span that holds a little of nothing, and a part for nearly every quarter hour.
+        for n in [1, 2, 5, 95, 96, 200] {
+            parts(&window(0, 9_601, day()), n);
+        }
+    }
+
+    #[test]
+    fn rows_posted_days_late_do_not_stretch_the_first_part() {
+        // The last quarter hour's last row was posted a month of ids later; so was the 11th's.
+        let mut late = day();
+        late[95].1 = 3_000_000;
+        late[10].1 = 2_000_000;
+        let cut = parts(&window(0, 3_000_000, late), 3);
+        // Each of the two counts as one quarter hour spread over millions of ids: the day's
+        // rows are cut within a quarter hour of their thirds.
+        assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
+        assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+    }
+
+    #[test]
+    fn busy_hours_are_cut_by_their_rows() {
+        // 48 quiet quarter hours of 10 ids, then 48 busy ones of 100.
+        let quarters: Vec<(i64, i64)> = (0..96)
+            .map(|q| 1 + 10 * q.min(48) + 100 * (q - 48).max(0))
+            .map(|first| (first, first + if first <= 480 { 9 } else { 99 }))
+            .collect();
+        let cut = parts(&window(0, 5_280, quarters), 2);
+        // Half of the 5,280 ids: the quiet 480 and 2,160 of the busy ones.
+        assert_eq!(cut, [(0, 2_640), (2_640, 5_280)]);
+    }
+
+    #[test]
+    fn rows_loaded_out_of_time_order_spread_over_the_span() {
+        // Sorted by merchant: each quarter hour's rows run from near the start to near the end.
+        let quarters: Vec<(i64, i64)> = (0..96).map(|q| (1 + q, 9_505 + q)).collect();
+        let cut = parts(&window(0, 9_600, quarters), 3);
+        assert!((3_150..=3_250).contains(&cut[0].1), "{cut:?}");
+        assert!((6_350..=6_450).contains(&cut[1].1), "{cut:?}");
+    }
+}
