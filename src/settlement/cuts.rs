@@ -41,7 +41,7 @@ fn cuts(window: &Window, n: u32) -> Vec<i64> {
     let spans: Vec<(i64, i64)> = window
         .quarters
         .iter()
-        .map(|&(first, last)| (first, last.max(first) - first + 1))
+        .map(|&(first, last)| (first, (last.max(first) - first).saturating_add(1)))
         .collect();
     let mut widths: Vec<i64> = spans.iter().map(|&(_, ids)| ids).collect();
     widths.sort_unstable();
@@ -50,14 +50,14 @@ fn cuts(window: &Window, n: u32) -> Vec<i64> {
     let mut steps = Vec::with_capacity(spans.len() * 2);
     let mut total = 0.0;
     for &(first, ids) in &spans {
-        let rows = if ids > STRETCH * typical {
+        let rows = if ids > typical.saturating_mul(STRETCH) {
             typical
         } else {
             ids
         } as f64;
         total += rows;
         steps.push((first, rows / ids as f64));
-        steps.push((first + ids, -rows / ids as f64));
+        steps.push((first.saturating_add(ids), -rows / ids as f64));
     }
     steps.sort_by_key(|&(id, _)| id);
     let mut cuts = Vec::with_capacity(n as usize - 1);
