@@ -161,6 +161,24 @@ mod tests {
     }
 
     #[test]
+    fn any_quarter_hours_give_parts_that_cover_the_span() {
+        use rand::rngs::StdRng;
+        use rand::{RngExt, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(24);
+        for _ in 0..2_000 {
+            let after = rng.random_range(-5..1_000_000_i64);
+            let quarters: Vec<(i64, i64)> = (0..rng.random_range(1..300))
+                .map(|_| {
+                    let first = after + rng.random_range(1..5_000_000);
+                    (first, first + rng.random_range(0..100_000))
+                })
+                .collect();
+            let last = quarters.iter().map(|&(_, last)| last).max().unwrap();
+            parts(&window(after, last, quarters), rng.random_range(1..9));
+        }
+    }
+
+    #[test]
     fn rows_loaded_out_of_time_order_spread_over_the_span() {
         // Sorted by merchant: each quarter hour's rows run from near the start to near the end.
         let quarters: Vec<(i64, i64)> = (0..96).map(|q| (1 + q, 9_505 + q)).collect();
