@@ -42,6 +42,11 @@ pub struct SettlementBenchArgs {
     /// Database the benchmark uses (created if missing; its transactions are reused).
     #[arg(long, default_value = "settle_bench_settlement")]
     pub database: String,
+    /// Before the runs, move the highest-id transaction into the one-day job's day (noon UTC,
+    /// PAID): a transaction posted long after it was paid, which stretches that day's id span
+    /// over the rest of the table. The change stays: give it a `--database` of its own.
+    #[arg(long)]
+    pub late_row: bool,
 }
 
 /// A settlement benchmark's database (see [`super::process::bench_config`]) holding `seed`'s
@@ -76,6 +81,23 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     let (config, pool, range) = seeded_history(config, &args.database, &seed).await?;
     let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
     let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
+    // A one-day job on the same history: its cost must follow its range, not the table.
+    let middle = seed.start + chrono::Days::new(u64::from(args.days) / 2);
+    let one_day = DateRange::new(middle, middle, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.late_row {
+        let noon = middle.and_hms_opt(12, 0, 0).expect("noon exists").and_utc();
+        let moved = sqlx::query!(
+            "update transactions set paid_at = $1, status = 'PAID'
+             where id = (select max(id) from transactions)",
+            noon,
+        )
+        .execute(&pool)
+        .await?;
+        println!(
+            "moved {} transaction(s) into {middle} at noon (--late-row)",
+            moved.rows_affected()
+        );
+    }
     println!(
         "settle bench settlement: {} transactions, {} days, {} merchants, batch {batch_size}, \
          {parts} parts, database {}",
@@ -115,13 +137,6 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
             break;
         }
     }
-    // A one-day job on the same history: its cost must follow its range, not the table.
-    let one_day = DateRange::new(
-        seed.start + chrono::Days::new(u64::from(args.days) / 2),
-        seed.start + chrono::Days::new(u64::from(args.days) / 2),
-        i64::MAX,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut day_jobs = Vec::new();
     let mut month_jobs = Vec::new();
     if outcome.is_ok() {
