@@ -15,71 +15,67 @@ pub fn spans(window: &Window, n: u32) -> Vec<(i64, i64)> {
     bounds.windows(2).map(|w| (w[0], w[1])).collect()
 }
 
-/// A quarter hour whose ids run over more than this many times the typical quarter hour's
-/// (the 90th percentile) holds rows posted long after the others, and counts as a typical one
-/// (see [`cuts`]): a busy quarter hour's ids run a few times a quiet one's, a quarter hour
-/// with one row posted a day late a hundred times a busy one's.
-const STRETCH: i64 = 8;
+/// The last quarter hour (by first id) counts at most this many typical quarter hours (the
+/// 90th percentile): no quarter hour after it tells its own rows from rows posted later.
+const LAST_AT_MOST: i64 = 2;
 
-/// Where `window`'s span is cut into `n` parts: the last id of each part but the last. Ids are
-/// drawn in time order, so each quarter hour's input lies between its first and last id
-/// (`window.quarters`), and the cuts fall at equal shares of the input so placed: each quarter
-/// hour counts as many rows as it spans ids, spread evenly over them, unless it spans more
-/// than [`STRETCH`] typical quarter hours; it then counts as one typical quarter hour spread
-/// thinly over its span. So a few rows posted days late, which stretch a day's span over days
-/// of other ids, do not leave the whole day to the first part as cutting by width would, and
-/// rows loaded out of time order (sorted by merchant, say) still spread over the span. Without
-/// quarter hours (a span from [`super::input::edges`] or [`super::input::window`]) the cuts
-/// are at equal widths.
+/// Where `window`'s span is cut into `n` parts: the last id of each part but the last, at equal
+/// shares of the input as its quarter hours place it (`window.quarters`: each one's first and
+/// last id). Ids are drawn in time order, so a quarter hour's rows are taken to run from its
+/// first id to its last or, where that reaches past the next quarter hour's first (a row
+/// posted late), to just before that; the last quarter hour's run is at most [`LAST_AT_MOST`]
+/// typical ones. So a few rows posted days late, which stretch a day's span over days of other
+/// ids, do not leave the whole day to the first part as cutting by width would, and a flash
+/// sale's quarter hour counts all its rows. Where the median quarter hour reaches over half the
+/// span (rows loaded out of time order, sorted by merchant, say) or there are no quarter hours
+/// (a span from [`super::input::edges`] or [`super::input::window`]), the cuts are at equal
+/// widths.
 fn cuts(window: &Window, n: u32) -> Vec<i64> {
     let (lo, hi) = (window.after_id, window.last_id.max(window.after_id));
     let n = i64::from(n.max(1));
-    if window.quarters.is_empty() {
+    let mut quarters = window.quarters.clone();
+    quarters.sort_unstable();
+    let mut reaches: Vec<i64> = quarters.iter().map(|&(first, last)| last - first).collect();
+    reaches.sort_unstable();
+    let interleaved = reaches
+        .get(reaches.len() / 2)
+        .is_none_or(|&r| r > (hi - lo) / 2);
+    if interleaved {
         let width = (hi - lo) / n;
         return (1..n).map(|i| lo + width * i).collect();
     }
-    let spans: Vec<(i64, i64)> = window
-        .quarters
-        .iter()
-        .map(|&(first, last)| (first, (last.max(first) - first).saturating_add(1)))
+    // Each quarter hour's run of rows: `(first id, ids)`, disjoint, in id order.
+    let mut runs: Vec<(i64, i64)> = quarters
+        .windows(2)
+        .map(|w| {
+            let ((first, last), (next, _)) = (w[0], w[1]);
+            (first, last.min(next - 1).max(first) - first + 1)
+        })
         .collect();
-    let mut widths: Vec<i64> = spans.iter().map(|&(_, ids)| ids).collect();
+    let mut widths: Vec<i64> = runs.iter().map(|&(_, ids)| ids).collect();
     widths.sort_unstable();
-    let typical = widths[widths.len() * 9 / 10];
-    // Where the density of rows per id changes: `(id, change)`.
-    let mut steps = Vec::with_capacity(spans.len() * 2);
-    let mut total = 0.0;
-    for &(first, ids) in &spans {
-        let rows = if ids > typical.saturating_mul(STRETCH) {
-            typical
-        } else {
-            ids
-        } as f64;
-        total += rows;
-        steps.push((first, rows / ids as f64));
-        steps.push((first.saturating_add(ids), -rows / ids as f64));
-    }
-    steps.sort_by_key(|&(id, _)| id);
+    let most = widths
+        .get(widths.len() * 9 / 10)
+        .map_or(i64::MAX, |&typical| typical.saturating_mul(LAST_AT_MOST));
+    let &(first, last) = quarters.last().expect("not interleaved, so not empty");
+    runs.push((first, (last.max(first) - first).saturating_add(1).min(most)));
+    let total: i64 = runs.iter().map(|&(_, ids)| ids).sum();
     let mut cuts = Vec::with_capacity(n as usize - 1);
-    let (mut counted, mut density, mut at) = (0.0, 0.0, lo + 1);
-    let mut shares = (1..n).map(|i| total * i as f64 / n as f64).peekable();
-    for (id, change) in steps {
-        // Rows in `[at, id)`, at `density` each.
-        let here = density * (id - at) as f64;
-        while let Some(&share) = shares.peek() {
-            if density <= 0.0 || counted + here < share {
+    let (mut counted, mut runs) = (0, runs.into_iter().peekable());
+    for i in 1..n {
+        let share = (i128::from(total) * i128::from(i) / i128::from(n)) as i64;
+        while let Some(&(_, ids)) = runs.peek() {
+            if counted + ids > share {
                 break;
             }
-            let cut = at - 1 + ((share - counted) / density).round() as i64;
-            cuts.push(cut.clamp(cuts.last().copied().unwrap_or(lo), hi));
-            shares.next();
+            counted += ids;
+            runs.next();
         }
-        counted += here;
-        density += change;
-        at = id;
+        let cut = runs
+            .peek()
+            .map_or(hi, |&(first, _)| first - 1 + (share - counted));
+        cuts.push(cut.clamp(cuts.last().copied().unwrap_or(lo), hi));
     }
-    // Rounding can leave a share unplaced at the end.
-    cuts.resize(n as usize - 1, hi);
     cuts
 }
 
@@ -142,8 +138,31 @@ mod tests {
         late[95].1 = 3_000_000;
         late[10].1 = 2_000_000;
         let cut = parts(&window(0, 3_000_000, late), 3);
-        // Each of the two counts as one quarter hour spread over millions of ids: the day's
-        // rows are cut within a quarter hour of their thirds.
+        // The 11th's rows end where the 12th's begin; the last counts as two typical quarter
+        // hours: the day's rows are cut within a quarter hour of their thirds.
+        assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
+        assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+    }
+
+    #[test]
+    fn a_flash_sale_counts_all_its_rows() {
+        // The 41st quarter hour holds 9,500 rows, as many as the other 95 together.
+        let quarters: Vec<(i64, i64)> = (0..96)
+            .map(|q| 1 + 100 * q + if q > 40 { 9_400 } else { 0 })
+            .map(|first| (first, first + if first == 4_001 { 9_499 } else { 99 }))
+            .collect();
+        assert_eq!(quarters[41].0, 13_501);
+        let cut = parts(&window(0, 19_000, quarters), 2);
+        assert_eq!(cut, [(0, 9_500), (9_500, 19_000)]);
+    }
+
+    #[test]
+    fn rows_a_few_minutes_late_and_one_a_day_late() {
+        // Each quarter hour's last rows come after the next one's first; the noon quarter
+        // hour's last row came a day late.
+        let mut late: Vec<(i64, i64)> = day().iter().map(|&(f, l)| (f, l + 30)).collect();
+        late[48].1 = 500_000;
+        let cut = parts(&window(0, 500_000, late), 3);
         assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
         assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
     }
