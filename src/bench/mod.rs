@@ -2,6 +2,7 @@
 //! Postgres rate of the same work measured in the same run, with the ratio.
 
 mod drive;
+mod history;
 mod ingest;
 mod orders;
 pub mod process;

@@ -10,8 +10,9 @@ use anyhow::Context;
 use clap::Args;
 use sqlx::PgPool;
 
+use super::history;
 use super::process::ApiProcess;
-use super::settlement::{job_csv, run_job, seeded_history, worker_command};
+use super::settlement::{job_csv, run_job, worker_command};
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -33,8 +34,8 @@ pub struct ReplicaBenchArgs {
 
 pub async fn run(args: ReplicaBenchArgs, config: Config) -> anyhow::Result<()> {
     // `bench settlement`'s defaults, so the two reuse one seeded database.
-    let seed = super::settlement::history(args.transactions, 30, 1_000);
-    let (config, pool, range) = seeded_history(config, &args.database, &seed).await?;
+    let seed = super::history::of(args.transactions, 30, 1_000);
+    let (config, pool, range) = history::seeded(config, &args.database, &seed).await?;
     // The standby holds the primary's databases under the same names.
     let read_url = super::process::with_database(&args.read_url, &args.database)?;
     let postmaster = Postmaster::of(&pool).await?;

@@ -44,9 +44,8 @@ pub struct RescueArgs {
 }
 
 pub async fn run(args: RescueArgs, config: Config) -> anyhow::Result<()> {
-    let seed = super::settlement::history(args.transactions, 30, 1_000);
-    let (config, pool, range) =
-        super::settlement::seeded_history(config, &args.database, &seed).await?;
+    let seed = super::history::of(args.transactions, 30, 1_000);
+    let (config, pool, range) = super::history::seeded(config, &args.database, &seed).await?;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let w = &config.worker;
     println!(

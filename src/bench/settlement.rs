@@ -14,9 +14,9 @@ use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
+use super::history;
 use super::process::ApiProcess;
 use crate::config::Config;
-use crate::seed::{self, SeedArgs};
 use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
@@ -49,54 +49,16 @@ pub struct SettlementBenchArgs {
     pub late_row: bool,
 }
 
-/// A settlement benchmark's database (see [`super::process::bench_config`]) holding `seed`'s
-/// transactions (seeded unless exactly that many are there), and the range of all their days.
-pub(super) async fn seeded_history(
-    config: Config,
-    database: &str,
-    seed: &SeedArgs,
-) -> anyhow::Result<(Config, PgPool, DateRange)> {
-    let config = super::process::bench_config(config, database)?;
-    let pool = crate::cli::open(&config, true).await?;
-    ensure_seeded(&pool, seed).await?;
-    let last_day = seed.start + chrono::Days::new(u64::from(seed.days) - 1);
-    let range =
-        DateRange::new(seed.start, last_day, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((config, pool, range))
-}
-
-/// [`SeedArgs`] of `transactions` over `days` and `merchants`, quietly.
-pub(super) fn history(transactions: u64, days: u32, merchants: u32) -> SeedArgs {
-    SeedArgs {
-        transactions,
-        days,
-        merchants,
-        quiet: true,
-        ..SeedArgs::demo()
-    }
-}
-
 pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()> {
-    let seed = history(args.transactions, args.days, args.merchants);
-    let (config, pool, range) = seeded_history(config, &args.database, &seed).await?;
+    let seed = history::of(args.transactions, args.days, args.merchants);
+    let (config, pool, range) = history::seeded(config, &args.database, &seed).await?;
     let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
     let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
     // A one-day job on the same history: its cost must follow its range, not the table.
     let middle = seed.start + chrono::Days::new(u64::from(args.days) / 2);
     let one_day = DateRange::new(middle, middle, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
     if args.late_row {
-        let noon = middle.and_hms_opt(12, 0, 0).expect("noon exists").and_utc();
-        let moved = sqlx::query!(
-            "update transactions set paid_at = $1, status = 'PAID'
-             where id = (select max(id) from transactions)",
-            noon,
-        )
-        .execute(&pool)
-        .await?;
-        println!(
-            "moved {} transaction(s) into {middle} at noon (--late-row)",
-            moved.rows_affected()
-        );
+        history::post_last_row_late(&pool, middle).await?;
     }
     println!(
         "settle bench settlement: {} transactions, {} days, {} merchants, batch {batch_size}, \
@@ -281,24 +243,6 @@ pub(super) async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8
             })
             .await?,
     )
-}
-
-/// Seeds `seed.transactions` rows unless exactly that many are already there.
-pub(super) async fn ensure_seeded(pool: &PgPool, seed: &SeedArgs) -> anyhow::Result<()> {
-    let present = sqlx::query_scalar!(r#"select count(*) as "count!" from transactions"#)
-        .fetch_one(pool)
-        .await?;
-    if present == seed.transactions as i64 {
-        println!("reusing {present} transactions");
-        return Ok(());
-    }
-    sqlx::query!("truncate transactions").execute(pool).await?;
-    let report = seed::run(pool, seed).await?;
-    println!(
-        "seeded {} transactions in {:.1} s",
-        report.transactions, report.seconds
-    );
-    Ok(())
 }
 
 /// The worker's log: its settlement phase timings are printed after the run.
