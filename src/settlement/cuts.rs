@@ -116,9 +116,21 @@ mod tests {
         );
     }
 
+    /// Quarter hours in time order from id 1, each holding the next `widths` ids.
+    fn consecutive(widths: impl IntoIterator<Item = i64>) -> Vec<(i64, i64)> {
+        let mut next = 1;
+        widths
+            .into_iter()
+            .map(|ids| {
+                next += ids;
+                (next - ids, next - 1)
+            })
+            .collect()
+    }
+
     /// A day of 96 quarter hours of 100 ids each from id 1 (in time order).
     fn day() -> Vec<(i64, i64)> {
-        (0..96).map(|q| (1 + 100 * q, 100 + 100 * q)).collect()
+        consecutive([100; 96])
     }
 
     #[test]
@@ -131,6 +143,12 @@ mod tests {
         }
     }
 
+    /// Three parts of [`day`]'s rows, each cut within a quarter hour of a third.
+    fn assert_near_thirds_of_a_day(cut: &[(i64, i64)]) {
+        assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
+        assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+    }
+
     #[test]
     fn rows_posted_days_late_do_not_stretch_the_first_part() {
         // The last quarter hour's last row was posted a month of ids later; so was the 11th's.
@@ -138,19 +156,14 @@ mod tests {
         late[95].1 = 3_000_000;
         late[10].1 = 2_000_000;
         let cut = parts(&window(0, 3_000_000, late), 3);
-        // The 11th's rows end where the 12th's begin; the last counts as two typical quarter
-        // hours: the day's rows are cut within a quarter hour of their thirds.
-        assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
-        assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+        // The 11th's rows end where the 12th's begin; the last counts as two typical ones.
+        assert_near_thirds_of_a_day(&cut);
     }
 
     #[test]
     fn a_flash_sale_counts_all_its_rows() {
         // The 41st quarter hour holds 9,500 rows, as many as the other 95 together.
-        let quarters: Vec<(i64, i64)> = (0..96)
-            .map(|q| 1 + 100 * q + if q > 40 { 9_400 } else { 0 })
-            .map(|first| (first, first + if first == 4_001 { 9_499 } else { 99 }))
-            .collect();
+        let quarters = consecutive((0..96).map(|q| if q == 40 { 9_500 } else { 100 }));
         assert_eq!(quarters[41].0, 13_501);
         let cut = parts(&window(0, 19_000, quarters), 2);
         assert_eq!(cut, [(0, 9_500), (9_500, 19_000)]);
@@ -163,17 +176,13 @@ mod tests {
         let mut late: Vec<(i64, i64)> = day().iter().map(|&(f, l)| (f, l + 30)).collect();
         late[48].1 = 500_000;
         let cut = parts(&window(0, 500_000, late), 3);
-        assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
-        assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+        assert_near_thirds_of_a_day(&cut);
     }
 
     #[test]
     fn busy_hours_are_cut_by_their_rows() {
         // 48 quiet quarter hours of 10 ids, then 48 busy ones of 100.
-        let quarters: Vec<(i64, i64)> = (0..96)
-            .map(|q| 1 + 10 * q.min(48) + 100 * (q - 48).max(0))
-            .map(|first| (first, first + if first <= 480 { 9 } else { 99 }))
-            .collect();
+        let quarters = consecutive((0..96).map(|q| if q < 48 { 10 } else { 100 }));
         let cut = parts(&window(0, 5_280, quarters), 2);
         // Half of the 5,280 ids: the quiet 480 and 2,160 of the busy ones.
         assert_eq!(cut, [(0, 2_640), (2_640, 5_280)]);
