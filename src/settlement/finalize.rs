@@ -44,27 +44,45 @@ pub async fn replace_settlements(
     sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
         .execute(&mut *conn)
         .await?;
+    // A MERGE joins the sums to the range's rows in one hash join, where `insert … on
+    // conflict` probed the unique index once per row (the update's share of the statement,
+    // 30,000 merchant-days: 50-75 ms against 100-165). It has no conflict handling of its own:
+    // the lock above keeps any other replacement from inserting a key between its join and its
+    // insert. The planner takes the unnested sums for 10 rows and would probe the date index
+    // once per merchant-day (8 s for 30,000, measured) or sort them by merchant: only this
+    // statement plans without nested loops and sorts.
+    let planner = sqlx::query!(
+        r#"select current_setting('enable_nestloop') as "nestloop!",
+                  current_setting('enable_sort') as "sort!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    set_join_plan(conn, ("off", "off")).await?;
     sqlx::query!(
-        "insert into settlements
+        "merge into settlements as s
+         using (select m, d, sum(g)::int8 as g, sum(f)::int8 as f, (sum(g) - sum(f))::int8 as net,
+                       sum(n)::int8 as n
+                from settlement_batches as b,
+                     unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
+                         as u(m, d, g, f, n)
+                where b.job_id = $1
+                group by m, d) as sums
+         on s.merchant_id = sums.m and s.date = sums.d and s.date between $3 and $4
+         when matched and s.snapshot_id <= $2 then update set
+             gross_cents = sums.g, fee_cents = sums.f, net_cents = sums.net, txn_count = sums.n,
+             job_id = $1, generated_at = now(), snapshot_id = $2
+         when not matched then insert
              (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
               snapshot_id)
-         select m, d, sum(g)::int8, sum(f)::int8, (sum(g) - sum(f))::int8, sum(n)::int8, $1, $2
-         from settlement_batches as b,
-              unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
-                  as u(m, d, g, f, n)
-         where b.job_id = $1
-         group by m, d
-         on conflict (merchant_id, date) do update set
-             gross_cents = excluded.gross_cents, fee_cents = excluded.fee_cents,
-             net_cents = excluded.net_cents, txn_count = excluded.txn_count,
-             job_id = excluded.job_id, generated_at = excluded.generated_at,
-             snapshot_id = excluded.snapshot_id
-         where settlements.snapshot_id <= excluded.snapshot_id",
+             values (sums.m, sums.d, sums.g, sums.f, sums.net, sums.n, $1, $2)",
         job_id,
         snapshot_id,
+        range.from(),
+        range.to(),
     )
     .execute(&mut *conn)
     .await?;
+    set_join_plan(conn, (&planner.nestloop, &planner.sort)).await?;
     sqlx::query!(
         "delete from settlements
          where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
@@ -74,6 +92,22 @@ pub async fn replace_settlements(
         range.to(),
     )
     .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets `enable_nestloop` and `enable_sort` for the rest of the caller's transaction.
+async fn set_join_plan(
+    conn: &mut PgConnection,
+    (nestloop, sort): (&str, &str),
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "select set_config('enable_nestloop', $1, true) as nestloop,
+                set_config('enable_sort', $2, true) as sort",
+        nestloop,
+        sort,
+    )
+    .fetch_one(conn)
     .await?;
     Ok(())
 }

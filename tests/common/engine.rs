@@ -80,6 +80,14 @@ impl Db {
     pub async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
         let mut tx = self.pool.begin().await.unwrap();
         let rows = finalize::finalize(&mut tx, plan).await?;
+        // The rest of the completing transaction (the queue's own statements) plans as usual.
+        let planner: (String, String) = sqlx::query_as(
+            "select current_setting('enable_nestloop'), current_setting('enable_sort')",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(planner, ("on".into(), "on".into()));
         tx.commit().await?;
         let csv = download(&self.pool, plan.run.job_id).await;
         assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
