@@ -57,7 +57,7 @@ pub async fn replace_settlements(
     )
     .fetch_one(&mut *conn)
     .await?;
-    set_join_plan(conn, ("off", "off")).await?;
+    super::set_local(conn, &[("enable_nestloop", "off"), ("enable_sort", "off")]).await?;
     sqlx::query!(
         "merge into settlements as s
          using (select m, d, sum(g)::int8 as g, sum(f)::int8 as f, (sum(g) - sum(f))::int8 as net,
@@ -82,7 +82,11 @@ pub async fn replace_settlements(
     )
     .execute(&mut *conn)
     .await?;
-    set_join_plan(conn, (&planner.nestloop, &planner.sort)).await?;
+    let restored = [
+        ("enable_nestloop", planner.nestloop.as_str()),
+        ("enable_sort", planner.sort.as_str()),
+    ];
+    super::set_local(conn, &restored).await?;
     sqlx::query!(
         "delete from settlements
          where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
@@ -92,22 +96,6 @@ pub async fn replace_settlements(
         range.to(),
     )
     .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Sets `enable_nestloop` and `enable_sort` for the rest of the caller's transaction.
-async fn set_join_plan(
-    conn: &mut PgConnection,
-    (nestloop, sort): (&str, &str),
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "select set_config('enable_nestloop', $1, true) as nestloop,
-                set_config('enable_sort', $2, true) as sort",
-        nestloop,
-        sort,
-    )
-    .fetch_one(conn)
     .await?;
     Ok(())
 }

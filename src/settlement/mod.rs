@@ -200,15 +200,33 @@ pub enum SettleError {
 /// heap scan, a page at a time, instead of an index scan that revisits each page per row
 /// (measured: 80 ms against 110-135 ms per 100,000-row batch); index-only scans stay on.
 /// Dates render as ISO in the CSV.
+pub const TUNING: &[(&str, &str)] = &[
+    ("work_mem", "64MB"),
+    ("jit", "off"),
+    ("plan_cache_mode", "force_custom_plan"),
+    ("enable_indexscan", "off"),
+    ("datestyle", "ISO, YMD"),
+];
+
+/// Sets [`TUNING`] for the rest of the caller's transaction.
 pub async fn set_local_tuning(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    set_local(conn, TUNING).await
+}
+
+/// Sets each `(name, value)` for the rest of the caller's transaction (as `SET LOCAL` would),
+/// in one round trip.
+pub async fn set_local(
+    conn: &mut sqlx::PgConnection,
+    settings: &[(&str, &str)],
+) -> Result<(), sqlx::Error> {
+    let (names, values): (Vec<&str>, Vec<&str>) = settings.iter().copied().unzip();
     sqlx::query!(
-        "select set_config('work_mem', '64MB', true) as work_mem,
-                set_config('jit', 'off', true) as jit,
-                set_config('plan_cache_mode', 'force_custom_plan', true) as plan_cache_mode,
-                set_config('enable_indexscan', 'off', true) as enable_indexscan,
-                set_config('datestyle', 'ISO, YMD', true) as datestyle",
+        "select set_config(name, value, true)
+         from unnest($1::text[], $2::text[]) as settings(name, value)",
+        &names as &[&str],
+        &values as &[&str],
     )
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await?;
     Ok(())
 }

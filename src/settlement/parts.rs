@@ -165,8 +165,7 @@ async fn begin_batch(
         read_to: last.unwrap_or(end),
         end,
     };
-    super::set_local_tuning(conn).await?;
-    set_local_batch_plan(conn).await?;
+    super::set_local(conn, &[super::TUNING, BATCH_PLAN].concat()).await?;
     Ok(batch)
 }
 
@@ -232,7 +231,7 @@ async fn insert_sums(
     Ok(())
 }
 
-/// The plan of a part batch, scoped to the caller's transaction.
+/// The plan of a part batch, on top of [`super::TUNING`].
 ///
 /// - No parallel workers: a job's parts already run side by side, one per connection, and
 ///   each part's batches also starting parallel workers put three times as many processes on
@@ -243,15 +242,10 @@ async fn insert_sums(
 ///   a short range it expects a few thousand rows where there are 100,000 and sorts them
 ///   (measured: 153 ms sorted against 78 ms hashed for a 111,115-row batch of a one-day job).
 ///   A batch has at most one group per merchant-day, which `work_mem` holds.
-pub async fn set_local_batch_plan(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "select set_config('max_parallel_workers_per_gather', '0', true) as parallel,
-                set_config('enable_sort', 'off', true) as sort",
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok(())
-}
+const BATCH_PLAN: &[(&str, &str)] = &[
+    ("max_parallel_workers_per_gather", "0"),
+    ("enable_sort", "off"),
+];
 
 /// Lets the caller's transaction commit without waiting for its WAL flush (measured: 4.3 ms per
 /// commit here, two commits per batch). Safe for a batch and its progress: a Postgres crash can
@@ -259,10 +253,7 @@ pub async fn set_local_batch_plan(conn: &mut PgConnection) -> Result<(), sqlx::E
 /// synchronous commit flushes them first; the job then redoes those batches. Not used for the
 /// start or the finalize, whose commits a client may act on.
 pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query!("select set_config('synchronous_commit', 'off', true)")
-        .fetch_one(conn)
-        .await?;
-    Ok(())
+    super::set_local(conn, &[("synchronous_commit", "off")]).await
 }
 
 /// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s

@@ -65,6 +65,16 @@ impl Db {
                     part = parts::process_batch(&mut tx, &plan, &part, batch)
                         .await
                         .unwrap();
+                    // The batch planned with the aggregation's settings and its own.
+                    let settings: (String, String, String) = sqlx::query_as(
+                        "select current_setting('work_mem'),
+                                current_setting('max_parallel_workers_per_gather'),
+                                current_setting('enable_sort')",
+                    )
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                    assert_eq!(settings, ("64MB".into(), "0".into(), "off".into()));
                     tx.commit().await.unwrap();
                     done += 1;
                 }
