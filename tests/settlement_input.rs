@@ -1,9 +1,10 @@
 //! How a settlement job fixes its input. A range holding the history's first and last rows
 //! takes its id span from the primary key's two ends and counts its rows as it reads them: its
 //! `total` bounds the count (the span's ids) until the job completes with the exact count. Any
-//! other range takes its span from the quarter-hour index, also counted as it is read; in a
-//! zone whose midnight is off the quarter hours, through the `(paid_at, id)` index, which counts
-//! it up front.
+//! other range takes its span from the quarter-hour index, also counted as it is read, its
+//! `total` bounded by the quarter hours' ids (rows posted late counted one by one); in a zone
+//! whose midnight is off the quarter hours, through the `(paid_at, id)` index, which counts it
+//! up front.
 
 mod common;
 
@@ -157,14 +158,15 @@ async fn rows_per_part(pool: &PgPool, plan: &Plan, day: &str) -> Vec<i64> {
     counts
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
-    let (app, _worker) = settling_app(50, 3).await;
-    // Three rows in each of the day's quarter hours, in time order, then 1,100 rows of a later
-    // day, then one more row of the day, posted late (the highest id): its span is 1,389 ids.
-    let midnight = at("2025-01-02T00:00:00Z");
-    let mut rows: Vec<_> = (0..288)
-        .map(|i| midnight + chrono::Duration::minutes(5 * i))
+/// Stores 1,100 rows of an earlier day (the lowest ids, so a range of `day` takes its span
+/// from the quarter hours), the rows paid at `day`'s instants in that order, 1,100 rows of a
+/// later day, and one more row of 2025-01-02's noon, posted late (the highest id); returns all
+/// but the earlier day's.
+async fn store_day_then_late_row(
+    pool: &PgPool,
+    day: impl Iterator<Item = chrono::DateTime<chrono::Utc>>,
+) -> Vec<NewTransaction> {
+    let mut rows: Vec<_> = day
         .chain((0..1_100).map(|_| at("2025-01-20T12:00:00Z")))
         .chain([at("2025-01-02T12:01:00Z")])
         .enumerate()
@@ -173,14 +175,24 @@ async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
     for (i, row) in rows.iter_mut().enumerate() {
         row.external_id = format!("ch_{i:06}");
     }
-    // Rows of an earlier day hold the lowest ids, so the span comes from the quarter hours.
     let early = (0..1_100).map(|_| txn("m0", 5, 1, Status::Paid, at("2024-12-20T12:00:00Z")));
-    support::store(&app.pool, &early.collect::<Vec<_>>()).await;
-    support::store(&app.pool, &rows).await;
+    support::store(pool, &early.collect::<Vec<_>>()).await;
+    support::store(pool, &rows).await;
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
+    let (app, _worker) = settling_app(50, 3).await;
+    // Three rows in each of the day's quarter hours, in time order: its span is 1,389 ids.
+    let midnight = at("2025-01-02T00:00:00Z");
+    let day = (0..288).map(|i| midnight + chrono::Duration::minutes(5 * i));
+    store_day_then_late_row(&app.pool, day).await;
 
     let settings = Settings::new(&app.config.settlement, 50);
     let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
-    assert_eq!(plan.run.total, 1_389);
+    // The late row adds one to the bound, not the 1,100 ids it stretches the span over.
+    assert_eq!(plan.run.total, 289);
     // Cut by width, the first part would hold all 288 rows before the later day's.
     let counts = rows_per_part(&app.pool, &plan, "2025-01-02").await;
     assert_eq!(counts.iter().sum::<i64>(), 289);
@@ -190,6 +202,35 @@ async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
     assert_eq!(
         ending(&app.pool, id).await,
         ("completed".to_owned(), 289, Some(289))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_posted_late_keep_the_total_a_bound_near_the_count() {
+    let (app, _worker) = settling_app(50, 3).await;
+    // In id order, each quarter hour's three rows, then one of the quarter hour before it
+    // (posted a few minutes late).
+    let midnight = at("2025-01-02T00:00:00Z");
+    let minutes = |m: i64| midnight + chrono::Duration::minutes(m);
+    let day = (0..96).flat_map(|q| {
+        let on_time = [1, 6, 11].map(|m| minutes(15 * q + m));
+        on_time
+            .into_iter()
+            .chain((q > 0).then(|| minutes(15 * q - 1)))
+    });
+    let rows = store_day_then_late_row(&app.pool, day).await;
+    let within = support::paid_within(&rows, "2025-01-02", "2025-01-02", Tz::UTC);
+    assert_eq!(within, 96 * 3 + 95 + 1);
+
+    let settings = Settings::new(&app.config.settlement, 50);
+    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
+    // Never below the count (progress stays within it), far below the span's 1,484 ids.
+    let total = plan.run.total;
+    assert!((within..=2 * within).contains(&total), "{total}");
+    let id = settled(&app, "2025-01-02", "2025-01-02").await;
+    assert_eq!(
+        ending(&app.pool, id).await,
+        ("completed".to_owned(), within, Some(within))
     );
 }
 

@@ -87,7 +87,7 @@ mod tests {
         Window {
             after_id,
             last_id,
-            rows: None,
+            bound: None,
             quarters,
         }
     }
