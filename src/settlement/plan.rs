@@ -119,10 +119,10 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// history, read once and counted as it is read); else from the quarter-hour index, two probes
 /// per quarter hour ([`input::bucket_span`]); else (a zone whose midnight is off the quarter
 /// hours) from the `(paid_at, id)` index, which also gives their exact count. The job's `total`
-/// is that count, the quarter hours' bound, or the span's ids, which bound it too. The span is cut into `parts` disjoint id
-/// sub-ranges of about equal input ([`super::cuts`]). Either way the run now belongs to the
-/// claim `fence` (see [`super::parts::lock_run`]): part batches of an earlier owner stop
-/// landing.
+/// is that count, the quarter hours' bound, or the span's ids, which bound it too. The span is
+/// cut into `parts` disjoint id sub-ranges of about equal input ([`super::cuts`]). Either way
+/// the run now belongs to the claim `fence` (see [`super::parts::lock_run`]): part batches of
+/// an earlier owner stop landing.
 pub async fn start(
     tx: &mut PgConnection,
     job_id: i64,
