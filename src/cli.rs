@@ -91,7 +91,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .context("cannot bind worker.metrics_addr")?;
-                tokio::spawn(http::serve_process_metrics(listener, token.clone()));
+                // Installed here, not in the spawned task, which may first run after the
+                // worker's first jobs ended.
+                let metrics = crate::metrics::Metrics::new();
+                tokio::spawn(http::serve_process_metrics(
+                    listener,
+                    metrics,
+                    token.clone(),
+                ));
             }
             worker::run(pool, Arc::new(config), token).await
         }

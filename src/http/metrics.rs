@@ -69,14 +69,16 @@ fn method_label(method: &Method) -> &'static str {
 
 /// Serves `GET /metrics` with this process's series (a worker's job counters) on `listener`
 /// until `shutdown`. The queue gauges are the API's to serve: every process reading the same
-/// table would only repeat them.
+/// table would only repeat them. The caller makes `metrics` (which installs the recorder)
+/// before the worker claims anything: a job that ends before the recorder is installed is
+/// never counted.
 pub async fn serve_process_metrics(
     listener: TcpListener,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "worker metrics on http://{addr}/metrics");
-    let metrics = Metrics::new();
     let app = Router::new().route(
         "/metrics",
         get(move || async move {
