@@ -178,8 +178,8 @@ pub struct SettlementConfig {
     pub max_span_days: i64,
     /// Largest array `POST /api/v1/transactions` accepts.
     pub max_transactions_per_request: usize,
-    /// Disjoint id sub-ranges one settlement job aggregates concurrently (about the cores
-    /// Postgres can give one job).
+    /// Disjoint id sub-ranges (parts) one settlement job aggregates concurrently (about the
+    /// cores Postgres can give one job); a larger input is cut into more parts, taken in turn.
     pub parallel_parts: u32,
 }
 

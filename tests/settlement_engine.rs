@@ -217,9 +217,13 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     )
     .await;
     let plan = db.start(2, range("2025-01-01", "2025-01-01")).await;
-    // A batch holding both rows already overflows (and commits nothing).
+    // A batch over the whole span, holding both rows, already overflows (and commits nothing).
+    let whole = plan::Part {
+        hi_id: plan.parts.last().unwrap().hi_id,
+        ..plan.parts[0].clone()
+    };
     let mut tx = db.pool.begin().await.unwrap();
-    let both = parts::process_batch(&mut tx, &plan, &plan.parts[0], 10).await;
+    let both = parts::process_batch(&mut tx, &plan, &whole, 10).await;
     assert!(matches!(both, Err(SettleError::Overflow)), "{both:?}");
     drop(tx);
     // One row per batch: the part's fold (or the finalize) finds the total does not fit.

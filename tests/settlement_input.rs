@@ -181,15 +181,21 @@ async fn store_day_then_late_row(
     rows
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
-    let (app, _worker) = settling_app(50, 3).await;
-    // Three rows in each of the day's quarter hours, in time order: its span is 1,389 ids.
+/// A row every five minutes of 2025-01-02 (three in each quarter hour, in time order) and the
+/// late row, as [`store_day_then_late_row`] stores them: 289 rows of the day over 1,389 ids.
+async fn store_five_minute_day(pool: &PgPool) {
     let midnight = at("2025-01-02T00:00:00Z");
     let day = (0..288).map(|i| midnight + chrono::Duration::minutes(5 * i));
-    store_day_then_late_row(&app.pool, day).await;
+    store_day_then_late_row(pool, day).await;
+}
 
-    let settings = Settings::new(&app.config.settlement, 50);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_stretched_by_a_late_row_is_cut_into_parts_by_input() {
+    let (app, _worker) = settling_app(50, 3).await;
+    store_five_minute_day(&app.pool).await;
+
+    // Where a runner's third of the input fits in a batch, the parts are the three thirds.
+    let settings = Settings::new(&app.config.settlement, 100);
     let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
     // The late row adds one to the bound, not the 1,100 ids it stretches the span over.
     assert_eq!(plan.run.total, 289);
@@ -198,11 +204,54 @@ async fn a_day_stretched_by_a_late_row_is_cut_into_parts_of_equal_input() {
     assert_eq!(counts.iter().sum::<i64>(), 289);
     assert!(counts.iter().all(|n| (90..=102).contains(n)), "{counts:?}");
 
+    // A third of two batches is cut into parts of 6, 2 and 1 ninths, the large ones first.
+    let settings = Settings::new(&app.config.settlement, 50);
+    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
+    let counts = rows_per_part(&app.pool, &plan, "2025-01-02").await;
+    let shares = [6, 6, 6, 2, 2, 2, 1, 1, 1].map(|weight| 289 * weight / 27);
+    assert_eq!(counts.len(), shares.len());
+    let near = counts
+        .iter()
+        .zip(shares)
+        .all(|(n, share)| (n - share).abs() <= 4);
+    assert!(near, "{counts:?} against {shares:?}");
+
     let id = settled(&app, "2025-01-02", "2025-01-02").await;
     assert_eq!(
         ending(&app.pool, id).await,
         ("completed".to_owned(), 289, Some(289))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_runner_takes_the_parts_in_turn() {
+    let (app, _worker) = settling_app(10, 1).await;
+    // 289 rows: a share of 29 batches for the one runner, cut into parts of 6, 2 and 1 ninths.
+    store_five_minute_day(&app.pool).await;
+    // The order in which the parts' batch sums land.
+    sqlx::raw_sql(
+        "create table landed (n serial primary key, part int not null);
+         create function record_landed() returns trigger language plpgsql as $$
+             begin insert into landed (part) values (new.part); return new; end $$;
+         create trigger record_landed after insert on settlement_batches
+             for each row execute function record_landed();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let id = settled(&app, "2025-01-02", "2025-01-02").await;
+    assert_eq!(ending(&app.pool, id).await.1, 289);
+    let landed: Vec<i32> = sqlx::query_scalar("select part from landed order by n")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    // Run side by side, the parts' batches would interleave.
+    let mut in_turn = landed.clone();
+    in_turn.sort_unstable();
+    in_turn.dedup();
+    assert_eq!(in_turn, [0, 1, 2]);
+    assert!(landed.is_sorted(), "{landed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

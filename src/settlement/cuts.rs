@@ -1,26 +1,42 @@
-//! How a job's input span is cut into parts that hold about equal shares of its input, so the
-//! parts, which run side by side, finish together.
+//! How a job's input span is cut into parts that hold given shares of its input (the job
+//! gives the larger ones first and smaller ones last, see [`super::plan`]), so the parts, taken
+//! in turn by the job's runners, keep every runner busy until the end.
 
 use super::input::Window;
 
-/// The `(lo_id, hi_id]` id ranges of `n` parts covering `window`'s span without overlap, in
-/// order, at the [`cuts`].
-pub fn spans(window: &Window, n: u32) -> Vec<(i64, i64)> {
+/// The `(lo_id, hi_id]` id ranges of parts covering `window`'s span without overlap, in order,
+/// one per weight, each holding about its weight's share of the input (see [`cuts`]).
+pub fn spans(window: &Window, weights: &[u32]) -> Vec<(i64, i64)> {
     let hi = window.last_id.max(window.after_id);
     let bounds: Vec<i64> = [window.after_id]
         .into_iter()
-        .chain(cuts(window, n))
+        .chain(cuts(window, weights))
         .chain([hi])
         .collect();
     bounds.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+/// The running sums of `weights` but the last (where the cuts fall, in shares of `sum`), and
+/// `sum`; a list without weight counts as one part.
+fn shares(weights: &[u32]) -> (Vec<i128>, i128) {
+    let mut sum = 0;
+    let mut ends: Vec<i128> = weights
+        .iter()
+        .map(|&w| {
+            sum += i128::from(w.max(1));
+            sum
+        })
+        .collect();
+    ends.pop();
+    (ends, sum.max(1))
 }
 
 /// The last quarter hour (by first id) counts at most this many typical quarter hours (the
 /// 90th percentile): no quarter hour after it tells its own rows from rows posted later.
 const LAST_AT_MOST: i64 = 2;
 
-/// Where `window`'s span is cut into `n` parts: the last id of each part but the last, at equal
-/// shares of the input as its quarter hours place it (`window.quarters`: each one's first and
+/// Where `window`'s span is cut into parts of `weights`: the last id of each part but the last,
+/// at the weights' shares of the input as its quarter hours place it (`window.quarters`: each one's first and
 /// last id). Ids are drawn in time order, so a quarter hour's rows are taken to run from its
 /// first id to its last or, where that reaches past the next quarter hour's first (a row
 /// posted late), to just before that; the last quarter hour's run is at most [`LAST_AT_MOST`]
@@ -28,11 +44,12 @@ const LAST_AT_MOST: i64 = 2;
 /// ids, do not leave the whole day to the first part as cutting by width would, and a flash
 /// sale's quarter hour counts all its rows. Where the median quarter hour reaches over half the
 /// span (rows loaded out of time order, sorted by merchant, say) or there are no quarter hours
-/// (a span from [`super::input::edges`] or [`super::input::window`]), the cuts are at equal
-/// widths.
-fn cuts(window: &Window, n: u32) -> Vec<i64> {
+/// (a span from [`super::input::edges`] or [`super::input::window`]), the cuts are at the
+/// weights' shares of the width.
+fn cuts(window: &Window, weights: &[u32]) -> Vec<i64> {
     let (lo, hi) = (window.after_id, window.last_id.max(window.after_id));
-    let n = i64::from(n.max(1));
+    let (ends, sum) = shares(weights);
+    let of = |whole: i64, end: i128| (i128::from(whole) * end / sum) as i64;
     let mut quarters = window.quarters.clone();
     quarters.sort_unstable();
     let mut reaches: Vec<i64> = quarters.iter().map(|&(first, last)| last - first).collect();
@@ -41,8 +58,7 @@ fn cuts(window: &Window, n: u32) -> Vec<i64> {
         .get(reaches.len() / 2)
         .is_none_or(|&r| r > (hi - lo) / 2);
     if interleaved {
-        let width = (hi - lo) / n;
-        return (1..n).map(|i| lo + width * i).collect();
+        return ends.iter().map(|&end| lo + of(hi - lo, end)).collect();
     }
     // Each quarter hour's run of rows: `(first id, ids)`, disjoint, in id order.
     let mut runs: Vec<(i64, i64)> = quarters
@@ -60,10 +76,10 @@ fn cuts(window: &Window, n: u32) -> Vec<i64> {
     let &(first, last) = quarters.last().expect("not interleaved, so not empty");
     runs.push((first, (last.max(first) - first).saturating_add(1).min(most)));
     let total: i64 = runs.iter().map(|&(_, ids)| ids).sum();
-    let mut cuts = Vec::with_capacity(n as usize - 1);
+    let mut cuts = Vec::with_capacity(ends.len());
     let (mut counted, mut runs) = (0, runs.into_iter().peekable());
-    for i in 1..n {
-        let share = (i128::from(total) * i128::from(i) / i128::from(n)) as i64;
+    for end in ends {
+        let share = of(total, end);
         while let Some(&(_, ids)) = runs.peek() {
             if counted + ids > share {
                 break;
@@ -92,10 +108,15 @@ mod tests {
         }
     }
 
-    /// The parts of `window` in `n`, checked to cover its span without overlap.
+    /// The `n` equal parts of `window`, checked as [`weighed`] checks them.
     fn parts(window: &Window, n: u32) -> Vec<(i64, i64)> {
-        let parts = spans(window, n);
-        assert_eq!(parts.len(), n as usize);
+        weighed(window, &vec![1; n as usize])
+    }
+
+    /// The parts of `window` of `weights`, checked to cover its span without overlap.
+    fn weighed(window: &Window, weights: &[u32]) -> Vec<(i64, i64)> {
+        let parts = spans(window, weights);
+        assert_eq!(parts.len(), weights.len().max(1));
         assert_eq!(parts[0].0, window.after_id);
         assert_eq!(parts.last().unwrap().1, window.last_id.max(window.after_id));
         for pair in parts.windows(2) {
@@ -147,6 +168,24 @@ mod tests {
     fn assert_near_thirds_of_a_day(cut: &[(i64, i64)]) {
         assert!((3_100..=3_300).contains(&cut[0].1), "{cut:?}");
         assert!((6_300..=6_500).contains(&cut[1].1), "{cut:?}");
+    }
+
+    #[test]
+    fn parts_hold_their_weights_share_of_the_rows() {
+        // Large parts first, small ones last: 6, 6, 6, 2, 2, 2, 1, 1, 1 twenty-sevenths.
+        let weights = [6, 6, 6, 2, 2, 2, 1, 1, 1];
+        let cut = weighed(&window(0, 9_600, day()), &weights);
+        let ends: Vec<i64> = cut.iter().map(|&(_, hi)| hi).collect();
+        assert_eq!(
+            ends,
+            [
+                2_133, 4_266, 6_400, 7_111, 7_822, 8_533, 8_888, 9_244, 9_600
+            ]
+        );
+        // Without quarter hours, the same shares of the width.
+        let cut = weighed(&window(0, 2_700, Vec::new()), &weights);
+        let widths: Vec<i64> = cut.iter().map(|&(lo, hi)| hi - lo).collect();
+        assert_eq!(widths, [600, 600, 600, 200, 200, 200, 100, 100, 100]);
     }
 
     #[test]
@@ -202,7 +241,10 @@ mod tests {
                 })
                 .collect();
             let last = quarters.iter().map(|&(_, last)| last).max().unwrap();
-            parts(&window(after, last, quarters), rng.random_range(1..9));
+            let weights: Vec<u32> = (0..rng.random_range(1..12))
+                .map(|_| rng.random_range(1..7))
+                .collect();
+            weighed(&window(after, last, quarters), &weights);
         }
     }
 

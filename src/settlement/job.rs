@@ -2,7 +2,8 @@
 //!
 //! 1. In the job's first fenced batch: fix the input ([`plan::start`]) and read the claim's
 //!    fence; the commit proves the fence is ours and records `total`.
-//! 2. One task per part runs [`parts::process_batch`] in its own transaction, which first
+//! 2. `parallel_parts` tasks take the parts in turn (the large ones first, see
+//!    [`plan::start`]), each running [`parts::process_batch`] in its own transaction, which first
 //!    locks the job's run row `for share` under that fence ([`parts::lock_run`]): the part's
 //!    sums and cursor commit together, and only while this worker holds the job. After each
 //!    part batch the job's progress is checkpointed through the queue's fenced batch, which
@@ -14,7 +15,8 @@
 //! A cancel (flag + token) stops every part before its next batch; the job's working rows and
 //! are then discarded, and `settlements` is untouched.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -146,7 +148,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         "settlement input fixed"
     );
 
-    let parts = run_parts(ctx, &plan, fence, settings.batch_size, reads).await?;
+    let parts = run_parts(ctx, &plan, fence, settings, reads).await?;
     let plan = Plan { parts, ..plan };
     ctx.ensure_running()?;
     tracing::info!(
@@ -197,28 +199,45 @@ fn job_error(e: SettleError) -> JobError {
     }
 }
 
-/// Runs every unfinished part on its own task, checkpointing the job's progress after each
-/// part batch; returns every part as its last batch committed it once all are done, or the
-/// first error (after stopping the other parts).
+/// Runs the unfinished parts, `settings.parts` at once, each task taking the next part in
+/// order when its own is done; checkpoints the job's progress after each part batch; returns
+/// every part as its last batch committed it once all are done, or the first error (after
+/// stopping the other parts).
 async fn run_parts(
     ctx: &mut JobContext,
     plan: &Plan,
     fence: i64,
-    batch_size: i64,
+    settings: &Settings,
     reads: Option<PgPool>,
 ) -> Result<Vec<Part>, JobError> {
     let stop = ctx.token().child_token();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Part>();
+    let unfinished: VecDeque<Part> = plan
+        .parts
+        .iter()
+        .filter(|p| !p.is_done())
+        .cloned()
+        .collect();
+    let runners = unfinished.len().min(settings.parts.max(1) as usize);
+    let runner = Arc::new(PartRunner {
+        pool: ctx.pool().clone(),
+        reads,
+        plan: plan.clone(),
+        fence,
+        batch_size: settings.batch_size,
+        stop: stop.clone(),
+        done: done_tx,
+        next: Mutex::new(unfinished),
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for part in plan.parts.iter().filter(|p| !p.is_done()).cloned() {
-        let pools = (ctx.pool().clone(), reads.clone());
-        let (plan, stop, done) = (plan.clone(), stop.clone(), done_tx.clone());
-        tasks.spawn(run_part(pools, plan, part, fence, batch_size, stop, done));
+    for _ in 0..runners {
+        tasks.spawn(runner.clone().run());
     }
-    drop(done_tx);
+    drop(runner);
     let mut parts = plan.parts.clone();
     let mut failure = None;
-    // Each finished part batch moves the job's progress; the channel closes when all tasks end.
+    // Each finished part batch moves the job's progress; the channel closes when all tasks end
+    // (each holds the runner, and so the sender, until then).
     while let Some(part) = done_rx.recv().await {
         let slot = part.part as usize;
         parts[slot] = part;
@@ -256,43 +275,73 @@ async fn run_parts(
     failure.map_or(Ok(parts), Err)
 }
 
-/// One part's loop: a transaction per batch, fenced by the claim lock, until the part is done
-/// or `stop` fires. With a read replica each batch is read there first, then stored in the
-/// fenced transaction on the primary (`pools`: the primary and the replica).
-async fn run_part(
-    (pool, reads): (PgPool, Option<PgPool>),
+/// What the tasks running a job's parts share.
+struct PartRunner {
+    pool: PgPool,
+    /// The read replica's pool, where the batches are read.
+    reads: Option<PgPool>,
     plan: Plan,
-    mut part: Part,
     fence: i64,
     batch_size: i64,
     stop: CancellationToken,
+    /// Where each part is reported after each of its batches.
     done: mpsc::UnboundedSender<Part>,
-) -> Result<(), JobError> {
-    while !part.is_done() {
-        if stop.is_cancelled() {
-            return Err(JobError::Stopped);
-        }
-        let read = match &reads {
-            Some(replica) => {
-                let mut reader = replica.begin().await?;
-                let read = parts::read_batch(&mut reader, &plan, &part, batch_size).await;
-                reader.commit().await?;
-                Some(read.map_err(job_error)?)
+    /// The parts no task has taken yet, in order.
+    next: Mutex<VecDeque<Part>>,
+}
+
+impl PartRunner {
+    /// One task: takes the next part until none is left; a failure stops the other tasks
+    /// before their next batch.
+    async fn run(self: Arc<Self>) -> Result<(), JobError> {
+        loop {
+            // Taken and released at once: never held across an await.
+            let next = self
+                .next
+                .lock()
+                .expect("never held across a panic")
+                .pop_front();
+            let Some(part) = next else {
+                return Ok(());
+            };
+            if let Err(e) = self.run_part(part).await {
+                self.stop.cancel();
+                return Err(e);
             }
-            None => None,
-        };
-        let mut tx = pool.begin().await?;
-        if !parts::lock_run(&mut tx, plan.run.job_id, fence).await? {
-            return Err(JobError::LeaseLost);
         }
-        parts::set_local_async_commit(&mut tx).await?;
-        part = match read {
-            Some(read) => parts::store_batch(&mut tx, &plan, &part, read).await,
-            None => parts::process_batch(&mut tx, &plan, &part, batch_size).await,
-        }
-        .map_err(job_error)?;
-        tx.commit().await?;
-        let _ = done.send(part.clone());
     }
-    Ok(())
+
+    /// One part's loop: a transaction per batch, fenced by the claim lock, until the part is
+    /// done or `stop` fires. With a read replica each batch is read there first, then stored in
+    /// the fenced transaction on the primary.
+    async fn run_part(&self, mut part: Part) -> Result<(), JobError> {
+        let (plan, batch_size) = (&self.plan, self.batch_size);
+        while !part.is_done() {
+            if self.stop.is_cancelled() {
+                return Err(JobError::Stopped);
+            }
+            let read = match &self.reads {
+                Some(replica) => {
+                    let mut reader = replica.begin().await?;
+                    let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
+                    reader.commit().await?;
+                    Some(read.map_err(job_error)?)
+                }
+                None => None,
+            };
+            let mut tx = self.pool.begin().await?;
+            if !parts::lock_run(&mut tx, plan.run.job_id, self.fence).await? {
+                return Err(JobError::LeaseLost);
+            }
+            parts::set_local_async_commit(&mut tx).await?;
+            part = match read {
+                Some(read) => parts::store_batch(&mut tx, plan, &part, read).await,
+                None => parts::process_batch(&mut tx, plan, &part, batch_size).await,
+            }
+            .map_err(job_error)?;
+            tx.commit().await?;
+            let _ = self.done.send(part.clone());
+        }
+        Ok(())
+    }
 }

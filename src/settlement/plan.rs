@@ -120,7 +120,7 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// per quarter hour ([`input::bucket_span`]); else (a zone whose midnight is off the quarter
 /// hours) from the `(paid_at, id)` index, which also gives their exact count. The job's `total`
 /// is that count, the quarter hours' bound, or the span's ids, which bound it too. The span is
-/// cut into `parts` disjoint id sub-ranges of about equal input ([`super::cuts`]). Either way
+/// cut into disjoint id sub-ranges, the job's parts ([`weights`], [`super::cuts`]). Either way
 /// the run now belongs to the claim `fence` (see [`super::parts::lock_run`]): part batches of
 /// an earlier owner stop landing.
 pub async fn start(
@@ -162,16 +162,37 @@ pub async fn start(
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
-    let parts = split(&window, settings.parts);
+    let parts = split(&window, &weights(settings, window.total_bound()));
     for part in &parts {
         insert_part(tx, job_id, part).await?;
     }
     Ok(Plan { run, parts })
 }
 
-/// `window`'s span cut into `n` parts ([`super::cuts`]), each at its start.
-fn split(window: &input::Window, n: u32) -> Vec<Part> {
-    super::cuts::spans(window, n)
+/// The shares of a runner's input in its parts, largest first (see [`weights`]).
+const TIERS: [u32; 3] = [6, 2, 1];
+
+/// The weights of the parts a job's input of at most `bound` rows is cut into. The job runs
+/// `settings.parts` of them at once and each runner, its part done, takes the next
+/// ([`super::job`]). Where a runner's share spans several batches, each share is cut into
+/// [`TIERS`]: the large parts first, then ever smaller ones, so a runner that ran slower than
+/// the others (a busy core) leaves them a small part to wait for at the end instead of the rest
+/// of a third of the input, while the cores would stand half idle. Smaller shares are one part
+/// each.
+fn weights(settings: &Settings, bound: i64) -> Vec<u32> {
+    let runners = settings.parts.max(1) as usize;
+    if bound / runners as i64 <= settings.batch_size {
+        return vec![1; runners];
+    }
+    TIERS
+        .iter()
+        .flat_map(|&weight| std::iter::repeat_n(weight, runners))
+        .collect()
+}
+
+/// `window`'s span cut into parts of `weights` ([`super::cuts`]), each at its start.
+fn split(window: &input::Window, weights: &[u32]) -> Vec<Part> {
+    super::cuts::spans(window, weights)
         .into_iter()
         .enumerate()
         .map(|(i, (lo_id, hi_id))| Part {
