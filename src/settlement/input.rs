@@ -97,7 +97,7 @@ pub struct Window {
     pub bound: Option<i64>,
     /// The first and the last of those ids in each quarter hour of the range that holds any,
     /// where [`bucket_span`] found the span (empty otherwise): where the input lies within the
-    /// span, for cutting it into parts of about equal input.
+    /// span, for cutting it into parts by their shares of the input.
     pub quarters: Vec<(i64, i64)>,
 }
 

@@ -6,11 +6,11 @@
 //!    of the transactions up to it those paid within the job's days, found by the `(paid_at,
 //!    id)` index through [`input`]: their id span and true total, or, for a range holding the
 //!    history's first and last rows, the span from the primary key's ends and the total
-//!    counted in the job's one pass) and splits the span into disjoint parts of about equal
-//!    input ([`cuts`]), so a job's cost follows its range, not the table;
+//!    counted in the job's one pass) and splits the span into disjoint parts holding given
+//!    shares of the input ([`cuts`]), so a job's cost follows its range, not the table;
 //! 2. [`parts`] aggregates the next `batch_size` rows of one part (keyset on id) into one row of
 //!    partial sums, inside a transaction the caller commits together with the checkpoint;
-//!    parts run concurrently, each with its own cursor;
+//!    `parallel_parts` parts run at once, each with its own cursor, the rest taken in turn;
 //! 3. [`finalize`] replaces the range's rows in `settlements` (never a row built from a newer
 //!    input) and stores them as the job's result ([`results`]), in the transaction that
 //!    completes the job; [`finalize::delete_working_rows`] removes a cancelled or failed
