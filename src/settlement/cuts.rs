@@ -5,7 +5,7 @@
 use super::input::Window;
 
 /// The `(lo_id, hi_id]` id ranges of parts covering `window`'s span without overlap, in order,
-/// one per weight, each holding about its weight's share of the input (see [`cuts`]).
+/// one per weight, each holding about its weight's share of the input (see `cuts` below).
 pub fn spans(window: &Window, weights: &[u32]) -> Vec<(i64, i64)> {
     let hi = window.last_id.max(window.after_id);
     let bounds: Vec<i64> = [window.after_id]

@@ -120,7 +120,7 @@ pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// per quarter hour ([`input::bucket_span`]); else (a zone whose midnight is off the quarter
 /// hours) from the `(paid_at, id)` index, which also gives their exact count. The job's `total`
 /// is that count, the quarter hours' bound, or the span's ids, which bound it too. The span is
-/// cut into disjoint id sub-ranges, the job's parts ([`weights`], [`super::cuts`]). Either way
+/// cut into disjoint id sub-ranges, the job's parts (`weights` below, [`super::cuts`]). Either way
 /// the run now belongs to the claim `fence` (see [`super::parts::lock_run`]): part batches of
 /// an earlier owner stop landing.
 pub async fn start(
