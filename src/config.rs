@@ -2,7 +2,7 @@
 //! `DATABASE_URL`, `PORT`, `WORKERS` and `BATCH_SIZE`, each layer overriding the one before.
 //!
 //! Every struct denies unknown fields, so a misspelt key fails at start with its name, and every
-//! value is checked by [`Config::validate`] before anything connects anywhere.
+//! value is checked by `Config::validate` before anything connects anywhere.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -21,7 +21,7 @@
 //! - [`tokens`]: API tokens and roles (create, list, revoke, authenticate), stored as hashes.
 //! - [`seed`]: demo data at scale via COPY.
 //! - [`settlement`]: transactions in, per-merchant daily settlements out, as checkpointed batches.
-//! - [`bench`]: benchmarks that print their ratio to the raw Postgres rate.
+//! - [`bench`](mod@bench): benchmarks that print their ratio to the raw Postgres rate.
 //! - [`schedule`]: the daily settlement each worker process enqueues once per day.
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
 //! - [`operator`]: `settle jobs list|show|cancel|retry`, the queue for operators.

@@ -71,7 +71,7 @@ pub struct ErrorDetail {
 )]
 pub struct ApiDoc;
 
-/// The document with the limits `config` sets (see [`super::limits`]).
+/// The document with the limits `config` sets (see `limits` below).
 pub fn document(config: &Config) -> utoipa::openapi::OpenApi {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
     let missing = super::limits::complete(&mut doc, config);

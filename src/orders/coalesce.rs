@@ -8,7 +8,7 @@
 //! stock decrement, and commits once for all of them. Every buyer still gets exactly the answer
 //! the single statement would give: an order, or `OUT_OF_STOCK` with what was left.
 //!
-//! Orders with an `Idempotency-Key` ride the same batches ([`super::batch`]): the batch's
+//! Orders with an `Idempotency-Key` ride the same batches (`super::batch`): the batch's
 //! transaction takes their keys (a key in use or reused is refused, a stored answer replayed,
 //! as [`crate::idempotency`] does for a single request) and stores each decided order's answer
 //! under its key before the one commit, so a key's answer exists if and only if its order's

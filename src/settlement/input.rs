@@ -115,7 +115,7 @@ impl Window {
 const EDGE_ROWS: i64 = 1_000;
 
 /// The input's id span without a pass over it, when the range holds one of the lowest
-/// [`EDGE_ROWS`] ids up to the high-water id and one of the highest (a range covering the
+/// `EDGE_ROWS` ids up to the high-water id and one of the highest (a range covering the
 /// history's start and end, such as a month settled on a month of history): walking the primary
 /// key from each end, the first row paid within the days is then the span's edge. `None` when
 /// either end has no such row; [`bucket_span`] (or [`window`]) then finds the span through an
@@ -340,7 +340,7 @@ fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
 }
 
 /// `paid_at >= <first instant of from> and paid_at < <first instant of the day after to>`, in
-/// the zone ([`day_bounds`]): the time bound of a job's input, which the `(paid_at, id)` index
+/// the zone (`day_bounds`): the time bound of a job's input, which the `(paid_at, id)` index
 /// serves.
 pub fn paid_within(zone: Zone, from: &str, to: &str) -> String {
     let (starts, ends) = day_bounds(zone, from, to);

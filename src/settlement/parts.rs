@@ -13,7 +13,7 @@ use super::{DateRange, SettleError, Zone};
 /// in `tx`; the caller commits it with the checkpoint. A batch is the next `batch_size` ids
 /// after the cursor (keyset on the primary key, never OFFSET), so it holds at most
 /// `batch_size` rows and exactly that many where ids are dense (on a short range it reads only
-/// the part of those ids where the input lies, see [`begin_batch`]); an empty batch jumps the
+/// the part of those ids where the input lies, see `begin_batch`); an empty batch jumps the
 /// gap to the next id. The part's last batch also folds the part's rows into one. Returns the
 /// part as it stands after the batch.
 pub async fn process_batch(

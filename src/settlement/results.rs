@@ -54,7 +54,7 @@ fn copy_statement(job_id: i64) -> String {
 
 /// The job's CSV as a stream of chunks. A task holds `conn` (acquired by the caller, so a
 /// busy pool is refused before any byte is sent) for the length of the download and stays at
-/// most [`CHUNKS_AHEAD`] chunks ahead of the reader; it stops when the reader goes away.
+/// most `CHUNKS_AHEAD` chunks ahead of the reader; it stops when the reader goes away.
 pub fn stream(
     mut conn: PoolConnection<Postgres>,
     job_id: i64,
