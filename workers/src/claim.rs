@@ -8,7 +8,7 @@
 //! lease in the future, so a live job is never rescued. The re-claim bumps the fence, so whatever
 //! the old holder still tries to write matches zero rows.
 //!
-//! Per-kind caps ([`crate::caps`]) ride in the same statement: the worker passes each capped
+//! Per-kind caps (`caps`) ride in the same statement: the worker passes each capped
 //! kind that has room with its free places, and the statement keeps, among the rows it locked,
 //! at most that many of the kind. A capped kind without room is not passed at all. When no
 //! capped kind is passed, the claim is the uncapped statement, unchanged: the hot path of short

@@ -9,7 +9,7 @@
 //!
 //! # Layout
 //!
-//! - [`enqueue`]: insert jobs inside the caller's transaction, singly or in bulk.
+//! - [`enqueue`](mod@enqueue): insert jobs inside the caller's transaction, singly or in bulk.
 //! - [`claim`]: the claim statement, including the rescue of expired leases and the caps.
 //! - `caps`: per-kind caps: the free places of each capped kind, reserved for a claim.
 //! - [`lease`]: heartbeat, fenced resume read, release on shutdown.
@@ -18,7 +18,7 @@
 //! - [`finish`]: complete, fail with backoff, snooze, cancel — all fenced, each moving a job
 //!   that ends to `finished_jobs`.
 //! - [`cancel`]: cancel requests (flag + NOTIFY), and the flag read back.
-//! - [`retry`]: a FAILED or CANCELLED job back to QUEUED, starting over.
+//! - [`retry`](mod@retry): a FAILED or CANCELLED job back to QUEUED, starting over.
 //! - [`retention`]: pruning finished jobs under an advisory lock.
 //! - [`job`]: the body's handle ([`JobContext`], [`Batch`]) and its [`Outcome`].
 //! - [`registry`]: job kinds → bodies.
