@@ -36,16 +36,16 @@ fn shares(weights: &[u32]) -> (Vec<i128>, i128) {
 const LAST_AT_MOST: i64 = 2;
 
 /// Where `window`'s span is cut into parts of `weights`: the last id of each part but the last,
-/// at the weights' shares of the input as its quarter hours place it (`window.quarters`: each one's first and
-/// last id). Ids are drawn in time order, so a quarter hour's rows are taken to run from its
-/// first id to its last or, where that reaches past the next quarter hour's first (a row
-/// posted late), to just before that; the last quarter hour's run is at most [`LAST_AT_MOST`]
-/// typical ones. So a few rows posted days late, which stretch a day's span over days of other
-/// ids, do not leave the whole day to the first part as cutting by width would, and a flash
-/// sale's quarter hour counts all its rows. Where the median quarter hour reaches over half the
-/// span (rows loaded out of time order, sorted by merchant, say) or there are no quarter hours
-/// (a span from [`super::input::edges`] or [`super::input::window`]), the cuts are at the
-/// weights' shares of the width.
+/// at the weights' shares of the input as its quarter hours place it (`window.quarters`: each
+/// one's first and last id). Ids are drawn in time order, so a quarter hour's rows are taken to
+/// run from its first id to its last or, where that reaches past the next quarter hour's first
+/// (a row posted late), to just before that; the last quarter hour's run is at most
+/// [`LAST_AT_MOST`] typical ones. So a few rows posted days late, which stretch a day's span
+/// over days of other ids, do not leave the whole day to the first part as cutting by width
+/// would, and a flash sale's quarter hour counts all its rows. Where the median quarter hour
+/// reaches over half the span (rows loaded out of time order, sorted by merchant, say) or there
+/// are no quarter hours (a span from [`super::input::edges`] or [`super::input::window`]), the
+/// cuts are at the weights' shares of the width.
 fn cuts(window: &Window, weights: &[u32]) -> Vec<i64> {
     let (lo, hi) = (window.after_id, window.last_id.max(window.after_id));
     let (ends, sum) = shares(weights);
