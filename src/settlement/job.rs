@@ -12,8 +12,8 @@
 //!    replacement, the job's result (its CSV rows) and COMPLETED land together or not at all:
 //!    nothing outside that fenced transaction publishes or deletes a result.
 //!
-//! A cancel (flag + token) stops every part before its next batch; the job's working rows and
-//! are then discarded, and `settlements` is untouched.
+//! A cancel (flag + token) stops every part before its next batch; the job's working rows are
+//! then discarded, and `settlements` is untouched.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -161,7 +161,7 @@ pub async fn start(
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
-    let parts = split(&window, &weights(settings, window.total_bound()));
+    let parts = split(&window, &weights(settings, run.total));
     for part in &parts {
         insert_part(tx, job_id, part).await?;
     }
