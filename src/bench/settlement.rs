@@ -62,7 +62,7 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
     }
     println!(
         "settle bench settlement: {} transactions, {} days, {} merchants, batch {batch_size}, \
-         {parts} parts, database {}",
+         {parts} parts at once, database {}",
         args.transactions, args.days, args.merchants, args.database
     );
 
