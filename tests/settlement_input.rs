@@ -183,10 +183,10 @@ async fn store_day_then_late_row(
 
 /// A row every five minutes of 2025-01-02 (three in each quarter hour, in time order) and the
 /// late row, as [`store_day_then_late_row`] stores them: 289 rows of the day over 1,389 ids.
-async fn store_five_minute_day(pool: &PgPool) {
+async fn store_five_minute_day(pool: &PgPool) -> Vec<NewTransaction> {
     let midnight = at("2025-01-02T00:00:00Z");
     let day = (0..288).map(|i| midnight + chrono::Duration::minutes(5 * i));
-    store_day_then_late_row(pool, day).await;
+    store_day_then_late_row(pool, day).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +252,55 @@ async fn a_single_runner_takes_the_parts_in_turn() {
     in_turn.dedup();
     assert_eq!(in_turn, [0, 1, 2]);
     assert!(landed.is_sorted(), "{landed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_part_stops_the_others_before_their_next_batch() {
+    let (app, _worker) = settling_app(10, 2).await;
+    // Two runners' shares of 289 rows cut into parts of 6, 2 and 1 ninths: 96, 96, 32, 32, 16
+    // and 16 rows, parts 0 and 1 taken first.
+    let rows = store_five_minute_day(&app.pool).await;
+    // Each landed batch sum with the attempt that wrote it; part 0's third batch fails, once
+    // (a sequence is not rolled back with the failing transaction).
+    sqlx::raw_sql(
+        "create table landed (part int not null, attempt int not null);
+         create sequence trips;
+         create function record_landed() returns trigger language plpgsql as $$
+             begin
+                 if new.part = 0 and (select count(*) from landed where part = 0) = 2
+                         and nextval('trips') = 1 then
+                     raise exception 'part 0 fails';
+                 end if;
+                 insert into landed
+                     select new.part, attempt from jobs where id = new.job_id;
+                 return new;
+             end $$;
+         create trigger record_landed after insert on settlement_batches
+             for each row execute function record_landed();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    // The attempt fails; the next one resumes and completes exactly.
+    let id = settled(&app, "2025-01-02", "2025-01-02").await;
+    assert_eq!(ending(&app.pool, id).await.1, 289);
+    let (from, to) = (day("2025-01-02"), day("2025-01-02"));
+    let expected = support::reference(&rows, from, to, Tz::UTC);
+    assert_eq!(support::settlements(&app.pool, from, to).await, expected);
+    let first: Vec<(i32, i64)> = sqlx::query_as(
+        "select part, count(*) from landed where attempt = 1 group by part order by part",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    // Left running, part 1's runner would have gone on through its 10 batches and the parts
+    // after it within the failed attempt.
+    assert_eq!(first.first(), Some(&(0, 2)), "{first:?}");
+    assert!(
+        matches!(first[..], [_, (1, n)] if n < 10) || first.len() == 1,
+        "{first:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
