@@ -4,7 +4,8 @@
 //! other range takes its span from the quarter-hour index, also counted as it is read, its
 //! `total` bounded by the quarter hours' ids (rows posted late counted one by one); in a zone
 //! whose midnight is off the quarter hours, through the `(paid_at, id)` index, which counts it
-//! up front.
+//! up front. The input is then cut into parts, which the job's runners take in turn and stop
+//! together when one of them fails.
 
 mod common;
 
