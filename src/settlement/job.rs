@@ -268,7 +268,6 @@ async fn run_parts(
         let ended =
             ended.map_err(|e| JobError::failed(anyhow::anyhow!("settlement part panicked: {e}")));
         if let Err(e) = ended.and_then(|r| r) {
-            stop.cancel();
             failure.get_or_insert(e);
         }
     }
@@ -291,9 +290,10 @@ struct PartRunner {
 }
 
 impl PartRunner {
-    /// One task: takes the next part until none is left; a failure stops the other tasks
-    /// before their next batch.
+    /// One task: takes the next part until none is left; a failure (or a panic) stops the
+    /// other tasks before their next batch.
     async fn run(self: Arc<Self>) -> Result<(), JobError> {
+        let stop_others = self.stop.clone().drop_guard();
         loop {
             // Taken and released at once: never held across an await.
             let next = self
@@ -302,12 +302,10 @@ impl PartRunner {
                 .expect("never held across a panic")
                 .pop_front();
             let Some(part) = next else {
+                stop_others.disarm();
                 return Ok(());
             };
-            if let Err(e) = self.run_part(part).await {
-                self.stop.cancel();
-                return Err(e);
-            }
+            self.run_part(part).await?;
         }
     }
 
