@@ -21,12 +21,8 @@ const LOCK: &str = "hashtextextended('settle:settlements', 0)";
 async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_were() {
     let (app, worker) = settling_app(50, 2).await;
     let days = (day("2025-01-01"), day("2025-01-03"));
-    // A first settlement gives the table rows to keep.
-    let first = support::random_transactions(21, 1500, 4, 3);
-    let before = support::settle_first(&app, &first, days).await;
-
-    // New input that a completed second job would show.
-    let second = support::store_random(&app.pool, 22, 1500, 4, 3).await;
+    // Rows to keep, and new input that a completed second job would show.
+    let (before, all) = support::settled_then_more(&app, (21, 1500), (22, 1500), 4).await;
     let mut holder = SettlementsLock::hold(&app.config.database.url).await;
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     holder.wait_for_a_waiter(&app.pool).await;
@@ -41,7 +37,6 @@ async fn a_cancel_during_finalize_ends_cancelled_and_leaves_settlements_as_they_
     wait_state(&app.pool, id, "cancelled").await;
     assert_eq!(settlements(&app.pool, days.0, days.1).await, before);
     let (processed, total) = support::progress(&app.pool, id).await;
-    let all: Vec<_> = first.iter().chain(&second).cloned().collect();
     let within = support::paid_within(&all, "2025-01-01", "2025-01-03", Tz::UTC);
     assert_eq!(processed, within, "it was cancelled after all its batches");
     // The total it started with: the count, or where it counted as it read, a bound.

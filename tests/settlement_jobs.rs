@@ -199,13 +199,8 @@ async fn downloads_serve_only_completed_jobs() {
 async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
     let (app, _worker) = settling_app(5, 2).await;
     let days = (day("2025-01-01"), day("2025-01-03"));
-    // A completed settlement of the same days gives the table rows the cancel must keep.
-    let first = support::random_transactions(31, 200, 5, 3);
-    let before = support::settle_first(&app, &first, days).await;
-    // New input that a run not stopped in time would fold into those rows.
-    let rows = support::store_random(&app.pool, 12, 20_000, 5, 3).await;
-    let all: Vec<_> = first.iter().chain(&rows).cloned().collect();
-    assert_ne!(reference(&all, days.0, days.1, Tz::UTC), before);
+    // Rows the cancel must keep, and new input that a run not stopped in time would fold in.
+    let (before, _) = support::settled_then_more(&app, (31, 200), (12, 20_000), 5).await;
     // Running: a 5-row batch size makes the job long; cancel once it has made progress.
     let id = app.post_settlement("2025-01-01", "2025-01-03").await;
     wait_processed(&app.pool, id, 1, Duration::from_secs(12)).await;

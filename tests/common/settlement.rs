@@ -220,7 +220,7 @@ pub async fn assert_left_nothing(pool: &PgPool, id: i64) {
 /// Stores `rows`, settles `from..=to` through the API (a worker must be running) and returns
 /// the `settlements` rows the job left, checked against the reference: rows that a later job
 /// must keep or replace.
-pub async fn settle_first(
+async fn settle_first(
     app: &super::TestApp,
     rows: &[NewTransaction],
     (from, to): (NaiveDate, NaiveDate),
@@ -234,6 +234,24 @@ pub async fn settle_first(
     assert!(!settled.is_empty());
     assert_eq!(settled, reference(rows, from, to, Tz::UTC));
     settled
+}
+
+/// The days 2025-01-01 to 2025-01-03 settled once over `first` random rows (seed, count), then
+/// `more` random rows stored that a later job over those days must fold in (checked: they change
+/// the result). Returns the `settlements` rows of the first job and every row stored.
+pub async fn settled_then_more(
+    app: &super::TestApp,
+    first: (u64, usize),
+    more: (u64, usize),
+    merchants: u32,
+) -> (Settled, Vec<NewTransaction>) {
+    let days = (day("2025-01-01"), day("2025-01-03"));
+    let first = random_transactions(first.0, first.1, merchants, 3);
+    let before = settle_first(app, &first, days).await;
+    let more = store_random(&app.pool, more.0, more.1, merchants, 3).await;
+    let all: Vec<_> = first.into_iter().chain(more).collect();
+    assert_ne!(reference(&all, days.0, days.1, Tz::UTC), before);
+    (before, all)
 }
 
 /// Job `id`'s CSV through `/downloads`, parsed; asserts it is served.
