@@ -60,32 +60,18 @@ async fn create_settlement_job(
     };
     let range = DateRange::parse(&input, app.config.settlement.max_span_days)?;
     let request_json = serde_json::to_value(&input).map_err(anyhow::Error::from)?;
-    let mut tx = match &key {
-        Some(key) => match key.start(&app.pool, &request_json).await? {
-            Begun::Execute(tx) => tx,
-            Begun::Replay(stored) => {
-                return accepted(idempotency::status(&stored)?, stored.body);
-            }
-        },
-        None => app.pool.begin().await?,
+    let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &request_json).await? {
+        Begun::Execute(tx) => tx,
+        Begun::Replay(stored) => return accepted(idempotency::status(&stored)?, stored.body),
     };
     // Stored in canonical form, so the job reads exactly the days that were validated.
     let args = serde_json::to_value(range.to_input()).map_err(anyhow::Error::from)?;
     let job = NewJob::new(KIND, args).max_attempts(app.config.worker.max_attempts);
     let job_id = settle_workers::enqueue(&mut tx, &job).await?;
     let body = json!({"job_id": job_id, "status": "QUEUED"});
-    if let Some(key) = &key {
-        let ttl = app.config.idempotency.ttl_hours;
-        key.store(
-            &mut tx,
-            &request_json,
-            StatusCode::ACCEPTED.as_u16(),
-            &body,
-            ttl,
-        )
-        .await?;
-    }
-    tx.commit().await?;
+    let answer = (StatusCode::ACCEPTED, &body);
+    let ttl = app.config.idempotency.ttl_hours;
+    idempotency::commit(key.as_ref(), tx, &request_json, answer, ttl).await?;
     accepted(StatusCode::ACCEPTED, body)
 }
 

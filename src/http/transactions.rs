@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{KeyHeader, replay, respond};
+use super::idempotency::{self, KeyHeader, replay, respond};
 use super::openapi::ErrorBody;
 use crate::idempotency::Begun;
 use crate::settlement::transactions::{self, Ingested, NewTransaction, RawTransaction};
@@ -94,12 +94,9 @@ async fn create_transactions(
 ) -> Result<Response, ApiError> {
     let key = key.scoped("transactions")?;
     let parsed = parse(&body, app.config.settlement.max_transactions_per_request)?;
-    let mut tx = match &key {
-        Some(key) => match key.start(&app.pool, &body).await? {
-            Begun::Execute(tx) => tx,
-            Begun::Replay(stored) => return replay(stored),
-        },
-        None => app.pool.begin().await?,
+    let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &body).await? {
+        Begun::Execute(tx) => tx,
+        Begun::Replay(stored) => return replay(stored),
     };
     let (inserted, duplicates) = match transactions::ingest(&mut tx, &parsed).await? {
         Ingested::Stored {
@@ -125,12 +122,8 @@ async fn create_transactions(
         duplicates,
     })
     .map_err(anyhow::Error::from)?;
-    if let Some(key) = &key {
-        let ttl = app.config.idempotency.ttl_hours;
-        key.store(&mut tx, &body, StatusCode::CREATED.as_u16(), &report, ttl)
-            .await?;
-    }
-    tx.commit().await?;
+    let ttl = app.config.idempotency.ttl_hours;
+    idempotency::commit(key.as_ref(), tx, &body, (StatusCode::CREATED, &report), ttl).await?;
     Ok(respond(StatusCode::CREATED, report))
 }
 
