@@ -193,14 +193,19 @@ pub async fn claim_all(
         return Ok(claims);
     }
     // A statement after the one that took the locks: its snapshot sees whatever the keys'
-    // previous holders committed.
+    // previous holders committed. The requests are compared as jsonb, as stored: `1e3` sent
+    // again equals the `1000` jsonb kept of it, where serde_json's float and integer differ.
+    let requests: Vec<Value> = keys.iter().map(|&(_, request)| request.clone()).collect();
     let stored = sqlx::query!(
-        r#"select k.ord as "ord!", i.request, i.response_status, i.response_body
-           from unnest($1::text[], $2::text[]) with ordinality as k(scope, key, ord)
+        r#"select k.ord as "ord!", i.request = k.request as "same!", i.response_status,
+                  i.response_body
+           from unnest($1::text[], $2::text[], $3::jsonb[])
+               with ordinality as k(scope, key, request, ord)
            join idempotency_keys i on i.scope = k.scope and i.key = k.key
            where i.expires_at > now()"#,
         &scopes as &[&str],
         &names as &[&str],
+        &requests,
     )
     .fetch_all(tx)
     .await?;
@@ -209,7 +214,7 @@ pub async fn claim_all(
         if !matches!(claims[i], Claim::Execute) {
             continue;
         }
-        claims[i] = if &row.request == keys[i].1 {
+        claims[i] = if row.same {
             Claim::Replay(StoredResponse {
                 status: row.response_status as u16,
                 body: row.response_body,
@@ -332,11 +337,17 @@ async fn look(pool: &PgPool, keys: &[KeyedRequest<'_>]) -> Result<Vec<Claim>, sq
 
 /// Deletes up to 10,000 expired keys (one short statement, however many expired); returns how
 /// many. Expired keys are already ignored when read: this only keeps the table small.
+///
+/// The outer `expires_at` test is what keeps a key renewed meanwhile: when the delete reaches
+/// a row another transaction has just updated (a request reusing the expired key), Postgres
+/// re-checks the new version against the outer conditions only, not the subquery's.
 pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
     let pruned = sqlx::query!(
-        "delete from idempotency_keys where (scope, key) in (
+        "delete from idempotency_keys
+         where (scope, key) in (
              select scope, key from idempotency_keys where expires_at <= now() limit 10000
-         )",
+         )
+         and expires_at <= now()",
     )
     .execute(conn)
     .await?;

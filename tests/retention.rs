@@ -89,18 +89,32 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     );
 }
 
+/// A migrated database holding an `orders` key per `(key, expiry)`, the expiry SQL added to
+/// `now()`.
+async fn with_keys(keys: &[(&str, &str)]) -> (PgPool, common::TestDatabase) {
+    let config = common::test_config(&[]);
+    let (pool, db) = common::migrated_pool(&config).await;
+    for (key, expiry) in keys {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into idempotency_keys
+                 (scope, key, request, response_status, response_body, expires_at)
+             values ('orders', $1, '{{}}', 201, '{{}}', now() {expiry})"
+        )))
+        .bind(key)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    (pool, db)
+}
+
 #[tokio::test]
 async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
-    let config = common::test_config(&[]);
-    let (pool, _db) = common::migrated_pool(&config).await;
-    sqlx::query(
-        "insert into idempotency_keys (scope, key, request, response_status, response_body, expires_at)
-         values ('orders', 'old', '{}', 201, '{}', now() - interval '1 second'),
-                ('orders', 'live', '{}', 201, '{}', now() + interval '1 hour')",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let (pool, _db) = with_keys(&[
+        ("old", "- interval '1 second'"),
+        ("live", "+ interval '1 hour'"),
+    ])
+    .await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
         settle::idempotency::prune_expired(&mut conn).await.unwrap(),
@@ -118,6 +132,51 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
         common::scalar(&pool, "select count(*) from idempotency_keys").await,
         1
     );
+}
+
+/// A prune that meets an expired key just as a request renews it (the renewing transaction
+/// commits while the prune waits for the row) deletes nothing: the key's new answer must stay
+/// to be replayed.
+#[tokio::test]
+async fn a_key_renewed_while_the_prune_waits_for_it_is_kept() {
+    let (pool, _db) = with_keys(&[("reused", "- interval '1 second'")]).await;
+    let key = settle::idempotency::IdempotencyKey::parse("orders", "reused").unwrap();
+    let (request, body) = (serde_json::json!({"n": 2}), serde_json::json!({"id": 2}));
+    let record = settle::idempotency::Record {
+        key: &key,
+        request: &request,
+        status: 201,
+        body: &body,
+    };
+    let mut renewing = pool.begin().await.unwrap();
+    settle::idempotency::store_all(&mut renewing, &[record], 24)
+        .await
+        .unwrap();
+    let prune = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            settle::idempotency::prune_expired(&mut conn).await.unwrap()
+        }
+    });
+    common::processes::wait_for(Duration::from_secs(10), "the prune to wait", || async {
+        let waiting = common::scalar(
+            &pool,
+            "select count(*) from pg_stat_activity where datname = current_database()
+             and wait_event_type = 'Lock' and query like 'delete from idempotency_keys%'",
+        )
+        .await;
+        (waiting == 1).then_some(())
+    })
+    .await;
+    renewing.commit().await.unwrap();
+    assert_eq!(prune.await.unwrap(), 0);
+    let kept = common::scalar(
+        &pool,
+        "select count(*) from idempotency_keys where expires_at > now() and response_body = '{\"id\": 2}'",
+    )
+    .await;
+    assert_eq!(kept, 1);
 }
 
 /// Ranges of `finished_jobs` that no vacuum has summarized match every prune's index scan; the
