@@ -172,6 +172,72 @@ async fn an_idempotency_key_replays_the_first_answer() {
     assert_eq!(stored(&app).await, 2);
 }
 
+/// The stored request is jsonb, which keeps the float `1e16` (as serde_json writes it back) as
+/// the integer `10000000000000000`: the same bytes sent again are the same request, not a
+/// reuse of the key.
+#[tokio::test]
+async fn a_resend_with_an_amount_in_exponent_form_replays() {
+    let app = spawn_app().await;
+    let body = r#"{"merchant_id": "m-1", "external_id": "ch_exp", "amount_cents": 1e16,
+                   "fee_cents": 3e1, "status": "PAID", "paid_at": "2025-01-31T12:00:00Z"}"#;
+    let post = || {
+        app.http
+            .post(app.url("/api/v1/transactions"))
+            .header("idempotency-key", "exponent")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = common::status_and_json(post().await.unwrap()).await;
+    assert_eq!(first, (201, report(1, 0)));
+    let again = common::status_and_json(post().await.unwrap()).await;
+    assert_eq!(again, first);
+}
+
+/// `paid_at` is kept to the microsecond without leaving its day: digits past the microsecond
+/// are dropped toward the past (also before 2000, where a cut toward zero would round up), and
+/// a leap second is the last microsecond of its minute.
+#[tokio::test]
+async fn paid_at_is_kept_to_the_microsecond_on_its_own_day() {
+    let app = spawn_app().await;
+    let sent = [
+        (
+            "ch_before_2000",
+            "1999-12-31T23:59:59.9999999Z",
+            "1999-12-31 23:59:59.999999",
+        ),
+        (
+            "ch_leap",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31 23:59:59.999999",
+        ),
+        (
+            "ch_nanos",
+            "2025-01-01T00:00:00.000000900Z",
+            "2025-01-01 00:00:00.000000",
+        ),
+    ];
+    for (external_id, paid_at, _) in sent {
+        let mut body = txn("m-1", 1000, 30);
+        body["external_id"] = json!(external_id);
+        body["paid_at"] = json!(paid_at);
+        assert_eq!(app.post("/api/v1/transactions", &body).await.0, 201);
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select external_id,
+                to_char(paid_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')
+         from transactions order by id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String)> = sent
+        .iter()
+        .map(|&(id, _, kept)| (id.to_owned(), kept.to_owned()))
+        .collect();
+    assert_eq!(rows, expected);
+}
+
 #[tokio::test]
 async fn bad_fields_are_422_naming_the_field_and_store_nothing() {
     let app = spawn_app().await;

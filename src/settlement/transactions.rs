@@ -10,7 +10,7 @@
 //! fault instead of meeting a database error), and a few things they cannot express (blank ids,
 //! NUL bytes).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use sqlx::PgConnection;
 
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
@@ -156,6 +156,7 @@ impl RawTransaction {
         let paid_at = DateTime::parse_from_rfc3339(&self.paid_at)
             .map_err(|_| invalid(Field::PaidAt))?
             .with_timezone(&Utc);
+        let paid_at = to_microseconds(paid_at);
         Ok(NewTransaction {
             merchant_id: self.merchant_id,
             external_id: self.external_id,
@@ -165,6 +166,18 @@ impl RawTransaction {
             paid_at,
         })
     }
+}
+
+/// `instant` as the column keeps it, to the microsecond, on its own day: finer digits are
+/// dropped toward the past (sqlx would cut them toward 2000-01-01, moving an instant in the
+/// last microsecond before that into the next day), and a leap second (`23:59:60`, which
+/// chrono reads as a second run of the nanoseconds) is the last microsecond of its minute,
+/// where Postgres would roll it over into the next.
+fn to_microseconds(instant: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = instant.nanosecond().min(999_999_999);
+    instant
+        .with_nanosecond(nanos - nanos % 1_000)
+        .expect("a nanosecond within the second")
 }
 
 /// A batch as the parallel arrays both of [`ingest`]'s statements unnest, in their `$1`..`$6`
@@ -306,6 +319,29 @@ mod tests {
         let parsed = input().parse(None).unwrap();
         assert_eq!(parsed.paid_at.to_rfc3339(), "2024-12-31T15:00:00+00:00");
         assert_eq!(parsed.status, Status::Paid);
+    }
+
+    #[test]
+    fn paid_at_drops_what_is_finer_than_a_microsecond_toward_the_past() {
+        let kept = |paid_at: &str| {
+            let raw = RawTransaction {
+                paid_at: paid_at.into(),
+                ..input()
+            };
+            raw.parse(None).unwrap().paid_at.to_rfc3339()
+        };
+        assert_eq!(
+            kept("1999-12-31T23:59:59.9999999Z"),
+            "1999-12-31T23:59:59.999999+00:00"
+        );
+        assert_eq!(
+            kept("2016-12-31T23:59:60.5Z"),
+            "2016-12-31T23:59:59.999999+00:00"
+        );
+        assert_eq!(
+            kept("2025-01-01T09:00:00.123456789+09:00"),
+            "2025-01-01T00:00:00.123456+00:00"
+        );
     }
 
     #[test]
