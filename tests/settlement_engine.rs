@@ -8,7 +8,7 @@ use chrono_tz::Tz;
 use common::engine::{csv, db, download, range};
 use common::settlement as support;
 use settle::settlement::plan;
-use settle::settlement::transactions::Status;
+use settle::settlement::transactions::{NewTransaction, Status};
 use settle::settlement::{SettleError, finalize, parts};
 use support::{at, day, reference, settlements, store, txn};
 
@@ -154,12 +154,10 @@ async fn days_follow_the_configured_zone_at_the_edges() {
         txn("m", 800, 8, Status::Paid, at("2025-01-01T15:00:00Z")),
         txn("m", 1600, 16, Status::Pending, at("2025-01-01T12:00:00Z")),
     ];
-    let utc = db("UTC", 1, 2).await;
-    store(&utc.pool, &rows).await;
-    let path = utc.run(1, range("2025-01-01", "2025-01-01")).await;
-    let expected: support::Settled =
-        [(("m".to_owned(), day("2025-01-01")), (1300, 13, 1287, 3))].into();
-    assert_eq!(csv(&path), expected);
+    assert_eq!(
+        settled_day("UTC", &rows, "2025-01-01").await,
+        (1300, 13, 1287, 3)
+    );
 
     let tokyo = db("Asia/Tokyo", 2, 1).await;
     store(&tokyo.pool, &rows).await;
@@ -194,6 +192,43 @@ async fn days_follow_the_configured_zone_at_the_edges() {
             Tz::America__New_York
         )
     );
+}
+
+/// In Havana the clocks go back from 01:00 to 00:00 on 2025-11-02, so that day's midnight comes
+/// twice: its first hour (04:00-05:00Z) belongs to it as well, and a one-day job reads it.
+#[tokio::test]
+async fn a_day_whose_midnight_comes_twice_begins_at_the_first() {
+    // Local 23:59:59, then 00:00 and 00:30 before the clocks go back, 00:30 after, 23:59:59,
+    // and the next day's midnight.
+    let instants = [
+        "2025-11-02T03:59:59Z",
+        "2025-11-02T04:00:00Z",
+        "2025-11-02T04:30:00Z",
+        "2025-11-02T05:30:00Z",
+        "2025-11-03T04:59:59Z",
+        "2025-11-03T05:00:00Z",
+    ];
+    let rows: Vec<_> = (0..)
+        .zip(instants)
+        .map(|(i, paid_at)| txn("m", 100 << i, 1 << i, Status::Paid, at(paid_at)))
+        .collect();
+    let sums = settled_day("America/Havana", &rows, "2025-11-02").await;
+    assert_eq!(sums, (3000, 30, 2970, 4));
+    let (from, to) = (day("2025-11-02"), day("2025-11-02"));
+    let expected: support::Settled = [(("m".to_owned(), from), sums)].into();
+    assert_eq!(reference(&rows, from, to, Tz::America__Havana), expected);
+}
+
+/// Settles `rows` of merchant `m` over the one day `date` in `zone`, in a database of its own
+/// (two parts, one-row batches); the day's `(gross, fee, net, count)` in the job's CSV, which
+/// must hold that day's row alone.
+async fn settled_day(zone: &str, rows: &[NewTransaction], date: &str) -> (i64, i64, i64, i64) {
+    let db = db(zone, 2, 1).await;
+    store(&db.pool, rows).await;
+    let settled = csv(&db.run(1, range(date, date)).await);
+    let keys: Vec<_> = settled.keys().cloned().collect();
+    assert_eq!(keys, [("m".to_owned(), day(date))]);
+    settled[&("m".to_owned(), day(date))]
 }
 
 #[tokio::test]

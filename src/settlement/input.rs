@@ -334,8 +334,31 @@ pub enum Probe {
 fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
     let name = zone.name().replace('\'', "''");
     (
-        format!("({from}::date::timestamp at time zone '{name}')"),
-        format!("(({to}::date + 1)::timestamp at time zone '{name}')"),
+        first_instant(&name, &format!("{from}::date")),
+        first_instant(&name, &format!("({to}::date + 1)")),
+    )
+}
+
+/// The first instant of the day `date` (SQL) in the zone `name`, as SQL. Postgres reads a
+/// local time that happens twice as the later one, so where the clocks go back from 01:00 to
+/// 00:00 (America/Havana each November, Atlantic/Azores each October) `date`'s midnight is
+/// the second and the day's first hour would fall outside its job: the day begins instead at
+/// the midnight read with the offset in force three hours before (more than any clock change),
+/// when that instant is earlier and still on `date`. Checked against a minute-by-minute search
+/// over every zone Postgres knows, 2005-2030.
+///
+/// Only immutable functions of the parameters, so the planner folds it to a constant as it did
+/// the plain midnight: the arithmetic is on UTC wall times, since `timestamptz - interval` is
+/// only stable and left a filter computing the bound for every row (a 5M-row count in psql:
+/// 1.5 s against 0.29 s folded).
+fn first_instant(name: &str, date: &str) -> String {
+    let midnight = format!("({date}::timestamp at time zone '{name}')");
+    let before = format!("(({midnight} at time zone 'UTC') - interval '3 hours')");
+    let offset = format!("((({before} at time zone 'UTC') at time zone '{name}') - {before})");
+    let earlier = format!("(({date}::timestamp - {offset}) at time zone 'UTC')");
+    format!(
+        "(case when {earlier} < {midnight} and ({earlier} at time zone '{name}')::date = {date} \
+         then {earlier} else {midnight} end)"
     )
 }
 
