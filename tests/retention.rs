@@ -159,16 +159,7 @@ async fn a_key_renewed_while_the_prune_waits_for_it_is_kept() {
             settle::idempotency::prune_expired(&mut conn).await.unwrap()
         }
     });
-    common::processes::wait_for(Duration::from_secs(10), "the prune to wait", || async {
-        let waiting = common::scalar(
-            &pool,
-            "select count(*) from pg_stat_activity where datname = current_database()
-             and wait_event_type = 'Lock' and query like 'delete from idempotency_keys%'",
-        )
-        .await;
-        (waiting == 1).then_some(())
-    })
-    .await;
+    common::wait_for_lock_waiter(&pool, "delete from idempotency_keys").await;
     renewing.commit().await.unwrap();
     assert_eq!(prune.await.unwrap(), 0);
     let kept = common::scalar(

@@ -358,6 +358,34 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     assert!(parts::lock_run(&mut conn, 5, 2).await.unwrap());
 }
 
+/// A fresh start (a retried job) deletes the job's earlier working rows while a former owner,
+/// whose lease ran out, is mid-batch: the start waits for that batch, and its rows go as well,
+/// so the new run cannot sum them a second time.
+#[tokio::test]
+async fn a_fresh_start_also_deletes_the_batch_a_former_owner_lands_meanwhile() {
+    let db = db("UTC", 1, 10).await;
+    support::store_random(&db.pool, 8, 100, 2, 2).await;
+    let plan = db.start(5, range("2025-01-01", "2025-01-02")).await;
+    let mut old = db.pool.begin().await.unwrap();
+    assert!(parts::lock_run(&mut old, 5, 0).await.unwrap());
+    parts::process_batch(&mut old, &plan, &plan.parts[0], 10)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let fresh = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        finalize::delete_working_rows(&mut tx, 5).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    common::wait_for_lock_waiter(&db.pool, "delete from settlement_runs").await;
+    old.commit().await.unwrap();
+    fresh.await.unwrap();
+    for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
+        let sql = format!("select count(*) from {table} where job_id = 5");
+        assert_eq!(common::scalar(&db.pool, &sql).await, 0, "{table}");
+    }
+}
+
 #[tokio::test]
 async fn gaps_in_the_ids_are_skipped_and_counted_right() {
     let db = db("UTC", 2, 10).await;

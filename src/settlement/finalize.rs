@@ -116,11 +116,24 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
 /// Deletes the job's batch sums, parts and fixed input: after its finalize, or to forget a
 /// cancelled or failed job's work (`settlements` and the results are untouched then: only a
 /// committed [`finalize`] ever writes them).
+///
+/// The run goes first, in a statement of its own: that waits for a batch still holding the run
+/// `for share` ([`super::parts::lock_run`], a former owner whose lease ran out), and the
+/// next statement's snapshot then sees the rows that batch committed. One statement would
+/// read all three tables as they were before the wait and leave that batch's sums behind, for
+/// the run that starts next to add to its own.
 pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query!("delete from settlement_runs where job_id = $1", job_id)
+        .execute(&mut *conn)
+        .await?;
+    delete_parts_and_batches(conn, job_id).await
+}
+
+/// The second step of [`delete_working_rows`] (and of [`delete_run_of_fence`]).
+async fn delete_parts_and_batches(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
-        "with batches as (delete from settlement_batches where job_id = $1),
-              parts as (delete from settlement_parts where job_id = $1)
-         delete from settlement_runs where job_id = $1",
+        "with batches as (delete from settlement_batches where job_id = $1)
+         delete from settlement_parts where job_id = $1",
         job_id,
     )
     .execute(conn)
@@ -153,23 +166,22 @@ pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u6
 }
 
 /// Deletes the job's working rows if its run is still the one stored under claim `fence`;
-/// returns how many runs it deleted (0 or 1).
+/// returns how many runs it deleted (0 or 1). The run first, as [`delete_working_rows`] does.
 async fn delete_run_of_fence(
     conn: &mut PgConnection,
     job_id: i64,
     fence: i64,
 ) -> Result<u64, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"with run as (delete from settlement_runs where job_id = $1 and fence = $2
-                      returning job_id),
-              batches as (delete from settlement_batches
-                          where job_id in (select job_id from run)),
-              parts as (delete from settlement_parts where job_id in (select job_id from run))
-         select count(*) as "deleted!" from run"#,
+    let deleted = sqlx::query!(
+        "delete from settlement_runs where job_id = $1 and fence = $2",
         job_id,
         fence,
     )
-    .fetch_one(conn)
-    .await
-    .map(|n| n as u64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if deleted > 0 {
+        delete_parts_and_batches(conn, job_id).await?;
+    }
+    Ok(deleted)
 }

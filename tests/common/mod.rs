@@ -261,6 +261,27 @@ pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
         .expect("a bigint")
 }
 
+/// Waits until a session of this test's database waits for a lock in a statement that holds
+/// `statement`: another transaction then provably stands in its way.
+pub async fn wait_for_lock_waiter(pool: &PgPool, statement: &str) {
+    processes::wait_for(
+        std::time::Duration::from_secs(10),
+        &format!("a wait for a lock in {statement}"),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where datname = current_database()
+                 and wait_event_type = 'Lock' and strpos(query, $1) > 0",
+            )
+            .bind(statement)
+            .fetch_one(pool)
+            .await
+            .expect("a count");
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// [`scalar`] of a statement taking one `bigint` (`$1`), e.g. a job's id.
 pub async fn scalar_of(pool: &PgPool, sql: &str, arg: i64) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
