@@ -153,6 +153,26 @@ async fn a_body_that_completes_or_fails_despite_a_cancel_ends_cancelled() {
     );
 }
 
+/// A body that ignores a cancel and then the shutdown past its grace is released; with the
+/// cancel pending, that release ends it CANCELLED at once instead of leaving it CANCELLING
+/// until its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_at_shutdown_with_a_pending_cancel_ends_cancelled() {
+    let config = fast(&[("worker.shutdown_grace_ms", json!(100))]);
+    let (pool, _db) = probe_pool(&config).await;
+    let worker = start_worker_on(&config, &pool);
+    let args = json!({"ms": 60_000, "ignore_token": true});
+    let id = enqueue(&pool, SLEEP, args, 3).await;
+    wait_state(&pool, id, "running").await;
+    assert_eq!(
+        cancel(&pool, id).await,
+        CancelOutcome::Accepted(JobState::Cancelling)
+    );
+    worker.stop().await;
+    let (state, attempt, _, _, _, owner) = job(&pool, id).await;
+    assert_eq!((state.as_str(), attempt, owner), ("cancelled", 1, None));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snooze_keeps_a_pending_cancel() {
     let (pool, _db, _worker, _) = with_worker().await;

@@ -333,7 +333,7 @@ async fn write(
         } => finish::fail(conn, id, fence, error, *retry_in, *fatal).await?,
         Ending::Snooze(after) => finish::snooze(conn, id, fence, *after).await?,
         Ending::Cancel => finish::cancelled(conn, id, fence).await?,
-        Ending::Release => return Ok(lease::release(conn, &[(id, fence)]).await? == 1),
+        Ending::Release => finish::release(conn, &[(id, fence)]).await?.pop(),
         Ending::CompleteLater | Ending::Nothing => return Ok(true),
     };
     // Each statement commits on its own: the ending is recorded once it is written (a retry

@@ -1,6 +1,6 @@
-//! Ending an attempt: complete, fail (retry with backoff or FAILED), snooze, or cancel. Every
-//! statement is fenced by `(id, fence)` and the running states, so a holder that lost its lease
-//! changes nothing and learns it from the zero row count. Every ending also honours a pending
+//! Ending an attempt: complete, fail (retry with backoff or FAILED), snooze, cancel, or release
+//! (on shutdown). Every statement is fenced by `(id, fence)` and the running states, so a
+//! holder that lost its lease changes nothing and learns it from the zero row count. Every ending also honours a pending
 //! cancel (`cancel_requested`): a job whose cancel was answered `cancelling` ends CANCELLED,
 //! whether it was completing, failing or snoozing when the request landed.
 
@@ -189,6 +189,26 @@ pub async fn cancelled(
     fence: i64,
 ) -> Result<Option<Ended>, sqlx::Error> {
     end_job!(conn, id, fence, state: "'cancelled'", result: "null")
+}
+
+/// Hands held jobs back on shutdown, due at once and with the attempt given back (a shutdown
+/// is not the job's failure), and wakes the other workers so one takes them now rather than at
+/// lease expiry. A job with a pending cancel ends CANCELLED instead, as at every ending.
+/// Returns the jobs still held under their fences.
+pub async fn release(
+    conn: &mut PgConnection,
+    held: &[(i64, i64)],
+) -> Result<Vec<Ended>, sqlx::Error> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    let ended = end_jobs!(&ids, &fences, final: "cancel_requested", state: "'cancelled'",
+        result: "null", errors: "errors",
+        requeue: "state = 'queued', attempt = greatest(attempt - 1, 0), run_at = now()")
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query!("select pg_notify('settle_jobs', '')")
+        .execute(conn)
+        .await?;
+    Ok(ended)
 }
 
 /// The delay before retry number `attempt` (1-based): base · 2^(attempt-1), capped, plus up to

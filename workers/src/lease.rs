@@ -1,6 +1,6 @@
-//! Holding jobs: the heartbeat that extends every held lease in one statement, the fenced
-//! re-read a job resumes from after a transient error, and the release that hands jobs back on
-//! shutdown without spending their attempt.
+//! Holding jobs: the heartbeat that extends every held lease in one statement, and the fenced
+//! re-read a job resumes from after a transient error. Handing a job back on shutdown is an
+//! ending, with the others ([`crate::finish::release`]).
 
 use std::time::Duration;
 
@@ -61,30 +61,4 @@ pub async fn reload(
     )
     .fetch_optional(conn)
     .await
-}
-
-/// Hands held jobs back, due at once and with the attempt given back (a shutdown is not the
-/// job's failure), and wakes the other workers so one takes them now rather than at lease
-/// expiry. A job with a pending cancel becomes CANCELLED instead.
-pub async fn release(conn: &mut PgConnection, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
-    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    over_held_jobs!(query_scalar!(
-        ", released as (
-             update jobs set
-                 state = case when cancel_requested then 'cancelled'::job_state else 'queued' end,
-                 finished_at = case when cancel_requested then now() end,
-                 attempt = greatest(attempt - 1, 0),
-                 run_at = now(),
-                 lease_owner = null,
-                 lease_expires_at = null
-             where jobs.id = any(array(select id from held))
-             returning jobs.id
-         )
-         select count(*) as \"released!\" from released, lateral (select pg_notify('settle_jobs', '')) n",
-        &ids,
-        &fences,
-    ))
-    .fetch_one(conn)
-    .await
-    .map(|n| n as u64)
 }
