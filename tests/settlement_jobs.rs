@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use common::ops::{InProcessWorker, settling_app, start_worker};
-use common::processes::{job_start, wait_processed, wait_state};
+use common::processes::{job_row, job_start, wait_processed, wait_state};
 use common::settlement as support;
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
+use settle::settlement::transactions::Status;
 use support::{day, parse_csv, reference, settlements};
 
 /// The app plus an in-process worker that stops when dropped.
@@ -216,6 +217,32 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
     assert_eq!(settlements(&app.pool, days.0, days.1).await, before);
     let (status, _, _) = download(&app, &format!("/downloads/{id}.csv")).await;
     assert_eq!(status, 404);
+}
+
+/// A merchant-day whose sum leaves 64 bits fails the job at once (retrying cannot help), with
+/// the reason kept, `settlements` untouched and no working rows left, whichever of the two
+/// parts finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sum_past_64_bits_fails_the_job_for_good_and_writes_nothing() {
+    let (app, _worker) = settling_app(2, 2).await;
+    let huge = i64::MAX / 2 + 1;
+    let rows: Vec<_> = [(5, "10:00"), (huge, "11:00"), (huge, "12:00"), (7, "13:00")]
+        .into_iter()
+        .map(|(amount, time)| {
+            let paid_at = support::at(&format!("2025-01-01T{time}:00Z"));
+            support::txn("m", amount, 0, Status::Paid, paid_at)
+        })
+        .collect();
+    support::store(&app.pool, &rows).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
+    wait_state(&app.pool, id, "failed").await;
+    let (attempt, errors): (i32, Value) = job_row(&app.pool, id, "attempt, errors").await;
+    assert_eq!(attempt, 1, "{errors}");
+    let message = errors[0]["error"].as_str().unwrap_or_default();
+    assert!(message.contains("64-bit"), "{errors}");
+    support::assert_left_nothing(&app.pool, id).await;
+    let settled = settlements(&app.pool, day("2025-01-01"), day("2025-01-01")).await;
+    assert!(settled.is_empty(), "{settled:?}");
 }
 
 #[tokio::test]

@@ -167,7 +167,7 @@ pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u6
 
 /// Deletes the job's working rows if its run is still the one stored under claim `fence`;
 /// returns how many runs it deleted (0 or 1). The run first, as [`delete_working_rows`] does.
-async fn delete_run_of_fence(
+pub async fn delete_run_of_fence(
     conn: &mut PgConnection,
     job_id: i64,
     fence: i64,

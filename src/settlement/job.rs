@@ -89,8 +89,10 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
         _ => false,
     };
     if discard {
+        // Under this claim's fence: a holder that lost its lease meanwhile must not delete the
+        // run its successor stored (or resumed, which moves the run to the new fence).
         let mut conn = ctx.pool().acquire().await?;
-        finalize::delete_working_rows(&mut conn, job_id)
+        finalize::delete_run_of_fence(&mut conn, job_id, ctx.fence())
             .await
             .map_err(JobError::failed)?;
     }
@@ -267,8 +269,14 @@ async fn run_parts(
     while let Some(ended) = tasks.join_next().await {
         let ended =
             ended.map_err(|e| JobError::failed(anyhow::anyhow!("settlement part panicked: {e}")));
-        if let Err(e) = ended.and_then(|r| r) {
-            failure.get_or_insert(e);
+        // The first error; a part's stop, which another part's failure may have caused and
+        // which may be joined before it, gives way to any other.
+        if let Err(e) = ended.and_then(|r| r)
+            && failure
+                .as_ref()
+                .is_none_or(|f| matches!(f, JobError::Stopped))
+        {
+            failure = Some(e);
         }
     }
     failure.map_or(Ok(parts), Err)

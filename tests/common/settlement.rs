@@ -205,16 +205,18 @@ pub async fn progress(pool: &PgPool, id: i64) -> (i64, Option<i64>) {
     super::processes::job_row(pool, id, "processed, total").await
 }
 
-/// Asserts a cancelled settlement job left nothing behind: no result, no stored CSV, no working
-/// rows.
+/// Asserts a settlement job that ended without completing (cancelled, or failed for good) left
+/// nothing behind: no result, no stored CSV, no working rows.
 pub async fn assert_left_nothing(pool: &PgPool, id: i64) {
     let (result,): (Option<serde_json::Value>,) =
         super::processes::job_row(pool, id, "result").await;
-    assert_eq!(result, None, "no result for a cancelled job");
+    assert_eq!(result, None, "no result");
     let results = rows_of_job(pool, "settlement_results", id).await;
-    assert_eq!(results, 0, "no CSV for a cancelled job");
-    let working = rows_of_job(pool, "settlement_parts", id).await;
-    assert_eq!(working, 0, "the cancelled job's working rows are discarded");
+    assert_eq!(results, 0, "no CSV");
+    for working in ["settlement_runs", "settlement_parts", "settlement_batches"] {
+        let rows = rows_of_job(pool, working, id).await;
+        assert_eq!(rows, 0, "the job's {working} are discarded");
+    }
 }
 
 /// Stores `rows`, settles `from..=to` through the API (a worker must be running) and returns
