@@ -32,6 +32,9 @@ pub struct Schedule {
     at: NaiveTime,
     /// The zone of `at` and of "the previous day".
     zone: Tz,
+    /// The zone whose calendar days the settlements are (`settlement.time_zone`): a day is due
+    /// only once it has ended there too.
+    settlement_zone: Tz,
     /// Longest sleep between two looks at the clock.
     check_interval: Duration,
     /// Attempts of each enqueued job (`worker.max_attempts`, as for the API's jobs).
@@ -53,6 +56,7 @@ impl Schedule {
             // Both checked by `Config::validate`.
             at: schedule.at_time().unwrap_or(NaiveTime::MIN),
             zone: zone.parse().unwrap_or(Tz::UTC),
+            settlement_zone: config.settlement.time_zone.parse().unwrap_or(Tz::UTC),
             check_interval: Duration::from_millis(schedule.check_interval_ms),
             max_attempts: config.worker.max_attempts,
         })
@@ -60,11 +64,15 @@ impl Schedule {
 
     /// The most recent day whose settlement is due at `now`: yesterday once today's `at` has
     /// passed, else the day before. Compared on the local wall clock, so a DST jump over `at`
-    /// still makes the day due, and a repeated hour does not make it due twice.
+    /// still makes the day due, and a repeated hour does not make it due twice. Never a day
+    /// that has not ended in the settlement zone: with `at` 00:30 in Paris and settlements in
+    /// UTC, 00:30 in Paris is 23:30 UTC, and the day waits until midnight UTC (its input is
+    /// fixed when the job starts, so an early job would miss the day's last half hour for good).
     pub fn due_day(&self, now: DateTime<Utc>) -> NaiveDate {
         let local = now.with_timezone(&self.zone).naive_local();
         let back = if local.time() >= self.at { 1 } else { 2 };
-        local.date() - Days::new(back)
+        let ended = now.with_timezone(&self.settlement_zone).date_naive() - Days::new(1);
+        (local.date() - Days::new(back)).min(ended)
     }
 
     /// How long to sleep at `now` once the due day is done: until the next `at` on the wall
@@ -155,9 +163,14 @@ mod tests {
     use super::*;
 
     fn schedule(at: &str, zone: &str) -> Schedule {
+        settling_in(at, zone, zone)
+    }
+
+    fn settling_in(at: &str, zone: &str, settlement_zone: &str) -> Schedule {
         Schedule {
             at: at.parse().unwrap(),
             zone: zone.parse().unwrap(),
+            settlement_zone: settlement_zone.parse().unwrap(),
             check_interval: Duration::from_secs(60),
             max_attempts: 5,
         }
@@ -185,6 +198,26 @@ mod tests {
         );
         assert_eq!(
             paris.due_day(utc("2025-01-09T23:30:00Z")),
+            day("2025-01-09")
+        );
+    }
+
+    #[test]
+    fn a_day_is_due_only_once_it_has_ended_in_the_settlement_zone() {
+        // 00:30 in Paris is 23:30 UTC: the UTC day of the 9th has half an hour to go.
+        let paris = settling_in("00:30:00", "Europe/Paris", "UTC");
+        assert_eq!(
+            paris.due_day(utc("2025-01-09T23:30:00Z")),
+            day("2025-01-08")
+        );
+        assert_eq!(
+            paris.due_day(utc("2025-01-10T00:00:00Z")),
+            day("2025-01-09")
+        );
+        // West of the settlement zone the day has long ended by then.
+        let new_york = settling_in("00:30:00", "America/New_York", "UTC");
+        assert_eq!(
+            new_york.due_day(utc("2025-01-10T05:30:00Z")),
             day("2025-01-09")
         );
     }

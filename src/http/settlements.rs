@@ -128,13 +128,15 @@ fn cursor(row: &SettlementRow) -> String {
     format!("{days}_{}", hex::encode(&row.merchant_id))
 }
 
-/// What [`cursor`] writes: no NUL byte in the merchant id, which Postgres text cannot hold.
-pub const CURSOR_PATTERN: &str = r"^[0-9]{1,6}_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
+/// What [`cursor`] writes: days before 1970 are negative (`paid_at` takes any year from 0000
+/// to 9999, so seven digits hold every day), and no NUL byte in the merchant id, which Postgres
+/// text cannot hold.
+pub const CURSOR_PATTERN: &str = r"^-?[0-9]{1,7}_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
 
 fn parse_cursor(raw: &str) -> Result<(String, NaiveDate), ApiError> {
     let parsed = raw.split_once('_').and_then(|(days, merchant)| {
-        let days: u32 = days.parse().ok().filter(|d: &u32| *d < 1_000_000)?;
-        let date = NaiveDate::default().checked_add_days(chrono::Days::new(days.into()))?;
+        let days: i64 = days.parse().ok().filter(|d: &i64| d.abs() < 10_000_000)?;
+        let date = NaiveDate::default().checked_add_signed(chrono::Duration::days(days))?;
         let bytes = hex::decode(merchant).ok().filter(|b| !b.contains(&0))?;
         // Any bytes are a position in the order; a merchant id never holds invalid UTF-8.
         Some((String::from_utf8_lossy(&bytes).into_owned(), date))
@@ -158,11 +160,17 @@ mod tests {
             generated_at: Utc::now(),
             job_id: 1,
         };
-        let (merchant, date) = parse_cursor(&cursor(&row)).unwrap();
-        assert_eq!(
-            (merchant.as_str(), date),
-            (row.merchant_id.as_str(), row.date)
-        );
+        for date in [(2025, 1, 31), (1969, 12, 31), (0, 1, 1), (9999, 12, 31)] {
+            let row = SettlementRow {
+                date: NaiveDate::from_ymd_opt(date.0, date.1, date.2).unwrap(),
+                ..row.clone()
+            };
+            let (merchant, date) = parse_cursor(&cursor(&row)).unwrap();
+            assert_eq!(
+                (merchant.as_str(), date),
+                (row.merchant_id.as_str(), row.date)
+            );
+        }
         for bad in [
             "",
             "2025-01-31",
