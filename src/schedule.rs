@@ -180,54 +180,40 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn day(s: &str) -> NaiveDate {
-        s.parse().unwrap()
+    /// The day `schedule` finds due at `now`, as `YYYY-MM-DD`.
+    fn due(schedule: &Schedule, now: &str) -> String {
+        schedule.due_day(utc(now)).to_string()
     }
 
     #[test]
     fn yesterday_is_due_from_the_local_time_on() {
         let s = schedule("00:30:00", "UTC");
-        assert_eq!(s.due_day(utc("2025-03-10T00:29:59Z")), day("2025-03-08"));
-        assert_eq!(s.due_day(utc("2025-03-10T00:30:00Z")), day("2025-03-09"));
-        assert_eq!(s.due_day(utc("2025-03-10T23:59:59Z")), day("2025-03-09"));
+        assert_eq!(due(&s, "2025-03-10T00:29:59Z"), "2025-03-08");
+        assert_eq!(due(&s, "2025-03-10T00:30:00Z"), "2025-03-09");
+        assert_eq!(due(&s, "2025-03-10T23:59:59Z"), "2025-03-09");
         // Local days: 00:30 in Paris (UTC+1 in winter) is 23:30 UTC the evening before.
         let paris = schedule("00:30:00", "Europe/Paris");
-        assert_eq!(
-            paris.due_day(utc("2025-01-09T23:29:00Z")),
-            day("2025-01-08")
-        );
-        assert_eq!(
-            paris.due_day(utc("2025-01-09T23:30:00Z")),
-            day("2025-01-09")
-        );
+        assert_eq!(due(&paris, "2025-01-09T23:29:00Z"), "2025-01-08");
+        assert_eq!(due(&paris, "2025-01-09T23:30:00Z"), "2025-01-09");
     }
 
     #[test]
     fn a_day_is_due_only_once_it_has_ended_in_the_settlement_zone() {
         // 00:30 in Paris is 23:30 UTC: the UTC day of the 9th has half an hour to go.
         let paris = settling_in("00:30:00", "Europe/Paris", "UTC");
-        assert_eq!(
-            paris.due_day(utc("2025-01-09T23:30:00Z")),
-            day("2025-01-08")
-        );
-        assert_eq!(
-            paris.due_day(utc("2025-01-10T00:00:00Z")),
-            day("2025-01-09")
-        );
+        assert_eq!(due(&paris, "2025-01-09T23:30:00Z"), "2025-01-08");
+        assert_eq!(due(&paris, "2025-01-10T00:00:00Z"), "2025-01-09");
         // West of the settlement zone the day has long ended by then.
         let new_york = settling_in("00:30:00", "America/New_York", "UTC");
-        assert_eq!(
-            new_york.due_day(utc("2025-01-10T05:30:00Z")),
-            day("2025-01-09")
-        );
+        assert_eq!(due(&new_york, "2025-01-10T05:30:00Z"), "2025-01-09");
     }
 
     #[test]
     fn a_dst_jump_over_the_time_still_makes_the_day_due() {
         // 2025-03-30 in Paris: 02:00 jumps to 03:00, so 02:30 never happens on the clock.
         let s = schedule("02:30:00", "Europe/Paris");
-        assert_eq!(s.due_day(utc("2025-03-30T00:59:00Z")), day("2025-03-28"));
-        assert_eq!(s.due_day(utc("2025-03-30T01:00:00Z")), day("2025-03-29"));
+        assert_eq!(due(&s, "2025-03-30T00:59:00Z"), "2025-03-28");
+        assert_eq!(due(&s, "2025-03-30T01:00:00Z"), "2025-03-29");
     }
 
     #[test]

@@ -173,6 +173,57 @@ async fn a_release_at_shutdown_with_a_pending_cancel_ends_cancelled() {
     assert_eq!((state.as_str(), attempt, owner), ("cancelled", 1, None));
 }
 
+/// An ending that decides between requeueing and ending the job (a failure with attempts left,
+/// a snooze, a shutdown's release) and meets a cancel still committing waits for it, then ends
+/// the job CANCELLED: it decides on the row it locked, not on the version its statement began
+/// with. The cancel is staged with `request_cancel`'s own two statements, left uncommitted.
+#[tokio::test]
+async fn an_ending_that_waits_for_a_cancel_in_flight_ends_cancelled() {
+    let (pool, _db) = migrated_pool(&fast(&[])).await;
+    for ending in ["fail", "snooze", "release"] {
+        let id = enqueue(&pool, SLEEP, json!({"ms": 0}), 3).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let kinds = [SLEEP.to_owned()];
+        let lease = Duration::from_secs(60);
+        let claimed = settle_workers::claim::claim(&mut conn, "w", 1, lease, &kinds, &[])
+            .await
+            .unwrap();
+        let fence = claimed[0].fence;
+        let mut cancel = pool.begin().await.unwrap();
+        for sql in [
+            "select state from jobs where id = $1 for update",
+            "update jobs set cancel_requested = true, state = 'cancelling' where id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *cancel)
+                .await
+                .unwrap();
+        }
+        let ended = tokio::spawn(async move {
+            let minute = Duration::from_secs(60);
+            match ending {
+                "fail" => settle_workers::finish::fail(&mut conn, id, fence, "boom", minute, false)
+                    .await
+                    .unwrap(),
+                "snooze" => settle_workers::finish::snooze(&mut conn, id, fence, minute)
+                    .await
+                    .unwrap(),
+                _ => settle_workers::finish::release(&mut conn, &[(id, fence)])
+                    .await
+                    .unwrap()
+                    .pop(),
+            }
+        });
+        common::wait_for_lock_waiter(&pool, "with held as").await;
+        cancel.commit().await.unwrap();
+        let ended = ended.await.unwrap().map(|e| e.state);
+        assert_eq!(ended, Some(JobState::Cancelled), "{ending}");
+        let (state, _, _, _, _, owner) = job(&pool, id).await;
+        assert_eq!((state.as_str(), owner), ("cancelled", None), "{ending}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snooze_keeps_a_pending_cancel() {
     let (pool, _db, _worker, _) = with_worker().await;

@@ -21,6 +21,11 @@ use crate::state::JobState;
 /// still held under its fence. `$final` and the others read the job's columns, and the
 /// statement's own parameters from `$3`. Every ending shares this shape, so they cannot drift
 /// apart. Without `requeue`, every job finishes (`$final` is true).
+///
+/// `$final` is read on `held`, the rows as locked (`cancel_requested`, `attempt`,
+/// `max_attempts`), not on `jobs`: a cancel committing while this statement waits for its
+/// lock is seen there, where the statement's own snapshot, taken before, would make the
+/// delete pass over the row and the requeue's recheck drop it, ending nothing.
 macro_rules! end_jobs {
     ($ids:expr, $fences:expr, final: $final:literal, state: $state:literal,
      result: $result:literal, errors: $errors:literal, requeue: $requeue:literal
@@ -28,8 +33,8 @@ macro_rules! end_jobs {
         over_held_jobs!(query_as!(
             Ended;
             ", ended as (
-                 delete from jobs where jobs.id = any(array(select id from held))
-                     and (" + $final + ")
+                 delete from jobs
+                 where jobs.id = any(array(select id from held where (" + $final + ")))
                  returning jobs.*
              ), finished as (
                  insert into finished_jobs (id, kind, args, state, priority, attempt,
@@ -43,7 +48,7 @@ macro_rules! end_jobs {
                            extract(epoch from finished_at - started_at)::float8 as seconds
              ), requeued as (
                  update jobs set " + $requeue + ", lease_owner = null, lease_expires_at = null
-                 where jobs.id = any(array(select id from held)) and not (" + $final + ")
+                 where jobs.id = any(array(select id from held where not (" + $final + ")))
                  returning jobs.kind, jobs.state, null::float8 as seconds
              )
              select kind as \"kind!\", state as \"state!: JobState\", seconds from finished

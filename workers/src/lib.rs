@@ -60,11 +60,12 @@ macro_rules! over_held_jobs {
         sqlx::$macro!(
             $($record,)?
             "with held as (
-                 select j.id
+                 select j.*
                  from (select * from unnest($1::bigint[], $2::bigint[]) as h(id, fence)
                        order by id) as h
                  cross join lateral (
-                     select jobs.id from jobs
+                     select jobs.id, jobs.cancel_requested, jobs.attempt, jobs.max_attempts
+                     from jobs
                      where jobs.id = h.id and jobs.fence = h.fence
                        and jobs.state::text in ('running', 'cancelling')
                      for update
