@@ -156,6 +156,20 @@ async fn a_settlement_run_by_a_worker_is_counted_and_the_queue_gauges_match_the_
     );
 }
 
+/// A queued job cancelled through the API ends there and then, and is counted as it ends.
+#[tokio::test]
+async fn a_queued_job_cancelled_is_counted_as_it_ends() {
+    let app = spawn_app().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let job = NewJob::new("cancel_probe", json!({}));
+    let id = settle_workers::enqueue(&mut conn, &job).await.unwrap();
+    let (_, body) = app.cancel(id).await;
+    assert_eq!(body["status"], "CANCELLED", "{body}");
+    let cancelled = [("kind", "cancel_probe"), ("outcome", "cancelled")];
+    let metrics = scrape(&app).await;
+    assert_eq!(metrics.count("settle_jobs_finished_total", &cancelled), 1.0);
+}
+
 #[tokio::test]
 async fn a_finished_state_past_the_exact_limit_shows_the_planner_estimate() {
     let app = spawn_app().await;

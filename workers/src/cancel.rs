@@ -5,6 +5,7 @@
 
 use sqlx::{Connection, PgConnection};
 
+use crate::metrics::Ended;
 use crate::state::JobState;
 
 /// Channel carrying the id of a job whose cancel was requested.
@@ -33,8 +34,12 @@ pub async fn request_cancel(
         let mut tx = conn.begin().await?;
         let outcome = match lock_state(&mut tx, id).await? {
             Some(JobState::Queued) => {
-                cancel_queued(&mut tx, id).await?;
-                CancelOutcome::Accepted(JobState::Cancelled)
+                let ended = cancel_queued(&mut tx, id).await?;
+                tx.commit().await?;
+                if let Some(ended) = ended {
+                    ended.record();
+                }
+                return Ok(CancelOutcome::Accepted(JobState::Cancelled));
             }
             Some(JobState::Running) => {
                 mark_cancelling(&mut tx, id).await?;
@@ -76,10 +81,11 @@ async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobSt
 }
 
 /// A queued job ends CANCELLED at once: it moves to `finished_jobs`, as every ending does
-/// (`finish`).
-async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "with ended as (
+/// (`finish`), and is counted as ended once the caller commits.
+async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<Option<Ended>, sqlx::Error> {
+    sqlx::query_as!(
+        Ended,
+        r#"with ended as (
              delete from jobs where id = $1 and state::text = 'queued' returning *
          )
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
@@ -88,12 +94,13 @@ async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
          select id, kind, args, 'cancelled', priority, attempt, max_attempts, run_at, fence,
                 heartbeat_at, true, processed, total, checkpoint, errors, result, created_at,
                 started_at, now()
-         from ended",
+         from ended
+         returning kind, state as "state: JobState",
+                   extract(epoch from finished_at - started_at)::float8 as seconds"#,
         id,
     )
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_optional(conn)
+    .await
 }
 
 /// A running job is asked to stop: CANCELLING until its holder records the ending.
