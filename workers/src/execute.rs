@@ -60,14 +60,16 @@ pub(crate) async fn run_job(
     if job.cancel_requested {
         stop.cancel();
     }
-    shared.held.lock().expect("held map").insert(
-        id,
-        Held {
-            fence,
-            stop: stop.clone(),
-            lost: lost.clone(),
-        },
-    );
+    let held = Held {
+        fence,
+        stop: stop.clone(),
+        lost: lost.clone(),
+    };
+    // An earlier claim of the job still here lost its lease (this worker rescued it itself):
+    // that attempt must stop writing.
+    if let Some(earlier) = shared.held.lock().expect("held map").insert(id, held) {
+        earlier.lost.cancel();
+    }
     // A shutdown that came while the claim was in flight hands the job straight back.
     let ending = if shared.shutdown.is_cancelled() {
         Ending::Release
@@ -92,10 +94,10 @@ pub(crate) async fn run_job(
                 .expect("the batcher's places are never closed");
             let _ = shared.completions.send(Completion { id, fence, queued });
         }
-        Ending::Nothing => shared.forget(id),
+        Ending::Nothing => shared.forget(id, fence),
         ending => {
             Box::pin(record(&shared, id, fence, &ending, &lost)).await;
-            shared.forget(id);
+            shared.forget(id, fence);
         }
     }
     drop(slot);

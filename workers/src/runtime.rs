@@ -42,6 +42,13 @@ pub(crate) struct Held {
     pub lost: CancellationToken,
 }
 
+/// Removes job `id` from `held` if it is held under `fence`.
+pub(crate) fn forget_held(held: &mut HashMap<i64, Held>, id: i64, fence: i64) {
+    if held.get(&id).is_some_and(|h| h.fence == fence) {
+        held.remove(&id);
+    }
+}
+
 /// A job that completed without a result, waiting for the completion batcher: its id, its
 /// fence, and its place in the batcher's queue, held until its completion is recorded.
 pub(crate) struct Completion {
@@ -88,8 +95,10 @@ impl Shared {
         held.iter().map(|(id, h)| (*id, h.fence)).collect()
     }
 
-    pub fn forget(&self, id: i64) {
-        self.held.lock().expect("held map").remove(&id);
+    /// Forgets job `id` as held under `fence`; a newer claim of it (this worker's own rescue of
+    /// a lease that ran out while the old attempt was still ending) stays held.
+    pub fn forget(&self, id: i64, fence: i64) {
+        forget_held(&mut self.held.lock().expect("held map"), id, fence);
     }
 }
 
@@ -218,4 +227,26 @@ pub fn control_options(options: &PgConnectOptions) -> PgConnectOptions {
     options
         .clone()
         .options([("enable_bitmapscan", "off"), ("enable_seqscan", "off")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(fence: i64) -> Held {
+        Held {
+            fence,
+            stop: CancellationToken::new(),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn an_older_claims_ending_leaves_a_newer_claim_held() {
+        let mut map = HashMap::from([(7, held(2))]);
+        forget_held(&mut map, 7, 1);
+        assert_eq!(map.get(&7).map(|h| h.fence), Some(2));
+        forget_held(&mut map, 7, 2);
+        assert!(map.is_empty());
+    }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{on_conn, retry_until};
 use crate::finish;
 use crate::metrics::Ended;
-use crate::runtime::{Completion, Shared};
+use crate::runtime::{Completion, Shared, forget_held};
 
 /// Completes trivial jobs in batches, each as many as have queued since the last one, until
 /// `done`, then flushes what is left.
@@ -69,6 +69,6 @@ async fn flush(shared: &Shared, batch: &[Completion]) {
     }
     let mut held_jobs = shared.held.lock().expect("held map");
     for completion in batch {
-        held_jobs.remove(&completion.id);
+        forget_held(&mut held_jobs, completion.id, completion.fence);
     }
 }
