@@ -267,7 +267,9 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
         Some(SettleError::Overflow)
     ));
     let mut conn = db.pool.acquire().await.unwrap();
-    finalize::delete_working_rows(&mut conn, 2).await.unwrap();
+    finalize::delete_working_rows(&mut conn, 2, None)
+        .await
+        .unwrap();
     assert_eq!(db.settled("2025-01-01", "2025-01-01").await, before);
     let results = common::scalar(
         &db.pool,
@@ -374,7 +376,9 @@ async fn a_fresh_start_also_deletes_the_batch_a_former_owner_lands_meanwhile() {
     let pool = db.pool.clone();
     let fresh = tokio::spawn(async move {
         let mut tx = pool.begin().await.unwrap();
-        finalize::delete_working_rows(&mut tx, 5).await.unwrap();
+        finalize::delete_working_rows(&mut tx, 5, None)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     });
     common::wait_for_lock_waiter(&db.pool, "delete from settlement_runs").await;

@@ -21,7 +21,7 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
         .await
         .map_err(SettleError::from_sum)?;
     let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
-    delete_working_rows(tx, plan.run.job_id).await?;
+    delete_working_rows(tx, plan.run.job_id, None).await?;
     Ok(rows)
 }
 
@@ -115,22 +115,31 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
 
 /// Deletes the job's batch sums, parts and fixed input: after its finalize, or to forget a
 /// cancelled or failed job's work (`settlements` and the results are untouched then: only a
-/// committed [`finalize`] ever writes them).
+/// committed [`finalize`] ever writes them). With `fence`, only if the job's run is still the
+/// one stored (or resumed) under that claim's fence, so a holder that lost its lease cannot
+/// delete its successor's; returns whether a run was deleted.
 ///
 /// The run goes first, in a statement of its own: that waits for a batch still holding the run
 /// `for share` ([`super::parts::lock_run`], a former owner whose lease ran out), and the
 /// next statement's snapshot then sees the rows that batch committed. One statement would
 /// read all three tables as they were before the wait and leave that batch's sums behind, for
 /// the run that starts next to add to its own.
-pub async fn delete_working_rows(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query!("delete from settlement_runs where job_id = $1", job_id)
-        .execute(&mut *conn)
-        .await?;
-    delete_parts_and_batches(conn, job_id).await
-}
-
-/// The second step of [`delete_working_rows`] (and of [`delete_run_of_fence`]).
-async fn delete_parts_and_batches(conn: &mut PgConnection, job_id: i64) -> Result<(), sqlx::Error> {
+pub async fn delete_working_rows(
+    conn: &mut PgConnection,
+    job_id: i64,
+    fence: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let runs = sqlx::query!(
+        "delete from settlement_runs where job_id = $1 and ($2::bigint is null or fence = $2)",
+        job_id,
+        fence,
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if fence.is_some() && runs == 0 {
+        return Ok(false);
+    }
     sqlx::query!(
         "with batches as (delete from settlement_batches where job_id = $1)
          delete from settlement_parts where job_id = $1",
@@ -138,7 +147,7 @@ async fn delete_parts_and_batches(conn: &mut PgConnection, job_id: i64) -> Resul
     )
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(runs > 0)
 }
 
 /// Deletes the working rows of settlement jobs that are no longer live (FAILED after their last
@@ -160,28 +169,7 @@ pub async fn delete_abandoned_working_rows(conn: &mut PgConnection) -> Result<u6
     abandoned.retain(|(job_id, _)| !live.contains(job_id));
     let mut deleted = 0;
     for &(job_id, fence) in &abandoned {
-        deleted += delete_run_of_fence(conn, job_id, fence).await?;
-    }
-    Ok(deleted)
-}
-
-/// Deletes the job's working rows if its run is still the one stored under claim `fence`;
-/// returns how many runs it deleted (0 or 1). The run first, as [`delete_working_rows`] does.
-pub async fn delete_run_of_fence(
-    conn: &mut PgConnection,
-    job_id: i64,
-    fence: i64,
-) -> Result<u64, sqlx::Error> {
-    let deleted = sqlx::query!(
-        "delete from settlement_runs where job_id = $1 and fence = $2",
-        job_id,
-        fence,
-    )
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if deleted > 0 {
-        delete_parts_and_batches(conn, job_id).await?;
+        deleted += u64::from(delete_working_rows(conn, job_id, Some(fence)).await?);
     }
     Ok(deleted)
 }

@@ -92,7 +92,7 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
         // Under this claim's fence: a holder that lost its lease meanwhile must not delete the
         // run its successor stored (or resumed, which moves the run to the new fence).
         let mut conn = ctx.pool().acquire().await?;
-        finalize::delete_run_of_fence(&mut conn, job_id, ctx.fence())
+        finalize::delete_working_rows(&mut conn, job_id, Some(ctx.fence()))
             .await
             .map_err(JobError::failed)?;
     }
@@ -124,7 +124,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let mut batch = ctx.begin().await?;
     if !resumed {
         // A retried job's earlier run, parts and sums (a FAILED job keeps them): none is reused.
-        finalize::delete_working_rows(batch.conn(), job_id).await?;
+        finalize::delete_working_rows(batch.conn(), job_id, None).await?;
         let abandoned = finalize::delete_abandoned_working_rows(batch.conn()).await?;
         if abandoned > 0 {
             tracing::info!(
