@@ -129,13 +129,16 @@ fn cursor(row: &SettlementRow) -> String {
 }
 
 /// What [`cursor`] writes: days before 1970 are negative (`paid_at` takes any year from 0000
-/// to 9999, so seven digits hold every day), and no NUL byte in the merchant id, which Postgres
-/// text cannot hold.
-pub const CURSOR_PATTERN: &str = r"^-?[0-9]{1,7}_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
+/// to 9999: six digits back reach 769 BC, seven ahead 29349 AD, both days Postgres can hold),
+/// and no NUL byte in the merchant id, which Postgres text cannot hold.
+pub const CURSOR_PATTERN: &str = r"^(-[0-9]{1,6}|[0-9]{1,7})_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
 
 fn parse_cursor(raw: &str) -> Result<(String, NaiveDate), ApiError> {
     let parsed = raw.split_once('_').and_then(|(days, merchant)| {
-        let days: i64 = days.parse().ok().filter(|d: &i64| d.abs() < 10_000_000)?;
+        let days: i64 = days
+            .parse()
+            .ok()
+            .filter(|d| (-999_999..10_000_000).contains(d))?;
         let date = NaiveDate::default().checked_add_signed(chrono::Duration::days(days))?;
         let bytes = hex::decode(merchant).ok().filter(|b| !b.contains(&0))?;
         // Any bytes are a position in the order; a merchant id never holds invalid UTF-8.
@@ -173,6 +176,8 @@ mod tests {
         }
         for bad in [
             "",
+            "-1000000_6d",
+            "10000000_6d",
             "2025-01-31",
             "2025-13-01_6d",
             "2025-01-31_zz",
