@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use settle_workers::NewJob;
 use sqlx::{PgConnection, PgPool};
@@ -62,17 +62,27 @@ impl Schedule {
         })
     }
 
-    /// The most recent day whose settlement is due at `now`: yesterday once today's `at` has
-    /// passed, else the day before. Compared on the local wall clock, so a DST jump over `at`
-    /// still makes the day due, and a repeated hour does not make it due twice. Never a day
-    /// that has not ended in the settlement zone: with `at` 00:30 in Paris and settlements in
-    /// UTC, 00:30 in Paris is 23:30 UTC, and the day waits until midnight UTC (its input is
-    /// fixed when the job starts, so an early job would miss the day's last half hour for good).
+    /// The most recent day whose settlement is due at `now`: the settlement zone's day before
+    /// the one in which `at` last struck on the schedule's wall clock. With one zone for both,
+    /// that is yesterday once today's `at` has passed, else the day before. Compared on the
+    /// wall clock, so a DST jump over `at` still makes the day due (at the jump), and a
+    /// repeated hour does not make it due twice. With `at` 00:30 in Paris over settlements in
+    /// UTC, 00:30 in Paris is 23:30 UTC: the day due then is the UTC day before, which has
+    /// ended (its input is fixed when the job starts, so a job for a day not yet over would
+    /// miss the rest of it for good), and the day that was still running comes at the next
+    /// 00:30 in Paris, with the same margin the schedule gives everywhere.
     pub fn due_day(&self, now: DateTime<Utc>) -> NaiveDate {
         let local = now.with_timezone(&self.zone).naive_local();
-        let back = if local.time() >= self.at { 1 } else { 2 };
-        let ended = now.with_timezone(&self.settlement_zone).date_naive() - Days::new(1);
-        (local.date() - Days::new(back)).min(ended)
+        let back = if local.time() >= self.at { 0 } else { 1 };
+        let struck = (local.date() - Days::new(back)).and_time(self.at);
+        // The instant `at` struck: the earlier of a repeated time, the jump's end in a gap.
+        let instant = (0..=12)
+            .find_map(|quarters| {
+                let wall = struck + chrono::Duration::minutes(15 * quarters);
+                self.zone.from_local_datetime(&wall).earliest()
+            })
+            .map_or(now, |at| at.with_timezone(&Utc).min(now));
+        instant.with_timezone(&self.settlement_zone).date_naive() - Days::new(1)
     }
 
     /// How long to sleep at `now` once the due day is done: until the next `at` on the wall
@@ -199,10 +209,13 @@ mod tests {
 
     #[test]
     fn a_day_is_due_only_once_it_has_ended_in_the_settlement_zone() {
-        // 00:30 in Paris is 23:30 UTC: the UTC day of the 9th has half an hour to go.
+        // 00:30 in Paris is 23:30 UTC: the UTC day of the 9th has half an hour to go, so the
+        // 8th is due, and the 9th at the next 00:30 in Paris.
         let paris = settling_in("00:30:00", "Europe/Paris", "UTC");
+        assert_eq!(due(&paris, "2025-01-09T23:29:59Z"), "2025-01-07");
         assert_eq!(due(&paris, "2025-01-09T23:30:00Z"), "2025-01-08");
-        assert_eq!(due(&paris, "2025-01-10T00:00:00Z"), "2025-01-09");
+        assert_eq!(due(&paris, "2025-01-10T00:00:00Z"), "2025-01-08");
+        assert_eq!(due(&paris, "2025-01-10T23:30:00Z"), "2025-01-09");
         // West of the settlement zone the day has long ended by then.
         let new_york = settling_in("00:30:00", "America/New_York", "UTC");
         assert_eq!(due(&new_york, "2025-01-10T05:30:00Z"), "2025-01-09");
