@@ -69,6 +69,11 @@ fn bad_configuration_names_the_key() {
         ("WORKERS", "many", "concurrency"),
         ("SETTLE_WORKER__HEARTBEAT_MS", "0", "worker.heartbeat_ms"),
         (
+            "SETTLE_WORKER__RETENTION_HOURS",
+            "0",
+            "worker.retention_hours",
+        ),
+        (
             "SETTLE_SETTLEMENT__TIME_ZONE",
             "Mars/Olympus",
             "settlement.time_zone",

@@ -69,6 +69,14 @@ impl Config {
                 "must be positive and at most half of worker.lease_ms",
             );
         }
+        if w.retention_hours == 0 {
+            // Not "keep forever": 0 would delete every finished job, and its CSV, at the next
+            // prune, before most clients could fetch it.
+            return invalid(
+                "worker.retention_hours",
+                "must be at least 1: finished jobs and their CSVs are kept this long",
+            );
+        }
         if w.retention_interval_ms == 0 {
             return invalid("worker.retention_interval_ms", "must be positive");
         }
