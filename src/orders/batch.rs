@@ -21,10 +21,10 @@ use crate::idempotency::{self, Claim, IdempotencyError, KeyedRequest, Record, St
 pub(super) enum Decision {
     /// An order without a key: placed, or why not.
     Plain(Result<Order, Rejected>),
-    /// A keyed order's grant or refusal (`order_id` if granted), and the response this
+    /// A keyed order's grant or refusal (the order, if granted), and the response this
     /// transaction stores under its key.
     Keyed {
-        order_id: Option<i64>,
+        order: Option<Order>,
         response: StoredResponse,
     },
     /// A keyed order answered from its key alone: it stands whether the batch commits or not.
@@ -104,7 +104,7 @@ async fn decide_in(
         decisions.push(match pending.key {
             None => Decision::Plain(decided),
             Some(_) => Decision::Keyed {
-                order_id: decided.as_ref().ok().map(|order| order.id),
+                order: decided.as_ref().ok().cloned(),
                 response: (keys.render)(&decided).map_err(|e| sqlx::Error::Encode(e.into()))?,
             },
         });

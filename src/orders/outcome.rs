@@ -3,8 +3,10 @@
 //! When the reply to a batch's `COMMIT` is lost (the connection broke during or after it), the
 //! transaction may have committed or not, and its connection can no longer say. Two facts settle
 //! it without any extra work while nothing fails:
-//! - every order's id is known before the commit: the insert returns it, drawn from a sequence
-//!   that never hands out an id twice, so "was order N placed" is "does order N exist";
+//! - every order is known before the commit: the insert returns its row, so "was order N
+//!   placed" is "does order N exist, as the batch wrote it". The whole row is compared, not the
+//!   id alone: a sequence hands an id out once only while the server stays up, and after a
+//!   crash that lost the commit it hands the batch's ids out again, to other orders;
 //! - a batch holds its product's row lock from its first statement to its end, and a lock is
 //!   released only after the transaction's outcome is visible to others, so once a fresh
 //!   connection is granted that lock the batch has committed or aborted, and the next statement
@@ -63,10 +65,12 @@ pub(super) async fn settle_lost_commit(
         .into_iter()
         .map(|decision| match decision {
             Decision::Plain(decided) => found.answer(decided),
-            Decision::Keyed { order_id, .. } => match keys.next().flatten() {
+            Decision::Keyed { order, .. } => match keys.next().flatten() {
                 Some(Some(response)) => Ok(Answer::Stored(response)),
                 Some(None) => Err(CoalesceError::NotPlaced),
-                None => Err(CoalesceError::OutcomeUnknown { order_id }),
+                None => Err(CoalesceError::OutcomeUnknown {
+                    order_id: order.map(|order| order.id),
+                }),
             },
             Decision::Settled(answer) => Ok(answer),
         })
@@ -77,7 +81,8 @@ pub(super) async fn settle_lost_commit(
 enum Found {
     /// Nothing to look for: the batch granted nothing, or has no unkeyed order to answer.
     Nothing,
-    /// Whether the batch committed, and those of its granted orders that exist.
+    /// Whether the batch committed, and those of its granted orders that exist as it wrote
+    /// them.
     Orders {
         committed: bool,
         stored: HashMap<i64, Order>,
@@ -112,24 +117,39 @@ impl Found {
 /// Looks for the batch's granted orders (keyed ones included: any of them tells whether it
 /// committed) if it has unkeyed orders to answer.
 async fn find_orders(pool: &PgPool, product_id: i64, decided: &[Decision]) -> Found {
-    let ids: Vec<i64> = decided
+    let granted: HashMap<i64, &Order> = decided
         .iter()
         .filter_map(|decision| match decision {
-            Decision::Plain(Ok(order)) => Some(order.id),
-            Decision::Keyed { order_id, .. } => *order_id,
+            Decision::Plain(Ok(order)) => Some(order),
+            Decision::Keyed { order, .. } => order.as_ref(),
             _ => None,
         })
+        .map(|order| (order.id, order))
         .collect();
-    if ids.is_empty() || !decided.iter().any(|d| matches!(d, Decision::Plain(_))) {
+    if granted.is_empty() || !decided.iter().any(|d| matches!(d, Decision::Plain(_))) {
         return Found::Nothing;
     }
+    let ids: Vec<i64> = granted.keys().copied().collect();
     match placed(pool, product_id, &ids).await {
-        Some(orders) => Found::Orders {
-            committed: !orders.is_empty(),
-            stored: orders.into_iter().map(|o| (o.id, o)).collect(),
-        },
+        Some(found) => {
+            let stored = as_written(&granted, found);
+            Found::Orders {
+                committed: !stored.is_empty(),
+                stored,
+            }
+        }
         None => Found::Unknown,
     }
+}
+
+/// The rows `found` under the batch's order ids that are the orders it wrote: one with the
+/// same id and anything else different is another order that got the id after a crash.
+fn as_written(granted: &HashMap<i64, &Order>, found: Vec<Order>) -> HashMap<i64, Order> {
+    found
+        .into_iter()
+        .filter(|row| granted.get(&row.id) == Some(&row))
+        .map(|row| (row.id, row))
+        .collect()
 }
 
 /// The orders among `ids` (all written by one transaction that held `product_id`'s row lock)
@@ -166,4 +186,30 @@ async fn read_after_lock(
     // What was read is settled: a failure to end this read-only transaction changes nothing.
     let _ = tx.commit().await;
     Ok(orders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(id: i64, buyer: &str) -> Order {
+        Order {
+            id,
+            product_id: 1,
+            buyer_id: buyer.into(),
+            quantity: 1,
+            unit_price_cents: 100,
+            total_cents: 100,
+            created_at: "2025-01-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_id_another_order_got_after_a_crash_is_not_the_batchs() {
+        let (ours, theirs) = (order(7, "b-1"), order(8, "b-2"));
+        let granted = HashMap::from([(7, &ours), (8, &theirs)]);
+        let found = vec![order(7, "b-1"), order(8, "someone-else")];
+        let stored = as_written(&granted, found);
+        assert_eq!(stored.keys().collect::<Vec<_>>(), [&7]);
+    }
 }
