@@ -78,6 +78,17 @@ fn bad_configuration_names_the_key() {
             "Mars/Olympus",
             "settlement.time_zone",
         ),
+        ("SETTLE_SETTLEMENT__TIME_ZONE", "CET", "summer time"),
+        (
+            "SETTLE_HTTP__REQUEST_TIMEOUT_MS",
+            "0",
+            "http.request_timeout_ms",
+        ),
+        (
+            "SETTLE_DATABASE__ACQUIRE_TIMEOUT_MS",
+            "0",
+            "acquire_timeout_ms",
+        ),
         ("DATABASE_URL", "mysql://x", "database.url"),
     ] {
         let output = settle(&url)

@@ -25,6 +25,12 @@ impl Config {
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
         }
+        if self.database.acquire_timeout_ms == 0 {
+            return invalid("database.acquire_timeout_ms", "must be positive");
+        }
+        if self.http.request_timeout_ms == 0 {
+            return invalid("http.request_timeout_ms", "must be positive");
+        }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
@@ -119,6 +125,17 @@ impl Config {
         }
         if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
             return invalid("settlement.time_zone", "is not an IANA time zone name");
+        }
+        // Zone names that are also Postgres time zone abbreviations, which `at time zone` reads
+        // first, as fixed offsets, where the zone keeps summer time: the days would move by an
+        // hour each summer.
+        let zone = self.settlement.time_zone.to_ascii_uppercase();
+        if ["CET", "EET", "MET", "WET"].contains(&zone.as_str()) {
+            return invalid(
+                "settlement.time_zone",
+                "is read by Postgres as a fixed offset without summer time; name a region \
+                 (Europe/Paris, Europe/Athens, Europe/Lisbon, …)",
+            );
         }
         if self.settlement.max_span_days < 1 {
             return invalid("settlement.max_span_days", "must be at least 1");
