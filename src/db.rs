@@ -151,9 +151,32 @@ pub async fn drop_database_if_exists(url: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Applies every pending migration.
+/// Key of the session lock one migrating process holds at a time ("stlm").
+const MIGRATION_LOCK: i64 = 0x7374_6c6d;
+
+/// Pause between two tries of [`MIGRATION_LOCK`].
+const MIGRATION_LOCK_PAUSE: Duration = Duration::from_millis(100);
+
+/// Applies every pending migration. Processes migrating at once (an `api` and a `worker` with
+/// `database.migrate_on_start`) take turns on a lock of their own, tried on a connection of
+/// its own every 100 ms rather than waited for: a session waiting inside `pg_advisory_lock`
+/// (as sqlx's migrator does) holds a snapshot, which the other process's `create index
+/// concurrently` (migration 0014) waits for, and Postgres ends that cycle as a deadlock.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
+    let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
+    while !sqlx::query_scalar!(
+        r#"select pg_try_advisory_lock($1) as "locked!""#,
+        MIGRATION_LOCK
+    )
+    .fetch_one(&mut holder)
+    .await?
+    {
+        tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
+    }
+    let migrated = MIGRATOR.run(pool).await;
+    // Closing the session releases the lock as well.
+    let _ = holder.close().await;
+    migrated?;
     Ok(())
 }
 

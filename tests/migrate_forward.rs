@@ -128,3 +128,32 @@ async fn a_previous_release_database_migrates_forward_without_losing_anything() 
     shutdown.cancel();
     pool.close().await;
 }
+
+/// Two processes migrating one new database at once (an `api` and a `worker` both with
+/// `database.migrate_on_start`) both succeed: the one that waits does not hold a snapshot the
+/// other's `create index concurrently` (migration 0014) would wait for, which Postgres reports
+/// as a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrators_at_once_both_succeed() {
+    let config = common::test_config(&[]);
+    let _db = common::TestDatabase::new(&config.database.url);
+    let name = settle::db::connect_options(&config.database.url)
+        .unwrap()
+        .get_database()
+        .unwrap()
+        .to_owned();
+    let server = PgPool::connect(&common::server_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&server)
+        .await
+        .unwrap();
+    let migrate = || {
+        let url = config.database.url.clone();
+        async move {
+            let pool = PgPool::connect(&url).await.unwrap();
+            settle::db::migrate(&pool).await
+        }
+    };
+    let (first, second) = tokio::join!(migrate(), migrate());
+    assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
+}
