@@ -64,6 +64,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = registry(&config);
+    // A misspelt kind in the configuration would be ignored without a word.
+    let known = registry.kinds();
+    let w = &config.worker;
+    if let Some(kind) =
+        (w.kinds.keys().chain(w.timeouts.keys())).find(|k| !known.contains(&k.as_str()))
+    {
+        anyhow::bail!(
+            "worker.kinds / worker.timeouts name the kind `{kind}`, which this worker does not \
+             run (it runs {})",
+            known.join(", ")
+        );
+    }
     let keys = tokio::spawn(crate::idempotency::prune_periodically(
         pool.clone(),
         Duration::from_millis(config.idempotency.prune_interval_ms),

@@ -102,6 +102,24 @@ fn bad_configuration_names_the_key() {
     }
 }
 
+/// A kind the worker does not run, named in its per-kind settings (a typo), stops it at start
+/// with the kind named, instead of being ignored.
+#[tokio::test]
+async fn a_worker_refuses_settings_for_a_kind_it_does_not_run() {
+    let (url, _db) = fresh_database();
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+    let mut worker = tokio::process::Command::from(settle(&url));
+    worker
+        .env("SETTLE_WORKER__KINDS__SETTLEMENTS__CONCURRENCY", "2")
+        .arg("worker")
+        .kill_on_drop(true);
+    let ran = tokio::time::timeout(Duration::from_secs(30), worker.output()).await;
+    let output = ran.expect("the worker should refuse to start").unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("`settlements`"), "{said}");
+}
+
 #[tokio::test]
 async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm_and_sigint() {
     for signal in ["-TERM", "-INT"] {
