@@ -96,17 +96,52 @@ async fn an_out_of_stock_answer_is_replayed_too() {
     assert_eq!((status, again), (409, first));
 }
 
-#[tokio::test]
-async fn expired_keys_are_free_again() {
-    let (app, _, body) = one_of_five().await;
-    assert_eq!(post_with_key(&app, "old", &body).await.0, 201);
+/// [`one_of_five`] with one order placed under `key`, whose stored answer then expired.
+async fn placed_under_an_expired_key(key: &str) -> (TestApp, i64, Value) {
+    let (app, product, body) = one_of_five().await;
+    assert_eq!(post_with_key(&app, key, &body).await.0, 201);
     sqlx::query("update idempotency_keys set expires_at = now() - interval '1 second'")
         .execute(&app.pool)
         .await
         .unwrap();
+    (app, product, body)
+}
+
+#[tokio::test]
+async fn expired_keys_are_free_again() {
+    let (app, _, body) = placed_under_an_expired_key("old").await;
     let (status, second) = post_with_key(&app, "old", &body).await;
     assert_eq!(status, 201);
     assert_eq!(second["id"], 2, "a new order after expiry");
+}
+
+/// A batch that Postgres aborts to break a deadlock placed nothing, and says so: 503
+/// `ORDER_NOT_PLACED` (retry), not 500. The deadlock is staged: another session holds the row of
+/// the expired key the order reuses while the batch, holding its product's row, writes the key,
+/// then asks for the product's row; the batch waited first, so its deadlock check fires first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_aborted_by_a_deadlock_is_not_placed() {
+    let (app, product, body) = placed_under_an_expired_key("dead").await;
+    let mut other = app.pool.begin().await.unwrap();
+    for sql in [
+        "set local deadlock_timeout = '30s'",
+        "select 1 from idempotency_keys where key = 'dead' for update",
+    ] {
+        sqlx::query(sql).execute(&mut *other).await.unwrap();
+    }
+    let order = tokio::spawn({
+        let (http, base, body) = (app.http.clone(), app.base.clone(), body.clone());
+        async move { post_keyed(&http, &base, "dead", &body).await }
+    });
+    common::wait_for_lock_waiter(&app.pool, "insert into idempotency_keys").await;
+    let locked = sqlx::query("select 1 from products where id = $1 for update")
+        .bind(product)
+        .execute(&mut *other)
+        .await;
+    assert!(locked.is_ok(), "the batch was the victim: {locked:?}");
+    other.rollback().await.unwrap();
+    assert_refused(order.await.unwrap(), 503, "ORDER_NOT_PLACED");
+    assert_eq!(app.stock(product).await, 4, "only the first order");
 }
 
 #[tokio::test]

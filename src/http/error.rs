@@ -80,8 +80,9 @@ pub enum ApiError {
     #[error("the service is overloaded; retry later")]
     Unavailable,
     /// The order was certainly not placed: its database connection failed before the commit,
-    /// or the commit was found not to have taken effect (503). Retrying is safe.
-    #[error("the order was not placed (the database connection failed); retry")]
+    /// Postgres aborted its transaction (a deadlock broken, a serialization conflict), or the
+    /// commit was found not to have taken effect (503). Retrying is safe.
+    #[error("the order was not placed (its transaction did not commit); retry")]
     OrderNotPlaced,
     /// The commit's reply was lost and the service could not find out whether it took effect
     /// (503). `order_id` is the order's id if it did.
@@ -192,7 +193,9 @@ impl IntoResponse for ApiError {
             Self::Unavailable => {
                 tracing::warn!("request refused: overloaded or database unreachable")
             }
-            Self::OrderNotPlaced => tracing::warn!("order not placed: the connection failed"),
+            Self::OrderNotPlaced => {
+                tracing::warn!("order not placed: its transaction did not commit")
+            }
             Self::OrderOutcomeUnknown { order_id } => {
                 tracing::error!(
                     ?order_id,

@@ -20,6 +20,7 @@ use crate::metrics::{self, OrderOutcome};
 use crate::orders::coalesce::{Answer, CoalesceError, Keyed};
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{self, NewOrder, Order, Rejected, outcome};
+use settle_workers::error::sql_state;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -76,7 +77,7 @@ pub struct PlaceOrderRequest {
         (status = 409, description = "OUT_OF_STOCK (with `available`), IDEMPOTENCY_KEY_IN_USE", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, INVALID_BUYER_ID, INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = super::openapi::ErrorBody),
-        (status = 503, description = "ORDER_NOT_PLACED: the database connection failed and the order was certainly not placed; retrying is safe. \
+        (status = 503, description = "ORDER_NOT_PLACED: the database connection failed or the transaction was aborted, and the order was certainly not placed; retrying is safe. \
             ORDER_OUTCOME_UNKNOWN: the connection failed during the commit, or the request ran past `http.request_timeout_ms`, and the service could not find out whether the order was placed \
             (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells); a retry with the same Idempotency-Key \
             replays the order if it was placed and places it if not, while a retry without a key may place a second order. \
@@ -234,6 +235,11 @@ fn expected_failure(e: &sqlx::Error, connection_failed: ApiError) -> Option<ApiE
     } else if is_connection_error(e) {
         tracing::warn!(error = %e, "an order's database connection failed");
         Some(connection_failed)
+    } else if matches!(sql_state(e).as_deref(), Some("40P01" | "40001")) {
+        // Postgres aborted the transaction to break a deadlock or a serialization conflict:
+        // nothing of it was placed, and a retry may well succeed.
+        tracing::warn!(error = %e, "an order's transaction was aborted");
+        Some(ApiError::OrderNotPlaced)
     } else {
         None
     }
