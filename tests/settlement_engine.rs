@@ -384,10 +384,37 @@ async fn a_fresh_start_also_deletes_the_batch_a_former_owner_lands_meanwhile() {
     common::wait_for_lock_waiter(&db.pool, "delete from settlement_runs").await;
     old.commit().await.unwrap();
     fresh.await.unwrap();
-    for table in ["settlement_runs", "settlement_parts", "settlement_batches"] {
-        let sql = format!("select count(*) from {table} where job_id = 5");
-        assert_eq!(common::scalar(&db.pool, &sql).await, 0, "{table}");
-    }
+    assert_eq!(working_rows(&db.pool, 5).await, 0);
+}
+
+/// A holder whose lease ran out discards its work under its own fence: the run its successor
+/// resumed (now under the successor's fence) stays, and the successor's discard deletes it.
+#[tokio::test]
+async fn a_discard_under_a_former_claims_fence_leaves_the_successors_run() {
+    let db = db("UTC", 1, 10).await;
+    support::store_random(&db.pool, 8, 100, 2, 2).await;
+    let range = range("2025-01-01", "2025-01-02");
+    let plan = db.start(5, range).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    plan::start(&mut tx, 5, range, &db.settings, 1, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let stale = finalize::delete_working_rows(&mut conn, 5, Some(0)).await;
+    assert!(!stale.unwrap());
+    // The run and its parts, untouched.
+    assert_eq!(working_rows(&db.pool, 5).await, 1 + plan.parts.len() as i64);
+    let current = finalize::delete_working_rows(&mut conn, 5, Some(1)).await;
+    assert!(current.unwrap());
+    assert_eq!(working_rows(&db.pool, 5).await, 0);
+}
+
+/// Job `job`'s rows in `settlement_runs`, `settlement_parts` and `settlement_batches`.
+async fn working_rows(pool: &sqlx::PgPool, job: i64) -> i64 {
+    let tables = ["settlement_runs", "settlement_parts", "settlement_batches"];
+    let counts = tables.map(|t| format!("(select count(*) from {t} where job_id = $1)"));
+    common::scalar_of(pool, &format!("select {}", counts.join(" + ")), job).await
 }
 
 #[tokio::test]
