@@ -384,7 +384,7 @@ async fn a_fresh_start_also_deletes_the_batch_a_former_owner_lands_meanwhile() {
     common::wait_for_lock_waiter(&db.pool, "delete from settlement_runs").await;
     old.commit().await.unwrap();
     fresh.await.unwrap();
-    assert_eq!(working_rows(&db.pool, 5).await, 0);
+    support::assert_no_working_rows(&db.pool, 5).await;
 }
 
 /// A holder whose lease ran out discards its work under its own fence: the run its successor
@@ -404,17 +404,12 @@ async fn a_discard_under_a_former_claims_fence_leaves_the_successors_run() {
     let stale = finalize::delete_working_rows(&mut conn, 5, Some(0)).await;
     assert!(!stale.unwrap());
     // The run and its parts, untouched.
-    assert_eq!(working_rows(&db.pool, 5).await, 1 + plan.parts.len() as i64);
+    let runs = support::rows_of_job(&db.pool, "settlement_runs", 5).await;
+    let parts = support::rows_of_job(&db.pool, "settlement_parts", 5).await;
+    assert_eq!((runs, parts), (1, plan.parts.len() as i64));
     let current = finalize::delete_working_rows(&mut conn, 5, Some(1)).await;
     assert!(current.unwrap());
-    assert_eq!(working_rows(&db.pool, 5).await, 0);
-}
-
-/// Job `job`'s rows in `settlement_runs`, `settlement_parts` and `settlement_batches`.
-async fn working_rows(pool: &sqlx::PgPool, job: i64) -> i64 {
-    let tables = ["settlement_runs", "settlement_parts", "settlement_batches"];
-    let counts = tables.map(|t| format!("(select count(*) from {t} where job_id = $1)"));
-    common::scalar_of(pool, &format!("select {}", counts.join(" + ")), job).await
+    support::assert_no_working_rows(&db.pool, 5).await;
 }
 
 #[tokio::test]

@@ -213,10 +213,7 @@ pub async fn assert_left_nothing(pool: &PgPool, id: i64) {
     assert_eq!(result, None, "no result");
     let results = rows_of_job(pool, "settlement_results", id).await;
     assert_eq!(results, 0, "no CSV");
-    for working in ["settlement_runs", "settlement_parts", "settlement_batches"] {
-        let rows = rows_of_job(pool, working, id).await;
-        assert_eq!(rows, 0, "the job's {working} are discarded");
-    }
+    assert_no_working_rows(pool, id).await;
 }
 
 /// Stores `rows`, settles `from..=to` through the API (a worker must be running) and returns
