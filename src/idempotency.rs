@@ -146,6 +146,34 @@ impl IdempotencyKey {
     }
 }
 
+/// The transaction a request runs in: under its key when it sent one (a request seen before
+/// gets [`Begun::Replay`] instead), a plain one otherwise.
+pub async fn begin(
+    key: Option<&IdempotencyKey>,
+    pool: &PgPool,
+    request: &Value,
+) -> Result<Begun, IdempotencyError> {
+    match key {
+        Some(key) => key.start(pool, request).await,
+        None => Ok(Begun::Execute(pool.begin().await?)),
+    }
+}
+
+/// Stores the answer `(status, body)` under the key, when the request sent one, and commits:
+/// the request's effect and its key's answer land together or not at all.
+pub async fn commit(
+    key: Option<&IdempotencyKey>,
+    mut tx: Transaction<'static, Postgres>,
+    request: &Value,
+    (status, body): (u16, &Value),
+    ttl_hours: i64,
+) -> Result<(), sqlx::Error> {
+    if let Some(key) = key {
+        key.store(&mut tx, request, status, body, ttl_hours).await?;
+    }
+    tx.commit().await
+}
+
 /// What a transaction found when it tried to take a key ([`claim_all`]).
 #[derive(Debug)]
 pub enum Claim {

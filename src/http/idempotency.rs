@@ -8,10 +8,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Transaction};
 
 use super::error::ApiError;
-use crate::idempotency::{Begun, IdempotencyError, IdempotencyKey, StoredResponse};
+use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
 
 /// The header a client names its key in.
 pub const HEADER: &str = "idempotency-key";
@@ -48,36 +47,6 @@ impl KeyHeader {
         let raw = value.to_str().map_err(|_| IdempotencyError::InvalidKey)?;
         Ok(Some(IdempotencyKey::parse(scope, raw)?))
     }
-}
-
-/// The transaction a request runs in: under its key when it sent one (a request seen before
-/// gets [`Begun::Replay`] instead), a plain one otherwise.
-pub async fn begin(
-    key: Option<&IdempotencyKey>,
-    pool: &PgPool,
-    request: &Value,
-) -> Result<Begun, ApiError> {
-    Ok(match key {
-        Some(key) => key.start(pool, request).await?,
-        None => Begun::Execute(pool.begin().await?),
-    })
-}
-
-/// Stores the answer under the key, when the request sent one, and commits: the request's
-/// effect and its key's answer land together or not at all.
-pub async fn commit(
-    key: Option<&IdempotencyKey>,
-    mut tx: Transaction<'static, Postgres>,
-    request: &Value,
-    (status, body): (StatusCode, &Value),
-    ttl_hours: i64,
-) -> Result<(), ApiError> {
-    if let Some(key) = key {
-        key.store(&mut tx, request, status.as_u16(), body, ttl_hours)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 /// A stored response's status; a stored number that is not one is an internal error.

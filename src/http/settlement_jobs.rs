@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{self, KeyHeader};
+use super::idempotency::{KeyHeader, status};
 use super::openapi::ErrorBody;
-use crate::idempotency::Begun;
+use crate::idempotency::{self, Begun};
 use crate::settlement::job::KIND;
 use crate::settlement::{DateRange, DateRangeInput};
 
@@ -62,14 +62,14 @@ async fn create_settlement_job(
     let request_json = serde_json::to_value(&input).map_err(anyhow::Error::from)?;
     let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &request_json).await? {
         Begun::Execute(tx) => tx,
-        Begun::Replay(stored) => return accepted(idempotency::status(&stored)?, stored.body),
+        Begun::Replay(stored) => return accepted(status(&stored)?, stored.body),
     };
     // Stored in canonical form, so the job reads exactly the days that were validated.
     let args = serde_json::to_value(range.to_input()).map_err(anyhow::Error::from)?;
     let job = NewJob::new(KIND, args).max_attempts(app.config.worker.max_attempts);
     let job_id = settle_workers::enqueue(&mut tx, &job).await?;
     let body = json!({"job_id": job_id, "status": "QUEUED"});
-    let answer = (StatusCode::ACCEPTED, &body);
+    let answer = (StatusCode::ACCEPTED.as_u16(), &body);
     let ttl = app.config.idempotency.ttl_hours;
     idempotency::commit(key.as_ref(), tx, &request_json, answer, ttl).await?;
     accepted(StatusCode::ACCEPTED, body)

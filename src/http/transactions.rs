@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{self, KeyHeader, replay, respond};
+use super::idempotency::{KeyHeader, replay, respond};
 use super::openapi::ErrorBody;
-use crate::idempotency::Begun;
+use crate::idempotency::{self, Begun};
 use crate::settlement::transactions::{self, Ingested, NewTransaction, RawTransaction};
 
 pub fn router() -> Router<AppState> {
@@ -125,7 +125,14 @@ async fn create_transactions(
     })
     .map_err(anyhow::Error::from)?;
     let ttl = app.config.idempotency.ttl_hours;
-    idempotency::commit(key.as_ref(), tx, &body, (StatusCode::CREATED, &report), ttl).await?;
+    idempotency::commit(
+        key.as_ref(),
+        tx,
+        &body,
+        (StatusCode::CREATED.as_u16(), &report),
+        ttl,
+    )
+    .await?;
     Ok(respond(StatusCode::CREATED, report))
 }
 
