@@ -30,10 +30,10 @@ pub const DAILY_SETTLEMENT: &str = "daily_settlement";
 pub struct Schedule {
     /// Local time of day from which the previous day is due.
     at: NaiveTime,
-    /// The zone of `at` and of "the previous day".
+    /// The zone of `at`'s wall clock.
     zone: Tz,
-    /// The zone whose calendar days the settlements are (`settlement.time_zone`): a day is due
-    /// only once it has ended there too.
+    /// The zone whose calendar days the settlements are (`settlement.time_zone`), in which
+    /// "the previous day" is counted (see [`Schedule::due_day`]).
     settlement_zone: Tz,
     /// Longest sleep between two looks at the clock.
     check_interval: Duration,

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use settle_workers::error::sql_state;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -20,7 +21,6 @@ use crate::metrics::{self, OrderOutcome};
 use crate::orders::coalesce::{Answer, CoalesceError, Keyed};
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{self, NewOrder, Order, Rejected, outcome};
-use settle_workers::error::sql_state;
 
 pub fn router() -> Router<AppState> {
     Router::new()

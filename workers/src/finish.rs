@@ -1,8 +1,9 @@
 //! Ending an attempt: complete, fail (retry with backoff or FAILED), snooze, cancel, or release
 //! (on shutdown). Every statement is fenced by `(id, fence)` and the running states, so a
-//! holder that lost its lease changes nothing and learns it from the zero row count. Every ending also honours a pending
-//! cancel (`cancel_requested`): a job whose cancel was answered `cancelling` ends CANCELLED,
-//! whether it was completing, failing or snoozing when the request landed.
+//! holder that lost its lease changes nothing and learns it from the zero row count. Every
+//! ending also honours a pending cancel (`cancel_requested`): a job whose cancel was answered
+//! `cancelling` ends CANCELLED, whether it was completing, failing, snoozing or being
+//! released when the request landed.
 
 use std::time::Duration;
 
