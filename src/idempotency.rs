@@ -223,7 +223,7 @@ pub async fn claim_all(
     // A statement after the one that took the locks: its snapshot sees whatever the keys'
     // previous holders committed. The requests are compared as jsonb, as stored: `1e3` sent
     // again equals the `1000` jsonb kept of it, where serde_json's float and integer differ.
-    let requests: Vec<Value> = keys.iter().map(|&(_, request)| request.clone()).collect();
+    let requests: Vec<&Value> = keys.iter().map(|&(_, request)| request).collect();
     let stored = sqlx::query!(
         r#"select k.ord as "ord!", i.request = k.request as "same!", i.response_status,
                   i.response_body
@@ -233,7 +233,7 @@ pub async fn claim_all(
            where i.expires_at > now()"#,
         &scopes as &[&str],
         &names as &[&str],
-        &requests,
+        &requests as &[&Value],
     )
     .fetch_all(tx)
     .await?;
