@@ -67,8 +67,11 @@ pub async fn run(
     // A misspelt kind in the configuration would be ignored without a word.
     let known = registry.kinds();
     let w = &config.worker;
-    if let Some(kind) =
-        (w.kinds.keys().chain(w.timeouts.keys())).find(|k| !known.contains(&k.as_str()))
+    if let Some(kind) = w
+        .kinds
+        .keys()
+        .chain(w.timeouts.keys())
+        .find(|k| !known.contains(&k.as_str()))
     {
         anyhow::bail!(
             "worker.kinds / worker.timeouts name the kind `{kind}`, which this worker does not \
