@@ -88,6 +88,8 @@ pub struct OrdersConfig {
     pub coalesce: bool,
     /// Most orders one coalesced transaction places.
     pub max_batch: usize,
+    /// How long a coalesced transaction may take before its connection is taken for lost.
+    pub batch_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

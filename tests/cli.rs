@@ -89,6 +89,11 @@ fn bad_configuration_names_the_key() {
             "0",
             "acquire_timeout_ms",
         ),
+        (
+            "SETTLE_ORDERS__BATCH_TIMEOUT_MS",
+            "0",
+            "orders.batch_timeout_ms",
+        ),
         ("DATABASE_URL", "mysql://x", "database.url"),
     ] {
         let output = settle(&url)

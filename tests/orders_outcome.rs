@@ -9,7 +9,7 @@ mod common;
 
 use common::assert_error;
 use common::assert_refused;
-use common::outcome::{app_behind_proxy, order, orders_of, post_order};
+use common::outcome::{app_behind_proxy, app_behind_proxy_with, order, orders_of, post_order};
 use common::proxy::CommitFault;
 use serde_json::json;
 
@@ -93,4 +93,60 @@ async fn an_outcome_that_cannot_be_found_is_answered_unknown_and_a_keyed_retry_r
     proxy.restore();
     let (status, found) = app.get(&format!("/api/v1/orders/{order_id}")).await;
     assert_eq!((status, &found["buyer_id"]), (200, &json!("unknown-plain")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
+    // The request timeout is far beyond the batch's, so only the batch's deadline can answer
+    // in time.
+    let (proxy, app, direct) = app_behind_proxy_with(&[
+        ("orders.batch_timeout_ms", json!(1000)),
+        ("http.request_timeout_ms", json!(20_000)),
+    ])
+    .await;
+    let product = app.product(10, 100).await;
+
+    // The commit reaches the server, then the connection goes silent without closing.
+    proxy.plan(CommitFault::Partition {
+        commit_arrives: true,
+    });
+    let (status, placed) = post_order(&app, None, &order(product, "silent-after", 1)).await;
+    assert_eq!(status, 201, "the commit took effect: {placed}");
+    let placed_id = placed["id"].as_i64().unwrap();
+    assert_eq!(orders_of(&direct, "silent-after").await, [(placed_id, 1)]);
+
+    // The commit never arrives: the server ends the session idle in its transaction.
+    proxy.plan(CommitFault::Partition {
+        commit_arrives: false,
+    });
+    let body = order(product, "silent-before", 1);
+    assert_refused(
+        post_order(&app, Some("silent-before-key"), &body).await,
+        503,
+        "ORDER_NOT_PLACED",
+    );
+    assert!(orders_of(&direct, "silent-before").await.is_empty());
+
+    // A statement that waits past the deadline: another transaction holds the product's row.
+    let mut holder = direct.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = $1 for update")
+        .bind(product)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    assert_refused(
+        post_order(&app, None, &order(product, "waiting", 1)).await,
+        503,
+        "ORDER_NOT_PLACED",
+    );
+    holder.rollback().await.unwrap();
+    assert!(orders_of(&direct, "waiting").await.is_empty());
+
+    let (status, retried) = post_order(&app, Some("silent-before-key"), &body).await;
+    assert_eq!(status, 201, "the keyed retry places it: {retried}");
+    let (stock, sold): (i64, i64) = sqlx::query_as("select stock, sold from products")
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!((stock, sold), (8, 2));
 }

@@ -40,6 +40,9 @@ impl Config {
         if self.orders.max_batch == 0 {
             return invalid("orders.max_batch", "must be at least 1");
         }
+        if self.orders.batch_timeout_ms == 0 {
+            return invalid("orders.batch_timeout_ms", "must be positive");
+        }
         let pages = &self.pagination;
         if !(1..=pages.max_page_size).contains(&pages.default_page_size) {
             return invalid(

@@ -62,7 +62,7 @@ impl AppState {
             render: orders::stored_answer,
             ttl_hours: config.idempotency.ttl_hours,
         };
-        let coalescer = Coalescer::new(pool.clone(), config.orders.max_batch, keys);
+        let coalescer = Coalescer::new(pool.clone(), &config.orders, keys);
         let tokens = TokenCache::new(Duration::from_millis(config.auth.cache_ttl_ms));
         Self {
             pool,

@@ -77,9 +77,9 @@ pub struct PlaceOrderRequest {
         (status = 409, description = "OUT_OF_STOCK (with `available`), IDEMPOTENCY_KEY_IN_USE", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 422, description = "INVALID_QUANTITY, INVALID_BUYER_ID, INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = super::openapi::ErrorBody),
-        (status = 503, description = "ORDER_NOT_PLACED: the database connection failed or the transaction was aborted, and the order was certainly not placed; retrying is safe. \
+        (status = 503, description = "ORDER_NOT_PLACED: the database connection failed, or the transaction was aborted or ran past `orders.batch_timeout_ms`, and the order was certainly not placed; retrying is safe. \
             ORDER_OUTCOME_UNKNOWN: the connection failed during the commit, or the request ran past `http.request_timeout_ms`, and the service could not find out whether the order was placed \
-            (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells); a retry with the same Idempotency-Key \
+            (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells, if that order has the request's buyer_id, product_id and quantity, since a database crash that lost the commit gives the id to a later order); a retry with the same Idempotency-Key \
             replays the order if it was placed and places it if not, while a retry without a key may place a second order. \
             SERVICE_UNAVAILABLE: no database connection free in time, or the database unreachable, before anything was placed; retrying is safe", body = super::openapi::ErrorBody),
     )

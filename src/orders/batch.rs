@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::coalesce::{Answer, KeyStore, Pending};
 use super::store::{self, Grant};
@@ -54,13 +54,13 @@ enum Verdict {
 /// commit, with one decision per order. If a statement fails, the transaction is rolled back
 /// here: a dropped one would hold the product's row and the keys until its connection is
 /// next used.
-pub(super) async fn decide(
-    pool: &PgPool,
+pub(super) async fn decide<'c>(
+    conn: &'c mut PgConnection,
     product_id: i64,
     keys: KeyStore,
     batch: &[Pending],
-) -> Result<(Transaction<'static, Postgres>, Vec<Decision>), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+) -> Result<(Transaction<'c, Postgres>, Vec<Decision>), sqlx::Error> {
+    let mut tx = conn.begin().await?;
     match decide_in(&mut tx, product_id, keys, batch).await {
         Ok(decided) => Ok((tx, decided)),
         Err(e) => {

@@ -17,6 +17,12 @@
 //! The no-oversell guarantee does not depend on this module: the decrement is computed under
 //! the row lock in the same transaction as the inserts, and `stock_not_negative` still stands.
 //!
+//! A batch that runs past its deadline (`orders.batch_timeout_ms`) is ended there: its
+//! connection is closed, and it is answered as not placed if its commit was not yet sent, else
+//! checked as a lost commit (below). A connection gone silent without closing (a network
+//! partition) would otherwise hold the product's task, and every order queued behind it,
+//! until TCP gave up.
+//!
 //! No buyer is told "failed" for an order that exists. A batch whose statements fail placed
 //! nothing and stored no key, and its buyers are told so. A batch whose commit fails may have
 //! committed anyway (the reply can be lost after the commit): [`super::outcome`] then finds out
@@ -31,8 +37,10 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{NewOrder, Order, Rejected, batch, outcome};
+use crate::config::OrdersConfig;
 use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
 
 /// A product's task ends after this long without orders, freeing its slot.
@@ -75,11 +83,23 @@ pub(super) struct Pending {
     reply: oneshot::Sender<Result<Answer, CoalesceError>>,
 }
 
+/// How big a product's batches get and how long one may take.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Most orders one batch places (`orders.max_batch`).
+    max_batch: usize,
+    /// How long a batch may take from its first statement to its commit's reply
+    /// (`orders.batch_timeout_ms`). Past it, the batch's connection is taken for lost: a
+    /// network partition that no socket notices would otherwise stall the product's orders
+    /// until TCP gives up, which can be hours.
+    timeout: Duration,
+}
+
 /// Routes each order to its product's task, starting the task on first use.
 #[derive(Clone)]
 pub struct Coalescer {
     pool: PgPool,
-    max_batch: usize,
+    limits: Limits,
     keys: KeyStore,
     products: Arc<Mutex<HashMap<i64, mpsc::UnboundedSender<Pending>>>>,
 }
@@ -90,8 +110,9 @@ pub enum CoalesceError {
     /// A statement of the batch failed before its commit: nothing of it was placed or stored.
     #[error(transparent)]
     Sql(Arc<sqlx::Error>),
-    /// The batch's commit failed, and the check afterwards found this order not placed.
-    #[error("the batch's commit failed and the order was not placed")]
+    /// The batch ended without placing this order: it ran past `orders.batch_timeout_ms`
+    /// before its commit was sent, or its commit failed and the check found the order absent.
+    #[error("the batch did not commit and the order was not placed")]
     NotPlaced,
     /// The batch's commit reply was lost and the check could not tell whether it took effect;
     /// `order_id` is the order's id if it did (`None` for an order the batch did not grant).
@@ -102,10 +123,13 @@ pub enum CoalesceError {
 }
 
 impl Coalescer {
-    pub fn new(pool: PgPool, max_batch: usize, keys: KeyStore) -> Self {
+    pub fn new(pool: PgPool, config: &OrdersConfig, keys: KeyStore) -> Self {
         Self {
             pool,
-            max_batch,
+            limits: Limits {
+                max_batch: config.max_batch,
+                timeout: Duration::from_millis(config.batch_timeout_ms),
+            },
             keys,
             products: Arc::default(),
         }
@@ -144,7 +168,7 @@ impl Coalescer {
                     self.pool.clone(),
                     product_id,
                     rx,
-                    self.max_batch,
+                    self.limits,
                     self.keys,
                 ));
                 tx
@@ -169,12 +193,12 @@ async fn run_product(
     pool: PgPool,
     product_id: i64,
     mut queue: mpsc::UnboundedReceiver<Pending>,
-    max_batch: usize,
+    limits: Limits,
     keys: KeyStore,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
+    let mut batch = Vec::with_capacity(limits.max_batch);
     loop {
-        match tokio::time::timeout(IDLE, queue.recv_many(&mut batch, max_batch)).await {
+        match tokio::time::timeout(IDLE, queue.recv_many(&mut batch, limits.max_batch)).await {
             Ok(0) | Err(_) => {
                 // Idle or every sender gone: close so late senders see the send fail and
                 // start a fresh task, then answer anything that slipped in meanwhile.
@@ -183,16 +207,22 @@ async fn run_product(
                     batch.push(pending);
                 }
                 if !batch.is_empty() {
-                    place_batch(&pool, product_id, keys, std::mem::take(&mut batch)).await;
+                    place_batch(&pool, product_id, limits, keys, std::mem::take(&mut batch)).await;
                 }
                 return;
             }
-            Ok(_) => place_batch(&pool, product_id, keys, std::mem::take(&mut batch)).await,
+            Ok(_) => place_batch(&pool, product_id, limits, keys, std::mem::take(&mut batch)).await,
         }
     }
 }
 
-async fn place_batch(pool: &PgPool, product_id: i64, keys: KeyStore, mut batch: Vec<Pending>) {
+async fn place_batch(
+    pool: &PgPool,
+    product_id: i64,
+    limits: Limits,
+    keys: KeyStore,
+    mut batch: Vec<Pending>,
+) {
     // A buyer whose request was abandoned while queued (timed out, disconnected) gets no order:
     // nobody would learn it was placed.
     batch.retain(|pending| !pending.reply.is_closed());
@@ -200,35 +230,58 @@ async fn place_batch(pool: &PgPool, product_id: i64, keys: KeyStore, mut batch: 
         return;
     }
     crate::metrics::order_batch(batch.len());
-    let answers = place_all(pool, product_id, keys, &batch).await;
+    let answers = place_all(pool, product_id, limits.timeout, keys, &batch).await;
     for (pending, answer) in batch.into_iter().zip(answers) {
         let _ = pending.reply.send(answer);
     }
 }
 
 /// One answer per order, in order: the batch's decisions if it committed, else why not.
+/// A batch that runs past `timeout` before its commit is sent placed nothing; one whose
+/// commit has no reply by then is checked as a lost commit. Either way its connection is
+/// closed, not returned to the pool, where the first use would wait on it again.
 async fn place_all(
     pool: &PgPool,
     product_id: i64,
+    timeout: Duration,
     keys: KeyStore,
     batch: &[Pending],
 ) -> Vec<Result<Answer, CoalesceError>> {
-    let (tx, decided) = match batch::decide(pool, product_id, keys, batch).await {
-        Ok(decided) => decided,
-        Err(e) => {
-            let e = Arc::new(e);
-            return batch
-                .iter()
-                .map(|_| Err(CoalesceError::Sql(e.clone())))
-                .collect();
+    let failed = |e: CoalesceError| -> Vec<_> { batch.iter().map(|_| Err(e.clone())).collect() };
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return failed(CoalesceError::Sql(Arc::new(e))),
+    };
+    let deadline = Instant::now() + timeout;
+    // What went wrong: `None` before the commit was sent, else the decisions whose commit
+    // failed. A block, so that the transaction's borrow of `conn` ends with it.
+    let lost = {
+        let decide = batch::decide(&mut conn, product_id, keys, batch);
+        match tokio::time::timeout_at(deadline, decide).await {
+            Ok(Ok((tx, decided))) => match tokio::time::timeout_at(deadline, tx.commit()).await {
+                Ok(Ok(())) => return decided.into_iter().map(|d| Ok(d.committed())).collect(),
+                Ok(Err(e)) => Some((decided, e.to_string())),
+                Err(_) => Some((decided, "no reply by orders.batch_timeout_ms".to_owned())),
+            },
+            Ok(Err(e)) => return failed(CoalesceError::Sql(Arc::new(e))),
+            Err(_) => None,
         }
     };
-    match tx.commit().await {
-        Ok(()) => decided.into_iter().map(|d| Ok(d.committed())).collect(),
-        Err(e) => {
+    conn.close_on_drop();
+    drop(conn);
+    match lost {
+        None => {
             tracing::warn!(
                 product_id,
-                error = %e,
+                "an order batch ran past orders.batch_timeout_ms before its commit; \
+                 nothing of it was placed"
+            );
+            failed(CoalesceError::NotPlaced)
+        }
+        Some((decided, error)) => {
+            tracing::warn!(
+                product_id,
+                %error,
                 "an order batch's commit failed; checking which orders exist"
             );
             outcome::settle_lost_commit(pool, product_id, batch, decided).await

@@ -13,6 +13,11 @@ use super::{TestApp, spawn_app_with, status_and_json};
 /// An API whose pool goes through a fresh proxy, and a direct pool on the same database for
 /// the test's own reads and writes (`application_name` `settle-test`, so it is never cut).
 pub async fn app_behind_proxy() -> (Proxy, TestApp, PgPool) {
+    app_behind_proxy_with(&[]).await
+}
+
+/// [`app_behind_proxy`] with more configuration `overrides`.
+pub async fn app_behind_proxy_with(overrides: &[(&str, Value)]) -> (Proxy, TestApp, PgPool) {
     let server = url::Url::parse(&super::server_url()).expect("server url");
     let upstream = format!(
         "{}:{}",
@@ -23,11 +28,12 @@ pub async fn app_behind_proxy() -> (Proxy, TestApp, PgPool) {
     let name = format!("settle_test_{}", uuid::Uuid::new_v4().simple());
     // Small batches: keyed and unkeyed orders share batches, and the faults need many commits
     // to hit.
-    let app = spawn_app_with(&[
+    let mut settings = vec![
         ("database.url", json!(proxy.url(&name))),
         ("orders.max_batch", json!(8)),
-    ])
-    .await;
+    ];
+    settings.extend(overrides.iter().cloned());
+    let app = spawn_app_with(&settings).await;
     let options = PgConnectOptions::from_str(&format!("{}/{name}", super::server_url()))
         .expect("direct url")
         .application_name("settle-test");

@@ -25,6 +25,10 @@ pub enum CommitFault {
     LoseReply,
     /// As `LoseReply`, then refuse and cut every connection until [`Proxy::restore`].
     LoseReplyThenBlackout,
+    /// A network partition that no socket notices: the COMMIT reaches the server if
+    /// `commit_arrives`, and from then on nothing passes either way while the connection stays
+    /// open (until the proxy is dropped).
+    Partition { commit_arrives: bool },
 }
 
 /// A running proxy; stops accepting when dropped (live connections end with their sockets).
@@ -222,6 +226,14 @@ impl Link<'_> {
                         self.cut.cancel();
                         return Ok(());
                     }
+                    Some(CommitFault::Partition { commit_arrives }) => {
+                        self.swallow.store(PARTITION, Ordering::SeqCst);
+                        if commit_arrives {
+                            to.write_all(&frame).await?;
+                        }
+                        // The client's later bytes are never read, let alone forwarded.
+                        std::future::pending::<()>().await;
+                    }
                     Some(fault) => {
                         self.shared.lost_replies.fetch_add(1, Ordering::Relaxed);
                         if fault == CommitFault::LoseReplyThenBlackout {
@@ -246,10 +258,18 @@ impl Link<'_> {
         let mut buffer = vec![0; 16 * 1024];
         loop {
             let n = from.read(&mut buffer).await?;
+            let fault = self.swallow.load(Ordering::SeqCst);
+            if fault == PARTITION {
+                // The server's replies are read and dropped, and its closing the session
+                // (`n == 0`) is never passed on either.
+                if n == 0 {
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
             if n == 0 {
                 return Ok(());
             }
-            let fault = self.swallow.load(Ordering::SeqCst);
             if fault != PASS {
                 // The server answered the COMMIT: it has committed. The client never hears.
                 if fault == SWALLOW_THEN_BLACKOUT {
@@ -267,6 +287,7 @@ impl Link<'_> {
 const PASS: u8 = 0;
 const SWALLOW: u8 = 1;
 const SWALLOW_THEN_BLACKOUT: u8 = 2;
+const PARTITION: u8 = 3;
 
 /// A startup-phase message: length (including itself) then body.
 async fn read_untyped(from: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
