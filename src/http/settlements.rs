@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::extract::{Json, Query};
 use super::openapi::ErrorBody;
 use super::pagination::{self, Page, PageQuery};
+use crate::settlement;
 use crate::settlement::list::{self, SettlementFilter, SettlementRow};
 use crate::tokens::{Principal, Role};
 
@@ -111,7 +112,7 @@ async fn list_settlements(
 }
 
 fn day(raw: &str, field: &'static str) -> Result<NaiveDate, ApiError> {
-    NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
+    settlement::parse_day(raw).ok_or_else(|| {
         ApiError::invalid(
             "INVALID_DATE",
             field,

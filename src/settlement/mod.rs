@@ -76,12 +76,23 @@ pub struct DateRange {
     to: NaiveDate,
 }
 
+/// A calendar day written exactly `YYYY-MM-DD`, as the API documents it. chrono's `%Y` alone
+/// also takes signed and longer years (`-5000-01-01`, `+200000-01-01`), days Postgres cannot
+/// hold (before 4714 BC) or no transaction's `paid_at` can fall on.
+pub fn parse_day(raw: &str) -> Option<NaiveDate> {
+    let digits_at =
+        |range: std::ops::Range<usize>| raw.as_bytes()[range].iter().all(u8::is_ascii_digit);
+    let well_formed = raw.len() == 10 && digits_at(0..4) && digits_at(5..7) && digits_at(8..10);
+    well_formed
+        .then(|| NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok())
+        .flatten()
+}
+
 impl DateRange {
-    /// Parses `YYYY-MM-DD` days, then checks them as [`Self::new`] does.
+    /// Parses `YYYY-MM-DD` days ([`parse_day`]), then checks them as [`Self::new`] does.
     pub fn parse(input: &DateRangeInput, max_span_days: i64) -> Result<Self, RangeError> {
-        let day = |raw: &str, field: &'static str| {
-            NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| RangeError::NotADay { field })
-        };
+        let day =
+            |raw: &str, field: &'static str| parse_day(raw).ok_or(RangeError::NotADay { field });
         let from = day(&input.from, "from")?;
         let to = day(&input.to, "to")?;
         Self::new(from, to, max_span_days)
@@ -268,6 +279,14 @@ mod tests {
             error(range("2025-01-01", "tomorrow")),
             RangeError::NotADay { field: "to" }
         );
+        for not_as_documented in ["-5000-01-01", "+2025-01-01", "12025-01-01", "2025-1-01"] {
+            assert_eq!(
+                error(range(not_as_documented, "2025-01-01")),
+                RangeError::NotADay { field: "from" },
+                "{not_as_documented}"
+            );
+        }
+        assert!(range("0000-01-01", "0000-01-01").is_ok());
         assert_eq!(
             error(range("2025-01-02", "2025-01-01")),
             RangeError::Reversed
