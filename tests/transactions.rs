@@ -117,15 +117,18 @@ async fn a_conflicting_resend_is_409_and_stores_nothing_of_the_request() {
         assert_eq!(error["error"]["merchant_id"], "m-1");
         assert_eq!(error["error"]["external_id"], "ch_m-1_100_1");
     }
-    // Inside one request: the same identity twice with different fields.
-    let mut changed = txn("m-5", 10, 1);
-    changed["amount_cents"] = json!(11);
-    assert_refused(
-        app.post("/api/v1/transactions", &json!([txn("m-5", 10, 1), changed]))
-            .await,
-        409,
-        "TRANSACTION_CONFLICT",
-    );
+    // Inside one request: the same identity twice with different fields. The later element
+    // is the conflict, however many elements the insert sorts (Postgres' sort is not stable).
+    for size in [2, 1000] {
+        let mut batch: Vec<Value> = (0..size - 1).map(|i| txn("m-5", 10 + i, 1)).collect();
+        let mut changed = batch[0].clone();
+        changed["amount_cents"] = json!(5);
+        batch.push(changed);
+        let (status, error) = app.post("/api/v1/transactions", &json!(batch)).await;
+        assert_eq!(status, 409, "{error}");
+        assert_error(&error, "TRANSACTION_CONFLICT");
+        assert_eq!(error["error"]["index"], size - 1, "of {size}");
+    }
     assert_eq!(stored(&app).await, 1);
 }
 

@@ -238,7 +238,9 @@ pub enum Ingested {
 /// only when some element was not inserted, one indexed comparison of the batch against what
 /// is stored. Rows are inserted in identity order, so concurrent batches sharing identities
 /// take their index locks in the same order and cannot deadlock; a concurrent batch's
-/// uncommitted row is waited for, then counted as stored.
+/// uncommitted row is waited for, then counted as stored. An identity repeated in the batch is
+/// inserted from its first element (the sort alone is not stable), so a later one that differs
+/// is the element named.
 pub async fn ingest(
     tx: &mut PgConnection,
     rows: &[NewTransaction],
@@ -249,8 +251,8 @@ pub async fn ingest(
              (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
          select m, e, a, f, s, p
          from unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
-                     $6::timestamptz[]) as t(m, e, a, f, s, p)
-         order by m, e
+                     $6::timestamptz[]) with ordinality as t(m, e, a, f, s, p, n)
+         order by m, e, n
          on conflict on constraint transactions_merchant_external_id_key do nothing",
         columns
     ))
