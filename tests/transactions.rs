@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestApp, assert_error, spawn_app, spawn_app_with};
+use common::{TestApp, assert_error, spawn_app, spawn_app_with, status_and_json};
 use common::{assert_refused, assert_response_refused};
 use serde_json::{Value, json};
 
@@ -285,16 +285,34 @@ async fn wrong_shapes_are_400() {
             "INVALID_BODY",
         );
     }
-    let response = app
-        .http
-        .post(app.url("/api/v1/transactions"))
-        .header("content-type", "application/json")
-        .body("{\"merchant_id\": ")
-        .send()
-        .await
-        .unwrap();
+    let response = post_text(&app, "{\"merchant_id\": ".into()).await;
     assert_response_refused(response, 400, "MALFORMED_JSON").await;
     assert_eq!(stored(&app).await, 0);
+}
+
+/// Posts `body` as written (a JSON text `json!` cannot make).
+async fn post_text(app: &TestApp, body: String) -> reqwest::Response {
+    app.http
+        .post(app.url("/api/v1/transactions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_field_written_twice_is_refused_not_overwritten() {
+    let app = spawn_app().await;
+    let once = txn("m-1", 1000, 30).to_string();
+    let twice = once.replacen('{', r#"{"merchant_id": "m-2", "#, 1);
+    for body in [twice.clone(), format!("[{once}, {twice}]")] {
+        assert_response_refused(post_text(&app, body).await, 400, "INVALID_BODY").await;
+    }
+    assert_eq!(stored(&app).await, 0);
+    // Whitespace around the array is still an array.
+    let answer = status_and_json(post_text(&app, format!(" \n [{once}] \n")).await).await;
+    assert_eq!(answer, (201, report(1, 0)));
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -92,10 +92,12 @@ pub struct IngestReport {
 async fn create_transactions(
     State(app): State<AppState>,
     key: KeyHeader,
-    Json(body): Json<Value>,
+    Json(raw): Json<Box<RawValue>>,
 ) -> Result<Response, ApiError> {
     let key = key.scoped("transactions")?;
-    let parsed = parse(&body, app.config.settlement.max_transactions_per_request)?;
+    let parsed = parse(&raw, app.config.settlement.max_transactions_per_request)?;
+    // The request as its key stores it (a resend is compared with it as jsonb).
+    let body: Value = serde_json::from_str(raw.get()).map_err(anyhow::Error::from)?;
     let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &body).await? {
         Begun::Execute(tx) => tx,
         Begun::Replay(stored) => return replay(stored),
@@ -136,36 +138,38 @@ async fn create_transactions(
     Ok(respond(StatusCode::CREATED, report))
 }
 
-/// The request's transactions, parsed: an object is one, an array 1 to `max`.
-fn parse(body: &Value, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
-    match body {
-        Value::Array(items) => {
-            if items.is_empty() || items.len() > max {
-                return Err(ApiError::invalid(
-                    "INVALID_BATCH_SIZE",
-                    "transactions",
-                    format!("an array must hold 1 to {max} transactions"),
-                ));
-            }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| element(item, Some(i)))
-                .collect()
-        }
-        single => Ok(vec![element(single, None)?]),
+/// The request's transactions, parsed: an object is one, an array 1 to `max`. Each element is
+/// deserialized from its own text, not from a `Value`, whose map would keep only the last of a
+/// key written twice: `{"merchant_id": "a", …, "merchant_id": "b"}` is refused, not stored
+/// for `b`.
+fn parse(body: &RawValue, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
+    if !body.get().starts_with('[') {
+        return Ok(vec![element(body, None)?]);
     }
+    let items: Vec<&RawValue> = shape(body, None)?;
+    if items.is_empty() || items.len() > max {
+        return Err(ApiError::invalid(
+            "INVALID_BATCH_SIZE",
+            "transactions",
+            format!("an array must hold 1 to {max} transactions"),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| element(item, Some(i)))
+        .collect()
 }
 
 /// One element, deserialized and parsed; `index` is its position in an array.
-fn element(item: &Value, index: Option<usize>) -> Result<NewTransaction, ApiError> {
-    let input = shape::<TransactionInput>(item.clone(), index)?;
+fn element(item: &RawValue, index: Option<usize>) -> Result<NewTransaction, ApiError> {
+    let input = shape::<TransactionInput>(item, index)?;
     Ok(RawTransaction::from(input).parse(index)?)
 }
 
 /// Deserializes one element, answering 400 (wrong shape or types) like the JSON extractor does.
-fn shape<T: DeserializeOwned>(value: Value, index: Option<usize>) -> Result<T, ApiError> {
-    serde_json::from_value(value).map_err(|e| ApiError::BadRequest {
+fn shape<'a, T: Deserialize<'a>>(raw: &'a RawValue, index: Option<usize>) -> Result<T, ApiError> {
+    serde_json::from_str(raw.get()).map_err(|e| ApiError::BadRequest {
         code: "INVALID_BODY",
         message: match index {
             Some(i) => format!("transactions[{i}]: {e}"),
