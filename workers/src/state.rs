@@ -80,7 +80,8 @@ macro_rules! impl_display_from_str {
     ($enum:ty, $error:ty, $unknown:expr) => {
         impl ::std::fmt::Display for $enum {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str(self.as_str())
+                // `pad`, not `write_str`: a width such as `{:<8}` in a table applies.
+                f.pad(self.as_str())
             }
         }
 
@@ -110,5 +111,10 @@ mod tests {
             assert_eq!(json, serde_json::json!(state.as_str()));
         }
         assert!("QUEUED".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn a_width_pads_the_name() {
+        assert_eq!(format!("{:<8}|", JobState::Queued), "queued  |");
     }
 }
