@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use settle_workers::read::{self, AttemptError, JobFilter, JobRecord};
 use settle_workers::{CancelOutcome, JobState, RetryOutcome};
 use utoipa::{IntoParams, ToSchema};
@@ -184,7 +184,7 @@ async fn list_jobs(
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     responses(
-        (status = 202, description = "`{\"job_id\", \"status\"}`: CANCELLED or CANCELLING"),
+        (status = 202, description = "CANCELLED or CANCELLING", body = JobAccepted),
         (status = 409, description = "JOB_FINISHED: the job already COMPLETED or FAILED", body = ErrorBody),
     )
 )]
@@ -210,7 +210,7 @@ async fn cancel_job(
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
     responses(
-        (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}`"),
+        (status = 202, description = "QUEUED", body = JobAccepted),
         (status = 409, description = "JOB_NOT_RETRYABLE: the job is not FAILED or CANCELLED; \
             `status` says what it is", body = ErrorBody),
     )
@@ -224,13 +224,25 @@ async fn retry_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<R
     }
 }
 
-/// 202 `{"job_id", "status"}`: the job is now in `state`.
+/// What a 202 answers: the job created, cancelled or retried, and its state now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAccepted {
+    pub job_id: i64,
+    /// QUEUED (created or retried), CANCELLING or CANCELLED (cancelled).
+    pub status: &'static str,
+}
+
+impl JobAccepted {
+    pub fn new(job_id: i64, state: JobState) -> Self {
+        Self {
+            job_id,
+            status: state.as_api_str(),
+        }
+    }
+}
+
 fn accepted(id: i64, state: JobState) -> Response {
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"job_id": id, "status": state.as_api_str()})),
-    )
-        .into_response()
+    (StatusCode::ACCEPTED, Json(JobAccepted::new(id, state))).into_response()
 }
 
 fn not_found() -> ApiError {

@@ -7,14 +7,15 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
-use serde_json::{Value, json};
-use settle_workers::NewJob;
+use serde_json::Value;
+use settle_workers::{JobState, NewJob};
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
 use super::idempotency::{KeyHeader, status};
+use super::jobs::JobAccepted;
 use super::openapi::ErrorBody;
 use crate::idempotency::{self, Begun};
 use crate::settlement::job::KIND;
@@ -42,7 +43,8 @@ pub struct DateRangeBody {
     post, path = "/api/v1/jobs/settlement", tag = "jobs",
     params(KeyHeader),
     responses(
-        (status = 202, description = "`{\"job_id\", \"status\": \"QUEUED\"}` with a `Location` header"),
+        (status = 202, description = "QUEUED (a replay answers the first answer again)", body = JobAccepted,
+            headers(("Location" = String, description = "The job: `/api/v1/jobs/{job_id}`"))),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
         (status = 422, description = "INVALID_DATE, INVALID_DATE_RANGE (from > to or span over \
             settlement.max_span_days), INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
@@ -68,7 +70,8 @@ async fn create_settlement_job(
     let args = serde_json::to_value(range.to_input()).map_err(anyhow::Error::from)?;
     let job = NewJob::new(KIND, args).max_attempts(app.config.worker.max_attempts);
     let job_id = settle_workers::enqueue(&mut tx, &job).await?;
-    let body = json!({"job_id": job_id, "status": "QUEUED"});
+    let body = serde_json::to_value(JobAccepted::new(job_id, JobState::Queued))
+        .map_err(anyhow::Error::from)?;
     let answer = (StatusCode::ACCEPTED.as_u16(), &body);
     let ttl = app.config.idempotency.ttl_hours;
     idempotency::commit(key.as_ref(), tx, &request_json, answer, ttl).await?;
