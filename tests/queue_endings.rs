@@ -316,3 +316,22 @@ async fn an_attempt_past_its_kinds_timeout_is_aborted_and_fails() {
     wait_state(&pool, other, "completed").await;
     assert!(worker.is_running(), "{}", worker.log_text());
 }
+
+/// What the database refuses to store ends the job at once, saying why, instead of leaving it
+/// running until its lease expires and running it again: a result jsonb cannot hold fails it
+/// after its one run; a failure message holding NUL is kept with the NUL marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ending_the_database_refuses_fails_the_job_at_once() {
+    let (pool, _db, _worker, _) = with_worker().await;
+    let ending = |then: &str| json!({"wait_ms": 0, "then": then});
+    let unstorable = enqueue(&pool, STUBBORN, ending("unstorable"), 3).await;
+    let with_nul = enqueue(&pool, STUBBORN, ending("fail_with_nul"), 1).await;
+    wait_state(&pool, unstorable, "failed").await;
+    let (_, attempt, result, errors, _, owner) = job(&pool, unstorable).await;
+    assert_eq!((attempt, result, owner), (1, None, None));
+    let text = errors[0]["error"].as_str().unwrap();
+    assert!(text.contains("refused the job's ending"), "{errors}");
+    wait_state(&pool, with_nul, "failed").await;
+    let (_, attempt, _, errors, _, _) = job(&pool, with_nul).await;
+    assert_eq!((attempt, &errors[0]["error"]), (1, &json!("a\u{FFFD}b")));
+}

@@ -4,11 +4,12 @@
 //!
 //! - `transient`: every run counts itself in `queue_probe_counts` (its own commit) and then
 //!   fails with SQLSTATE 40001 (serialization_failure), raised by Postgres.
-//! - `stubborn`: `{"wait_ms": w, "then": "complete" | "result" | "fail" | "snooze",
-//!   "after_ms": a?}` waits up to `w` for its stop token and then, whether or not a cancel
-//!   came, ends as `then` says: completed without a result (left to the completion batcher),
-//!   completed with one (recorded by the runtime), failed, or asking to run again after `a` ms
-//!   (a snooze).
+//! - `stubborn`: `{"wait_ms": w, "then": "complete" | "result" | "fail" | "snooze" |
+//!   "unstorable" | "fail_with_nul", "after_ms": a?}` waits up to `w` for its stop token and
+//!   then, whether or not a cancel came, ends as `then` says: completed without a result (left
+//!   to the completion batcher), completed with one (recorded by the runtime), failed, asking to
+//!   run again after `a` ms (a snooze), completed with a result Postgres refuses, or failed with
+//!   a message Postgres refuses as it stands.
 //! - `final_step`: `{"wait": "cancel" | "blocked", "blocker": name?}` writes its
 //!   `queue_probe_effects` row in a batch, marks in `queue_probe_marks` (committed apart) that
 //!   it is inside that batch, and waits before completing with it: `cancel` until its stop
@@ -52,6 +53,10 @@ enum Then {
     Result,
     Fail,
     Snooze,
+    /// A result Postgres cannot store (jsonb holds no NUL character).
+    Unstorable,
+    /// A failure whose message holds a NUL character (text cannot).
+    FailWithNul,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +76,8 @@ pub async fn stubborn(ctx: JobContext) -> JobResult {
         Then::Result => Outcome::Completed(Some(serde_json::json!({"stubborn": true}))),
         Then::Fail => return Err(JobError::failed(anyhow::anyhow!("failing despite a stop"))),
         Then::Snooze => Outcome::Retry(Duration::from_millis(args.after_ms)),
+        Then::Unstorable => Outcome::Completed(Some(serde_json::json!({"text": "a\u{0}b"}))),
+        Then::FailWithNul => return Err(JobError::failed(anyhow::anyhow!("a\u{0}b"))),
     })
 }
 

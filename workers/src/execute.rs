@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::claim::ClaimedJob;
 use crate::db::{on_conn, retry_until};
-use crate::error::JobError;
+use crate::error::{JobError, is_transient};
 use crate::job::{JobContext, Outcome};
 use crate::runtime::{Completion, Held, Shared};
 use crate::{finish, lease};
@@ -314,6 +314,20 @@ async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &Ca
             ?ending,
             "lease lost before the ending was recorded"
         ),
+        // The database refuses this ending for good (a result jsonb cannot hold, an interval
+        // out of range): the job fails for good, saying why, instead of running on under an
+        // expiring lease and again elsewhere until its attempts are spent by rescues.
+        Err(e)
+            if !is_transient(&e)
+                && !matches!(
+                    ending,
+                    Ending::Cancel | Ending::Release | Ending::Fail { fatal: true, .. }
+                ) =>
+        {
+            tracing::error!(job = id, error = %e, ?ending, "the database refused the job's ending; failing the job");
+            let refused = fatal(format!("the database refused the job's ending: {e}"));
+            Box::pin(record(shared, id, fence, &refused, lost)).await;
+        }
         Err(e) => {
             tracing::error!(job = id, error = %e, "cannot record the job's ending; its lease will expire");
         }

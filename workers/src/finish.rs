@@ -159,7 +159,8 @@ pub async fn fail(
                   errors = errors || jsonb_build_array(jsonb_build_object(
                       'attempt', attempt, 'error', $3::text, 'at', now(),
                       'retry_at', now() + $4 * interval '1 millisecond'))",
-        error,
+        // Postgres text holds no NUL character: the message is kept with each NUL marked.
+        error.replace('\0', "\u{FFFD}"),
         retry_in.as_millis() as f64,
         fatal,
     )
