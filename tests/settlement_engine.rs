@@ -194,13 +194,15 @@ async fn days_follow_the_configured_zone_at_the_edges() {
     );
 }
 
-/// In Havana the clocks go back from 01:00 to 00:00 on 2025-11-02, so that day's midnight comes
-/// twice: its first hour (04:00-05:00Z) belongs to it as well, and a one-day job reads it.
+/// Days whose clocks go back across midnight keep every hour. In Havana the clocks go back from
+/// 01:00 to 00:00 on 2025-11-02, so that day's midnight comes twice: its first hour
+/// (04:00-05:00Z) belongs to it as well. In St John's they went back at 00:01 on 2010-11-07 to
+/// 23:01 of the 6th: the 6th's last hour came again after the 7th's first midnight.
 #[tokio::test]
-async fn a_day_whose_midnight_comes_twice_begins_at_the_first() {
-    // Local 23:59:59, then 00:00 and 00:30 before the clocks go back, 00:30 after, 23:59:59,
-    // and the next day's midnight.
-    let instants = [
+async fn a_day_whose_clocks_go_back_across_midnight_keeps_every_hour() {
+    let havana = [
+        // Local 23:59:59, then 00:00 and 00:30 before the clocks go back, 00:30 after,
+        // 23:59:59, and the next day's midnight.
         "2025-11-02T03:59:59Z",
         "2025-11-02T04:00:00Z",
         "2025-11-02T04:30:00Z",
@@ -208,15 +210,45 @@ async fn a_day_whose_midnight_comes_twice_begins_at_the_first() {
         "2025-11-03T04:59:59Z",
         "2025-11-03T05:00:00Z",
     ];
+    let st_johns = [
+        // Noon, 23:30, the first midnight, 23:15 again, the second midnight.
+        "2010-11-06T14:30:00Z",
+        "2010-11-07T02:00:00Z",
+        "2010-11-07T02:30:00Z",
+        "2010-11-07T02:45:00Z",
+        "2010-11-07T03:30:00Z",
+    ];
+    let days: [(Tz, &[&str], &str, _); 2] = [
+        (
+            Tz::America__Havana,
+            &havana,
+            "2025-11-02",
+            (3000, 30, 2970, 4),
+        ),
+        (
+            Tz::America__St_Johns,
+            &st_johns,
+            "2010-11-06",
+            (1100, 11, 1089, 3),
+        ),
+    ];
+    for (zone, instants, date, sums) in days {
+        assert_eq!(settled_paid_day(zone, instants, date).await, sums, "{zone}");
+    }
+}
+
+/// Settles a PAID row of merchant `m` at each of `instants` (the i-th of 100 << i cents, fee
+/// 1 << i) over the one day `date` in `zone` ([`settled_day`]); the day's sums, which the
+/// reference computed in Rust must agree with.
+async fn settled_paid_day(zone: Tz, instants: &[&str], date: &str) -> (i64, i64, i64, i64) {
     let rows: Vec<_> = (0..)
         .zip(instants)
         .map(|(i, paid_at)| txn("m", 100 << i, 1 << i, Status::Paid, at(paid_at)))
         .collect();
-    let sums = settled_day("America/Havana", &rows, "2025-11-02").await;
-    assert_eq!(sums, (3000, 30, 2970, 4));
-    let (from, to) = (day("2025-11-02"), day("2025-11-02"));
-    let expected: support::Settled = [(("m".to_owned(), from), sums)].into();
-    assert_eq!(reference(&rows, from, to, Tz::America__Havana), expected);
+    let sums = settled_day(zone.name(), &rows, date).await;
+    let expected: support::Settled = [(("m".to_owned(), day(date)), sums)].into();
+    assert_eq!(reference(&rows, day(date), day(date), zone), expected);
+    sums
 }
 
 /// Settles `rows` of merchant `m` over the one day `date` in `zone`, in a database of its own

@@ -328,14 +328,21 @@ pub enum Probe {
     Found { first: i64, last: i64 },
 }
 
-/// The first instant of the day `from` and of the day after `to` in the zone, as SQL on
-/// `$from`/`$to` date parameters: the ends of a job's input in time. The zone is a literal
-/// (see [`Zone::day_sql`]).
+/// The first instant of the day `from` and the last midnight of the day after `to` in the
+/// zone, as SQL on `$from`/`$to` date parameters: the ends of a job's input in time. The zone
+/// is a literal (see [`Zone::day_sql`]).
+///
+/// The end is the later midnight where the clocks bring midnight twice, which is how Postgres
+/// reads it: where they go back across midnight (America/St_Johns until 2011, from 00:01 to
+/// 23:01) `to`'s last hour comes again after the next day's first midnight, and a bound there
+/// would leave it to no job. Where that later midnight is not the next day's first instant
+/// (Havana, Azores: from 01:00 back to 00:00), the bound reaches into the next day, whose rows
+/// the sums' day test (`kept`) leaves out: the bound only has to hold every row of the days.
 fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
     let name = zone.name().replace('\'', "''");
     (
         first_instant(&name, &format!("{from}::date")),
-        first_instant(&name, &format!("({to}::date + 1)")),
+        format!("(({to}::date + 1)::timestamp at time zone '{name}')"),
     )
 }
 
