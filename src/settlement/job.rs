@@ -82,19 +82,28 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
     let job_id = ctx.id();
     let outcome = settle(&mut ctx, range, &settings).await;
     // A job stopped by a cancel (not a shutdown) or failed for good forgets its work;
-    // `settlements` stays as it was, since only a committed finalize writes it.
+    // `settlements` stays as it was, since only a committed finalize writes it. Not knowing
+    // whether a cancel came keeps the work (the sweep below finds it if the job ends).
     let discard = match &outcome {
-        Err(JobError::Stopped) | Ok(Outcome::Cancelled) => ctx.cancel_requested().await?,
+        Err(JobError::Stopped) | Ok(Outcome::Cancelled) => {
+            ctx.cancel_requested().await.unwrap_or(false)
+        }
         Err(JobError::Fatal(_)) | Ok(Outcome::Fatal(_)) => true,
         _ => false,
     };
     if discard {
         // Under this claim's fence: a holder that lost its lease meanwhile must not delete the
         // run its successor stored (or resumed, which moves the run to the new fence).
-        let mut conn = ctx.pool().acquire().await?;
-        finalize::delete_working_rows(&mut conn, job_id, Some(ctx.fence()))
-            .await
-            .map_err(JobError::failed)?;
+        let discarded = async {
+            let mut conn = ctx.pool().acquire().await?;
+            finalize::delete_working_rows(&mut conn, job_id, Some(ctx.fence())).await
+        };
+        // The outcome stands whatever becomes of the discard: a fatal failure retried would
+        // only fail again. Rows left are swept by the next settlement's first start
+        // (`finalize::delete_abandoned_working_rows`), once this job is no longer live.
+        if let Err(e) = discarded.await {
+            tracing::warn!(job = job_id, error = %e, "discarding the job's working rows failed");
+        }
     }
     outcome
 }
