@@ -10,10 +10,12 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use common::cluster::Cluster;
 use common::processes::{WorkerProcess, enqueue, processed, wait_for, wait_state};
+use common::proxy::Proxy;
 use common::settlement as support;
-use common::{migrated_pool, test_config};
+use common::{TestDatabase, migrated_pool, test_config};
 use serde_json::json;
 use settle::config::Config;
+use settle::settlement::transactions::NewTransaction;
 use sqlx::PgPool;
 use support::{day, reference, settlements};
 
@@ -108,20 +110,43 @@ async fn set_replay_paused(standby: &PgPool, paused: bool) {
         .expect("replay control");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
-    let Some(primary) = Cluster::start().await else {
-        return;
-    };
+/// A private primary cluster (`None`: no server installed, the test skips), a worker
+/// configuration on it, and its migrated database.
+async fn private_primary() -> Option<(Cluster, Config, PgPool, TestDatabase)> {
+    let primary = Cluster::start().await?;
     let config = config(primary.url("settle_replica"));
-    let (pool, _db) = migrated_pool(&config).await;
-    let early = support::store_random(&pool, 41, 12_000, 6, 5).await;
-    let standby = Cluster::standby_of(&primary).await;
-    let replica = PgPool::connect(&standby.url("settle_replica"))
+    let (pool, db) = migrated_pool(&config).await;
+    Some((primary, config, pool, db))
+}
+
+/// A hot standby of `primary` (and a pool on it) whose replay is paused: rows stored from now
+/// on are missing there until it resumes.
+async fn paused_standby(primary: &Cluster) -> (Cluster, PgPool) {
+    let standby = Cluster::standby_of(primary).await;
+    let pool = PgPool::connect(&standby.url("settle_replica"))
         .await
         .unwrap();
+    set_replay_paused(&pool, true).await;
+    (standby, pool)
+}
+
+/// The settlements of the days [`settle_days`] settles are those of `rows`.
+async fn assert_settled(pool: &PgPool, rows: &[NewTransaction]) {
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    assert_eq!(
+        settlements(pool, from, to).await,
+        reference(rows, from, to, Tz::UTC)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    let early = support::store_random(&pool, 41, 12_000, 6, 5).await;
     // Rows the replica has not replayed when the job starts: a read there now would miss them.
-    set_replay_paused(&replica, true).await;
+    let (standby, replica) = paused_standby(&primary).await;
     let late = support::store_random(&pool, 42, 8_000, 6, 5).await;
     let (primary_before, replica_before) = (
         transaction_scans(&pool).await,
@@ -142,11 +167,7 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
     assert!(worker.terminate().await, "{}", worker.log_text());
 
     let all = [early, late].concat();
-    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
-    assert_eq!(
-        settlements(&pool, from, to).await,
-        reference(&all, from, to, Tz::UTC)
-    );
+    assert_settled(&pool, &all).await;
     // Each batch scans the replica at least once; the primary only fixed the input. A backend
     // hands its counts to the statistics once a second at most, or as it exits: read them
     // once the worker's sessions have ended on both servers (and, for the lower bound, until
@@ -165,6 +186,30 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
         read_on_primary < batches / 4,
         "{read_on_primary} scans on the primary"
     );
+}
+
+/// `read_url` may lead to several standbys (a load balancer): the one the job waits on has
+/// replayed its input, another behind the same address has not. Each batch checks the server
+/// it reads on, and reads on the primary where that one is behind: no row of the input is
+/// missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_reaches_a_standby_behind_the_input_reads_on_the_primary() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    let early = support::store_random(&pool, 44, 500, 6, 5).await;
+    let ahead = Cluster::standby_of(&primary).await;
+    let (behind, _paused) = paused_standby(&primary).await;
+    // Most of the input: nearly every batch holds rows the lagging standby lacks.
+    let late = support::store_random(&pool, 45, 8_000, 6, 5).await;
+    // The worker's first replica connection (the one it waits on) reaches the standby that
+    // keeps up; every later one the standby that is behind.
+    let proxy = Proxy::start_split(Some(&ahead.address()), &behind.address()).await;
+    let mut worker = worker(&config, proxy.url("settle_replica"), 120_000);
+    let id = settle_days(&pool).await;
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    assert_settled(&pool, &[early, late].concat()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,9 +236,5 @@ async fn a_replica_that_does_not_answer_leaves_the_reads_on_the_primary() {
         "{}",
         worker.log_text()
     );
-    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
-    assert_eq!(
-        settlements(&pool, from, to).await,
-        reference(&rows, from, to, Tz::UTC)
-    );
+    assert_settled(&pool, &rows).await;
 }

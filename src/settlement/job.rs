@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::finalize;
 use super::parts;
 use super::plan::{self, Part, Plan};
-use super::replica::Reads;
+use super::replica::{Reads, Replica};
 use super::{DateRange, DateRangeInput, Settings, SettleError};
 use crate::config::Config;
 
@@ -219,7 +219,7 @@ async fn run_parts(
     plan: &Plan,
     fence: i64,
     settings: &Settings,
-    reads: Option<PgPool>,
+    reads: Option<Replica>,
 ) -> Result<Vec<Part>, JobError> {
     let stop = ctx.token().child_token();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Part>();
@@ -295,7 +295,7 @@ async fn run_parts(
 struct PartRunner {
     pool: PgPool,
     /// The read replica's pool, where the batches are read.
-    reads: Option<PgPool>,
+    reads: Option<Replica>,
     plan: Plan,
     fence: i64,
     batch_size: i64,
@@ -335,9 +335,12 @@ impl PartRunner {
             if self.stop.is_cancelled() {
                 return Err(JobError::Stopped);
             }
-            let read = match &self.reads {
-                Some(replica) => {
-                    let mut reader = replica.begin().await?;
+            let reader = match &self.reads {
+                Some(replica) => replica.begin().await?,
+                None => None,
+            };
+            let read = match reader {
+                Some(mut reader) => {
                     let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
                     reader.commit().await?;
                     Some(read.map_err(job_error)?)

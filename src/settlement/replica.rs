@@ -4,15 +4,16 @@
 //! A job fixes its input on the primary (the high-water mark, the window and the parts). Before
 //! its parts read on the replica, [`Reads::ready`] takes the primary's current WAL position and
 //! waits until the replica has replayed past it, so every row of the input (committed before
-//! the mark was read) is visible there. The batches' sums, cursors and checkpoints are written
+//! the mark was read) is visible there; each batch checks again on its own connection
+//! ([`Replica::begin`]) and reads on the primary where that server is behind. The batches' sums, cursors and checkpoints are written
 //! to the primary, so a resumed job sees them wherever it reads. A replica that does not answer
 //! or lags past `database.read_max_wait_ms` costs nothing but the wait: that run of the job
 //! reads on the primary and says so in the log.
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::DatabaseConfig;
 
@@ -52,19 +53,25 @@ impl Reads {
         }
     }
 
-    /// The pool a job's batches read from now: the replica once it has replayed everything the
+    /// Where a job's batches read from now: the replica once it has replayed everything the
     /// `primary` committed so far, or `None` (read on the primary) when no replica is
     /// configured, or it does not catch up within the wait.
-    pub async fn ready(&self, primary: &PgPool) -> Result<Option<PgPool>, sqlx::Error> {
+    pub async fn ready(&self, primary: &PgPool) -> Result<Option<Replica>, sqlx::Error> {
         let Some(replica) = &self.replica else {
             return Ok(None);
         };
-        let target: String = sqlx::query_scalar!(r#"select pg_current_wal_lsn()::text as "lsn!""#)
-            .fetch_one(primary)
-            .await?;
+        // The insert position, not the write position: with asynchronous commit an input
+        // row's commit record can be inserted and not yet written.
+        let target: String =
+            sqlx::query_scalar!(r#"select pg_current_wal_insert_lsn()::text as "lsn!""#)
+                .fetch_one(primary)
+                .await?;
         let caught_up = tokio::time::timeout(self.max_wait, wait_for_replay(replica, &target));
         match caught_up.await {
-            Ok(Ok(())) => Ok(Some(replica.clone())),
+            Ok(Ok(())) => Ok(Some(Replica {
+                pool: replica.clone(),
+                input_lsn: target,
+            })),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the read replica failed: reading on the primary");
                 Ok(None)
@@ -81,21 +88,47 @@ impl Reads {
     }
 }
 
-/// Returns once `replica` has replayed the primary's WAL up to `lsn`. A server that is not in
-/// recovery (the primary itself, or a promoted replica) has everything already.
+/// The replica a job reads its batches on, and the WAL position of its input.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pool: PgPool,
+    input_lsn: String,
+}
+
+impl Replica {
+    /// A transaction on the replica for one batch, if the server it reaches has replayed the
+    /// job's input; `None`: read this batch on the primary. Checked for every batch, since each
+    /// opens its own connection: `read_url` may lead to several standbys (a load balancer, a
+    /// round-robin name) or, after a failover, to one further behind than the one
+    /// [`Reads::ready`] waited on, where a batch would silently miss rows of its input.
+    pub async fn begin(&self) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
+        let mut reader = self.pool.begin().await?;
+        if replayed(&mut reader, &self.input_lsn).await? {
+            return Ok(Some(reader));
+        }
+        reader.rollback().await?;
+        tracing::debug!(lsn = %self.input_lsn, "a replica connection is behind the job's input: this batch reads on the primary");
+        Ok(None)
+    }
+}
+
+/// Returns once `replica` has replayed the primary's WAL up to `lsn`.
 async fn wait_for_replay(replica: &PgPool, lsn: &str) -> Result<(), sqlx::Error> {
     let mut conn = replica.acquire().await?;
-    loop {
-        let replayed = sqlx::query_scalar!(
-            r#"select not pg_is_in_recovery()
-                      or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false) as "replayed!""#,
-            lsn,
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        if replayed {
-            return Ok(());
-        }
+    while !replayed(&mut conn, lsn).await? {
         tokio::time::sleep(REPLAY_POLL).await;
     }
+    Ok(())
+}
+
+/// Whether the server behind `conn` has replayed the primary's WAL up to `lsn`. A server that
+/// is not in recovery (the primary itself, or a promoted replica) has everything already.
+async fn replayed(conn: &mut PgConnection, lsn: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select not pg_is_in_recovery()
+                  or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false) as "replayed!""#,
+        lsn,
+    )
+    .fetch_one(conn)
+    .await
 }

@@ -91,6 +91,11 @@ impl Cluster {
         cluster
     }
 
+    /// `host:port` of this cluster's server.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     /// A URL for database `name` on this cluster.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)

@@ -48,6 +48,8 @@ impl Drop for Proxy {
 #[derive(Default)]
 struct Shared {
     upstream: String,
+    /// Where the first connection goes instead of `upstream`, if set.
+    first_upstream: Option<String>,
     next_id: AtomicU64,
     /// Live connections, to cut one or all.
     live: Mutex<HashMap<u64, CancellationToken>>,
@@ -90,10 +92,17 @@ impl Shared {
 impl Proxy {
     /// Listens on a free port of 127.0.0.1 and forwards to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> Self {
+        Self::start_split(None, upstream).await
+    }
+
+    /// As [`Proxy::start`], but the first connection goes to `first` (two servers behind one
+    /// address, as a load balancer puts them).
+    pub async fn start_split(first: Option<&str>, upstream: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let shared = Arc::new(Shared {
             upstream: upstream.to_owned(),
+            first_upstream: first.map(str::to_owned),
             ..Shared::default()
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -164,12 +173,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// One client connection: two pumps until either side ends or the connection is cut.
 async fn relay(client: TcpStream, shared: Arc<Shared>) {
-    let Ok(server) = TcpStream::connect(&shared.upstream).await else {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let upstream = match &shared.first_upstream {
+        Some(first) if id == 0 => first,
+        _ => &shared.upstream,
+    };
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let cut = CancellationToken::new();
     shared.live.lock().unwrap().insert(id, cut.clone());
     let link = Link {
