@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::claim::ClaimedJob;
 use crate::db::{on_conn, retry_until};
-use crate::error::{JobError, is_transient};
+use crate::error::{JobError, sql_state};
 use crate::job::{JobContext, Outcome};
 use crate::runtime::{Completion, Held, Shared};
 use crate::{finish, lease};
@@ -314,11 +314,13 @@ async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &Ca
             ?ending,
             "lease lost before the ending was recorded"
         ),
-        // The database refuses this ending for good (a result jsonb cannot hold, an interval
-        // out of range): the job fails for good, saying why, instead of running on under an
-        // expiring lease and again elsewhere until its attempts are spent by rescues.
+        // The database refuses this ending's data for good (SQLSTATE class 22, data exception:
+        // a result jsonb cannot hold, an interval out of range; 54, a program limit such as a
+        // jsonb too large): the job fails for good, saying why, instead of running on under
+        // an expiring lease and again elsewhere until rescues spend its attempts. Other errors
+        // (a cancelled statement, say) say nothing about the ending and leave it to the lease.
         Err(e)
-            if !is_transient(&e)
+            if refuses_data(&e)
                 && !matches!(
                     ending,
                     Ending::Cancel | Ending::Release | Ending::Fail { fatal: true, .. }
@@ -358,6 +360,11 @@ async fn write(
         ended.record();
     }
     Ok(ended.is_some())
+}
+
+/// A data exception or a program limit: the same statement with the same data fails again.
+fn refuses_data(e: &sqlx::Error) -> bool {
+    sql_state(e).is_some_and(|code| code.starts_with("22") || code.starts_with("54"))
 }
 
 fn fatal(error: String) -> Ending {
