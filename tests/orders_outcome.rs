@@ -7,11 +7,15 @@
 
 mod common;
 
+use std::time::Duration;
+
+use common::TestApp;
 use common::assert_error;
 use common::assert_refused;
 use common::outcome::{app_behind_proxy, app_behind_proxy_with, order, orders_of, post_order};
-use common::proxy::CommitFault;
+use common::proxy::{CommitFault, Proxy};
 use serde_json::json;
+use sqlx::PgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_commit_reply_is_answered_with_the_stored_order_and_a_cut_commit_as_not_placed() {
@@ -95,16 +99,21 @@ async fn an_outcome_that_cannot_be_found_is_answered_unknown_and_a_keyed_retry_r
     assert_eq!((status, &found["buyer_id"]), (200, &json!("unknown-plain")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
-    // The request timeout is far beyond the batch's, so only the batch's deadline can answer
-    // in time.
+/// An app behind a proxy whose batches have a one-second deadline, far below the request
+/// timeout, so only the batch's deadline can answer in time; and a product of 10 at 100.
+async fn deadline_app() -> (Proxy, TestApp, PgPool, i64) {
     let (proxy, app, direct) = app_behind_proxy_with(&[
         ("orders.batch_timeout_ms", json!(1000)),
         ("http.request_timeout_ms", json!(20_000)),
     ])
     .await;
     let product = app.product(10, 100).await;
+    (proxy, app, direct, product)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
+    let (proxy, app, direct, product) = deadline_app().await;
 
     // The commit reaches the server, then the connection goes silent without closing.
     proxy.plan(CommitFault::Partition {
@@ -127,7 +136,26 @@ async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
     );
     assert!(orders_of(&direct, "silent-before").await.is_empty());
 
-    // A statement that waits past the deadline: another transaction holds the product's row.
+    let (status, retried) = post_order(&app, Some("silent-before-key"), &body).await;
+    assert_eq!(status, 201, "the keyed retry places it: {retried}");
+    let (stock, sold): (i64, i64) = sqlx::query_as("select stock, sold from products")
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!((stock, sold), (8, 2));
+}
+
+/// While another transaction holds the product's row past a batch's deadline: the batch's
+/// own wait ends with it (no backend is left queued on the row, one more per batch), an
+/// unkeyed order is not placed, and a keyed retry of an order placed before is replayed, not
+/// told "not placed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answers_keys() {
+    let (_proxy, app, direct, product) = deadline_app().await;
+    let body = order(product, "placed-before", 1);
+    let (status, placed) = post_order(&app, Some("placed-key"), &body).await;
+    assert_eq!(status, 201, "{placed}");
+
     let mut holder = direct.begin().await.unwrap();
     sqlx::query("select 1 from products where id = $1 for update")
         .bind(product)
@@ -139,14 +167,17 @@ async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
         503,
         "ORDER_NOT_PLACED",
     );
+    let replayed = post_order(&app, Some("placed-key"), &body).await;
+    assert_eq!(replayed, (201, placed), "the retry replays the order");
+    let waiting = "select count(*) from pg_stat_activity
+                   where datname = current_database() and application_name = 'settle'
+                     and wait_event_type = 'Lock'";
+    let what = "the batches' backends to stop waiting for the row";
+    common::processes::wait_for(Duration::from_secs(10), what, || async {
+        (common::scalar(&direct, waiting).await == 0).then_some(())
+    })
+    .await;
     holder.rollback().await.unwrap();
     assert!(orders_of(&direct, "waiting").await.is_empty());
-
-    let (status, retried) = post_order(&app, Some("silent-before-key"), &body).await;
-    assert_eq!(status, 201, "the keyed retry places it: {retried}");
-    let (stock, sold): (i64, i64) = sqlx::query_as("select stock, sold from products")
-        .fetch_one(&direct)
-        .await
-        .unwrap();
-    assert_eq!((stock, sold), (8, 2));
+    assert_eq!(orders_of(&direct, "placed-before").await.len(), 1);
 }

@@ -9,8 +9,9 @@
 //! goes ahead, the second is told the key is in use, as it would be by a separate transaction.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use sqlx::{Connection, PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::coalesce::{Answer, KeyStore, Pending};
 use super::store::{self, Grant};
@@ -54,13 +55,23 @@ enum Verdict {
 /// commit, with one decision per order. If a statement fails, the transaction is rolled back
 /// here: a dropped one would hold the product's row and the keys until its connection is
 /// next used.
+///
+/// No lock is waited for longer than `lock_timeout` (the batch's deadline): the server ends
+/// the wait itself (55P03), so a batch given up on does not leave its backend queued on the
+/// product's row, one more for every batch while the row stays locked.
 pub(super) async fn decide<'c>(
     conn: &'c mut PgConnection,
     product_id: i64,
     keys: KeyStore,
+    lock_timeout: Duration,
     batch: &[Pending],
 ) -> Result<(Transaction<'c, Postgres>, Vec<Decision>), sqlx::Error> {
-    let mut tx = conn.begin().await?;
+    // Dynamic: SET takes no parameter; the value is an integer. One round trip with the BEGIN.
+    let begin = format!(
+        "begin; set local lock_timeout = {}",
+        lock_timeout.as_millis().max(1)
+    );
+    let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
     match decide_in(&mut tx, product_id, keys, batch).await {
         Ok(decided) => Ok((tx, decided)),
         Err(e) => {
@@ -111,6 +122,23 @@ async fn decide_in(
     }
     store_answers(tx, batch, &decisions, keys.ttl_hours).await?;
     Ok(decisions)
+}
+
+/// What the batch's keys give a request now, each key taken and let go at once (no wait for
+/// one held elsewhere): the answers of a batch that committed nothing, whose keyed orders get
+/// what a retry would (an earlier request's answer, a key in use or reused).
+pub(super) async fn key_answers(
+    pool: &PgPool,
+    batch: &[Pending],
+) -> Result<Vec<Option<Answer>>, sqlx::Error> {
+    if batch.iter().all(|pending| pending.key.is_none()) {
+        return Ok(batch.iter().map(|_| None).collect());
+    }
+    let mut tx = pool.begin().await?;
+    let answers = claim_keys(&mut tx, batch).await;
+    // Only read: whether the rollback arrives changes nothing but when the locks are free.
+    let _ = tx.rollback().await;
+    answers
 }
 
 /// Takes the batch's keys: per order, the answer its key alone gives (replay, in use,

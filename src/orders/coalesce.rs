@@ -101,7 +101,22 @@ pub struct Coalescer {
     pool: PgPool,
     limits: Limits,
     keys: KeyStore,
-    products: Arc<Mutex<HashMap<i64, mpsc::UnboundedSender<Pending>>>>,
+    products: Products,
+}
+
+/// Each product's task, by the sender of its queue; a task that ends removes itself.
+type Products = Arc<Mutex<HashMap<i64, mpsc::UnboundedSender<Pending>>>>;
+
+/// Removes `product_id`'s entry if its task has ended (its queue is closed), not one a later
+/// task has put there meanwhile.
+fn remove_ended(products: &Products, product_id: i64) {
+    let mut products = products.lock().expect("coalescer map poisoned");
+    if products
+        .get(&product_id)
+        .is_some_and(mpsc::UnboundedSender::is_closed)
+    {
+        products.remove(&product_id);
+    }
 }
 
 /// Why a coalesced order has no answer from the database.
@@ -151,7 +166,7 @@ impl Coalescer {
                 // The task ended (idle) between lookup and send: forget it and start another.
                 Err(mpsc::error::SendError(returned)) => {
                     pending = returned;
-                    self.forget(pending.order.product_id, &sender);
+                    remove_ended(&self.products, pending.order.product_id);
                 }
             }
         }
@@ -167,6 +182,7 @@ impl Coalescer {
                 tokio::spawn(run_product(
                     self.pool.clone(),
                     product_id,
+                    self.products.clone(),
                     rx,
                     self.limits,
                     self.keys,
@@ -175,16 +191,6 @@ impl Coalescer {
             })
             .clone()
     }
-
-    fn forget(&self, product_id: i64, dead: &mpsc::UnboundedSender<Pending>) {
-        let mut products = self.products.lock().expect("coalescer map poisoned");
-        if products
-            .get(&product_id)
-            .is_some_and(|s| s.same_channel(dead))
-        {
-            products.remove(&product_id);
-        }
-    }
 }
 
 /// One product's loop: wait for an order, take every order already queued behind it (up to
@@ -192,6 +198,7 @@ impl Coalescer {
 async fn run_product(
     pool: PgPool,
     product_id: i64,
+    products: Products,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     limits: Limits,
     keys: KeyStore,
@@ -201,8 +208,11 @@ async fn run_product(
         match tokio::time::timeout(IDLE, queue.recv_many(&mut batch, limits.max_batch)).await {
             Ok(0) | Err(_) => {
                 // Idle or every sender gone: close so late senders see the send fail and
-                // start a fresh task, then answer anything that slipped in meanwhile.
+                // start a fresh task, then answer anything that slipped in meanwhile. The
+                // entry goes too: one per product id ever ordered (unknown ids included)
+                // would otherwise stay for the life of the process.
                 queue.close();
+                remove_ended(&products, product_id);
                 while let Ok(pending) = queue.try_recv() {
                     batch.push(pending);
                 }
@@ -236,6 +246,24 @@ async fn place_batch(
     }
 }
 
+/// The answers of a batch that committed nothing: a keyed order gets what its key gives a
+/// retry now (an earlier request's stored answer replayed, a key in use or reused refused:
+/// "not placed" would be untrue of an order an earlier request placed); every other order, and
+/// a keyed one whose key gives nothing or cannot be read, gets `unplaced`.
+async fn uncommitted(
+    pool: &PgPool,
+    batch: &[Pending],
+    unplaced: CoalesceError,
+) -> Vec<Result<Answer, CoalesceError>> {
+    let from_keys = batch::key_answers(pool, batch)
+        .await
+        .unwrap_or_else(|_| batch.iter().map(|_| None).collect());
+    from_keys
+        .into_iter()
+        .map(|answer| answer.ok_or_else(|| unplaced.clone()))
+        .collect()
+}
+
 /// One answer per order, in order: the batch's decisions if it committed, else why not.
 /// A batch that runs past `timeout` before its commit is sent placed nothing; one whose
 /// commit has no reply by then is checked as a lost commit. Either way its connection is
@@ -256,14 +284,14 @@ async fn place_all(
     // What went wrong: `None` before the commit was sent, else the decisions whose commit
     // failed. A block, so that the transaction's borrow of `conn` ends with it.
     let lost = {
-        let decide = batch::decide(&mut conn, product_id, keys, batch);
+        let decide = batch::decide(&mut conn, product_id, keys, timeout, batch);
         match tokio::time::timeout_at(deadline, decide).await {
             Ok(Ok((tx, decided))) => match tokio::time::timeout_at(deadline, tx.commit()).await {
                 Ok(Ok(())) => return decided.into_iter().map(|d| Ok(d.committed())).collect(),
                 Ok(Err(e)) => Some((decided, e.to_string())),
                 Err(_) => Some((decided, "no reply by orders.batch_timeout_ms".to_owned())),
             },
-            Ok(Err(e)) => return failed(CoalesceError::Sql(Arc::new(e))),
+            Ok(Err(e)) => return uncommitted(pool, batch, CoalesceError::Sql(Arc::new(e))).await,
             Err(_) => None,
         }
     };
@@ -276,7 +304,7 @@ async fn place_all(
                 "an order batch ran past orders.batch_timeout_ms before its commit; \
                  nothing of it was placed"
             );
-            failed(CoalesceError::NotPlaced)
+            uncommitted(pool, batch, CoalesceError::NotPlaced).await
         }
         Some((decided, error)) => {
             tracing::warn!(
