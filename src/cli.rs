@@ -134,6 +134,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 /// `serve`: migrate, optionally load demo data, then the API and the workers in one process.
 async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
+    worker::checked_registry(&config)?;
     let pool = open(&config, true).await?;
     if demo {
         seed::demo_if_empty(&pool).await?;

@@ -258,8 +258,10 @@ impl Config {
 fn env_layer() -> Figment {
     Figment::new()
         .merge(
+            // Not configuration: the config file's path, the log's filter and format, and the
+            // test suite's own switches (tests/common), which a developer may leave exported.
             Env::prefixed("SETTLE_")
-                .ignore(&["CONFIG", "LOG", "LOG_FORMAT"])
+                .ignore(&["CONFIG", "LOG", "LOG_FORMAT", "TEST_KEEP_DB", "FUZZ_TOKEN"])
                 .split("__"),
         )
         .merge(

@@ -58,13 +58,11 @@ pub fn registry(config: &Config) -> Registry {
     registry
 }
 
-pub async fn run(
-    pool: PgPool,
-    config: Arc<Config>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let registry = registry(&config);
-    // A misspelt kind in the configuration would be ignored without a word.
+/// [`registry`], refusing a configuration whose per-kind settings name a kind it does not
+/// hold: a misspelt kind would be ignored without a word. `serve` checks before it starts
+/// anything, so its API never runs without its workers.
+pub fn checked_registry(config: &Config) -> anyhow::Result<Registry> {
+    let registry = registry(config);
     let known = registry.kinds();
     let w = &config.worker;
     if let Some(kind) = w
@@ -79,6 +77,15 @@ pub async fn run(
             known.join(", ")
         );
     }
+    Ok(registry)
+}
+
+pub async fn run(
+    pool: PgPool,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = checked_registry(&config)?;
     let keys = tokio::spawn(crate::idempotency::prune_periodically(
         pool.clone(),
         Duration::from_millis(config.idempotency.prune_interval_ms),

@@ -69,6 +69,16 @@ fn bad_configuration_names_the_key() {
         ("WORKERS", "many", "concurrency"),
         ("SETTLE_WORKER__HEARTBEAT_MS", "0", "worker.heartbeat_ms"),
         (
+            "SETTLE_DATABASE__MAX_CONNECTIONS",
+            "1",
+            "database.max_connections",
+        ),
+        (
+            "SETTLE_IDEMPOTENCY__TTL_HOURS",
+            "4294967297",
+            "idempotency.ttl_hours",
+        ),
+        (
             "SETTLE_WORKER__RETENTION_HOURS",
             "0",
             "worker.retention_hours",
@@ -107,22 +117,40 @@ fn bad_configuration_names_the_key() {
     }
 }
 
+/// The test suite's own switches, left exported in a developer's shell, are not configuration.
+#[test]
+fn the_test_suites_switches_are_not_configuration() {
+    let (url, _db) = fresh_database();
+    let migrate = settle(&url)
+        .env("SETTLE_TEST_KEEP_DB", "1")
+        .env("SETTLE_FUZZ_TOKEN", "x")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&migrate.stderr);
+    assert!(migrate.status.success(), "{said}");
+}
+
 /// A kind the worker does not run, named in its per-kind settings (a typo), stops it at start
-/// with the kind named, instead of being ignored.
+/// with the kind named, instead of being ignored; `serve` too, whose API would otherwise run
+/// on without its workers.
 #[tokio::test]
 async fn a_worker_refuses_settings_for_a_kind_it_does_not_run() {
     let (url, _db) = fresh_database();
     assert!(settle(&url).arg("migrate").status().unwrap().success());
-    let mut worker = tokio::process::Command::from(settle(&url));
-    worker
-        .env("SETTLE_WORKER__KINDS__SETTLEMENTS__CONCURRENCY", "2")
-        .arg("worker")
-        .kill_on_drop(true);
-    let ran = tokio::time::timeout(Duration::from_secs(30), worker.output()).await;
-    let output = ran.expect("the worker should refuse to start").unwrap();
-    assert!(!output.status.success());
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(said.contains("`settlements`"), "{said}");
+    for command in ["worker", "serve"] {
+        let mut process = tokio::process::Command::from(settle(&url));
+        process
+            .env("SETTLE_WORKER__KINDS__SETTLEMENTS__CONCURRENCY", "2")
+            .env("SETTLE_HTTP__PORT", "0")
+            .arg(command)
+            .kill_on_drop(true);
+        let ran = tokio::time::timeout(Duration::from_secs(30), process.output()).await;
+        let output = ran.expect("it should refuse to start").unwrap();
+        assert!(!output.status.success(), "{command}");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains("`settlements`"), "{command}: {said}");
+    }
 }
 
 #[tokio::test]

@@ -22,8 +22,12 @@ impl Config {
         {
             return invalid("database.read_url", "must be a postgres:// URL");
         }
-        if self.database.max_connections == 0 {
-            return invalid("database.max_connections", "must be at least 1");
+        if self.database.max_connections < 2 {
+            // A worker's LISTEN session keeps one of the pool's connections for good.
+            return invalid(
+                "database.max_connections",
+                "must be at least 2 (a worker's LISTEN session keeps one)",
+            );
         }
         if self.database.acquire_timeout_ms == 0 {
             return invalid("database.acquire_timeout_ms", "must be positive");
@@ -50,8 +54,11 @@ impl Config {
                 "must be between 1 and pagination.max_page_size",
             );
         }
-        if self.idempotency.ttl_hours < 1 {
-            return invalid("idempotency.ttl_hours", "must be at least 1");
+        if !(1..=87_600).contains(&self.idempotency.ttl_hours) {
+            return invalid(
+                "idempotency.ttl_hours",
+                "must be between 1 and 87600 (10 years)",
+            );
         }
         if self.idempotency.prune_interval_ms == 0 {
             return invalid("idempotency.prune_interval_ms", "must be positive");
