@@ -5,11 +5,13 @@
 mod common;
 
 use common::browser::Browser;
-use common::processes::{WorkerProcess, enqueue, job_state, probe_tables, wait_mid_way};
+use common::processes::{
+    WorkerProcess, enqueue, job_state, probe_tables, wait_mid_way, wait_state,
+};
 use common::{TestApp, spawn_app, spawn_app_with};
 use fantoccini::key::Key;
 use serde_json::json;
-use settle::jobs::kind::{COUNT, FAIL};
+use settle::jobs::kind::{COUNT, FAIL, NOOP};
 
 #[tokio::test]
 async fn the_dashboard_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
@@ -156,5 +158,35 @@ async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
     let jobs = common::scalar(&app.pool, "select count(*) from all_jobs").await;
     assert_eq!(jobs, 0);
     assert!(browser.job_ids().await.is_empty());
+    browser.close().await;
+}
+
+/// A job still running keeps its row, and its Cancel button, however many newer jobs have
+/// finished since: the page lists every live job, not only the newest page of jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_older_than_the_newest_page_keeps_its_row() {
+    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
+    probe_tables(&app.pool).await;
+    let _worker = WorkerProcess::start(&app.config);
+    let long = json!({"upto": 600_000, "batch": 2_000, "sleep_ms": 300});
+    let old = enqueue(&app.pool, COUNT, long, 1).await;
+    wait_mid_way(&app.pool, old).await;
+    // More than a page (pagination.default_page_size, 50) of newer jobs, all finished.
+    let mut newer = Vec::new();
+    for _ in 0..60 {
+        newer.push(enqueue(&app.pool, NOOP, json!({}), 1).await);
+    }
+    for id in newer {
+        wait_state(&app.pool, id, "completed").await;
+    }
+
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    browser
+        .type_into("#token", &format!("{}{}", app.admin_token, Key::Enter))
+        .await;
+    browser.wait_job_status(old, "RUNNING").await;
+    let cancel = format!("{} button[data-action=cancel]", Browser::job_row(old));
+    browser.find(&cancel).await;
     browser.close().await;
 }

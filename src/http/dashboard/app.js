@@ -274,12 +274,23 @@
     }
   }
 
+  /** The states a job can still leave: each is listed however old its jobs are. */
+  const LIVE = ["RUNNING", "CANCELLING", "QUEUED"];
+
+  /** The newest page of jobs, and a page of each live state's (a running job older than the
+   * newest page keeps its row and its Cancel button), newest first. */
   async function refreshJobs() {
-    const page = await load("jobs", "/api/v1/jobs");
-    if (!page) return;
+    const pages = await Promise.all([
+      load("jobs", "/api/v1/jobs"),
+      ...LIVE.map((status) => load("jobs", "/api/v1/jobs?status=" + status)),
+    ]);
+    if (pages.some((page) => !page)) return;
+    const byId = new Map();
+    pages.forEach((page) => page.data.forEach((job) => byId.set(job.job_id, job)));
+    const jobs = [...byId.values()].sort((a, b) => b.job_id - a.job_id);
     const body = $("jobs-body");
     const seen = new Set();
-    for (const job of page.data) {
+    for (const job of jobs) {
       seen.add(job.job_id);
       let entry = rows.get(job.job_id);
       if (!entry) {
@@ -295,8 +306,8 @@
         rows.delete(id);
       }
     }
-    $("jobs-empty").hidden = page.data.length > 0;
-    showSummary(page.data);
+    $("jobs-empty").hidden = jobs.length > 0;
+    showSummary(jobs);
     $("jobs-updated").textContent = "Live · updated " + clock.format(new Date());
   }
 
