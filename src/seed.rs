@@ -12,7 +12,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// Rows per COPY message burst and per progress-bar tick.
 const CHUNK: u64 = 50_000;
@@ -119,7 +119,27 @@ async fn insert_products(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<()> {
 }
 
 /// Loads the transactions; returns the first id used.
+///
+/// The ids are reserved (`setval`) before any row exists, and each stream commits on its own;
+/// a settlement fixing its input meanwhile must not take a mark above ids still to come
+/// ([`crate::settlement::plan::high_water_mark`] waits for the sessions holding a writer's lock
+/// on `transactions`). So a reservation transaction takes that lock before it reserves and
+/// keeps it until every stream has committed. The streams use connections of their own, not
+/// the pool's: with `--connections` above `database.max_connections` they would otherwise wait
+/// for a pooled connection, and time out with part of the load committed. A stream that fails
+/// still leaves the streams committed before it (the error says so).
 async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64> {
+    let mut reservation = pool.begin().await.context("reserving transaction ids")?;
+    sqlx::query!("lock table transactions in row exclusive mode")
+        .execute(&mut *reservation)
+        .await
+        .context("reserving transaction ids")?;
+    // The pool's sessions end a transaction left idle for a few seconds (`db::connect`); this
+    // one waits for the whole load.
+    sqlx::query!("set local idle_in_transaction_session_timeout = 0")
+        .execute(&mut *reservation)
+        .await
+        .context("reserving transaction ids")?;
     // Reserve a contiguous id range so parallel streams and reruns never collide.
     let first_id = sqlx::query_scalar!(
         r#"select setval(pg_get_serial_sequence('transactions', 'id'),
@@ -128,16 +148,17 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
                          + $1::bigint) - $1::bigint + 1 as "first_id!""#,
         args.transactions as i64,
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *reservation)
     .await
     .context("reserving transaction ids")?;
     let bar = progress_bar(args);
     let chunks = args.transactions.div_ceil(CHUNK);
     let mut streams = tokio::task::JoinSet::new();
+    let options = pool.connect_options();
     for stream in 0..u64::from(args.connections) {
-        let (pool, args, bar) = (pool.clone(), args.clone(), bar.clone());
+        let (options, args, bar) = (options.clone(), args.clone(), bar.clone());
         streams.spawn(async move {
-            let mut conn = pool.acquire().await?;
+            let mut conn = PgConnection::connect_with(&options).await?;
             let mut copy = conn
                 .copy_in_raw(
                     "copy transactions
@@ -162,8 +183,12 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
     }
     while let Some(done) = streams.join_next().await {
         done.context("COPY task panicked")?
-            .context("COPY of transactions")?;
+            .context("COPY of transactions (streams that finished before it are committed)")?;
     }
+    reservation
+        .commit()
+        .await
+        .context("ending the id reservation")?;
     bar.finish_and_clear();
     // As autovacuum leaves an insert-only table: statistics, and the visibility map set, so
     // index-only scans read no heap.

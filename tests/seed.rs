@@ -4,7 +4,10 @@
 mod common;
 
 use settle::seed::{self, SeedArgs};
+use std::time::Duration;
+
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 fn args(seed: u64) -> SeedArgs {
     SeedArgs {
@@ -78,4 +81,25 @@ async fn the_same_seed_loads_the_same_rows_in_the_asked_shape() {
             .await
             .unwrap();
     assert_eq!((rows, distinct_ids), (240_000, 240_000));
+}
+
+/// More COPY streams than the pool has connections: each stream has a connection of its own,
+/// so none waits for a pooled one (and times out, with part of the load committed).
+#[tokio::test]
+async fn more_streams_than_pooled_connections_load_everything() {
+    let (pool, _db) = common::migrated_pool(&common::test_config(&[])).await;
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let three_streams = SeedArgs {
+        transactions: 300_000,
+        connections: 3,
+        ..args(5)
+    };
+    seed::run(&one, &three_streams).await.expect("seed loads");
+    let rows = common::scalar(&pool, "select count(*) from transactions").await;
+    assert_eq!(rows, 300_000);
 }
