@@ -101,7 +101,7 @@ fn bad_configuration_names_the_key() {
         ),
         (
             "SETTLE_ORDERS__BATCH_TIMEOUT_MS",
-            "0",
+            "3000000000",
             "orders.batch_timeout_ms",
         ),
         ("DATABASE_URL", "mysql://x", "database.url"),

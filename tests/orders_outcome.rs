@@ -15,7 +15,7 @@ use common::assert_refused;
 use common::outcome::{app_behind_proxy, app_behind_proxy_with, order, orders_of, post_order};
 use common::proxy::{CommitFault, Proxy};
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_commit_reply_is_answered_with_the_stored_order_and_a_cut_commit_as_not_placed() {
@@ -145,6 +145,17 @@ async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
     assert_eq!((stock, sold), (8, 2));
 }
 
+/// A transaction of the test's own holding `product`'s row, as a batch would.
+async fn product_row_locked(direct: &PgPool, product: i64) -> sqlx::Transaction<'static, Postgres> {
+    let mut holder = direct.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = $1 for update")
+        .bind(product)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// While another transaction holds the product's row past a batch's deadline: the batch's
 /// own wait ends with it (no backend is left queued on the row, one more per batch), an
 /// unkeyed order is not placed, and a keyed retry of an order placed before is replayed, not
@@ -156,12 +167,7 @@ async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answ
     let (status, placed) = post_order(&app, Some("placed-key"), &body).await;
     assert_eq!(status, 201, "{placed}");
 
-    let mut holder = direct.begin().await.unwrap();
-    sqlx::query("select 1 from products where id = $1 for update")
-        .bind(product)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = product_row_locked(&direct, product).await;
     assert_refused(
         post_order(&app, None, &order(product, "waiting", 1)).await,
         503,
@@ -180,4 +186,33 @@ async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answ
     holder.rollback().await.unwrap();
     assert!(orders_of(&direct, "waiting").await.is_empty());
     assert_eq!(orders_of(&direct, "placed-before").await.len(), 1);
+}
+
+/// A new keyed order whose batch waits past its deadline after taking its key: its own
+/// backend, whose wait for the orders table began late and ends later than the batch's
+/// deadline, still holds the key when the answer is decided; the order is "not placed", not
+/// "key in use".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_batch_past_its_deadline_after_taking_its_key_is_not_placed() {
+    let (_proxy, app, direct, product) = deadline_app().await;
+    let row = product_row_locked(&direct, product).await;
+    let body = order(product, "new-keyed", 1);
+    let staged = async {
+        common::wait_for_lock_waiter(&direct, "from products").await;
+        let mut table = direct.begin().await.unwrap();
+        sqlx::query("lock table orders in share mode")
+            .execute(&mut *table)
+            .await
+            .unwrap();
+        // Most of the batch's second gone: its insert's own lock wait outlasts the deadline.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        row.rollback().await.unwrap();
+        table
+    };
+    let (answer, table) = tokio::join!(post_order(&app, Some("new-key"), &body), staged);
+    assert_refused(answer, 503, "ORDER_NOT_PLACED");
+    table.rollback().await.unwrap();
+    let (status, placed) = post_order(&app, Some("new-key"), &body).await;
+    assert_eq!(status, 201, "the retry places it: {placed}");
+    assert_eq!(orders_of(&direct, "new-keyed").await.len(), 1);
 }

@@ -44,8 +44,12 @@ impl Config {
         if self.orders.max_batch == 0 {
             return invalid("orders.max_batch", "must be at least 1");
         }
-        if self.orders.batch_timeout_ms == 0 {
-            return invalid("orders.batch_timeout_ms", "must be positive");
+        // It is also the batch's lock_timeout, which Postgres takes up to i32::MAX ms.
+        if !(1..=i32::MAX as u64).contains(&self.orders.batch_timeout_ms) {
+            return invalid(
+                "orders.batch_timeout_ms",
+                "must be between 1 and 2147483647",
+            );
         }
         let pages = &self.pagination;
         if !(1..=pages.max_page_size).contains(&pages.default_page_size) {

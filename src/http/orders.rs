@@ -235,10 +235,14 @@ fn expected_failure(e: &sqlx::Error, connection_failed: ApiError) -> Option<ApiE
     } else if is_connection_error(e) {
         tracing::warn!(error = %e, "an order's database connection failed");
         Some(connection_failed)
-    } else if matches!(sql_state(e).as_deref(), Some("40P01" | "40001" | "55P03")) {
-        // Postgres aborted the transaction to break a deadlock or a serialization conflict, or
-        // a coalesced batch waited for a lock past its deadline (`orders.batch_timeout_ms`):
-        // nothing of it was placed, and a retry may well succeed.
+    } else if matches!(
+        sql_state(e).as_deref(),
+        Some("40P01" | "40001" | "55P03" | "57014")
+    ) {
+        // Postgres aborted the transaction to break a deadlock or a serialization conflict, a
+        // coalesced batch waited for a lock past its deadline (`orders.batch_timeout_ms`), or
+        // a statement was cancelled (an operator, a statement_timeout): nothing of it was
+        // placed, and a retry may well succeed.
         tracing::warn!(error = %e, "an order's transaction was aborted");
         Some(ApiError::OrderNotPlaced)
     } else {

@@ -246,21 +246,40 @@ async fn place_batch(
     }
 }
 
-/// The answers of a batch that committed nothing: a keyed order gets what its key gives a
-/// retry now (an earlier request's stored answer replayed, a key in use or reused refused:
-/// "not placed" would be untrue of an order an earlier request placed); every other order, and
-/// a keyed one whose key gives nothing or cannot be read, gets `unplaced`.
+/// How a batch that did not commit ended.
+enum Ended {
+    /// A statement failed; the transaction was rolled back.
+    Failed(sqlx::Error),
+    /// The deadline passed before the commit was sent.
+    TimedOut,
+    /// The commit was sent and its reply did not come (an error, or the deadline).
+    CommitLost(Vec<batch::Decision>, String),
+}
+
+/// The answers of a batch that committed nothing: a keyed order whose key holds an earlier
+/// request's answer is answered from it ("not placed" would be untrue of an order an earlier
+/// request placed), one whose key was used with another request is refused; every other
+/// order gets `unplaced`, a key in use included (the failed batch's own backend may hold it
+/// until the server ends it; this order is not placed either way). The keys are read within
+/// `timeout`, else taken to give nothing.
 async fn uncommitted(
     pool: &PgPool,
     batch: &[Pending],
+    timeout: Duration,
     unplaced: CoalesceError,
 ) -> Vec<Result<Answer, CoalesceError>> {
-    let from_keys = batch::key_answers(pool, batch)
-        .await
-        .unwrap_or_else(|_| batch.iter().map(|_| None).collect());
+    let from_keys = match tokio::time::timeout(timeout, batch::key_answers(pool, batch)).await {
+        Ok(Ok(answers)) => answers,
+        Ok(Err(_)) | Err(_) => batch.iter().map(|_| None).collect(),
+    };
     from_keys
         .into_iter()
-        .map(|answer| answer.ok_or_else(|| unplaced.clone()))
+        .map(|answer| match answer {
+            Some(answer @ (Answer::Replay(_) | Answer::Refused(IdempotencyError::KeyReused))) => {
+                Ok(answer)
+            }
+            _ => Err(unplaced.clone()),
+        })
         .collect()
 }
 
@@ -281,32 +300,39 @@ async fn place_all(
         Err(e) => return failed(CoalesceError::Sql(Arc::new(e))),
     };
     let deadline = Instant::now() + timeout;
-    // What went wrong: `None` before the commit was sent, else the decisions whose commit
-    // failed. A block, so that the transaction's borrow of `conn` ends with it.
-    let lost = {
+    // A block, so that the transaction's borrow of `conn` ends with it.
+    let ended = {
         let decide = batch::decide(&mut conn, product_id, keys, timeout, batch);
         match tokio::time::timeout_at(deadline, decide).await {
             Ok(Ok((tx, decided))) => match tokio::time::timeout_at(deadline, tx.commit()).await {
                 Ok(Ok(())) => return decided.into_iter().map(|d| Ok(d.committed())).collect(),
-                Ok(Err(e)) => Some((decided, e.to_string())),
-                Err(_) => Some((decided, "no reply by orders.batch_timeout_ms".to_owned())),
+                Ok(Err(e)) => Ended::CommitLost(decided, e.to_string()),
+                Err(_) => Ended::CommitLost(decided, "no reply by the deadline".to_owned()),
             },
-            Ok(Err(e)) => return uncommitted(pool, batch, CoalesceError::Sql(Arc::new(e))).await,
-            Err(_) => None,
+            Ok(Err(e)) => Ended::Failed(e),
+            Err(_) => Ended::TimedOut,
         }
     };
-    conn.close_on_drop();
-    drop(conn);
-    match lost {
-        None => {
+    match ended {
+        Ended::Failed(e) => {
+            // Rolled back (see `batch::decide`): the connection is sound, and goes back before
+            // the keys are read on another.
+            drop(conn);
+            uncommitted(pool, batch, timeout, CoalesceError::Sql(Arc::new(e))).await
+        }
+        Ended::TimedOut => {
+            conn.close_on_drop();
+            drop(conn);
             tracing::warn!(
                 product_id,
                 "an order batch ran past orders.batch_timeout_ms before its commit; \
                  nothing of it was placed"
             );
-            uncommitted(pool, batch, CoalesceError::NotPlaced).await
+            uncommitted(pool, batch, timeout, CoalesceError::NotPlaced).await
         }
-        Some((decided, error)) => {
+        Ended::CommitLost(decided, error) => {
+            conn.close_on_drop();
+            drop(conn);
             tracing::warn!(
                 product_id,
                 %error,
