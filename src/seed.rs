@@ -127,7 +127,8 @@ async fn insert_products(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<()> {
 /// keeps it until every stream has committed. The streams use connections of their own, not
 /// the pool's: with `--connections` above `database.max_connections` they would otherwise wait
 /// for a pooled connection, and time out with part of the load committed. A stream that fails
-/// still leaves the streams committed before it (the error says so).
+/// still leaves the streams committed before it (the error says so); one that waits 5 s for its
+/// lock (behind a DDL statement queued behind the reservation) fails the load.
 async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64> {
     let mut reservation = pool.begin().await.context("reserving transaction ids")?;
     sqlx::query!("lock table transactions in row exclusive mode")
@@ -159,6 +160,13 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
         let (options, args, bar) = (options.clone(), args.clone(), bar.clone());
         streams.spawn(async move {
             let mut conn = PgConnection::connect_with(&options).await?;
+            // A lock request that conflicts with the reservation's (an index build, an ALTER)
+            // queues behind it, and this COPY behind that request, while the reservation waits
+            // for this COPY: a cycle Postgres cannot see, the reservation being idle. The COPY
+            // gives up instead, and the reservation with it.
+            sqlx::query!("set lock_timeout = 5000")
+                .execute(&mut conn)
+                .await?;
             let mut copy = conn
                 .copy_in_raw(
                     "copy transactions

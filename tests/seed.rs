@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::proxy::Proxy;
 use settle::seed::{self, SeedArgs};
 use std::time::Duration;
 
@@ -102,4 +103,49 @@ async fn more_streams_than_pooled_connections_load_everything() {
     seed::run(&one, &three_streams).await.expect("seed loads");
     let rows = common::scalar(&pool, "select count(*) from transactions").await;
     assert_eq!(rows, 300_000);
+}
+
+/// A statement needing a lock that conflicts with the load's (an index build) arrives while
+/// the streams are still connecting: it queues behind the load's id reservation, and the
+/// streams' COPY behind it, while the reservation waits for the streams. The streams give up
+/// after their lock timeout, the load fails and commits nothing, and the index is built:
+/// nothing waits for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_queued_behind_the_load_fails_it_instead_of_hanging() {
+    let (pool, _db) = common::migrated_pool(&common::test_config(&[])).await;
+    let server = url::Url::parse(&common::server_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(5432)
+    );
+    let proxy = Proxy::start(&upstream).await;
+    let name = pool.connect_options().get_database().unwrap().to_owned();
+    let through = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&proxy.url(&name))
+        .await
+        .unwrap();
+    proxy.delay_later_connections(Duration::from_secs(2));
+    let index = async {
+        let reserved = "select count(*) from pg_locks l join pg_stat_activity a using (pid)
+                        where l.relation = 'transactions'::regclass and l.granted
+                          and l.mode = 'RowExclusiveLock' and a.state = 'idle in transaction'";
+        common::processes::wait_for(Duration::from_secs(30), "the reservation", || async {
+            (common::scalar(&pool, reserved).await > 0).then_some(())
+        })
+        .await;
+        sqlx::query("create index seed_conflict on transactions (fee_cents)")
+            .execute(&pool)
+            .await
+    };
+    let load = args(6);
+    let both = async { tokio::join!(seed::run(&through, &load), index) };
+    let (loaded, indexed) = tokio::time::timeout(Duration::from_secs(60), both)
+        .await
+        .expect("the load and the index build both end");
+    assert!(loaded.is_err(), "the load gives up");
+    indexed.expect("the index is built");
+    let rows = common::scalar(&pool, "select count(*) from transactions").await;
+    assert_eq!(rows, 0);
 }

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -50,6 +51,8 @@ struct Shared {
     upstream: String,
     /// Where the first connection goes instead of `upstream`, if set.
     first_upstream: Option<String>,
+    /// How long every connection but the first waits before it reaches its server.
+    later_delay: Mutex<Duration>,
     next_id: AtomicU64,
     /// Live connections, to cut one or all.
     live: Mutex<HashMap<u64, CancellationToken>>,
@@ -142,6 +145,12 @@ impl Proxy {
         true
     }
 
+    /// From now on, every connection but the first waits `delay` before it reaches its server
+    /// (a slow network for new connections).
+    pub fn delay_later_connections(&self, delay: Duration) {
+        *self.shared.later_delay.lock().unwrap() = delay;
+    }
+
     /// Ends a blackout: connections are accepted again.
     pub fn restore(&self) {
         self.shared.refusing.store(false, Ordering::SeqCst);
@@ -178,6 +187,10 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         Some(first) if id == 0 => first,
         _ => &shared.upstream,
     };
+    if id > 0 {
+        let delay = *shared.later_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+    }
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
