@@ -281,10 +281,12 @@
    * newest page keeps its row and its Cancel button), newest first. */
   async function refreshJobs() {
     const pages = await Promise.all([
+      ...LIVE.map((status) => load(status.toLowerCase() + " jobs", "/api/v1/jobs?status=" + status)),
       load("jobs", "/api/v1/jobs"),
-      ...LIVE.map((status) => load("jobs", "/api/v1/jobs?status=" + status)),
     ]);
     if (pages.some((page) => !page)) return;
+    // The newest page last, so its copy of a job wins: the state pages only add the jobs it
+    // does not hold (each was read at its own instant; a job may have moved between them).
     const byId = new Map();
     pages.forEach((page) => page.data.forEach((job) => byId.set(job.job_id, job)));
     const jobs = [...byId.values()].sort((a, b) => b.job_id - a.job_id);
