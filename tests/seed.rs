@@ -129,7 +129,8 @@ async fn a_lock_queued_behind_the_load_fails_it_instead_of_hanging() {
     proxy.delay_later_connections(Duration::from_secs(2));
     let index = async {
         let reserved = "select count(*) from pg_locks l join pg_stat_activity a using (pid)
-                        where l.relation = 'transactions'::regclass and l.granted
+                        where a.datname = current_database()
+                          and l.relation = 'transactions'::regclass and l.granted
                           and l.mode = 'RowExclusiveLock' and a.state = 'idle in transaction'";
         common::processes::wait_for(Duration::from_secs(30), "the reservation", || async {
             (common::scalar(&pool, reserved).await > 0).then_some(())
