@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::spawn_app;
 use serde_json::json;
 
@@ -245,4 +247,51 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
         .unwrap();
     assert_eq!(buyers, ["in-flight"]);
     assert_eq!(app.stock(product).await, 9);
+}
+
+/// One statement per order: a refusal reads what is left in a second statement. A restock
+/// committing between the two (staged: a trigger pauses the order's first statement once)
+/// must not give `OUT_OF_STOCK` with `available` enough for the order: it is tried again and
+/// placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restock_between_a_refusal_and_its_stock_read_places_the_order() {
+    let app = common::spawn_app_with(&[("orders.coalesce", json!(false))]).await;
+    let product = app.product(1, 100).await;
+    // A sequence, not a table: the first statement to update products sleeps, and no other
+    // waits for it.
+    sqlx::raw_sql(
+        "create sequence pause_once;
+         create function pause_once() returns trigger language plpgsql as $$
+         begin
+             if nextval('pause_once') = 1 then perform pg_sleep(1); end if;
+             return null;
+         end $$;
+         create trigger pause_once after update on products
+             for each statement execute function pause_once();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let body = json!({"product_id": product, "quantity": 2, "buyer_id": "patient"});
+    let restock = async {
+        let paused = "select count(*) from pg_stat_activity
+                      where datname = current_database() and wait_event = 'PgSleep'";
+        common::processes::wait_for(Duration::from_secs(10), "the paused order", || async {
+            (common::scalar(&app.pool, paused).await > 0).then_some(())
+        })
+        .await;
+        let path = format!("/api/v1/products/{product}/restock");
+        app.post(&path, &json!({"quantity": 10})).await
+    };
+    let ((status, order), (restocked, _)) =
+        tokio::join!(app.post("/api/v1/orders", &body), restock);
+    assert_eq!(restocked, 200);
+    assert_eq!(status, 201, "{order}");
+    let stock = common::scalar_of(
+        &app.pool,
+        "select stock from products where id = $1",
+        product,
+    )
+    .await;
+    assert_eq!(stock, 9);
 }

@@ -81,11 +81,45 @@ pub async fn restock(
 /// Places an order in one statement: the conditional decrement and the insert succeed or fail
 /// together, and a buyer who would take stock below zero matches no row instead of waiting on
 /// a `SELECT … FOR UPDATE` round trip. `stock_not_negative` backs this up in the schema.
+///
+/// A refusal reads what is left in a second statement; a restock committing between the two
+/// would make it an `OUT_OF_STOCK` whose `available` covers the order, so the order is tried
+/// again then (a few times at most: only restocks make stock grow).
 pub async fn place_order(
     conn: &mut PgConnection,
     order: &NewOrder,
 ) -> Result<Result<Order, Rejected>, sqlx::Error> {
-    let placed = sqlx::query_as!(
+    let quantity = i64::from(order.quantity.get());
+    let mut attempts = PLACE_ATTEMPTS;
+    loop {
+        if let Some(placed) = try_place(conn, order).await? {
+            return Ok(Ok(placed));
+        }
+        let available =
+            sqlx::query_scalar!("select stock from products where id = $1", order.product_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        attempts -= 1;
+        match available {
+            None => return Ok(Err(Rejected::UnknownProduct)),
+            Some(available) if available < quantity || attempts == 0 => {
+                return Ok(Err(Rejected::OutOfStock { available }));
+            }
+            Some(_) => continue,
+        }
+    }
+}
+
+/// How many times [`place_order`] tries an order that stock grew back for meanwhile.
+const PLACE_ATTEMPTS: u32 = 3;
+
+/// The conditional decrement and the insert, in one statement; `None` when the stock did not
+/// cover the order (or the product does not exist).
+async fn try_place(
+    conn: &mut PgConnection,
+    order: &NewOrder,
+) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query_as!(
         Order,
         "with taken as (
              update products
@@ -100,19 +134,8 @@ pub async fn place_order(
         i64::from(order.quantity.get()),
         order.buyer_id.as_str(),
     )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(placed) = placed {
-        return Ok(Ok(placed));
-    }
-    let available =
-        sqlx::query_scalar!("select stock from products where id = $1", order.product_id)
-            .fetch_optional(conn)
-            .await?;
-    Ok(Err(match available {
-        None => Rejected::UnknownProduct,
-        Some(available) => Rejected::OutOfStock { available },
-    }))
+    .fetch_optional(conn)
+    .await
 }
 
 /// Locks a product's row for the rest of the transaction; its stock and price, if it exists.
