@@ -96,8 +96,12 @@ async fn create_transactions(
 ) -> Result<Response, ApiError> {
     let key = key.scoped("transactions")?;
     let parsed = parse(&raw, app.config.settlement.max_transactions_per_request)?;
-    // The request as its key stores it (a resend is compared with it as jsonb).
-    let body: Value = serde_json::from_str(raw.get()).map_err(anyhow::Error::from)?;
+    // The request as its key stores it (a resend is compared with it as jsonb); without a key
+    // nothing reads it, and the body is not parsed a second time.
+    let body = match &key {
+        Some(_) => serde_json::from_str(raw.get()).map_err(anyhow::Error::from)?,
+        None => Value::Null,
+    };
     let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &body).await? {
         Begun::Execute(tx) => tx,
         Begun::Replay(stored) => return replay(stored),
