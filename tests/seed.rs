@@ -113,13 +113,7 @@ async fn more_streams_than_pooled_connections_load_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_queued_behind_the_load_fails_it_instead_of_hanging() {
     let (pool, _db) = common::migrated_pool(&common::test_config(&[])).await;
-    let server = url::Url::parse(&common::server_url()).unwrap();
-    let upstream = format!(
-        "{}:{}",
-        server.host_str().unwrap(),
-        server.port().unwrap_or(5432)
-    );
-    let proxy = Proxy::start(&upstream).await;
+    let proxy = Proxy::start(&common::server_address()).await;
     let name = pool.connect_options().get_database().unwrap().to_owned();
     let through = PgPoolOptions::new()
         .max_connections(1)

@@ -294,10 +294,12 @@ async fn place_all(
     keys: KeyStore,
     batch: &[Pending],
 ) -> Vec<Result<Answer, CoalesceError>> {
-    let failed = |e: CoalesceError| -> Vec<_> { batch.iter().map(|_| Err(e.clone())).collect() };
     let mut conn = match pool.acquire().await {
         Ok(conn) => conn,
-        Err(e) => return failed(CoalesceError::Sql(Arc::new(e))),
+        Err(e) => {
+            let e = CoalesceError::Sql(Arc::new(e));
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        }
     };
     let deadline = Instant::now() + timeout;
     // A block, so that the transaction's borrow of `conn` ends with it.

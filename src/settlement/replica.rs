@@ -5,10 +5,11 @@
 //! its parts read on the replica, [`Reads::ready`] takes the primary's current WAL position and
 //! waits until the replica has replayed past it, so every row of the input (committed before
 //! the mark was read) is visible there; each batch checks again on its own connection
-//! ([`Replica::begin`]) and reads on the primary where that server is behind. The batches' sums, cursors and checkpoints are written
-//! to the primary, so a resumed job sees them wherever it reads. A replica that does not answer
-//! or lags past `database.read_max_wait_ms` costs nothing but the wait: that run of the job
-//! reads on the primary and says so in the log.
+//! ([`Replica::begin`]) and reads on the primary where that server is behind. The batches'
+//! sums, cursors and checkpoints are written to the primary, so a resumed job sees them
+//! wherever it reads. A replica that does not answer or lags past
+//! `database.read_max_wait_ms` costs nothing but the wait: that run of the job reads on the
+//! primary and says so in the log.
 
 use std::time::Duration;
 
@@ -107,7 +108,10 @@ impl Replica {
             return Ok(Some(reader));
         }
         reader.rollback().await?;
-        tracing::debug!(lsn = %self.input_lsn, "a replica connection is behind the job's input: this batch reads on the primary");
+        tracing::debug!(
+            lsn = %self.input_lsn,
+            "a replica connection is behind the job's input: this batch reads on the primary"
+        );
         Ok(None)
     }
 }

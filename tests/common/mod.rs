@@ -48,6 +48,13 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
+/// `host:port` of [`server_url`], for a proxy to forward to.
+pub fn server_address() -> String {
+    let server = url::Url::parse(&server_url()).expect("server url");
+    let host = server.host_str().expect("server host");
+    format!("{host}:{}", server.port().unwrap_or(5432))
+}
+
 /// A configuration pointing at a brand-new database named `settle_test_<uuid>`, with
 /// `overrides` (dotted keys, e.g. `("worker.lease_ms", 3000)`) layered on the defaults.
 pub fn test_config(overrides: &[(&str, serde_json::Value)]) -> Config {

@@ -18,13 +18,7 @@ pub async fn app_behind_proxy() -> (Proxy, TestApp, PgPool) {
 
 /// [`app_behind_proxy`] with more configuration `overrides`.
 pub async fn app_behind_proxy_with(overrides: &[(&str, Value)]) -> (Proxy, TestApp, PgPool) {
-    let server = url::Url::parse(&super::server_url()).expect("server url");
-    let upstream = format!(
-        "{}:{}",
-        server.host_str().expect("server host"),
-        server.port().unwrap_or(5432)
-    );
-    let proxy = Proxy::start(&upstream).await;
+    let proxy = Proxy::start(&super::server_address()).await;
     let name = format!("settle_test_{}", uuid::Uuid::new_v4().simple());
     // Small batches: keyed and unkeyed orders share batches, and the faults need many commits
     // to hit.

@@ -326,7 +326,12 @@ async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &Ca
                     Ending::Cancel | Ending::Release | Ending::Fail { fatal: true, .. }
                 ) =>
         {
-            tracing::error!(job = id, error = %e, ?ending, "the database refused the job's ending; failing the job");
+            tracing::error!(
+                job = id,
+                error = %e,
+                ?ending,
+                "the database refused the job's ending; failing the job"
+            );
             let refused = fatal(format!("the database refused the job's ending: {e}"));
             Box::pin(record(shared, id, fence, &refused, lost)).await;
         }

@@ -281,7 +281,7 @@
    * newest page keeps its row and its Cancel button), newest first. */
   async function refreshJobs() {
     const pages = await Promise.all([
-      ...LIVE.map((status) => load(status.toLowerCase() + " jobs", "/api/v1/jobs?status=" + status)),
+      ...LIVE.map((s) => load(s.toLowerCase() + " jobs", "/api/v1/jobs?status=" + s)),
       load("jobs", "/api/v1/jobs"),
     ]);
     if (pages.some((page) => !page)) return;
