@@ -6,9 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::commit_cut::{Cut, CutProxy};
 use common::processes::{
-    self, WorkerProcess, counted, enqueue, enqueue_count, job_row, probe_pool, processed,
-    reported_count, short_lease, wait_for, wait_state,
+    self, WorkerProcess, counted, enqueue, enqueue_count, job_row, job_state, probe_pool,
+    processed, reported_count, short_lease, wait_for, wait_state,
 };
 use common::test_config;
 use nix::sys::signal::Signal;
@@ -176,4 +177,38 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
         "transient errors spend no attempt: {}",
         worker.log_text()
     );
+}
+
+/// A claim whose reply is lost with its connection has committed: its job is RUNNING under a
+/// worker that never heard of it. The worker hands it back before its next claim and runs it
+/// on the same attempt, rather than leaving it to its lease (60 s here) and a rescue that, with
+/// one attempt allowed, would fail it without running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_claim_reply_was_lost_runs_at_once_on_its_attempt() {
+    let mut settings = short_lease(60_000, 5_000);
+    // One slot: one claim at a time, so the first claim (the one cut) takes the job.
+    settings.push(("worker.concurrency", json!(1)));
+    let config = test_config(&settings);
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue(&pool, NOOP, json!({}), 1).await;
+    // The claim's text is parsed in a round trip of its own; the next chunk with a statement
+    // name after the unnamed portal's empty one is the Bind that runs it.
+    let proxy = CutProxy::start(
+        common::server_address().parse().unwrap(),
+        b"with expired as",
+        b"\0sqlx_s_",
+        Cut::AfterForwarding,
+        1,
+    )
+    .await;
+    let database = config.database.url.rsplit('/').next().unwrap();
+    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
+    let worker = WorkerProcess::start_with(&config, &[("SETTLE_DATABASE__URL", via_proxy)]);
+    wait_for(Duration::from_secs(20), "the job to complete", || async {
+        (job_state(&pool, id).await == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(proxy.cuts_made(1), 1, "{}", worker.log_text());
+    let (attempt, _, _) = claim_of(&pool, id).await;
+    assert_eq!(attempt, 1, "{}", worker.log_text());
 }

@@ -3,9 +3,9 @@
 //!
 //! Each client connection is piped to the server. A connection is armed once its client has
 //! sent `arm` (e.g. a statement only the step under test runs); on that connection the next
-//! client chunk containing `cut_at` (e.g. `COMMIT`) ends it, either after forwarding the chunk
-//! (the server commits, the reply is lost) or before (nothing reaches the server). Only the
-//! first `cuts` such moments are cut.
+//! client chunk after it containing `cut_at` (e.g. `COMMIT`) ends it, either after forwarding
+//! the chunk (the server commits, the reply is lost) or before (nothing reaches the server).
+//! Only the first `cuts` such moments are cut.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,13 +92,15 @@ async fn pipe(mut client: TcpStream, rule: Arc<Rule>) {
                 }
                 let mut seen = std::mem::take(&mut tail);
                 seen.extend_from_slice(&up[..n]);
-                armed = armed || contains(&seen, rule.arm);
+                // The chunk that arms is not cut: a prepared statement's text (the arm) comes
+                // in its own round trip, before the chunk that executes it.
                 let cut = armed
                     && contains(&seen, rule.cut_at)
                     && rule
                         .left
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
                         .is_ok();
+                armed = armed || contains(&seen, rule.arm);
                 let keep = seen.len().min(rule.arm.len().max(rule.cut_at.len()));
                 tail = seen[seen.len() - keep..].to_vec();
                 if cut {

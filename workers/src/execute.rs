@@ -36,40 +36,53 @@ enum Ending {
     Nothing,
 }
 
-/// Runs `job` in the slot it was claimed for, to an ending, and records it; the slot is freed
-/// when this returns (for a trivial completion, once it is queued for the batcher, which takes
-/// one of the `concurrency` places of its queue: a full queue keeps the slot taken, so claims
-/// cannot run ahead of the completions). A job of a capped kind also holds its kind's `place`
-/// (see `crate::caps`), freed only once its ending is written, so it never waits in the
-/// batcher.
-///
-/// The endings that write to the database on the way (`record`, `stopped`, `resume_point`)
-/// are awaited boxed: inline, their statements' futures made this one ~10 KB, which tokio
-/// copies into place at every spawn, a job each (~1.4 KB boxed; the drain ~7% faster,
-/// BENCHMARKS.md "Queue", session 27). The common ending, a completion handed to the batcher,
-/// allocates nothing for them.
-pub(crate) async fn run_job(
-    shared: Arc<Shared>,
+/// Starts `job` in the slot it was claimed for: it is in `held` when this returns (so the
+/// heartbeat keeps its lease, and the claimer's sweep after a lost claim reply knows it as
+/// held, see `claimer`), and runs in its own task ([`run_job`]).
+pub(crate) fn start(
+    shared: &Arc<Shared>,
     job: ClaimedJob,
     slot: OwnedSemaphorePermit,
     place: Option<OwnedSemaphorePermit>,
 ) {
-    let (id, fence) = (job.id, job.fence);
     let stop = shared.shutdown.child_token();
     let lost = CancellationToken::new();
     if job.cancel_requested {
         stop.cancel();
     }
     let held = Held {
-        fence,
+        fence: job.fence,
         stop: stop.clone(),
         lost: lost.clone(),
     };
     // An earlier claim of the job still here lost its lease (this worker rescued it itself):
     // that attempt must stop writing.
-    if let Some(earlier) = shared.held.lock().expect("held map").insert(id, held) {
+    if let Some(earlier) = shared.held.lock().expect("held map").insert(job.id, held) {
         earlier.lost.cancel();
     }
+    tokio::spawn(run_job(shared.clone(), job, slot, place, stop, lost));
+}
+
+/// Runs a held `job` to an ending and records it; the slot is freed when this returns (for a
+/// trivial completion, once it is queued for the batcher, which takes one of the `concurrency`
+/// places of its queue: a full queue keeps the slot taken, so claims cannot run ahead of the
+/// completions). A job of a capped kind also holds its kind's `place` (see `crate::caps`),
+/// freed only once its ending is written, so it never waits in the batcher.
+///
+/// The endings that write to the database on the way (`record`, `stopped`, `resume_point`)
+/// are awaited boxed: inline, their statements' futures made this one ~10 KB, which tokio
+/// copies into place at every spawn, a job each (~1.4 KB boxed; the drain ~7% faster,
+/// BENCHMARKS.md "Queue", session 27). The common ending, a completion handed to the batcher,
+/// allocates nothing for them.
+async fn run_job(
+    shared: Arc<Shared>,
+    job: ClaimedJob,
+    slot: OwnedSemaphorePermit,
+    place: Option<OwnedSemaphorePermit>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    let (id, fence) = (job.id, job.fence);
     // A shutdown that came while the claim was in flight hands the job straight back.
     let ending = if shared.shutdown.is_cancelled() {
         Ending::Release

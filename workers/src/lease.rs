@@ -62,3 +62,21 @@ pub async fn reload(
     .fetch_optional(conn)
     .await
 }
+
+/// The jobs the database shows `owner` holding (RUNNING or CANCELLING under its lease) other
+/// than `held`, with their fences: claimed by a claim whose reply never reached the worker.
+pub async fn unheld(
+    conn: &mut PgConnection,
+    owner: &str,
+    held: &[i64],
+) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        "select id, fence from jobs
+         where state in ('running', 'cancelling') and lease_owner = $1 and id <> all($2)",
+        owner,
+        held,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.id, row.fence)).collect())
+}

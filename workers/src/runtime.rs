@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::caps::Caps;
@@ -77,6 +77,10 @@ pub(crate) struct Shared {
     /// This worker's name, stored as `lease_owner`; its liveness lock is keyed by it.
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
+    /// Taken shared by each claim from its statement until its jobs are in `held`, and alone
+    /// by the sweep after a claim whose reply was lost (see `claimer`), so the sweep never
+    /// takes another lane's jobs, claimed but not yet held, for orphans.
+    pub claiming: RwLock<()>,
     pub wake: Notify,
     /// Signalled whenever a job task ends, freeing room to claim.
     pub job_done: Notify,
@@ -160,6 +164,7 @@ impl Worker {
             registry: self.registry,
             owner: self.owner,
             held: Mutex::new(HashMap::new()),
+            claiming: RwLock::new(()),
             wake: Notify::new(),
             job_done: Notify::new(),
             shutdown: shutdown.clone(),
