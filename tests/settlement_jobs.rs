@@ -330,3 +330,54 @@ async fn a_job_waiting_for_an_insert_in_flight_can_be_cancelled() {
         reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC)
     );
 }
+
+/// Retention deletes a completed job (and, by its trigger, the job's rows) just after a download
+/// found it: the CSV is still served whole, from the snapshot the job was found in. (Read
+/// apart, the rows were gone: a 200 with the header alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_racing_retention_serves_the_whole_csv() {
+    let (app, _worker) = settling_app(64, 2).await;
+    let rows = support::store_random(&app.pool, 17, 600, 3, 2).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-02").await;
+    wait_state(&app.pool, id, "completed").await;
+    // The download's read of this job sleeps after taking its snapshot (this test's database
+    // only: its view of the jobs is slowed for this id).
+    for statement in [
+        format!(
+            "create function slow(job bigint) returns boolean language plpgsql as $$
+             begin if job = {id} then perform pg_sleep(1); end if; return true; end $$"
+        ),
+        "create or replace view all_jobs as
+         select * from jobs union all select * from finished_jobs where slow(id)"
+            .to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    let download = tokio::spawn(
+        app.http
+            .get(app.url(&format!("/downloads/{id}.csv")))
+            .send(),
+    );
+    common::processes::wait_for(Duration::from_secs(10), "the job's read", || async {
+        let sleeping = common::scalar(
+            &app.pool,
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event = 'PgSleep'",
+        )
+        .await;
+        (sleeping > 0).then_some(())
+    })
+    .await;
+    sqlx::query("delete from finished_jobs where id = $1")
+        .bind(id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let response = download.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::UTC);
+    assert_eq!(parse_csv(&response.text().await.unwrap()), expected);
+}

@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use super::history;
 use super::process::ApiProcess;
 use crate::config::Config;
+use crate::settlement::results::{self, Download};
 use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
@@ -235,14 +236,15 @@ pub(super) async fn against_statement(
 
 /// Job `job_id`'s CSV, as `GET /downloads/{id}.csv` streams it.
 pub(super) async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8>> {
-    Ok(
-        crate::settlement::results::stream(pool.acquire().await?, job_id)
-            .try_fold(Vec::new(), |mut all, chunk| async move {
-                all.extend_from_slice(&chunk);
-                Ok(all)
-            })
-            .await?,
-    )
+    let Download::Rows(chunks) = results::open(pool.acquire().await?, job_id).await? else {
+        anyhow::bail!("job {job_id} has no CSV in Postgres");
+    };
+    Ok(chunks
+        .try_fold(Vec::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await?)
 }
 
 /// The worker's log: its settlement phase timings are printed after the run.

@@ -10,14 +10,13 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use settle_workers::JobState;
 use tokio_util::io::ReaderStream;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Path;
 use super::openapi::ErrorBody;
-use crate::settlement::{job, results};
+use crate::settlement::results::{self, Download};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/downloads/{file}", get(download))
@@ -50,18 +49,10 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound("no such settlement file".into());
     let job_id = parse_file_name(&file).ok_or_else(not_found)?;
-    let mut conn = app.pool.acquire().await?;
-    let record = settle_workers::read::get_job(&mut conn, job_id).await?;
-    drop(conn);
-    let result = match record {
-        Some(r) if r.kind == job::KIND && r.state == JobState::Completed => r.result,
-        _ => return Err(not_found()),
-    };
-    let in_postgres = result.as_ref().is_some_and(|r| r.get("csv_rows").is_some());
-    let body = if in_postgres {
-        Body::from_stream(results::stream(app.pool.acquire().await?, job_id))
-    } else {
-        legacy_file(&app, job_id).await?.ok_or_else(not_found)?
+    let body = match results::open(app.pool.acquire().await?, job_id).await? {
+        Download::Rows(chunks) => Body::from_stream(chunks),
+        Download::File => legacy_file(&app, job_id).await?.ok_or_else(not_found)?,
+        Download::Missing => return Err(not_found()),
     };
     let mut response = body.into_response();
     let headers = response.headers_mut();

@@ -6,8 +6,10 @@
 use bytes::{Bytes, BytesMut};
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream, TryStreamExt};
+use settle_workers::JobState;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Postgres};
+use sqlx::{Connection, PgConnection, Postgres};
+use tokio::sync::oneshot;
 
 use super::DateRange;
 
@@ -52,41 +54,134 @@ fn copy_statement(job_id: i64) -> String {
     )
 }
 
-/// The job's CSV as a stream of chunks. A task holds `conn` (acquired by the caller, so a
-/// busy pool is refused before any byte is sent) for the length of the download and stays at
-/// most `CHUNKS_AHEAD` chunks ahead of the reader; it stops when the reader goes away.
-pub fn stream(
+/// What a download of job `job_id`'s CSV finds, the job and its rows read in one snapshot.
+#[derive(Debug)]
+pub enum Download<S> {
+    /// No COMPLETED settlement job has this id (unknown, pruned, another kind, not completed).
+    Missing,
+    /// Completed before results were kept in Postgres (migration 0009): its CSV is a file.
+    File,
+    /// The CSV, as a stream of chunks.
+    Rows(S),
+}
+
+/// Reads job `job_id` and, for a COMPLETED settlement whose rows are in Postgres, streams its
+/// CSV. The job's row and the `COPY` are read in one repeatable-read transaction, so a job that
+/// retention deletes after it was found is still served whole (read separately, the `COPY`
+/// found its rows gone and the 200 carried the header alone). A task holds `conn` (acquired by
+/// the caller, so a busy pool is refused before any byte is sent) for the length of the
+/// download and stays at most `CHUNKS_AHEAD` chunks ahead of the reader; it stops when the
+/// reader goes away.
+pub async fn open(
+    conn: PoolConnection<Postgres>,
+    job_id: i64,
+) -> Result<Download<impl Stream<Item = Result<Bytes, sqlx::Error>>>, sqlx::Error> {
+    serve(conn, job_id, true).await
+}
+
+/// Job `job_id`'s stored rows as the CSV [`open`] streams, whatever the job's state or however
+/// it was settled (the engine's tests settle without the queue).
+pub async fn stored_csv(
+    conn: PoolConnection<Postgres>,
+    job_id: i64,
+) -> Result<impl Stream<Item = Result<Bytes, sqlx::Error>>, sqlx::Error> {
+    match serve(conn, job_id, false).await? {
+        Download::Rows(rows) => Ok(rows),
+        Download::Missing | Download::File => unreachable!("the job was not looked up"),
+    }
+}
+
+/// [`open`], the job looked up first only when `look_up`.
+async fn serve(
     mut conn: PoolConnection<Postgres>,
     job_id: i64,
-) -> impl Stream<Item = Result<Bytes, sqlx::Error>> {
-    let (mut tx, rx) = mpsc::channel(CHUNKS_AHEAD);
+    look_up: bool,
+) -> Result<Download<impl Stream<Item = Result<Bytes, sqlx::Error>>>, sqlx::Error> {
+    let (found, finding) = oneshot::channel();
+    let (mut chunks, rx) = mpsc::channel(CHUNKS_AHEAD);
     tokio::spawn(async move {
+        let mut found = Some(found);
         let copied = async {
-            // Dates render as ISO whatever the server's default.
-            sqlx::query!("set datestyle = 'ISO, YMD'")
-                .execute(&mut *conn)
+            let mut snapshot = conn
+                .begin_with("begin isolation level repeatable read, read only")
                 .await?;
-            let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;
-            let mut chunk = BytesMut::with_capacity(CHUNK);
-            while let Some(row) = rows.try_next().await? {
-                chunk.extend_from_slice(&row);
-                if chunk.len() >= CHUNK && tx.send(Ok(chunk.split().freeze())).await.is_err() {
-                    // The reader left mid-COPY: never hand a connection in that state back.
-                    drop(rows);
-                    conn.close_on_drop();
-                    return Ok(());
-                }
+            let what = if look_up {
+                find(&mut snapshot, job_id).await?
+            } else {
+                Download::Rows(())
+            };
+            let rows = matches!(what, Download::Rows(()));
+            if let Some(found) = found.take() {
+                let _ = found.send(Ok(what));
             }
-            if !chunk.is_empty() {
-                let _ = tx.send(Ok(chunk.freeze())).await;
+            if !rows {
+                return Ok(true);
             }
-            Ok::<(), sqlx::Error>(())
+            let whole = copy(&mut snapshot, job_id, &mut chunks).await?;
+            if whole {
+                snapshot.commit().await?;
+            }
+            Ok::<bool, sqlx::Error>(whole)
         }
         .await;
-        if let Err(e) = copied {
-            tracing::warn!(job = job_id, error = %e, "streaming a settlement CSV failed");
-            let _ = tx.send(Err(e)).await;
+        match copied {
+            Ok(true) => {}
+            // The reader left mid-COPY: never hand a connection in that state back.
+            Ok(false) => conn.close_on_drop(),
+            Err(e) => {
+                conn.close_on_drop();
+                tracing::warn!(job = job_id, error = %e, "streaming a settlement CSV failed");
+                // Before the job was found, the caller hears it; after, the reader does.
+                match found.take() {
+                    Some(found) => drop(found.send(Err(e))),
+                    None => drop(chunks.send(Err(e)).await),
+                }
+            }
         }
     });
-    rx
+    match finding.await {
+        Ok(Ok(Download::Rows(()))) => Ok(Download::Rows(rx)),
+        Ok(Ok(Download::Missing)) => Ok(Download::Missing),
+        Ok(Ok(Download::File)) => Ok(Download::File),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::WorkerCrashed),
+    }
+}
+
+/// What `open` serves for job `job_id`, read in the caller's transaction.
+async fn find(conn: &mut PgConnection, job_id: i64) -> Result<Download<()>, sqlx::Error> {
+    let record = settle_workers::read::get_job(conn, job_id).await?;
+    let result = match record {
+        Some(r) if r.kind == super::job::KIND && r.state == JobState::Completed => r.result,
+        _ => return Ok(Download::Missing),
+    };
+    Ok(match result {
+        Some(result) if result.get("csv_rows").is_some() => Download::Rows(()),
+        _ => Download::File,
+    })
+}
+
+/// Streams the job's CSV into `chunks` from the caller's transaction; false when the reader
+/// left before the end (the connection is then mid-COPY).
+async fn copy(
+    conn: &mut PgConnection,
+    job_id: i64,
+    chunks: &mut mpsc::Sender<Result<Bytes, sqlx::Error>>,
+) -> Result<bool, sqlx::Error> {
+    // Dates render as ISO whatever the server's default.
+    sqlx::query!("set local datestyle = 'ISO, YMD'")
+        .execute(&mut *conn)
+        .await?;
+    let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;
+    let mut chunk = BytesMut::with_capacity(CHUNK);
+    while let Some(row) = rows.try_next().await? {
+        chunk.extend_from_slice(&row);
+        if chunk.len() >= CHUNK && chunks.send(Ok(chunk.split().freeze())).await.is_err() {
+            return Ok(false);
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = chunks.send(Ok(chunk.freeze())).await;
+    }
+    Ok(true)
 }

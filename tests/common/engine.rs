@@ -6,7 +6,7 @@ use futures::TryStreamExt;
 use serde_json::json;
 use settle::settlement::plan::{self, Plan};
 use settle::settlement::{DateRange, Settings, SettleError, Zone};
-use settle::settlement::{finalize, input, parts};
+use settle::settlement::{finalize, input, parts, results};
 use sqlx::PgPool;
 
 use super::settlement::{self, day, parse_csv, settlements};
@@ -149,10 +149,10 @@ impl Db {
 
 /// A job's stored CSV, read the way `GET /downloads/{id}.csv` streams it.
 pub async fn download(pool: &PgPool, job: i64) -> String {
-    let chunks: Vec<_> = settle::settlement::results::stream(pool.acquire().await.unwrap(), job)
-        .try_collect()
+    let rows = results::stored_csv(pool.acquire().await.unwrap(), job)
         .await
         .unwrap();
+    let chunks: Vec<_> = rows.try_collect().await.unwrap();
     String::from_utf8(chunks.concat()).unwrap()
 }
 
