@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::processes::{
-    WorkerProcess, counted, enqueue_count, probe_pool, reported_count, wait_for, wait_processed,
-    wait_state,
+    WorkerProcess, counted, enqueue, enqueue_count, job_row, probe_pool, reported_count, wait_for,
+    wait_processed, wait_state,
 };
 use common::{TestDatabase, test_config};
-use serde_json::json;
+use serde_json::{Value, json};
 use settle::config::Config;
+use settle::jobs::kind::SLEEP;
 use settle_workers::liveness::LOCK_CLASS;
 use sqlx::PgPool;
 
@@ -184,4 +185,26 @@ async fn a_worker_whose_lock_session_is_terminated_locks_again_and_keeps_its_job
     assert_eq!(counted(&pool, id).await, (400, 40));
     assert_eq!(reported_count(&pool, id).await, Some(400));
     assert!(worker.is_running(), "{}", worker.log_text());
+}
+
+/// A job whose worker is killed on its last attempt fails as that attempt, saying why: the
+/// rescue's claim counts one more, which no attempt ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_dies_on_its_last_attempt_fails_as_that_attempt() {
+    let (config, pool, _db) = long_lease_queue().await;
+    let id = enqueue(&pool, SLEEP, json!({"ms": 600_000}), 1).await;
+    let first = WorkerProcess::start(&config);
+    wait_state(&pool, id, "running").await;
+    first.kill().await;
+    let _second = WorkerProcess::start(&config);
+    wait_state(&pool, id, "failed").await;
+    let (attempt, max_attempts, errors): (i32, i32, Value) =
+        job_row(&pool, id, "attempt, max_attempts, errors").await;
+    assert_eq!((attempt, max_attempts), (1, 1));
+    assert_eq!(errors.as_array().unwrap().len(), 1, "{errors}");
+    assert_eq!(errors[0]["attempt"], 1, "{errors}");
+    assert_eq!(
+        errors[0]["error"],
+        "lease expired on the last attempt (worker lost)"
+    );
 }

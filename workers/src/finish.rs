@@ -23,6 +23,9 @@ use crate::state::JobState;
 /// statement's own parameters from `$3`. Every ending shares this shape, so they cannot drift
 /// apart. Without `requeue`, every job finishes (`$final` is true).
 ///
+/// A finished job's `attempt` is at most `max_attempts`: only a rescue claims past the last
+/// attempt (its worker was lost on it), and the job then ends as that last attempt.
+///
 /// `$final` is read on `held`, the rows as locked (`cancel_requested`, `attempt`,
 /// `max_attempts`), not on `jobs`: a cancel committing while this statement waits for its
 /// lock is seen there, where the statement's own snapshot, taken before, would make the
@@ -41,7 +44,8 @@ macro_rules! end_jobs {
                  insert into finished_jobs (id, kind, args, state, priority, attempt,
                      max_attempts, run_at, fence, heartbeat_at, cancel_requested, processed,
                      total, checkpoint, errors, result, created_at, started_at, finished_at)
-                 select id, kind, args, " + $state + ", priority, attempt, max_attempts, run_at,
+                 select id, kind, args, " + $state + ", priority,
+                        least(attempt, max_attempts), max_attempts, run_at,
                         fence, heartbeat_at, cancel_requested, processed, total, checkpoint,
                         " + $errors + ", " + $result + ", created_at, started_at, now()
                  from ended
@@ -154,7 +158,8 @@ pub async fn fail(
         state: "case when cancel_requested then 'cancelled'::job_state else 'failed' end",
         result: "null",
         errors: "errors || jsonb_build_array(jsonb_build_object(
-                     'attempt', attempt, 'error', $3::text, 'at', now(), 'retry_at', null))",
+                     'attempt', least(attempt, max_attempts), 'error', $3::text, 'at', now(),
+                     'retry_at', null))",
         requeue: "state = 'queued', run_at = now() + $4 * interval '1 millisecond',
                   errors = errors || jsonb_build_array(jsonb_build_object(
                       'attempt', attempt, 'error', $3::text, 'at', now(),
