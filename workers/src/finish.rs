@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
 use crate::metrics::Ended;
 use crate::settings::WorkerSettings;
@@ -212,14 +212,18 @@ pub async fn release(
     held: &[(i64, i64)],
 ) -> Result<Vec<Ended>, sqlx::Error> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    // One transaction: a NOTIFY that fails takes the release back with it, so a retry finds
+    // the jobs still held instead of taking them for lost.
+    let mut tx = conn.begin().await?;
     let ended = end_jobs!(&ids, &fences, final: "cancel_requested", state: "'cancelled'",
         result: "null", errors: "errors",
         requeue: "state = 'queued', attempt = greatest(attempt - 1, 0), run_at = now()")
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await?;
     sqlx::query!("select pg_notify('settle_jobs', '')")
-        .execute(conn)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(ended)
 }
 
