@@ -179,18 +179,35 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     );
 }
 
-/// A claim whose reply is lost with its connection has committed: its job is RUNNING under a
-/// worker that never heard of it. The worker hands it back before its next claim and runs it
-/// on the same attempt, rather than leaving it to its lease (60 s here) and a rescue that, with
-/// one attempt allowed, would fail it without running it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_whose_claim_reply_was_lost_runs_at_once_on_its_attempt() {
-    let mut settings = short_lease(60_000, 5_000);
+/// A claim whose reply is lost with its connection has committed, or commits later: its job is
+/// RUNNING under a worker that never heard of it. The worker hands it back and runs it on the
+/// same attempt, rather than leaving it to its lease (9 s here) and a rescue that, with one
+/// attempt allowed, would fail it without running it.
+async fn a_claim_cut_off(claim_still_running: bool) {
+    let mut settings = short_lease(9_000, 2_000);
     // One slot: one claim at a time, so the first claim (the one cut) takes the job.
     settings.push(("worker.concurrency", json!(1)));
     let config = test_config(&settings);
     let (pool, _db) = probe_pool(&config).await;
     let id = enqueue(&pool, NOOP, json!({}), 1).await;
+    if claim_still_running {
+        // The first claim sleeps 2 s in its update: it is still running when its connection
+        // goes, and commits after the worker has seen the claim fail.
+        sqlx::raw_sql(
+            "create sequence slow_claims;
+             create function slow_claim() returns trigger language plpgsql as $$
+             begin
+                 if nextval('slow_claims') = 1 then perform pg_sleep(2); end if;
+                 return new;
+             end $$;
+             create trigger slow_claim before update on jobs for each row
+                 when (old.state = 'queued' and new.state = 'running')
+                 execute function slow_claim();",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     // The claim's text is parsed in a round trip of its own; the next chunk with a statement
     // name after the unnamed portal's empty one is the Bind that runs it.
     let proxy = CutProxy::start(
@@ -211,4 +228,14 @@ async fn a_job_whose_claim_reply_was_lost_runs_at_once_on_its_attempt() {
     assert_eq!(proxy.cuts_made(1), 1, "{}", worker.log_text());
     let (attempt, _, _) = claim_of(&pool, id).await;
     assert_eq!(attempt, 1, "{}", worker.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_claim_reply_was_lost_runs_at_once_on_its_attempt() {
+    a_claim_cut_off(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_after_its_claim_was_cut_off_runs_on_its_attempt() {
+    a_claim_cut_off(true).await;
 }

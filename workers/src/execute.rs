@@ -350,6 +350,7 @@ async fn record(shared: &Shared, id: i64, fence: i64, ending: &Ending, lost: &Ca
         }
         Err(e) => {
             tracing::error!(job = id, error = %e, "cannot record the job's ending; its lease will expire");
+            shared.give_up(id, fence);
         }
     }
 }

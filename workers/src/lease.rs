@@ -64,17 +64,21 @@ pub async fn reload(
 }
 
 /// The jobs the database shows `owner` holding (RUNNING or CANCELLING under its lease) other
-/// than `held`, with their fences: claimed by a claim whose reply never reached the worker.
+/// than the `(id, fence)` pairs of `held`, with their fences: claimed by a claim whose reply
+/// never reached the worker (or an ending it gave up recording).
 pub async fn unheld(
     conn: &mut PgConnection,
     owner: &str,
-    held: &[i64],
+    held: &[(i64, i64)],
 ) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     let rows = sqlx::query!(
         "select id, fence from jobs
-         where state in ('running', 'cancelling') and lease_owner = $1 and id <> all($2)",
+         where state in ('running', 'cancelling') and lease_owner = $1
+           and (id, fence) not in (select * from unnest($2::bigint[], $3::bigint[]))",
         owner,
-        held,
+        &ids,
+        &fences,
     )
     .fetch_all(conn)
     .await?;

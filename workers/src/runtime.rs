@@ -17,8 +17,9 @@
 //!    queued and returns, and the heartbeat, which kept those jobs' leases until then, stops;
 //! 5. the liveness lock is let go (its session closes), then the runtime's own connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -27,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caps::Caps;
 use crate::registry::Registry;
-use crate::services::{claimer, completer, heartbeat, listener, pruner, rescuer, vacuumer};
+use crate::services::{
+    claimer, completer, heartbeat, listener, pruner, rescuer, sweeper, vacuumer,
+};
 use crate::settings::WorkerSettings;
 
 /// Channel a worker is woken on when jobs are inserted or released.
@@ -67,6 +70,9 @@ pub(crate) struct Shared {
     /// A few connections of the runtime's own (claims, heartbeats, completion batches), so jobs
     /// that fill the shared pool with database work never delay a heartbeat into a lost lease.
     pub control: PgPool,
+    /// The claim loops' connections, one per lane: as `control`, and a claim statement is cut
+    /// at [`sweeper::claim_timeout`] (see the sweeper).
+    pub claims: PgPool,
     pub settings: WorkerSettings,
     pub registry: Registry,
     /// The registered kinds without a cap: claimed whenever slots are free. With the capped
@@ -81,6 +87,11 @@ pub(crate) struct Shared {
     /// by the sweep after a claim whose reply was lost (see `claimer`), so the sweep never
     /// takes another lane's jobs, claimed but not yet held, for orphans.
     pub claiming: RwLock<()>,
+    /// When the last claim failed, while the [`sweeper`] runs.
+    pub failed_claim: Mutex<Option<Instant>>,
+    /// Jobs whose ending this worker gave up recording, forgotten since: the sweeper leaves
+    /// them to their lease (pruned to those it still finds).
+    pub given_up: Mutex<HashSet<(i64, i64)>>,
     pub wake: Notify,
     /// Signalled whenever a job task ends, freeing room to claim.
     pub job_done: Notify,
@@ -97,6 +108,20 @@ impl Shared {
     pub fn held_snapshot(&self) -> Vec<(i64, i64)> {
         let held = self.held.lock().expect("held map");
         held.iter().map(|(id, h)| (*id, h.fence)).collect()
+    }
+
+    /// Notes that the ending of job `id` under `fence` could not be recorded (see `given_up`).
+    pub fn give_up(&self, id: i64, fence: i64) {
+        self.given_up.lock().expect("given up").insert((id, fence));
+    }
+
+    /// `found` (jobs held in the database but by no task) without those given up, which stay
+    /// noted only while found.
+    pub fn not_given_up(&self, mut found: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+        let mut given_up = self.given_up.lock().expect("given up");
+        given_up.retain(|job| found.contains(job));
+        found.retain(|job| !given_up.contains(job));
+        found
     }
 
     /// Forgets job `id` as held under `fence`; a newer claim of it (this worker's own rescue of
@@ -142,6 +167,16 @@ impl Worker {
             .max_connections(CONTROL_CONNECTIONS)
             .acquire_timeout(self.pool.options().get_acquire_timeout())
             .connect_lazy_with(control_options(&self.pool.connect_options()));
+        let claim_timeout = sweeper::claim_timeout(self.settings.lease)
+            .as_millis()
+            .max(1);
+        let claims = PgPoolOptions::new()
+            .max_connections(claimer::LANES as u32)
+            .acquire_timeout(self.pool.options().get_acquire_timeout())
+            .connect_lazy_with(
+                control_options(&self.pool.connect_options())
+                    .options([("statement_timeout", claim_timeout.to_string())]),
+            );
         let kinds: Vec<String> = self
             .registry
             .kinds()
@@ -158,6 +193,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             pool: self.pool,
             control,
+            claims,
             settings: self.settings,
             uncapped,
             caps,
@@ -165,6 +201,8 @@ impl Worker {
             owner: self.owner,
             held: Mutex::new(HashMap::new()),
             claiming: RwLock::new(()),
+            failed_claim: Mutex::new(None),
+            given_up: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             job_done: Notify::new(),
             shutdown: shutdown.clone(),
@@ -209,14 +247,16 @@ impl Worker {
         }
         release.cancel();
         let _ = holder.await;
+        shared.claims.close().await;
         shared.control.close().await;
         tracing::info!(owner = %shared.owner, "worker stopped");
     }
 }
 
-/// The runtime's own connections: one per claim lane, the heartbeat, the completion batcher and
-/// the liveness probe. (The liveness lock has a session of its own besides.)
-const CONTROL_CONNECTIONS: u32 = claimer::LANES as u32 + 3;
+/// The runtime's own connections besides the claims': the heartbeat, the completion batcher
+/// and the liveness probe (the sweeper, rarely, shares them). The liveness lock has a session
+/// of its own besides.
+const CONTROL_CONNECTIONS: u32 = 3;
 
 /// The runtime's own connections' options: `options` with bitmap and sequential scans off (a
 /// cost penalty, so a statement with no other path still runs). The planner picks their plans

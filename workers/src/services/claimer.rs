@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::sweeper;
 use crate::caps::Reserved;
+use crate::claim;
 use crate::db::on_conn;
-use crate::metrics::Ended;
 use crate::runtime::Shared;
-use crate::{claim, finish, lease};
 
 /// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
 /// waits for it; with two, one claims while the other's jobs run, so short jobs keep the slots
@@ -30,24 +30,13 @@ const GATHER: Duration = Duration::from_millis(2);
 /// loop waits until its share of the slots is free, or [`GATHER`] has passed. It reserves those
 /// slots before claiming; each claimed job takes one into its own task and the unused ones are
 /// given back.
-///
-/// A claim that fails may have committed: a reply lost with its connection leaves its jobs
-/// RUNNING under this worker's lease, held by no task and kept alive by no heartbeat, until the
-/// lease expires and a rescue spends an attempt on a run that never happened (with one attempt
-/// left, failing the job unrun). After such a failure the loop hands back, before its next
-/// claim, every job the database shows this worker holding that it does not hold ([`sweep`]).
+/// A claim that fails may have committed (its reply lost with its connection): the
+/// [`sweeper`] hands back what it took.
 pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
     let settings = &shared.settings;
     let share = (settings.concurrency / LANES).max(1);
-    let mut unsure = false;
     loop {
-        if unsure {
-            unsure = !sweep(&shared).await;
-        }
         if !wait_for_slots(&shared, &slots, share).await {
-            if unsure {
-                sweep(&shared).await;
-            }
             return;
         }
         let free = slots.available_permits().min(settings.claim_batch as usize);
@@ -65,7 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
             Ok(Vec::new())
         } else {
             let owner = &shared.owner;
-            on_conn(&shared.control, async |conn| {
+            on_conn(&shared.claims, async |conn| {
                 claim::claim(conn, owner, free as i64, settings.lease, &kinds, &rooms).await
             })
             .await
@@ -74,8 +63,8 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
             Ok(jobs) => jobs,
             Err(e) => {
                 drop((reserved, claiming));
-                unsure = true;
                 tracing::warn!(error = %e, "claim failed; retrying after the poll interval");
+                sweeper::claim_failed(&shared);
                 idle(&shared, settings.poll_interval).await;
                 continue;
             }
@@ -103,45 +92,6 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         } else {
             // More may be due: let the other lane claim too if it is idle.
             shared.wake.notify_one();
-        }
-    }
-}
-
-/// Hands back the jobs the database shows this worker holding that no task of it holds (see
-/// [`run`]), as a shutdown does: due at once, the attempt given back. Waits for the other
-/// lane's claim in flight to hold its jobs first. False when it could not look. (A job whose
-/// ending could not be recorded for a whole lease, forgotten since, is handed back too: it runs
-/// again, as its rescue would have run it, without spending an attempt.)
-async fn sweep(shared: &Shared) -> bool {
-    let _alone = shared.claiming.write().await;
-    let held: Vec<i64> = shared
-        .held_snapshot()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    let owner = &shared.owner;
-    let swept = on_conn(&shared.control, async |conn| {
-        let orphans = lease::unheld(conn, owner, &held).await?;
-        if orphans.is_empty() {
-            return Ok(Vec::new());
-        }
-        finish::release(conn, &orphans).await
-    })
-    .await;
-    match swept {
-        Ok(released) => {
-            if !released.is_empty() {
-                tracing::warn!(
-                    jobs = released.len(),
-                    "handed back jobs claimed by a claim whose reply was lost"
-                );
-            }
-            released.iter().for_each(Ended::record);
-            true
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot look for jobs claimed by a lost claim reply yet");
-            false
         }
     }
 }

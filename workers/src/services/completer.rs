@@ -65,7 +65,12 @@ async fn flush(shared: &Shared, batch: &[Completion]) {
     match completed {
         Ok(ended) => ended.iter().for_each(Ended::record),
         // The jobs' leases will expire and another worker re-runs them.
-        Err(e) => tracing::error!(error = %e, jobs = batch.len(), "cannot record completions"),
+        Err(e) => {
+            tracing::error!(error = %e, jobs = batch.len(), "cannot record completions");
+            for completion in batch {
+                shared.give_up(completion.id, completion.fence);
+            }
+        }
     }
     let mut held_jobs = shared.held.lock().expect("held map");
     for completion in batch {

@@ -9,6 +9,7 @@
 //! - [`pruner`]: deletes finished jobs past retention.
 //! - [`vacuumer`]: vacuums the jobs table when its dead rows pile up.
 //! - [`rescuer`]: holds this worker's liveness lock; hands dead workers' jobs on in seconds.
+//! - [`sweeper`]: after a failed claim, hands back the jobs it may have taken unheard.
 
 pub(crate) mod claimer;
 pub(crate) mod completer;
@@ -16,6 +17,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod listener;
 pub(crate) mod pruner;
 pub(crate) mod rescuer;
+pub(crate) mod sweeper;
 pub(crate) mod vacuumer;
 
 use std::time::Duration;

@@ -1,0 +1,114 @@
+//! The sweeper: after a claim fails, hands back the jobs that claim may have taken. A claim
+//! whose reply is lost with its connection may have committed, leaving its jobs RUNNING under
+//! this worker's lease, held by no task and kept alive by no heartbeat, until the lease expires
+//! and a rescue spends an attempt on a run that never happened (with one attempt left, failing
+//! the job unrun). It may even commit after the worker saw it fail: a backend runs its statement
+//! to the end with its client gone. So the sweeper looks at once, and again once every claim
+//! that failed has surely ended, the claims' connections cutting any statement at
+//! [`claim_timeout`]. What it finds goes back as a shutdown hands jobs back: due at once,
+//! the attempt given back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::db::on_conn;
+use crate::metrics::Ended;
+use crate::runtime::Shared;
+use crate::{finish, lease};
+
+/// The longest a claim statement may run (normally milliseconds): a third of the lease, so a
+/// claim cut off mid-way has ended well before the leases it may have taken expire.
+pub(crate) fn claim_timeout(lease: Duration) -> Duration {
+    lease / 3
+}
+
+/// Time for a cancelled statement's backend to end it, past [`claim_timeout`].
+const MARGIN: Duration = Duration::from_millis(500);
+
+/// Notes that a claim failed, starting the sweeper unless it is running already.
+pub(crate) fn claim_failed(shared: &Arc<Shared>) {
+    let mut failed = shared.failed_claim.lock().expect("failed claim");
+    let idle = failed.is_none();
+    *failed = Some(Instant::now());
+    if idle {
+        tokio::spawn(run(shared.clone()));
+    }
+}
+
+/// Sweeps until a sweep has looked after every failed claim had surely ended (retrying those
+/// that cannot look after the poll interval), or shutdown (after one last look).
+async fn run(shared: Arc<Shared>) {
+    let ended = claim_timeout(shared.settings.lease) + MARGIN;
+    loop {
+        let failed_at = shared
+            .failed_claim
+            .lock()
+            .expect("failed claim")
+            .expect("set while the sweeper runs");
+        let looked_at = Instant::now();
+        let next = if !sweep(&shared).await {
+            looked_at + shared.settings.poll_interval
+        } else if looked_at >= failed_at + ended {
+            let mut failed = shared.failed_claim.lock().expect("failed claim");
+            if *failed == Some(failed_at) {
+                *failed = None;
+                return;
+            }
+            continue; // another claim failed since
+        } else {
+            failed_at + ended
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => {}
+            () = shared.shutdown.cancelled() => {
+                sweep(&shared).await;
+                *shared.failed_claim.lock().expect("failed claim") = None;
+                return;
+            }
+        }
+    }
+}
+
+/// Hands back the jobs the database shows this worker holding that no task of it holds, but
+/// those whose ending this worker gave up recording (they wait for their lease and a rescue,
+/// which spends the attempt their failure may have been). False when it could not look.
+async fn sweep(shared: &Shared) -> bool {
+    let found = {
+        // No claim of the other lane is between its statement and holding its jobs.
+        let _alone = shared.claiming.write().await;
+        let held = shared.held_snapshot();
+        on_conn(&shared.control, async |conn| {
+            lease::unheld(conn, &shared.owner, &held).await
+        })
+        .await
+    };
+    let found = match found {
+        Ok(found) => shared.not_given_up(found),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for the jobs of a failed claim yet");
+            return false;
+        }
+    };
+    if found.is_empty() {
+        return true;
+    }
+    // Fenced: a job rescued since (by any worker) is not handed back.
+    match on_conn(&shared.control, async |conn| {
+        finish::release(conn, &found).await
+    })
+    .await
+    {
+        Ok(released) => {
+            tracing::warn!(
+                jobs = released.len(),
+                "handed back the jobs of a claim whose reply was lost"
+            );
+            released.iter().for_each(Ended::record);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand back the jobs of a failed claim yet");
+            false
+        }
+    }
+}
