@@ -257,21 +257,12 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
 async fn a_restock_between_a_refusal_and_its_stock_read_places_the_order() {
     let app = common::spawn_app_with(&[("orders.coalesce", json!(false))]).await;
     let product = app.product(1, 100).await;
-    // A sequence, not a table: the first statement to update products sleeps, and no other
-    // waits for it.
-    sqlx::raw_sql(
-        "create sequence pause_once;
-         create function pause_once() returns trigger language plpgsql as $$
-         begin
-             if nextval('pause_once') = 1 then perform pg_sleep(1); end if;
-             return null;
-         end $$;
-         create trigger pause_once after update on products
-             for each statement execute function pause_once();",
+    common::pause_once(
+        &app.pool,
+        "after update on products for each statement",
+        1.0,
     )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    .await;
     let body = json!({"product_id": product, "quantity": 2, "buyer_id": "patient"});
     let restock = async {
         let paused = "select count(*) from pg_stat_activity

@@ -193,20 +193,13 @@ async fn a_claim_cut_off(claim_still_running: bool) {
     if claim_still_running {
         // The first claim sleeps 2 s in its update: it is still running when its connection
         // goes, and commits after the worker has seen the claim fail.
-        sqlx::raw_sql(
-            "create sequence slow_claims;
-             create function slow_claim() returns trigger language plpgsql as $$
-             begin
-                 if nextval('slow_claims') = 1 then perform pg_sleep(2); end if;
-                 return new;
-             end $$;
-             create trigger slow_claim before update on jobs for each row
-                 when (old.state = 'queued' and new.state = 'running')
-                 execute function slow_claim();",
+        common::pause_once(
+            &pool,
+            "before update on jobs for each row
+             when (old.state = 'queued' and new.state = 'running')",
+            2.0,
         )
-        .execute(&pool)
-        .await
-        .unwrap();
+        .await;
     }
     // The claim's text is parsed in a round trip of its own; the next chunk with a statement
     // name after the unnamed portal's empty one is the Bind that runs it.

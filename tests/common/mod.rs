@@ -260,6 +260,25 @@ impl TestApp {
     }
 }
 
+/// Makes the first statement (or row) to fire `trigger` (e.g. `"after update on products for
+/// each statement"`) sleep `seconds`, once: an interleaving between statements, staged. A
+/// sequence counts the firings, so no other statement waits for the paused one.
+pub async fn pause_once(pool: &PgPool, trigger: &str, seconds: f64) {
+    let sql = format!(
+        "create sequence pause_once;
+         create function pause_once() returns trigger language plpgsql as $$
+         begin
+             if nextval('pause_once') = 1 then perform pg_sleep({seconds}); end if;
+             return new;
+         end $$;
+         create trigger pause_once {trigger} execute function pause_once();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .expect("pause trigger");
+}
+
 /// A single `bigint` the test asks for (counts, mostly).
 pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
