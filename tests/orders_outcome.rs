@@ -14,7 +14,7 @@ use common::assert_error;
 use common::assert_refused;
 use common::outcome::{app_behind_proxy, app_behind_proxy_with, order, orders_of, post_order};
 use common::proxy::{CommitFault, Proxy};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -156,6 +156,33 @@ async fn product_row_locked(direct: &PgPool, product: i64) -> sqlx::Transaction<
     holder
 }
 
+/// An order placed with the key `placed-key` before the trouble: its body and its answer.
+async fn placed_before(app: &TestApp, product: i64) -> (Value, Value) {
+    let body = order(product, "placed-before", 1);
+    let (status, placed) = post_order(app, Some("placed-key"), &body).await;
+    assert_eq!(status, 201, "{placed}");
+    (body, placed)
+}
+
+/// Once a batch waits for the product's `row`: holds the orders table against inserts, and
+/// `ms` later lets the row go, so the batch goes on to wait in its insert. Returns the
+/// transaction holding the table.
+async fn inserts_held_then_row_freed(
+    direct: &PgPool,
+    row: sqlx::Transaction<'static, Postgres>,
+    ms: u64,
+) -> sqlx::Transaction<'static, Postgres> {
+    common::wait_for_lock_waiter(direct, "from products").await;
+    let mut table = direct.begin().await.unwrap();
+    sqlx::query("lock table orders in share mode")
+        .execute(&mut *table)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    row.rollback().await.unwrap();
+    table
+}
+
 /// While another transaction holds the product's row past a batch's deadline: the batch's
 /// own wait ends with it (no backend is left queued on the row, one more per batch), an
 /// unkeyed order is not placed, and a keyed retry of an order placed before is replayed, not
@@ -163,9 +190,7 @@ async fn product_row_locked(direct: &PgPool, product: i64) -> sqlx::Transaction<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answers_keys() {
     let (_proxy, app, direct, product) = deadline_app().await;
-    let body = order(product, "placed-before", 1);
-    let (status, placed) = post_order(&app, Some("placed-key"), &body).await;
-    assert_eq!(status, 201, "{placed}");
+    let (body, placed) = placed_before(&app, product).await;
 
     let holder = product_row_locked(&direct, product).await;
     assert_refused(
@@ -198,16 +223,8 @@ async fn a_keyed_batch_past_its_deadline_after_taking_its_key_is_not_placed() {
     let row = product_row_locked(&direct, product).await;
     let body = order(product, "new-keyed", 1);
     let staged = async {
-        common::wait_for_lock_waiter(&direct, "from products").await;
-        let mut table = direct.begin().await.unwrap();
-        sqlx::query("lock table orders in share mode")
-            .execute(&mut *table)
-            .await
-            .unwrap();
         // Most of the batch's second gone: its insert's own lock wait outlasts the deadline.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        row.rollback().await.unwrap();
-        table
+        inserts_held_then_row_freed(&direct, row, 600).await
     };
     let (answer, table) = tokio::join!(post_order(&app, Some("new-key"), &body), staged);
     assert_refused(answer, 503, "ORDER_NOT_PLACED");
@@ -222,4 +239,44 @@ async fn a_keyed_batch_past_its_deadline_after_taking_its_key_is_not_placed() {
     .await;
     assert_eq!(status, 201, "the retry places it: {placed}");
     assert_eq!(orders_of(&direct, "new-keyed").await.len(), 1);
+}
+
+/// A keyed retry of an order placed before, in a batch that takes its keys and then runs past
+/// its deadline (a new order's insert waits for the orders table): the retry is replayed, though
+/// the batch's own backend still holds the key when the answers are decided; the new order is
+/// not placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_retry_in_a_batch_given_up_after_taking_its_keys_is_replayed() {
+    let (_proxy, app, direct, product) = deadline_app().await;
+    let (body, placed) = placed_before(&app, product).await;
+    let row = product_row_locked(&direct, product).await;
+    let (first_answered, first_done) = tokio::sync::oneshot::channel();
+    let first = async {
+        let answer = post_order(&app, None, &order(product, "first", 1)).await;
+        first_answered.send(()).unwrap();
+        answer
+    };
+    // Queued while the first batch waits for the row: the retry and the new order share the
+    // next batch.
+    let next_batch = async {
+        common::wait_for_lock_waiter(&direct, "from products").await;
+        let new = order(product, "new", 1);
+        tokio::join!(
+            post_order(&app, Some("placed-key"), &body),
+            post_order(&app, None, &new)
+        )
+    };
+    let staged = async {
+        first_done.await.unwrap();
+        // The first batch's backend has left its wait; the next batch's is waiting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        inserts_held_then_row_freed(&direct, row, 300).await
+    };
+    let (first, (retry, new), table) = tokio::join!(first, next_batch, staged);
+    assert_refused(first, 503, "ORDER_NOT_PLACED");
+    assert_eq!(retry, (201, placed), "the retry replays the order");
+    assert_refused(new, 503, "ORDER_NOT_PLACED");
+    table.rollback().await.unwrap();
+    assert!(orders_of(&direct, "new").await.is_empty());
+    assert_eq!(orders_of(&direct, "placed-before").await.len(), 1);
 }

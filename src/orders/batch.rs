@@ -28,17 +28,22 @@ pub(super) enum Decision {
         order: Option<Order>,
         response: StoredResponse,
     },
-    /// A keyed order answered from its key alone: it stands whether the batch commits or not.
-    Settled(Answer),
+    /// A keyed order answered from its key alone (the answer is the order's in the batch's
+    /// [`KeyAnswers`]): it stands whether the batch commits or not.
+    Settled,
 }
 
+/// Per order, the answer its key alone gives (an earlier request's answer, a key in use or
+/// reused), or `None` for an order the batch decides.
+pub(super) type KeyAnswers = Vec<Option<Answer>>;
+
 impl Decision {
-    /// The buyer's answer once the batch has committed.
-    pub(super) fn committed(self) -> Answer {
+    /// The buyer's answer once the batch has committed; `settled` is the order's key answer.
+    pub(super) fn committed(self, settled: Option<Answer>) -> Answer {
         match self {
             Self::Plain(decided) => Answer::Decided(decided),
             Self::Keyed { response, .. } => Answer::Stored(response),
-            Self::Settled(answer) => answer,
+            Self::Settled => settled.expect("a settled order has its key's answer"),
         }
     }
 }
@@ -46,7 +51,7 @@ impl Decision {
 /// An order's fate before the statements that write it.
 enum Verdict {
     /// Answered from its key.
-    Settled(Answer),
+    Settled,
     Grant,
     Refuse(Rejected),
 }
@@ -54,7 +59,8 @@ enum Verdict {
 /// Opens the batch's transaction and writes its decisions; returns the transaction, still to
 /// commit, with one decision per order. If a statement fails, the transaction is rolled back
 /// here: a dropped one would hold the product's row and the keys until its connection is
-/// next used.
+/// next used. The keys' answers are put in `settled` as soon as the keys are taken: they
+/// stand even if the batch then fails or is given up on.
 ///
 /// No lock is waited for longer than `lock_timeout` (the batch's deadline): the server ends
 /// the wait itself (55P03), so a batch given up on does not leave its backend queued on the
@@ -65,6 +71,7 @@ pub(super) async fn decide<'c>(
     keys: KeyStore,
     lock_timeout: Duration,
     batch: &[Pending],
+    settled: &mut Option<KeyAnswers>,
 ) -> Result<(Transaction<'c, Postgres>, Vec<Decision>), sqlx::Error> {
     // Dynamic: SET takes no parameter; the value is an integer. One round trip with the BEGIN.
     let begin = format!(
@@ -72,7 +79,7 @@ pub(super) async fn decide<'c>(
         lock_timeout.as_millis().max(1)
     );
     let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
-    match decide_in(&mut tx, product_id, keys, batch).await {
+    match decide_in(&mut tx, product_id, keys, batch, settled).await {
         Ok(decided) => Ok((tx, decided)),
         Err(e) => {
             let _ = tx.rollback().await;
@@ -86,9 +93,10 @@ async fn decide_in(
     product_id: i64,
     keys: KeyStore,
     batch: &[Pending],
+    settled: &mut Option<KeyAnswers>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
     let product = store::lock_product(tx, product_id).await?;
-    let verdicts = grant(product, batch, claim_keys(tx, batch).await?);
+    let verdicts = grant(product, batch, settled.insert(claim_keys(tx, batch).await?));
     let grants: Vec<Grant<'_>> = batch
         .iter()
         .zip(&verdicts)
@@ -105,8 +113,8 @@ async fn decide_in(
     let mut decisions = Vec::with_capacity(batch.len());
     for (pending, verdict) in batch.iter().zip(verdicts) {
         let decided = match verdict {
-            Verdict::Settled(answer) => {
-                decisions.push(Decision::Settled(answer));
+            Verdict::Settled => {
+                decisions.push(Decision::Settled);
                 continue;
             }
             Verdict::Grant => Ok(placed.next().expect("one placed order per grant")),
@@ -130,7 +138,7 @@ async fn decide_in(
 pub(super) async fn key_answers(
     pool: &PgPool,
     batch: &[Pending],
-) -> Result<Vec<Option<Answer>>, sqlx::Error> {
+) -> Result<KeyAnswers, sqlx::Error> {
     if batch.iter().all(|pending| pending.key.is_none()) {
         return Ok(batch.iter().map(|_| None).collect());
     }
@@ -143,10 +151,7 @@ pub(super) async fn key_answers(
 
 /// Takes the batch's keys: per order, the answer its key alone gives (replay, in use,
 /// reused), or `None` to decide it (no key, or a key taken by this transaction).
-async fn claim_keys(
-    tx: &mut PgConnection,
-    batch: &[Pending],
-) -> Result<Vec<Option<Answer>>, sqlx::Error> {
+async fn claim_keys(tx: &mut PgConnection, batch: &[Pending]) -> Result<KeyAnswers, sqlx::Error> {
     let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
     let mut seen = HashSet::new();
     let mut claimed: Vec<(usize, KeyedRequest<'_>)> = Vec::new();
@@ -175,18 +180,14 @@ async fn claim_keys(
 
 /// Grants the orders to decide in arrival order while `product`'s stock (locked) lasts;
 /// every order is refused when the product does not exist.
-fn grant(
-    product: Option<(i64, i64)>,
-    batch: &[Pending],
-    settled: Vec<Option<Answer>>,
-) -> Vec<Verdict> {
+fn grant(product: Option<(i64, i64)>, batch: &[Pending], settled: &KeyAnswers) -> Vec<Verdict> {
     let mut stock = product.map(|(stock, _)| stock);
     batch
         .iter()
         .zip(settled)
         .map(|(pending, settled)| {
-            if let Some(answer) = settled {
-                return Verdict::Settled(answer);
+            if settled.is_some() {
+                return Verdict::Settled;
             }
             let Some(left) = stock.as_mut() else {
                 return Verdict::Refuse(Rejected::UnknownProduct);

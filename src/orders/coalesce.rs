@@ -39,6 +39,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::batch::KeyAnswers;
 use super::{NewOrder, Order, Rejected, batch, outcome};
 use crate::config::OrdersConfig;
 use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
@@ -253,24 +254,39 @@ enum Ended {
     /// The deadline passed before the commit was sent.
     TimedOut,
     /// The commit was sent and its reply did not come (an error, or the deadline).
-    CommitLost(Vec<batch::Decision>, String),
+    CommitLost(Vec<batch::Decision>, KeyAnswers, String),
 }
 
-/// The answers of a batch that committed nothing: a keyed order whose key holds an earlier
-/// request's answer is answered from it ("not placed" would be untrue of an order an earlier
-/// request placed), one whose key was used with another request is refused; every other
-/// order gets `unplaced`, a key in use included (the failed batch's own backend may hold it
-/// until the server ends it; this order is not placed either way). The keys are read within
-/// `timeout`, else taken to give nothing.
+/// The answers of a batch that committed nothing. Where the batch took its keys, what a key
+/// gave then stands (an earlier request's answer, a key in use or reused: "not placed" would
+/// be untrue of an order an earlier request placed, or one a request in flight is placing) and
+/// every other order gets `unplaced`. Where it did not get that far, the keys are read now,
+/// within `timeout`: an earlier answer or a reused key is answered, every other order gets
+/// `unplaced` (a key in use too: the batch's own backend may hold it until the server ends
+/// it), and a keyed order whose key cannot be read is told its outcome is unknown (an earlier
+/// request may have placed it; a retry with its key tells).
 async fn uncommitted(
     pool: &PgPool,
     batch: &[Pending],
     timeout: Duration,
     unplaced: CoalesceError,
+    settled: Option<KeyAnswers>,
 ) -> Vec<Result<Answer, CoalesceError>> {
-    let from_keys = match tokio::time::timeout(timeout, batch::key_answers(pool, batch)).await {
-        Ok(Ok(answers)) => answers,
-        Ok(Err(_)) | Err(_) => batch.iter().map(|_| None).collect(),
+    if let Some(settled) = settled {
+        return settled
+            .into_iter()
+            .map(|answer| answer.ok_or_else(|| unplaced.clone()))
+            .collect();
+    }
+    let Ok(Ok(from_keys)) = tokio::time::timeout(timeout, batch::key_answers(pool, batch)).await
+    else {
+        return batch
+            .iter()
+            .map(|pending| match pending.key {
+                Some(_) => Err(CoalesceError::OutcomeUnknown { order_id: None }),
+                None => Err(unplaced.clone()),
+            })
+            .collect();
     };
     from_keys
         .into_iter()
@@ -302,15 +318,27 @@ async fn place_all(
         }
     };
     let deadline = Instant::now() + timeout;
+    let mut settled = None;
     // A block, so that the transaction's borrow of `conn` ends with it.
     let ended = {
-        let decide = batch::decide(&mut conn, product_id, keys, timeout, batch);
+        let decide = batch::decide(&mut conn, product_id, keys, timeout, batch, &mut settled);
         match tokio::time::timeout_at(deadline, decide).await {
-            Ok(Ok((tx, decided))) => match tokio::time::timeout_at(deadline, tx.commit()).await {
-                Ok(Ok(())) => return decided.into_iter().map(|d| Ok(d.committed())).collect(),
-                Ok(Err(e)) => Ended::CommitLost(decided, e.to_string()),
-                Err(_) => Ended::CommitLost(decided, "no reply by the deadline".to_owned()),
-            },
+            Ok(Ok((tx, decided))) => {
+                let settled = settled.take().expect("keys taken before any decision");
+                match tokio::time::timeout_at(deadline, tx.commit()).await {
+                    Ok(Ok(())) => {
+                        return decided
+                            .into_iter()
+                            .zip(settled)
+                            .map(|(decision, settled)| Ok(decision.committed(settled)))
+                            .collect();
+                    }
+                    Ok(Err(e)) => Ended::CommitLost(decided, settled, e.to_string()),
+                    Err(_) => {
+                        Ended::CommitLost(decided, settled, "no reply by the deadline".into())
+                    }
+                }
+            }
             Ok(Err(e)) => Ended::Failed(e),
             Err(_) => Ended::TimedOut,
         }
@@ -320,7 +348,8 @@ async fn place_all(
             // Rolled back (see `batch::decide`): the connection is sound, and goes back before
             // the keys are read on another.
             drop(conn);
-            uncommitted(pool, batch, timeout, CoalesceError::Sql(Arc::new(e))).await
+            let unplaced = CoalesceError::Sql(Arc::new(e));
+            uncommitted(pool, batch, timeout, unplaced, settled).await
         }
         Ended::TimedOut => {
             conn.close_on_drop();
@@ -330,9 +359,9 @@ async fn place_all(
                 "an order batch ran past orders.batch_timeout_ms before its commit; \
                  nothing of it was placed"
             );
-            uncommitted(pool, batch, timeout, CoalesceError::NotPlaced).await
+            uncommitted(pool, batch, timeout, CoalesceError::NotPlaced, settled).await
         }
-        Ended::CommitLost(decided, error) => {
+        Ended::CommitLost(decided, settled, error) => {
             conn.close_on_drop();
             drop(conn);
             tracing::warn!(
@@ -340,7 +369,7 @@ async fn place_all(
                 %error,
                 "an order batch's commit failed; checking which orders exist"
             );
-            outcome::settle_lost_commit(pool, product_id, batch, decided).await
+            outcome::settle_lost_commit(pool, product_id, batch, decided, settled).await
         }
     }
 }

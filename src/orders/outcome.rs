@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::batch::Decision;
+use super::batch::{Decision, KeyAnswers};
 use super::coalesce::{Answer, CoalesceError, Pending};
 use super::{Order, Rejected, store};
 use crate::db;
@@ -47,6 +47,7 @@ pub(super) async fn settle_lost_commit(
     product_id: i64,
     batch: &[Pending],
     decided: Vec<Decision>,
+    settled: KeyAnswers,
 ) -> Vec<Result<Answer, CoalesceError>> {
     let keyed: Vec<KeyedRequest<'_>> = batch
         .iter()
@@ -63,7 +64,8 @@ pub(super) async fn settle_lost_commit(
     let mut keys = keys.into_iter();
     decided
         .into_iter()
-        .map(|decision| match decision {
+        .zip(settled)
+        .map(|(decision, settled)| match decision {
             Decision::Plain(decided) => found.answer(decided),
             Decision::Keyed { order, .. } => match keys.next().flatten() {
                 Some(Some(response)) => Ok(Answer::Stored(response)),
@@ -72,7 +74,7 @@ pub(super) async fn settle_lost_commit(
                     order_id: order.map(|order| order.id),
                 }),
             },
-            Decision::Settled(answer) => Ok(answer),
+            Decision::Settled => Ok(settled.expect("a settled order has its key's answer")),
         })
         .collect()
 }
