@@ -280,3 +280,42 @@ async fn a_keyed_retry_in_a_batch_given_up_after_taking_its_keys_is_replayed() {
     assert!(orders_of(&direct, "new").await.is_empty());
     assert_eq!(orders_of(&direct, "placed-before").await.len(), 1);
 }
+
+/// A product created and a restock, each with an Idempotency-Key and each losing its commit's
+/// reply: the retries with their keys are answered the first answers, and nothing is done twice
+/// (no second product, the stock raised once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_product_write_whose_reply_was_lost_is_replayed_not_repeated() {
+    let (proxy, app, direct) = app_behind_proxy().await;
+    let post_keyed = async |path: &str, key: &str, body: &Value| {
+        let response = app
+            .http
+            .post(app.url(path))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        common::status_and_json(response).await
+    };
+    let create = json!({"name": "Lamp", "stock": 5, "price_cents": 900});
+    proxy.plan(CommitFault::LoseReply);
+    let (status, lost) = post_keyed("/api/v1/products", "create-lamp", &create).await;
+    assert_eq!(status, 503, "{lost}");
+    let (status, created) = post_keyed("/api/v1/products", "create-lamp", &create).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let path = format!("/api/v1/products/{id}/restock");
+    proxy.plan(CommitFault::LoseReply);
+    let (status, lost) = post_keyed(&path, "restock-lamp", &json!({"quantity": 7})).await;
+    assert_eq!(status, 503, "{lost}");
+    let (status, restocked) = post_keyed(&path, "restock-lamp", &json!({"quantity": 7})).await;
+    assert_eq!(status, 200, "{restocked}");
+    assert_eq!(
+        (restocked["stock"].clone(), restocked["restocked"].clone()),
+        (json!(12), json!(7))
+    );
+    let products = common::scalar(&direct, "select count(*) from products").await;
+    let stock = common::scalar(&direct, "select sum(stock)::bigint from products").await;
+    assert_eq!((products, stock), (1, 12));
+}

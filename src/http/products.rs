@@ -3,16 +3,21 @@
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
+use super::idempotency::{KeyHeader, replay, respond};
 use super::openapi::ErrorBody;
 use super::pagination::{Page, PageQuery};
+use crate::idempotency::{self, Begun, IdempotencyKey};
 use crate::orders::{self, NewProduct, store};
 
 pub fn router() -> Router<AppState> {
@@ -77,20 +82,27 @@ pub struct RestockRequest {
 
 #[utoipa::path(
     post, path = "/api/v1/products", tag = "products",
+    params(KeyHeader),
     responses(
-        (status = 201, body = ProductBody),
+        (status = 201, description = "Created (a replay answers the first answer again)", body = ProductBody),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
-        (status = 422, description = "INVALID_NAME, INVALID_STOCK, INVALID_PRICE", body = ErrorBody),
+        (status = 422, description = "INVALID_NAME, INVALID_STOCK, INVALID_PRICE, \
+            INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
     )
 )]
 async fn create_product(
     State(app): State<AppState>,
+    key: KeyHeader,
     Json(request): Json<CreateProductRequest>,
-) -> Result<(StatusCode, Json<ProductBody>), ApiError> {
+) -> Result<Response, ApiError> {
+    let key = key.scoped("products")?;
     let product = NewProduct::parse(&request.name, request.stock, request.price_cents)?;
-    let mut conn = app.pool.acquire().await?;
-    let created = store::insert_product(&mut conn, &product).await?;
-    Ok((StatusCode::CREATED, Json(created.into())))
+    let request =
+        json!({"name": product.name, "stock": product.stock, "price_cents": product.price_cents});
+    let created =
+        async |conn: &mut PgConnection| Ok(Some(store::insert_product(conn, &product).await?));
+    write_product(&app, key, &request, StatusCode::CREATED, created).await
 }
 
 #[utoipa::path(
@@ -129,31 +141,61 @@ async fn list_products(
     Ok(Json(Page::by_id(rows, limit, |p| p.id)))
 }
 
+/// Add `quantity` units to the product's stock. Send an `Idempotency-Key` to retry safely: an
+/// answer lost on the way (or a 503) says nothing of whether the restock took effect.
 #[utoipa::path(
     post, path = "/api/v1/products/{id}/restock", tag = "products",
+    params(KeyHeader),
     responses(
-        (status = 200, body = ProductBody),
-        (status = 422, description = "INVALID_QUANTITY, STOCK_TOO_LARGE", body = ErrorBody),
+        (status = 200, description = "Restocked (a replay answers the first answer again)", body = ProductBody),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
+        (status = 422, description = "INVALID_QUANTITY, STOCK_TOO_LARGE, INVALID_IDEMPOTENCY_KEY, \
+            IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
     )
 )]
 async fn restock(
     State(app): State<AppState>,
     Path(id): Path<i64>,
+    key: KeyHeader,
     Json(request): Json<RestockRequest>,
-) -> Result<Json<ProductBody>, ApiError> {
+) -> Result<Response, ApiError> {
+    let key = key.scoped("restock")?;
     let quantity = orders::restock_quantity(request.quantity)?;
-    let mut conn = app.pool.acquire().await?;
-    store::restock(&mut conn, id, quantity)
-        .await
-        .map_err(|e| match &e {
-            // bigint overflow of stock or restocked: refuse rather than 500.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => {
-                ApiError::invalid("STOCK_TOO_LARGE", "quantity", "stock would overflow")
-            }
-            _ => e.into(),
-        })?
-        .map(|p| Json(p.into()))
-        .ok_or_else(product_not_found)
+    let request = json!({"product_id": id, "quantity": quantity});
+    let restocked = async |conn: &mut PgConnection| {
+        store::restock(conn, id, quantity)
+            .await
+            .map_err(|e| match &e {
+                // bigint overflow of stock or restocked: refuse rather than 500.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("22003") => {
+                    ApiError::invalid("STOCK_TOO_LARGE", "quantity", "stock would overflow")
+                }
+                _ => e.into(),
+            })
+    };
+    write_product(&app, key, &request, StatusCode::OK, restocked).await
+}
+
+/// Runs `write` in the request's transaction, under its Idempotency-Key when it sent one (a
+/// request seen before is answered the first answer again), and answers the product it
+/// returns with `status`, stored under the key in the same commit; `None` is 404, and stores
+/// nothing.
+async fn write_product(
+    app: &AppState,
+    key: Option<IdempotencyKey>,
+    request: &Value,
+    status: StatusCode,
+    write: impl AsyncFnOnce(&mut PgConnection) -> Result<Option<orders::Product>, ApiError>,
+) -> Result<Response, ApiError> {
+    let mut tx = match idempotency::begin(key.as_ref(), &app.pool, request).await? {
+        Begun::Execute(tx) => tx,
+        Begun::Replay(stored) => return replay(stored),
+    };
+    let product = write(&mut tx).await?.ok_or_else(product_not_found)?;
+    let body = serde_json::to_value(ProductBody::from(product)).map_err(anyhow::Error::from)?;
+    let ttl = app.config.idempotency.ttl_hours;
+    idempotency::commit(key.as_ref(), tx, request, (status.as_u16(), &body), ttl).await?;
+    Ok(respond(status, body))
 }
 
 fn product_not_found() -> ApiError {
