@@ -104,6 +104,7 @@ fn bad_configuration_names_the_key() {
             "3000000000",
             "orders.batch_timeout_ms",
         ),
+        ("SETTLE_ORDERS__MAX_BATCH", "1000000000", "orders.max_batch"),
         ("DATABASE_URL", "mysql://x", "database.url"),
     ] {
         let output = settle(&url)

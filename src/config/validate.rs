@@ -41,8 +41,10 @@ impl Config {
         if !(1..=1_000_000).contains(&self.orders.max_quantity) {
             return invalid("orders.max_quantity", "must be between 1 and 1000000");
         }
-        if self.orders.max_batch == 0 {
-            return invalid("orders.max_batch", "must be at least 1");
+        // A batch's orders travel as arrays in one statement; a typo's billion is refused here,
+        // not at the first order.
+        if !(1..=10_000).contains(&self.orders.max_batch) {
+            return invalid("orders.max_batch", "must be between 1 and 10000");
         }
         // It is also the batch's lock_timeout, which Postgres takes up to i32::MAX ms.
         if !(1..=i32::MAX as u64).contains(&self.orders.batch_timeout_ms) {

@@ -204,7 +204,9 @@ async fn run_product(
     limits: Limits,
     keys: KeyStore,
 ) {
-    let mut batch = Vec::with_capacity(limits.max_batch);
+    // Grown as orders come (`recv_many` reserves for them), not sized for the largest batch up
+    // front: every product id ordered, unknown ones too, has a task for a while.
+    let mut batch = Vec::new();
     loop {
         match tokio::time::timeout(IDLE, queue.recv_many(&mut batch, limits.max_batch)).await {
             Ok(0) | Err(_) => {
