@@ -189,7 +189,7 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         common.push(("422", "INVALID_LIMIT"));
     }
     if path.starts_with("/api/v1/") || path.starts_with("/downloads/") {
-        common.push(("503", "SERVICE_UNAVAILABLE, TIMEOUT: the database is overloaded or the request ran past http.request_timeout_ms"));
+        common.push(("503", "SERVICE_UNAVAILABLE: the database is overloaded or the request ran past http.request_timeout_ms"));
         common.push((
             "401",
             "UNAUTHENTICATED: no, unknown or revoked bearer token",
