@@ -168,10 +168,16 @@ async fn copy(
     job_id: i64,
     chunks: &mut mpsc::Sender<Result<Bytes, sqlx::Error>>,
 ) -> Result<bool, sqlx::Error> {
-    // Dates render as ISO whatever the server's default.
-    sqlx::query!("set local datestyle = 'ISO, YMD'")
-        .execute(&mut *conn)
-        .await?;
+    // Dates render as ISO whatever the server's default. The session's idle-in-transaction
+    // timeout (see `db::connect_options_with`) is lifted: once the server has written the last
+    // row into the sockets' buffers the transaction sits idle while a slow reader drains them,
+    // and the server would end the session mid-file. Unchecked: two statements in one round
+    // trip, which the checked macros do not take.
+    sqlx::raw_sql(
+        "set local datestyle = 'ISO, YMD'; set local idle_in_transaction_session_timeout = 0",
+    )
+    .execute(&mut *conn)
+    .await?;
     let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;
     let mut chunk = BytesMut::with_capacity(CHUNK);
     while let Some(row) = rows.try_next().await? {
