@@ -352,3 +352,27 @@ async fn arrays_are_bounded_and_not_empty() {
     assert_eq!(status, 201, "{rows}");
     assert_eq!(stored(&app).await, 5);
 }
+
+/// An instant whose day is not a day of the years 1 to 9999 in some zone is refused, through
+/// the API (422, nothing stored) and by the table itself for any other writer: a CSV would
+/// write its day as `0001-… BC`, and a zone's statistics could not be computed.
+#[tokio::test]
+async fn an_instant_at_the_edge_of_the_calendar_is_refused() {
+    let app = spawn_app().await;
+    let mut body = txn("m-1", 1000, 30);
+    body["paid_at"] = json!("0000-06-01T12:00:00Z");
+    let (status, answer) = app.post("/api/v1/transactions", &body).await;
+    assert_eq!(status, 422);
+    assert_error(&answer, "INVALID_PAID_AT");
+    let direct = sqlx::query(
+        "insert into transactions
+             (merchant_id, external_id, amount_cents, fee_cents, status, paid_at)
+         values ('m-1', 'ch_far', 1, 0, 'PAID', '294276-12-31 23:00:00+00')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap_err();
+    let code = direct.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("23514"), "{direct}");
+    assert_eq!(stored(&app).await, 0);
+}

@@ -30,7 +30,7 @@ pub mod replica;
 pub mod results;
 pub mod transactions;
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -76,9 +76,10 @@ pub struct DateRange {
     to: NaiveDate,
 }
 
-/// A calendar day written exactly `YYYY-MM-DD`, as the API documents it. chrono's `%Y` alone
-/// also takes signed and longer years (`-5000-01-01`, `+200000-01-01`), days Postgres cannot
-/// hold (before 4714 BC) or no transaction's `paid_at` can fall on.
+/// A calendar day written exactly `YYYY-MM-DD`, as the API documents it, of the years 1 to
+/// 9999. chrono's `%Y` alone also takes signed and longer years (`-5000-01-01`,
+/// `+200000-01-01`), days Postgres cannot hold (before 4714 BC) or no transaction's `paid_at`
+/// can fall on; year 0 (1 BC) Postgres writes as `0001-… BC`, not `YYYY-MM-DD`.
 pub fn parse_day(raw: &str) -> Option<NaiveDate> {
     let digits_at =
         |range: std::ops::Range<usize>| raw.as_bytes()[range].iter().all(u8::is_ascii_digit);
@@ -86,6 +87,7 @@ pub fn parse_day(raw: &str) -> Option<NaiveDate> {
     well_formed
         .then(|| NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok())
         .flatten()
+        .filter(|day| day.year() >= 1)
 }
 
 impl DateRange {
@@ -279,14 +281,21 @@ mod tests {
             error(range("2025-01-01", "tomorrow")),
             RangeError::NotADay { field: "to" }
         );
-        for not_as_documented in ["-5000-01-01", "+2025-01-01", "12025-01-01", "2025-1-01"] {
+        for not_as_documented in [
+            "-5000-01-01",
+            "+2025-01-01",
+            "12025-01-01",
+            "2025-1-01",
+            "0000-12-31",
+        ] {
             assert_eq!(
                 error(range(not_as_documented, "2025-01-01")),
                 RangeError::NotADay { field: "from" },
                 "{not_as_documented}"
             );
         }
-        assert!(range("0000-01-01", "0000-01-01").is_ok());
+        assert!(range("0001-01-01", "0001-01-01").is_ok());
+        assert!(range("9999-12-31", "9999-12-31").is_ok());
         assert_eq!(
             error(range("2025-01-02", "2025-01-01")),
             RangeError::Reversed

@@ -10,7 +10,7 @@
 //! fault instead of meeting a database error), and a few things they cannot express (blank ids,
 //! NUL bytes).
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use sqlx::PgConnection;
 
 /// Longest merchant id, in characters (the `merchant_id_length` constraint agrees).
@@ -66,7 +66,10 @@ impl Field {
             Self::Amount => "not be negative".into(),
             Self::Fee => "be between 0 and amount_cents".into(),
             Self::Status => "be one of PAID, PENDING, FAILED, REFUNDED".into(),
-            Self::PaidAt => "be an RFC 3339 timestamp with an offset".into(),
+            Self::PaidAt => {
+                "be an RFC 3339 timestamp with an offset, from 0001-01-02 to 9999-12-30 (UTC)"
+                    .into()
+            }
         }
     }
 }
@@ -156,6 +159,9 @@ impl RawTransaction {
         let paid_at = DateTime::parse_from_rfc3339(&self.paid_at)
             .map_err(|_| invalid(Field::PaidAt))?
             .with_timezone(&Utc);
+        if !paid_at_in_range(paid_at) {
+            return Err(invalid(Field::PaidAt));
+        }
         let paid_at = to_microseconds(paid_at);
         Ok(NewTransaction {
             merchant_id: self.merchant_id,
@@ -166,6 +172,18 @@ impl RawTransaction {
             paid_at,
         })
     }
+}
+
+/// Whether `paid_at` is a day away from the years 1 and 9999 (UTC), as the table's check
+/// (migration 0017) holds every writer to: its day in any zone is then a day of years 1 to
+/// 9999, one a CSV writes as `YYYY-MM-DD` (Postgres writes year 0 as `0001 BC`) and a zone's
+/// statistics can compute (`ANALYZE` fails on an instant whose local time leaves the
+/// timestamp range).
+fn paid_at_in_range(paid_at: DateTime<Utc>) -> bool {
+    let day = paid_at.date_naive();
+    let first = NaiveDate::from_ymd_opt(1, 1, 2).expect("a day");
+    let last = NaiveDate::from_ymd_opt(9999, 12, 30).expect("a day");
+    (first..=last).contains(&day)
 }
 
 /// `instant` as the column keeps it, to the microsecond, on its own day: finer digits are
@@ -369,5 +387,20 @@ mod tests {
             bad(|i| i.paid_at = "2025-02-30T00:00:00Z".into()),
             "paid_at"
         );
+        let paid_at = |at: &str| {
+            let mut raw = input();
+            raw.paid_at = at.into();
+            raw.parse(None).map(|_| ()).map_err(|e| e.field.name())
+        };
+        for out_of_range in [
+            "0000-06-01T12:00:00Z",
+            "0001-01-02T08:59:59+09:00",
+            "9999-12-31T00:00:00Z",
+        ] {
+            assert_eq!(paid_at(out_of_range), Err("paid_at"), "{out_of_range}");
+        }
+        for edge in ["0001-01-02T00:00:00Z", "9999-12-30T23:59:59.999999Z"] {
+            assert_eq!(paid_at(edge), Ok(()), "{edge}");
+        }
     }
 }
