@@ -18,6 +18,13 @@ fn report(inserted: u64, duplicates: u64) -> Value {
     json!({"inserted": inserted, "duplicates": duplicates})
 }
 
+/// Posts [`txn`]`("m-1", 1000, 30)` paid `at`.
+async fn post_paid_at(app: &TestApp, at: &str) -> (u16, Value) {
+    let mut body = txn("m-1", 1000, 30);
+    body["paid_at"] = json!(at);
+    app.post("/api/v1/transactions", &body).await
+}
+
 async fn stored(app: &TestApp) -> i64 {
     sqlx::query_scalar("select count(*) from transactions")
         .fetch_one(&app.pool)
@@ -28,10 +35,8 @@ async fn stored(app: &TestApp) -> i64 {
 #[tokio::test]
 async fn a_single_transaction_is_stored_in_utc() {
     let app = spawn_app().await;
-    let mut body = txn("m-1", 1000, 30);
-    body["paid_at"] = json!("2025-02-01T08:59:59+09:00");
-    let (status, answer) = app.post("/api/v1/transactions", &body).await;
-    assert_eq!((status, answer), (201, report(1, 0)));
+    let answer = post_paid_at(&app, "2025-02-01T08:59:59+09:00").await;
+    assert_eq!(answer, (201, report(1, 0)));
     let row: (String, String, i64, i64, String, String) = sqlx::query_as(
         "select merchant_id, external_id, amount_cents, fee_cents, status,
                 to_char(paid_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS')
@@ -359,9 +364,7 @@ async fn arrays_are_bounded_and_not_empty() {
 #[tokio::test]
 async fn an_instant_at_the_edge_of_the_calendar_is_refused() {
     let app = spawn_app().await;
-    let mut body = txn("m-1", 1000, 30);
-    body["paid_at"] = json!("0000-06-01T12:00:00Z");
-    let (status, answer) = app.post("/api/v1/transactions", &body).await;
+    let (status, answer) = post_paid_at(&app, "0000-06-01T12:00:00Z").await;
     assert_eq!(status, 422);
     assert_error(&answer, "INVALID_PAID_AT");
     let direct = sqlx::query(
