@@ -345,7 +345,7 @@ async fn a_download_racing_retention_serves_the_whole_csv() {
     for statement in [
         format!(
             "create function slow(job bigint) returns boolean language plpgsql as $$
-             begin if job = {id} then perform pg_sleep(1); end if; return true; end $$"
+             begin if job = {id} then perform pg_sleep(3); end if; return true; end $$"
         ),
         "create or replace view all_jobs as
          select * from jobs union all select * from finished_jobs where slow(id)"

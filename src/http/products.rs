@@ -178,8 +178,8 @@ async fn restock(
 
 /// Runs `write` in the request's transaction, under its Idempotency-Key when it sent one (a
 /// request seen before is answered the first answer again), and answers the product it
-/// returns with `status`, stored under the key in the same commit; `None` is 404, and stores
-/// nothing.
+/// returns with `status`, stored under the key in the same commit; `None` is 404 and an error
+/// is answered as such, neither stored (a corrected retry may reuse the key).
 async fn write_product(
     app: &AppState,
     key: Option<IdempotencyKey>,
@@ -191,7 +191,15 @@ async fn write_product(
         Begun::Execute(tx) => tx,
         Begun::Replay(stored) => return replay(stored),
     };
-    let product = write(&mut tx).await?.ok_or_else(product_not_found)?;
+    let product = match write(&mut tx).await {
+        Ok(Some(product)) => product,
+        failed => {
+            // Let go of the key now: dropped, the transaction would keep it until the
+            // connection is next used, and a prompt retry would be told the key is in use.
+            let _ = tx.rollback().await;
+            return Err(failed.err().unwrap_or_else(product_not_found));
+        }
+    };
     let body = serde_json::to_value(ProductBody::from(product)).map_err(anyhow::Error::from)?;
     let ttl = app.config.idempotency.ttl_hours;
     idempotency::commit(key.as_ref(), tx, request, (status.as_u16(), &body), ttl).await?;

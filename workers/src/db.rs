@@ -23,6 +23,27 @@ pub(crate) async fn on_conn<T>(
     statement(&mut conn).await
 }
 
+/// Runs `statement` on a connection of `pool`, giving up after `limit` (the connection is then
+/// closed, not handed back mid-statement): a connection gone silent must not hold a claim
+/// lane, or the gate both lanes and the sweeper share, for as long as TCP takes to notice.
+pub(crate) async fn within<T>(
+    pool: &PgPool,
+    limit: Duration,
+    statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    match tokio::time::timeout(limit, statement(&mut conn)).await {
+        Ok(done) => done,
+        Err(_) => {
+            conn.close_on_drop();
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no reply within {limit:?}"),
+            )))
+        }
+    }
+}
+
 /// Runs `attempt` (typically an [`on_conn`] statement), and again after [`RETRY_PAUSE`] each
 /// time it fails with a transient error, until `deadline` passes or `abandon` fires; `retrying`
 /// logs each retry. Returns the first success, or the error that ended the tries.

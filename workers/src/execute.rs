@@ -37,8 +37,8 @@ enum Ending {
 }
 
 /// Starts `job` in the slot it was claimed for: it is in `held` when this returns (so the
-/// heartbeat keeps its lease, and the claimer's sweep after a lost claim reply knows it as
-/// held, see `claimer`), and runs in its own task ([`run_job`]).
+/// heartbeat keeps its lease, and the sweeper, after a lost claim reply, knows it as held;
+/// see `services::sweeper`), and runs in its own task ([`run_job`]).
 pub(crate) fn start(
     shared: &Arc<Shared>,
     job: ClaimedJob,
@@ -176,6 +176,9 @@ async fn attempt(
             () = lost.cancelled() => {
                 body.abort();
                 tracing::warn!(job = job.id, "lease lost; dropping the job");
+                // Dropped without an ending: if the row is still this worker's (no heartbeat
+                // for a whole lease), the sweeper leaves it to its lease and a rescue.
+                shared.give_up(job.id, job.fence);
                 return Ending::Nothing;
             }
             () = grace => {

@@ -2,8 +2,8 @@
 //! plain tokio loop: claim loops take jobs when woken (LISTEN/NOTIFY, polling as the fallback)
 //! while a semaphore has free slots, each job runs in its own task (`execute`), and the
 //! `services` keep held jobs alive beside them: the listener, the heartbeat, the completion
-//! batcher, the retention pruner, the vacuumer, and the rescuer (this worker's liveness lock,
-//! and the probe that hands a dead worker's jobs on).
+//! batcher, the retention pruner, the vacuumer, the rescuer (this worker's liveness lock, and
+//! the probe that hands a dead worker's jobs on), and, after a failed claim, the sweeper.
 //!
 //! Shutdown, step by step:
 //! 1. the shutdown token fires: the claim loops stop claiming (a claim already in flight hands
@@ -13,7 +13,8 @@
 //!    checkpoint, and the runtime releases their leases without spending the attempt;
 //! 3. a body still running after `shutdown_grace` is aborted and released the same way;
 //! 4. once every slot is back (each job task holds its slot until its ending is recorded or
-//!    queued for the batcher), the `done` token fires: the completion batcher flushes what is
+//!    queued for the batcher) and a sweeper still running has handed back the jobs of the
+//!    last failed claim (waiting until that claim has surely ended), the `done` token fires: the completion batcher flushes what is
 //!    queued and returns, and the heartbeat, which kept those jobs' leases until then, stops;
 //! 5. the liveness lock is let go (its session closes), then the runtime's own connections.
 
@@ -67,8 +68,9 @@ pub(crate) struct Completion {
 /// State shared by the claim loop, the job tasks and the background tasks.
 pub(crate) struct Shared {
     pub pool: PgPool,
-    /// A few connections of the runtime's own (claims, heartbeats, completion batches), so jobs
-    /// that fill the shared pool with database work never delay a heartbeat into a lost lease.
+    /// A few connections of the runtime's own (heartbeats, completion batches, the liveness
+    /// probe, the sweeper), so jobs that fill the shared pool with database work never delay a
+    /// heartbeat into a lost lease.
     pub control: PgPool,
     /// The claim loops' connections, one per lane: as `control`, and a claim statement is cut
     /// at [`sweeper::claim_timeout`] (see the sweeper).
@@ -84,11 +86,13 @@ pub(crate) struct Shared {
     pub owner: String,
     pub held: Mutex<HashMap<i64, Held>>,
     /// Taken shared by each claim from its statement until its jobs are in `held`, and alone
-    /// by the sweep after a claim whose reply was lost (see `claimer`), so the sweep never
+    /// by the sweep after a claim whose reply was lost (see the sweeper), so the sweep never
     /// takes another lane's jobs, claimed but not yet held, for orphans.
     pub claiming: RwLock<()>,
     /// When the last claim failed, while the [`sweeper`] runs.
     pub failed_claim: Mutex<Option<Instant>>,
+    /// The sweeper's task, awaited at shutdown.
+    pub sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Jobs whose ending this worker gave up recording, forgotten since: the sweeper leaves
     /// them to their lease (pruned to those it still finds).
     pub given_up: Mutex<HashSet<(i64, i64)>>,
@@ -115,11 +119,12 @@ impl Shared {
         self.given_up.lock().expect("given up").insert((id, fence));
     }
 
-    /// `found` (jobs held in the database but by no task) without those given up, which stay
-    /// noted only while found.
-    pub fn not_given_up(&self, mut found: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    /// `found` (jobs held in the database but by no task, `held` at the look) without those
+    /// given up, which stay noted while found or held then (one given up and forgotten while
+    /// the look ran is found by the next).
+    pub fn not_given_up(&self, mut found: Vec<(i64, i64)>, held: &[(i64, i64)]) -> Vec<(i64, i64)> {
         let mut given_up = self.given_up.lock().expect("given up");
-        given_up.retain(|job| found.contains(job));
+        given_up.retain(|job| found.contains(job) || held.contains(job));
         found.retain(|job| !given_up.contains(job));
         found
     }
@@ -202,6 +207,7 @@ impl Worker {
             held: Mutex::new(HashMap::new()),
             claiming: RwLock::new(()),
             failed_claim: Mutex::new(None),
+            sweeper: Mutex::new(None),
             given_up: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             job_done: Notify::new(),
@@ -241,6 +247,7 @@ impl Worker {
         // Every job task holds its slot until it has completed (or queued its completion) or
         // released its job.
         let _ = slots.acquire_many(concurrency as u32).await;
+        sweeper::finish(&shared).await;
         done.cancel();
         for task in background {
             let _ = task.await;

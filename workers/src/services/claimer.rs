@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use super::sweeper;
 use crate::caps::Reserved;
 use crate::claim;
-use crate::db::on_conn;
+use crate::db::within;
 use crate::runtime::Shared;
 
 /// Claim loops per worker. With one, every slot freed during a claim's round trip (and commit)
@@ -54,7 +54,8 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
             Ok(Vec::new())
         } else {
             let owner = &shared.owner;
-            on_conn(&shared.claims, async |conn| {
+            let limit = sweeper::claim_limit(settings.lease);
+            within(&shared.claims, limit, async |conn| {
                 claim::claim(conn, owner, free as i64, settings.lease, &kinds, &rooms).await
             })
             .await

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::db::on_conn;
+use crate::db::within;
 use crate::metrics::Ended;
 use crate::runtime::Shared;
 use crate::{finish, lease};
@@ -25,18 +25,36 @@ pub(crate) fn claim_timeout(lease: Duration) -> Duration {
 /// Time for a cancelled statement's backend to end it, past [`claim_timeout`].
 const MARGIN: Duration = Duration::from_millis(500);
 
-/// Notes that a claim failed, starting the sweeper unless it is running already.
+/// How long a claim (or a sweep's look) waits for its reply: the server has cut the statement
+/// by then.
+pub(crate) fn claim_limit(lease: Duration) -> Duration {
+    claim_timeout(lease) + MARGIN
+}
+
+/// Notes that a claim failed, starting the sweeper unless it is running already; the runtime
+/// awaits it at shutdown (see `finish`).
 pub(crate) fn claim_failed(shared: &Arc<Shared>) {
     let mut failed = shared.failed_claim.lock().expect("failed claim");
     let idle = failed.is_none();
     *failed = Some(Instant::now());
     if idle {
-        tokio::spawn(run(shared.clone()));
+        let task = tokio::spawn(run(shared.clone()));
+        *shared.sweeper.lock().expect("sweeper") = Some(task);
+    }
+}
+
+/// Waits for the sweeper, if one runs: at shutdown, once the claim loops have stopped, so the
+/// jobs of a claim that failed last are handed back before the worker's connections close.
+pub(crate) async fn finish(shared: &Shared) {
+    let task = shared.sweeper.lock().expect("sweeper").take();
+    if let Some(task) = task {
+        let _ = task.await;
     }
 }
 
 /// Sweeps until a sweep has looked after every failed claim had surely ended (retrying those
-/// that cannot look after the poll interval), or shutdown (after one last look).
+/// that cannot look after the poll interval). At shutdown it waits for that moment, looks once
+/// more, and stops.
 async fn run(shared: Arc<Shared>) {
     let ended = claim_timeout(shared.settings.lease) + MARGIN;
     loop {
@@ -61,6 +79,7 @@ async fn run(shared: Arc<Shared>) {
         tokio::select! {
             () = tokio::time::sleep_until(next.into()) => {}
             () = shared.shutdown.cancelled() => {
+                tokio::time::sleep_until((failed_at + ended).into()).await;
                 sweep(&shared).await;
                 *shared.failed_claim.lock().expect("failed claim") = None;
                 return;
@@ -77,13 +96,15 @@ async fn sweep(shared: &Shared) -> bool {
         // No claim of the other lane is between its statement and holding its jobs.
         let _alone = shared.claiming.write().await;
         let held = shared.held_snapshot();
-        on_conn(&shared.control, async |conn| {
+        let limit = claim_limit(shared.settings.lease);
+        let found = within(&shared.control, limit, async |conn| {
             lease::unheld(conn, &shared.owner, &held).await
         })
-        .await
+        .await;
+        found.map(|found| (found, held))
     };
     let found = match found {
-        Ok(found) => shared.not_given_up(found),
+        Ok((found, held)) => shared.not_given_up(found, &held),
         Err(e) => {
             tracing::warn!(error = %e, "cannot look for the jobs of a failed claim yet");
             return false;
@@ -93,7 +114,8 @@ async fn sweep(shared: &Shared) -> bool {
         return true;
     }
     // Fenced: a job rescued since (by any worker) is not handed back.
-    match on_conn(&shared.control, async |conn| {
+    let lease = shared.settings.lease;
+    match within(&shared.control, lease, async |conn| {
         finish::release(conn, &found).await
     })
     .await
