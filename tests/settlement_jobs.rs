@@ -381,3 +381,43 @@ async fn a_download_racing_retention_serves_the_whole_csv() {
     let expected = reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::UTC);
     assert_eq!(parse_csv(&response.text().await.unwrap()), expected);
 }
+
+/// A CSV read slowly: the server writes the last row into the sockets' buffers long before a
+/// slow reader has drained them, and the transaction the download reads in then sits idle past
+/// the sessions' idle-in-transaction timeout (300 ms here). The file still arrives whole.
+#[tokio::test]
+async fn a_csv_read_slowly_arrives_whole() {
+    let db = common::engine::db("UTC", 1, 100).await;
+    sqlx::query(
+        "insert into settlement_results
+             (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
+         select 7, 'merchant-' || n, date '2025-01-01', n, 0, n, 1
+         from generate_series(1, 30000) as n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let options = (*db.pool.connect_options())
+        .clone()
+        .options([("idle_in_transaction_session_timeout", "300")]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let mut rows = settle::settlement::results::stored_csv(pool.acquire().await.unwrap(), 7)
+        .await
+        .unwrap();
+    use futures::TryStreamExt;
+    let mut text = rows.try_next().await.unwrap().unwrap().to_vec();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    while let Some(chunk) = rows.try_next().await.unwrap() {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(text.lines().count(), 30_001);
+    assert_eq!(
+        text.lines().last(),
+        Some("merchant-9999,2025-01-01,9999,0,9999,1")
+    );
+}
