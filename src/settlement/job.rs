@@ -144,8 +144,12 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     }
     let plan = plan::start(batch.conn(), job_id, range, settings, fence, high_water).await?;
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
+    // Capped as the parts' commits are: rows committed below the high-water mark after the
+    // input was fixed (a prepared transaction, a COPY with its own ids) are read and counted
+    // past the total, and a resumed run's count would break `job_progress_valid` for good.
+    let processed = plan.processed().min(plan.run.total);
     batch
-        .commit(&checkpoint, plan.processed(), Some(plan.run.total))
+        .commit(&checkpoint, processed, Some(plan.run.total))
         .await?;
     // The batches read on the replica once it has replayed the input just fixed.
     let reads = settings.reads.ready(ctx.pool()).await?;
