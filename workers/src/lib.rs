@@ -25,7 +25,8 @@
 //! - [`runtime`]: the [`Worker`], the state its tasks share, and shutdown step by step.
 //! - `services`: the tasks beside the jobs, one file each: `claimer` (claim loops),
 //!   `listener` (LISTEN/NOTIFY), `heartbeat`, `completer` (batched completions), `pruner`,
-//!   `vacuumer` (keeps the jobs table compact), `rescuer` (liveness lock and probe).
+//!   `vacuumer` (keeps the jobs table compact), `rescuer` (liveness lock and probe),
+//!   `sweeper` (the jobs of a claim whose reply was lost).
 //! - `execute`: one claimed job's attempt, from its body to its recorded ending.
 //! - `db`: the runtime's statement helpers: on a pooled connection, retried until a deadline.
 //! - [`read`]: job records for the API, and which jobs are still live.
