@@ -102,8 +102,17 @@ async fn serve(
     tokio::spawn(async move {
         let mut found = Some(found);
         let copied = async {
+            // One round trip: the snapshot, dates rendered as ISO whatever the server's
+            // default, and the session's idle-in-transaction timeout (see
+            // `db::connect_options_with`) lifted: once the server has written the last row into
+            // the sockets' buffers the transaction sits idle while a slow reader drains them,
+            // and the server would end the session mid-file.
             let mut snapshot = conn
-                .begin_with("begin isolation level repeatable read, read only")
+                .begin_with(
+                    "begin isolation level repeatable read, read only;
+                     set local datestyle = 'ISO, YMD';
+                     set local idle_in_transaction_session_timeout = 0",
+                )
                 .await?;
             let what = if look_up {
                 find(&mut snapshot, job_id).await?
@@ -161,23 +170,14 @@ async fn find(conn: &mut PgConnection, job_id: i64) -> Result<Download<()>, sqlx
     })
 }
 
-/// Streams the job's CSV into `chunks` from the caller's transaction; false when the reader
-/// left before the end (the connection is then mid-COPY).
+/// Streams the job's CSV into `chunks` from the caller's transaction (opened by [`serve`], which
+/// sets its date style); false when the reader left before the end (the connection is then
+/// mid-COPY).
 async fn copy(
     conn: &mut PgConnection,
     job_id: i64,
     chunks: &mut mpsc::Sender<Result<Bytes, sqlx::Error>>,
 ) -> Result<bool, sqlx::Error> {
-    // Dates render as ISO whatever the server's default. The session's idle-in-transaction
-    // timeout (see `db::connect_options_with`) is lifted: once the server has written the last
-    // row into the sockets' buffers the transaction sits idle while a slow reader drains them,
-    // and the server would end the session mid-file. Unchecked: two statements in one round
-    // trip, which the checked macros do not take.
-    sqlx::raw_sql(
-        "set local datestyle = 'ISO, YMD'; set local idle_in_transaction_session_timeout = 0",
-    )
-    .execute(&mut *conn)
-    .await?;
     let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;
     let mut chunk = BytesMut::with_capacity(CHUNK);
     while let Some(row) = rows.try_next().await? {

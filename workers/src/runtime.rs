@@ -14,8 +14,9 @@
 //! 3. a body still running after `shutdown_grace` is aborted and released the same way;
 //! 4. once every slot is back (each job task holds its slot until its ending is recorded or
 //!    queued for the batcher) and a sweeper still running has handed back the jobs of the
-//!    last failed claim (waiting until that claim has surely ended), the `done` token fires: the completion batcher flushes what is
-//!    queued and returns, and the heartbeat, which kept those jobs' leases until then, stops;
+//!    last failed claim (waiting until that claim has surely ended), the `done` token fires:
+//!    the completion batcher flushes what is queued and returns, and the heartbeat, which kept
+//!    those jobs' leases until then, stops;
 //! 5. the liveness lock is let go (its session closes), then the runtime's own connections.
 
 use std::collections::{HashMap, HashSet};
