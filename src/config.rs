@@ -67,6 +67,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Requests running longer than this are answered with 503.
     pub request_timeout_ms: u64,
+    /// A CSV download whose reader takes nothing for this long is cut off (a streamed body
+    /// outlives `request_timeout_ms`; a stalled one would hold its snapshot open).
+    pub download_stall_timeout_ms: u64,
 }
 
 /// Page sizes of every list endpoint, so one client paging orders and jobs meets one rule.

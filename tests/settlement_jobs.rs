@@ -405,9 +405,13 @@ async fn a_csv_read_slowly_arrives_whole() {
         .connect_with(options)
         .await
         .unwrap();
-    let mut rows = settle::settlement::results::stored_csv(pool.acquire().await.unwrap(), 7)
-        .await
-        .unwrap();
+    let mut rows = settle::settlement::results::stored_csv(
+        pool.acquire().await.unwrap(),
+        7,
+        common::engine::READER_STALL,
+    )
+    .await
+    .unwrap();
     use futures::TryStreamExt;
     let mut text = rows.try_next().await.unwrap().unwrap().to_vec();
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -420,4 +424,54 @@ async fn a_csv_read_slowly_arrives_whole() {
         text.lines().last(),
         Some("merchant-9999,2025-01-01,9999,0,9999,1")
     );
+}
+
+/// A download whose reader stops taking bytes is cut off after `http.download_stall_timeout_ms`:
+/// the snapshot it read in is let go (its COPY leaves the server, which otherwise waits on the
+/// reader for ever, holding back vacuum), and the client sees the body fail, never a short file
+/// that looks whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_is_cut_off_and_lets_go_of_its_snapshot() {
+    let (app, _worker) = harness(&[("http.download_stall_timeout_ms", json!(500))]).await;
+    support::store_random(&app.pool, 5, 50, 2, 1).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
+    wait_state(&app.pool, id, "completed").await;
+    // A result far larger than the sockets' buffers (about 16 MB).
+    sqlx::query(
+        "insert into settlement_results
+             (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
+         select $1, 'padding-merchant-' || n, date '2025-01-02', n, 0, n, 1
+         from generate_series(1, 400000) as n",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut response = app
+        .http
+        .get(app.url(&format!("/downloads/{id}.csv")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut received = response.chunk().await.unwrap().unwrap().len();
+    common::processes::wait_for(Duration::from_secs(20), "the COPY to go", || async {
+        let copying = common::scalar(
+            &app.pool,
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and query like 'copy (select merchant_id%'",
+        )
+        .await;
+        (copying == 0).then_some(())
+    })
+    .await;
+    let ended = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "ended cleanly after {received} bytes");
+    assert!(received < 16_000_000, "{received} bytes");
 }

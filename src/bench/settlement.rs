@@ -236,7 +236,9 @@ pub(super) async fn against_statement(
 
 /// Job `job_id`'s CSV, as `GET /downloads/{id}.csv` streams it.
 pub(super) async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8>> {
-    let Download::Rows(chunks) = results::open(pool.acquire().await?, job_id).await? else {
+    // Read at once, in this process: the stall bound cannot be reached.
+    let stall = std::time::Duration::from_secs(60);
+    let Download::Rows(chunks) = results::open(pool.acquire().await?, job_id, stall).await? else {
         anyhow::bail!("job {job_id} has no CSV in Postgres");
     };
     Ok(chunks

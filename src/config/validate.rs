@@ -35,6 +35,9 @@ impl Config {
         if self.http.request_timeout_ms == 0 {
             return invalid("http.request_timeout_ms", "must be positive");
         }
+        if self.http.download_stall_timeout_ms == 0 {
+            return invalid("http.download_stall_timeout_ms", "must be positive");
+        }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }

@@ -4,6 +4,8 @@
 //! still served from `settlement.results_dir`. The path is parsed to a job id before anything
 //! else, so only `{digits}.csv` inside that directory can ever be read.
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -49,7 +51,8 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound("no such settlement file".into());
     let job_id = parse_file_name(&file).ok_or_else(not_found)?;
-    let body = match results::open(app.pool.acquire().await?, job_id).await? {
+    let stall = Duration::from_millis(app.config.http.download_stall_timeout_ms);
+    let body = match results::open(app.pool.acquire().await?, job_id, stall).await? {
         Download::Rows(chunks) => Body::from_stream(chunks),
         Download::File => legacy_file(&app, job_id).await?.ok_or_else(not_found)?,
         Download::Missing => return Err(not_found()),

@@ -3,9 +3,14 @@
 //! api process streams them back out with `COPY … TO STDOUT`, a chunk at a time, so memory
 //! stays flat however many rows there are and no disk is shared between processes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use futures::channel::mpsc;
-use futures::{SinkExt, Stream, TryStreamExt};
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt, stream};
 use settle_workers::JobState;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, Postgres};
@@ -71,12 +76,14 @@ pub enum Download<S> {
 /// found its rows gone and the 200 carried the header alone). A task holds `conn` (acquired by
 /// the caller, so a busy pool is refused before any byte is sent) for the length of the
 /// download and stays at most `CHUNKS_AHEAD` chunks ahead of the reader; it stops when the
-/// reader goes away.
+/// reader goes away, or takes no chunk for `stall`: the snapshot (and with it the vacuum
+/// horizon) is then released and the stream ends in an error, never as a short file.
 pub async fn open(
     conn: PoolConnection<Postgres>,
     job_id: i64,
+    stall: Duration,
 ) -> Result<Download<impl Stream<Item = Result<Bytes, sqlx::Error>>>, sqlx::Error> {
-    serve(conn, job_id, true).await
+    serve(conn, job_id, true, stall).await
 }
 
 /// Job `job_id`'s stored rows as the CSV [`open`] streams, whatever the job's state or however
@@ -84,8 +91,9 @@ pub async fn open(
 pub async fn stored_csv(
     conn: PoolConnection<Postgres>,
     job_id: i64,
+    stall: Duration,
 ) -> Result<impl Stream<Item = Result<Bytes, sqlx::Error>>, sqlx::Error> {
-    match serve(conn, job_id, false).await? {
+    match serve(conn, job_id, false, stall).await? {
         Download::Rows(rows) => Ok(rows),
         Download::Missing | Download::File => unreachable!("the job was not looked up"),
     }
@@ -96,9 +104,14 @@ async fn serve(
     mut conn: PoolConnection<Postgres>,
     job_id: i64,
     look_up: bool,
+    stall: Duration,
 ) -> Result<Download<impl Stream<Item = Result<Bytes, sqlx::Error>>>, sqlx::Error> {
     let (found, finding) = oneshot::channel();
     let (mut chunks, rx) = mpsc::channel(CHUNKS_AHEAD);
+    // Set once the reader has been given the whole file (or the error that ended it); the
+    // channel closing without it means the download was cut off.
+    let told = Arc::new(AtomicBool::new(false));
+    let telling = told.clone();
     tokio::spawn(async move {
         let mut found = Some(found);
         let copied = async {
@@ -126,7 +139,7 @@ async fn serve(
             if !rows {
                 return Ok(true);
             }
-            let whole = copy(&mut snapshot, job_id, &mut chunks).await?;
+            let whole = copy(&mut snapshot, job_id, &mut chunks, stall).await?;
             if whole {
                 snapshot.commit().await?;
             }
@@ -134,8 +147,8 @@ async fn serve(
         }
         .await;
         match copied {
-            Ok(true) => {}
-            // The reader left mid-COPY: never hand a connection in that state back.
+            Ok(true) => telling.store(true, Ordering::Release),
+            // The reader left (or stalled) mid-COPY: never hand a connection in that state back.
             Ok(false) => conn.close_on_drop(),
             Err(e) => {
                 conn.close_on_drop();
@@ -143,13 +156,24 @@ async fn serve(
                 // Before the job was found, the caller hears it; after, the reader does.
                 match found.take() {
                     Some(found) => drop(found.send(Err(e))),
-                    None => drop(chunks.send(Err(e)).await),
+                    None => {
+                        if chunks.send(Err(e)).await.is_ok() {
+                            telling.store(true, Ordering::Release);
+                        }
+                    }
                 }
             }
         }
     });
+    // A reader the task gave up on reaches the channel's end without having been told why.
+    let mut asked = false;
+    let cut_off = stream::poll_fn(move |_| {
+        let ended = std::mem::replace(&mut asked, true) || told.load(Ordering::Acquire);
+        let cut = sqlx::Error::Io(std::io::ErrorKind::TimedOut.into());
+        Poll::Ready((!ended).then_some(Err(cut)))
+    });
     match finding.await {
-        Ok(Ok(Download::Rows(()))) => Ok(Download::Rows(rx)),
+        Ok(Ok(Download::Rows(()))) => Ok(Download::Rows(rx.chain(cut_off))),
         Ok(Ok(Download::Missing)) => Ok(Download::Missing),
         Ok(Ok(Download::File)) => Ok(Download::File),
         Ok(Err(e)) => Err(e),
@@ -171,23 +195,37 @@ async fn find(conn: &mut PgConnection, job_id: i64) -> Result<Download<()>, sqlx
 }
 
 /// Streams the job's CSV into `chunks` from the caller's transaction (opened by [`serve`], which
-/// sets its date style); false when the reader left before the end (the connection is then
-/// mid-COPY).
+/// sets its date style); false when the reader left before the end, or took no chunk for
+/// `stall` (the connection is then mid-COPY).
 async fn copy(
     conn: &mut PgConnection,
     job_id: i64,
     chunks: &mut mpsc::Sender<Result<Bytes, sqlx::Error>>,
+    stall: Duration,
 ) -> Result<bool, sqlx::Error> {
     let mut rows = conn.copy_out_raw(&copy_statement(job_id)).await?;
     let mut chunk = BytesMut::with_capacity(CHUNK);
-    while let Some(row) = rows.try_next().await? {
-        chunk.extend_from_slice(&row);
-        if chunk.len() >= CHUNK && chunks.send(Ok(chunk.split().freeze())).await.is_err() {
-            return Ok(false);
+    loop {
+        let row = rows.try_next().await?;
+        let last = row.is_none();
+        if let Some(row) = row {
+            chunk.extend_from_slice(&row);
+        }
+        if chunk.len() >= CHUNK || (last && !chunk.is_empty()) {
+            let sent = tokio::time::timeout(stall, chunks.send(Ok(chunk.split().freeze()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                if sent.is_err() {
+                    tracing::warn!(
+                        job = job_id,
+                        ?stall,
+                        "a CSV download's reader stalled; cut off"
+                    );
+                }
+                return Ok(false);
+            }
+        }
+        if last {
+            return Ok(true);
         }
     }
-    if !chunk.is_empty() {
-        let _ = chunks.send(Ok(chunk.freeze())).await;
-    }
-    Ok(true)
 }

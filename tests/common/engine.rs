@@ -147,9 +147,12 @@ impl Db {
     }
 }
 
+/// How long an in-process reader of a stored CSV may take nothing (it reads at once).
+pub const READER_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A job's stored CSV, read the way `GET /downloads/{id}.csv` streams it.
 pub async fn download(pool: &PgPool, job: i64) -> String {
-    let rows = results::stored_csv(pool.acquire().await.unwrap(), job)
+    let rows = results::stored_csv(pool.acquire().await.unwrap(), job, READER_STALL)
         .await
         .unwrap();
     let chunks: Vec<_> = rows.try_collect().await.unwrap();
