@@ -87,6 +87,77 @@ async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
     assert_eq!(csv(&download(&db.pool, 1).await), expected);
 }
 
+/// Refunds `external_ids` in the table and in `rows` alike, as an operator fixing the data.
+async fn refund(db: &common::engine::Db, rows: &mut [NewTransaction], external_ids: &[&str]) {
+    for row in rows.iter_mut() {
+        if external_ids.contains(&row.external_id.as_str()) {
+            row.status = Status::Refunded;
+        }
+    }
+    let refunded = common::scalar(
+        &db.pool,
+        &format!(
+            "with fixed as (update transactions set status = 'REFUNDED'
+                            where external_id in ('{}') returning 1)
+             select count(*) from fixed",
+            external_ids.join("', '")
+        ),
+    )
+    .await;
+    assert_eq!(refunded, external_ids.len() as i64);
+}
+
+/// Data fixed in place (no new row, so the same high-water id): settling the day again replaces
+/// it, a merchant-day left without a PAID transaction included, and a job that read the data
+/// before the fix and finishes last changes nothing on the day the newer job settled, nor puts
+/// the removed merchant-day back.
+#[tokio::test]
+async fn data_fixed_in_place_is_the_newest_input_whichever_job_finishes_last() {
+    let db = db("UTC", 2, 100).await;
+    let mut rows = vec![
+        txn("m1", 1000, 30, Status::Paid, at("2025-01-05T10:00:00Z")),
+        txn("m2", 5000, 100, Status::Paid, at("2025-01-05T11:00:00Z")),
+        txn("m2", 7000, 100, Status::Paid, at("2025-01-05T12:00:00Z")),
+        txn("m2", 900, 9, Status::Paid, at("2025-01-06T12:00:00Z")),
+    ];
+    store(&db.pool, &rows).await;
+    let before = db.start(1, range("2025-01-05", "2025-01-06")).await;
+    let before = db.batches(&before, None).await;
+    let fixed = [rows[0].external_id.clone(), rows[1].external_id.clone()];
+    refund(&db, &mut rows, &[&fixed[0], &fixed[1]]).await;
+
+    let after = db.run(2, range("2025-01-05", "2025-01-05")).await;
+    let newest = reference(&rows, day("2025-01-05"), day("2025-01-05"), Tz::UTC);
+    assert_eq!(newest.len(), 1, "m2 alone is left on the 5th: {newest:?}");
+    assert_eq!(csv(&after), newest);
+    assert_eq!(db.settled("2025-01-05", "2025-01-05").await, newest);
+
+    db.finalize(&before).await.unwrap();
+    let expected = reference(&rows, day("2025-01-05"), day("2025-01-06"), Tz::UTC);
+    assert_eq!(db.settled("2025-01-05", "2025-01-06").await, expected);
+}
+
+/// The newest rows deleted: the high-water id goes down, and the re-run still replaces the day.
+#[tokio::test]
+async fn deleting_the_newest_rows_and_settling_again_replaces_the_day() {
+    let db = db("UTC", 1, 100).await;
+    let rows = vec![
+        txn("m1", 1000, 30, Status::Paid, at("2025-01-05T10:00:00Z")),
+        txn("m2", 5000, 100, Status::Paid, at("2025-01-05T11:00:00Z")),
+    ];
+    store(&db.pool, &rows).await;
+    db.run(1, range("2025-01-05", "2025-01-05")).await;
+    sqlx::query("delete from transactions where external_id = $1")
+        .bind(&rows[1].external_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let again = db.run(2, range("2025-01-05", "2025-01-05")).await;
+    let expected = reference(&rows[..1], day("2025-01-05"), day("2025-01-05"), Tz::UTC);
+    assert_eq!(csv(&again), expected);
+    assert_eq!(db.settled("2025-01-05", "2025-01-05").await, expected);
+}
+
 #[tokio::test]
 async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let db = db("UTC", 2, 200).await;

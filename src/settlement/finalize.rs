@@ -17,7 +17,7 @@ use super::{DateRange, SettleError};
 /// result's row count.
 pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     super::set_local_tuning(tx).await?;
-    replace_settlements(tx, plan.run.job_id, plan.run.high_water_id, plan.range())
+    replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
         .await
         .map_err(SettleError::from_sum)?;
     let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
@@ -25,13 +25,14 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
     Ok(rows)
 }
 
-/// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (the
-/// job's high-water id). Newest input wins: a `(merchant, day)` is inserted, or updated in place
-/// (see migration 0007) only where the stored row was built from the same or an older snapshot;
-/// the range's rows the job did not produce are deleted only where they are older (their
-/// merchant-day has no PAID transactions in this newer input). A row a newer job wrote stays as
-/// it is, whichever job finishes last. The casts to bigint fail (SQLSTATE 22003) rather than
-/// wrap when a sum leaves the 64-bit range.
+/// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (see
+/// [`super::plan::Mark`]). Newest input wins, day by day: the job takes the days of its range
+/// that no newer snapshot has settled (recorded in `settlement_days`, migration 0018), and on
+/// those days its sums are inserted, or updated in place (see migration 0007), and every other
+/// row goes (its merchant-day has no PAID transaction in this newer input). A day a newer job
+/// settled stays as that job left it, whichever job finishes last, rows it removed included.
+/// The casts to bigint fail (SQLSTATE 22003) rather than wrap when a sum leaves the 64-bit
+/// range.
 ///
 /// First it takes a transaction lock that serializes replacements, so overlapping jobs
 /// finishing at once cannot interleave their deletes and inserts; it is released at commit.
@@ -66,9 +67,11 @@ pub async fn replace_settlements(
                      unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
                          as u(m, d, g, f, n)
                 where b.job_id = $1
+                  and not exists (select from settlement_days as day
+                                  where day.date = u.d and day.snapshot_id > $2)
                 group by m, d) as sums
          on s.merchant_id = sums.m and s.date = sums.d and s.date between $3 and $4
-         when matched and s.snapshot_id <= $2 then update set
+         when matched then update set
              gross_cents = sums.g, fee_cents = sums.f, net_cents = sums.net, txn_count = sums.n,
              job_id = $1, generated_at = now(), snapshot_id = $2
          when not matched then insert
@@ -87,9 +90,17 @@ pub async fn replace_settlements(
         ("enable_sort", planner.sort.as_str()),
     ];
     super::set_local(conn, &restored).await?;
+    // The days no newer snapshot settled become this job's, and their rows it did not write go.
     sqlx::query!(
-        "delete from settlements
-         where date between $3 and $4 and job_id <> $1 and snapshot_id < $2",
+        "with taken as (
+             insert into settlement_days (date, snapshot_id, job_id)
+             select day::date, $2, $1
+             from generate_series($3::date, $4::date, interval '1 day') as day
+             on conflict (date) do update set snapshot_id = excluded.snapshot_id, job_id = $1
+                 where settlement_days.snapshot_id <= excluded.snapshot_id
+             returning date)
+         delete from settlements as s using taken
+         where s.date = taken.date and s.job_id <> $1",
         job_id,
         snapshot_id,
         range.from(),

@@ -3,7 +3,7 @@
 //! count of the transactions paid within the job's days). The job's own run and parts are
 //! in [`super::plan`].
 
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::{DateRange, Zone};
 
@@ -77,11 +77,23 @@ pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bo
     .await
 }
 
-/// The highest committed transaction id, 0 when there are none.
-pub async fn max_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar!(r#"select coalesce(max(id), 0) as "max_id!" from transactions"#)
-        .fetch_one(conn)
-        .await
+/// The highest committed transaction id (0 when there are none) and a new snapshot, read one
+/// job at a time: the lock orders the snapshots as the ids were read.
+pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:snapshots', 0))")
+        .execute(&mut *tx)
+        .await?;
+    // A statement of its own: its snapshot is taken once the lock is held.
+    let mark = sqlx::query_as!(
+        super::plan::Mark,
+        r#"select (select coalesce(max(id), 0) from transactions) as "high_water_id!",
+                  nextval('settlement_snapshots') as "snapshot_id!""#
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(mark)
 }
 
 /// The transactions up to a high-water id whose `paid_at` falls within a range's days.

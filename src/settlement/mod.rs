@@ -11,8 +11,8 @@
 //! 2. [`parts`] aggregates the next `batch_size` rows of one part (keyset on id) into one row of
 //!    partial sums, inside a transaction the caller commits together with the checkpoint;
 //!    `parallel_parts` parts run at once, each with its own cursor, the rest taken in turn;
-//! 3. [`finalize`] replaces the range's rows in `settlements` (never a row built from a newer
-//!    input) and stores them as the job's result ([`results`]), in the transaction that
+//! 3. [`finalize`] replaces the range's rows in `settlements` (never a day settled from a
+//!    newer input, by the snapshot [`plan::high_water_mark`] drew with the mark) and stores them as the job's result ([`results`]), in the transaction that
 //!    completes the job; [`finalize::delete_working_rows`] removes a cancelled or failed
 //!    job's working rows instead.
 //!

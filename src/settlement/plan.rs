@@ -19,6 +19,8 @@ pub struct Run {
     pub to_date: NaiveDate,
     pub time_zone: String,
     pub high_water_id: i64,
+    /// The input's snapshot: its place in the order jobs fixed their inputs (see [`Mark`]).
+    pub snapshot_id: i64,
     /// The input's exact count, or a bound on it (the ids of its span) where the job counts
     /// its rows as it reads them ([`input::edges`]); the completion records the count.
     pub total: i64,
@@ -93,6 +95,18 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
 /// How often [`high_water_mark`] looks whether the inserts it waits for have ended.
 const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// A job's input as [`high_water_mark`] fixes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// The input is every transaction up to this id.
+    pub high_water_id: i64,
+    /// Its place in the order jobs fixed their inputs, which is what "newest" means when
+    /// overlapping jobs replace each other's rows ([`super::finalize`]): a job fixed later
+    /// reads the data as it is later, fixed rows (refunds, deletions) included, which a
+    /// high-water id alone does not show.
+    pub snapshot_id: i64,
+}
+
 /// The highest committed transaction id, returned once no row below it can still commit. An
 /// insert in flight holds ids it drew from the sequence, possibly below ids another insert
 /// already committed; committing after the job counted its total, it would land under the mark
@@ -101,14 +115,17 @@ const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// `CREATE INDEX CONCURRENTLY` waits for lockers). Inserts that start later draw ids above the
 /// mark. Nobody waits for the job: unlike a table lock, this never holds up an insert, even
 /// behind a long bulk load.
-pub async fn high_water_mark(pool: &PgPool) -> Result<i64, sqlx::Error> {
+///
+/// The snapshot is drawn with the id, under a lock, so while rows are only inserted a later
+/// snapshot never has a lower high-water id.
+pub async fn high_water_mark(pool: &PgPool) -> Result<Mark, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let hi = input::max_id(&mut conn).await?;
+    let mark = input::fix_mark(&mut conn).await?;
     let writers = input::transaction_writers(&mut conn).await?;
     while input::any_running(&mut conn, &writers).await? {
         tokio::time::sleep(INSERT_POLL).await;
     }
-    Ok(hi)
+    Ok(mark)
 }
 
 /// Fixes the job's input the first time it runs and returns it; on any later run returns what
@@ -129,14 +146,15 @@ pub async fn start(
     range: DateRange,
     settings: &Settings,
     fence: i64,
-    high_water: Option<i64>,
+    high_water: Option<Mark>,
 ) -> Result<Plan, sqlx::Error> {
     if let Some(run) = get_run(tx, job_id).await? {
         set_run_fence(tx, job_id, fence).await?;
         let parts = get_parts(tx, job_id).await?;
         return Ok(Plan { run, parts });
     }
-    let hi = high_water.expect("a first start is given plan::high_water_mark");
+    let mark = high_water.expect("a first start is given plan::high_water_mark");
+    let hi = mark.high_water_id;
     refresh_statistics(tx, settings.zone).await?;
     // The span's queries are index probes the planner costs high (a count per quarter hour it
     // cannot tell is empty): JIT compiled them for 30-50 ms of a 1-5 ms query (100M rows).
@@ -158,6 +176,7 @@ pub async fn start(
         to_date: range.to(),
         time_zone: settings.zone.name().to_owned(),
         high_water_id: hi,
+        snapshot_id: mark.snapshot_id,
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
@@ -207,7 +226,7 @@ fn split(window: &input::Window, weights: &[u32]) -> Vec<Part> {
 pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
     sqlx::query_as!(
         Run,
-        "select job_id, from_date, to_date, time_zone, high_water_id, total
+        "select job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, total
          from settlement_runs where job_id = $1",
         job_id,
     )
@@ -219,13 +238,14 @@ pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>
 pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "insert into settlement_runs
-             (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
-         values ($1, $2, $3, $4, $5, $6, $7)",
+             (job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, total, fence)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
         run.job_id,
         run.from_date,
         run.to_date,
         run.time_zone,
         run.high_water_id,
+        run.snapshot_id,
         run.total,
         fence,
     )
