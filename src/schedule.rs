@@ -7,7 +7,8 @@
 //! spare the database a write per look.
 //!
 //! A worker starting after downtime catches up the most recent day that is due only (before
-//! `at`, that is the day before yesterday); older missed days are an operator's to enqueue.
+//! `at`, that is the day before yesterday), with a day the previous strike of `at` skipped (see
+//! [`Schedule::due_days`]); older missed days are an operator's to enqueue.
 //! Settlement knowledge stays here, outside the queue crate, which only sees a job.
 
 use std::time::Duration;
@@ -72,9 +73,30 @@ impl Schedule {
     /// miss the rest of it for good), and the day that was still running comes at the next
     /// 00:30 in Paris, with the same margin the schedule gives everywhere.
     pub fn due_day(&self, now: DateTime<Utc>) -> NaiveDate {
+        self.settled_at(self.last_strike(now), now)
+    }
+
+    /// The days due at `now`: [`Self::due_day`], and before it any day the previous strike of
+    /// `at` did not make due. Where the two zones differ and one changes its offset, the
+    /// instant `at` strikes can move across the settlement zone's midnight: with `at` 00:30 in
+    /// London over settlements in UTC, 00:30 on 26 October 2025 is 23:30 UTC on the 25th (the
+    /// 24th due), and 00:30 on the 27th is 00:30 UTC (the 26th due): the 25th is due with it.
+    pub fn due_days(&self, now: DateTime<Utc>) -> (NaiveDate, NaiveDate) {
+        let struck = self.last_strike(now);
+        let last = self.settled_at(struck, now);
+        let before = self.settled_at(struck - chrono::Duration::days(1), now);
+        ((before + Days::new(1)).min(last), last)
+    }
+
+    /// The wall-clock time `at` last struck at `now`.
+    fn last_strike(&self, now: DateTime<Utc>) -> chrono::NaiveDateTime {
         let local = now.with_timezone(&self.zone).naive_local();
         let back = if local.time() >= self.at { 0 } else { 1 };
-        let struck = (local.date() - Days::new(back)).and_time(self.at);
+        (local.date() - Days::new(back)).and_time(self.at)
+    }
+
+    /// The settlement zone's day before the one in which `at` struck at wall-clock `struck`.
+    fn settled_at(&self, struck: chrono::NaiveDateTime, now: DateTime<Utc>) -> NaiveDate {
         // The instant `at` struck: the earlier of a repeated time, the jump's end in a gap.
         let instant = (0..=12)
             .find_map(|quarters| {
@@ -103,21 +125,27 @@ impl Schedule {
 /// Enqueues the due day's settlement whenever it is not done yet, until `shutdown`.
 pub async fn run(pool: PgPool, schedule: Schedule, shutdown: CancellationToken) {
     tracing::info!(at = %schedule.at, zone = %schedule.zone, "daily settlement scheduled");
+    // Every day up to this one is enqueued (by this worker or another).
     let mut done: Option<NaiveDate> = None;
     while !shutdown.is_cancelled() {
-        let now = Utc::now();
-        let day = schedule.due_day(now);
-        if done != Some(day) {
+        let (first, last) = schedule.due_days(Utc::now());
+        for day in first.iter_days().take_while(|day| *day <= last) {
+            if done.is_some_and(|done| done >= day) {
+                continue;
+            }
             match enqueue_once(&pool, day, schedule.max_attempts).await {
                 Ok(Some(job_id)) => {
                     tracing::info!(%day, job_id, "enqueued the scheduled settlement");
                     done = Some(day);
                 }
                 Ok(None) => done = Some(day),
-                Err(e) => tracing::warn!(%day, error = %e, "scheduling the settlement failed"),
+                Err(e) => {
+                    tracing::warn!(%day, error = %e, "scheduling the settlement failed");
+                    break;
+                }
             }
         }
-        let sleep = if done == Some(day) {
+        let sleep = if done >= Some(last) {
             schedule.sleep_after_done(Utc::now())
         } else {
             schedule.check_interval
@@ -227,6 +255,49 @@ mod tests {
         let s = schedule("02:30:00", "Europe/Paris");
         assert_eq!(due(&s, "2025-03-30T00:59:00Z"), "2025-03-28");
         assert_eq!(due(&s, "2025-03-30T01:00:00Z"), "2025-03-29");
+    }
+
+    /// Every day of 2025 is due at some look, in order, when looking every quarter hour, for
+    /// zones whose offsets change on different dates.
+    #[test]
+    fn no_day_is_skipped_when_the_zones_change_their_clocks_apart() {
+        for (at, zone, settling) in [
+            ("00:30:00", "Europe/London", "UTC"),
+            ("01:30:00", "Europe/Paris", "UTC"),
+            ("04:30:00", "UTC", "America/New_York"),
+            ("00:30:00", "Europe/London", "America/New_York"),
+            ("23:45:00", "Australia/Sydney", "Europe/Berlin"),
+        ] {
+            let s = settling_in(at, zone, settling);
+            let mut next = s.due_day(utc("2025-01-01T00:00:00Z"));
+            let mut now = utc("2025-01-01T00:00:00Z");
+            while now < utc("2026-01-01T00:00:00Z") {
+                let (first, last) = s.due_days(now);
+                let gap = first > next + Days::new(1);
+                assert!(
+                    !gap,
+                    "{zone} over {settling}: {first} due after {next} at {now}"
+                );
+                next = next.max(last);
+                now += chrono::Duration::minutes(15);
+            }
+            assert!(
+                next >= "2025-12-29".parse().unwrap(),
+                "{zone} over {settling}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_day_a_clock_change_skips_is_due_with_the_next() {
+        let london = settling_in("00:30:00", "Europe/London", "UTC");
+        let on = |now: &str| {
+            let (first, last) = london.due_days(utc(now));
+            format!("{first}..{last}")
+        };
+        assert_eq!(on("2025-10-25T23:31:00Z"), "2025-10-24..2025-10-24");
+        assert_eq!(on("2025-10-27T00:31:00Z"), "2025-10-25..2025-10-26");
+        assert_eq!(on("2025-10-28T00:31:00Z"), "2025-10-27..2025-10-27");
     }
 
     #[test]
