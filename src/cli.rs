@@ -100,7 +100,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     token.clone(),
                 ));
             }
-            worker::run(pool, Arc::new(config), token).await
+            let ran = worker::run(pool.clone(), Arc::new(config), token).await;
+            pool.close().await;
+            ran
         }
         Command::Serve { demo } => {
             let cluster = local_cluster::start_if_needed(&config.database).await?;
@@ -146,10 +148,13 @@ async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         .await
         .context("cannot bind the HTTP port")?;
     let state = AppState::new(pool.clone(), config.clone());
+    // The pool closes once both have stopped: the workers may stop first, while the API is
+    // still finishing its in-flight requests.
     let (api, workers) = tokio::join!(
         http::serve(listener, state, token.clone()),
-        worker::run(pool, config, token.clone()),
+        worker::run(pool.clone(), config, token.clone()),
     );
+    pool.close().await;
     api?;
     workers
 }

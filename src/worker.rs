@@ -100,7 +100,6 @@ pub async fn run(
     if let Some(schedule) = schedule {
         let _ = schedule.await;
     }
-    pool.close().await;
     Ok(())
 }
 

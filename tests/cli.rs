@@ -187,3 +187,39 @@ async fn serve_then_signal(signal: &str) {
         .unwrap();
     assert!(status.success(), "graceful exit on {signal}: {status}");
 }
+
+/// SIGTERM reaches `serve` while orders wait on a locked product: the API still answers them
+/// (201) before the process exits. (The workers' side, idle, stopped at once and closed the
+/// pool it shares with the API: every order after the first got 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_its_in_flight_orders_after_sigterm() {
+    let config = common::test_config(&[]);
+    let (pool, _db) = common::migrated_pool(&config).await;
+    let serve = common::api_process::start(&config.database.url, &["serve", "--demo"], &[]).await;
+    let admin = common::auth::client_with(serve.stdout.last().expect("a token printed"));
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = 1 for update")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let orders: Vec<_> = (0..4)
+        .map(|n| {
+            let order =
+                serde_json::json!({"product_id": 1, "quantity": 1, "buyer_id": format!("b-{n}")});
+            let request = admin.post(format!("{}/api/v1/orders", serve.base));
+            tokio::spawn(request.json(&order).send())
+        })
+        .collect();
+    common::wait_for_lock_waiter(&pool, "from products").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    lock.rollback().await.unwrap();
+    for order in orders {
+        let (status, body) = common::status_and_json(order.await.unwrap().unwrap()).await;
+        assert_eq!(status, 201, "{body}");
+    }
+}

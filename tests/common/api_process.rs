@@ -10,6 +10,7 @@ use tokio::process::{Child, Command};
 /// The child (killed when dropped), where it listens, and what it printed on stdout.
 pub struct ApiChild {
     _child: Child,
+    pub pid: i32,
     pub base: String,
     pub stdout: Vec<String>,
 }
@@ -28,6 +29,7 @@ pub async fn start(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> A
         .kill_on_drop(true)
         .spawn()
         .expect("spawn settle");
+    let pid = child.id().expect("a pid") as i32;
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = tokio::time::timeout(Duration::from_secs(60), async {
@@ -50,6 +52,7 @@ pub async fn start(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> A
     }
     ApiChild {
         _child: child,
+        pid,
         base,
         stdout: printed,
     }
