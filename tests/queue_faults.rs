@@ -179,6 +179,38 @@ async fn terminated_connections_are_reopened_and_the_job_finishes_exactly() {
     );
 }
 
+/// The next claim that takes a job sleeps `seconds` in its update, once.
+async fn pause_next_claim(pool: &PgPool, seconds: f64) {
+    common::pause_once(
+        pool,
+        "before update on jobs for each row
+         when (old.state = 'queued' and new.state = 'running')",
+        seconds,
+    )
+    .await;
+}
+
+/// A worker on `config` whose first `cuts` claims lose their connection once the server has
+/// their Bind (the claim's text is parsed in a round trip of its own; the next chunk with a
+/// statement name after the unnamed portal's empty one is the Bind that runs it).
+async fn worker_whose_claims_are_cut(
+    config: &settle::config::Config,
+    cuts: usize,
+) -> (CutProxy, WorkerProcess) {
+    let proxy = CutProxy::start(
+        common::server_address().parse().unwrap(),
+        b"with expired as",
+        b"\0sqlx_s_",
+        Cut::AfterForwarding,
+        cuts,
+    )
+    .await;
+    let database = config.database.url.rsplit('/').next().unwrap();
+    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
+    let worker = WorkerProcess::start_with(config, &[("SETTLE_DATABASE__URL", via_proxy)]);
+    (proxy, worker)
+}
+
 /// A claim whose reply is lost with its connection has committed, or commits later: its job is
 /// RUNNING under a worker that never heard of it. The worker hands it back and runs it on the
 /// same attempt, rather than leaving it to its lease (9 s here) and a rescue that, with one
@@ -193,27 +225,9 @@ async fn a_claim_cut_off(claim_still_running: bool) {
     if claim_still_running {
         // The first claim sleeps 2 s in its update: it is still running when its connection
         // goes, and commits after the worker has seen the claim fail.
-        common::pause_once(
-            &pool,
-            "before update on jobs for each row
-             when (old.state = 'queued' and new.state = 'running')",
-            2.0,
-        )
-        .await;
+        pause_next_claim(&pool, 2.0).await;
     }
-    // The claim's text is parsed in a round trip of its own; the next chunk with a statement
-    // name after the unnamed portal's empty one is the Bind that runs it.
-    let proxy = CutProxy::start(
-        common::server_address().parse().unwrap(),
-        b"with expired as",
-        b"\0sqlx_s_",
-        Cut::AfterForwarding,
-        1,
-    )
-    .await;
-    let database = config.database.url.rsplit('/').next().unwrap();
-    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
-    let worker = WorkerProcess::start_with(&config, &[("SETTLE_DATABASE__URL", via_proxy)]);
+    let (proxy, worker) = worker_whose_claims_are_cut(&config, 1).await;
     wait_for(Duration::from_secs(20), "the job to complete", || async {
         (job_state(&pool, id).await == "completed").then_some(())
     })
@@ -231,4 +245,39 @@ async fn a_job_whose_claim_reply_was_lost_runs_at_once_on_its_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_claimed_after_its_claim_was_cut_off_runs_on_its_attempt() {
     a_claim_cut_off(true).await;
+}
+
+/// Claims cut off, the last still running when SIGTERM comes: the worker's last sweep waits for
+/// the claim that failed last (not the first) to have ended, and hands its job back, QUEUED on
+/// its attempt, instead of leaving it RUNNING under a worker that is gone (with one attempt
+/// allowed, a rescue would then fail it without running it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_sweep_at_shutdown_waits_for_the_claim_that_failed_last() {
+    // Claims are cut off by the server at 5 s (a third of the lease); no poll between them.
+    let mut settings = short_lease(15_000, 2_000);
+    settings.push(("worker.poll_interval_ms", json!(60_000)));
+    settings.push(("worker.concurrency", json!(1)));
+    let config = test_config(&settings);
+    let (pool, _db) = probe_pool(&config).await;
+    // The first claim of each of the worker's two lanes is cut, with nothing to take.
+    let (proxy, mut worker) = worker_whose_claims_are_cut(&config, 3).await;
+    wait_for(Duration::from_secs(10), "the first claims cut", || async {
+        (proxy.cuts_made(3) == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The next claim takes the job, then sleeps 4.5 s in its update: it commits well after
+    // the first claims ended, and after the worker saw it fail.
+    pause_next_claim(&pool, 4.5).await;
+    let id = enqueue(&pool, NOOP, json!({}), 1).await;
+    wait_for(Duration::from_secs(10), "the job's claim cut", || async {
+        (proxy.cuts_made(3) == 3).then_some(())
+    })
+    .await;
+    let committed = tokio::time::Instant::now() + Duration::from_secs(5);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    tokio::time::sleep_until(committed).await;
+    // Claimed once (the fence moved), and handed back.
+    let job: (String, i32, i64) = job_row(&pool, id, "state::text, attempt, fence").await;
+    assert_eq!(job, ("queued".to_owned(), 0, 1), "{}", worker.log_text());
 }

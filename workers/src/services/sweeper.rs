@@ -79,7 +79,16 @@ async fn run(shared: Arc<Shared>) {
         tokio::select! {
             () = tokio::time::sleep_until(next.into()) => {}
             () = shared.shutdown.cancelled() => {
-                tokio::time::sleep_until((failed_at + ended).into()).await;
+                // Until the claim that failed last (perhaps after this one) has surely ended.
+                let mut until = failed_at;
+                loop {
+                    tokio::time::sleep_until((until + ended).into()).await;
+                    let last = shared.failed_claim.lock().expect("failed claim").unwrap_or(until);
+                    if last <= until {
+                        break;
+                    }
+                    until = last;
+                }
                 sweep(&shared).await;
                 *shared.failed_claim.lock().expect("failed claim") = None;
                 return;
