@@ -121,6 +121,10 @@ fn path_cases(product: i64) -> Vec<Case> {
             ..post(ORDERS, "{}", 405, "METHOD_NOT_ALLOWED")
         },
         get("/api/v1/nothing-here", 404, "NOT_FOUND"),
+        // The docs' routes answer in the same shape.
+        bare("POST", "/api/v1/openapi.json", 405, "METHOD_NOT_ALLOWED"),
+        bare("DELETE", "/docs/index.html", 405, "METHOD_NOT_ALLOWED"),
+        get("/docs/nothing-here", 404, "NOT_FOUND"),
     ]
 }
 

@@ -173,8 +173,9 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         .as_array()
         .is_some_and(|p| p.iter().any(|p| p["name"] == "cursor"));
     let mut common = Vec::new();
-    if path.contains("{id}") {
-        // The id in the path (`extract::Path`) and the row it names.
+    if path.contains('{') {
+        // The parameter in the path (`extract::Path`: an id, or a file name that must be
+        // UTF-8) and the row it names.
         let invalid = match takes_body {
             true => "MALFORMED_JSON, INVALID_BODY, INVALID_PATH",
             false => "INVALID_PATH",

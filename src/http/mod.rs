@@ -91,12 +91,13 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
         .merge(dashboard::router())
         .merge(metrics::router())
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
         .merge(openapi::docs(&config))
+        // After every route, the docs' included, so each answers these in the API's shape.
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Outside every route, so each is counted under its template, whatever answered it.
         .layer(middleware::from_fn(metrics::track))
         .layer(

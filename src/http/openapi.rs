@@ -83,9 +83,19 @@ pub fn document(config: &Config) -> utoipa::openapi::OpenApi {
 }
 
 pub fn docs(config: &Config) -> Router {
-    SwaggerUi::new("/docs")
+    let docs: Router = SwaggerUi::new("/docs")
         .url("/api/v1/openapi.json", document(config))
-        .into()
+        .into();
+    // The UI answers a file it does not have with an empty 404: give it the API's error shape.
+    docs.layer(axum::middleware::map_response(
+        async |response: axum::response::Response| {
+            if response.status() == axum::http::StatusCode::NOT_FOUND {
+                let missing = super::error::ApiError::NotFound("no such file".into());
+                return axum::response::IntoResponse::into_response(missing);
+            }
+            response
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -102,5 +112,8 @@ mod tests {
         );
         let name = &doc["components"]["schemas"]["CreateProductRequest"]["properties"]["name"];
         assert_eq!(name["maxLength"], crate::orders::MAX_NAME_CHARS);
+        // A file name in the path that is not UTF-8 (`%FF.csv`) is refused as for an id.
+        let download = &doc["paths"]["/downloads/{job_id}.csv"]["get"]["responses"];
+        assert!(download.get("400").is_some(), "{download}");
     }
 }
