@@ -108,6 +108,14 @@ fn path_cases(product: i64) -> Vec<Case> {
         get("/api/v1/orders?limit=0", 422, "INVALID_LIMIT"),
         get("/api/v1/orders?limit=x", 400, "INVALID_QUERY"),
         get("/api/v1/orders?cursor=zz", 400, "INVALID_CURSOR"),
+        // An empty text filter matches no row: refused, not answered with an empty page.
+        get("/api/v1/orders?buyer_id=", 422, "INVALID_BUYER_ID"),
+        get("/api/v1/jobs?kind=", 422, "INVALID_KIND"),
+        get(
+            "/api/v1/settlements?merchant_id=",
+            422,
+            "INVALID_MERCHANT_ID",
+        ),
         get("/api/v1/products/1.5", 400, "INVALID_PATH"),
         get("/api/v1/products/77777", 404, "NOT_FOUND"),
         bare(

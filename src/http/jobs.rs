@@ -17,7 +17,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::openapi::ErrorBody;
-use super::pagination::{Page, PageQuery};
+use super::pagination::{Page, PageQuery, text_filter};
 use crate::settlement::job::KIND as SETTLEMENT_KIND;
 
 pub fn router() -> Router<AppState> {
@@ -131,6 +131,7 @@ async fn get_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Jso
 pub struct ListJobsQuery {
     /// QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED or CANCELLED.
     status: Option<String>,
+    #[param(min_length = 1)]
     kind: Option<String>,
 }
 
@@ -139,7 +140,7 @@ pub struct ListJobsQuery {
     params(ListJobsQuery, PageQuery),
     responses(
         (status = 200, description = "Newest first", body = Page<Job>),
-        (status = 422, description = "INVALID_LIMIT, INVALID_STATUS", body = ErrorBody),
+        (status = 422, description = "INVALID_LIMIT, INVALID_STATUS, INVALID_KIND", body = ErrorBody),
     )
 )]
 async fn list_jobs(
@@ -168,7 +169,7 @@ async fn list_jobs(
         })?;
     let filter = JobFilter {
         state,
-        kind: query.kind,
+        kind: text_filter(query.kind, "INVALID_KIND", "kind")?,
         before: page.before()?,
         limit: limit + 1,
     };

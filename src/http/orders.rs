@@ -14,7 +14,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query};
 use super::idempotency::{KeyHeader, replay};
-use super::pagination::{Page, PageQuery};
+use super::pagination::{Page, PageQuery, text_filter};
 use crate::db::is_connection_error;
 use crate::idempotency::{Begun, StoredResponse};
 use crate::metrics::{self, OrderOutcome};
@@ -292,6 +292,7 @@ async fn get_order(
 #[into_params(parameter_in = Query)]
 pub struct ListOrdersQuery {
     product_id: Option<i64>,
+    #[param(min_length = 1)]
     buyer_id: Option<String>,
 }
 
@@ -300,6 +301,7 @@ pub struct ListOrdersQuery {
     params(ListOrdersQuery, PageQuery),
     responses(
         (status = 200, description = "Newest first", body = Page<OrderBody>),
+        (status = 422, description = "INVALID_LIMIT, INVALID_BUYER_ID", body = super::openapi::ErrorBody),
     )
 )]
 async fn list_orders(
@@ -310,7 +312,7 @@ async fn list_orders(
     let limit = page.limit(&app.config.pagination)?;
     let filter = OrderFilter {
         product_id: query.product_id,
-        buyer_id: query.buyer_id,
+        buyer_id: text_filter(query.buyer_id, "INVALID_BUYER_ID", "buyer_id")?,
         before_id: page.before()?,
     };
     let mut conn = app.pool.acquire().await?;

@@ -53,6 +53,23 @@ fn parse_id(raw: &str) -> Result<i64, ApiError> {
 }
 
 /// The error of a cursor this API did not write.
+/// A list's text filter: absent, or a value rows can hold. An empty one (a form's empty field)
+/// matches no row; refused, so a client never takes the empty page for an answer.
+pub fn text_filter(
+    value: Option<String>,
+    code: &'static str,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.is_empty() => Err(ApiError::invalid(
+            code,
+            field,
+            format!("{field} must not be empty (leave it out to list every one)"),
+        )),
+        v => Ok(v),
+    }
+}
+
 pub fn invalid_cursor() -> ApiError {
     ApiError::BadRequest {
         code: "INVALID_CURSOR",

@@ -14,7 +14,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Query};
 use super::openapi::ErrorBody;
-use super::pagination::{self, Page, PageQuery};
+use super::pagination::{self, Page, PageQuery, text_filter};
 use crate::settlement;
 use crate::settlement::list::{self, SettlementFilter, SettlementRow};
 use crate::tokens::{Principal, Role};
@@ -57,6 +57,7 @@ impl From<SettlementRow> for Settlement {
 #[into_params(parameter_in = Query)]
 pub struct ListSettlementsQuery {
     /// Only this merchant's rows (a merchant token reads only its own anyway).
+    #[param(min_length = 1)]
     merchant_id: Option<String>,
     /// First day, `YYYY-MM-DD`, inclusive.
     #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
@@ -73,7 +74,7 @@ pub struct ListSettlementsQuery {
     params(ListSettlementsQuery, PageQuery),
     responses(
         (status = 200, description = "In (merchant_id, date) order", body = Page<Settlement>),
-        (status = 422, description = "INVALID_LIMIT, INVALID_DATE, INVALID_DATE_RANGE", body = ErrorBody),
+        (status = 422, description = "INVALID_LIMIT, INVALID_DATE, INVALID_DATE_RANGE, INVALID_MERCHANT_ID", body = ErrorBody),
     )
 )]
 async fn list_settlements(
@@ -93,12 +94,11 @@ async fn list_settlements(
         ));
     }
     let after = page.cursor().map(parse_cursor).transpose()?;
+    let asked = text_filter(query.merchant_id, "INVALID_MERCHANT_ID", "merchant_id")?;
     let merchant_id = match (caller.role, caller.merchant_id) {
-        (Role::Merchant, Some(own)) if query.merchant_id.as_ref().is_none_or(|m| *m == own) => {
-            Some(own)
-        }
+        (Role::Merchant, Some(own)) if asked.as_ref().is_none_or(|m| *m == own) => Some(own),
         (Role::Merchant, _) => return Ok(Json(Page::empty())),
-        _ => query.merchant_id,
+        _ => asked,
     };
     let filter = SettlementFilter {
         merchant_id,
