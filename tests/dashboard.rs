@@ -9,9 +9,12 @@ use common::processes::{
     WorkerProcess, enqueue, job_state, probe_tables, wait_mid_way, wait_state,
 };
 use common::{TestApp, spawn_app, spawn_app_with};
+use std::time::Duration;
+
 use fantoccini::key::Key;
 use serde_json::json;
 use settle::jobs::kind::{COUNT, FAIL, NOOP};
+use settle::tokens::Role;
 
 #[tokio::test]
 async fn the_dashboard_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
@@ -188,5 +191,32 @@ async fn a_running_job_older_than_the_newest_page_keeps_its_row() {
     browser.wait_job_status(old, "RUNNING").await;
     let cancel = format!("{} button[data-action=cancel]", Browser::job_row(old));
     browser.find(&cancel).await;
+    browser.close().await;
+}
+
+/// A Cancel the API refuses (here the browser's token was revoked) says why and gives the
+/// button back, enabled, instead of showing "Cancelling…" on a job nothing is cancelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_cancel_says_why_and_gives_its_button_back() {
+    let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(0))]).await;
+    let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: it stays QUEUED
+    let token = common::auth::create_token(&app.pool, Role::Admin, None).await;
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    browser
+        .type_into("#token", &format!("{token}{}", Key::Enter))
+        .await;
+    browser.wait_job_status(id, "QUEUED").await;
+    app.revoke_newest(Role::Admin).await;
+    let cancel = format!("{} button[data-action=cancel]", Browser::job_row(id));
+    browser.click(&cancel).await;
+    browser.wait_text("#notice", "401 UNAUTHENTICATED").await;
+    let button = browser.find(&cancel).await;
+    let given_back = || async {
+        let label = button.text().await.ok()?;
+        (label == "Cancel" && button.is_enabled().await.ok()?).then_some(())
+    };
+    common::processes::wait_for(Duration::from_secs(10), "the Cancel button", given_back).await;
+    assert_eq!(job_state(&app.pool, id).await, "queued");
     browser.close().await;
 }

@@ -179,6 +179,10 @@
         clearNotice("action");
       } catch (error) {
         notify("action", explain(`${label} job #${job.job_id}`, error));
+        // Nothing changed: the button is the operator's again (rows keep their buttons
+        // until the job's status changes).
+        button.disabled = false;
+        button.textContent = label;
       }
       await refreshJobs();
     });
