@@ -84,13 +84,20 @@ impl LocalCluster {
     async fn start(&self, port: u16) -> Result<(), LocalClusterError> {
         let data = self.data.to_string_lossy().into_owned();
         if !self.data.join("PG_VERSION").is_file() {
+            // The first directory of the path that does not exist yet: what we create.
+            let made = self
+                .data
+                .ancestors()
+                .take_while(|dir| !dir.exists())
+                .last()
+                .map(Path::to_path_buf);
             std::fs::create_dir_all(&self.data).map_err(|e| start_error(&data, e))?;
             if running_as_root() {
-                let chown = std::process::Command::new("chown")
-                    .args(["-R", "postgres:postgres", &data])
-                    .status();
-                if !chown.is_ok_and(|s| s.success()) {
-                    return Err(start_error(&data, "chown to the postgres user failed"));
+                if let Err(e) = self.hand_to_postgres() {
+                    if let Some(made) = made {
+                        let _ = std::fs::remove_dir_all(made);
+                    }
+                    return Err(start_error(&data, e));
                 }
             }
             let initdb = [&["-D", &data][..], &INITDB_OPTIONS].concat();
@@ -119,6 +126,34 @@ impl LocalCluster {
             Err(e) => tracing::error!("{e}"),
         }
         self.running = false;
+    }
+
+    /// Gives the new data directory to the `postgres` user, which runs the cluster when we are
+    /// root, and checks that it can reach it: a directory above it that others cannot search
+    /// (root's home, 0700) stops `initdb` with a bare "Permission denied".
+    fn hand_to_postgres(&self) -> Result<(), String> {
+        let chown = std::process::Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&self.data)
+            .status();
+        if !chown.is_ok_and(|s| s.success()) {
+            return Err("chown to the postgres user failed".into());
+        }
+        let reachable = pg_command(Path::new("test"), Path::new("/"))
+            .arg("-w")
+            .arg(&self.data)
+            .status();
+        if !reachable.is_ok_and(|s| s.success()) {
+            return Err(
+                "the postgres user, which runs the cluster when serve runs as root, cannot reach \
+                 it (a directory above it is closed to other users, as root's home is): set \
+                 database.local_data_dir (SETTLE_DATABASE__LOCAL_DATA_DIR) to a directory it can \
+                 reach, such as /var/tmp/settle, or set DATABASE_URL"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     async fn run(

@@ -130,3 +130,24 @@ async fn a_database_url_the_user_named_is_used_as_given() {
     assert!(said.contains("cannot connect"), "{said}");
     assert!(!scratch.data().exists(), "no cluster was made");
 }
+
+/// Run as root under a directory closed to other users (root's home is 0700), the private
+/// cluster's `postgres` user cannot reach its data directory: `serve` says so and what to set,
+/// and leaves nothing behind.
+#[tokio::test]
+async fn a_data_directory_the_postgres_user_cannot_reach_is_named_with_the_way_out() {
+    if !settle::local_cluster::running_as_root() {
+        return; // Not root: serve runs the cluster as this user, who can reach its own files.
+    }
+    let (scratch, port) = (Scratch::new(), free_port());
+    let closed = scratch.0.join("home");
+    std::fs::create_dir(&closed).expect("a closed directory");
+    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod 700");
+    let data = closed.join("project/.settle/postgres");
+    let said = fails_saying(&mut serve(port, &data)).await;
+    assert!(said.contains("cannot reach"), "{said}");
+    assert!(said.contains("local_data_dir"), "{said}");
+    assert!(!closed.join("project").exists(), "what serve made is gone");
+    assert!(!answers(port));
+}
