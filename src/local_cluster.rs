@@ -92,13 +92,13 @@ impl LocalCluster {
                 .last()
                 .map(Path::to_path_buf);
             std::fs::create_dir_all(&self.data).map_err(|e| start_error(&data, e))?;
-            if running_as_root() {
-                if let Err(e) = self.hand_to_postgres() {
-                    if let Some(made) = made {
-                        let _ = std::fs::remove_dir_all(made);
-                    }
-                    return Err(start_error(&data, e));
+            if running_as_root()
+                && let Err(e) = self.hand_to_postgres()
+            {
+                if let Some(made) = made {
+                    let _ = std::fs::remove_dir_all(made);
                 }
+                return Err(start_error(&data, e));
             }
             let initdb = [&["-D", &data][..], &INITDB_OPTIONS].concat();
             self.run("initdb", &self.bin.join("initdb"), &initdb)
