@@ -193,3 +193,57 @@ async fn most_at_once(pool: &PgPool) -> i64 {
     )
     .await
 }
+
+/// A worker dies holding jobs of a capped kind while the live worker's places for the kind are
+/// all taken: no claim can take them until one frees (here 10 minutes), and a cancel must not
+/// leave one CANCELLING that long: nobody holds it, so it ends CANCELLED at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_of_a_capped_job_whose_worker_died_ends_it_while_the_kind_is_full() {
+    let config = capped_config(200);
+    let (pool, _db) = probe_pool(&config).await;
+    let sleeps = vec![NewJob::new(SLEEP, json!({"ms": 600_000})); 2 * CAP as usize];
+    enqueue_all(&pool, &sleeps).await;
+    let doomed = WorkerProcess::start(&config);
+    let running_for = |owner: String| {
+        let pool = pool.clone();
+        async move {
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "select id from jobs where state = 'running' and lease_owner like $1 order by id",
+            )
+            .bind(owner)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (ids.len() == CAP as usize).then_some(ids)
+        }
+    };
+    let doomed_jobs = format!("{}-%", doomed.pid);
+    let orphans = wait_for(Duration::from_secs(30), "its places taken", || {
+        running_for(doomed_jobs.clone())
+    })
+    .await;
+    let full = WorkerProcess::start(&config);
+    let full_jobs = format!("{}-%", full.pid);
+    wait_for(Duration::from_secs(30), "the other's places taken", || {
+        running_for(full_jobs.clone())
+    })
+    .await;
+    doomed.kill().await;
+    let expired = "select count(*) from jobs where id = $1 and lease_expires_at < now()";
+    wait_for(
+        Duration::from_secs(30),
+        "the dead worker's lease to expire",
+        || async { (common::scalar_of(&pool, expired, orphans[0]).await == 1).then_some(()) },
+    )
+    .await;
+    let mut conn = pool.acquire().await.unwrap();
+    let outcome = settle_workers::request_cancel(&mut conn, orphans[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        settle_workers::CancelOutcome::Accepted(settle_workers::JobState::Cancelled)
+    );
+    let state = common::processes::job_state(&pool, orphans[0]).await;
+    assert_eq!(state, "cancelled");
+}

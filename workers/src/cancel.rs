@@ -1,5 +1,6 @@
 //! Cancellation requests. The request sets a flag in the row (QUEUED → CANCELLED at once,
-//! RUNNING → CANCELLING) and notifies the workers; the holder's listener fires the job's
+//! RUNNING → CANCELLING) and notifies the workers (a job whose lease has expired, its holder
+//! gone, is held by no one and ends CANCELLED at once, as a queued one does); the holder's listener fires the job's
 //! `CancellationToken`, and the job's next checkpoint re-reads the flag, so a missed
 //! notification delays a cancel by one checkpoint (or one heartbeat), never loses it.
 
@@ -33,20 +34,22 @@ pub async fn request_cancel(
     for _ in 0..2 {
         let mut tx = conn.begin().await?;
         let outcome = match lock_state(&mut tx, id).await? {
-            Some(JobState::Queued) => {
-                let ended = cancel_queued(&mut tx, id).await?;
+            // Nobody holds it: not claimed yet, or its holder is gone (a dead worker of a kind
+            // whose places are all taken waits long for a rescue, and would stay CANCELLING).
+            Some((JobState::Queued, _) | (JobState::Running | JobState::Cancelling, true)) => {
+                let ended = cancel_unheld(&mut tx, id).await?;
                 tx.commit().await?;
                 if let Some(ended) = ended {
                     ended.record();
                 }
                 return Ok(CancelOutcome::Accepted(JobState::Cancelled));
             }
-            Some(JobState::Running) => {
+            Some((JobState::Running, false)) => {
                 mark_cancelling(&mut tx, id).await?;
                 notify_cancel(&mut tx, id).await?;
                 CancelOutcome::Accepted(JobState::Cancelling)
             }
-            Some(state) => CancelOutcome::Accepted(state),
+            Some((state, _)) => CancelOutcome::Accepted(state),
             None => match finished_state(&mut tx, id).await? {
                 Some(JobState::Cancelled) => CancelOutcome::Accepted(JobState::Cancelled),
                 Some(state) => CancelOutcome::Finished(state),
@@ -59,15 +62,22 @@ pub async fn request_cancel(
     Ok(CancelOutcome::NotFound)
 }
 
-/// A live job's state, with its row locked so a concurrent claim or ending is ordered around
-/// us (`None`: no live job has this id, or it ended while we waited for the lock).
-async fn lock_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobState>, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select state as "state: JobState" from jobs where id = $1 for update"#,
+/// A live job's state and whether its lease has expired, with its row locked so a concurrent
+/// claim or ending is ordered around us (`None`: no live job has this id, or it ended while we
+/// waited for the lock).
+async fn lock_state(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<(JobState, bool)>, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"select state as "state: JobState",
+                  coalesce(lease_expires_at < now(), false) as "expired!"
+           from jobs where id = $1 for update"#,
         id
     )
     .fetch_optional(conn)
-    .await
+    .await?;
+    Ok(row.map(|row| (row.state, row.expired)))
 }
 
 /// A finished job's state (`None`: no finished job has this id).
@@ -80,13 +90,16 @@ async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobSt
     .await
 }
 
-/// A queued job ends CANCELLED at once: it moves to `finished_jobs`, as every ending does
-/// (`finish`), and is counted as ended once the caller commits.
-async fn cancel_queued(conn: &mut PgConnection, id: i64) -> Result<Option<Ended>, sqlx::Error> {
+/// A job nobody holds (queued, or its lease expired) ends CANCELLED at once: it moves to
+/// `finished_jobs`, as every ending does (`finish`), and is counted as ended once the caller
+/// commits. A former holder still alive finds its fence gone and writes nothing.
+async fn cancel_unheld(conn: &mut PgConnection, id: i64) -> Result<Option<Ended>, sqlx::Error> {
     sqlx::query_as!(
         Ended,
         r#"with ended as (
-             delete from jobs where id = $1 and state::text = 'queued' returning *
+             delete from jobs
+             where id = $1 and (state::text = 'queued' or lease_expires_at < now())
+             returning *
          )
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
              run_at, fence, heartbeat_at, cancel_requested, processed, total, checkpoint, errors,
