@@ -147,15 +147,18 @@ async fn deleting_the_newest_rows_and_settling_again_replaces_the_day() {
     ];
     store(&db.pool, &rows).await;
     db.run(1, range("2025-01-05", "2025-01-05")).await;
-    sqlx::query("delete from transactions where external_id = $1")
-        .bind(&rows[1].external_id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let again = db.run(2, range("2025-01-05", "2025-01-05")).await;
+    let delete = format!(
+        "with gone as (delete from transactions where external_id = '{}' returning 1)
+         select count(*) from gone",
+        rows[1].external_id
+    );
+    assert_eq!(common::scalar(&db.pool, &delete).await, 1);
+    let again = csv(&db.run(2, range("2025-01-05", "2025-01-05")).await);
     let expected = reference(&rows[..1], day("2025-01-05"), day("2025-01-05"), Tz::UTC);
-    assert_eq!(csv(&again), expected);
-    assert_eq!(db.settled("2025-01-05", "2025-01-05").await, expected);
+    assert_eq!(
+        (again, db.settled("2025-01-05", "2025-01-05").await),
+        (expected.clone(), expected)
+    );
 }
 
 #[tokio::test]
