@@ -14,7 +14,7 @@ use common::processes::{
 use common::test_config;
 use nix::sys::signal::Signal;
 use serde_json::json;
-use settle::jobs::kind::NOOP;
+use settle::jobs::kind::{NOOP, SLEEP};
 use sqlx::{Connection, PgPool};
 
 /// Waits until the job has committed at least `at_least` rows of progress.
@@ -280,4 +280,31 @@ async fn the_last_sweep_at_shutdown_waits_for_the_claim_that_failed_last() {
     // Claimed once (the fence moved), and handed back.
     let job: (String, i32, i64) = job_row(&pool, id, "state::text, attempt, fence").await;
     assert_eq!(job, ("queued".to_owned(), 0, 1), "{}", worker.log_text());
+}
+
+/// One held job's row locked by another transaction for two leases (as a job's own long write
+/// would lock it): the heartbeat does not wait for that row, so the worker's other job keeps its
+/// lease; once the lock goes, the locked job's lease is extended again. Both finish on their
+/// one attempt. (Waiting for the lock, every beat failed, and after a lease the worker dropped
+/// every job it held.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_row_lock_on_one_job_holds_up_no_lease() {
+    let mut settings = short_lease(3_000, 500);
+    settings.push(("worker.concurrency", json!(2)));
+    let config = test_config(&settings);
+    let (pool, _db) = probe_pool(&config).await;
+    let locked = enqueue(&pool, SLEEP, json!({"ms": 9_000}), 1).await;
+    let other = enqueue(&pool, SLEEP, json!({"ms": 9_000}), 1).await;
+    let worker = WorkerProcess::start(&config);
+    for id in [locked, other] {
+        wait_state(&pool, id, "running").await;
+    }
+    // Locked for one statement's length (an idle transaction would meet the sessions' timeout).
+    let held = "with row as (select id from jobs where id = $1 for update)
+                select count(pg_sleep(6)) from row";
+    assert_eq!(common::scalar_of(&pool, held, locked).await, 1);
+    for id in [locked, other] {
+        wait_state(&pool, id, "completed").await;
+        assert_eq!(claim_of(&pool, id).await.0, 1, "{}", worker.log_text());
+    }
 }

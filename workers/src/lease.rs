@@ -13,10 +13,15 @@ pub struct Beat {
     pub id: i64,
     /// A cancel was requested: the heartbeat is the fallback when the NOTIFY was missed.
     pub cancel_requested: bool,
+    /// Still held, but locked by another transaction (its own long write, an ending, a claim
+    /// about to rescue it): its lease was not extended this time.
+    pub busy: bool,
 }
 
 /// Extends the lease of every `(id, fence)` still held; a job missing from the answer was lost
-/// (reclaimed after this worker stalled) and must be dropped.
+/// (reclaimed after this worker stalled) and must be dropped. A job whose row another
+/// transaction holds locked is not waited for (one job's long lock would hold up every lease):
+/// it comes back `busy`, its lease as it was.
 pub async fn heartbeat(
     conn: &mut PgConnection,
     held: &[(i64, i64)],
@@ -25,10 +30,21 @@ pub async fn heartbeat(
     let (ids, fences): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     over_held_jobs!(query_as!(
         Beat;
-        "
-         update jobs set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
-         where jobs.id = any(array(select id from held))
-         returning jobs.id, jobs.cancel_requested",
+        lock = " skip locked";
+        ", beat as (
+             update jobs
+             set lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now()
+             where jobs.id = any(array(select id from held))
+             returning jobs.id, jobs.cancel_requested
+         )
+         select id as \"id!\", cancel_requested as \"cancel_requested!\", false as \"busy!\"
+         from beat
+         union all
+         select jobs.id, false, true from jobs
+         where jobs.id = any(array(select id from unnest($1::bigint[]) as h(id)
+                                   where id <> all(array(select id from held))))
+           and jobs.fence = ($2::bigint[])[array_position($1::bigint[], jobs.id)]
+           and jobs.state::text in ('running', 'cancelling')",
         &ids,
         &fences,
         lease.as_millis() as f64,

@@ -56,8 +56,11 @@
 /// as text too (a job's checkpoint and progress, `lease::reload`, `finish::lock_for_completion`,
 /// the cancels), so the primary key serves it, not a walk of the held jobs' or the queued jobs'
 /// partial index (tests/queue_plan.rs).
+///
+/// `lock = " skip locked";` first leaves out the jobs another transaction holds locked, instead
+/// of waiting for them (the heartbeat: one job's long lock must not hold up every lease).
 macro_rules! over_held_jobs {
-    ($macro:ident!($($record:path;)? $rest:literal $(+ $more:literal)*, $($arg:expr),* $(,)?)) => {
+    ($macro:ident!($($record:path;)? $(lock = $lock:literal;)? $rest:literal $(+ $more:literal)*, $($arg:expr),* $(,)?)) => {
         sqlx::$macro!(
             $($record,)?
             "with held as (
@@ -69,7 +72,7 @@ macro_rules! over_held_jobs {
                      from jobs
                      where jobs.id = h.id and jobs.fence = h.fence
                        and jobs.state::text in ('running', 'cancelling')
-                     for update
+                     for update" $(+ $lock)? + "
                  ) as j
              )" + $rest $(+ $more)*,
             $($arg),*

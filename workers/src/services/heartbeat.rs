@@ -39,10 +39,8 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
         match beat {
             Ok(Ok(beats)) => {
                 last_ok = Instant::now();
-                let alive: HashMap<i64, bool> = beats
-                    .into_iter()
-                    .map(|b| (b.id, b.cancel_requested))
-                    .collect();
+                let alive: HashMap<i64, lease::Beat> =
+                    beats.into_iter().map(|b| (b.id, b)).collect();
                 let map = shared.held.lock().expect("held map");
                 for (id, fence) in held {
                     let Some(h) = map.get(&id).filter(|h| h.fence == fence) else {
@@ -50,8 +48,10 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
                     };
                     match alive.get(&id) {
                         None => h.lost.cancel(),
-                        Some(true) => h.stop.cancel(),
-                        Some(false) => {}
+                        Some(beat) if beat.cancel_requested => h.stop.cancel(),
+                        // Busy: still ours; its lease is extended by the next beat that finds
+                        // it unlocked (or, past the lease, it is lost as any stalled job is).
+                        Some(_) => {}
                     }
                 }
             }
