@@ -79,19 +79,26 @@ async fn run(shared: Arc<Shared>) {
         tokio::select! {
             () = tokio::time::sleep_until(next.into()) => {}
             () = shared.shutdown.cancelled() => {
-                // Until the claim that failed last (perhaps after this one) has surely ended.
+                // Once the claim that failed last has surely ended, a last look; again if one
+                // failed meanwhile (a claim in flight at the signal, which the look waited for).
                 let mut until = failed_at;
                 loop {
                     tokio::time::sleep_until((until + ended).into()).await;
                     let last = shared.failed_claim.lock().expect("failed claim").unwrap_or(until);
-                    if last <= until {
-                        break;
+                    if last > until {
+                        until = last;
+                        continue;
                     }
-                    until = last;
+                    sweep(&shared).await;
+                    let mut failed = shared.failed_claim.lock().expect("failed claim");
+                    match *failed {
+                        Some(last) if last > until => until = last,
+                        _ => {
+                            *failed = None;
+                            return;
+                        }
+                    }
                 }
-                sweep(&shared).await;
-                *shared.failed_claim.lock().expect("failed claim") = None;
-                return;
             }
         }
     }
