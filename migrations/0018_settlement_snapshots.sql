@@ -9,8 +9,10 @@
 --
 -- 1. A job's snapshot is now its place in the order jobs fixed their inputs, drawn from this
 --    sequence together with its high-water id (under a lock, so a later snapshot never has a
---    lower high-water id while rows are only inserted). It starts above every snapshot and
---    high-water id stored so far, so every job from now on supersedes them.
+--    lower high-water id while rows are only inserted), and kept above that id (so it is newer
+--    than what a worker of the release before, still running during a rolling upgrade, records:
+--    its high-water id). It starts above every snapshot and high-water id stored so far, so
+--    every job from now on supersedes them.
 create sequence settlement_snapshots;
 select setval('settlement_snapshots',
               greatest(1,

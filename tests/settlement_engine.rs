@@ -161,6 +161,41 @@ async fn deleting_the_newest_rows_and_settling_again_replaces_the_day() {
     );
 }
 
+/// During a rolling upgrade a worker of the release before migration 0018 settles a day from a
+/// newer input: it records its high-water id as the rows' snapshot and nothing in
+/// `settlement_days`. A job fixed before that input, finishing after, leaves the day alone; a
+/// job fixed after it (its snapshot above every high-water id) replaces it.
+#[tokio::test]
+async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs() {
+    let db = db("UTC", 1, 100).await;
+    let old = support::store_random(&db.pool, 9, 300, 3, 2).await;
+    let older = db.start(1, range("2025-01-01", "2025-01-02")).await;
+    let older = db.batches(&older, None).await;
+    let new = support::store_random(&db.pool, 10, 50, 3, 2).await;
+    // The older release's job, fixed now: its high-water id is its snapshot.
+    let other_release = "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id, snapshot_id)
+         select 'other-release', '2025-01-02', 5, 1, 4, 1, 77, max(id) from transactions";
+    sqlx::query(other_release).execute(&db.pool).await.unwrap();
+    db.finalize(&older).await.unwrap();
+    let left = db.settled("2025-01-02", "2025-01-02").await;
+    assert_eq!(
+        left.keys().map(|(m, _)| m.as_str()).collect::<Vec<_>>(),
+        ["other-release"]
+    );
+
+    db.run(2, range("2025-01-02", "2025-01-02")).await;
+    let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+    let mut expected = reference(&old, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
+    expected.extend(reference(
+        &all,
+        day("2025-01-02"),
+        day("2025-01-02"),
+        Tz::UTC,
+    ));
+    assert_eq!(db.settled("2025-01-01", "2025-01-02").await, expected);
+}
+
 #[tokio::test]
 async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let db = db("UTC", 2, 200).await;

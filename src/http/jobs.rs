@@ -178,9 +178,10 @@ async fn list_jobs(
     Ok(Json(Page::by_id(rows, limit, |job| job.id)))
 }
 
-/// Cancel a job: a QUEUED job becomes CANCELLED at once and never starts; a RUNNING one becomes
-/// CANCELLING and always ends CANCELLED: it stops at its next checkpoint, and a job already in
-/// its final step rolls that step back. A job whose completion committed first answers 409.
+/// Cancel a job: a QUEUED job becomes CANCELLED at once and never starts, as does a RUNNING one
+/// whose lease has expired (its worker is gone); a RUNNING one becomes CANCELLING and always
+/// ends CANCELLED: it stops at its next checkpoint, and a job already in its final step rolls
+/// that step back. A job whose completion committed first answers 409.
 /// Cancelling a cancelled job changes nothing.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",

@@ -30,7 +30,9 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
 /// that no newer snapshot has settled (recorded in `settlement_days`, migration 0018), and on
 /// those days its sums are inserted, or updated in place (see migration 0007), and every other
 /// row goes (its merchant-day has no PAID transaction in this newer input). A day a newer job
-/// settled stays as that job left it, whichever job finishes last, rows it removed included.
+/// settled stays as that job left it, whichever job finishes last, rows it removed included;
+/// so does a day with a row from a newer snapshot that `settlement_days` does not know of (a
+/// worker of the release before migration 0018 wrote it during a rolling upgrade).
 /// The casts to bigint fail (SQLSTATE 22003) rather than wrap when a sum leaves the 64-bit
 /// range.
 ///
@@ -69,6 +71,8 @@ pub async fn replace_settlements(
                 where b.job_id = $1
                   and not exists (select from settlement_days as day
                                   where day.date = u.d and day.snapshot_id > $2)
+                  and u.d not in (select date from settlements
+                                  where date between $3 and $4 and snapshot_id > $2)
                 group by m, d) as sums
          on s.merchant_id = sums.m and s.date = sums.d and s.date between $3 and $4
          when matched then update set
@@ -96,6 +100,8 @@ pub async fn replace_settlements(
              insert into settlement_days (date, snapshot_id, job_id)
              select day::date, $2, $1
              from generate_series($3::date, $4::date, interval '1 day') as day
+             where day::date not in (select date from settlements
+                                     where date between $3 and $4 and snapshot_id > $2)
              on conflict (date) do update set snapshot_id = excluded.snapshot_id, job_id = $1
                  where settlement_days.snapshot_id <= excluded.snapshot_id
              returning date)

@@ -78,7 +78,9 @@ pub async fn any_running(conn: &mut PgConnection, vxids: &[String]) -> Result<bo
 }
 
 /// The highest committed transaction id (0 when there are none) and a new snapshot, read one
-/// job at a time: the lock orders the snapshots as the ids were read.
+/// job at a time: the lock orders the snapshots as the ids were read. The snapshot is also
+/// above the id: a worker of the release before migration 0018, still running during a rolling
+/// upgrade, records its high-water id as its snapshot, and a job fixed after it must be newer.
 pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:snapshots', 0))")
@@ -87,8 +89,10 @@ pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx
     // A statement of its own: its snapshot is taken once the lock is held.
     let mark = sqlx::query_as!(
         super::plan::Mark,
-        r#"select (select coalesce(max(id), 0) from transactions) as "high_water_id!",
-                  nextval('settlement_snapshots') as "snapshot_id!""#
+        r#"select hi as "high_water_id!",
+                  setval('settlement_snapshots',
+                         greatest(nextval('settlement_snapshots'), hi + 1)) as "snapshot_id!"
+           from (select coalesce(max(id), 0) as hi from transactions) as mark"#
     )
     .fetch_one(&mut *tx)
     .await?;
