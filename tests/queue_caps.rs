@@ -194,6 +194,56 @@ async fn most_at_once(pool: &PgPool) -> i64 {
     .await
 }
 
+/// Two workers, each running its `CAP` long jobs of the capped kind: every place is taken.
+/// Returns the first worker (to be killed) and its jobs, and the second, which must live on.
+async fn every_place_taken(
+    config: &settle::config::Config,
+    pool: &PgPool,
+) -> (WorkerProcess, Vec<i64>, WorkerProcess) {
+    let sleeps = vec![NewJob::new(SLEEP, json!({"ms": 600_000})); 2 * CAP as usize];
+    enqueue_all(pool, &sleeps).await;
+    let running_for = |worker: &WorkerProcess| {
+        let (pool, owner) = (pool.clone(), format!("{}-%", worker.pid));
+        move || {
+            let (pool, owner) = (pool.clone(), owner.clone());
+            async move {
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "select id from jobs where state = 'running' and lease_owner like $1
+                     order by id",
+                )
+                .bind(owner)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                (ids.len() == CAP as usize).then_some(ids)
+            }
+        }
+    };
+    let doomed = WorkerProcess::start(config);
+    let doomed_jobs = wait_for(
+        Duration::from_secs(30),
+        "its places taken",
+        running_for(&doomed),
+    )
+    .await;
+    let full = WorkerProcess::start(config);
+    wait_for(
+        Duration::from_secs(30),
+        "the other's places taken",
+        running_for(&full),
+    )
+    .await;
+    (doomed, doomed_jobs, full)
+}
+
+async fn cancel(pool: &PgPool, id: i64) -> settle_workers::JobState {
+    let mut conn = pool.acquire().await.unwrap();
+    match settle_workers::request_cancel(&mut conn, id).await.unwrap() {
+        settle_workers::CancelOutcome::Accepted(state) => state,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A worker dies holding jobs of a capped kind while the live worker's places for the kind are
 /// all taken: no claim can take them until one frees (here 10 minutes), and a cancel must not
 /// leave one CANCELLING that long: nobody holds it, so it ends CANCELLED at once.
@@ -201,33 +251,7 @@ async fn most_at_once(pool: &PgPool) -> i64 {
 async fn a_cancel_of_a_capped_job_whose_worker_died_ends_it_while_the_kind_is_full() {
     let config = capped_config(200);
     let (pool, _db) = probe_pool(&config).await;
-    let sleeps = vec![NewJob::new(SLEEP, json!({"ms": 600_000})); 2 * CAP as usize];
-    enqueue_all(&pool, &sleeps).await;
-    let doomed = WorkerProcess::start(&config);
-    let running_for = |owner: String| {
-        let pool = pool.clone();
-        async move {
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "select id from jobs where state = 'running' and lease_owner like $1 order by id",
-            )
-            .bind(owner)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            (ids.len() == CAP as usize).then_some(ids)
-        }
-    };
-    let doomed_jobs = format!("{}-%", doomed.pid);
-    let orphans = wait_for(Duration::from_secs(30), "its places taken", || {
-        running_for(doomed_jobs.clone())
-    })
-    .await;
-    let full = WorkerProcess::start(&config);
-    let full_jobs = format!("{}-%", full.pid);
-    wait_for(Duration::from_secs(30), "the other's places taken", || {
-        running_for(full_jobs.clone())
-    })
-    .await;
+    let (doomed, orphans, _full) = every_place_taken(&config, &pool).await;
     doomed.kill().await;
     let expired = "select count(*) from jobs where id = $1 and lease_expires_at < now()";
     wait_for(
@@ -236,14 +260,28 @@ async fn a_cancel_of_a_capped_job_whose_worker_died_ends_it_while_the_kind_is_fu
         || async { (common::scalar_of(&pool, expired, orphans[0]).await == 1).then_some(()) },
     )
     .await;
-    let mut conn = pool.acquire().await.unwrap();
-    let outcome = settle_workers::request_cancel(&mut conn, orphans[0])
-        .await
-        .unwrap();
     assert_eq!(
-        outcome,
-        settle_workers::CancelOutcome::Accepted(settle_workers::JobState::Cancelled)
+        cancel(&pool, orphans[0]).await,
+        settle_workers::JobState::Cancelled
     );
-    let state = common::processes::job_state(&pool, orphans[0]).await;
-    assert_eq!(state, "cancelled");
+    assert_eq!(
+        common::processes::job_state(&pool, orphans[0]).await,
+        "cancelled"
+    );
+}
+
+/// The same, the cancel coming first: the worker (stopped) never acts on it before it dies. The
+/// live worker that finds it dead ends its CANCELLING job, which no claim would take for now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_cancelling_job_ends_while_its_kind_is_full() {
+    let config = capped_config(200);
+    let (pool, _db) = probe_pool(&config).await;
+    let (doomed, orphans, _full) = every_place_taken(&config, &pool).await;
+    doomed.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert_eq!(
+        cancel(&pool, orphans[0]).await,
+        settle_workers::JobState::Cancelling
+    );
+    doomed.kill().await;
+    common::processes::wait_state(&pool, orphans[0], "cancelled").await;
 }

@@ -37,11 +37,9 @@ pub async fn request_cancel(
             // Nobody holds it: not claimed yet, or its holder is gone (a dead worker of a kind
             // whose places are all taken waits long for a rescue, and would stay CANCELLING).
             Some((JobState::Queued, _) | (JobState::Running | JobState::Cancelling, true)) => {
-                let ended = cancel_unheld(&mut tx, id).await?;
+                let ended = cancel_unheld(&mut tx, &[id]).await?;
                 tx.commit().await?;
-                if let Some(ended) = ended {
-                    ended.record();
-                }
+                ended.iter().for_each(Ended::record);
                 return Ok(CancelOutcome::Accepted(JobState::Cancelled));
             }
             Some((JobState::Running, false)) => {
@@ -90,15 +88,36 @@ async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobSt
     .await
 }
 
-/// A job nobody holds (queued, or its lease expired) ends CANCELLED at once: it moves to
-/// `finished_jobs`, as every ending does (`finish`), and is counted as ended once the caller
+/// The CANCELLING jobs of `owners`, workers found dead, end CANCELLED at once (their leases
+/// just expired): a rescue would only run them to their cancel, and with every place of
+/// their capped kind taken no claim asks for them, perhaps for hours. Returns how many.
+pub async fn end_abandoned_cancels(
+    conn: &mut PgConnection,
+    owners: &[String],
+) -> Result<usize, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let ids = sqlx::query_scalar!(
+        "select id from jobs
+         where state = 'cancelling' and lease_expires_at < now() and lease_owner = any($1)",
+        owners,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let ended = cancel_unheld(&mut tx, &ids).await?;
+    tx.commit().await?;
+    ended.iter().for_each(Ended::record);
+    Ok(ended.len())
+}
+
+/// Jobs nobody holds (queued, or their lease expired) end CANCELLED at once: they move to
+/// `finished_jobs`, as every ending does (`finish`), and are counted as ended once the caller
 /// commits. A former holder still alive finds its fence gone and writes nothing.
-async fn cancel_unheld(conn: &mut PgConnection, id: i64) -> Result<Option<Ended>, sqlx::Error> {
+async fn cancel_unheld(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Ended>, sqlx::Error> {
     sqlx::query_as!(
         Ended,
         r#"with ended as (
              delete from jobs
-             where id = $1 and (state::text = 'queued' or lease_expires_at < now())
+             where id = any($1) and (state::text = 'queued' or lease_expires_at < now())
              returning *
          )
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
@@ -110,9 +129,9 @@ async fn cancel_unheld(conn: &mut PgConnection, id: i64) -> Result<Option<Ended>
          from ended
          returning kind, state as "state: JobState",
                    extract(epoch from finished_at - started_at)::float8 as seconds"#,
-        id,
+        ids,
     )
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await
 }
 

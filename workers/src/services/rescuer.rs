@@ -141,6 +141,16 @@ pub(crate) async fn probe(shared: Arc<Shared>, done: CancellationToken) {
         if found.expired > 0 {
             tracing::info!(owners = ?dead, jobs = found.expired,
                 "workers gone (their liveness locks are free); their leases expired for rescue");
+            let ended = on_conn(&shared.control, async |conn| {
+                crate::cancel::end_abandoned_cancels(conn, &dead).await
+            })
+            .await;
+            match ended {
+                Ok(0) => {}
+                Ok(jobs) => tracing::info!(jobs, "their cancelling jobs ended cancelled"),
+                // Left to a rescue, or to a cancel request, which ends them too.
+                Err(e) => tracing::warn!(error = %e, "ending a dead worker's cancels failed"),
+            }
         }
         let now = Instant::now();
         missing.retain(|owner, _| found.unlocked.contains(owner));
