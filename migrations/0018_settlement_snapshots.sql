@@ -19,12 +19,10 @@ select setval('settlement_snapshots',
                        (select max(snapshot_id) from settlements),
                        (select max(high_water_id) from settlement_runs)));
 
--- A job fixed before this release keeps its high-water id as its snapshot (the order it had).
+-- A job fixed by the release before (before this migration, or by one of its workers still
+-- running during a rolling upgrade, which names no snapshot) has its high-water id as its
+-- snapshot, the order it had: null here, read as that id (`plan::get_run`).
 alter table settlement_runs add column snapshot_id bigint;
-update settlement_runs set snapshot_id = high_water_id;
-alter table settlement_runs
-    alter column snapshot_id set default nextval('settlement_snapshots'),
-    alter column snapshot_id set not null;
 
 -- 2. For each day, the newest snapshot that settled it, and the job that did. A job replaces a
 --    day's rows (all merchants: a job settles every merchant of its days) only where no newer

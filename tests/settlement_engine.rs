@@ -196,6 +196,35 @@ async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs
     assert_eq!(db.settled("2025-01-01", "2025-01-02").await, expected);
 }
 
+/// A job the release before fixed during a rolling upgrade (its run names no snapshot) and a new
+/// worker resumes is as new as its high-water id: it replaces a day an older-release job
+/// settled from an older input.
+#[tokio::test]
+async fn a_run_an_older_release_fixed_is_as_new_as_its_high_water_id() {
+    let db = db("UTC", 1, 100).await;
+    let rows = support::store_random(&db.pool, 12, 300, 3, 1).await;
+    for statement in [
+        // An older-release job settled the day from the first 100 ids.
+        "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id, snapshot_id)
+         values ('stale', '2025-01-01', 5, 1, 4, 1, 70, 100)",
+        // The older release fixes job 3 now, with its statements.
+        "insert into settlement_runs
+             (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
+         select 3, '2025-01-01', '2025-01-01', 'UTC', max(id), count(*), 0 from transactions",
+        "insert into settlement_parts (job_id, part, lo_id, hi_id, cursor_id, processed)
+         select 3, 0, 0, max(id), 0, 0 from transactions",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    let resumed = db.start(3, range("2025-01-01", "2025-01-01")).await;
+    db.finalize(&db.batches(&resumed, None).await)
+        .await
+        .unwrap();
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
+    assert_eq!(db.settled("2025-01-01", "2025-01-01").await, expected);
+}
+
 #[tokio::test]
 async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let db = db("UTC", 2, 200).await;

@@ -71,8 +71,9 @@ pub async fn replace_settlements(
                 where b.job_id = $1
                   and not exists (select from settlement_days as day
                                   where day.date = u.d and day.snapshot_id > $2)
-                  and u.d not in (select date from settlements
-                                  where date between $3 and $4 and snapshot_id > $2)
+                  and not exists (select from settlements as newer
+                                  where newer.date = u.d and newer.date between $3 and $4
+                                    and newer.snapshot_id > $2)
                 group by m, d) as sums
          on s.merchant_id = sums.m and s.date = sums.d and s.date between $3 and $4
          when matched then update set
@@ -100,8 +101,9 @@ pub async fn replace_settlements(
              insert into settlement_days (date, snapshot_id, job_id)
              select day::date, $2, $1
              from generate_series($3::date, $4::date, interval '1 day') as day
-             where day::date not in (select date from settlements
-                                     where date between $3 and $4 and snapshot_id > $2)
+             where not exists (select from settlements as newer
+                               where newer.date = day::date and newer.date between $3 and $4
+                                 and newer.snapshot_id > $2)
              on conflict (date) do update set snapshot_id = excluded.snapshot_id, job_id = $1
                  where settlement_days.snapshot_id <= excluded.snapshot_id
              returning date)

@@ -226,8 +226,10 @@ fn split(window: &input::Window, weights: &[u32]) -> Vec<Part> {
 pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>, sqlx::Error> {
     sqlx::query_as!(
         Run,
-        "select job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, total
-         from settlement_runs where job_id = $1",
+        // A run the release before fixed names no snapshot: its high-water id was its snapshot.
+        r#"select job_id, from_date, to_date, time_zone, high_water_id,
+                  coalesce(snapshot_id, high_water_id) as "snapshot_id!", total
+           from settlement_runs where job_id = $1"#,
         job_id,
     )
     .fetch_optional(conn)
