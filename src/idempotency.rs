@@ -363,23 +363,35 @@ async fn look(pool: &PgPool, keys: &[KeyedRequest<'_>]) -> Result<Vec<Claim>, sq
     claims
 }
 
-/// Deletes up to 10,000 expired keys (one short statement, however many expired); returns how
-/// many. Expired keys are already ignored when read: this only keeps the table small.
+/// Keys deleted per statement, so no prune holds a long transaction.
+const PRUNE_BATCH: u64 = 10_000;
+
+/// Deletes every expired key, `PRUNE_BATCH` per short statement (one pass of 10,000 a minute
+/// fell behind sustained keyed traffic above about 170 requests a second); returns how many.
+/// Expired keys are already ignored when read: this only keeps the table small.
 ///
 /// The outer `expires_at` test is what keeps a key renewed meanwhile: when the delete reaches
 /// a row another transaction has just updated (a request reusing the expired key), Postgres
 /// re-checks the new version against the outer conditions only, not the subquery's.
 pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let pruned = sqlx::query!(
-        "delete from idempotency_keys
-         where (scope, key) in (
-             select scope, key from idempotency_keys where expires_at <= now() limit 10000
-         )
-         and expires_at <= now()",
-    )
-    .execute(conn)
-    .await?;
-    Ok(pruned.rows_affected())
+    let mut pruned = 0;
+    loop {
+        let batch = sqlx::query!(
+            "delete from idempotency_keys
+             where (scope, key) in (
+                 select scope, key from idempotency_keys where expires_at <= now() limit $1
+             )
+             and expires_at <= now()",
+            PRUNE_BATCH as i64,
+        )
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        pruned += batch;
+        if batch < PRUNE_BATCH {
+            return Ok(pruned);
+        }
+    }
 }
 
 /// Prunes expired keys every `every` until `shutdown`; run by every worker process.

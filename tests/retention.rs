@@ -241,3 +241,26 @@ async fn a_worker_that_does_not_own_the_table_still_prunes() {
         .unwrap();
     assert_eq!(pruned.unwrap(), 100);
 }
+
+/// A backlog larger than one statement's batch (10,000) goes in one prune, jobs and keys alike:
+/// one batch a minute fell behind a queue or keyed traffic of about 170 a second.
+#[tokio::test]
+async fn a_backlog_past_one_batch_is_pruned_in_one_pass() {
+    let (pool, _db) = with_keys(&[]).await;
+    for backlog in [
+        "insert into finished_jobs (kind, args, state, finished_at, created_at)
+         select 'noop', '{}', 'completed', now() - interval '10 days', now() - interval '10 days'
+         from generate_series(1, 25000)",
+        "insert into idempotency_keys
+             (scope, key, request, response_status, response_body, expires_at)
+         select 'orders', 'k' || n, '{}', 201, '{}', now() - interval '1 second'
+         from generate_series(1, 25000) as n",
+    ] {
+        sqlx::query(backlog).execute(&pool).await.unwrap();
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let jobs = settle_workers::retention::prune(&mut conn, week).await;
+    let keys = settle::idempotency::prune_expired(&mut conn).await;
+    assert_eq!((jobs.unwrap(), keys.unwrap()), (25_000, 25_000));
+}

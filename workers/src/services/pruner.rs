@@ -10,7 +10,7 @@ use crate::db::on_conn;
 use crate::retention;
 use crate::runtime::Shared;
 
-/// Prunes one batch every retention interval (plus up to a second of jitter) until shutdown;
+/// Prunes every retention interval (plus up to a second of jitter) until shutdown;
 /// returns at once when retention is off.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let Some(retention) = shared.settings.retention else {
