@@ -84,11 +84,12 @@ pub enum ApiError {
     /// commit was found not to have taken effect (503). Retrying is safe.
     #[error("the order was not placed (its transaction did not commit); retry")]
     OrderNotPlaced,
-    /// The commit's reply was lost and the service could not find out whether it took effect
-    /// (503). `order_id` is the order's id if it did.
+    /// The commit's reply was lost, or the request ran out of time, and the service could not
+    /// find out whether it took effect (503). `order_id` is the order's id if it did.
     #[error(
         "the order may or may not have been placed (the database connection failed during the \
-         commit); retry with the same Idempotency-Key, or look up order_id, to find out"
+         commit, or the request ran past its time limit); retry with the same Idempotency-Key, \
+         or look up order_id, to find out"
     )]
     OrderOutcomeUnknown { order_id: Option<i64> },
     /// Anything else: logged, answered with an opaque 500.

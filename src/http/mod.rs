@@ -123,7 +123,11 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
     let places_order = request.method() == Method::POST && request.uri().path() == "/api/v1/orders";
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) if places_order => ApiError::OrderOutcomeUnknown { order_id: None }.into_response(),
+        Err(_) if places_order => {
+            // The handler, which counts the orders it answers, was dropped unanswered.
+            crate::metrics::order(crate::metrics::OrderOutcome::Error);
+            ApiError::OrderOutcomeUnknown { order_id: None }.into_response()
+        }
         Err(_) => ApiError::Unavailable.into_response(),
     }
 }
