@@ -87,6 +87,15 @@ async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
     assert_eq!(csv(&download(&db.pool, 1).await), expected);
 }
 
+/// The reference sums of each `(rows, from, to)` (UTC days), together: a table whose days were
+/// settled from different inputs.
+fn days_of(parts: &[(&[NewTransaction], &str, &str)]) -> support::Settled {
+    let days = parts
+        .iter()
+        .flat_map(|(rows, from, to)| reference(rows, day(from), day(to), Tz::UTC));
+    days.collect()
+}
+
 /// Refunds `external_ids` in the table and in `rows` alike, as an operator fixing the data.
 async fn refund(db: &common::engine::Db, rows: &mut [NewTransaction], external_ids: &[&str]) {
     for row in rows.iter_mut() {
@@ -185,14 +194,11 @@ async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs
     );
 
     db.run(2, range("2025-01-02", "2025-01-02")).await;
-    let all: Vec<_> = old.iter().chain(&new).cloned().collect();
-    let mut expected = reference(&old, day("2025-01-01"), day("2025-01-01"), Tz::UTC);
-    expected.extend(reference(
-        &all,
-        day("2025-01-02"),
-        day("2025-01-02"),
-        Tz::UTC,
-    ));
+    let all = [&old[..], &new[..]].concat();
+    let expected = days_of(&[
+        (&old, "2025-01-01", "2025-01-01"),
+        (&all, "2025-01-02", "2025-01-02"),
+    ]);
     assert_eq!(db.settled("2025-01-01", "2025-01-02").await, expected);
 }
 
@@ -254,18 +260,15 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     // An overlapping later range replaces the shared days and keeps the others.
     let more = support::store_random(&db.pool, 5, 500, 4, 6).await;
     let path = db.run(3, range("2025-01-03", "2025-01-06")).await;
-    let all: Vec<_> = rows.iter().chain(&more).cloned().collect();
+    let all = [&rows[..], &more[..]].concat();
     assert_eq!(
         csv(&path),
         reference(&all, day("2025-01-03"), day("2025-01-06"), Tz::UTC)
     );
-    let mut expected = reference(&rows, day("2025-01-01"), day("2025-01-02"), Tz::UTC);
-    expected.extend(reference(
-        &all,
-        day("2025-01-03"),
-        day("2025-01-06"),
-        Tz::UTC,
-    ));
+    let expected = days_of(&[
+        (&rows, "2025-01-01", "2025-01-02"),
+        (&all, "2025-01-03", "2025-01-06"),
+    ]);
     assert_eq!(db.settled("2025-01-01", "2025-01-06").await, expected);
 }
 
