@@ -367,13 +367,17 @@ async fn look(pool: &PgPool, keys: &[KeyedRequest<'_>]) -> Result<Vec<Claim>, sq
 const PRUNE_BATCH: u64 = 10_000;
 
 /// Deletes every expired key, `PRUNE_BATCH` per short statement (one pass of 10,000 a minute
-/// fell behind sustained keyed traffic above about 170 requests a second); returns how many.
+/// fell behind sustained keyed traffic above about 170 requests a second), until none is left
+/// or `stop` fires (a shutdown waits for one statement at most); returns how many.
 /// Expired keys are already ignored when read: this only keeps the table small.
 ///
 /// The outer `expires_at` test is what keeps a key renewed meanwhile: when the delete reaches
 /// a row another transaction has just updated (a request reusing the expired key), Postgres
 /// re-checks the new version against the outer conditions only, not the subquery's.
-pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+pub async fn prune_expired(
+    conn: &mut PgConnection,
+    stop: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
     let mut pruned = 0;
     loop {
         let batch = sqlx::query!(
@@ -388,7 +392,7 @@ pub async fn prune_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> 
         .await?
         .rows_affected();
         pruned += batch;
-        if batch < PRUNE_BATCH {
+        if batch < PRUNE_BATCH || stop.is_cancelled() {
             return Ok(pruned);
         }
     }
@@ -402,7 +406,7 @@ pub async fn prune_periodically(pool: PgPool, every: Duration, shutdown: Cancell
             () = tokio::time::sleep(every) => {}
         }
         let pruned = match pool.acquire().await {
-            Ok(mut conn) => prune_expired(&mut conn).await,
+            Ok(mut conn) => prune_expired(&mut conn, &shutdown).await,
             Err(e) => Err(e),
         };
         match pruned {

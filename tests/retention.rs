@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 /// A transaction of another session that has run `sql` (taking a lock) and stays open.
 async fn hold(pool: &PgPool, sql: &'static str) -> sqlx::Transaction<'static, sqlx::Postgres> {
@@ -49,7 +50,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     let holder = hold(&pool, "select pg_advisory_xact_lock(6806942347142627329)").await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
-        settle_workers::retention::prune(&mut conn, week)
+        settle_workers::retention::prune(&mut conn, week, &CancellationToken::new())
             .await
             .unwrap(),
         0
@@ -57,7 +58,7 @@ async fn finished_jobs_past_retention_are_pruned_and_nothing_else() {
     holder.rollback().await.unwrap();
 
     assert_eq!(
-        settle_workers::retention::prune(&mut conn, week)
+        settle_workers::retention::prune(&mut conn, week, &CancellationToken::new())
             .await
             .unwrap(),
         2
@@ -117,7 +118,9 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
     .await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
-        settle::idempotency::prune_expired(&mut conn).await.unwrap(),
+        settle::idempotency::prune_expired(&mut conn, &CancellationToken::new())
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(
@@ -156,7 +159,9 @@ async fn a_key_renewed_while_the_prune_waits_for_it_is_kept() {
         let pool = pool.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            settle::idempotency::prune_expired(&mut conn).await.unwrap()
+            settle::idempotency::prune_expired(&mut conn, &CancellationToken::new())
+                .await
+                .unwrap()
         }
     });
     common::wait_for_lock_waiter(&pool, "delete from idempotency_keys").await;
@@ -191,12 +196,12 @@ async fn a_prune_summarizes_the_finished_jobs_it_has_not_seen() {
     )
     .await;
     let mut conn = pool.acquire().await.unwrap();
-    let pruned = settle_workers::retention::prune(&mut conn, week).await;
+    let pruned = settle_workers::retention::prune(&mut conn, week, &CancellationToken::new()).await;
     assert_eq!(pruned.unwrap(), 5000);
     vacuum.rollback().await.unwrap();
 
     sqlx::query(fill).execute(&pool).await.unwrap();
-    settle_workers::retention::prune(&mut conn, week)
+    settle_workers::retention::prune(&mut conn, week, &CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(
@@ -232,7 +237,7 @@ async fn a_worker_that_does_not_own_the_table_still_prunes() {
         .await
         .unwrap();
     let week = Duration::from_secs(7 * 24 * 3600);
-    let pruned = settle_workers::retention::prune(&mut conn, week).await;
+    let pruned = settle_workers::retention::prune(&mut conn, week, &CancellationToken::new()).await;
     conn.detach();
     let cleanup = format!("drop owned by {role}; drop role {role}");
     sqlx::raw_sql(sqlx::AssertSqlSafe(cleanup))
@@ -242,8 +247,9 @@ async fn a_worker_that_does_not_own_the_table_still_prunes() {
     assert_eq!(pruned.unwrap(), 100);
 }
 
-/// A backlog larger than one statement's batch (10,000) goes in one prune, jobs and keys alike:
-/// one batch a minute fell behind a queue or keyed traffic of about 170 a second.
+/// A backlog larger than one statement's batch (10,000) goes in one prune, jobs and keys alike
+/// (one batch a minute fell behind a queue or keyed traffic of about 170 a second); a prune
+/// asked to stop (a shutdown) ends after the batch it is in.
 #[tokio::test]
 async fn a_backlog_past_one_batch_is_pruned_in_one_pass() {
     let (pool, _db) = with_keys(&[]).await;
@@ -260,7 +266,11 @@ async fn a_backlog_past_one_batch_is_pruned_in_one_pass() {
     }
     let mut conn = pool.acquire().await.unwrap();
     let week = Duration::from_secs(7 * 24 * 3600);
-    let jobs = settle_workers::retention::prune(&mut conn, week).await;
-    let keys = settle::idempotency::prune_expired(&mut conn).await;
-    assert_eq!((jobs.unwrap(), keys.unwrap()), (25_000, 25_000));
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    for (stop, each) in [(stopped, 10_000), (CancellationToken::new(), 15_000)] {
+        let jobs = settle_workers::retention::prune(&mut conn, week, &stop).await;
+        let keys = settle::idempotency::prune_expired(&mut conn, &stop).await;
+        assert_eq!((jobs.unwrap(), keys.unwrap()), (each, each));
+    }
 }

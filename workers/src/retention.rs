@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::sql_state;
 
@@ -16,13 +17,18 @@ const PRUNE_BATCH: i64 = 10_000;
 
 /// Deletes the jobs finished more than `older_than` ago, a batch per transaction, while no other
 /// worker is pruning (one batch an interval fell behind a queue finishing more than about 170
-/// jobs a second). Returns the rows deleted (0 when another worker holds the lock).
-pub async fn prune(conn: &mut PgConnection, older_than: Duration) -> Result<u64, sqlx::Error> {
+/// jobs a second), until none is left or `stop` fires (a shutdown waits for one batch at most).
+/// Returns the rows deleted (0 when another worker holds the lock).
+pub async fn prune(
+    conn: &mut PgConnection,
+    older_than: Duration,
+    stop: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
     let mut pruned = 0;
     loop {
         let batch = prune_batch(conn, older_than).await?;
         pruned += batch;
-        if batch < PRUNE_BATCH as u64 {
+        if batch < PRUNE_BATCH as u64 || stop.is_cancelled() {
             return Ok(pruned);
         }
     }

@@ -27,7 +27,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             return;
         }
         let pruned = on_conn(&shared.pool, async |conn| {
-            retention::prune(conn, retention).await
+            retention::prune(conn, retention, &shared.shutdown).await
         })
         .await;
         match pruned {
