@@ -238,3 +238,22 @@ async fn a_replica_that_does_not_answer_leaves_the_reads_on_the_primary() {
     );
     assert_settled(&pool, &rows).await;
 }
+
+/// A standby promoted out from under `read_url` (a failover that moved only the read name) is
+/// out of recovery but takes none of the primary's commits since: it lacks the job's run, so
+/// the job reads on the primary and no row stored after the promotion is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_behind_read_url_leaves_the_reads_on_the_primary() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    let early = support::store_random(&pool, 46, 500, 6, 5).await;
+    let promoted = Cluster::standby_of(&primary).await;
+    promoted.promote().await;
+    let late = support::store_random(&pool, 47, 4_000, 6, 5).await;
+    let mut worker = worker(&config, promoted.url("settle_replica"), 2_000);
+    let id = settle_days(&pool).await;
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    assert_settled(&pool, &[early, late].concat()).await;
+}

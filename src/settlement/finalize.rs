@@ -95,7 +95,9 @@ pub async fn replace_settlements(
         ("enable_sort", planner.sort.as_str()),
     ];
     super::set_local(conn, &restored).await?;
-    // The days no newer snapshot settled become this job's, and their rows it did not write go.
+    // The days no newer snapshot settled become this job's, and their rows it did not write go
+    // (read through the range's bound: the planner takes `taken` for a thousand days, and
+    // would hash all of `settlements`, every day of history, to join them).
     sqlx::query!(
         "with taken as (
              insert into settlement_days (date, snapshot_id, job_id)
@@ -108,7 +110,7 @@ pub async fn replace_settlements(
                  where settlement_days.snapshot_id <= excluded.snapshot_id
              returning date)
          delete from settlements as s using taken
-         where s.date = taken.date and s.job_id <> $1",
+         where s.date = taken.date and s.date between $3 and $4 and s.job_id <> $1",
         job_id,
         snapshot_id,
         range.from(),

@@ -152,7 +152,10 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         .commit(&checkpoint, processed, Some(plan.run.total))
         .await?;
     // The batches read on the replica once it has replayed the input just fixed.
-    let reads = settings.reads.ready(ctx.pool()).await?;
+    let reads = tokio::select! {
+        reads = settings.reads.ready(ctx.pool(), job_id, fence) => reads?,
+        () = ctx.token().cancelled() => return Err(JobError::Stopped),
+    };
     tracing::info!(
         job = job_id,
         total = plan.run.total,
@@ -339,15 +342,27 @@ impl PartRunner {
             if self.stop.is_cancelled() {
                 return Err(JobError::Stopped);
             }
-            let reader = match &self.reads {
-                Some(replica) => replica.begin().await?,
-                None => None,
-            };
-            let read = match reader {
-                Some(mut reader) => {
-                    let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
-                    reader.commit().await?;
-                    Some(read.map_err(job_error)?)
+            let read = match &self.reads {
+                Some(replica) => {
+                    // A replica gone silent holds neither the lease (the heartbeat is the
+                    // primary's) nor a cancel: both are bounded here.
+                    let reading = tokio::time::timeout(replica.max_wait(), async {
+                        let Some(mut reader) = replica.begin().await? else {
+                            return Ok(None);
+                        };
+                        let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
+                        reader.commit().await?;
+                        read.map(Some).map_err(job_error)
+                    });
+                    tokio::select! {
+                        read = reading => read.unwrap_or_else(|_| {
+                            tracing::warn!(job = plan.run.job_id, "the read replica did not \
+                                answer a batch within database.read_max_wait_ms: it reads on \
+                                the primary");
+                            Ok(None)
+                        })?,
+                        () = self.stop.cancelled() => return Err(JobError::Stopped),
+                    }
                 }
                 None => None,
             };

@@ -54,10 +54,16 @@ impl Reads {
         }
     }
 
-    /// Where a job's batches read from now: the replica once it has replayed everything the
-    /// `primary` committed so far, or `None` (read on the primary) when no replica is
-    /// configured, or it does not catch up within the wait.
-    pub async fn ready(&self, primary: &PgPool) -> Result<Option<Replica>, sqlx::Error> {
+    /// Where job `job_id`'s batches read from now: the replica once it has replayed everything
+    /// the `primary` committed so far, the job's run as claim `fence` stored it included, or
+    /// `None` (read on the primary) when no replica is configured, or it does not catch up
+    /// within the wait.
+    pub async fn ready(
+        &self,
+        primary: &PgPool,
+        job_id: i64,
+        fence: i64,
+    ) -> Result<Option<Replica>, sqlx::Error> {
         let Some(replica) = &self.replica else {
             return Ok(None);
         };
@@ -67,19 +73,23 @@ impl Reads {
             sqlx::query_scalar!(r#"select pg_current_wal_insert_lsn()::text as "lsn!""#)
                 .fetch_one(primary)
                 .await?;
-        let caught_up = tokio::time::timeout(self.max_wait, wait_for_replay(replica, &target));
+        let replica = Replica {
+            pool: replica.clone(),
+            input_lsn: target,
+            job_id,
+            fence,
+            max_wait: self.max_wait,
+        };
+        let caught_up = tokio::time::timeout(self.max_wait, replica.wait_for_replay());
         match caught_up.await {
-            Ok(Ok(())) => Ok(Some(Replica {
-                pool: replica.clone(),
-                input_lsn: target,
-            })),
+            Ok(Ok(())) => Ok(Some(replica)),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the read replica failed: reading on the primary");
                 Ok(None)
             }
             Err(_) => {
                 tracing::warn!(
-                    lsn = %target,
+                    lsn = %replica.input_lsn,
                     wait_ms = self.max_wait.as_millis() as u64,
                     "the read replica has not replayed the job's input: reading on the primary"
                 );
@@ -89,11 +99,15 @@ impl Reads {
     }
 }
 
-/// The replica a job reads its batches on, and the WAL position of its input.
+/// The replica a job reads its batches on, the WAL position of its input, and the job's run as
+/// its claim stored it.
 #[derive(Debug, Clone)]
 pub struct Replica {
     pool: PgPool,
     input_lsn: String,
+    job_id: i64,
+    fence: i64,
+    max_wait: Duration,
 }
 
 impl Replica {
@@ -104,7 +118,7 @@ impl Replica {
     /// [`Reads::ready`] waited on, where a batch would silently miss rows of its input.
     pub async fn begin(&self) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
         let mut reader = self.pool.begin().await?;
-        if replayed(&mut reader, &self.input_lsn).await? {
+        if self.replayed(&mut reader).await? {
             return Ok(Some(reader));
         }
         reader.rollback().await?;
@@ -114,25 +128,38 @@ impl Replica {
         );
         Ok(None)
     }
-}
 
-/// Returns once `replica` has replayed the primary's WAL up to `lsn`.
-async fn wait_for_replay(replica: &PgPool, lsn: &str) -> Result<(), sqlx::Error> {
-    let mut conn = replica.acquire().await?;
-    while !replayed(&mut conn, lsn).await? {
-        tokio::time::sleep(REPLAY_POLL).await;
+    /// How long a batch may wait for the replica's answer before it reads on the primary
+    /// (`database.read_max_wait_ms`): a replica gone silent must not hold the job.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
     }
-    Ok(())
-}
 
-/// Whether the server behind `conn` has replayed the primary's WAL up to `lsn`. A server that
-/// is not in recovery (the primary itself, or a promoted replica) has everything already.
-async fn replayed(conn: &mut PgConnection, lsn: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select not pg_is_in_recovery()
-                  or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false) as "replayed!""#,
-        lsn,
-    )
-    .fetch_one(conn)
-    .await
+    /// Returns once the replica has replayed the job's input.
+    async fn wait_for_replay(&self) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        while !self.replayed(&mut conn).await? {
+            tokio::time::sleep(REPLAY_POLL).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the server behind `conn` holds the job's input: it has replayed the primary's
+    /// WAL up to the input's position (a server not in recovery, the primary itself, has), and
+    /// it shows the job's run as this claim stored it, which the primary committed after the
+    /// input. A promoted replica no longer receives the primary's commits: it shows neither
+    /// the run of a job fixed since, nor the input that job must read.
+    async fn replayed(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar!(
+            r#"select (not pg_is_in_recovery()
+                       or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false))
+                      and exists (select from settlement_runs where job_id = $2 and fence = $3)
+                      as "replayed!""#,
+            self.input_lsn,
+            self.job_id,
+            self.fence,
+        )
+        .fetch_one(conn)
+        .await
+    }
 }

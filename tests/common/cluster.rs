@@ -137,6 +137,13 @@ impl Cluster {
         .await;
     }
 
+    /// Promotes this standby: it leaves recovery and takes no more of its primary's WAL.
+    pub async fn promote(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-w", "-t", "90", "promote"])
+            .await;
+    }
+
     /// The server's log so far.
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
