@@ -230,7 +230,7 @@ async fn one_job_is_reached_by_its_primary_key_whatever_the_statistics() {
         .await
         .unwrap();
     let cancelling = prepared_plan(&mut conn, "set cancel_requested = true", "1").await;
-    let cancelled = prepared_plan(&mut conn, "with ended as", "1").await;
+    let cancelled = prepared_plan(&mut conn, "with ended as", "'{1}'").await;
     for plan in [reload, completion, cancelling, cancelled] {
         assert!(
             plan.contains("Index Scan using jobs_pkey")
