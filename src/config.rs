@@ -54,6 +54,9 @@ pub struct DatabaseConfig {
     /// How long a settlement job waits for that replica to replay past its fixed input before
     /// it reads on the primary instead.
     pub read_max_wait_ms: u64,
+    /// The longest one batch may read on that replica; past it (or on any error there) the
+    /// batch, and the rest of that run, read on the primary.
+    pub read_batch_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -35,6 +35,9 @@ impl Config {
         if self.http.request_timeout_ms == 0 {
             return invalid("http.request_timeout_ms", "must be positive");
         }
+        if self.database.read_batch_timeout_ms == 0 {
+            return invalid("database.read_batch_timeout_ms", "must be positive");
+        }
         if self.http.download_stall_timeout_ms == 0 {
             return invalid("http.download_stall_timeout_ms", "must be positive");
         }

@@ -16,6 +16,7 @@
 //! then discarded, and `settlements` is untouched.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -240,6 +241,7 @@ async fn run_parts(
     let runner = Arc::new(PartRunner {
         pool: ctx.pool().clone(),
         reads,
+        replica_off: std::sync::atomic::AtomicBool::new(false),
         plan: plan.clone(),
         fence,
         batch_size: settings.batch_size,
@@ -303,6 +305,9 @@ struct PartRunner {
     pool: PgPool,
     /// The read replica's pool, where the batches are read.
     reads: Option<Replica>,
+    /// Set once a batch failed or timed out on the replica: the rest of the run reads on the
+    /// primary.
+    replica_off: std::sync::atomic::AtomicBool,
     plan: Plan,
     fence: i64,
     batch_size: i64,
@@ -342,26 +347,41 @@ impl PartRunner {
             if self.stop.is_cancelled() {
                 return Err(JobError::Stopped);
             }
-            let read = match &self.reads {
+            let replica = self
+                .reads
+                .as_ref()
+                .filter(|_| !self.replica_off.load(Relaxed));
+            let read = match replica {
                 Some(replica) => {
                     // A replica gone silent holds neither the lease (the heartbeat is the
                     // primary's) nor a cancel: both are bounded here.
-                    let reading = tokio::time::timeout(replica.max_wait(), async {
+                    let reading = tokio::time::timeout(replica.batch_limit(), async {
                         let Some(mut reader) = replica.begin().await? else {
                             return Ok(None);
                         };
                         let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
                         reader.commit().await?;
-                        read.map(Some).map_err(job_error)
+                        read.map(Some)
                     });
-                    tokio::select! {
-                        read = reading => read.unwrap_or_else(|_| {
-                            tracing::warn!(job = plan.run.job_id, "the read replica did not \
-                                answer a batch within database.read_max_wait_ms: it reads on \
-                                the primary");
-                            Ok(None)
-                        })?,
+                    let read = tokio::select! {
+                        read = reading => read,
                         () = self.stop.cancelled() => return Err(JobError::Stopped),
+                    };
+                    match read {
+                        Ok(Ok(read)) => read,
+                        Ok(Err(SettleError::Overflow)) => {
+                            return Err(job_error(SettleError::Overflow));
+                        }
+                        failed => {
+                            let error = failed.map_or_else(
+                                |_| "timed out".to_owned(),
+                                |e| e.err().map(|e| e.to_string()).unwrap_or_default(),
+                            );
+                            tracing::warn!(job = plan.run.job_id, %error, "a batch failed on \
+                                the read replica: it and the rest of this run read on the primary");
+                            self.replica_off.store(true, Relaxed);
+                            None
+                        }
                     }
                 }
                 None => None,

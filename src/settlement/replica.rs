@@ -26,6 +26,7 @@ const REPLAY_POLL: Duration = Duration::from_millis(10);
 pub struct Reads {
     replica: Option<PgPool>,
     max_wait: Duration,
+    batch_timeout: Duration,
 }
 
 impl Reads {
@@ -51,6 +52,7 @@ impl Reads {
         Self {
             replica,
             max_wait: Duration::from_millis(config.read_max_wait_ms),
+            batch_timeout: Duration::from_millis(config.read_batch_timeout_ms),
         }
     }
 
@@ -78,7 +80,7 @@ impl Reads {
             input_lsn: target,
             job_id,
             fence,
-            max_wait: self.max_wait,
+            batch_timeout: self.batch_timeout,
         };
         let caught_up = tokio::time::timeout(self.max_wait, replica.wait_for_replay());
         match caught_up.await {
@@ -107,7 +109,7 @@ pub struct Replica {
     input_lsn: String,
     job_id: i64,
     fence: i64,
-    max_wait: Duration,
+    batch_timeout: Duration,
 }
 
 impl Replica {
@@ -129,10 +131,10 @@ impl Replica {
         Ok(None)
     }
 
-    /// How long a batch may wait for the replica's answer before it reads on the primary
-    /// (`database.read_max_wait_ms`): a replica gone silent must not hold the job.
-    pub fn max_wait(&self) -> Duration {
-        self.max_wait
+    /// How long a batch may read on the replica (`database.read_batch_timeout_ms`), a second
+    /// more than the server's own limit on it: a replica gone silent must not hold the job.
+    pub fn batch_limit(&self) -> Duration {
+        self.batch_timeout + Duration::from_secs(1)
     }
 
     /// Returns once the replica has replayed the job's input.
@@ -151,13 +153,17 @@ impl Replica {
     /// the run of a job fixed since, nor the input that job must read.
     async fn replayed(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar!(
+            // The batch's transaction ends its statements past the batch timeout, on the
+            // server: a read given up on does not run on.
             r#"select (not pg_is_in_recovery()
                        or coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false))
                       and exists (select from settlement_runs where job_id = $2 and fence = $3)
+                      and set_config('statement_timeout', $4, true) is not null
                       as "replayed!""#,
             self.input_lsn,
             self.job_id,
             self.fence,
+            self.batch_timeout.as_millis().to_string(),
         )
         .fetch_one(conn)
         .await
