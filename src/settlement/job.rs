@@ -16,6 +16,7 @@
 //! then discarded, and `settlements` is untouched.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
@@ -241,7 +242,7 @@ async fn run_parts(
     let runner = Arc::new(PartRunner {
         pool: ctx.pool().clone(),
         reads,
-        replica_off: std::sync::atomic::AtomicBool::new(false),
+        replica_off: AtomicBool::new(false),
         plan: plan.clone(),
         fence,
         batch_size: settings.batch_size,
@@ -307,7 +308,7 @@ struct PartRunner {
     reads: Option<Replica>,
     /// Set once a batch failed or timed out on the replica: the rest of the run reads on the
     /// primary.
-    replica_off: std::sync::atomic::AtomicBool,
+    replica_off: AtomicBool,
     plan: Plan,
     fence: i64,
     batch_size: i64,
@@ -338,6 +339,41 @@ impl PartRunner {
         }
     }
 
+    /// The part's next batch read on the replica, if the run reads there; `None`: read it on
+    /// the primary. A replica gone silent holds neither the lease (the heartbeat is the
+    /// primary's) nor a cancel: both are bounded here. A batch that fails or times out there
+    /// sends it, and the rest of the run, to the primary.
+    async fn read_on_replica(&self, part: &Part) -> Result<Option<parts::ReadBatch>, JobError> {
+        let Some(replica) = self
+            .reads
+            .as_ref()
+            .filter(|_| !self.replica_off.load(Relaxed))
+        else {
+            return Ok(None);
+        };
+        let reading = tokio::time::timeout(replica.batch_limit(), async {
+            let Some(mut reader) = replica.begin().await? else {
+                return Ok(None);
+            };
+            let read = parts::read_batch(&mut reader, &self.plan, part, self.batch_size).await;
+            reader.commit().await?;
+            read.map(Some)
+        });
+        let failure = tokio::select! {
+            read = reading => match read {
+                Ok(Ok(read)) => return Ok(read),
+                Ok(Err(SettleError::Overflow)) => return Err(job_error(SettleError::Overflow)),
+                Ok(Err(SettleError::Sql(e))) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            },
+            () = self.stop.cancelled() => return Err(JobError::Stopped),
+        };
+        tracing::warn!(job = self.plan.run.job_id, error = %failure,
+            "a batch failed on the read replica: it and the rest of this run read on the primary");
+        self.replica_off.store(true, Relaxed);
+        Ok(None)
+    }
+
     /// One part's loop: a transaction per batch, fenced by the claim lock, until the part is
     /// done or `stop` fires. With a read replica each batch is read there first, then stored in
     /// the fenced transaction on the primary.
@@ -347,45 +383,7 @@ impl PartRunner {
             if self.stop.is_cancelled() {
                 return Err(JobError::Stopped);
             }
-            let replica = self
-                .reads
-                .as_ref()
-                .filter(|_| !self.replica_off.load(Relaxed));
-            let read = match replica {
-                Some(replica) => {
-                    // A replica gone silent holds neither the lease (the heartbeat is the
-                    // primary's) nor a cancel: both are bounded here.
-                    let reading = tokio::time::timeout(replica.batch_limit(), async {
-                        let Some(mut reader) = replica.begin().await? else {
-                            return Ok(None);
-                        };
-                        let read = parts::read_batch(&mut reader, plan, &part, batch_size).await;
-                        reader.commit().await?;
-                        read.map(Some)
-                    });
-                    let read = tokio::select! {
-                        read = reading => read,
-                        () = self.stop.cancelled() => return Err(JobError::Stopped),
-                    };
-                    match read {
-                        Ok(Ok(read)) => read,
-                        Ok(Err(SettleError::Overflow)) => {
-                            return Err(job_error(SettleError::Overflow));
-                        }
-                        failed => {
-                            let error = failed.map_or_else(
-                                |_| "timed out".to_owned(),
-                                |e| e.err().map(|e| e.to_string()).unwrap_or_default(),
-                            );
-                            tracing::warn!(job = plan.run.job_id, %error, "a batch failed on \
-                                the read replica: it and the rest of this run read on the primary");
-                            self.replica_off.store(true, Relaxed);
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
+            let read = self.read_on_replica(&part).await?;
             let mut tx = self.pool.begin().await?;
             if !parts::lock_run(&mut tx, plan.run.job_id, self.fence).await? {
                 return Err(JobError::LeaseLost);
