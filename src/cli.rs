@@ -183,6 +183,7 @@ pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<sqlx::PgPool
     if migrate {
         db::migrate(&pool).await?;
     } else {
+        db::ensure_utf8(&pool).await?;
         db::ensure_migrated(&pool).await?;
     }
     Ok(pool)

@@ -42,6 +42,12 @@ pub enum DbError {
          or set database.migrate_on_start = true"
     )]
     NotMigrated { pending: usize },
+    #[error(
+        "the database's encoding is {encoding}, and settle needs UTF8 (its limits count \
+         characters, not bytes): let `settle migrate` create the database, or create it with \
+         `create database … template template0 encoding 'UTF8' locale 'C'`"
+    )]
+    NotUtf8 { encoding: String },
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -123,10 +129,28 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
         return Ok(false);
     }
     let quoted = quote_ident(&name);
+    // A cluster made without a UTF-8 locale (initdb under LANG=C makes SQL_ASCII) would give
+    // the new database its encoding; settle's limits count characters, so ask for UTF8 there
+    // (from template0, the only template that may change encoding, with the C locale, the
+    // only one that fits every encoding).
+    let template_utf8 = sqlx::query_scalar!(
+        r#"select pg_encoding_to_char(encoding) = 'UTF8' as "utf8!"
+             from pg_database where datname = 'template1'"#
+    )
+    .fetch_optional(&mut conn)
+    .await?
+    .unwrap_or(false);
+    let options = if template_utf8 {
+        ""
+    } else {
+        " template template0 encoding 'UTF8' locale 'C'"
+    };
     // Dynamic: the database name comes from the URL, and CREATE DATABASE takes no parameters.
-    match sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
-        .execute(&mut conn)
-        .await
+    match sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {quoted}{options}"
+    )))
+    .execute(&mut conn)
+    .await
     {
         Ok(_) => Ok(true),
         // Another process created it between our check and our create.
@@ -163,6 +187,7 @@ const MIGRATION_LOCK_PAUSE: Duration = Duration::from_millis(100);
 /// (as sqlx's migrator does) holds a snapshot, which the other process's `create index
 /// concurrently` (migration 0014) waits for, and Postgres ends that cycle as a deadlock.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    ensure_utf8(pool).await?;
     let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
     while !sqlx::query_scalar!(
         r#"select pg_try_advisory_lock($1) as "locked!""#,
@@ -197,6 +222,22 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
         .iter()
         .filter(|m| !applied.contains(&m.version))
         .count())
+}
+
+/// Fails with [`DbError::NotUtf8`] unless the database stores text as UTF-8: under another
+/// encoding (SQL_ASCII counts bytes) a name within the API's limit in characters would break
+/// the tables' limits, and a 500 would answer a valid request.
+pub async fn ensure_utf8(pool: &PgPool) -> Result<(), DbError> {
+    let encoding = sqlx::query_scalar!(
+        r#"select pg_encoding_to_char(encoding)::text as "encoding!"
+             from pg_database where datname = current_database()"#
+    )
+    .fetch_one(pool)
+    .await?;
+    match encoding.as_str() {
+        "UTF8" => Ok(()),
+        _ => Err(DbError::NotUtf8 { encoding }),
+    }
 }
 
 /// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied.

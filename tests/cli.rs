@@ -41,6 +41,78 @@ fn api_refuses_an_unmigrated_database_until_migrate_runs() {
     assert!(settle(&url).arg("migrate").status().unwrap().success());
 }
 
+/// The encoding of the database `url` names.
+fn encoding_of(url: &str) -> String {
+    let output = Command::new("psql")
+        .args([
+            url,
+            "-Atc",
+            "select pg_encoding_to_char(encoding) from pg_database \
+                            where datname = current_database()",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_database_that_is_not_utf8_is_refused_before_anything_is_migrated() {
+    let (url, _db) = fresh_database();
+    let name = url.rsplit('/').next().unwrap();
+    let create = Command::new("psql")
+        .args([&common::server_url(), "-qc"])
+        .arg(format!(
+            "create database \"{name}\" template template0 encoding 'SQL_ASCII' locale 'C'"
+        ))
+        .status()
+        .unwrap();
+    assert!(create.success());
+    for command in ["migrate", "api"] {
+        let output = settle(&url).arg(command).output().unwrap();
+        assert!(!output.status.success(), "{command} ran on SQL_ASCII");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            said.contains("SQL_ASCII") && said.contains("UTF8"),
+            "{said}"
+        );
+    }
+    let tables = Command::new("psql")
+        .args([
+            &url,
+            "-Atc",
+            "select count(*) from pg_tables where schemaname = 'public'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "0");
+}
+
+#[tokio::test]
+async fn migrate_creates_a_utf8_database_on_a_cluster_whose_default_is_not() {
+    let options = [
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "SQL_ASCII",
+        "--locale=C",
+    ];
+    let Some(cluster) = common::cluster::Cluster::start_with(&options).await else {
+        return;
+    };
+    let url = cluster.url("settle_test_sql_ascii_cluster");
+    assert_eq!(encoding_of(&cluster.url("postgres")), "SQL_ASCII");
+    let output = settle(&url).arg("migrate").output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(encoding_of(&url), "UTF8");
+}
+
 #[test]
 fn an_empty_but_unmigrated_database_is_refused_with_the_fix_named() {
     let (url, _db) = fresh_database();

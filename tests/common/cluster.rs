@@ -24,6 +24,12 @@ impl Cluster {
     /// `initdb`s and starts a cluster; `None` (the caller skips, and this says so) when no
     /// PostgreSQL server is installed under `/usr/lib/postgresql/*/bin`.
     pub async fn start() -> Option<Self> {
+        Self::start_with(&INITDB_OPTIONS).await
+    }
+
+    /// [`Cluster::start`] with `initdb_options` in place of settle's own (say, another
+    /// encoding).
+    pub async fn start_with(initdb_options: &[&str]) -> Option<Self> {
         let Some(bin) = bin_dir() else {
             eprintln!(
                 "SKIPPED: no initdb under /usr/lib/postgresql/*/bin (install the postgresql \
@@ -33,7 +39,7 @@ impl Cluster {
         };
         let cluster = Self::new_dir(bin);
         let data = cluster.data();
-        let initdb = [&["-D", &data][..], &INITDB_OPTIONS, &["--no-sync"]].concat();
+        let initdb = [&["-D", &data][..], initdb_options, &["--no-sync"]].concat();
         cluster.run("initdb", &initdb).await;
         cluster.start_again().await;
         Some(cluster)
