@@ -239,6 +239,55 @@ async fn a_replica_that_does_not_answer_leaves_the_reads_on_the_primary() {
     assert_settled(&pool, &rows).await;
 }
 
+/// A standby that hangs mid-statement (a hung host: the connection open, nothing coming back,
+/// so the server's own statement timeout cannot fire either) holds no batch past
+/// `database.read_batch_timeout_ms`: that batch and the rest of the run read on the primary,
+/// and the job completes with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_hangs_mid_read_leaves_the_rest_of_the_run_to_the_primary() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    let rows = support::store_random(&pool, 48, 5_000, 6, 5).await;
+    let (standby, replica) = paused_standby(&primary).await;
+    let mut worker = WorkerProcess::start_with(
+        &config,
+        &[
+            ("SETTLE_DATABASE__READ_URL", standby.url("settle_replica")),
+            ("SETTLE_DATABASE__READ_BATCH_TIMEOUT_MS", "3000".to_owned()),
+            ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
+        ],
+    );
+    let id = settle_days(&pool).await;
+    // While the job waits for the standby to replay its fixed input, a lock on the input
+    // (replayed there too) holds its first read on the standby; the standby hangs then, and
+    // the primary's lock goes.
+    input_fixed(&pool, id).await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("lock table transactions in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // A commit elsewhere flushes the lock's WAL record, for the standby to take it.
+    common::scalar(&pool, "select pg_current_xact_id()::text::int8").await;
+    set_replay_paused(&replica, false).await;
+    common::wait_for_lock_waiter(&replica, "with days as").await;
+    replica.close().await;
+    let frozen = standby.freeze();
+    lock.commit().await.unwrap();
+    wait_state(&pool, id, "completed").await;
+    drop(frozen);
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    assert!(
+        worker
+            .log_text()
+            .contains("a batch failed on the read replica"),
+        "{}",
+        worker.log_text()
+    );
+    assert_settled(&pool, &rows).await;
+}
+
 /// A standby promoted out from under `read_url` (a failover that moved only the read name) is
 /// out of recovery but takes none of the primary's commits since: it lacks the job's run, so
 /// the job reads on the primary and no row stored after the promotion is missed.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use settle::local_cluster::{INITDB_OPTIONS, bin_dir, pg_command, running_as_root};
 
 /// A running private cluster; stopped and deleted when dropped.
@@ -150,6 +152,23 @@ impl Cluster {
             .await;
     }
 
+    /// Freezes the server (SIGSTOP to the postmaster and every process it started: a hung
+    /// host, whose connections stay open and answer nothing) until the guard drops.
+    pub fn freeze(&self) -> Frozen {
+        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .expect("the server's postmaster.pid");
+        let postmaster: i32 = pid_file
+            .lines()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .expect("the postmaster's pid");
+        let mut pids = vec![Pid::from_raw(postmaster)];
+        pids.extend(children_of(postmaster).into_iter().map(Pid::from_raw));
+        let frozen = Frozen { pids };
+        frozen.signal(Signal::SIGSTOP);
+        frozen
+    }
+
     /// The server's log so far.
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
@@ -228,4 +247,42 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
+}
+
+/// The processes whose parent is `parent`, from `/proc`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let entries = std::fs::read_dir("/proc").expect("read /proc");
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                after_comm.split_whitespace().nth(1) == Some(&parent.to_string())
+            })
+        })
+        .collect()
+}
+
+/// A frozen server's processes, woken (SIGCONT) when dropped.
+pub struct Frozen {
+    pids: Vec<Pid>,
+}
+
+impl Frozen {
+    fn signal(&self, signal: Signal) {
+        for &pid in &self.pids {
+            // A session ending as it froze is reaped once the postmaster wakes.
+            match kill(pid, signal) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => panic!("{signal} to {pid}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+    }
 }
