@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::AppState;
@@ -60,10 +61,24 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", causes(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes, `: `-separated, each said once: the driver's errors end with their
+/// cause's text ("error communicating with database: Connection refused (os error 111)"
+/// came with the same refusal again as its cause).
+fn causes(e: &anyhow::Error) -> String {
+    let mut said: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !said.last().is_some_and(|last| last.ends_with(&text)) {
+            said.push(text);
+        }
+    }
+    said.join(": ")
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -77,9 +92,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Api => {
             let pool = open(&config, config.database.migrate_on_start).await?;
-            let listener = http::bind(&config)
-                .await
-                .context("cannot bind the HTTP port")?;
+            let listener = http::bind(&config).await?;
             let state = AppState::new(pool, Arc::new(config));
             http::serve(listener, state, shutdown::on_signal()).await?;
             Ok(())
@@ -105,8 +118,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             ran
         }
         Command::Serve { demo } => {
+            // The port first: one taken fails before a cluster starts, the database is
+            // migrated or a demo token is made.
+            let listener = http::bind(&config).await?;
             let cluster = local_cluster::start_if_needed(&config.database).await?;
-            let served = serve(config, demo).await;
+            let served = serve(config, demo, listener).await;
             if let Some(cluster) = cluster {
                 cluster.stop().await;
             }
@@ -125,7 +141,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(command) => bench::run(command, config).await,
         Command::Jobs(command) => {
-            let pool = open(&config, false).await?;
+            let pool = open(&config, config.database.migrate_on_start).await?;
             let done =
                 operator::run(&pool, &config.pagination, command, &mut std::io::stdout()).await;
             pool.close().await;
@@ -134,8 +150,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `serve`: migrate, optionally load demo data, then the API and the workers in one process.
-async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
+/// `serve`: migrate, optionally load demo data, then the API (on `listener`) and the workers in
+/// one process.
+async fn serve(config: Config, demo: bool, listener: TcpListener) -> anyhow::Result<()> {
     worker::checked_registry(&config)?;
     let pool = open(&config, true).await?;
     if demo {
@@ -144,9 +161,6 @@ async fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     }
     let config = Arc::new(config);
     let token = shutdown::on_signal();
-    let listener = http::bind(&config)
-        .await
-        .context("cannot bind the HTTP port")?;
     let state = AppState::new(pool.clone(), config.clone());
     // The pool closes once both have stopped: the workers may stop first, while the API is
     // still finishing its in-flight requests.

@@ -129,7 +129,8 @@ pub struct WorkerConfig {
     pub rescue_grace_ms: u64,
     /// Jobs claimed per claim statement.
     pub claim_batch: i64,
-    /// Attempts before a failing job becomes FAILED.
+    /// Attempts before a failing job becomes FAILED: stored in each job by the process that
+    /// enqueues it (the API, or a worker's schedule).
     pub max_attempts: i32,
     /// First retry delay; doubles each attempt, with jitter.
     pub backoff_base_ms: u64,

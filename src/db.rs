@@ -81,20 +81,30 @@ pub async fn connect(
     idle_in_transaction: Duration,
 ) -> Result<PgPool, DbError> {
     let options = connect_options_with(&config.url, idle_in_transaction)?;
-    PgPoolOptions::new()
+    let source = match PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(|source| match &source {
-            sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000") => DbError::Missing {
-                url: redact(&config.url),
-            },
-            _ => DbError::Connect {
-                url: redact(&config.url),
-                source,
-            },
-        })
+    {
+        Ok(pool) => return Ok(pool),
+        // The pool retries a refused connection until its acquire timeout and then says only
+        // that it timed out: one direct try names the cause (refused, no such role, …).
+        Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect_with(&options).await {
+            Err(cause) => cause,
+            Ok(_) => sqlx::Error::PoolTimedOut,
+        },
+        Err(e) => e,
+    };
+    Err(match &source {
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000") => DbError::Missing {
+            url: redact(&config.url),
+        },
+        _ => DbError::Connect {
+            url: redact(&config.url),
+            source,
+        },
+    })
 }
 
 /// The database `url` names, and a connection to the same server's `postgres` database from

@@ -30,6 +30,13 @@ pub enum LocalClusterError {
          or set DATABASE_URL to a reachable server"
     )]
     NotInstalled { url: String },
+    #[error(
+        "nothing answers at {url}, and database.local_bin_dir ({dir}) holds no initdb to start a \
+         private cluster there: set it to the server's bin directory (e.g. \
+         /usr/lib/postgresql/15/bin) or unset it to search the usual places, install the server \
+         (Debian/Ubuntu: `apt-get install postgresql`), or set DATABASE_URL to a reachable server"
+    )]
+    NoInitdb { url: String, dir: String },
     #[error("could not start a private PostgreSQL cluster in {dir}: {what}")]
     Start { dir: String, what: String },
 }
@@ -58,10 +65,14 @@ pub async fn start_if_needed(
     }
     let url = crate::db::redact(&config.url);
     let bin = match &config.local_bin_dir {
-        Some(dir) => Some(PathBuf::from(dir)).filter(|d| d.join("initdb").is_file()),
-        None => bin_dir(),
-    }
-    .ok_or(LocalClusterError::NotInstalled { url: url.clone() })?;
+        Some(dir) => Some(PathBuf::from(dir))
+            .filter(|d| d.join("initdb").is_file())
+            .ok_or_else(|| LocalClusterError::NoInitdb {
+                url: url.clone(),
+                dir: dir.clone(),
+            })?,
+        None => bin_dir().ok_or(LocalClusterError::NotInstalled { url: url.clone() })?,
+    };
     let data = std::path::absolute(&config.local_data_dir)
         .map_err(|e| start_error(&config.local_data_dir, e))?;
     let mut cluster = LocalCluster {

@@ -52,7 +52,8 @@ impl SeedArgs {
         Self {
             products: 3,
             transactions: 100_000,
-            days: 30,
+            // January 2025, every day of it (the README's first settlement is that month).
+            days: 31,
             merchants: 50,
             start: NaiveDate::from_ymd_opt(2025, 1, 1).expect("valid date"),
             seed: 42,

@@ -190,6 +190,81 @@ fn bad_configuration_names_the_key() {
     }
 }
 
+/// A server that refuses connections is named as refusing them, once, not as a pool that timed
+/// out; the log has no colour codes off a terminal.
+#[test]
+fn a_refused_connection_is_named_with_its_cause_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/settle");
+    for command in ["api", "worker"] {
+        let output = settle(&url)
+            .env("SETTLE_DATABASE__ACQUIRE_TIMEOUT_MS", "300")
+            .arg(command)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(said.matches("Connection refused").count(), 1, "{said}");
+        assert!(!said.contains('\u{1b}'), "colour codes: {said}");
+    }
+}
+
+/// `serve` on a taken port says which and how to choose another, before it makes anything: no
+/// database, no demo token.
+#[test]
+fn serve_on_a_taken_port_names_it_and_makes_nothing() {
+    let (url, _db) = fresh_database();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = settle(&url)
+        .env("PORT", &port)
+        .args(["serve", "--demo"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains(&format!("127.0.0.1:{port}")) && said.contains("PORT"),
+        "{said}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let listed = Command::new("psql")
+        .args([&common::server_url(), "-Atc"])
+        .arg(format!(
+            "select count(*) from pg_database where datname = '{}'",
+            url.rsplit('/').next().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "0");
+}
+
+/// `settle jobs` honours `database.migrate_on_start`, as its error's advice says.
+#[test]
+fn jobs_migrates_when_migrate_on_start_says_so() {
+    let (url, _db) = fresh_database();
+    let refused = settle(&url).args(["jobs", "list"]).output().unwrap();
+    assert!(!refused.status.success());
+    let listed = settle(&url)
+        .env("SETTLE_DATABASE__MIGRATE_ON_START", "true")
+        .args(["jobs", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+}
+
 /// The test suite's own switches, left exported in a developer's shell, are not configuration.
 #[test]
 fn the_test_suites_switches_are_not_configuration() {

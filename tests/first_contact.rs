@@ -119,6 +119,9 @@ async fn without_a_server_installed_serve_says_what_to_install_or_set() {
     let said = fails_saying(command.env("SETTLE_DATABASE__LOCAL_BIN_DIR", &empty_bin)).await;
     assert!(said.contains("apt-get install postgresql"), "{said}");
     assert!(said.contains("DATABASE_URL"), "{said}");
+    // The directory given is named, with its key: a wrong one is not "nothing installed".
+    let named = format!("database.local_bin_dir ({})", empty_bin.display());
+    assert!(said.contains(&named), "{said}");
     assert!(!answers(port));
 }
 

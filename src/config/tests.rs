@@ -7,6 +7,12 @@ fn chain(e: ConfigError) -> String {
     format!("{:#}", anyhow::Error::from(e))
 }
 
+/// What loading the defaults with `key` set to `value` fails with.
+fn refused(key: &str, value: impl serde::Serialize) -> String {
+    let figment = Config::defaults().merge(Serialized::default(key, value));
+    chain(Config::from_figment(figment).unwrap_err())
+}
+
 #[test]
 fn defaults_are_valid() {
     Config::from_figment(Config::defaults()).expect("shipped config.toml is valid");
@@ -25,11 +31,9 @@ fn unknown_key_is_named() {
 
 #[test]
 fn bad_value_is_named() {
-    let figment = Config::defaults().merge(Serialized::default("worker.concurrency", 0));
-    let err = chain(Config::from_figment(figment).unwrap_err());
+    let err = refused("worker.concurrency", 0);
     assert!(err.contains("worker.concurrency"), "{err}");
-    let figment = Config::defaults().merge(Serialized::default("http.port", "eighty"));
-    let err = chain(Config::from_figment(figment).unwrap_err());
+    let err = refused("http.port", "eighty");
     assert!(err.contains("port"), "{err}");
     for (key, value) in [
         ("worker.shutdown_grace_ms", 5001),
@@ -41,8 +45,7 @@ fn bad_value_is_named() {
         ("auth.cache_ttl_ms", 60_001),
         ("schedule.check_interval_ms", 0),
     ] {
-        let figment = Config::defaults().merge(Serialized::default(key, value));
-        let err = chain(Config::from_figment(figment).unwrap_err());
+        let err = refused(key, value);
         assert!(err.contains(key), "{key}: {err}");
     }
 }
@@ -54,8 +57,7 @@ fn schedule_times_and_zones_are_checked() {
         ("schedule.at", "noon"),
         ("schedule.time_zone", "Mars/Olympus"),
     ] {
-        let figment = Config::defaults().merge(Serialized::default(key, value));
-        let err = chain(Config::from_figment(figment).unwrap_err());
+        let err = refused(key, value);
         assert!(err.contains(key), "{key}={value}: {err}");
     }
     let figment = Config::defaults().merge(Serialized::default("schedule.at", "23:59:30"));
@@ -113,4 +115,25 @@ fn kind_caps_are_read_and_checked() {
     let figment = Config::defaults().merge(Toml::string("[worker.kinds.sleep]\nconcurency = 3\n"));
     let err = chain(Config::from_figment(figment).unwrap_err());
     assert!(err.contains("concurency"), "{err}");
+}
+
+#[test]
+fn a_url_without_a_database_is_refused() {
+    for (key, url) in [
+        ("database.url", "postgres://postgres@127.0.0.1:5432"),
+        ("database.url", "postgres://postgres@127.0.0.1:5432/"),
+        ("database.read_url", "postgresql://postgres@replica:5432"),
+    ] {
+        let figment = Config::defaults().merge(Serialized::default(key, url));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(
+            err.contains(key) && err.contains("names no database"),
+            "{url}: {err}"
+        );
+    }
+    let named = Config::defaults().merge(Serialized::default(
+        "database.read_url",
+        "postgres://postgres@replica:5432/settle",
+    ));
+    Config::from_figment(named).expect("a URL naming its database");
 }

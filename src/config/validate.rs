@@ -22,6 +22,19 @@ impl Config {
         {
             return invalid("database.read_url", "must be a postgres:// URL");
         }
+        // Without a database name Postgres picks the role's own database (`postgres`, the
+        // server's maintenance database): settle's tables would land there unasked.
+        for (key, url) in [
+            ("database.url", Some(&self.database.url)),
+            ("database.read_url", self.database.read_url.as_ref()),
+        ] {
+            if url.is_some_and(|url| names_no_database(url)) {
+                return invalid(
+                    key,
+                    "names no database: end it with one, e.g. postgres://postgres@127.0.0.1:5432/settle",
+                );
+            }
+        }
         if self.database.max_connections < 2 {
             // A worker's LISTEN session keeps one of the pool's connections for good.
             return invalid(
@@ -186,4 +199,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `url` names no database (none in its path, nor `PGDATABASE`); an unparsable URL is
+/// left to the connection, which says what is wrong with it.
+fn names_no_database(url: &str) -> bool {
+    url.parse::<sqlx::postgres::PgConnectOptions>()
+        .is_ok_and(|options| options.get_database().is_none_or(str::is_empty))
 }

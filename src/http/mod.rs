@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, Method};
@@ -135,11 +136,14 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
 pub use metrics::serve_process_metrics;
 
 /// Binds `http.host:http.port` (port 0: any free port) and logs the address actually bound.
-pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind((config.http.host.as_str(), config.http.port)).await?;
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "settle api listening on http://{addr}");
-    Ok(listener)
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    let (host, port) = (config.http.host.as_str(), config.http.port);
+    TcpListener::bind((host, port)).await.with_context(|| {
+        format!(
+            "cannot bind the HTTP port {host}:{port} (set PORT or http.port to a free one, \
+             0 for any)"
+        )
+    })
 }
 
 /// Serves until `shutdown` fires, then finishes in-flight requests and returns.
@@ -148,6 +152,8 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "settle api listening on http://{addr}");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
