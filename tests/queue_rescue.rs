@@ -149,6 +149,49 @@ async fn a_live_workers_long_jobs_are_never_taken_by_the_workers_probing_beside_
     }
 }
 
+/// A body that commits its checkpoints back to back holds its own row locked nearly all the
+/// time, so the heartbeat (which skips locked rows) finds it busy beat after beat: its
+/// checkpoints extend the lease themselves, and a live job's lease never runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_checkpointing_back_to_back_never_sees_its_lease_run_out() {
+    let config = test_config(&[
+        ("worker.lease_ms", json!(2_000)),
+        ("worker.heartbeat_ms", json!(500)),
+        ("worker.shutdown_grace_ms", json!(1_000)),
+    ]);
+    let (pool, _db) = probe_pool(&config).await;
+    // Each batch's commit takes 300 ms at its end (a deferred trigger), the job's row locked
+    // by its checkpoint meanwhile.
+    sqlx::raw_sql(
+        "create function slow_commit() returns trigger language plpgsql as
+             $$ begin perform pg_sleep(0.3); return null; end $$;
+         create constraint trigger slow_commit after insert or update on queue_probe_counts
+             deferrable initially deferred for each row execute function slow_commit();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut worker = WorkerProcess::start(&config);
+    let id = enqueue_count(&pool, 40, 1, 0).await;
+    wait_processed(&pool, id, 1, DEADLINE).await;
+    // Eight seconds, four leases: every look finds the lease ahead.
+    for _ in 0..80 {
+        let (attempt, fence, _, expires, _) = claim_of(&pool, id).await;
+        let expired: bool = sqlx::query_scalar("select $1 < now()")
+            .bind(expires)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(
+            !expired && (attempt, fence) == (1, 1),
+            "{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worker.terminate().await, "{}", worker.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_lock_session_is_terminated_locks_again_and_keeps_its_job() {
     let (config, pool, _db) = long_lease_queue().await;

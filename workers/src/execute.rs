@@ -162,6 +162,7 @@ async fn attempt(
             processed,
             total,
             pool: shared.pool.clone(),
+            lease: shared.settings.lease,
             stop: stop.clone(),
             finished: finished.clone(),
         };

@@ -46,6 +46,8 @@ pub struct JobContext {
     pub(crate) processed: i64,
     pub(crate) total: Option<i64>,
     pub(crate) pool: PgPool,
+    /// The worker's lease: a fenced write of the job's row extends it as a heartbeat would.
+    pub(crate) lease: Duration,
     pub(crate) stop: CancellationToken,
     /// Set once a batch completed the job, so the runtime does not complete it again.
     pub(crate) finished: Arc<AtomicBool>,
@@ -170,8 +172,14 @@ impl Batch<'_> {
         total: Option<i64>,
     ) -> Result<(), JobError> {
         let checkpoint = serde_json::to_value(checkpoint).map_err(JobError::failed)?;
+        // The write extends the lease too: it holds the row locked until its commit, and a
+        // body committing back to back would otherwise find the heartbeat (which skips locked
+        // rows) missing it beat after beat.
         let cancel: Option<bool> = sqlx::query_scalar!(
-            "update jobs set checkpoint = $3, processed = $4, total = coalesce($5, total)
+            "update jobs set checkpoint = $3, processed = $4, total = coalesce($5, total),
+                 lease_expires_at = greatest(lease_expires_at,
+                                             now() + $6 * interval '1 millisecond'),
+                 heartbeat_at = now()
              where id = $1 and fence = $2 and state::text in ('running', 'cancelling')
              returning cancel_requested",
             self.ctx.id,
@@ -179,6 +187,7 @@ impl Batch<'_> {
             checkpoint,
             processed,
             total,
+            self.ctx.lease.as_millis() as f64,
         )
         .fetch_optional(&mut *self.tx)
         .await?;
@@ -202,12 +211,16 @@ impl Batch<'_> {
     /// its input. `Err(LeaseLost)` when another worker owns the job.
     pub async fn set_progress(&mut self, processed: i64, total: i64) -> Result<(), JobError> {
         let held = sqlx::query!(
-            "update jobs set processed = $3, total = $4
+            "update jobs set processed = $3, total = $4,
+                 lease_expires_at = greatest(lease_expires_at,
+                                             now() + $5 * interval '1 millisecond'),
+                 heartbeat_at = now()
              where id = $1 and fence = $2 and state::text in ('running', 'cancelling')",
             self.ctx.id,
             self.ctx.fence,
             processed,
             total,
+            self.ctx.lease.as_millis() as f64,
         )
         .execute(&mut *self.tx)
         .await?;

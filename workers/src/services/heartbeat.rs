@@ -49,8 +49,10 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
                     match alive.get(&id) {
                         None => h.lost.cancel(),
                         Some(beat) if beat.cancel_requested => h.stop.cancel(),
-                        // Busy: still ours; its lease is extended by the next beat that finds
-                        // it unlocked (or, past the lease, it is lost as any stalled job is).
+                        // Busy: still ours; its lease is extended by the body's own fenced
+                        // write that holds the row (a checkpoint extends it too), or by the
+                        // next beat that finds it unlocked (past the lease, it is lost as any
+                        // stalled job is).
                         Some(_) => {}
                     }
                 }
