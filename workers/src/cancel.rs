@@ -96,9 +96,12 @@ pub async fn end_abandoned_cancels(
     owners: &[String],
 ) -> Result<usize, sqlx::Error> {
     let mut tx = conn.begin().await?;
+    // Locked until the end: an API cancel and a retry committing between this read and the
+    // ending would otherwise leave a QUEUED job under the same id for it to end.
     let ids = sqlx::query_scalar!(
         "select id from jobs
-         where state = 'cancelling' and lease_expires_at < now() and lease_owner = any($1)",
+         where state = 'cancelling' and lease_expires_at < now() and lease_owner = any($1)
+         for update",
         owners,
     )
     .fetch_all(&mut *tx)

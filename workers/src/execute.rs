@@ -18,6 +18,10 @@ use crate::job::{JobContext, Outcome};
 use crate::runtime::{Completion, Held, Shared};
 use crate::{finish, lease};
 
+/// How long a job whose lease was found lost may take to end on its own before it is dropped:
+/// long enough for a body that completed the job in its own batch to get the commit's reply.
+const FINISHING_GRACE: Duration = Duration::from_millis(500);
+
 /// How an attempt is recorded.
 #[derive(Debug)]
 enum Ending {
@@ -175,6 +179,13 @@ async fn attempt(
         let joined = tokio::select! {
             joined = &mut body => joined,
             () = lost.cancelled() => {
+                // Every fenced write of the body fails now. One that has just completed the
+                // job in its own batch (the heartbeat saw that commit before the body had its
+                // reply) ends in a moment: not a lost lease, nothing to give up.
+                let ended = tokio::time::timeout(FINISHING_GRACE, &mut body).await;
+                if ended.is_ok() && finished.load(Ordering::SeqCst) {
+                    return Ending::Nothing;
+                }
                 body.abort();
                 tracing::warn!(job = job.id, "lease lost; dropping the job");
                 // Dropped without an ending: if the row is still this worker's (no heartbeat
