@@ -32,6 +32,65 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     assert_eq!(left, 0);
 }
 
+/// Rewinds the stored part `part` of job 1 to `to` (its cursor and count), its sums past
+/// that gone: the database as a server crash leaves it when the part's latest batches,
+/// committed asynchronously, were not yet on disk.
+async fn lose_batches(pool: &sqlx::PgPool, to: &plan::Part) {
+    for statement in [
+        "update settlement_parts set cursor_id = $2, processed = $3 where job_id = 1 and part = $1",
+        "delete from settlement_batches where job_id = 1 and part = $1 and end_id > $2",
+    ] {
+        sqlx::query(statement)
+            .bind(to.part)
+            .bind(to.cursor_id)
+            .bind(to.processed)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// A database behind the run (its latest batches lost in a crash while the run went on in
+/// memory) is found before a cursor moves past rows never summed: by the part's next batch,
+/// and by the finalize once every part is done; the run resumed from what the database kept
+/// equals the reference.
+#[tokio::test]
+async fn a_database_that_lost_the_latest_batches_is_found_behind_and_resumed() {
+    let db = db("UTC", 2, 50).await;
+    let rows = support::store_random(&db.pool, 14, 1500, 5, 3).await;
+    let plan = db.start(1, range("2025-01-01", "2025-01-03")).await;
+    let first = plan.parts[0].clone();
+    let mut part = first.clone();
+    for _ in 0..3 {
+        let mut tx = db.pool.begin().await.unwrap();
+        part = parts::process_batch(&mut tx, &plan, &part, 50)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    lose_batches(&db.pool, &first).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let next = parts::process_batch(&mut tx, &plan, &part, 50).await;
+    assert!(matches!(next, Err(SettleError::Behind)), "{next:?}");
+    drop(tx);
+
+    let done = db.batches(&db.start(1, plan.range()).await, None).await;
+    lose_batches(&db.pool, &first).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let finalized = finalize::finalize(&mut tx, &done).await;
+    assert!(
+        matches!(finalized, Err(SettleError::Behind)),
+        "{finalized:?}"
+    );
+    drop(tx);
+
+    let resumed = db.batches(&db.start(1, plan.range()).await, None).await;
+    db.assert_read_all(&resumed).await;
+    let path = db.finalize(&resumed).await.unwrap();
+    let expected = reference(&rows, day("2025-01-01"), day("2025-01-03"), Tz::UTC);
+    assert_eq!(csv(&path), expected);
+}
+
 #[tokio::test]
 async fn a_resumed_run_equals_an_uninterrupted_one() {
     let db = db("UTC", 2, 50).await;

@@ -215,6 +215,7 @@ async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),
+        SettleError::Behind => JobError::Resume(e.to_string()),
         SettleError::Sql(e) => JobError::Db(e),
     }
 }
@@ -362,8 +363,8 @@ impl PartRunner {
         let failure = tokio::select! {
             read = reading => match read {
                 Ok(Ok(read)) => return Ok(read),
-                Ok(Err(SettleError::Overflow)) => return Err(job_error(SettleError::Overflow)),
                 Ok(Err(SettleError::Sql(e))) => e.to_string(),
+                Ok(Err(e)) => return Err(job_error(e)),
                 Err(_) => "timed out".to_owned(),
             },
             () = self.stop.cancelled() => return Err(JobError::Stopped),

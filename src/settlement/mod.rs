@@ -203,6 +203,13 @@ pub enum SettleError {
     /// A merchant-day's sum does not fit in 64 bits: retrying cannot help.
     #[error("a settlement sum exceeds the 64-bit range")]
     Overflow,
+    /// The database holds less of the run than the run itself does: its latest part batches,
+    /// committed asynchronously, were lost in a server crash. Resuming from what it kept reads
+    /// them again; going on would move a cursor past rows never summed.
+    #[error(
+        "the database lost this run's latest batches (a server crash); resuming from what it kept"
+    )]
+    Behind,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }

@@ -201,7 +201,9 @@ async fn finish_batch(
             .await
             .map_err(SettleError::from_sum)?;
     }
-    advance_part(tx, job_id, part.part, cursor_id, scanned).await?;
+    if !advance_part(tx, job_id, part, cursor_id, scanned).await? {
+        return Err(SettleError::Behind);
+    }
     Ok(next)
 }
 
@@ -351,24 +353,29 @@ pub async fn fold_part(conn: &mut PgConnection, job_id: i64, part: i32) -> Resul
     Ok(())
 }
 
-pub async fn advance_part(
+/// Moves `part`'s stored cursor to `cursor_id`, adding `rows`, where it still stands where
+/// `part` says: false, nothing moved, where it does not (the database lost the part's latest
+/// batches, committed asynchronously, in a crash; moving on from the run's own cursor would
+/// skip the ids between).
+async fn advance_part(
     conn: &mut PgConnection,
     job_id: i64,
-    part: i32,
+    part: &Part,
     cursor_id: i64,
     rows: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "update settlement_parts set cursor_id = $3, processed = processed + $4
-         where job_id = $1 and part = $2",
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query!(
+        "update settlement_parts set cursor_id = $4, processed = processed + $5
+         where job_id = $1 and part = $2 and cursor_id = $3",
         job_id,
-        part,
+        part.part,
+        part.cursor_id,
         cursor_id,
         rows,
     )
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(moved.rows_affected() == 1)
 }
 
 /// True while `fence` owns the run; the share lock holds off a new owner until this

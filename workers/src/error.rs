@@ -26,6 +26,11 @@ pub enum JobError {
     /// The claim's fence no longer matches: another worker owns the job. Nothing was written.
     #[error("lease lost: another worker owns this job")]
     LeaseLost,
+    /// The body found the database behind what it had done (its latest commits, made
+    /// asynchronously, lost in a server crash): re-run from what the database kept, as after a
+    /// transient error.
+    #[error("{0}")]
+    Resume(String),
 }
 
 impl JobError {
@@ -36,7 +41,7 @@ impl JobError {
 
     /// True when re-running from the last checkpoint may succeed without the job changing.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Db(e) if is_transient(e))
+        matches!(self, Self::Resume(_)) || matches!(self, Self::Db(e) if is_transient(e))
     }
 }
 
