@@ -106,17 +106,18 @@ impl Db {
 
     /// Runs the plan's batches one by one, then finalizes; returns the first error.
     pub async fn run_until_error(&self, plan: &Plan) -> Option<SettleError> {
-        for mut part in plan.parts.clone() {
+        let mut done = plan.clone();
+        for part in &mut done.parts {
             while !part.is_done() {
                 let mut tx = self.pool.begin().await.unwrap();
-                match parts::process_batch(&mut tx, plan, &part, self.settings.batch_size).await {
-                    Ok(next) => part = next,
+                match parts::process_batch(&mut tx, plan, part, self.settings.batch_size).await {
+                    Ok(next) => *part = next,
                     Err(e) => return Some(e),
                 }
                 tx.commit().await.unwrap();
             }
         }
-        self.finalize(plan).await.err()
+        self.finalize(&done).await.err()
     }
 
     pub async fn run(&self, job: i64, range: DateRange) -> String {
