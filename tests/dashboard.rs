@@ -211,6 +211,10 @@ async fn a_refused_cancel_says_why_and_gives_its_button_back() {
     let cancel = format!("{} button[data-action=cancel]", Browser::job_row(id));
     browser.click(&cancel).await;
     browser.wait_text("#notice", "401 UNAUTHENTICATED").await;
+    // The polls, refused too meanwhile, leave the action's own notice in place.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let notice = browser.text("#notice").await.unwrap_or_default();
+    assert!(notice.contains(&format!("Cancel job #{id}")), "{notice}");
     let button = browser.find(&cancel).await;
     let given_back = || async {
         let label = button.text().await.ok()?;

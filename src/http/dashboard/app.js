@@ -87,7 +87,8 @@
     return `${what}: ${error.message} (${code}).`;
   }
 
-  // ---- The notice: one message at a time; a list's message clears once that list loads. ----
+  // ---- The notice: one message at a time; a list's message clears once that list loads, and
+  // never replaces an action's. ----
 
   let noticeSource = null;
 
@@ -273,7 +274,11 @@
       clearNotice(source);
       return page;
     } catch (error) {
-      notify(source, explain("Loading " + what, error));
+      // An action's notice says more than a poll's (often the same refusal): it stays until
+      // closed or the next action.
+      if (noticeSource !== "action") {
+        notify(source, explain("Loading " + what, error));
+      }
       return null;
     }
   }
