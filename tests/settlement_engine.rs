@@ -241,10 +241,7 @@ async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs
     let older = db.batches(&older, None).await;
     let new = support::store_random(&db.pool, 10, 50, 3, 2).await;
     // The older release's job, fixed now: its high-water id is its snapshot.
-    let other_release = "insert into settlements
-             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id, snapshot_id)
-         select 'other-release', '2025-01-02', 5, 1, 4, 1, 77, max(id) from transactions";
-    sqlx::query(other_release).execute(&db.pool).await.unwrap();
+    settled_by(&db.pool, "other-release", "2025-01-02", 77, None).await;
     db.finalize(&older).await.unwrap();
     let left = db.settled("2025-01-02", "2025-01-02").await;
     assert_eq!(
@@ -261,6 +258,30 @@ async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs
     assert_eq!(db.settled("2025-01-01", "2025-01-02").await, expected);
 }
 
+/// A `settlements` row of 5 cents for `merchant` on `date`, as job `job_id` left it, built
+/// from input snapshot `snapshot` (`None`: the newest id of `transactions`, as a release
+/// before migration 0018 named its snapshots).
+async fn settled_by(
+    pool: &sqlx::PgPool,
+    merchant: &str,
+    date: &str,
+    job_id: i64,
+    snapshot: Option<i64>,
+) {
+    sqlx::query(
+        "insert into settlements
+             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id, snapshot_id)
+         select $1, $2::date, 5, 1, 4, 1, $3, coalesce($4, (select max(id) from transactions))",
+    )
+    .bind(merchant)
+    .bind(date)
+    .bind(job_id)
+    .bind(snapshot)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// A job the release before fixed during a rolling upgrade (its run names no snapshot) and a new
 /// worker resumes is as new as its high-water id: it replaces a day an older-release job
 /// settled from an older input.
@@ -268,11 +289,9 @@ async fn a_day_an_older_release_settled_from_a_newer_input_is_left_to_newer_jobs
 async fn a_run_an_older_release_fixed_is_as_new_as_its_high_water_id() {
     let db = db("UTC", 1, 100).await;
     let rows = support::store_random(&db.pool, 12, 300, 3, 1).await;
+    // An older-release job settled the day from the first 100 ids.
+    settled_by(&db.pool, "stale", "2025-01-01", 70, Some(100)).await;
     for statement in [
-        // An older-release job settled the day from the first 100 ids.
-        "insert into settlements
-             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id, snapshot_id)
-         values ('stale', '2025-01-01', 5, 1, 4, 1, 70, 100)",
         // The older release fixes job 3 now, with its statements.
         "insert into settlement_runs
              (job_id, from_date, to_date, time_zone, high_water_id, total, fence)
@@ -298,15 +317,8 @@ async fn rerunning_a_range_gives_identical_rows_and_overlaps_replace() {
     let first = db.settled("2025-01-01", "2025-01-04").await;
     // Rows an earlier run left that this one does not produce: inside the range they go,
     // outside it they stay.
-    sqlx::query(
-        "insert into settlements
-             (merchant_id, date, gross_cents, fee_cents, net_cents, txn_count, job_id,
-              snapshot_id)
-         values ('gone', '2025-01-02', 5, 1, 4, 1, 0, 0), ('kept', '2024-12-31', 5, 1, 4, 1, 0, 0)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    settled_by(&db.pool, "gone", "2025-01-02", 0, Some(0)).await;
+    settled_by(&db.pool, "kept", "2024-12-31", 0, Some(0)).await;
     db.run(2, range("2025-01-01", "2025-01-04")).await;
     assert_eq!(db.settled("2025-01-01", "2025-01-04").await, first);
     assert_eq!(
