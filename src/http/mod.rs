@@ -135,7 +135,7 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
 
 pub use metrics::serve_process_metrics;
 
-/// Binds `http.host:http.port` (port 0: any free port) and logs the address actually bound.
+/// Binds `http.host:http.port` (port 0: any free port); [`serve`] logs the address bound.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     let (host, port) = (config.http.host.as_str(), config.http.port);
     TcpListener::bind((host, port)).await.with_context(|| {
@@ -152,6 +152,7 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // Said once it serves: `serve` binds before it migrates and loads its demo.
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "settle api listening on http://{addr}");
     axum::serve(listener, router(state))
