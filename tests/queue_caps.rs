@@ -245,6 +245,28 @@ async fn cancel(pool: &PgPool, id: i64) -> settle_workers::JobState {
 }
 
 /// A worker dies holding jobs of a capped kind while the live worker's places for the kind are
+/// all taken: its jobs go back to the queue within seconds, shown QUEUED with no worker (their
+/// attempt spent), not RUNNING under a dead owner until a place frees (here 10 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_capped_jobs_show_queued_while_the_kind_is_full() {
+    let config = capped_config(200);
+    let (pool, _db) = probe_pool(&config).await;
+    let (doomed, orphans, mut full) = every_place_taken(&config, &pool).await;
+    doomed.kill().await;
+    for &id in &orphans {
+        common::processes::wait_state(&pool, id, "queued").await;
+        let held: (i32, Option<String>) =
+            sqlx::query_as("select attempt, lease_owner from all_jobs where id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(held, (1, None), "job {id}");
+    }
+    assert!(full.is_running(), "{}", full.log_text());
+}
+
+/// A worker dies holding jobs of a capped kind while the live worker's places for the kind are
 /// all taken: no claim can take them until one frees (here 10 minutes), and a cancel must not
 /// leave one CANCELLING that long: nobody holds it, so it ends CANCELLED at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,10 +275,11 @@ async fn a_cancel_of_a_capped_job_whose_worker_died_ends_it_while_the_kind_is_fu
     let (pool, _db) = probe_pool(&config).await;
     let (doomed, orphans, _full) = every_place_taken(&config, &pool).await;
     doomed.kill().await;
-    let expired = "select count(*) from jobs where id = $1 and lease_expires_at < now()";
+    let expired = "select count(*) from jobs where id = $1
+                   and (lease_owner is null or lease_expires_at < now())";
     wait_for(
         Duration::from_secs(30),
-        "the dead worker's lease to expire",
+        "the dead worker's hold to end",
         || async { (common::scalar_of(&pool, expired, orphans[0]).await == 1).then_some(()) },
     )
     .await;

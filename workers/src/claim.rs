@@ -3,8 +3,8 @@
 //!
 //! Rescue is the claim's second branch: a RUNNING or CANCELLING job whose lease expired (its
 //! worker was killed, paused or cut off) is claimable by any live worker, so recovery needs no
-//! separate sweeper and is bounded by `lease + poll_interval`; a killed worker's leases are
-//! expired sooner by the probe of [`crate::liveness`]. A live worker's heartbeat keeps its
+//! separate sweeper and is bounded by `lease + poll_interval`; a killed worker's running jobs
+//! are put back in the queue sooner by the probe of [`crate::liveness`], and claimed as due. A live worker's heartbeat keeps its
 //! lease in the future, so a live job is never rescued. The re-claim bumps the fence, so whatever
 //! the old holder still tries to write matches zero rows.
 //!

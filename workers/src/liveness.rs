@@ -42,13 +42,17 @@ pub struct Probe {
     /// Owners of live leases, other than the prober, whose lock no session holds now (those
     /// whose leases this probe expired left out).
     pub unlocked: Vec<String>,
-    /// Jobs whose leases this probe expired.
+    /// Jobs this probe took from dead owners.
     pub expired: i64,
+    /// Of those, the running ones it put back in the queue.
+    pub requeued: i64,
 }
 
-/// Finds the owners (other than `me`) of live leases whose liveness lock is free, and expires
-/// the leases of those among `dead` that are still without it, waking the claimers if any
-/// was (one NOTIFY). An expired lease is what the claim's rescue branch takes, under a fresh fence.
+/// Finds the owners (other than `me`) of live leases whose liveness lock is free, and takes
+/// the jobs of those among `dead` that are still without it from them, waking the claimers if
+/// any was (one NOTIFY): a running job goes back to the queue, its attempt spent (the next
+/// claim gives it a fresh fence; on its last attempt, that claim fails it as worker lost), and
+/// a cancelling one's lease expires, for [`crate::cancel::end_abandoned_cancels`].
 ///
 /// The leases are expired through `jobs.id = any(array(...))` and a state compared as text, as
 /// the statements over held jobs reach theirs (see `over_held_jobs`): as a join to `unlocked`,
@@ -72,16 +76,25 @@ pub async fn probe(
                        and database = (select oid from pg_database
                                        where datname = current_database()))
            ), expired as (
-               update jobs set lease_expires_at = now()
+               -- A running job goes back to the queue (nobody runs it; shown so at once, and
+               -- taken by the next claim with room for its kind, ahead of later jobs: its
+               -- run_at is theirs or older); a cancelling one is ended by the caller.
+               update jobs set
+                   state = case when jobs.state = 'running' then 'queued'::job_state
+                                else jobs.state end,
+                   lease_owner = case when jobs.state = 'running' then null
+                                      else jobs.lease_owner end,
+                   lease_expires_at = case when jobs.state = 'running' then null else now() end
                where jobs.id = any(array(select id from unlocked where lease_owner = any($2)))
                  and jobs.lease_owner = any($2)
                  and jobs.state::text in ('running', 'cancelling')
                -- Postgres delivers the same notification once per transaction.
-               returning jobs.id, pg_notify('settle_jobs', '')
+               returning jobs.id, jobs.state, pg_notify('settle_jobs', '')
            )
            select array(select distinct lease_owner from unlocked
                         where lease_owner <> all($2)) as "unlocked!",
-                  (select count(*) from expired) as "expired!""#,
+                  (select count(*) from expired) as "expired!",
+                  (select count(*) from expired where state = 'queued') as "requeued!""#,
         me,
         dead,
         LOCKED_OWNER_SUFFIX,

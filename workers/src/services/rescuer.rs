@@ -139,8 +139,9 @@ pub(crate) async fn probe(shared: Arc<Shared>, done: CancellationToken) {
             }
         };
         if found.expired > 0 {
-            tracing::info!(owners = ?dead, jobs = found.expired,
-                "workers gone (their liveness locks are free); their leases expired for rescue");
+            crate::metrics::rescued(found.requeued as usize);
+            tracing::info!(owners = ?dead, jobs = found.expired, requeued = found.requeued,
+                "workers gone (their liveness locks are free); their running jobs back in the queue");
             let ended = on_conn(&shared.control, async |conn| {
                 crate::cancel::end_abandoned_cancels(conn, &dead).await
             })
