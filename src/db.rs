@@ -90,10 +90,14 @@ pub async fn connect(
         Ok(pool) => return Ok(pool),
         // The pool retries a refused connection until its acquire timeout and then says only
         // that it timed out: one direct try names the cause (refused, no such role, …).
-        Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect_with(&options).await {
-            Err(cause) => cause,
-            Ok(_) => sqlx::Error::PoolTimedOut,
-        },
+        // Bounded as the pool was: a server that accepts and never answers holds it forever.
+        Err(sqlx::Error::PoolTimedOut) => {
+            let limit = Duration::from_millis(config.acquire_timeout_ms);
+            match tokio::time::timeout(limit, PgConnection::connect_with(&options)).await {
+                Ok(Err(cause)) => cause,
+                Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut,
+            }
+        }
         Err(e) => e,
     };
     Err(match &source {

@@ -213,6 +213,38 @@ fn a_refused_connection_is_named_with_its_cause_once() {
     }
 }
 
+/// A server that accepts connections and never answers (a hung host) is given up on after
+/// `database.acquire_timeout_ms`, not waited for forever.
+#[test]
+fn a_server_that_never_answers_is_given_up_on() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accepts, keeps each connection open, says nothing.
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{port}/settle");
+    let mut api = settle(&url)
+        .env("SETTLE_DATABASE__ACQUIRE_TIMEOUT_MS", "300")
+        .arg("api")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = api.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            api.kill().unwrap();
+            panic!("api still waiting for a server that never answers");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+}
+
 /// `serve` on a taken port says which and how to choose another, before it makes anything: no
 /// database, no demo token.
 #[test]
