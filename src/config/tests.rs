@@ -131,9 +131,12 @@ fn a_url_without_a_database_is_refused() {
             "{url}: {err}"
         );
     }
-    let named = Config::defaults().merge(Serialized::default(
-        "database.read_url",
+    for url in [
         "postgres://postgres@replica:5432/settle",
-    ));
-    Config::from_figment(named).expect("a URL naming its database");
+        // Another role's own database is its name: a choice, not the maintenance database.
+        "postgres://settle:pw@replica:5432",
+    ] {
+        let named = Config::defaults().merge(Serialized::default("database.read_url", url));
+        Config::from_figment(named).expect("a URL naming its database");
+    }
 }

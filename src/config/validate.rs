@@ -22,8 +22,8 @@ impl Config {
         {
             return invalid("database.read_url", "must be a postgres:// URL");
         }
-        // Without a database name Postgres picks the role's own database (`postgres`, the
-        // server's maintenance database): settle's tables would land there unasked.
+        // Without a database name Postgres picks the role's own: for the role `postgres`, the
+        // server's maintenance database, where settle's tables would land unasked.
         for (key, url) in [
             ("database.url", Some(&self.database.url)),
             ("database.read_url", self.database.read_url.as_ref()),
@@ -31,7 +31,8 @@ impl Config {
             if url.is_some_and(|url| names_no_database(url)) {
                 return invalid(
                     key,
-                    "names no database: end it with one, e.g. postgres://postgres@127.0.0.1:5432/settle",
+                    "names no database, so the role postgres would use the server's maintenance \
+                     database postgres: end it with one, e.g. postgres://postgres@127.0.0.1:5432/settle",
                 );
             }
         }
@@ -201,9 +202,13 @@ impl Config {
     }
 }
 
-/// Whether `url` names no database (none in its path, nor `PGDATABASE`); an unparsable URL is
-/// left to the connection, which says what is wrong with it.
+/// Whether `url` names no database (none in its path, nor `PGDATABASE`) and its role is
+/// `postgres`, whose own database is the server's maintenance database (another role's own
+/// database is a choice: `postgres://settle@host` uses `settle`); an unparsable URL is left to
+/// the connection, which says what is wrong with it.
 fn names_no_database(url: &str) -> bool {
     url.parse::<sqlx::postgres::PgConnectOptions>()
-        .is_ok_and(|options| options.get_database().is_none_or(str::is_empty))
+        .is_ok_and(|options| {
+            options.get_database().is_none_or(str::is_empty) && options.get_username() == "postgres"
+        })
 }
