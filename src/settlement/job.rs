@@ -180,7 +180,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let mut batch = ctx.begin().await?;
     let rows = finalize::finalize(batch.conn(), &plan)
         .await
-        .map_err(job_error)?;
+        .map_err(|e| said_if_behind(job_id, None, e))?;
     // What the parts read is the input's exact count: where it was not counted up front (see
     // `input::edges`), the total becomes it with the completion.
     batch
@@ -212,6 +212,21 @@ async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
 
 /// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
 /// retried from the checkpoint).
+/// [`job_error`], logged first where the database was found behind the run: the one error a
+/// crash that took committed batches leaves, and the job's failure may name another (a
+/// sibling part's reset connection).
+fn said_if_behind(job_id: i64, part: Option<&Part>, e: SettleError) -> JobError {
+    if matches!(e, SettleError::Behind) {
+        tracing::warn!(
+            job = job_id,
+            part = part.map(|p| p.part),
+            cursor = part.map(|p| p.cursor_id),
+            "the database lost this run's latest batches (a server crash); resuming from what it kept"
+        );
+    }
+    job_error(e)
+}
+
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),
@@ -386,15 +401,19 @@ impl PartRunner {
             }
             let read = self.read_on_replica(&part).await?;
             let mut tx = self.pool.begin().await?;
+            // A sibling's failure may have come while this one waited for a connection.
+            if self.stop.is_cancelled() {
+                return Err(JobError::Stopped);
+            }
             if !parts::lock_run(&mut tx, plan.run.job_id, self.fence).await? {
                 return Err(JobError::LeaseLost);
             }
             parts::set_local_async_commit(&mut tx).await?;
-            part = match read {
+            let next = match read {
                 Some(read) => parts::store_batch(&mut tx, plan, &part, read).await,
                 None => parts::process_batch(&mut tx, plan, &part, batch_size).await,
-            }
-            .map_err(job_error)?;
+            };
+            part = next.map_err(|e| said_if_behind(plan.run.job_id, Some(&part), e))?;
             tx.commit().await?;
             let _ = self.done.send(part.clone());
         }

@@ -101,6 +101,7 @@ pub async fn end_abandoned_cancels(
     let ids = sqlx::query_scalar!(
         "select id from jobs
          where state = 'cancelling' and lease_expires_at < now() and lease_owner = any($1)
+         order by id
          for update",
         owners,
     )

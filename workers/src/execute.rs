@@ -183,7 +183,9 @@ async fn attempt(
                 // job in its own batch (the heartbeat saw that commit before the body had its
                 // reply) ends in a moment: not a lost lease, nothing to give up.
                 let ended = tokio::time::timeout(FINISHING_GRACE, &mut body).await;
-                if ended.is_ok() && finished.load(Ordering::SeqCst) {
+                if finished.load(Ordering::SeqCst) {
+                    // Completed; what the body does after (a settlement's vacuum) may go on.
+                    drop(ended);
                     return Ending::Nothing;
                 }
                 body.abort();
