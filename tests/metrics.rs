@@ -156,6 +156,33 @@ async fn a_settlement_run_by_a_worker_is_counted_and_the_queue_gauges_match_the_
     );
 }
 
+/// A dead worker's job back in the queue (due long ago, held until a moment ago) has waited
+/// since its worker last held it, not since it first came due.
+#[tokio::test]
+async fn a_job_back_in_the_queue_has_waited_since_it_was_last_held() {
+    let app = spawn_app().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let id = settle_workers::enqueue(&mut conn, &NewJob::new("requeued_probe", json!({})))
+        .await
+        .unwrap();
+    // As the liveness probe leaves it: due 50 minutes ago, its last heartbeat 2 s ago.
+    sqlx::query(
+        "update jobs set run_at = now() - interval '50 minutes',
+                         heartbeat_at = now() - interval '2 seconds', attempt = 1
+         where id = $1",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let metrics = scrape(&app).await;
+    let waited = metrics.count(
+        "settle_job_oldest_queued_seconds",
+        &[("kind", "requeued_probe")],
+    );
+    assert!((1.0..60.0).contains(&waited), "{waited}");
+}
+
 /// A queued job cancelled through the API ends there and then, and is counted as it ends.
 #[tokio::test]
 async fn a_queued_job_cancelled_is_counted_as_it_ends() {

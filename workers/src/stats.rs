@@ -65,7 +65,7 @@ pub async fn queue_counts(
         StateCount,
         r#"with live as (
              select kind, state, count(*) as jobs,
-                    extract(epoch from now() - min(run_at)
+                    extract(epoch from now() - min(greatest(run_at, heartbeat_at))
                         filter (where state = 'queued' and run_at <= now()))::float8 as oldest
              from jobs
              group by kind, state
