@@ -210,8 +210,6 @@ async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
     finalize::vacuum_after_replace(&mut *pool.acquire().await?).await
 }
 
-/// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
-/// retried from the checkpoint).
 /// [`job_error`], logged first where the database was found behind the run: the one error a
 /// crash that took committed batches leaves, and the job's failure may name another (a
 /// sibling part's reset connection).
@@ -227,6 +225,8 @@ fn said_if_behind(job_id: i64, part: Option<&Part>, e: SettleError) -> JobError 
     job_error(e)
 }
 
+/// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
+/// retried from the checkpoint), and a database behind the run resumes from what it kept.
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),

@@ -184,8 +184,18 @@ async fn attempt(
                 // reply) ends in a moment: not a lost lease, nothing to give up.
                 let ended = tokio::time::timeout(FINISHING_GRACE, &mut body).await;
                 if finished.load(Ordering::SeqCst) {
-                    // Completed; what the body does after (a settlement's vacuum) may go on.
-                    drop(ended);
+                    // Completed. What the body does after (a settlement's vacuum) keeps its
+                    // slot and place until it ends, or a shutdown's grace runs out.
+                    if ended.is_err() {
+                        let grace = async {
+                            shared.shutdown.cancelled().await;
+                            tokio::time::sleep(shared.settings.shutdown_grace).await;
+                        };
+                        tokio::select! {
+                            _ = &mut body => {}
+                            () = grace => body.abort(),
+                        }
+                    }
                     return Ending::Nothing;
                 }
                 body.abort();

@@ -5,8 +5,9 @@
 //! `lease_owner` (the pair [`LOCK_CLASS`], `hashtext(owner)`). Postgres releases it the instant
 //! that session ends, which is the instant the process dies (SIGKILL, OOM, crash: the server
 //! sees the socket close). The other workers probe the owners of live leases against
-//! `pg_locks`; an owner seen without its lock for a whole grace period is dead, and its leases
-//! are expired so that the claim's rescue branch takes the jobs under a fresh fence.
+//! `pg_locks`; an owner seen without its lock for a whole grace period is dead: its running
+//! jobs go back to the queue (the next claim takes them under a fresh fence) and its
+//! cancelling ones end CANCELLED.
 //!
 //! Only owners whose name ends in [`LOCKED_OWNER_SUFFIX`] are probed: they hold a lock. A
 //! worker of an older release (no lock) keeps being rescued by its lease alone, so a rolling
@@ -40,7 +41,7 @@ pub async fn lock(holder: &mut PgListener, owner: &str) -> Result<bool, sqlx::Er
 #[derive(Debug, sqlx::FromRow)]
 pub struct Probe {
     /// Owners of live leases, other than the prober, whose lock no session holds now (those
-    /// whose leases this probe expired left out).
+    /// whose jobs this probe took left out).
     pub unlocked: Vec<String>,
     /// Jobs this probe took from dead owners.
     pub expired: i64,

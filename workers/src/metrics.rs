@@ -11,8 +11,8 @@ use crate::state::JobState;
 pub const JOBS_FINISHED: &str = "settle_jobs_finished_total";
 /// From a job's first claim to its end, by `kind`: backoff between attempts included.
 pub const JOB_DURATION: &str = "settle_job_duration_seconds";
-/// Jobs taken over from a worker whose lease expired (killed, paused, cut off), or was expired
-/// because its liveness lock was freed (killed).
+/// Jobs taken from a worker: claimed after its lease expired (paused, cut off), or put back in
+/// the queue because its liveness lock was freed (killed).
 pub const JOB_RESCUES: &str = "settle_job_rescues_total";
 
 /// A job's end as its fenced ending statement returned it.
@@ -61,6 +61,6 @@ pub fn describe() {
     );
     describe_counter!(
         JOB_RESCUES,
-        "Jobs taken over from a worker whose lease expired"
+        "Jobs taken from a worker that died or whose lease expired"
     );
 }

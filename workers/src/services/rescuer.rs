@@ -6,8 +6,8 @@
 //!   job was completed or released.
 //! - [`probe`] every `rescue_probe` looks for owners of live leases whose lock is free. One
 //!   found without it on every probe for `rescue_grace` is dead (a live worker whose session
-//!   dropped takes its lock again well within that), and its leases are expired so that a claim
-//!   takes its jobs under a fresh fence. A worker never probes itself: it knows it is alive.
+//!   dropped takes its lock again well within that): its running jobs go back to the queue
+//!   (a claim takes them under a fresh fence) and its cancelling ones end CANCELLED. A worker never probes itself: it knows it is alive.
 //!
 //! The lease and the fence stay the safety net: a worker that is alive but cut off keeps its
 //! lock (its old session lives on in the server until the server notices the lost socket),
@@ -111,8 +111,8 @@ async fn relock(
     false
 }
 
-/// Probes every `rescue_probe` until `done`, expiring the leases of owners dead for
-/// `rescue_grace`.
+/// Probes every `rescue_probe` until `done`, taking the jobs of owners dead for
+/// `rescue_grace` from them.
 pub(crate) async fn probe(shared: Arc<Shared>, done: CancellationToken) {
     let settings = &shared.settings;
     // Owners without their lock, and when this worker first saw them so.
