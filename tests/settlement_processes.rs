@@ -9,6 +9,7 @@ use common::processes::{WorkerProcess, short_lease, wait_mid_way, wait_state};
 use common::settlement as support;
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
+use settle::settlement::transactions::NewTransaction;
 use support::{day, reference, settlements};
 
 fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
@@ -41,6 +42,14 @@ fn worker(app: &TestApp) -> WorkerProcess {
             ),
         ],
     )
+}
+
+/// `settlements` of the test's days (in its zone) are those of `rows`; returns them.
+async fn assert_settled(app: &TestApp, rows: &[NewTransaction]) -> support::Settled {
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let expected = reference(rows, from, to, Tz::America__New_York);
+    assert_eq!(settlements(&app.pool, from, to).await, expected);
+    expected
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,18 +87,54 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
     assert_eq!((processed, total), (within, within));
     assert!(committed > 0, "the first worker had committed batches");
     assert!(high_water > 0);
-    let expected = reference(
-        &rows,
-        day("2025-01-01"),
-        day("2025-01-05"),
-        Tz::America__New_York,
-    );
-    assert_eq!(
-        settlements(&app.pool, day("2025-01-01"), day("2025-01-05")).await,
-        expected
-    );
+    let expected = assert_settled(&app, &rows).await;
     assert_eq!(support::downloaded(&app, id).await, expected);
     assert!(second.terminate().await, "{}", second.log_text());
+}
+
+/// A crash that takes a run's latest batches (committed asynchronously) leaves the database
+/// behind the worker's own account of its parts: staged here by rewinding every part, its sums
+/// gone, while a part's batch waits to move its cursor. The worker finds the database behind,
+/// resumes from what it kept, and the result is exact, on the same attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_latest_batches_the_database_lost_resumes_and_is_exact() {
+    let app = spawn_app_with(&overrides(40)).await;
+    let rows = support::store_random(&app.pool, 23, 20_000, 8, 5).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-05").await;
+    let mut worker = worker(&app);
+    wait_mid_way(&app.pool, id).await;
+    let mut crash = app.pool.begin().await.unwrap();
+    sqlx::query("select 1 from settlement_parts where job_id = $1 for update")
+        .bind(id)
+        .execute(&mut *crash)
+        .await
+        .unwrap();
+    common::wait_for_lock_waiter(&app.pool, "update settlement_parts").await;
+    sqlx::query(
+        "with rewound as (
+             update settlement_parts set cursor_id = lo_id, processed = 0 where job_id = $1
+         )
+         delete from settlement_batches where job_id = $1",
+    )
+    .bind(id)
+    .execute(&mut *crash)
+    .await
+    .unwrap();
+    crash.commit().await.unwrap();
+    wait_state(&app.pool, id, "completed").await;
+    assert_settled(&app, &rows).await;
+    let log = worker.log_text();
+    assert!(
+        log.contains("the database lost this run's latest batches"),
+        "{log}"
+    );
+    let attempt = common::scalar_of(
+        &app.pool,
+        "select attempt::int8 from all_jobs where id = $1",
+        id,
+    );
+    assert_eq!(attempt.await, 1, "{log}");
+    assert!(worker.terminate().await, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
