@@ -36,18 +36,19 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
 /// that gone: the database as a server crash leaves it when the part's latest batches,
 /// committed asynchronously, were not yet on disk.
 async fn lose_batches(pool: &sqlx::PgPool, to: &plan::Part) {
-    for statement in [
-        "update settlement_parts set cursor_id = $2, processed = $3 where job_id = 1 and part = $1",
-        "delete from settlement_batches where job_id = 1 and part = $1 and end_id > $2",
-    ] {
-        sqlx::query(statement)
-            .bind(to.part)
-            .bind(to.cursor_id)
-            .bind(to.processed)
-            .execute(pool)
-            .await
-            .unwrap();
-    }
+    sqlx::query(
+        "with rewound as (
+             update settlement_parts set cursor_id = $2, processed = $3
+             where job_id = 1 and part = $1
+         )
+         delete from settlement_batches where job_id = 1 and part = $1 and end_id > $2",
+    )
+    .bind(to.part)
+    .bind(to.cursor_id)
+    .bind(to.processed)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 /// A database behind the run (its latest batches lost in a crash while the run went on in

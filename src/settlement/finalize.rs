@@ -12,8 +12,8 @@ use super::{DateRange, SettleError};
 
 /// Writes the job's sums into `settlements` where no newer input's rows stand (see
 /// [`replace_settlements`]), once the stored parts are as the run left them
-/// ([`SettleError::Behind`] where a crash took their last batches), stores the range's rows as the job's result (its CSV), and
-/// deletes the job's working rows, all in `tx`: the caller commits them with the job's
+/// ([`SettleError::Behind`] where a crash took their last batches), stores the range's rows as
+/// the job's result (its CSV), and deletes the job's working rows, all in `tx`: the caller commits them with the job's
 /// completion, so the table, the result and COMPLETED land together or not at all. Returns the
 /// result's row count.
 pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {

@@ -219,7 +219,7 @@ fn said_if_behind(job_id: i64, part: Option<&Part>, e: SettleError) -> JobError 
             job = job_id,
             part = part.map(|p| p.part),
             cursor = part.map(|p| p.cursor_id),
-            "the database lost this run's latest batches (a server crash); resuming from what it kept"
+            "{e}"
         );
     }
     job_error(e)

@@ -4,9 +4,10 @@
 //! Rescue is the claim's second branch: a RUNNING or CANCELLING job whose lease expired (its
 //! worker was killed, paused or cut off) is claimable by any live worker, so recovery needs no
 //! separate sweeper and is bounded by `lease + poll_interval`; a killed worker's running jobs
-//! are put back in the queue sooner by the probe of [`crate::liveness`], and claimed as due. A live worker's heartbeat keeps its
-//! lease in the future, so a live job is never rescued. The re-claim bumps the fence, so whatever
-//! the old holder still tries to write matches zero rows.
+//! are put back in the queue sooner by the probe of [`crate::liveness`], and claimed as due.
+//! A live worker's heartbeat keeps its lease in the future, so a live job is never rescued.
+//! The re-claim bumps the fence, so whatever the old holder still tries to write matches zero
+//! rows.
 //!
 //! Per-kind caps (`caps`) ride in the same statement: the worker passes each capped
 //! kind that has room with its free places, and the statement keeps, among the rows it locked,

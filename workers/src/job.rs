@@ -46,7 +46,7 @@ pub struct JobContext {
     pub(crate) processed: i64,
     pub(crate) total: Option<i64>,
     pub(crate) pool: PgPool,
-    /// The worker's lease: a fenced write of the job's row extends it as a heartbeat would.
+    /// The worker's lease: a checkpoint's fenced write extends it as a heartbeat would.
     pub(crate) lease: Duration,
     pub(crate) stop: CancellationToken,
     /// Set once a batch completed the job, so the runtime does not complete it again.
@@ -211,16 +211,12 @@ impl Batch<'_> {
     /// its input. `Err(LeaseLost)` when another worker owns the job.
     pub async fn set_progress(&mut self, processed: i64, total: i64) -> Result<(), JobError> {
         let held = sqlx::query!(
-            "update jobs set processed = $3, total = $4,
-                 lease_expires_at = greatest(lease_expires_at,
-                                             now() + $5 * interval '1 millisecond'),
-                 heartbeat_at = now()
+            "update jobs set processed = $3, total = $4
              where id = $1 and fence = $2 and state::text in ('running', 'cancelling')",
             self.ctx.id,
             self.ctx.fence,
             processed,
             total,
-            self.ctx.lease.as_millis() as f64,
         )
         .execute(&mut *self.tx)
         .await?;

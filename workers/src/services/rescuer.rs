@@ -7,7 +7,8 @@
 //! - [`probe`] every `rescue_probe` looks for owners of live leases whose lock is free. One
 //!   found without it on every probe for `rescue_grace` is dead (a live worker whose session
 //!   dropped takes its lock again well within that): its running jobs go back to the queue
-//!   (a claim takes them under a fresh fence) and its cancelling ones end CANCELLED. A worker never probes itself: it knows it is alive.
+//!   (a claim takes them under a fresh fence) and its cancelling ones end CANCELLED. A worker
+//!   never probes itself: it knows it is alive.
 //!
 //! The lease and the fence stay the safety net: a worker that is alive but cut off keeps its
 //! lock (its old session lives on in the server until the server notices the lost socket),
