@@ -147,13 +147,12 @@ async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
 
 /// A transaction of the test's own holding `product`'s row, as a batch would.
 async fn product_row_locked(direct: &PgPool, product: i64) -> sqlx::Transaction<'static, Postgres> {
-    let mut holder = direct.begin().await.unwrap();
-    sqlx::query("select 1 from products where id = $1 for update")
-        .bind(product)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    holder
+    common::rows_locked(
+        direct,
+        "select 1 from products where id = $1 for update",
+        product,
+    )
+    .await
 }
 
 /// An order placed with the key `placed-key` before the trouble: its body and its answer.

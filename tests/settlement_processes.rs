@@ -103,12 +103,12 @@ async fn a_run_whose_latest_batches_the_database_lost_resumes_and_is_exact() {
     let id = app.post_settlement("2025-01-01", "2025-01-05").await;
     let mut worker = worker(&app);
     wait_mid_way(&app.pool, id).await;
-    let mut crash = app.pool.begin().await.unwrap();
-    sqlx::query("select 1 from settlement_parts where job_id = $1 for update")
-        .bind(id)
-        .execute(&mut *crash)
-        .await
-        .unwrap();
+    let mut crash = common::rows_locked(
+        &app.pool,
+        "select 1 from settlement_parts where job_id = $1 for update",
+        id,
+    )
+    .await;
     common::wait_for_lock_waiter(&app.pool, "update settlement_parts").await;
     sqlx::query(
         "with rewound as (

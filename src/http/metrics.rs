@@ -3,7 +3,6 @@
 //! matched. A `settle worker` process serves the same endpoint, with its own series only, on
 //! `worker.metrics_addr`.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::Router;
@@ -77,8 +76,6 @@ pub async fn serve_process_metrics(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "worker metrics on http://{addr}/metrics");
     let app = Router::new().route(
         "/metrics",
         get(move || async move {
@@ -88,7 +85,5 @@ pub async fn serve_process_metrics(
             )
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    super::serve_router(listener, app, shutdown, ("worker metrics on", "/metrics")).await
 }

@@ -153,9 +153,27 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // Said once it serves: `serve` binds before it migrates and loads its demo.
+    serve_router(
+        listener,
+        router(state),
+        shutdown,
+        ("settle api listening on", ""),
+    )
+    .await
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then lets in-flight requests finish.
+/// Logs `said.0`, the address and `said.1` (the path) as it starts.
+async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    said: (&str, &str),
+) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "settle api listening on http://{addr}");
-    axum::serve(listener, router(state))
+    let (what, path) = said;
+    tracing::info!(%addr, "{what} http://{addr}{path}");
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -308,6 +308,22 @@ pub async fn wait_for_lock_waiter(pool: &PgPool, statement: &str) {
     .await;
 }
 
+/// A transaction of the test's own holding the rows `select_for_update` locks (taking one
+/// `bigint`, `$1`, e.g. a product's or a job's id), as a batch or a part would hold them.
+pub async fn rows_locked(
+    pool: &PgPool,
+    select_for_update: &'static str,
+    id: i64,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(select_for_update)
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// [`scalar`] of a statement taking one `bigint` (`$1`), e.g. a job's id.
 pub async fn scalar_of(pool: &PgPool, sql: &str, arg: i64) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
