@@ -306,3 +306,85 @@ async fn a_promoted_standby_behind_read_url_leaves_the_reads_on_the_primary() {
     assert!(worker.terminate().await, "{}", worker.log_text());
     assert_settled(&pool, &[early, late].concat()).await;
 }
+
+/// The part batches' sums stored so far, as the primary has them.
+async fn stored_progress(pool: &PgPool, id: i64) -> i64 {
+    common::scalar_of(
+        pool,
+        "select coalesce(sum(processed), 0)::int8 from settlement_parts where job_id = $1",
+        id,
+    )
+    .await
+}
+
+/// A Postgres crash that takes the run's latest batches (committed without waiting for their
+/// flush) while its parts wait for reads on the standby: their next batches, read from where the
+/// run left off, land on the recovered primary, which lacks the batches before them. The run
+/// finds the database behind, resumes from what it kept and settles exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_crash_that_takes_the_latest_batches_leaves_the_settlement_exact() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    let rows = support::store_random(&pool, 49, 20_000, 6, 5).await;
+    // Nothing but the run's own commits writes in the window below (a vacuum flushes the WAL
+    // as it writes pages), and each batch takes 20 ms: the run is still going when it opens.
+    for sql in [
+        "alter system set autovacuum = off",
+        "select pg_reload_conf()",
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    }
+    sqlx::raw_sql(
+        "create function slow_batch() returns trigger language plpgsql
+             as $$ begin perform pg_sleep(0.02); return null; end $$;
+         create trigger slow_batch after insert on settlement_batches
+             for each statement execute function slow_batch();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let standby = Cluster::standby_of(&primary).await;
+    let mut worker = WorkerProcess::start_with(
+        &config,
+        &[
+            ("SETTLE_DATABASE__READ_URL", standby.url("settle_replica")),
+            (
+                "SETTLE_DATABASE__READ_BATCH_TIMEOUT_MS",
+                "120000".to_owned(),
+            ),
+            ("SETTLE_SETTLEMENT__PARALLEL_PARTS", "2".to_owned()),
+            // No heartbeat (a synchronous commit, which flushes) in the window either.
+            ("SETTLE_WORKER__LEASE_MS", "120000".to_owned()),
+            ("SETTLE_WORKER__HEARTBEAT_MS", "60000".to_owned()),
+        ],
+    );
+    let id = settle_days(&pool).await;
+    let started = wait_for(Duration::from_secs(60), "stored batches", || async {
+        let stored = stored_progress(&pool, id).await;
+        (stored > 0).then_some(stored)
+    })
+    .await;
+    // From here the run's commits stay in the server's memory.
+    let wal_writer = primary.freeze_wal_writer();
+    wait_for(Duration::from_secs(30), "more stored batches", || async {
+        (stored_progress(&pool, id).await >= started + 4 * BATCH).then_some(())
+    })
+    .await;
+    // The parts' reads hang on the standby; their statements on the primary end meanwhile.
+    let frozen = standby.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = stored_progress(&pool, id).await;
+    primary.crash().await;
+    drop(wal_writer);
+    primary.start_again().await;
+    let after = stored_progress(&pool, id).await;
+    assert!(
+        after < before,
+        "the crash took batches: {after} of {before} kept"
+    );
+    drop(frozen);
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    assert_settled(&pool, &rows).await;
+}

@@ -124,10 +124,20 @@ impl Cluster {
     /// Fast shutdown (every session terminated with 57P01, a shutdown checkpoint), waiting
     /// until the server is gone.
     pub async fn stop(&self) {
+        self.stop_as("fast").await;
+    }
+
+    /// Immediate shutdown (a crash: no checkpoint, what the WAL writer has not written is
+    /// lost), waiting until the server is gone.
+    pub async fn crash(&self) {
+        self.stop_as("immediate").await;
+    }
+
+    async fn stop_as(&self, mode: &str) {
         let data = self.data();
         self.run(
             "pg_ctl",
-            &["-D", &data, "-m", "fast", "-w", "-t", "90", "stop"],
+            &["-D", &data, "-m", mode, "-w", "-t", "90", "stop"],
         )
         .await;
     }
@@ -155,13 +165,7 @@ impl Cluster {
     /// Freezes the server (SIGSTOP to the postmaster and every process it started: a hung
     /// host, whose connections stay open and answer nothing) until the guard drops.
     pub fn freeze(&self) -> Frozen {
-        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
-            .expect("the server's postmaster.pid");
-        let postmaster: i32 = pid_file
-            .lines()
-            .next()
-            .and_then(|pid| pid.parse().ok())
-            .expect("the postmaster's pid");
+        let postmaster = self.postmaster();
         let mut pids = vec![Pid::from_raw(postmaster)];
         pids.extend(children_of(postmaster).into_iter().map(Pid::from_raw));
         let frozen = Frozen { pids };
@@ -169,9 +173,37 @@ impl Cluster {
         frozen
     }
 
+    /// Freezes the server's WAL writer only (SIGSTOP) until the guard drops: commits made with
+    /// `synchronous_commit = off` stay in the server's memory, lost in a crash, until a
+    /// synchronous commit flushes them.
+    pub fn freeze_wal_writer(&self) -> Frozen {
+        let writer = children_of(self.postmaster())
+            .into_iter()
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| cmdline.contains("walwriter"))
+            })
+            .expect("the server's WAL writer");
+        let frozen = Frozen {
+            pids: vec![Pid::from_raw(writer)],
+        };
+        frozen.signal(Signal::SIGSTOP);
+        frozen
+    }
+
     /// The server's log so far.
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn postmaster(&self) -> i32 {
+        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .expect("the server's postmaster.pid");
+        pid_file
+            .lines()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .expect("the postmaster's pid")
     }
 
     fn data(&self) -> String {
