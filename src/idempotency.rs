@@ -19,6 +19,7 @@
 //! requests rejected by validation store nothing, so a corrected retry with the same key works.
 
 use serde_json::Value;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -192,8 +193,11 @@ pub type KeyedRequest<'a> = (&'a IdempotencyKey, &'a Value);
 /// Locks each key for the caller's transaction, without waiting for one another transaction
 /// holds, and looks up the stored responses: one [`Claim`] per key, in order.
 ///
-/// The keys must be distinct: a transaction may take its own lock twice, so a second use of
-/// a key in the same call would not be refused.
+/// A key with a stored response is answered by it whoever holds the key: only a holder that
+/// found none executes, so a stored (unexpired) response is final, and retries of a finished
+/// request, reading it side by side, do not refuse each other as in use. A key that stands
+/// twice executes once: a transaction may take its own lock again, so only its first copy
+/// executes and a later one is in use (or answered by the stored response).
 pub async fn claim_all(
     tx: &mut PgConnection,
     keys: &[KeyedRequest<'_>],
@@ -210,16 +214,22 @@ pub async fn claim_all(
     )
     .fetch_all(&mut *tx)
     .await?;
+    let mut is_locked = vec![false; keys.len()];
+    for row in locked.iter().filter(|row| row.locked) {
+        is_locked[position(row.ord)] = true;
+    }
+    let mut executing = HashSet::new();
     let mut claims: Vec<Claim> = keys
         .iter()
-        .map(|_| Claim::Refused(IdempotencyError::KeyInUse))
+        .zip(is_locked)
+        .map(|((key, _), locked)| {
+            if locked && executing.insert((key.scope, key.key.as_str())) {
+                Claim::Execute
+            } else {
+                Claim::Refused(IdempotencyError::KeyInUse)
+            }
+        })
         .collect();
-    for row in locked.iter().filter(|row| row.locked) {
-        claims[position(row.ord)] = Claim::Execute;
-    }
-    if !claims.iter().any(|c| matches!(c, Claim::Execute)) {
-        return Ok(claims);
-    }
     // A statement after the one that took the locks: its snapshot sees whatever the keys'
     // previous holders committed. The requests are compared as jsonb, as stored: `1e3` sent
     // again equals the `1000` jsonb kept of it, where serde_json's float and integer differ.
@@ -238,11 +248,7 @@ pub async fn claim_all(
     .fetch_all(tx)
     .await?;
     for row in stored {
-        let i = position(row.ord);
-        if !matches!(claims[i], Claim::Execute) {
-            continue;
-        }
-        claims[i] = if row.same {
+        claims[position(row.ord)] = if row.same {
             Claim::Replay(StoredResponse {
                 status: row.response_status as u16,
                 body: row.response_body,

@@ -376,8 +376,7 @@ async fn serve_answers_its_in_flight_orders_after_sigterm() {
     let (pool, _db) = common::migrated_pool(&config).await;
     let serve = common::api_process::start(&config.database.url, &["serve", "--demo"], &[]).await;
     let admin = common::auth::client_with(serve.stdout.last().expect("a token printed"));
-    let lock =
-        common::rows_locked(&pool, "select 1 from products where id = $1 for update", 1).await;
+    let lock = common::product_row_locked(&pool, 1).await;
     let orders: Vec<_> = (0..4)
         .map(|n| {
             let order =

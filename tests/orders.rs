@@ -217,12 +217,7 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
     let app = common::spawn_app_with(&[("http.request_timeout_ms", json!(300))]).await;
     let product = app.product(10, 100).await;
     // Hold the product's row so the first coalesced batch waits and the next order queues.
-    let holder = common::rows_locked(
-        &app.pool,
-        "select 1 from products where id = $1 for update",
-        product,
-    )
-    .await;
+    let holder = common::product_row_locked(&app.pool, product).await;
     let order = |buyer: &str| json!({"product_id": product, "quantity": 1, "buyer_id": buyer});
     let first = {
         let (http, url, body) = (

@@ -145,16 +145,6 @@ async fn a_batch_past_its_deadline_is_resolved_and_the_product_sells_on() {
     assert_eq!((stock, sold), (8, 2));
 }
 
-/// A transaction of the test's own holding `product`'s row, as a batch would.
-async fn product_row_locked(direct: &PgPool, product: i64) -> sqlx::Transaction<'static, Postgres> {
-    common::rows_locked(
-        direct,
-        "select 1 from products where id = $1 for update",
-        product,
-    )
-    .await
-}
-
 /// An order placed with the key `placed-key` before the trouble: its body and its answer.
 async fn placed_before(app: &TestApp, product: i64) -> (Value, Value) {
     let body = order(product, "placed-before", 1);
@@ -191,7 +181,7 @@ async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answ
     let (_proxy, app, direct, product) = deadline_app().await;
     let (body, placed) = placed_before(&app, product).await;
 
-    let holder = product_row_locked(&direct, product).await;
+    let holder = common::product_row_locked(&direct, product).await;
     assert_refused(
         post_order(&app, None, &order(product, "waiting", 1)).await,
         503,
@@ -219,7 +209,7 @@ async fn a_batch_waiting_on_a_locked_product_past_its_deadline_gives_up_and_answ
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keyed_batch_past_its_deadline_after_taking_its_key_is_not_placed() {
     let (_proxy, app, direct, product) = deadline_app().await;
-    let row = product_row_locked(&direct, product).await;
+    let row = common::product_row_locked(&direct, product).await;
     let body = order(product, "new-keyed", 1);
     let staged = async {
         // Most of the batch's second gone: its insert's own lock wait outlasts the deadline.
@@ -248,7 +238,7 @@ async fn a_keyed_batch_past_its_deadline_after_taking_its_key_is_not_placed() {
 async fn a_keyed_retry_in_a_batch_given_up_after_taking_its_keys_is_replayed() {
     let (_proxy, app, direct, product) = deadline_app().await;
     let (body, placed) = placed_before(&app, product).await;
-    let row = product_row_locked(&direct, product).await;
+    let row = common::product_row_locked(&direct, product).await;
     let (first_answered, first_done) = tokio::sync::oneshot::channel();
     let first = async {
         let answer = post_order(&app, None, &order(product, "first", 1)).await;

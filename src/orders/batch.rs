@@ -8,7 +8,6 @@
 //! Two orders of one batch with the same key are concurrent requests with one key: the first
 //! goes ahead, the second is told the key is in use, as it would be by a separate transaction.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
@@ -16,7 +15,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transactio
 use super::coalesce::{Answer, KeyStore, Pending};
 use super::store::{self, Grant};
 use super::{Order, Rejected};
-use crate::idempotency::{self, Claim, IdempotencyError, KeyedRequest, Record, StoredResponse};
+use crate::idempotency::{self, Claim, KeyedRequest, Record, StoredResponse};
 
 /// What the batch decided for one order, answered once its transaction has ended.
 pub(super) enum Decision {
@@ -153,16 +152,15 @@ pub(super) async fn key_answers(
 /// reused), or `None` to decide it (no key, or a key taken by this transaction).
 async fn claim_keys(tx: &mut PgConnection, batch: &[Pending]) -> Result<KeyAnswers, sqlx::Error> {
     let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
-    let mut seen = HashSet::new();
-    let mut claimed: Vec<(usize, KeyedRequest<'_>)> = Vec::new();
-    for (i, pending) in batch.iter().enumerate() {
-        let Some(keyed) = &pending.key else { continue };
-        if seen.insert(&keyed.key) {
-            claimed.push((i, (&keyed.key, &keyed.request)));
-        } else {
-            answers[i] = Some(Answer::Refused(IdempotencyError::KeyInUse));
-        }
-    }
+    // A key sent twice in the batch executes once ([`idempotency::claim_all`]).
+    let claimed: Vec<(usize, KeyedRequest<'_>)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, pending)| {
+            let keyed = pending.key.as_ref()?;
+            Some((i, (&keyed.key, &keyed.request)))
+        })
+        .collect();
     if claimed.is_empty() {
         return Ok(answers);
     }

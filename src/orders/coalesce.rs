@@ -259,14 +259,14 @@ enum Ended {
     CommitLost(Vec<batch::Decision>, KeyAnswers, String),
 }
 
-/// The answers of a batch that committed nothing. Where the batch took its keys, what a key
-/// gave then stands (an earlier request's answer, a key in use or reused: "not placed" would
-/// be untrue of an order an earlier request placed, or one a request in flight is placing) and
-/// every other order gets `unplaced`. Where it did not get that far, the keys are read now,
-/// within `timeout`: an earlier answer or a reused key is answered, every other order gets
-/// `unplaced` (a key in use too: the batch's own backend may hold it until the server ends
-/// it), and a keyed order whose key cannot be read is told its outcome is unknown (an earlier
-/// request may have placed it; a retry with its key tells).
+/// The answers of a batch that committed nothing. What a key gives stands (an earlier
+/// request's answer, a key in use or reused: "not placed" would be untrue of an order an
+/// earlier request placed, or one a request in flight is placing) and every other order gets
+/// `unplaced`. Where the batch did not take its keys, they are read now, within `timeout`; a
+/// key in use then may be held by another request placing the order or by the batch's own
+/// backend until the server ends it: either way a retry with the key tells, where "not placed"
+/// could be untrue. A keyed order whose key cannot be read is told its outcome is unknown (an
+/// earlier request may have placed it; a retry with its key tells).
 async fn uncommitted(
     pool: &PgPool,
     batch: &[Pending],
@@ -274,30 +274,25 @@ async fn uncommitted(
     unplaced: CoalesceError,
     settled: Option<KeyAnswers>,
 ) -> Vec<Result<Answer, CoalesceError>> {
-    if let Some(settled) = settled {
-        return settled
-            .into_iter()
-            .map(|answer| answer.ok_or_else(|| unplaced.clone()))
-            .collect();
-    }
-    let Ok(Ok(from_keys)) = tokio::time::timeout(timeout, batch::key_answers(pool, batch)).await
-    else {
-        return batch
-            .iter()
-            .map(|pending| match pending.key {
-                Some(_) => Err(CoalesceError::OutcomeUnknown { order_id: None }),
-                None => Err(unplaced.clone()),
-            })
-            .collect();
+    let settled = match settled {
+        Some(settled) => settled,
+        None => {
+            let read = tokio::time::timeout(timeout, batch::key_answers(pool, batch)).await;
+            let Ok(Ok(from_keys)) = read else {
+                return batch
+                    .iter()
+                    .map(|pending| match pending.key {
+                        Some(_) => Err(CoalesceError::OutcomeUnknown { order_id: None }),
+                        None => Err(unplaced.clone()),
+                    })
+                    .collect();
+            };
+            from_keys
+        }
     };
-    from_keys
+    settled
         .into_iter()
-        .map(|answer| match answer {
-            Some(answer @ (Answer::Replay(_) | Answer::Refused(IdempotencyError::KeyReused))) => {
-                Ok(answer)
-            }
-            _ => Err(unplaced.clone()),
-        })
+        .map(|answer| answer.ok_or_else(|| unplaced.clone()))
         .collect()
 }
 

@@ -324,6 +324,19 @@ pub async fn rows_locked(
     holder
 }
 
+/// A transaction of the test's own holding `product`'s row, as an order batch would.
+pub async fn product_row_locked(
+    pool: &PgPool,
+    product: i64,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    rows_locked(
+        pool,
+        "select 1 from products where id = $1 for update",
+        product,
+    )
+    .await
+}
+
 /// [`scalar`] of a statement taking one `bigint` (`$1`), e.g. a job's id.
 pub async fn scalar_of(pool: &PgPool, sql: &str, arg: i64) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
