@@ -66,6 +66,17 @@ fn order_cases(product: i64) -> Vec<Case> {
         invalid(json!({"product_id": product, "quantity": 1})),
         invalid(json!({"product_id": product, "quantity": 1, "buyer_id": "b", "extra": 1})),
         invalid(order(json!(1e30), json!("b"))),
+        // A fraction too fine for a float to hold is still a fraction.
+        post(
+            ORDERS,
+            order(json!(1), json!("b")).to_string().replacen(
+                r#""quantity":1"#,
+                r#""quantity":1.0000000000000001"#,
+                1,
+            ),
+            400,
+            "INVALID_BODY",
+        ),
         quantity(json!(0)),
         quantity(json!(-3)),
         quantity(json!(1001)),

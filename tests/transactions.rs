@@ -320,6 +320,29 @@ async fn a_field_written_twice_is_refused_not_overwritten() {
     assert_eq!(answer, (201, report(1, 0)));
 }
 
+/// An amount is stored as written or refused: never as the nearest 64-bit float (which the
+/// first two would be: 9007199254740994 and 1).
+#[tokio::test]
+async fn an_amount_is_stored_exactly_as_written_or_refused() {
+    let app = spawn_app().await;
+    let body = |amount: &str| {
+        let text = txn("m-1", 1, 0).to_string();
+        text.replacen(
+            r#""amount_cents":1,"#,
+            &format!(r#""amount_cents":{amount},"#),
+            1,
+        )
+    };
+    for amount in ["12345678901234567.5", "1.0000000000000001", "1e-2"] {
+        let refused = post_text(&app, body(amount)).await;
+        assert_response_refused(refused, 400, "INVALID_BODY").await;
+    }
+    let answer = status_and_json(post_text(&app, body("9007199254740993.0")).await).await;
+    assert_eq!(answer, (201, report(1, 0)));
+    let amount = common::scalar(&app.pool, "select amount_cents from transactions").await;
+    assert_eq!(amount, 9_007_199_254_740_993);
+}
+
 #[tokio::test]
 async fn one_bad_element_stores_none_of_the_array() {
     let app = spawn_app().await;

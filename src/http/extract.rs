@@ -49,33 +49,82 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
 
 /// Deserializes a JSON integer also when it is written as a number with a zero fraction
 /// (`2.0`, `1e3`): JSON Schema's `integer`, which the OpenAPI document promises, includes them,
-/// and serde's `i64` does not. Anything else (`1.5`, out of range) is refused as before.
+/// and serde's `i64` does not. Anything else (`1.5`, out of range) is refused. The number's
+/// text is read, not serde's `f64` of it: that rounds `9007199254740993.0` to an even neighbour
+/// and `1.0000000000000001` to `1`, a stored amount other than the one sent.
 pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
-    struct Integral;
+    use serde::Deserialize;
+    let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+    let text = raw.get().trim();
+    exact_integer(text).ok_or_else(|| {
+        let shown: String = text.chars().take(40).collect();
+        serde::de::Error::custom(format!(
+            "invalid value: {shown}, expected an integer within 64 bits"
+        ))
+    })
+}
 
-    impl serde::de::Visitor<'_> for Integral {
-        type Value = i64;
+/// The integer a JSON number's text denotes, exactly, when it is one that fits an `i64`.
+/// Hand-written: serde_json hands out only an `f64` of a number with a fraction or an exponent
+/// (its exact mode is a crate-wide feature that changes every `Value`), and this is all the
+/// decimal arithmetic it takes.
+fn exact_integer(text: &str) -> Option<i64> {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{fraction}");
+    if whole.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // The value is `digits` times ten to the `scale`.
+    let significant = digits.trim_end_matches('0');
+    let scale = exponent - fraction.len() as i64 + (digits.len() - significant.len()) as i64;
+    let significant = significant.trim_start_matches('0');
+    if significant.is_empty() {
+        return Some(0);
+    }
+    if !(0..=18).contains(&scale) || significant.len() > 19 {
+        return None;
+    }
+    let magnitude = significant.parse::<i128>().ok()? * 10i128.pow(scale as u32);
+    i64::try_from(if negative { -magnitude } else { magnitude }).ok()
+}
 
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an integer")
-        }
+#[cfg(test)]
+mod tests {
+    use super::exact_integer;
 
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
-            Ok(v)
-        }
-
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
-            i64::try_from(v)
-                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
-        }
-
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
-            // 2^63 is exactly representable; every integral f64 below it fits in an i64.
-            let fits = v.fract() == 0.0 && (-(2f64.powi(63))..2f64.powi(63)).contains(&v);
-            fits.then_some(v as i64)
-                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Float(v), &self))
+    #[test]
+    fn a_number_is_an_integer_only_when_its_text_denotes_one_exactly() {
+        for (text, integer) in [
+            ("0", Some(0)),
+            ("-0.0", Some(0)),
+            ("2.0", Some(2)),
+            ("1e3", Some(1000)),
+            ("1.5E1", Some(15)),
+            ("2500e-2", Some(25)),
+            ("9007199254740993", Some(9_007_199_254_740_993)),
+            ("9007199254740993.0", Some(9_007_199_254_740_993)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("-9.223372036854775808e18", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("1.0000000000000001", None),
+            ("12345678901234567.5", None),
+            ("1.5", None),
+            ("1e-1", None),
+            ("1e30", None),
+            ("1e99999999999999999999", None),
+            ("\"5\"", None),
+            ("true", None),
+        ] {
+            assert_eq!(exact_integer(text), integer, "{text}");
         }
     }
-
-    deserializer.deserialize_any(Integral)
 }
