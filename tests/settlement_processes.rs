@@ -9,7 +9,7 @@ use common::processes::{WorkerProcess, short_lease, wait_mid_way, wait_state};
 use common::settlement as support;
 use common::{TestApp, spawn_app_with};
 use serde_json::{Value, json};
-use settle::settlement::transactions::NewTransaction;
+use settle::settlement::transactions::{NewTransaction, Status};
 use support::{day, reference, settlements};
 
 fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
@@ -171,4 +171,54 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
     let (status, body) = app.cancel(done).await;
     assert_eq!(status, 409, "{body}");
     assert!(w.terminate().await, "{}", w.log_text());
+}
+
+/// An operator's fix of stored rows while the job runs (the lowest-id paid row refunded and
+/// the highest-id refunded one paid, in one statement: at no time were both paid) is read by
+/// some batches and not by others; the job starts over on the fixed input and settles exactly
+/// that, on the same attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fix_of_stored_rows_during_the_run_is_settled_as_fixed() {
+    let app = spawn_app_with(&overrides(40)).await;
+    let mut rows = support::store_random(&app.pool, 24, 20_000, 8, 5).await;
+    let (paid, refunded): (String, String) = sqlx::query_as(
+        "select (select external_id from transactions where status = 'PAID'
+                 and paid_at >= '2025-01-02' and paid_at < '2025-01-05' order by id limit 1),
+                (select external_id from transactions where status = 'REFUNDED'
+                 and paid_at >= '2025-01-02' and paid_at < '2025-01-05' order by id desc limit 1)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let id = app.post_settlement("2025-01-01", "2025-01-05").await;
+    let mut worker = worker(&app);
+    // The parts read the lowest ids first and the highest last.
+    wait_mid_way(&app.pool, id).await;
+    sqlx::query(
+        "update transactions
+         set status = case external_id when $1 then 'REFUNDED' else 'PAID' end
+         where external_id in ($1, $2)",
+    )
+    .bind(&paid)
+    .bind(&refunded)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    for row in &mut rows {
+        if row.external_id == paid {
+            row.status = Status::Refunded;
+        } else if row.external_id == refunded {
+            row.status = Status::Paid;
+        }
+    }
+    wait_state(&app.pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    let attempt = common::scalar_of(
+        &app.pool,
+        "select attempt::int8 from all_jobs where id = $1",
+        id,
+    );
+    assert_eq!(attempt.await, 1);
+    let expected = assert_settled(&app, &rows).await;
+    assert_eq!(support::downloaded(&app, id).await, expected);
 }

@@ -21,6 +21,11 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
         return Err(SettleError::Behind);
     }
+    // Read in this transaction, which publishes: a change committed later was read by none of
+    // the batches, one committed before it shows.
+    if super::input::revised_since(tx, &plan.run).await? {
+        return Err(SettleError::Revised);
+    }
     super::set_local_tuning(tx).await?;
     replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
         .await

@@ -91,13 +91,38 @@ pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx
         super::plan::Mark,
         r#"select hi as "high_water_id!",
                   setval('settlement_snapshots',
-                         greatest(nextval('settlement_snapshots'), hi + 1)) as "snapshot_id!"
+                         greatest(nextval('settlement_snapshots'), hi + 1)) as "snapshot_id!",
+                  (select coalesce(max(id), 0) from transaction_revisions) as "revision_id!"
            from (select coalesce(max(id), 0) as hi from transactions) as mark"#
     )
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(mark)
+}
+
+/// True when a statement that changed or removed stored transactions committed after `run`
+/// fixed its input (a revision above its `revision_id`, see [`fix_mark`]) and touched it: rows
+/// up to its high-water id paid, before or after the change, within two days of its range in
+/// UTC (a day of any zone lies within that).
+pub async fn revised_since(
+    conn: &mut PgConnection,
+    run: &super::plan::Run,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select exists (
+               select 1 from transaction_revisions
+               where id > $1 and low_id <= $2
+                 and paid_to >= ($3::date - 2)::timestamp at time zone 'UTC'
+                 and paid_from < ($4::date + 3)::timestamp at time zone 'UTC'
+           ) as "revised!""#,
+        run.revision_id.unwrap_or(0),
+        run.high_water_id,
+        run.from_date,
+        run.to_date,
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// The transactions up to a high-water id whose `paid_at` falls within a range's days.

@@ -178,9 +178,14 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    let rows = finalize::finalize(batch.conn(), &plan)
-        .await
-        .map_err(|e| said_if_behind(job_id, None, e))?;
+    let rows = match finalize::finalize(batch.conn(), &plan).await {
+        Ok(rows) => rows,
+        Err(SettleError::Revised) => {
+            drop(batch);
+            return Err(start_over(ctx).await);
+        }
+        Err(e) => return Err(said_if_behind(job_id, None, e)),
+    };
     // What the parts read is the input's exact count: where it was not counted up front (see
     // `input::edges`), the total becomes it with the completion.
     batch
@@ -202,6 +207,21 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         tracing::warn!(job = job_id, error = %e, "vacuum after settlement failed");
     }
     completed
+}
+
+/// Forgets the run whose input was revised under it ([`SettleError::Revised`]) and has the job
+/// run again at once, as after a transient error: with no run stored, it fixes a fresh input.
+async fn start_over(ctx: &JobContext) -> JobError {
+    let job_id = ctx.id();
+    tracing::warn!(job = job_id, "{}", SettleError::Revised);
+    let forgotten = async {
+        let mut conn = ctx.pool().acquire().await?;
+        finalize::delete_working_rows(&mut conn, job_id, Some(ctx.fence())).await
+    };
+    match forgotten.await {
+        Ok(_) => JobError::Resume(SettleError::Revised.to_string()),
+        Err(e) => JobError::Db(e),
+    }
 }
 
 /// The cleanup after a completion (see [`finalize::vacuum_after_replace`]); a failure is only
@@ -230,7 +250,7 @@ fn said_if_behind(job_id: i64, part: Option<&Part>, e: SettleError) -> JobError 
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),
-        SettleError::Behind => JobError::Resume(e.to_string()),
+        SettleError::Behind | SettleError::Revised => JobError::Resume(e.to_string()),
         SettleError::Sql(e) => JobError::Db(e),
     }
 }

@@ -210,6 +210,14 @@ pub enum SettleError {
         "the database lost this run's latest batches (a server crash); resuming from what it kept"
     )]
     Behind,
+    /// Stored rows of the input were changed or removed while the run read them (an operator
+    /// fixing the data): its batches did not all read the same rows, and their sums are of no
+    /// state the table held. The run starts over on the input as it is now.
+    #[error(
+        "stored transactions of this job's days were changed while it ran; starting over on \
+         the input as it is now"
+    )]
+    Revised,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }

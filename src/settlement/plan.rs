@@ -21,6 +21,9 @@ pub struct Run {
     pub high_water_id: i64,
     /// The input's snapshot: its place in the order jobs fixed their inputs (see [`Mark`]).
     pub snapshot_id: i64,
+    /// The newest revision of stored rows the input holds (see [`Mark`]); `None` for a run fixed
+    /// before revisions were kept, which every revision since is newer than.
+    pub revision_id: Option<i64>,
     /// The input's exact count, or a bound on it (the ids of its span) where the job counts
     /// its rows as it reads them ([`input::edges`]); the completion records the count.
     pub total: i64,
@@ -105,6 +108,10 @@ pub struct Mark {
     /// reads the data as it is later, fixed rows (refunds, deletions) included, which a
     /// high-water id alone does not show.
     pub snapshot_id: i64,
+    /// The newest `transaction_revisions` row then: a later one (a statement that changed or
+    /// removed stored rows) that touched the input means the job's batches did not all read
+    /// the same rows ([`super::finalize`]).
+    pub revision_id: i64,
 }
 
 /// The highest committed transaction id, returned once no row below it can still commit. An
@@ -117,7 +124,9 @@ pub struct Mark {
 /// behind a long bulk load.
 ///
 /// The snapshot is drawn with the id, under a lock, so while rows are only inserted a later
-/// snapshot never has a lower high-water id.
+/// snapshot never has a lower high-water id. An update or delete of stored rows in flight is
+/// among the writers waited for too: every batch reads its outcome, and any later one leaves
+/// a revision above the mark's `revision_id`.
 pub async fn high_water_mark(pool: &PgPool) -> Result<Mark, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mark = input::fix_mark(&mut conn).await?;
@@ -177,6 +186,7 @@ pub async fn start(
         time_zone: settings.zone.name().to_owned(),
         high_water_id: hi,
         snapshot_id: mark.snapshot_id,
+        revision_id: Some(mark.revision_id),
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
@@ -228,7 +238,7 @@ pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>
         Run,
         // A run the release before fixed names no snapshot: its high-water id was its snapshot.
         r#"select job_id, from_date, to_date, time_zone, high_water_id,
-                  coalesce(snapshot_id, high_water_id) as "snapshot_id!", total
+                  coalesce(snapshot_id, high_water_id) as "snapshot_id!", revision_id, total
            from settlement_runs where job_id = $1"#,
         job_id,
     )
@@ -240,14 +250,16 @@ pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>
 pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "insert into settlement_runs
-             (job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, total, fence)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+             (job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, revision_id,
+              total, fence)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         run.job_id,
         run.from_date,
         run.to_date,
         run.time_zone,
         run.high_water_id,
         run.snapshot_id,
+        run.revision_id,
         run.total,
         fence,
     )
