@@ -6,7 +6,7 @@ mod common;
 
 use common::browser::Browser;
 use common::processes::{
-    WorkerProcess, enqueue, job_state, probe_tables, wait_mid_way, wait_state,
+    WorkerProcess, enqueue, job_state, probe_tables, wait_for, wait_mid_way, wait_state,
 };
 use common::{TestApp, spawn_app, spawn_app_with};
 use std::time::Duration;
@@ -222,5 +222,42 @@ async fn a_refused_cancel_says_why_and_gives_its_button_back() {
     };
     common::processes::wait_for(Duration::from_secs(10), "the Cancel button", given_back).await;
     assert_eq!(job_state(&app.pool, id).await, "queued");
+    browser.close().await;
+}
+
+/// A Retry whose job fails again before the page next reads the jobs (FAILED, then FAILED
+/// again) gives the row its Retry button back, not a "Retrying…" one left disabled. The worker
+/// fails the job within milliseconds, so some of the rounds read FAILED right after the click.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_job_that_fails_again_offers_its_retry_again() {
+    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
+    probe_tables(&app.pool).await;
+    let _worker = WorkerProcess::start(&app.config);
+    let failing = enqueue(&app.pool, FAIL, json!({"times": 100}), 1).await;
+    wait_state(&app.pool, failing, "failed").await;
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    let token = format!("{}{}", app.admin_token, Key::Enter);
+    browser.type_into("#token", &token).await;
+    let retry = format!("{} button[data-action=retry]", Browser::job_row(failing));
+    for failures in 2..=6 {
+        browser.click(&retry).await;
+        let what = format!("failure {failures} of job {failing}");
+        wait_for(common::browser::PATIENCE, &what, || async {
+            let sql = "select jsonb_array_length(errors)::int8 from all_jobs where id = $1";
+            (common::scalar_of(&app.pool, sql, failing).await >= failures).then_some(())
+        })
+        .await;
+        wait_for(
+            common::browser::PATIENCE,
+            "the Retry button back",
+            || async {
+                let button = browser.find(&retry).await;
+                let enabled = button.is_enabled().await.ok()?;
+                (enabled && button.text().await.ok()? == "Retry").then_some(())
+            },
+        )
+        .await;
+    }
     browser.close().await;
 }

@@ -178,6 +178,10 @@
       try {
         await api("POST", path);
         clearNotice("action");
+        // Done: the row's buttons are rebuilt at the next reading even if the status reads as
+        // before (a retried job that failed again between two readings: FAILED, FAILED).
+        const entry = rows.get(job.job_id);
+        if (entry) entry.status = null;
       } catch (error) {
         notify("action", explain(`${label} job #${job.job_id}`, error));
         // Nothing changed: the button is the operator's again (rows keep their buttons
