@@ -9,7 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::processes::{
-    WorkerProcess, counted, enqueue, probe_pool, reported_count, short_lease, wait_for, wait_state,
+    WorkerProcess, counted, enqueue, job_row, probe_pool, reported_count, short_lease, wait_for,
+    wait_state,
 };
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
@@ -51,6 +52,12 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
     wait_state(&pool, id, "completed").await;
     assert_eq!(counted(&pool, id).await, (40, 8), "exact after the rescue");
     assert_eq!(reported_count(&pool, id).await, Some(40));
+    // The frozen worker's session lives on: its lease ran out, and the rescue recorded the
+    // attempt it spent.
+    let (errors,): (serde_json::Value,) = job_row(&pool, id, "errors").await;
+    assert_eq!(errors.as_array().map(Vec::len), Some(1), "{errors}");
+    assert_eq!(errors[0]["attempt"], 1, "{errors}");
+    assert_eq!(errors[0]["error"], "worker lost (its lease expired)");
     assert!(
         !idle_in_transaction(&pool).await,
         "the frozen transaction was ended"

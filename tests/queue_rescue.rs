@@ -112,6 +112,11 @@ async fn a_killed_workers_job_is_taken_by_a_waiting_worker_long_before_its_lease
     assert_eq!(counted(&pool, id).await, (400, 40), "killed at {at_kill}");
     assert_eq!(reported_count(&pool, id).await, Some(400));
     assert!(workers[0].is_running(), "{}", workers[0].log_text());
+    // The attempt the killed worker spent is in the job's errors.
+    let (errors,): (Value,) = job_row(&pool, id, "errors").await;
+    assert_eq!(errors.as_array().map(Vec::len), Some(1), "{errors}");
+    assert_eq!(errors[0]["attempt"], 1, "{errors}");
+    assert_eq!(errors[0]["error"], "worker lost (its session ended)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

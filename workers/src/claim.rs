@@ -80,6 +80,14 @@ macro_rules! claim_statement {
                  state = case when jobs.state = 'queued' then 'running'::job_state
                               else jobs.state end,
                  attempt = jobs.attempt + 1,
+                 -- A rescue records the attempt its lost worker spent (one on its last attempt
+                 -- fails as that attempt, saying so: `execute`).
+                 errors = case when jobs.state <> 'queued' and jobs.attempt < jobs.max_attempts
+                               then jobs.errors || jsonb_build_array(jsonb_build_object(
+                                   'attempt', jobs.attempt,
+                                   'error', 'worker lost (its lease expired)',
+                                   'at', now(), 'retry_at', now()))
+                               else jobs.errors end,
                  fence = jobs.fence + 1,
                  lease_owner = $1,
                  lease_expires_at = now() + $3 * interval '1 millisecond',

@@ -85,7 +85,14 @@ pub async fn probe(
                                 else jobs.state end,
                    lease_owner = case when jobs.state = 'running' then null
                                       else jobs.lease_owner end,
-                   lease_expires_at = case when jobs.state = 'running' then null else now() end
+                   lease_expires_at = case when jobs.state = 'running' then null else now() end,
+                   -- The attempt spent, recorded as the claim's rescue records it.
+                   errors = case when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
+                                 then jobs.errors || jsonb_build_array(jsonb_build_object(
+                                     'attempt', jobs.attempt,
+                                     'error', 'worker lost (its session ended)',
+                                     'at', now(), 'retry_at', now()))
+                                 else jobs.errors end
                where jobs.id = any(array(select id from unlocked where lease_owner = any($2)))
                  and jobs.lease_owner = any($2)
                  and jobs.state::text in ('running', 'cancelling')
