@@ -414,7 +414,8 @@ async fn days_follow_the_configured_zone_at_the_edges() {
 /// Days whose clocks go back across midnight keep every hour. In Havana the clocks go back from
 /// 01:00 to 00:00 on 2025-11-02, so that day's midnight comes twice: its first hour
 /// (04:00-05:00Z) belongs to it as well. In St John's they went back at 00:01 on 2010-11-07 to
-/// 23:01 of the 6th: the 6th's last hour came again after the 7th's first midnight.
+/// 23:01 of the 6th: the 6th's last hour came again after the 7th's first midnight. In Juneau
+/// (1867) they went back a day, so the 19th began a day before its second midnight.
 #[tokio::test]
 async fn a_day_whose_clocks_go_back_across_midnight_keeps_every_hour() {
     let havana = [
@@ -435,12 +436,27 @@ async fn a_day_whose_clocks_go_back_across_midnight_keeps_every_hour() {
         "2010-11-07T02:45:00Z",
         "2010-11-07T03:30:00Z",
     ];
-    let days: [(Tz, &[&str], &str, _); 2] = [
+    let juneau = [
+        // On 1867-10-18 (local 10-19, 14:xx) Alaska's clocks went back a whole day: 10-19's
+        // first midnight, its first hour, the repeated 10-18's last second, 10-19 again.
+        "1867-10-18T08:57:40Z",
+        "1867-10-18T08:57:41Z",
+        "1867-10-18T10:00:00Z",
+        "1867-10-19T08:57:40Z",
+        "1867-10-19T10:00:00Z",
+    ];
+    let days: [(Tz, &[&str], &str, _); 3] = [
         (
             Tz::America__Havana,
             &havana,
             "2025-11-02",
             (3000, 30, 2970, 4),
+        ),
+        (
+            Tz::America__Juneau,
+            &juneau,
+            "1867-10-19",
+            (2200, 22, 2178, 3),
         ),
         (
             Tz::America__St_Johns,

@@ -391,9 +391,12 @@ fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
 /// local time that happens twice as the later one, so where the clocks go back from 01:00 to
 /// 00:00 (America/Havana each November, Atlantic/Azores each October) `date`'s midnight is
 /// the second and the day's first hour would fall outside its job: the day begins instead at
-/// the midnight read with the offset in force three hours before (more than any clock change),
-/// when that instant is earlier and still on `date`. Checked against a minute-by-minute search
-/// over every zone Postgres knows, 2005-2030.
+/// the midnight read with the offset in force 25 hours before (more than any clock change: the
+/// Alaska zones went back a whole day in 1867), when that instant is earlier and still on
+/// `date`. Checked against a minute-by-minute search over every zone Postgres knows, 2005-2030
+/// (with a look-back of three hours), and against that look-back for every day 1850-2040: the
+/// two differ only on 1867-10-19 in Alaska, where three hours missed the day's first
+/// occurrence.
 ///
 /// Only immutable functions of the parameters, so the planner folds it to a constant as it did
 /// the plain midnight: the arithmetic is on UTC wall times, since `timestamptz - interval` is
@@ -401,7 +404,7 @@ fn day_bounds(zone: Zone, from: &str, to: &str) -> (String, String) {
 /// 1.5 s against 0.29 s folded).
 fn first_instant(name: &str, date: &str) -> String {
     let midnight = format!("({date}::timestamp at time zone '{name}')");
-    let before = format!("(({midnight} at time zone 'UTC') - interval '3 hours')");
+    let before = format!("(({midnight} at time zone 'UTC') - interval '25 hours')");
     let offset = format!("((({before} at time zone 'UTC') at time zone '{name}') - {before})");
     let earlier = format!("(({date}::timestamp - {offset}) at time zone 'UTC')");
     format!(
