@@ -28,7 +28,7 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthenticated(&'static str),
     /// The token is valid but its role may not do this (403).
-    #[error("a {0} token may not do this")]
+    #[error("the {0} role may not do this")]
     Forbidden(crate::tokens::Role),
     /// No such resource (404).
     #[error("{0}")]
