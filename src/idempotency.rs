@@ -195,7 +195,11 @@ pub type KeyedRequest<'a> = (&'a IdempotencyKey, &'a Value);
 ///
 /// A key with a stored response is answered by it whoever holds the key: only a holder that
 /// found none executes, so a stored (unexpired) response is final, and retries of a finished
-/// request, reading it side by side, do not refuse each other as in use. A key that stands
+/// request, reading it side by side, do not refuse each other as in use. Expiry is read on the
+/// clock, not at the transaction's start (a batch may have waited for its product's row
+/// since), and a caller that did not get the key replays only a response with a minute left:
+/// one about to expire may be expiring for the holder, which then executes anew. A key that
+/// stands
 /// twice executes once: a transaction may take its own lock again, so only its first copy
 /// executes and a later one is in use (or answered by the stored response).
 pub async fn claim_all(
@@ -236,11 +240,12 @@ pub async fn claim_all(
     let requests: Vec<&Value> = keys.iter().map(|&(_, request)| request).collect();
     let stored = sqlx::query!(
         r#"select k.ord as "ord!", i.request = k.request as "same!", i.response_status,
-                  i.response_body
+                  i.response_body,
+                  i.expires_at > clock_timestamp() + interval '1 minute' as "lasting!"
            from unnest($1::text[], $2::text[], $3::jsonb[])
                with ordinality as k(scope, key, request, ord)
            join idempotency_keys i on i.scope = k.scope and i.key = k.key
-           where i.expires_at > now()"#,
+           where i.expires_at > clock_timestamp()"#,
         &scopes as &[&str],
         &names as &[&str],
         &requests as &[&Value],
@@ -248,7 +253,11 @@ pub async fn claim_all(
     .fetch_all(tx)
     .await?;
     for row in stored {
-        claims[position(row.ord)] = if row.same {
+        let i = position(row.ord);
+        if !matches!(claims[i], Claim::Execute) && !row.lasting {
+            continue;
+        }
+        claims[i] = if row.same {
             Claim::Replay(StoredResponse {
                 status: row.response_status as u16,
                 body: row.response_body,

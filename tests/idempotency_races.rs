@@ -51,6 +51,29 @@ async fn a_retry_of_a_finished_request_is_answered_while_another_retry_holds_the
     }
 }
 
+/// An answer about to expire may be expiring for the request holding its key, which then
+/// executes anew: a retry that cannot take the key is told it is in use, not the old answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_not_replayed_an_answer_about_to_expire_while_the_key_is_held() {
+    let (app, _, body, first) = placed(true, "expiring").await;
+    sqlx::query(
+        "update idempotency_keys set expires_at = clock_timestamp() + interval '20 seconds'
+         where key = 'expiring'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let holder = key_held(&app, "expiring").await;
+    let (status, answer) = post_order(&app, Some("expiring"), &body).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_error(&answer, "IDEMPOTENCY_KEY_IN_USE");
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        post_order(&app, Some("expiring"), &body).await,
+        (201, first)
+    );
+}
+
 /// Two retries of a finished request that land in the same coalesced batch both get its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_of_a_finished_request_in_one_batch_are_each_answered() {

@@ -73,22 +73,27 @@ fn exact_integer(text: &str) -> Option<i64> {
         Some(rest) => (true, rest),
         None => (false, text),
     };
-    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
-        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i64>().ok()?),
-        None => (unsigned, 0),
-    };
+    let (mantissa, exponent) = unsigned
+        .split_once(['e', 'E'])
+        .map_or((unsigned, None), |(mantissa, exponent)| {
+            (mantissa, Some(exponent))
+        });
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits = format!("{whole}{fraction}");
     if whole.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    // The value is `digits` times ten to the `scale`.
+    // The value is `digits` times ten to the `scale`; zero whatever its exponent.
     let significant = digits.trim_end_matches('0');
-    let scale = exponent - fraction.len() as i64 + (digits.len() - significant.len()) as i64;
-    let significant = significant.trim_start_matches('0');
-    if significant.is_empty() {
+    if significant.trim_start_matches('0').is_empty() {
         return Some(0);
     }
+    let exponent: i64 = exponent.map_or(Some(0), |e| e.parse().ok())?;
+    let trailing_zeros = (digits.len() - significant.len()) as i64;
+    let scale = exponent
+        .checked_sub(fraction.len() as i64)?
+        .checked_add(trailing_zeros)?;
+    let significant = significant.trim_start_matches('0');
     if !(0..=18).contains(&scale) || significant.len() > 19 {
         return None;
     }
@@ -121,6 +126,10 @@ mod tests {
             ("1e-1", None),
             ("1e30", None),
             ("1e99999999999999999999", None),
+            ("10e9223372036854775807", None),
+            ("1.5e-9223372036854775808", None),
+            ("0e99999999999999999999", Some(0)),
+            ("0.0e-99999999999999999999", Some(0)),
             ("\"5\"", None),
             ("true", None),
         ] {

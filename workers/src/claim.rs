@@ -81,8 +81,8 @@ macro_rules! claim_statement {
                               else jobs.state end,
                  attempt = jobs.attempt + 1,
                  -- A rescue records the attempt its lost worker spent (one on its last attempt
-                 -- fails as that attempt, saying so: `execute`).
-                 errors = case when jobs.state <> 'queued' and jobs.attempt < jobs.max_attempts
+                 -- fails as that attempt, saying so: `execute`; a cancelling one only ends).
+                 errors = case when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
                                then jobs.errors || jsonb_build_array(jsonb_build_object(
                                    'attempt', jobs.attempt,
                                    'error', 'worker lost (its lease expired)',
