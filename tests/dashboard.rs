@@ -60,6 +60,14 @@ async fn the_dashboard_is_served_from_the_binary_and_loads_nothing_from_elsewher
     assert_eq!(html.matches("type=\"date\"").count(), 2, "two date fields");
 }
 
+/// An app with the probe kinds' tables and a worker process (returned) polling every 200 ms.
+async fn app_and_worker() -> (TestApp, WorkerProcess) {
+    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
+    probe_tables(&app.pool).await;
+    let worker = WorkerProcess::start(&app.config);
+    (app, worker)
+}
+
 /// Two products (one sold out) and three transactions paid on 2025-01-01.
 async fn seed(app: &TestApp) {
     app.product(12_345, 1_999).await;
@@ -79,10 +87,8 @@ async fn seed(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_browser() {
-    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
-    probe_tables(&app.pool).await;
+    let (app, _worker) = app_and_worker().await;
     seed(&app).await;
-    let _worker = WorkerProcess::start(&app.config);
     // Long jobs in small checkpointed batches: hundreds of batches, 300 ms apart.
     let long = json!({"upto": 600_000, "batch": 2_000, "sleep_ms": 300});
     let to_cancel = enqueue(&app.pool, COUNT, long.clone(), 1).await;
@@ -90,11 +96,7 @@ async fn an_operator_cancels_a_running_job_and_starts_a_settlement_in_a_real_bro
     let failed = enqueue(&app.pool, FAIL, json!({"times": 9}), 1).await;
     wait_mid_way(&app.pool, to_cancel).await;
 
-    let browser = Browser::start().await;
-    browser.open(&app.url("/")).await;
-    browser
-        .type_into("#token", &format!("{}{}", app.admin_token, Key::Enter))
-        .await;
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
     browser.wait_text("#token-state", "Applied").await;
     assert_eq!(
         browser.session_storage("settle.token").await,
@@ -168,9 +170,7 @@ async fn a_refused_settlement_says_why_on_the_page_and_starts_nothing() {
 /// finished since: the page lists every live job, not only the newest page of jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_older_than_the_newest_page_keeps_its_row() {
-    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
-    probe_tables(&app.pool).await;
-    let _worker = WorkerProcess::start(&app.config);
+    let (app, _worker) = app_and_worker().await;
     let long = json!({"upto": 600_000, "batch": 2_000, "sleep_ms": 300});
     let old = enqueue(&app.pool, COUNT, long, 1).await;
     wait_mid_way(&app.pool, old).await;
@@ -183,11 +183,7 @@ async fn a_running_job_older_than_the_newest_page_keeps_its_row() {
         wait_state(&app.pool, id, "completed").await;
     }
 
-    let browser = Browser::start().await;
-    browser.open(&app.url("/")).await;
-    browser
-        .type_into("#token", &format!("{}{}", app.admin_token, Key::Enter))
-        .await;
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
     browser.wait_job_status(old, "RUNNING").await;
     let cancel = format!("{} button[data-action=cancel]", Browser::job_row(old));
     browser.find(&cancel).await;
@@ -201,11 +197,7 @@ async fn a_refused_cancel_says_why_and_gives_its_button_back() {
     let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(0))]).await;
     let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: it stays QUEUED
     let token = common::auth::create_token(&app.pool, Role::Admin, None).await;
-    let browser = Browser::start().await;
-    browser.open(&app.url("/")).await;
-    browser
-        .type_into("#token", &format!("{token}{}", Key::Enter))
-        .await;
+    let browser = Browser::signed_in(&app.url("/"), &token).await;
     browser.wait_job_status(id, "QUEUED").await;
     app.revoke_newest(Role::Admin).await;
     let cancel = format!("{} button[data-action=cancel]", Browser::job_row(id));
@@ -215,12 +207,7 @@ async fn a_refused_cancel_says_why_and_gives_its_button_back() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let notice = browser.text("#notice").await.unwrap_or_default();
     assert!(notice.contains(&format!("Cancel job #{id}")), "{notice}");
-    let button = browser.find(&cancel).await;
-    let given_back = || async {
-        let label = button.text().await.ok()?;
-        (label == "Cancel" && button.is_enabled().await.ok()?).then_some(())
-    };
-    common::processes::wait_for(Duration::from_secs(10), "the Cancel button", given_back).await;
+    browser.wait_button(&cancel, "Cancel").await;
     assert_eq!(job_state(&app.pool, id).await, "queued");
     browser.close().await;
 }
@@ -230,15 +217,10 @@ async fn a_refused_cancel_says_why_and_gives_its_button_back() {
 /// fails the job within milliseconds, so some of the rounds read FAILED right after the click.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_job_that_fails_again_offers_its_retry_again() {
-    let app = spawn_app_with(&[("worker.poll_interval_ms", json!(200))]).await;
-    probe_tables(&app.pool).await;
-    let _worker = WorkerProcess::start(&app.config);
+    let (app, _worker) = app_and_worker().await;
     let failing = enqueue(&app.pool, FAIL, json!({"times": 100}), 1).await;
     wait_state(&app.pool, failing, "failed").await;
-    let browser = Browser::start().await;
-    browser.open(&app.url("/")).await;
-    let token = format!("{}{}", app.admin_token, Key::Enter);
-    browser.type_into("#token", &token).await;
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
     let retry = format!("{} button[data-action=retry]", Browser::job_row(failing));
     for failures in 2..=6 {
         browser.click(&retry).await;
@@ -248,16 +230,7 @@ async fn a_retried_job_that_fails_again_offers_its_retry_again() {
             (common::scalar_of(&app.pool, sql, failing).await >= failures).then_some(())
         })
         .await;
-        wait_for(
-            common::browser::PATIENCE,
-            "the Retry button back",
-            || async {
-                let button = browser.find(&retry).await;
-                let enabled = button.is_enabled().await.ok()?;
-                (enabled && button.text().await.ok()? == "Retry").then_some(())
-            },
-        )
-        .await;
+        browser.wait_button(&retry, "Retry").await;
     }
     browser.close().await;
 }

@@ -54,7 +54,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
 /// and `1.0000000000000001` to `1`, a stored amount other than the one sent.
 pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
     use serde::Deserialize;
-    let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+    // Borrowed from the body (every body is parsed from a slice), so nothing is copied.
+    let raw = <&serde_json::value::RawValue>::deserialize(deserializer)?;
     let text = raw.get().trim();
     exact_integer(text).ok_or_else(|| {
         let shown: String = text.chars().take(40).collect();
@@ -69,6 +70,10 @@ pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64,
 /// (its exact mode is a crate-wide feature that changes every `Value`), and this is all the
 /// decimal arithmetic it takes.
 fn exact_integer(text: &str) -> Option<i64> {
+    // The common case, a plain integer, without the decimal arithmetic.
+    if let Ok(integer) = text.parse::<i64>() {
+        return Some(integer);
+    }
     let (negative, unsigned) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),

@@ -103,6 +103,16 @@ impl Browser {
         }
     }
 
+    /// A browser on the dashboard at `url` with `token` applied (typed, then Enter), as an
+    /// operator signs in.
+    pub async fn signed_in(url: &str, token: &str) -> Self {
+        let browser = Self::start().await;
+        browser.open(url).await;
+        let keys = format!("{token}{}", fantoccini::key::Key::Enter);
+        browser.type_into("#token", &keys).await;
+        browser
+    }
+
     pub async fn open(&self, url: &str) {
         self.client.goto(url).await.expect("open the page");
     }
@@ -146,6 +156,17 @@ impl Browser {
             Some(iso_day),
             "{css} holds the date typed"
         );
+    }
+
+    /// Waits until the button `css` reads `label` and can be clicked.
+    pub async fn wait_button(&self, css: &str, label: &str) {
+        let what = format!("{css} to be an enabled {label:?}");
+        wait_for(PATIENCE, &what, || async {
+            let button = self.client.find(Locator::Css(css)).await.ok()?;
+            let enabled = button.is_enabled().await.ok()?;
+            (enabled && button.text().await.ok()? == label).then_some(())
+        })
+        .await;
     }
 
     /// The visible text of `css`, or `None` while it is not on the page.
