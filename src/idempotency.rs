@@ -199,9 +199,8 @@ pub type KeyedRequest<'a> = (&'a IdempotencyKey, &'a Value);
 /// clock, not at the transaction's start (a batch may have waited for its product's row
 /// since), and a caller that did not get the key replays only a response with a minute left:
 /// one about to expire may be expiring for the holder, which then executes anew. A key that
-/// stands
-/// twice executes once: a transaction may take its own lock again, so only its first copy
-/// executes and a later one is in use (or answered by the stored response).
+/// stands twice executes once: a transaction may take its own lock again, so only its first
+/// copy executes and a later one is in use (or answered by the stored response).
 pub async fn claim_all(
     tx: &mut PgConnection,
     keys: &[KeyedRequest<'_>],

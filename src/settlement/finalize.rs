@@ -12,10 +12,11 @@ use super::{DateRange, SettleError};
 
 /// Writes the job's sums into `settlements` where no newer input's rows stand (see
 /// [`replace_settlements`]), once the stored parts are as the run left them
-/// ([`SettleError::Behind`] where a crash took their last batches), stores the range's rows as
-/// the job's result (its CSV), and deletes the job's working rows, all in `tx`: the caller commits them with the job's
-/// completion, so the table, the result and COMPLETED land together or not at all. Returns the
-/// result's row count.
+/// ([`SettleError::Behind`] where a crash took their last batches) and no stored row of the
+/// input changed since the run fixed it ([`SettleError::Revised`]), stores the range's rows as
+/// the job's result (its CSV), and deletes the job's working rows, all in `tx`: the caller
+/// commits them with the job's completion, so the table, the result and COMPLETED land
+/// together or not at all. Returns the result's row count.
 pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     // The parts as stored, or the sums lack what a crash took of their last batches.
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
