@@ -2,7 +2,8 @@
 //! transaction holding the job's row locks) does not keep the job from being finished: Postgres
 //! ends the frozen transaction after `idle_in_transaction_session_timeout` (below the lease),
 //! another worker reclaims the job when the lease expires and finishes it exactly, and the
-//! frozen worker, once resumed, writes nothing.
+//! frozen worker, once resumed, writes nothing. A frozen worker's cancelling job ends CANCELLED
+//! the same way, with no lost attempt recorded.
 
 mod common;
 
@@ -15,7 +16,8 @@ use common::processes::{
 use common::{migrated_pool, test_config};
 use nix::sys::signal::Signal;
 use serde_json::json;
-use settle::jobs::kind::COUNT;
+use settle::jobs::kind::{COUNT, SLEEP};
+use settle_workers::{CancelOutcome, JobState, request_cancel};
 use sqlx::PgPool;
 
 /// True while some session of this database is idle in a transaction (the frozen batch).
@@ -79,6 +81,30 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
         "the frozen worker survives: {}",
         frozen.log_text()
     );
+}
+
+/// A frozen worker's job whose cancel was asked for (CANCELLING) is taken at lease expiry by
+/// another worker's claim and ends CANCELLED; the attempt it was on is not counted as a lost
+/// one: a cancelled job failed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_workers_cancelling_job_ends_cancelled_with_no_lost_attempt() {
+    let config = test_config(&short_lease(5000, 500));
+    let (pool, _db) = probe_pool(&config).await;
+    let id = enqueue(&pool, SLEEP, json!({"ms": 600_000}), 5).await;
+    let frozen = WorkerProcess::start(&config);
+    wait_state(&pool, id, "running").await;
+    frozen.signal(Signal::SIGSTOP);
+    let mut conn = pool.acquire().await.unwrap();
+    let outcome = request_cancel(&mut conn, id).await.unwrap();
+    assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelling));
+
+    // The frozen worker's liveness lock lives on, so only the lease's expiry frees the job.
+    let _rescuer = WorkerProcess::start(&config);
+    wait_state(&pool, id, "cancelled").await;
+    let (attempt, errors): (i32, serde_json::Value) = job_row(&pool, id, "attempt, errors").await;
+    assert_eq!(attempt, 2, "taken by the rescuer's claim");
+    assert_eq!(errors, json!([]), "no attempt counted as lost");
+    frozen.signal(Signal::SIGCONT);
 }
 
 #[tokio::test]
