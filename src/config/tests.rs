@@ -44,10 +44,28 @@ fn bad_value_is_named() {
         ("pagination.default_page_size", 501),
         ("auth.cache_ttl_ms", 60_001),
         ("schedule.check_interval_ms", 0),
+        ("worker.backoff_base_ms", 0),
+        ("worker.rescue_probe_ms", 0),
+        ("worker.concurrency", 10_001),
     ] {
         let err = refused(key, value);
-        assert!(err.contains(key), "{key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
     }
+    for (key, value) in [
+        // Twice these wrapped around in a release build and passed.
+        ("worker.heartbeat_ms", 1u64 << 63),
+        ("worker.shutdown_grace_ms", 1 << 63),
+        ("worker.lease_ms", 1 << 31),
+        ("http.request_timeout_ms", u64::MAX),
+    ] {
+        let err = refused(key, value);
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+    }
+    let err = refused(
+        "worker.timeouts",
+        serde_json::json!({"settlement": 1u64 << 31}),
+    );
+    assert!(err.contains("`worker.timeouts.settlement`"), "{err}");
 }
 
 #[test]

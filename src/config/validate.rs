@@ -3,6 +3,9 @@
 
 use super::{Config, ConfigError};
 
+/// The longest duration a key may give, in ms: Postgres' bound for its timeouts (2^31 - 1).
+const MAX_MS: u64 = i32::MAX as u64;
+
 impl Config {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, problem: &str| {
@@ -90,8 +93,59 @@ impl Config {
             return invalid("idempotency.prune_interval_ms", "must be positive");
         }
         let w = &self.worker;
-        if w.concurrency == 0 {
-            return invalid("worker.concurrency", "must be at least 1");
+        // Every duration stays within Postgres' bound for its own timeouts (several become
+        // `lock_timeout` or `idle_in_transaction_session_timeout`), and the comparisons below
+        // between them cannot overflow.
+        let durations = [
+            (
+                "database.acquire_timeout_ms",
+                self.database.acquire_timeout_ms,
+            ),
+            ("database.read_max_wait_ms", self.database.read_max_wait_ms),
+            (
+                "database.read_batch_timeout_ms",
+                self.database.read_batch_timeout_ms,
+            ),
+            ("http.request_timeout_ms", self.http.request_timeout_ms),
+            (
+                "http.download_stall_timeout_ms",
+                self.http.download_stall_timeout_ms,
+            ),
+            (
+                "idempotency.prune_interval_ms",
+                self.idempotency.prune_interval_ms,
+            ),
+            ("worker.lease_ms", w.lease_ms),
+            ("worker.heartbeat_ms", w.heartbeat_ms),
+            ("worker.shutdown_grace_ms", w.shutdown_grace_ms),
+            ("worker.poll_interval_ms", w.poll_interval_ms),
+            ("worker.rescue_probe_ms", w.rescue_probe_ms),
+            ("worker.rescue_grace_ms", w.rescue_grace_ms),
+            ("worker.backoff_base_ms", w.backoff_base_ms),
+            ("worker.backoff_max_ms", w.backoff_max_ms),
+            ("worker.retention_interval_ms", w.retention_interval_ms),
+            ("worker.vacuum_interval_ms", w.vacuum_interval_ms),
+            ("worker.job_timeout_ms", w.job_timeout_ms),
+            (
+                "schedule.check_interval_ms",
+                self.schedule.check_interval_ms,
+            ),
+        ];
+        let per_kind = w
+            .timeouts
+            .iter()
+            .map(|(kind, &ms)| (format!("worker.timeouts.{kind}"), ms));
+        let durations = durations.map(|(key, ms)| (key.to_owned(), ms));
+        if let Some((key, _)) = durations
+            .into_iter()
+            .chain(per_kind)
+            .find(|&(_, ms)| ms > MAX_MS)
+        {
+            return invalid(&key, "must be at most 2147483647 (ms, 24.8 days)");
+        }
+        // Each place is a permit and a slot the completer reserves up front.
+        if !(1..=10_000).contains(&w.concurrency) {
+            return invalid("worker.concurrency", "must be between 1 and 10000");
         }
         if w.batch_size < 1 {
             return invalid("worker.batch_size", "must be at least 1");
@@ -131,19 +185,25 @@ impl Config {
         if w.poll_interval_ms == 0 {
             return invalid("worker.poll_interval_ms", "must be positive");
         }
-        if w.rescue_probe_ms == 0 || w.rescue_grace_ms < w.rescue_probe_ms * 2 {
+        if w.rescue_probe_ms == 0 {
+            return invalid("worker.rescue_probe_ms", "must be positive");
+        }
+        if w.rescue_grace_ms < w.rescue_probe_ms * 2 {
             return invalid(
                 "worker.rescue_grace_ms",
-                "must be at least twice worker.rescue_probe_ms, which must be positive",
+                "must be at least twice worker.rescue_probe_ms",
             );
         }
         if w.max_attempts < 1 {
             return invalid("worker.max_attempts", "must be at least 1");
         }
-        if w.backoff_base_ms == 0 || w.backoff_max_ms < w.backoff_base_ms {
+        if w.backoff_base_ms == 0 {
+            return invalid("worker.backoff_base_ms", "must be positive");
+        }
+        if w.backoff_max_ms < w.backoff_base_ms {
             return invalid(
                 "worker.backoff_max_ms",
-                "must be at least worker.backoff_base_ms, which must be positive",
+                "must be at least worker.backoff_base_ms",
             );
         }
         if w.job_timeout_ms == 0 {
