@@ -61,7 +61,13 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", causes(&e));
+            // Said once, where the user sees it: through the log, or with the log turned off
+            // (`SETTLE_LOG=off`) on standard error, so a failure is never silent.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{}", causes(&e));
+            } else {
+                eprintln!("error: {}", causes(&e));
+            }
             ExitCode::FAILURE
         }
     }

@@ -41,6 +41,20 @@ fn api_refuses_an_unmigrated_database_until_migrate_runs() {
     assert!(settle(&url).arg("migrate").status().unwrap().success());
 }
 
+#[test]
+fn a_failure_is_said_on_standard_error_with_the_log_turned_off() {
+    let (url, _db) = fresh_database();
+    let missing = settle(&url)
+        .env("SETTLE_LOG", "off")
+        .args(["jobs", "list"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.starts_with("error: "), "{said}");
+    assert!(said.contains("settle migrate"), "{said}");
+}
+
 /// The encoding of the database `url` names.
 fn encoding_of(url: &str) -> String {
     let output = Command::new("psql")
