@@ -68,7 +68,8 @@ impl SeedArgs {
 pub struct SeedReport {
     pub products: u32,
     pub transactions: u64,
-    pub first_id: i64,
+    /// The first transaction id used (`None`: no transactions were asked for).
+    pub first_id: Option<i64>,
     pub seconds: f64,
 }
 
@@ -76,9 +77,25 @@ pub async fn run(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedReport> {
     anyhow::ensure!(args.days >= 1, "--days must be at least 1");
     anyhow::ensure!(args.merchants >= 1, "--merchants must be at least 1");
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    // The table's own bounds (migration 0017), checked before anything is written.
+    let end = args
+        .start
+        .checked_add_days(chrono::Days::new(args.days.into()));
+    let (first, last) = (
+        NaiveDate::from_ymd_opt(1, 1, 2).expect("valid date"),
+        NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date"),
+    );
+    anyhow::ensure!(
+        args.start >= first && end.is_some_and(|end| end <= last),
+        "--start and --days must keep paid_at on 0001-01-02 or later and before 9999-12-31 (UTC)"
+    );
     let started = Instant::now();
-    insert_products(pool, args).await?;
-    let first_id = copy_transactions(pool, args).await?;
+    let first_id = if args.transactions == 0 {
+        insert_products(pool, args).await?;
+        None
+    } else {
+        Some(copy_transactions(pool, args).await?)
+    };
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         transactions = args.transactions,
@@ -106,20 +123,20 @@ pub async fn demo_if_empty(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn insert_products(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<()> {
+async fn insert_products(conn: impl sqlx::PgExecutor<'_>, args: &SeedArgs) -> anyhow::Result<()> {
     sqlx::query!(
         "insert into products (name, price_cents, initial_stock, stock)
          select 'Demo product ' || n, 500 + (n * 250) % 10000, 1000, 1000
          from generate_series(1, $1) as n",
         args.products as i32,
     )
-    .execute(pool)
+    .execute(conn)
     .await
     .context("inserting products")?;
     Ok(())
 }
 
-/// Loads the transactions; returns the first id used.
+/// Loads the products and the transactions; returns the first transaction id used.
 ///
 /// The ids are reserved (`setval`) before any row exists, and each stream commits on its own;
 /// a settlement fixing its input meanwhile must not take a mark above ids still to come
@@ -153,6 +170,9 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
     .fetch_one(&mut *reservation)
     .await
     .context("reserving transaction ids")?;
+    // Committed with the reservation: a load that fails before its first stream commits
+    // leaves no products behind either.
+    insert_products(&mut *reservation, args).await?;
     let bar = progress_bar(args);
     let chunks = args.transactions.div_ceil(CHUNK);
     let mut streams = tokio::task::JoinSet::new();

@@ -144,3 +144,37 @@ async fn a_lock_queued_behind_the_load_fails_it_instead_of_hanging() {
     let rows = common::scalar(&pool, "select count(*) from transactions").await;
     assert_eq!(rows, 0);
 }
+
+/// Arguments that cannot load are refused before anything is written; no transactions at all
+/// load the products alone.
+#[tokio::test]
+async fn a_load_outside_the_tables_bounds_writes_nothing_and_none_loads_products_only() {
+    let (pool, _db) = common::migrated_pool(&common::test_config(&[])).await;
+    let far = SeedArgs {
+        start: chrono::NaiveDate::from_ymd_opt(9999, 12, 25).unwrap(),
+        ..args(1)
+    };
+    let err = format!("{:#}", seed::run(&pool, &far).await.unwrap_err());
+    assert!(err.contains("--start and --days"), "{err}");
+    let written = common::scalar(
+        &pool,
+        "select (select count(*) from products) + (select count(*) from transactions)",
+    )
+    .await;
+    assert_eq!(written, 0);
+
+    let none = SeedArgs {
+        transactions: 0,
+        ..args(1)
+    };
+    let report = seed::run(&pool, &none).await.expect("products alone load");
+    assert_eq!(report.first_id, None);
+    assert_eq!(
+        common::scalar(&pool, "select count(*) from products").await,
+        2
+    );
+    assert_eq!(
+        common::scalar(&pool, "select count(*) from transactions").await,
+        0
+    );
+}
