@@ -117,6 +117,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     listener,
                     metrics,
                     token.clone(),
+                    http::ServeLimits::of(&config.http),
                 ));
             }
             let ran = worker::run(pool.clone(), Arc::new(config), token).await;

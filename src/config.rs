@@ -68,8 +68,12 @@ pub struct HttpConfig {
     pub port: u16,
     /// Largest accepted request body; larger bodies get 413.
     pub max_body_bytes: usize,
-    /// Requests running longer than this are answered with 503.
+    /// Requests running longer than this are answered with 503; also how long a shutdown
+    /// waits for open connections.
     pub request_timeout_ms: u64,
+    /// A connection whose request head (request line and headers) takes longer than this to
+    /// arrive is closed.
+    pub header_read_timeout_ms: u64,
     /// A CSV download whose reader takes nothing for this long is cut off (a streamed body
     /// outlives `request_timeout_ms`; a stalled one would hold its snapshot open).
     pub download_stall_timeout_ms: u64,

@@ -381,6 +381,52 @@ async fn serve_then_signal(signal: &str) {
     assert!(status.success(), "graceful exit on {signal}: {status}");
 }
 
+/// A client that sends half a request head and then nothing: its connection is closed once
+/// `http.header_read_timeout_ms` passes, and a SIGTERM's shutdown waits for such a connection
+/// at most `http.request_timeout_ms` (both held their connection, and the process, for as
+/// long as the client liked).
+#[tokio::test]
+async fn a_half_sent_request_head_holds_neither_its_connection_nor_a_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, _db) = fresh_database();
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+    for (header_read_ms, request_ms) in [("1000", "30000"), ("600000", "1000")] {
+        let mut command = settle(&url);
+        command
+            .env("SETTLE_HTTP__HEADER_READ_TIMEOUT_MS", header_read_ms)
+            .env("SETTLE_HTTP__REQUEST_TIMEOUT_MS", request_ms)
+            .arg("api");
+        let mut child = tokio::process::Command::from(command)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (base, _, _log) = common::listening::base_url(&mut child).await;
+        let addr = base.trim_start_matches("http://").to_owned();
+        let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        half.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        if header_read_ms == "1000" {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(20), half.read_to_end(&mut rest));
+            read.await
+                .expect("the connection is closed once the head is late")
+                .ok();
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("exits though a client keeps its head unfinished")
+            .unwrap();
+        assert!(status.success(), "{status}");
+        drop(half);
+    }
+}
+
 /// SIGTERM reaches `serve` while orders wait on a locked product: the API still answers them
 /// (201) before the process exits. (The workers' side, idle, stopped at once and closed the
 /// pool it shares with the API: every order after the first got 503.)

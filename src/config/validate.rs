@@ -52,6 +52,9 @@ impl Config {
         if self.http.request_timeout_ms == 0 {
             return invalid("http.request_timeout_ms", "must be positive");
         }
+        if self.http.header_read_timeout_ms == 0 {
+            return invalid("http.header_read_timeout_ms", "must be positive");
+        }
         if self.database.read_batch_timeout_ms == 0 {
             return invalid("database.read_batch_timeout_ms", "must be positive");
         }
@@ -107,6 +110,10 @@ impl Config {
                 self.database.read_batch_timeout_ms,
             ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
             (
                 "http.download_stall_timeout_ms",
                 self.http.download_stall_timeout_ms,

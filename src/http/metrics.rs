@@ -75,6 +75,7 @@ pub async fn serve_process_metrics(
     listener: TcpListener,
     metrics: Metrics,
     shutdown: CancellationToken,
+    limits: super::ServeLimits,
 ) -> std::io::Result<()> {
     let app = Router::new().route(
         "/metrics",
@@ -85,5 +86,12 @@ pub async fn serve_process_metrics(
             )
         }),
     );
-    super::serve_router(listener, app, shutdown, ("worker metrics on", "/metrics")).await
+    super::serve_router(
+        listener,
+        app,
+        shutdown,
+        ("worker metrics on", "/metrics"),
+        limits,
+    )
+    .await
 }

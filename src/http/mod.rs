@@ -15,11 +15,11 @@ pub mod openapi;
 mod orders;
 mod pagination;
 mod products;
+mod serve;
 mod settlement_jobs;
 mod settlements;
 mod transactions;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +134,8 @@ async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -
 }
 
 pub use metrics::serve_process_metrics;
+pub use serve::ServeLimits;
+use serve::serve_router;
 
 /// Binds `http.host:http.port` (port 0: any free port); [`serve`] logs the address bound.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
@@ -153,27 +155,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // Said once it serves: `serve` binds before it migrates and loads its demo.
+    let limits = ServeLimits::of(&state.config.http);
     serve_router(
         listener,
         router(state),
         shutdown,
         ("settle api listening on", ""),
+        limits,
     )
     .await
-}
-
-/// Serves `app` on `listener` until `shutdown` fires, then lets in-flight requests finish.
-/// Logs `said.0`, the address and `said.1` (the path) as it starts.
-async fn serve_router(
-    listener: TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-    said: (&str, &str),
-) -> std::io::Result<()> {
-    let addr: SocketAddr = listener.local_addr()?;
-    let (what, path) = said;
-    tracing::info!(%addr, "{what} http://{addr}{path}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }

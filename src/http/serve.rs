@@ -1,0 +1,96 @@
+//! Serving a router: an accept loop over hyper's HTTP/1 connections, because `axum::serve`
+//! sets no timer, so a client that sends part of its request head and then nothing holds its
+//! connection (and a graceful shutdown) for as long as it likes. Here the head must arrive
+//! within `http.header_read_timeout_ms`, and a shutdown waits for open connections at most
+//! `http.request_timeout_ms` (every request is answered by then, but a CSV download's stream),
+//! then drops them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpConfig;
+
+/// How long a client may take over its request head, and a shutdown over open connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    pub header_read: Duration,
+    pub drain: Duration,
+}
+
+impl ServeLimits {
+    pub fn of(http: &HttpConfig) -> Self {
+        Self {
+            header_read: Duration::from_millis(http.header_read_timeout_ms),
+            drain: Duration::from_millis(http.request_timeout_ms),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then lets in-flight requests finish
+/// (within `limits.drain`). Logs `said.0`, the address and `said.1` (the path) as it starts.
+pub(super) async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    said: (&str, &str),
+    limits: ServeLimits,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let (what, path) = said;
+    tracing::info!(%addr, "{what} http://{addr}{path}");
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    pause_after(&e).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open {} ms after the shutdown began; closing them",
+            limits.drain.as_millis()
+        );
+    }
+    Ok(())
+}
+
+/// After a failed accept: a connection given up by its client is nothing; anything else (out
+/// of file descriptors, say) is logged and waited out for a second, as it will fail again at
+/// once.
+async fn pause_after(e: &std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if !matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        tracing::error!(error = %e, "cannot accept a connection");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
