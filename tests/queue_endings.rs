@@ -224,6 +224,45 @@ async fn an_ending_that_waits_for_a_cancel_in_flight_ends_cancelled() {
     }
 }
 
+/// A job on its last attempt whose worker died is put back in the queue by the probe, and the
+/// next claim takes it one attempt past its last (that claim's worker fails it as lost). When
+/// that worker dies too and a cancel ends the job instead, it ends as its last attempt: a
+/// finished job's attempt is never above `max_attempts`.
+#[tokio::test]
+async fn a_cancel_ending_a_job_claimed_past_its_last_attempt_keeps_it_in_range() {
+    let (pool, _db) = migrated_pool(&fast(&[])).await;
+    let id = enqueue(&pool, SLEEP, json!({"ms": 600_000}), 1).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let kinds = [SLEEP.to_owned()];
+    let lease = Duration::from_secs(60);
+    let claim = settle_workers::claim::claim;
+    claim(&mut conn, "dead+lock", 1, lease, &kinds, &[])
+        .await
+        .unwrap();
+    // No session holds the owner's liveness lock: the probe takes the job back.
+    let dead = ["dead+lock".to_owned()];
+    let probe = settle_workers::liveness::probe(&mut conn, "prober", &dead)
+        .await
+        .unwrap();
+    assert_eq!(probe.requeued, 1);
+    let claimed = claim(&mut conn, "next", 1, lease, &kinds, &[])
+        .await
+        .unwrap();
+    assert_eq!((claimed[0].attempt, claimed[0].max_attempts), (2, 1));
+    // That worker is lost before it records the failure: its lease runs out.
+    sqlx::query("update jobs set lease_expires_at = now() - interval '1 second' where id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        cancel(&pool, id).await,
+        CancelOutcome::Accepted(JobState::Cancelled)
+    );
+    let (state, attempt, ..) = job(&pool, id).await;
+    assert_eq!((state.as_str(), attempt), ("cancelled", 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snooze_keeps_a_pending_cancel() {
     let (pool, _db, _worker, _) = with_worker().await;

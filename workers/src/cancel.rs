@@ -115,7 +115,8 @@ pub async fn end_abandoned_cancels(
 
 /// Jobs nobody holds (queued, or their lease expired) end CANCELLED at once: they move to
 /// `finished_jobs`, as every ending does (`finish`), and are counted as ended once the caller
-/// commits. A former holder still alive finds its fence gone and writes nothing.
+/// commits. A former holder still alive finds its fence gone and writes nothing. A job claimed
+/// past its last attempt (its worker lost on it, see `finish::end_jobs`) ends as that attempt.
 async fn cancel_unheld(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Ended>, sqlx::Error> {
     sqlx::query_as!(
         Ended,
@@ -127,7 +128,8 @@ async fn cancel_unheld(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Ended
          insert into finished_jobs (id, kind, args, state, priority, attempt, max_attempts,
              run_at, fence, heartbeat_at, cancel_requested, processed, total, checkpoint, errors,
              result, created_at, started_at, finished_at)
-         select id, kind, args, 'cancelled', priority, attempt, max_attempts, run_at, fence,
+         select id, kind, args, 'cancelled', priority, least(attempt, max_attempts),
+                max_attempts, run_at, fence,
                 heartbeat_at, true, processed, total, checkpoint, errors, result, created_at,
                 started_at, now()
          from ended

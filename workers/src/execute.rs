@@ -141,7 +141,8 @@ async fn attempt(
         return fatal(format!("no handler registered for job kind {:?}", job.kind));
     };
     if job.attempt > job.max_attempts {
-        // Only a rescue claims past max_attempts: the job's worker was lost on every attempt.
+        // Only a job whose worker was lost on its last attempt is claimed past max_attempts
+        // (by a rescue, or from the queue the probe put it back in).
         return fatal("lease expired on the last attempt (worker lost)".into());
     }
     let (mut checkpoint, mut processed, mut total) =

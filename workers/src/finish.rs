@@ -23,8 +23,9 @@ use crate::state::JobState;
 /// statement's own parameters from `$3`. Every ending shares this shape, so they cannot drift
 /// apart. Without `requeue`, every job finishes (`$final` is true).
 ///
-/// A finished job's `attempt` is at most `max_attempts`: only a rescue claims past the last
-/// attempt (its worker was lost on it), and the job then ends as that last attempt.
+/// A finished job's `attempt` is at most `max_attempts`: a job is claimed past its last
+/// attempt only when its worker was lost on it (by a rescue, or from the queue the probe put it
+/// back in), and it then ends as that last attempt (here, or cancelled by `cancel`).
 ///
 /// `$final` is read on `held`, the rows as locked (`cancel_requested`, `attempt`,
 /// `max_attempts`), not on `jobs`: a cancel committing while this statement waits for its
