@@ -202,6 +202,34 @@ async fn a_resend_with_an_amount_in_exponent_form_replays() {
     assert_eq!(again, first);
 }
 
+/// The key's request holds each amount exactly: a resend under the key whose amount differs by
+/// one cent beyond a float's precision is another request (the same float would replay it).
+#[tokio::test]
+async fn a_keyed_resend_with_another_large_amount_is_refused() {
+    let app = spawn_app().await;
+    let body = |amount: &str| {
+        format!(
+            r#"{{"merchant_id": "m-1", "external_id": "ch_big", "amount_cents": {amount},
+                 "fee_cents": 0, "status": "PAID", "paid_at": "2025-01-31T12:00:00Z"}}"#
+        )
+    };
+    let post = |body: String| {
+        app.http
+            .post(app.url("/api/v1/transactions"))
+            .header("idempotency-key", "large")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = status_and_json(post(body("9007199254740993.0")).await.unwrap()).await;
+    assert_eq!(first, (201, report(1, 0)));
+    let other = post(body("9007199254740994.0")).await.unwrap();
+    assert_response_refused(other, 422, "IDEMPOTENCY_KEY_REUSED").await;
+    // The same amount written as an integer is the same request.
+    let again = status_and_json(post(body("9007199254740993")).await.unwrap()).await;
+    assert_eq!(again, first);
+}
+
 /// `paid_at` is kept to the microsecond without leaving its day: digits past the microsecond
 /// are dropped toward the past (also before 2000, where a cut toward zero would round up), and
 /// a leap second is the last microsecond of its minute.

@@ -99,7 +99,7 @@ async fn create_transactions(
     // The request as its key stores it (a resend is compared with it as jsonb); without a key
     // nothing reads it, and the body is not parsed a second time.
     let body = match &key {
-        Some(_) => serde_json::from_str(raw.get()).map_err(anyhow::Error::from)?,
+        Some(_) => keyed_request(&raw, &parsed)?,
         None => Value::Null,
     };
     let mut tx = match idempotency::begin(key.as_ref(), &app.pool, &body).await? {
@@ -140,6 +140,23 @@ async fn create_transactions(
     )
     .await?;
     Ok(respond(StatusCode::CREATED, report))
+}
+
+/// The request as its key stores it: the body, with each amount as the exact integer it was
+/// read as. A `Value` holds a number written with a fraction or an exponent as the nearest
+/// float, so `9007199254740993.0` and `9007199254740994.0` would compare equal and a resend
+/// with the other amount would be replayed instead of refused.
+fn keyed_request(raw: &RawValue, parsed: &[NewTransaction]) -> Result<Value, ApiError> {
+    let mut body: Value = serde_json::from_str(raw.get()).map_err(anyhow::Error::from)?;
+    let elements = match &mut body {
+        Value::Array(items) => items.iter_mut().collect(),
+        one => vec![one],
+    };
+    for (element, parsed) in elements.into_iter().zip(parsed) {
+        element["amount_cents"] = parsed.amount_cents.into();
+        element["fee_cents"] = parsed.fee_cents.into();
+    }
+    Ok(body)
 }
 
 /// The request's transactions, parsed: an object is one, an array 1 to `max`. Each element is
