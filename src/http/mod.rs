@@ -21,6 +21,7 @@ mod settlements;
 mod transactions;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -116,15 +117,34 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
+/// Set by the order handler once it has the whole request and starts placing the order; read
+/// by [`time_limit`] when the request runs out of time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OrderStarted(Arc<AtomicBool>);
+
+impl OrderStarted {
+    pub(crate) fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn marked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Answers 503 instead of letting a request hang past `http.request_timeout_ms`. An order
 /// placement cut short may still be placed (its batch runs on without the request), so it is
-/// answered as such: `ORDER_OUTCOME_UNKNOWN`, never a plain "unavailable".
-async fn time_limit(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// answered as such: `ORDER_OUTCOME_UNKNOWN`, never a plain "unavailable". An order request
+/// whose body had not all arrived placed nothing: that is a plain 503.
+async fn time_limit(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
-    let places_order = request.method() == Method::POST && request.uri().path() == "/api/v1/orders";
+    let order = OrderStarted::default();
+    if request.method() == Method::POST && request.uri().path() == "/api/v1/orders" {
+        request.extensions_mut().insert(order.clone());
+    }
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) if places_order => {
+        Err(_) if order.marked() => {
             // The handler, which counts the orders it answers, was dropped unanswered.
             crate::metrics::order(crate::metrics::OrderOutcome::Error);
             ApiError::OrderOutcomeUnknown { order_id: None }.into_response()

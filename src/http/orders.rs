@@ -1,10 +1,10 @@
 //! `/api/v1/orders`: place (optionally idempotent), get, list.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use settle_workers::error::sql_state;
@@ -81,14 +81,19 @@ pub struct PlaceOrderRequest {
             ORDER_OUTCOME_UNKNOWN: the connection failed during the commit, or the request ran past `http.request_timeout_ms`, and the service could not find out whether the order was placed \
             (`order_id`, when present, is its id if it was: `GET /api/v1/orders/{order_id}` tells, if that order has the request's buyer_id, product_id and quantity, since a database crash that lost the commit gives the id to a later order); a retry with the same Idempotency-Key \
             replays the order if it was placed and places it if not, while a retry without a key may place a second order. \
-            SERVICE_UNAVAILABLE: no database connection free in time, or the database unreachable, before anything was placed; retrying is safe", body = super::openapi::ErrorBody),
+            SERVICE_UNAVAILABLE: no database connection free in time, the database unreachable, or the request body not all received within `http.request_timeout_ms`, before anything was placed; retrying is safe", body = super::openapi::ErrorBody),
     )
 )]
 async fn place_order(
     State(app): State<AppState>,
+    started: Option<Extension<super::OrderStarted>>,
     key: KeyHeader,
     Json(request): Json<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
+    // The body is all here: from now on a timeout cannot say the order was not placed.
+    if let Some(Extension(started)) = started {
+        started.mark();
+    }
     let answer = place(&app, &key, request).await;
     if let Some(outcome) = order_outcome(&answer) {
         metrics::order(outcome);
