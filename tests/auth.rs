@@ -58,6 +58,15 @@ async fn no_malformed_or_unknown_token_is_401_with_the_bearer_challenge() {
         .await
         .unwrap();
     assert_eq!(basic.status(), 401, "only the Bearer scheme is accepted");
+    // Two credentials, a valid one first: neither counts.
+    let twice = plain
+        .get(app.url("/api/v1/jobs"))
+        .header("authorization", format!("Bearer {}", app.admin_token))
+        .header("authorization", format!("Bearer {unknown}"))
+        .send()
+        .await
+        .unwrap();
+    assert_response_refused(twice, 401, "UNAUTHENTICATED").await;
 }
 
 #[tokio::test]

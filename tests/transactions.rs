@@ -178,6 +178,18 @@ async fn an_idempotency_key_replays_the_first_answer() {
     let reused = post(json!([txn("m-1", 3, 0)])).await.unwrap();
     assert_response_refused(reused, 422, "IDEMPOTENCY_KEY_REUSED").await;
     assert_eq!(stored(&app).await, 2);
+    // Two keys: which one the client meant is unknown, so neither is used.
+    let two_keys = app
+        .http
+        .post(app.url("/api/v1/transactions"))
+        .header("idempotency-key", "ingest-batch-2")
+        .header("idempotency-key", "ingest-batch-1")
+        .json(&json!([txn("m-1", 4, 0)]))
+        .send()
+        .await
+        .unwrap();
+    assert_response_refused(two_keys, 422, "INVALID_IDEMPOTENCY_KEY").await;
+    assert_eq!(stored(&app).await, 2);
 }
 
 /// The stored request is jsonb, which keeps the float `1e16` (as serde_json writes it back) as

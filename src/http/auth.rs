@@ -94,11 +94,16 @@ pub async fn require_token(
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 7235).
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ApiError::Unauthenticated(
-            "this route needs an Authorization: Bearer <token> header",
-        ))?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(ApiError::Unauthenticated(
+        "this route needs an Authorization: Bearer <token> header",
+    ))?;
+    // Which of two credentials would count is anyone's guess: neither does.
+    if values.next().is_some() {
+        return Err(ApiError::Unauthenticated(
+            "send one Authorization header, not several",
+        ));
+    }
     let malformed = || ApiError::Unauthenticated("the Authorization header is not Bearer <token>");
     let (scheme, token) = value
         .to_str()

@@ -32,9 +32,23 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Self {
-            key: parts.headers.get(HEADER).cloned(),
-        })
+        // Repeated, the header is its values joined by ", " (as HTTP combines a repeated
+        // field), which no key can be: refused as invalid, never the first one used silently.
+        let mut values = parts.headers.get_all(HEADER).iter();
+        let key = match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(one), None) => Some(one.clone()),
+            (Some(first), Some(second)) => {
+                let joined = [first, second]
+                    .into_iter()
+                    .chain(values)
+                    .map(HeaderValue::as_bytes)
+                    .collect::<Vec<_>>()
+                    .join(&b", "[..]);
+                Some(HeaderValue::from_bytes(&joined).unwrap_or(HeaderValue::from_static(", ")))
+            }
+        };
+        Ok(Self { key })
     }
 }
 
