@@ -47,7 +47,8 @@ pub enum Command {
     Tokens(tokens::command::TokensCommand),
     /// Load demo data at scale with COPY.
     Seed(seed::SeedArgs),
-    /// Benchmarks against the raw Postgres limit measured in the same run.
+    /// Benchmarks against the raw Postgres limit measured in the same run. Each owns its
+    /// database (`--database`, named settle_bench*) and may empty it.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Jobs for operators: list, show, cancel, retry, straight on the database.

@@ -26,7 +26,7 @@ pub struct IngestArgs {
     /// Concurrent clients (HTTP connections, and SQL connections for the bare INSERT).
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
-    /// Database the benchmark uses (dropped and recreated); never the service's own.
+    /// Database the benchmark owns, named settle_bench*: dropped and recreated at each run.
     #[arg(long, default_value = "settle_bench_ingest")]
     pub database: String,
 }

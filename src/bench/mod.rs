@@ -1,5 +1,7 @@
 //! Benchmarks: each drives settle the way users do and prints its figures next to the raw
-//! Postgres rate of the same work measured in the same run, with the ratio.
+//! Postgres rate of the same work measured in the same run, with the ratio. Each runs on a
+//! database of its own, named `settle_bench*` ([`process::bench_config`] refuses any other):
+//! it may empty, reload or drop it.
 
 mod drive;
 mod history;

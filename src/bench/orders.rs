@@ -31,7 +31,7 @@ pub struct OrdersArgs {
     /// Units of the sell-out phase: keyed clients order one unit each until it is sold out.
     #[arg(long, default_value_t = 60_000)]
     pub sell_out: i64,
-    /// Database the benchmark uses (dropped and recreated); never the service's own.
+    /// Database the benchmark owns, named settle_bench*: dropped and recreated at each run.
     #[arg(long, default_value = "settle_bench")]
     pub database: String,
 }

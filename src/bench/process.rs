@@ -10,10 +10,31 @@ use tokio::process::{Child, Command};
 
 use crate::config::Config;
 
-/// The configuration with its database URL pointed at `database`.
+/// What every benchmark database's name begins with: a benchmark owns its database and may
+/// empty, reload or drop it, so it refuses any other.
+pub const DATABASE_PREFIX: &str = "settle_bench";
+
+/// The configuration with its database URL pointed at `database`, which must be a benchmark's
+/// (see [`ensure_bench_database`]).
 pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config> {
     config.database.url = with_database(&config.database.url, database).context("database.url")?;
+    ensure_bench_database(&config.database.url)?;
     Ok(config)
+}
+
+/// Refuses `url` unless the database it connects to (its path, or a `dbname` parameter that
+/// overrides it) is named [`DATABASE_PREFIX`]`*`.
+pub fn ensure_bench_database(url: &str) -> anyhow::Result<()> {
+    let options = crate::db::connect_options(url)?;
+    let name = options
+        .get_database()
+        .context("database.url names no database")?;
+    anyhow::ensure!(
+        name.starts_with(DATABASE_PREFIX),
+        "refusing database {name}: a benchmark empties and reloads its database, so it runs only \
+         on one named {DATABASE_PREFIX}* (--database)"
+    );
+    Ok(())
 }
 
 /// `url` naming `database` instead of its own.
@@ -26,15 +47,7 @@ pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
 /// Drops the benchmark database so every run starts from the same state; `cli::open`
 /// recreates and migrates it.
 pub async fn recreate_database(config: &Config) -> anyhow::Result<()> {
-    let options = crate::db::connect_options(&config.database.url)?;
-    let name = options
-        .get_database()
-        .context("database.url names no database")?
-        .to_owned();
-    anyhow::ensure!(
-        name.starts_with("settle_bench"),
-        "refusing to drop {name}: benchmark databases are named settle_bench*"
-    );
+    ensure_bench_database(&config.database.url)?;
     crate::db::drop_database_if_exists(&config.database.url).await?;
     Ok(())
 }
@@ -144,4 +157,19 @@ pub fn listening_url(line: &str) -> Option<String> {
         .take_while(|c| !c.is_whitespace() && *c != '\x1b')
         .collect();
     Some(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_benchmark_database_is_accepted() {
+        let url = "postgres://postgres@127.0.0.1:5432/";
+        assert!(ensure_bench_database(&format!("{url}settle_bench_queue")).is_ok());
+        let refused = ensure_bench_database(&format!("{url}settle")).unwrap_err();
+        assert!(refused.to_string().contains("settle_bench*"), "{refused}");
+        // A `dbname` parameter overrides the path: the name checked is the one connected to.
+        assert!(ensure_bench_database(&format!("{url}settle_bench_x?dbname=settle")).is_err());
+    }
 }

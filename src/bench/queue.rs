@@ -39,7 +39,8 @@ pub struct QueueArgs {
     pub deep: bool,
     #[command(flatten)]
     pub deep_args: super::queue_deep::DeepArgs,
-    /// Database the benchmark uses (created if missing); never the service's own.
+    /// Database the benchmark owns, named settle_bench*: created if missing, its jobs emptied
+    /// before and between phases (graphile's side recreates `<database>_graphile`).
     #[arg(long, default_value = "settle_bench_queue")]
     pub database: String,
 }

@@ -26,8 +26,8 @@ pub struct ReplicaBenchArgs {
     /// Pairs of jobs (primary reads, standby reads) to run; the medians are the figures.
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
-    /// Database the benchmark uses on the primary (created if missing; its transactions are
-    /// reused).
+    /// Database the benchmark owns on the primary, named settle_bench*: created if missing;
+    /// its transactions are reused if it holds exactly as many, else emptied and seeded.
     #[arg(long, default_value = "settle_bench_settlement")]
     pub database: String,
 }

@@ -38,7 +38,8 @@ pub struct RescueArgs {
     /// resumption.
     #[arg(long, default_value_t = 100_000)]
     pub batch_size: i64,
-    /// Database the benchmark uses (created if missing; its transactions are reused).
+    /// Database the benchmark owns, named settle_bench*: created if missing; its transactions
+    /// are reused if it holds exactly as many, else emptied and seeded.
     #[arg(long, default_value = "settle_bench_rescue")]
     pub database: String,
 }

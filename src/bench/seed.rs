@@ -13,7 +13,7 @@ pub struct SeedBenchArgs {
     /// Transactions each side loads.
     #[arg(long, default_value_t = 10_000_000)]
     pub transactions: u64,
-    /// Database the benchmark uses (dropped and recreated).
+    /// Database the benchmark owns, named settle_bench*: dropped and recreated at each run.
     #[arg(long, default_value = "settle_bench_seed")]
     pub database: String,
 }
