@@ -147,7 +147,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pool.close().await;
             done
         }
-        Command::Bench(command) => bench::run(command, config).await,
+        Command::Bench(command) => bench::run(command, config, cli.config).await,
         Command::Jobs(command) => {
             let pool = open(&config, config.database.migrate_on_start).await?;
             let done =

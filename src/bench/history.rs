@@ -5,24 +5,25 @@
 use chrono::NaiveDate;
 use sqlx::PgPool;
 
-use crate::config::Config;
+use super::process::Setup;
 use crate::seed::{self, SeedArgs};
 use crate::settlement::DateRange;
 
-/// A settlement benchmark's database (see [`super::process::bench_config`]) holding `seed`'s
-/// transactions (seeded unless exactly that many are there), and the range of all their days.
+/// A settlement benchmark's setup on `database` (see [`Setup::on_database`]), its pool, holding
+/// `seed`'s transactions (seeded unless exactly that many are there), and the range of all
+/// their days.
 pub(super) async fn seeded(
-    config: Config,
+    setup: Setup,
     database: &str,
     seed: &SeedArgs,
-) -> anyhow::Result<(Config, PgPool, DateRange)> {
-    let config = super::process::bench_config(config, database)?;
-    let pool = crate::cli::open(&config, true).await?;
+) -> anyhow::Result<(Setup, PgPool, DateRange)> {
+    let setup = setup.on_database(database)?;
+    let pool = crate::cli::open(&setup.config, true).await?;
     ensure_seeded(&pool, seed).await?;
     let last_day = seed.start + chrono::Days::new(u64::from(seed.days) - 1);
     let range =
         DateRange::new(seed.start, last_day, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((config, pool, range))
+    Ok((setup, pool, range))
 }
 
 /// [`SeedArgs`] of `transactions` over `days` and `merchants`, quietly.

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 
-use super::process::ApiProcess;
+use super::process::{ApiProcess, Setup};
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -50,23 +50,24 @@ fn batch(prefix: &str, b: usize, size: usize) -> Value {
     Value::Array((0..size).map(|i| transaction(prefix, b, i)).collect())
 }
 
-pub async fn run(args: IngestArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
-    super::process::recreate_database(&config).await?;
-    let pool = crate::cli::open(&config, true).await?;
+pub async fn run(args: IngestArgs, setup: Setup) -> anyhow::Result<()> {
+    let setup = setup.on_database(&args.database)?;
+    let config = &setup.config;
+    super::process::recreate_database(config).await?;
+    let pool = crate::cli::open(config, true).await?;
     let rows = (args.batches * args.batch_size) as f64;
     println!(
         "settle bench ingest: {} posts of {} transactions, {} clients, database {}",
         args.batches, args.batch_size, args.clients, args.database
     );
-    let api = ApiProcess::start(&config).await?;
+    let api = ApiProcess::start(&setup).await?;
     let client = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
     let (http, inserted) = http_phase(&client, &api.base_url, &args, "http").await?;
     anyhow::ensure!(inserted == rows as u64, "stored {inserted} of {rows}");
     let (resend, again) = http_phase(&client, &api.base_url, &args, "http").await?;
     anyhow::ensure!(again == 0, "a re-send stored {again} rows");
     api.stop().await?;
-    let bare = bare_phase(&config, &args).await?;
+    let bare = bare_phase(config, &args).await?;
     let stored = sqlx::query_scalar!(r#"select count(*) as "count!" from transactions"#)
         .fetch_one(&pool)
         .await?;

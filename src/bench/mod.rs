@@ -1,6 +1,6 @@
 //! Benchmarks: each drives settle the way users do and prints its figures next to the raw
 //! Postgres rate of the same work measured in the same run, with the ratio. Each runs on a
-//! database of its own, named `settle_bench*` ([`process::bench_config`] refuses any other):
+//! database of its own, named `settle_bench*` ([`process::Setup::on_database`] refuses any other):
 //! it may empty, reload or drop it.
 
 mod drive;
@@ -15,6 +15,8 @@ mod replica;
 mod rescue;
 mod seed;
 mod settlement;
+
+use std::path::PathBuf;
 
 use clap::Subcommand;
 
@@ -41,14 +43,21 @@ pub enum BenchCommand {
     Settlement(settlement::SettlementBenchArgs),
 }
 
-pub async fn run(command: BenchCommand, config: Config) -> anyhow::Result<()> {
+/// Runs `command` with `config`, loaded from `config_file` (if any) and the environment; the
+/// benchmark's child processes load the same file.
+pub async fn run(
+    command: BenchCommand,
+    config: Config,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let setup = process::Setup::new(config, config_file);
     match command {
-        BenchCommand::Ingest(args) => ingest::run(args, config).await,
-        BenchCommand::Orders(args) => orders::run(args, config).await,
-        BenchCommand::Queue(args) => queue::run(args, config).await,
-        BenchCommand::Replica(args) => replica::run(args, config).await,
-        BenchCommand::Rescue(args) => rescue::run(args, config).await,
-        BenchCommand::Seed(args) => seed::run(args, config).await,
-        BenchCommand::Settlement(args) => settlement::run(args, config).await,
+        BenchCommand::Ingest(args) => ingest::run(args, setup).await,
+        BenchCommand::Orders(args) => orders::run(args, setup).await,
+        BenchCommand::Queue(args) => queue::run(args, setup).await,
+        BenchCommand::Replica(args) => replica::run(args, setup).await,
+        BenchCommand::Rescue(args) => rescue::run(args, setup).await,
+        BenchCommand::Seed(args) => seed::run(args, setup).await,
+        BenchCommand::Settlement(args) => settlement::run(args, setup).await,
     }
 }

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use super::drive::{Outcome, Phase, Until, drive};
-use super::process::ApiProcess;
+use super::process::{ApiProcess, Setup};
 use crate::config::Config;
 use crate::orders::store;
 use crate::orders::{BuyerId, NewOrder, Quantity, Rejected};
@@ -39,10 +39,11 @@ pub struct OrdersArgs {
 /// Longest a sell-out may take before the phase fails.
 const SELL_OUT_CAP: Duration = Duration::from_secs(600);
 
-pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
-    super::process::recreate_database(&config).await?;
-    let pool = crate::cli::open(&config, true).await?;
+pub async fn run(args: OrdersArgs, setup: Setup) -> anyhow::Result<()> {
+    let setup = setup.on_database(&args.database)?;
+    let config = &setup.config;
+    super::process::recreate_database(config).await?;
+    let pool = crate::cli::open(config, true).await?;
     let duration = Duration::from_secs(args.seconds);
     let clients = args.clients;
     println!(
@@ -54,13 +55,13 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
     // The API as configured (orders for one product coalesced into shared transactions),
     // without and with keys, and the sell-out; then with one statement per request, the path
     // the raw phases replay without HTTP.
-    let api = ApiProcess::start(&config).await?;
+    let api = ApiProcess::start(&setup).await?;
     let http = timed_http(&pool, &api.base_url, clients, duration, None).await;
     let keyed = timed_http(&pool, &api.base_url, clients, duration, Some("k")).await;
     let sold_out = sell_out(&pool, &api.base_url, clients, args.sell_out).await;
     api.stop().await?;
     let (http, keyed, sold_out) = (http?, keyed?, sold_out?);
-    let api = ApiProcess::start_with(&config, &[("SETTLE_ORDERS__COALESCE", "false")]).await?;
+    let api = ApiProcess::start_with(&setup, &[("SETTLE_ORDERS__COALESCE", "false")]).await?;
     let single = timed_http(&pool, &api.base_url, clients, duration, None).await;
     let single_keyed = timed_http(&pool, &api.base_url, clients, duration, Some("1k")).await;
     api.stop().await?;
@@ -78,11 +79,11 @@ pub async fn run(args: OrdersArgs, config: Config) -> anyhow::Result<()> {
     // The same statement from as many clients, first with one connection per client (the
     // pgbench-style limit), then through a pool as large as the API's, since fewer
     // connections queue on the hot row's lock less.
-    let raw_clients = raw_phase(&config, clients, clients as u32, duration).await?;
+    let raw_clients = raw_phase(config, clients, clients as u32, duration).await?;
     raw_clients.0.print("raw");
     check_invariant(&pool, raw_clients.1).await?;
     let api_pool = config.database.max_connections;
-    let raw_pooled = raw_phase(&config, clients, api_pool, duration).await?;
+    let raw_pooled = raw_phase(config, clients, api_pool, duration).await?;
     raw_pooled.0.print("raw/p");
     check_invariant(&pool, raw_pooled.1).await?;
 

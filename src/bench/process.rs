@@ -1,6 +1,7 @@
 //! Child `settle` processes for benchmarks: real processes on real ports, so a benchmark
 //! measures what a deployment runs.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,12 +15,57 @@ use crate::config::Config;
 /// empty, reload or drop it, so it refuses any other.
 pub const DATABASE_PREFIX: &str = "settle_bench";
 
-/// The configuration with its database URL pointed at `database`, which must be a benchmark's
-/// (see [`ensure_bench_database`]).
-pub fn bench_config(mut config: Config, database: &str) -> anyhow::Result<Config> {
-    config.database.url = with_database(&config.database.url, database).context("database.url")?;
-    ensure_bench_database(&config.database.url)?;
-    Ok(config)
+/// What a benchmark runs with, and starts every child `settle` process with.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The loaded configuration; its URL names the benchmark's database once
+    /// [`Setup::on_database`] has pointed it there.
+    pub config: Config,
+    /// The `--config` (or `SETTLE_CONFIG`) file it was loaded from: the children load it too, so
+    /// they run with the settings the benchmark prints.
+    config_file: Option<PathBuf>,
+}
+
+impl Setup {
+    pub fn new(config: Config, config_file: Option<PathBuf>) -> Self {
+        Self {
+            config,
+            config_file,
+        }
+    }
+
+    /// This setup with its database URL pointed at `database`, which must be a benchmark's
+    /// (see [`ensure_bench_database`]).
+    pub fn on_database(mut self, database: &str) -> anyhow::Result<Self> {
+        let url = &mut self.config.database.url;
+        *url = with_database(url, database).context("database.url")?;
+        ensure_bench_database(url)?;
+        Ok(self)
+    }
+
+    /// `settle <subcommand>` with this setup's configuration file and database, logging at
+    /// `log` to this process' stderr or (`piped`) to a pipe the caller reads; killed when
+    /// dropped. Every child process of the benchmarks starts here.
+    pub fn command(&self, subcommand: &str, log: &str, piped: bool) -> anyhow::Result<Command> {
+        let mut command = Command::new(std::env::current_exe()?);
+        if let Some(file) = &self.config_file {
+            command.arg("--config").arg(file);
+        }
+        command
+            .arg(subcommand)
+            // The configuration's last layer (`config::env_layer`): an exported DATABASE_URL
+            // would otherwise win over the benchmark's database, SETTLE_DATABASE__URL included.
+            .env("DATABASE_URL", &self.config.database.url)
+            .env("SETTLE_LOG", log)
+            .stdout(Stdio::null())
+            .stderr(if piped {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .kill_on_drop(true);
+        Ok(command)
+    }
 }
 
 /// Refuses `url` unless the database it connects to (its path, or a `dbname` parameter that
@@ -74,14 +120,15 @@ pub struct ApiProcess {
 }
 
 impl ApiProcess {
-    /// Starts `settle api` against `config`'s database and waits until it is ready.
-    pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        Self::start_with(config, &[]).await
+    /// Starts `settle api` on `setup`'s database and waits until it is ready.
+    pub async fn start(setup: &Setup) -> anyhow::Result<Self> {
+        Self::start_with(setup, &[]).await
     }
 
     /// [`Self::start`] with extra environment variables (configuration overrides).
-    pub async fn start_with(config: &Config, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut child = settle_command(config, "api", "warn,settle=info", true)?
+    pub async fn start_with(setup: &Setup, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut child = setup
+            .command("api", "warn,settle=info", true)?
             .envs(env.iter().copied())
             .env("PORT", "0")
             .spawn()
@@ -124,29 +171,6 @@ pub async fn post_json(
 ) -> anyhow::Result<serde_json::Value> {
     let answer = http.post(url).json(body).send().await?.error_for_status()?;
     Ok(answer.json().await?)
-}
-
-/// `settle <subcommand>` on `config`'s database, logging at `log` to this process' stderr or
-/// (`piped`) to a pipe the caller reads; killed when dropped.
-pub fn settle_command(
-    config: &Config,
-    subcommand: &str,
-    log: &str,
-    piped: bool,
-) -> anyhow::Result<Command> {
-    let mut command = Command::new(std::env::current_exe()?);
-    command
-        .arg(subcommand)
-        .env("SETTLE_DATABASE__URL", &config.database.url)
-        .env("SETTLE_LOG", log)
-        .stdout(Stdio::null())
-        .stderr(if piped {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
-        })
-        .kill_on_drop(true);
-    Ok(command)
 }
 
 /// The URL in the API's "listening on http://…" log line, without trailing fields or colours.

@@ -15,7 +15,7 @@ use settle_workers::NewJob;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
-use crate::config::Config;
+use super::process::Setup;
 use crate::jobs::kind;
 
 #[derive(Debug, Args)]
@@ -45,12 +45,13 @@ pub struct QueueArgs {
     pub database: String,
 }
 
-pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
-    let pool = crate::cli::open(&config, true).await?;
+pub async fn run(args: QueueArgs, setup: Setup) -> anyhow::Result<()> {
+    let setup = setup.on_database(&args.database)?;
+    let config = &setup.config;
+    let pool = crate::cli::open(config, true).await?;
     clear_jobs(&pool).await?;
     if args.deep {
-        return super::queue_deep::run(&args.deep_args, &config, &pool, args.workers).await;
+        return super::queue_deep::run(&args.deep_args, &setup, &pool, args.workers).await;
     }
     let w = &config.worker;
     println!(
@@ -60,11 +61,11 @@ pub async fn run(args: QueueArgs, config: Config) -> anyhow::Result<()> {
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         println!("round {round}");
-        let settle = settle_round(&config, &pool, &args).await?;
-        let graphile = super::queue_peers::graphile(&args.peers, &config, &args).await?;
+        let settle = settle_round(&setup, &pool, &args).await?;
+        let graphile = super::queue_peers::graphile(&args.peers, &setup, &args).await?;
         rounds.push((settle, graphile));
     }
-    let pgbench = super::queue_peers::pgbench(&args.peers, &config, args.jobs).await?;
+    let pgbench = super::queue_peers::pgbench(&args.peers, config, args.jobs).await?;
     super::queue_peers::print_ratios(&rounds, &pgbench);
     Ok(())
 }
@@ -78,11 +79,11 @@ pub struct SettleRound {
 /// Starts the workers, measures pickup on the idle queue and then the drain of `args.jobs`,
 /// stops the workers and empties the queue.
 async fn settle_round(
-    config: &Config,
+    setup: &Setup,
     pool: &PgPool,
     args: &QueueArgs,
 ) -> anyhow::Result<SettleRound> {
-    let workers = start_workers(config, args.workers).await?;
+    let workers = start_workers(setup, args.workers).await?;
     let (latency_p50, latency_p99) = latency_phase(pool, args.latency_jobs).await?;
     println!(
         "pickup   settle enqueue-to-start on an idle queue: p50 {latency_p50:.2} ms   p99 {latency_p99:.2} ms   ({} jobs, one at a time)",
@@ -111,9 +112,9 @@ async fn settle_round(
 }
 
 /// Starts `n` workers and lets them connect and LISTEN before any clock starts.
-pub(super) async fn start_workers(config: &Config, n: usize) -> anyhow::Result<Vec<Child>> {
+pub(super) async fn start_workers(setup: &Setup, n: usize) -> anyhow::Result<Vec<Child>> {
     let workers = (0..n)
-        .map(|_| start_worker(config))
+        .map(|_| start_worker(setup))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(workers)
@@ -127,8 +128,9 @@ pub(super) async fn stop_workers(workers: Vec<Child>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_worker(config: &Config) -> anyhow::Result<Child> {
-    super::process::settle_command(config, "worker", "warn", false)?
+fn start_worker(setup: &Setup) -> anyhow::Result<Child> {
+    setup
+        .command("worker", "warn", false)?
         // The no-op jobs drained here are a probe kind, off in a production worker.
         .env("SETTLE_WORKER__TEST_KINDS", "true")
         .spawn()

@@ -17,8 +17,8 @@ use anyhow::Context;
 use clap::Args;
 use sqlx::PgPool;
 
+use super::process::Setup;
 use super::queue::{clear_jobs, enqueue_all, start_workers, stop_workers, wait_drained};
-use crate::config::Config;
 
 #[derive(Debug, Args)]
 pub struct DeepArgs {
@@ -41,15 +41,16 @@ pub struct DeepArgs {
 
 pub async fn run(
     deep: &DeepArgs,
-    config: &Config,
+    setup: &Setup,
     pool: &PgPool,
     workers: usize,
 ) -> anyhow::Result<()> {
+    let config = &setup.config;
     println!(
         "settle bench queue --deep: {workers} worker processes x concurrency {}, claim_batch {}",
         config.worker.concurrency, config.worker.claim_batch
     );
-    let running = start_workers(config, workers).await?;
+    let running = start_workers(setup, workers).await?;
     let shallow = shallow_rate(pool, deep).await?;
     println!(
         "shallow  {shallow:>9.0} jobs/s   ({} queued, re-queued until {} ran)",
@@ -76,7 +77,7 @@ pub async fn run(
         println!("autovacuum is off on this server: on for the cycles (ALTER SYSTEM), then reset");
         set_autovacuum(pool, true).await?;
     }
-    let cycled = cycles(deep, config, pool, workers).await;
+    let cycled = cycles(deep, setup, pool, workers).await;
     if autovacuum != "on" {
         set_autovacuum(pool, false).await?;
     }
@@ -144,11 +145,11 @@ async fn deep_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
 
 async fn cycles(
     deep: &DeepArgs,
-    config: &Config,
+    setup: &Setup,
     pool: &PgPool,
     workers: usize,
 ) -> anyhow::Result<()> {
-    let running = start_workers(config, workers).await?;
+    let running = start_workers(setup, workers).await?;
     println!(
         "cycle     jobs/s   total MiB  heap MiB  indexes MiB  claim index KiB  live rows  dead rows  autovacuums  finished MiB"
     );

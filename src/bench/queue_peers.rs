@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::process::Setup;
 use super::queue::{QueueArgs, SettleRound};
 use crate::config::Config;
 
@@ -123,7 +124,7 @@ async fn present(program: &str) -> bool {
 /// is missing.
 pub async fn graphile(
     peers: &PeerArgs,
-    config: &Config,
+    setup: &Setup,
     args: &QueueArgs,
 ) -> anyhow::Result<Option<GraphileRun>> {
     if peers.peer == Peer::None {
@@ -146,9 +147,7 @@ pub async fn graphile(
         .await?;
     }
     let database = format!("{}_graphile", args.database);
-    let url = super::process::bench_config(config.clone(), &database)?
-        .database
-        .url;
+    let url = setup.clone().on_database(&database)?.config.database.url;
     let output = Command::new("node")
         .arg("run.js")
         .arg("bench")

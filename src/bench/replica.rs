@@ -11,9 +11,8 @@ use clap::Args;
 use sqlx::PgPool;
 
 use super::history;
-use super::process::ApiProcess;
+use super::process::{ApiProcess, Setup};
 use super::settlement::{job_csv, run_job, worker_command};
-use crate::config::Config;
 
 #[derive(Debug, Args)]
 pub struct ReplicaBenchArgs {
@@ -32,10 +31,11 @@ pub struct ReplicaBenchArgs {
     pub database: String,
 }
 
-pub async fn run(args: ReplicaBenchArgs, config: Config) -> anyhow::Result<()> {
+pub async fn run(args: ReplicaBenchArgs, setup: Setup) -> anyhow::Result<()> {
     // `bench settlement`'s defaults, so the two reuse one seeded database.
     let seed = super::history::of(args.transactions, 30, 1_000);
-    let (config, pool, range) = history::seeded(config, &args.database, &seed).await?;
+    let (setup, pool, range) = history::seeded(setup, &args.database, &seed).await?;
+    let config = &setup.config;
     // The standby holds the primary's databases under the same names.
     let read_url = super::process::with_database(&args.read_url, &args.database)?;
     let postmaster = Postmaster::of(&pool).await?;
@@ -43,14 +43,14 @@ pub async fn run(args: ReplicaBenchArgs, config: Config) -> anyhow::Result<()> {
         "settle bench replica: {} transactions, {} days, primary postmaster pid {}, standby {}",
         args.transactions, seed.days, postmaster.0, args.read_url
     );
-    let api = ApiProcess::start(&config).await?;
+    let api = ApiProcess::start(&setup).await?;
     let http = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
     let (mut on_primary, mut on_standby) = (Vec::new(), Vec::new());
     for run in 1..=args.runs.max(1) {
         let mut csvs = Vec::new();
         for standby in [false, true] {
             let mut command = worker_command(
-                &config,
+                &setup,
                 config.worker.batch_size,
                 config.settlement.parallel_parts,
             )?;

@@ -6,16 +6,15 @@
 //! GROUP BY statement's. A second job, killed the same way with a grace no probe outlasts, is
 //! the baseline: rescue at lease expiry, as before the liveness locks.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use settle_workers::NewJob;
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use crate::config::Config;
+use super::process::Setup;
 use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
@@ -44,9 +43,10 @@ pub struct RescueArgs {
     pub database: String,
 }
 
-pub async fn run(args: RescueArgs, config: Config) -> anyhow::Result<()> {
+pub async fn run(args: RescueArgs, setup: Setup) -> anyhow::Result<()> {
     let seed = super::history::of(args.transactions, 30, 1_000);
-    let (config, pool, range) = super::history::seeded(config, &args.database, &seed).await?;
+    let (setup, pool, range) = super::history::seeded(setup, &args.database, &seed).await?;
+    let config = &setup.config;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let w = &config.worker;
     println!(
@@ -62,7 +62,7 @@ pub async fn run(args: RescueArgs, config: Config) -> anyhow::Result<()> {
     );
     let job = Phase {
         pool: &pool,
-        config: &config,
+        setup: &setup,
         args: &args,
         range,
         zone,
@@ -105,7 +105,7 @@ pub async fn run(args: RescueArgs, config: Config) -> anyhow::Result<()> {
 /// One job through a run of kills, with these extra worker settings.
 struct Phase<'a> {
     pool: &'a PgPool,
-    config: &'a Config,
+    setup: &'a Setup,
     args: &'a RescueArgs,
     range: DateRange,
     zone: Zone,
@@ -116,7 +116,7 @@ impl Phase<'_> {
     /// checks its result; returns the seconds to each re-claim and to each resumed progress.
     async fn run(&self, kills: u32, env: &[(&str, &str)]) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         let (pool, id) = (self.pool, enqueue(self.pool, self.range, kills).await?);
-        let start = || start_worker(self.config, self.args, env);
+        let start = || start_worker(self.setup, self.args, env);
         let mut workers = vec![start()?, start()?];
         wait_first_progress(pool, id).await?;
         let (mut reclaims, mut resumes) = (Vec::new(), Vec::new());
@@ -178,15 +178,11 @@ fn summary(seconds: &mut [f64]) -> String {
     }
 }
 
-fn start_worker(config: &Config, args: &RescueArgs, env: &[(&str, &str)]) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("worker")
+fn start_worker(setup: &Setup, args: &RescueArgs, env: &[(&str, &str)]) -> anyhow::Result<Child> {
+    setup
+        .command("worker", "warn", false)?
         .envs(env.iter().copied())
-        .env("SETTLE_DATABASE__URL", &config.database.url)
         .env("BATCH_SIZE", args.batch_size.to_string())
-        .env("SETTLE_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .context("starting settle worker")
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::config::Config;
+use super::process::Setup;
 use crate::seed::{self, SeedArgs};
 
 #[derive(Debug, Args)]
@@ -18,10 +18,11 @@ pub struct SeedBenchArgs {
     pub database: String,
 }
 
-pub async fn run(args: SeedBenchArgs, config: Config) -> anyhow::Result<()> {
-    let config = super::process::bench_config(config, &args.database)?;
-    super::process::recreate_database(&config).await?;
-    let pool = crate::cli::open(&config, true).await?;
+pub async fn run(args: SeedBenchArgs, setup: Setup) -> anyhow::Result<()> {
+    let setup = setup.on_database(&args.database)?;
+    let config = &setup.config;
+    super::process::recreate_database(config).await?;
+    let pool = crate::cli::open(config, true).await?;
     println!(
         "settle bench seed: {} transactions, 30 days, 1,000 merchants, database {}",
         args.transactions, args.database

@@ -3,7 +3,6 @@
 //! `GROUP BY` as `COPY … TO` a file, same statistics and settings) in the same run.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,8 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
 use super::history;
-use super::process::ApiProcess;
-use crate::config::Config;
+use super::process::{ApiProcess, Setup};
 use crate::settlement::results::{self, Download};
 use crate::settlement::{DateRange, Zone};
 
@@ -51,9 +49,10 @@ pub struct SettlementBenchArgs {
     pub late_row: bool,
 }
 
-pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()> {
+pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> {
     let seed = history::of(args.transactions, args.days, args.merchants);
-    let (config, pool, range) = history::seeded(config, &args.database, &seed).await?;
+    let (setup, pool, range) = history::seeded(setup, &args.database, &seed).await?;
+    let config = &setup.config;
     let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
     let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
     // A one-day job on the same history: its cost must follow its range, not the table.
@@ -68,9 +67,9 @@ pub async fn run(args: SettlementBenchArgs, config: Config) -> anyhow::Result<()
         args.transactions, args.days, args.merchants, args.database
     );
 
-    let api = ApiProcess::start(&config).await?;
+    let api = ApiProcess::start(&setup).await?;
     let http = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
-    let mut worker = start_worker(&config, batch_size, parts)?;
+    let mut worker = start_worker(&setup, batch_size, parts)?;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let rows = args.transactions as f64;
     let mut ratios = Vec::new();
@@ -255,8 +254,8 @@ fn worker_log() -> PathBuf {
     std::env::temp_dir().join(format!("settle-bench-worker-{}.log", std::process::id()))
 }
 
-fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
-    worker_command(config, batch_size, parts)?
+fn start_worker(setup: &Setup, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
+    worker_command(setup, batch_size, parts)?
         .spawn()
         .context("starting settle worker")
 }
@@ -264,22 +263,17 @@ fn start_worker(config: &Config, batch_size: i64, parts: u32) -> anyhow::Result<
 /// A `settle worker` on the benchmark's database, logging its settlement phases to
 /// [`worker_log`].
 pub(super) fn worker_command(
-    config: &Config,
+    setup: &Setup,
     batch_size: i64,
     parts: u32,
 ) -> anyhow::Result<Command> {
     let log = std::fs::File::create(worker_log())?;
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = setup.command("worker", "warn,settle::settlement=info", false)?;
     command
-        .arg("worker")
-        .env("SETTLE_DATABASE__URL", &config.database.url)
         .env("BATCH_SIZE", batch_size.to_string())
         .env("SETTLE_SETTLEMENT__PARALLEL_PARTS", parts.to_string())
-        .env("SETTLE_LOG", "warn,settle::settlement=info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true);
+        .stderr(log);
     Ok(command)
 }
 
