@@ -61,3 +61,13 @@ pub async fn run(
         BenchCommand::Settlement(args) => settlement::run(args, setup).await,
     }
 }
+
+/// A count of things a benchmark runs (jobs, workers, rounds), refused at 0: no benchmark
+/// measures anything with none, and some would wait forever.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}

@@ -21,16 +21,16 @@ use crate::jobs::kind;
 #[derive(Debug, Args)]
 pub struct QueueArgs {
     /// Jobs drained in each throughput phase.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = super::at_least_one)]
     pub jobs: usize,
     /// Worker processes (each with the configured `worker.concurrency`).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::at_least_one)]
     pub workers: usize,
     /// Rounds of settle then graphile; the printed ratio is the median of the rounds'.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::at_least_one)]
     pub rounds: usize,
     /// Jobs enqueued one at a time on an idle queue for the latency phase.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, value_parser = super::at_least_one)]
     pub latency_jobs: usize,
     #[command(flatten)]
     pub peers: super::queue_peers::PeerArgs,
@@ -59,7 +59,7 @@ pub async fn run(args: QueueArgs, setup: Setup) -> anyhow::Result<()> {
         args.jobs, args.workers, w.concurrency, w.claim_batch, args.database
     );
     let mut rounds = Vec::new();
-    for round in 1..=args.rounds.max(1) {
+    for round in 1..=args.rounds {
         println!("round {round}");
         let settle = settle_round(&setup, &pool, &args).await?;
         let graphile = super::queue_peers::graphile(&args.peers, &setup, &args).await?;
@@ -94,7 +94,7 @@ async fn settle_round(
     let started = Instant::now();
     enqueue_all(pool, args.jobs).await?;
     let enqueued = started.elapsed();
-    wait_drained(pool).await?;
+    wait_drained(pool, args.jobs).await?;
     let total = started.elapsed();
     let drain_rate = args.jobs as f64 / (total - enqueued).as_secs_f64();
     println!(
@@ -171,24 +171,56 @@ pub(super) async fn enqueue_all(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until no job is queued or running. `exists` stops at the first such row, as the
-/// graphile-worker side of the bench polls its own table; counting them read every live row of
-/// `jobs` each 20 ms (a sequential scan once the statistics see a large table), taking CPU from
-/// the workers being measured. The rounds time the drain to when this returns, as graphile's
-/// side does; the deep bench takes its rates from Postgres' timestamps.
-pub(super) async fn wait_drained(pool: &PgPool) -> anyhow::Result<()> {
-    loop {
-        let left = sqlx::query_scalar!(
+/// Waits until none of the `jobs` enqueued is queued or running. `exists` stops at the first
+/// such row, as the graphile-worker side of the bench polls its own table; counting them read
+/// every live row of `jobs` each 20 ms (a sequential scan once the statistics see a large
+/// table), taking CPU from the workers being measured. The rounds time the drain to when this
+/// returns, as graphile's side does; the deep bench takes its rates from Postgres' timestamps.
+pub(super) async fn wait_drained(pool: &PgPool, jobs: usize) -> anyhow::Result<()> {
+    let stuck = format!("{jobs} jobs not drained");
+    poll_until(
+        allowance(jobs),
+        Duration::from_millis(20),
+        &stuck,
+        async || {
+            let left = sqlx::query_scalar!(
             r#"select exists (select 1 from jobs where state in ('queued', 'running', 'cancelling'))
                    as "left!""#,
         )
         .fetch_one(pool)
         .await?;
-        if !left {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(!left)
+        },
+    )
+    .await
+}
+
+/// How long the workers get to run `jobs` jobs: a minute, plus the jobs at 50 a second, far
+/// below any rate measured here (a loaded machine's and a debug build's included), so that only
+/// workers that run nothing (exited, or on another database) reach it.
+pub(super) fn allowance(jobs: usize) -> Duration {
+    Duration::from_secs(60) + Duration::from_secs_f64(jobs as f64 / 50.0)
+}
+
+/// Polls `done` every `every` until it says so; past `within`, fails saying `stuck`, so that a
+/// benchmark whose workers run nothing stops with the reason instead of waiting forever.
+pub(super) async fn poll_until(
+    within: Duration,
+    every: Duration,
+    stuck: &str,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !done().await? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{stuck} within {} s: do the worker processes run, on this database? (their log is \
+             above)",
+            within.as_secs()
+        );
+        tokio::time::sleep(every).await;
     }
+    Ok(())
 }
 
 /// Enqueues jobs one at a time, each after the previous one started, and returns the p50 and
@@ -197,18 +229,21 @@ async fn latency_phase(pool: &PgPool, n: usize) -> anyhow::Result<(f64, f64)> {
     let mut conn = pool.acquire().await?;
     for _ in 0..n {
         let id = settle_workers::enqueue(&mut conn, &NewJob::new(kind::NOOP, json!({}))).await?;
-        loop {
-            let started = sqlx::query_scalar!(
-                r#"select started_at is not null as "started!" from all_jobs where id = $1"#,
-                id
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            if started {
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        let stuck = format!("job {id} not started on an idle queue");
+        poll_until(
+            allowance(1),
+            Duration::from_micros(500),
+            &stuck,
+            async || {
+                Ok(sqlx::query_scalar!(
+                    r#"select started_at is not null as "started!" from all_jobs where id = $1"#,
+                    id
+                )
+                .fetch_one(&mut *conn)
+                .await?)
+            },
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let latency = sqlx::query!(

@@ -18,24 +18,26 @@ use clap::Args;
 use sqlx::PgPool;
 
 use super::process::Setup;
-use super::queue::{clear_jobs, enqueue_all, start_workers, stop_workers, wait_drained};
+use super::queue::{
+    allowance, clear_jobs, enqueue_all, poll_until, start_workers, stop_workers, wait_drained,
+};
 
 #[derive(Debug, Args)]
 pub struct DeepArgs {
     /// Jobs queued for the shallow rate.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = super::at_least_one)]
     pub shallow_queue: usize,
-    /// Jobs queued for the deep rate.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Jobs queued for the deep rate (at least `--measured-jobs`).
+    #[arg(long, default_value_t = 1_000_000, value_parser = super::at_least_one)]
     pub deep_queue: usize,
     /// Jobs timed at each depth.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = super::at_least_one)]
     pub measured_jobs: usize,
     /// Drain cycles with autovacuum on.
     #[arg(long, default_value_t = 10)]
     pub cycles: usize,
     /// Jobs enqueued and drained in each cycle.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = super::at_least_one)]
     pub cycle_jobs: usize,
 }
 
@@ -46,6 +48,12 @@ pub async fn run(
     workers: usize,
 ) -> anyhow::Result<()> {
     let config = &setup.config;
+    anyhow::ensure!(
+        deep.measured_jobs <= deep.deep_queue,
+        "--measured-jobs {} is more than the --deep-queue {} it is timed in",
+        deep.measured_jobs,
+        deep.deep_queue
+    );
     println!(
         "settle bench queue --deep: {workers} worker processes x concurrency {}, claim_batch {}",
         config.worker.concurrency, config.worker.claim_batch
@@ -107,7 +115,7 @@ async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
     for _ in 0..rounds {
         enqueue_all(pool, deep.shallow_queue).await?;
         let committed = now(pool).await?;
-        wait_drained(pool).await?;
+        wait_drained(pool, deep.shallow_queue).await?;
         seconds += last_finished(pool).await? - committed;
         clear_jobs(pool).await?;
     }
@@ -124,15 +132,15 @@ async fn deep_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
         started.elapsed().as_secs_f64()
     );
     let measured = deep.measured_jobs as i64;
-    loop {
+    let stuck = format!("{measured} of {} jobs not finished", deep.deep_queue);
+    let within = allowance(deep.measured_jobs);
+    poll_until(within, Duration::from_millis(100), &stuck, async || {
         let finished = sqlx::query_scalar!(r#"select count(*) as "n!" from finished_jobs"#)
             .fetch_one(pool)
             .await?;
-        if finished >= measured {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(finished >= measured)
+    })
+    .await?;
     let nth = sqlx::query_scalar!(
         r#"select extract(epoch from finished_at)::float8 as "at!" from finished_jobs
            order by finished_at offset $1 limit 1"#,
@@ -156,7 +164,7 @@ async fn cycles(
     for cycle in 1..=deep.cycles {
         enqueue_all(pool, deep.cycle_jobs).await?;
         let committed = now(pool).await?;
-        wait_drained(pool).await?;
+        wait_drained(pool, deep.cycle_jobs).await?;
         let rate = deep.cycle_jobs as f64 / (last_finished(pool).await? - committed);
         let s = sqlx::query!(
             r#"select pg_total_relation_size('jobs') as "total!",

@@ -46,10 +46,10 @@ pub struct PeerArgs {
     #[arg(long, default_value_t = 0)]
     pub graphile_complete_delay_ms: i64,
     /// pgbench client counts of the claim-and-complete baseline, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    #[arg(long, value_delimiter = ',', default_value = "4,16", value_parser = super::at_least_one)]
     pub pgbench_clients: Vec<usize>,
     /// Jobs per pgbench claim (default: worker.claim_batch, as settle claims).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub pgbench_batch: Option<i64>,
 }
 
