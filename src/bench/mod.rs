@@ -16,7 +16,7 @@ mod rescue;
 mod seed;
 mod settlement;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
@@ -69,5 +69,27 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".to_owned()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{e}")),
+    }
+}
+
+/// A file of this benchmark run in the temporary directory, removed when dropped: a run that
+/// fails leaves none behind either.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    /// `settle-<name>-<pid>.<extension>`, so that runs beside each other do not share one.
+    fn new(name: &str, extension: &str) -> Self {
+        let file = format!("settle-{name}-{}.{extension}", std::process::id());
+        Self(std::env::temp_dir().join(file))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

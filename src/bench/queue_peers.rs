@@ -204,9 +204,25 @@ pub async fn pgbench(
     }
     let url = &config.database.url;
     let batch = peers.pgbench_batch.unwrap_or(config.worker.claim_batch);
-    let script =
-        std::env::temp_dir().join(format!("settle-queue-claim-{}.sql", std::process::id()));
-    tokio::fs::write(&script, PGBENCH_SCRIPT).await?;
+    let script = super::TempFile::new("queue-claim", "sql");
+    tokio::fs::write(script.path(), PGBENCH_SCRIPT).await?;
+    let rates = pgbench_runs(peers, url, batch, jobs, script.path()).await;
+    // On failure too: the table holds every job of the last run.
+    let dropped = psql_stdin(url, "jobs=0", "drop table if exists pgbench_jobs;").await;
+    let rates = rates?;
+    dropped?;
+    Ok(rates)
+}
+
+/// One pgbench run of `script` for each of `--pgbench-clients`, each on a table of `jobs`
+/// queued jobs made anew: (clients, jobs/s).
+async fn pgbench_runs(
+    peers: &PeerArgs,
+    url: &str,
+    batch: i64,
+    jobs: usize,
+    script: &Path,
+) -> anyhow::Result<Vec<(usize, f64)>> {
     let mut rates = Vec::new();
     for &clients in &peers.pgbench_clients {
         psql_stdin(url, &format!("jobs={jobs}"), PGBENCH_SETUP).await?;
@@ -223,7 +239,7 @@ pub async fn pgbench(
                     &clients.min(2).to_string(),
                 ])
                 .args(["-t", &per_client.to_string(), "-f"])
-                .arg(&script)
+                .arg(script)
                 .arg(url)
                 .stdout(Stdio::null()),
             Path::new("."),
@@ -244,8 +260,6 @@ pub async fn pgbench(
         );
         rates.push((clients, rate));
     }
-    psql_stdin(url, "jobs=0", "drop table pgbench_jobs;").await?;
-    tokio::fs::remove_file(&script).await?;
     Ok(rates)
 }
 

@@ -46,11 +46,13 @@ pub async fn run(args: ReplicaBenchArgs, setup: Setup) -> anyhow::Result<()> {
     let api = ApiProcess::start(&setup).await?;
     let http = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
     let (mut on_primary, mut on_standby) = (Vec::new(), Vec::new());
+    let log = super::TempFile::new("bench-worker", "log");
     for run in 1..=args.runs.max(1) {
         let mut csvs = Vec::new();
         for standby in [false, true] {
             let mut command = worker_command(
                 &setup,
+                log.path(),
                 config.worker.batch_size,
                 config.settlement.parallel_parts,
             )?;

@@ -2,7 +2,7 @@
 //! api` and `settle worker` processes, against the single equivalent SQL statement (the same
 //! `GROUP BY` as `COPY … TO` a file, same statistics and settings) in the same run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -69,7 +69,8 @@ pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> 
 
     let api = ApiProcess::start(&setup).await?;
     let http = super::process::admin_client(&pool, reqwest::Client::builder()).await?;
-    let mut worker = start_worker(&setup, batch_size, parts)?;
+    let log = super::TempFile::new("bench-worker", "log");
+    let mut worker = start_worker(&setup, log.path(), batch_size, parts)?;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let rows = args.transactions as f64;
     let mut ratios = Vec::new();
@@ -131,7 +132,7 @@ pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> 
     let _ = worker.kill().await;
     api.stop().await?;
 
-    let log = tokio::fs::read_to_string(worker_log())
+    let log = tokio::fs::read_to_string(log.path())
         .await
         .unwrap_or_default();
     for line in log.lines().filter(|l| l.contains("settlement")) {
@@ -141,7 +142,6 @@ pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> 
                 .map_or(line, |(_, m)| m)
         );
     }
-    let _ = tokio::fs::remove_file(worker_log()).await;
     outcome?;
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -249,25 +249,21 @@ pub(super) async fn job_csv(pool: &PgPool, job_id: i64) -> anyhow::Result<Vec<u8
         .await?)
 }
 
-/// The worker's log: its settlement phase timings are printed after the run.
-fn worker_log() -> PathBuf {
-    std::env::temp_dir().join(format!("settle-bench-worker-{}.log", std::process::id()))
-}
-
-fn start_worker(setup: &Setup, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
-    worker_command(setup, batch_size, parts)?
+fn start_worker(setup: &Setup, log: &Path, batch_size: i64, parts: u32) -> anyhow::Result<Child> {
+    worker_command(setup, log, batch_size, parts)?
         .spawn()
         .context("starting settle worker")
 }
 
-/// A `settle worker` on the benchmark's database, logging its settlement phases to
-/// [`worker_log`].
+/// A `settle worker` on the benchmark's database, logging its settlement phases to `log` (the
+/// settlement bench prints their timings after the runs).
 pub(super) fn worker_command(
     setup: &Setup,
+    log: &Path,
     batch_size: i64,
     parts: u32,
 ) -> anyhow::Result<Command> {
-    let log = std::fs::File::create(worker_log())?;
+    let log = std::fs::File::create(log)?;
     let mut command = setup.command("worker", "warn,settle::settlement=info", false)?;
     command
         .env("BATCH_SIZE", batch_size.to_string())
