@@ -62,6 +62,19 @@ pub async fn run(
     }
 }
 
+/// The median of `values`: the middle one, or the mean of the two middle ones of an even
+/// count; `None` when there are none.
+fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[middle]),
+        _ => Some((values[middle - 1] + values[middle]) / 2.0),
+    }
+}
+
 /// A count of things a benchmark runs (jobs, workers, rounds), refused at 0: no benchmark
 /// measures anything with none, and some would wait forever.
 fn at_least_one(text: &str) -> Result<usize, String> {
@@ -91,5 +104,18 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median([]), None);
+        assert_eq!(median([3.0]), Some(3.0));
+        assert_eq!(median([5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 10.0]), Some(3.0));
     }
 }

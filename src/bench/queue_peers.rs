@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::median;
 use super::process::Setup;
 use super::queue::{QueueArgs, SettleRound};
 use crate::config::Config;
@@ -64,12 +65,6 @@ pub struct GraphileRun {
     pub pickup_p99_ms: f64,
 }
 
-/// The median of `values` (the upper one of an even count); `None` when there are none.
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied()
-}
-
 /// Prints each round's settle / graphile, then the medians over the rounds: the ratio, the
 /// pickups, and settle's median drain against pgbench's best.
 pub fn print_ratios(rounds: &[(SettleRound, Option<GraphileRun>)], pgbench: &[(usize, f64)]) {
@@ -82,7 +77,7 @@ pub fn print_ratios(rounds: &[(SettleRound, Option<GraphileRun>)], pgbench: &[(u
         println!("rounds   settle / graphile: {}", each.join(", "));
     }
     let settle_p50 =
-        median(rounds.iter().map(|(s, _)| s.pickup_p50_ms).collect()).expect("at least one round");
+        median(rounds.iter().map(|(s, _)| s.pickup_p50_ms)).expect("at least one round");
     let mut line = format!(
         "ratio    median of {} rounds: pickup p50 settle {settle_p50:.2} ms",
         rounds.len()
@@ -90,13 +85,12 @@ pub fn print_ratios(rounds: &[(SettleRound, Option<GraphileRun>)], pgbench: &[(u
     let graphile_p50 = median(
         rounds
             .iter()
-            .filter_map(|(_, g)| g.as_ref().map(|g| g.pickup_p50_ms))
-            .collect(),
+            .filter_map(|(_, g)| g.as_ref().map(|g| g.pickup_p50_ms)),
     );
     if let (Some(p50), Some(ratio)) = (graphile_p50, median(paired)) {
         line += &format!(", graphile {p50:.2} ms   settle / graphile = {ratio:.2}");
     }
-    let settle_drain = median(rounds.iter().map(|(s, _)| s.drain_jobs_per_s).collect());
+    let settle_drain = median(rounds.iter().map(|(s, _)| s.drain_jobs_per_s));
     if let (Some(drain), Some((clients, best))) = (
         settle_drain,
         pgbench.iter().max_by(|a, b| a.1.total_cmp(&b.1)),

@@ -96,10 +96,9 @@ pub async fn run(args: ReplicaBenchArgs, setup: Setup) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The median of `of` over the runs (there is at least one).
 fn median(measured: &[(f64, f64)], of: impl Fn(&(f64, f64)) -> f64) -> f64 {
-    let mut values: Vec<f64> = measured.iter().map(of).collect();
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    super::median(measured.iter().map(of)).expect("at least one run")
 }
 
 /// The primary's postmaster, whose processes' CPU time is what a job costs the primary.

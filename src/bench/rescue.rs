@@ -159,8 +159,9 @@ impl Phase<'_> {
     }
 }
 
-fn median(sorted: &[f64]) -> f64 {
-    sorted[sorted.len() / 2]
+/// The median of `seconds` (there is at least one).
+fn median(seconds: &[f64]) -> f64 {
+    super::median(seconds.iter().copied()).expect("at least one kill")
 }
 
 /// "median M s, max X s over N kills" of `seconds`.

@@ -151,19 +151,15 @@ pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> 
     );
     println!(
         "ratio job / statement: median {:.2}, min {:.2}, max {:.2}  (target <= 1.15, issue 11)",
-        ratios[ratios.len() / 2],
+        super::median(ratios.iter().copied()).expect("at least one run"),
         ratios[0],
         ratios[ratios.len() - 1]
     );
-    day_jobs.sort_by(f64::total_cmp);
-    month_jobs.sort_by(f64::total_cmp);
-    if !day_jobs.is_empty() {
+    if let (Some(day), Some(month)) = (super::median(day_jobs), super::median(month_jobs)) {
         println!(
-            "one-day job / {}-day job: median {:.3} ({:.2} s / {:.2} s)  (target <= 0.05 at 100M rows, issue 11)",
+            "one-day job / {}-day job: median {:.3} ({day:.2} s / {month:.2} s)  (target <= 0.05 at 100M rows, issue 11)",
             args.days,
-            day_jobs[day_jobs.len() / 2] / month_jobs[month_jobs.len() / 2],
-            day_jobs[day_jobs.len() / 2],
-            month_jobs[month_jobs.len() / 2]
+            day / month,
         );
     }
     Ok(())
