@@ -19,14 +19,15 @@ pub struct ReplicaBenchArgs {
     /// A hot standby of the server at `database.url` (e.g. made by `pg_basebackup -R`).
     #[arg(long)]
     pub read_url: String,
-    /// Transactions to settle; seeded unless the database already holds exactly this many.
+    /// Transactions to settle.
     #[arg(long, default_value_t = 10_000_000)]
     pub transactions: u64,
     /// Pairs of jobs (primary reads, standby reads) to run; the medians are the figures.
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
     /// Database the benchmark owns on the primary, named settle_bench*: created if missing;
-    /// its transactions are reused if it holds exactly as many, else emptied and seeded.
+    /// its transactions are reused if they were seeded as this run asks (recorded with them),
+    /// else emptied and seeded anew.
     #[arg(long, default_value = "settle_bench_settlement")]
     pub database: String,
 }
@@ -34,7 +35,7 @@ pub struct ReplicaBenchArgs {
 pub async fn run(args: ReplicaBenchArgs, setup: Setup) -> anyhow::Result<()> {
     // `bench settlement`'s defaults, so the two reuse one seeded database.
     let seed = super::history::of(args.transactions, 30, 1_000);
-    let (setup, pool, range) = history::seeded(setup, &args.database, &seed).await?;
+    let (setup, pool, range) = history::seeded(setup, &args.database, &seed, None).await?;
     let config = &setup.config;
     // The standby holds the primary's databases under the same names.
     let read_url = super::process::with_database(&args.read_url, &args.database)?;

@@ -19,7 +19,7 @@ use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
 pub struct RescueArgs {
-    /// Transactions the settlement reads; seeded unless the database holds exactly this many.
+    /// Transactions the settlement reads.
     #[arg(long, default_value_t = 5_000_000)]
     pub transactions: u64,
     /// SIGKILLs of the job's holder.
@@ -38,14 +38,15 @@ pub struct RescueArgs {
     #[arg(long, default_value_t = 100_000)]
     pub batch_size: i64,
     /// Database the benchmark owns, named settle_bench*: created if missing; its transactions
-    /// are reused if it holds exactly as many, else emptied and seeded.
+    /// are reused if they were seeded as this run asks (recorded with them), else emptied and
+    /// seeded anew.
     #[arg(long, default_value = "settle_bench_rescue")]
     pub database: String,
 }
 
 pub async fn run(args: RescueArgs, setup: Setup) -> anyhow::Result<()> {
     let seed = super::history::of(args.transactions, 30, 1_000);
-    let (setup, pool, range) = super::history::seeded(setup, &args.database, &seed).await?;
+    let (setup, pool, range) = super::history::seeded(setup, &args.database, &seed, None).await?;
     let config = &setup.config;
     let zone = Zone::parse(&config.settlement.time_zone).context("settlement.time_zone")?;
     let w = &config.worker;

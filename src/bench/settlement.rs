@@ -20,7 +20,7 @@ use crate::settlement::{DateRange, Zone};
 
 #[derive(Debug, Args)]
 pub struct SettlementBenchArgs {
-    /// Transactions to settle; seeded unless the database already holds exactly this many.
+    /// Transactions to settle.
     #[arg(long, default_value_t = 10_000_000)]
     pub transactions: u64,
     /// Days the seeded transactions spread over (the job settles all of them).
@@ -39,28 +39,28 @@ pub struct SettlementBenchArgs {
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
     /// Database the benchmark owns, named settle_bench*: created if missing; its transactions
-    /// are reused if it holds exactly as many, else emptied and seeded.
+    /// are reused if they were seeded with this run's --transactions, --days, --merchants
+    /// and --late-row (recorded with them), else emptied and seeded anew.
     #[arg(long, default_value = "settle_bench_settlement")]
     pub database: String,
-    /// Before the runs, move the highest-id transaction into the one-day job's day (noon UTC,
+    /// After seeding, move the highest-id transaction into the one-day job's day (noon UTC,
     /// PAID): a transaction posted long after it was paid, which stretches that day's id span
-    /// over the rest of the table. The change stays: give it a `--database` of its own.
+    /// over the rest of the table. A run without it seeds the database anew: give it a
+    /// `--database` of its own.
     #[arg(long)]
     pub late_row: bool,
 }
 
 pub async fn run(args: SettlementBenchArgs, setup: Setup) -> anyhow::Result<()> {
     let seed = history::of(args.transactions, args.days, args.merchants);
-    let (setup, pool, range) = history::seeded(setup, &args.database, &seed).await?;
+    // A one-day job on the same history: its cost must follow its range, not the table.
+    let middle = seed.start + chrono::Days::new(u64::from(args.days) / 2);
+    let late_row = args.late_row.then_some(middle);
+    let (setup, pool, range) = history::seeded(setup, &args.database, &seed, late_row).await?;
     let config = &setup.config;
     let batch_size = args.batch_size.unwrap_or(config.worker.batch_size);
     let parts = args.parts.unwrap_or(config.settlement.parallel_parts);
-    // A one-day job on the same history: its cost must follow its range, not the table.
-    let middle = seed.start + chrono::Days::new(u64::from(args.days) / 2);
     let one_day = DateRange::new(middle, middle, i64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if args.late_row {
-        history::post_last_row_late(&pool, middle).await?;
-    }
     println!(
         "settle bench settlement: {} transactions, {} days, {} merchants, batch {batch_size}, \
          {parts} parts at once, database {}",
