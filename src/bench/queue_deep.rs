@@ -1,15 +1,21 @@
 //! `settle bench queue --deep`: does the claim stay fast when the queue is deep, and after many
 //! drains with autovacuum on?
 //!
-//! 1. The drain rate of the worker processes with `shallow_queue` jobs queued (drained and
-//!    re-queued until `measured_jobs` ran) against the rate of the first `measured_jobs` of
-//!    `deep_queue` queued jobs, with the ratio.
+//! 1. After an untimed warm-up drain, the rate of the worker processes with `shallow_queue` jobs
+//!    queued (the first half of them timed, the rest drained, and re-queued until
+//!    `measured_jobs` were timed) against the rate of the first `measured_jobs` of `deep_queue`
+//!    queued jobs, with the ratio. Both are timed alike: from the enqueue's commit to the finish
+//!    of the last timed job, with more jobs queued behind it.
 //! 2. `cycles` drains of `cycle_jobs` jobs each with autovacuum on (turned on for this phase when
 //!    the server has it off, and turned back off after), each cycle's rate, the jobs table's
 //!    sizes and the finished jobs' table's. Finished jobs stay, as they do for
 //!    `worker.retention_hours`.
 //!
 //! Rates run from the enqueue's commit to the jobs' `finished_at`, both Postgres' clock.
+//! Phase 1 times both sides alike, after the warm-up, because anything only one side pays moves
+//! the ratio: cold workers, or a drain's tail (the last jobs finishing while most workers idle),
+//! once counted against the shallow side only, and the same depth on both sides gave ratios of
+//! 1.09-2.59 (BENCHMARKS.md).
 
 use std::time::{Duration, Instant};
 
@@ -59,9 +65,16 @@ pub async fn run(
         config.worker.concurrency, config.worker.claim_batch
     );
     let running = start_workers(setup, workers).await?;
-    let shallow = shallow_rate(pool, deep).await?;
+    // The workers' first jobs pay for their connections, prepared statements and caches, which
+    // neither rate should.
+    enqueue_all(pool, deep.shallow_queue).await?;
+    wait_drained(pool, deep.shallow_queue).await?;
+    clear_jobs(pool).await?;
+    println!("warm-up  {} jobs drained, untimed", deep.shallow_queue);
+    let (shallow, timed) = shallow_rate(pool, deep).await?;
     println!(
-        "shallow  {shallow:>9.0} jobs/s   ({} queued, re-queued until {} ran)",
+        "shallow  {shallow:>9.0} jobs/s   ({} queued, the first {timed} timed, the rest drained; \
+         re-queued until {} were timed)",
         deep.shallow_queue, deep.measured_jobs
     );
     let deep_rate = deep_rate(pool, deep).await?;
@@ -109,46 +122,57 @@ async fn last_finished(pool: &PgPool) -> anyhow::Result<f64> {
         .context("no job finished")
 }
 
-async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
-    let rounds = deep.measured_jobs.div_ceil(deep.shallow_queue);
+/// The rate with `shallow_queue` jobs queued, and the jobs timed in each round: each round times
+/// the first half of its jobs, so the queue stays between full and half full and, as in
+/// [`deep_rate`], no drain tail counts; the rest are drained untimed.
+async fn shallow_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<(f64, usize)> {
+    let timed = (deep.shallow_queue / 2).max(1);
+    let rounds = deep.measured_jobs.div_ceil(timed);
     let mut seconds = 0.0;
     for _ in 0..rounds {
         enqueue_all(pool, deep.shallow_queue).await?;
-        let committed = now(pool).await?;
+        seconds += seconds_to_finish(pool, timed, deep.shallow_queue).await?;
         wait_drained(pool, deep.shallow_queue).await?;
-        seconds += last_finished(pool).await? - committed;
         clear_jobs(pool).await?;
     }
-    Ok((rounds * deep.shallow_queue) as f64 / seconds)
+    Ok(((rounds * timed) as f64 / seconds, timed))
 }
 
+/// The rate of the first `measured_jobs` of `deep_queue` queued jobs.
 async fn deep_rate(pool: &PgPool, deep: &DeepArgs) -> anyhow::Result<f64> {
     let started = Instant::now();
     enqueue_all(pool, deep.deep_queue).await?;
-    let committed = now(pool).await?;
+    let enqueued = started.elapsed();
+    let seconds = seconds_to_finish(pool, deep.measured_jobs, deep.deep_queue).await?;
     println!(
         "deep     enqueued {} jobs in {:.1} s",
         deep.deep_queue,
-        started.elapsed().as_secs_f64()
+        enqueued.as_secs_f64()
     );
-    let measured = deep.measured_jobs as i64;
-    let stuck = format!("{measured} of {} jobs not finished", deep.deep_queue);
-    let within = allowance(deep.measured_jobs);
+    Ok(deep.measured_jobs as f64 / seconds)
+}
+
+/// Seconds from now, just after the commit of `queued` jobs into an empty queue, to the `n`th
+/// of them to finish, both on Postgres' clock.
+async fn seconds_to_finish(pool: &PgPool, n: usize, queued: usize) -> anyhow::Result<f64> {
+    let committed = now(pool).await?;
+    let (within, stuck) = (allowance(n), format!("{n} of {queued} jobs not finished"));
+    let n = n as i64;
     poll_until(within, Duration::from_millis(100), &stuck, async || {
         let finished = sqlx::query_scalar!(r#"select count(*) as "n!" from finished_jobs"#)
             .fetch_one(pool)
             .await?;
-        Ok(finished >= measured)
+        Ok(finished >= n)
     })
     .await?;
     let nth = sqlx::query_scalar!(
         r#"select extract(epoch from finished_at)::float8 as "at!" from finished_jobs
            order by finished_at offset $1 limit 1"#,
-        measured - 1
+        n - 1
     )
     .fetch_one(pool)
     .await?;
-    Ok(measured as f64 / (nth - committed))
+    Ok(nth - committed)
 }
 
 async fn cycles(
