@@ -119,6 +119,23 @@ fn path_cases(product: i64) -> Vec<Case> {
         get("/api/v1/orders?limit=0", 422, "INVALID_LIMIT"),
         get("/api/v1/orders?limit=x", 400, "INVALID_QUERY"),
         get("/api/v1/orders?cursor=zz", 400, "INVALID_CURSOR"),
+        // A cursor the document's pattern refuses, though it would name a position.
+        get("/api/v1/orders?cursor=05", 400, "INVALID_CURSOR"),
+        get(
+            "/api/v1/products?cursor=9223372036854775807",
+            400,
+            "INVALID_CURSOR",
+        ),
+        get(
+            "/api/v1/jobs?cursor=0000000000000000000002",
+            400,
+            "INVALID_CURSOR",
+        ),
+        get(
+            "/api/v1/settlements?cursor=20089_6D2D31",
+            400,
+            "INVALID_CURSOR",
+        ),
         // An empty text filter matches no row: refused, not answered with an empty page.
         get("/api/v1/orders?buyer_id=", 422, "INVALID_BUYER_ID"),
         get("/api/v1/jobs?kind=", 422, "INVALID_KIND"),

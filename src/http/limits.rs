@@ -150,7 +150,7 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
                 Some("status") => json!({"enum": settle_workers::JobState::ALL
                     .map(|state| state.as_str().to_uppercase())}),
                 // The last id of the page before: what `next_cursor` returns.
-                Some("cursor") => json!({"pattern": r"^[1-9][0-9]{0,17}$"}),
+                Some("cursor") => json!({"pattern": super::pagination::ID_CURSOR_PATTERN}),
                 Some("Idempotency-Key") => json!({
                     "minLength": 1,
                     "maxLength": crate::idempotency::MAX_KEY_CHARS,

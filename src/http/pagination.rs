@@ -45,14 +45,23 @@ impl PageQuery {
     }
 }
 
+/// What an id list's `next_cursor` writes, and all its `cursor` takes: a positive id in
+/// decimal, without sign or leading zero (18 digits, more than any id here will reach).
+pub const ID_CURSOR_PATTERN: &str = r"^[1-9][0-9]{0,17}$";
+
+/// The id of an [`ID_CURSOR_PATTERN`] cursor. `str::parse` alone also takes `+5`, `05` and
+/// 19 digits, which the document forbids.
 fn parse_id(raw: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
+    let written = match raw.as_bytes() {
+        [b'1'..=b'9', rest @ ..] => rest.len() <= 17 && rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    written
+        .then(|| raw.parse().ok())
+        .flatten()
         .ok_or_else(invalid_cursor)
 }
 
-/// The error of a cursor this API did not write.
 /// A list's text filter: absent, or a value rows can hold. An empty one (a form's empty field)
 /// matches no row; refused, so a client never takes the empty page for an answer.
 pub fn text_filter(
@@ -70,6 +79,7 @@ pub fn text_filter(
     }
 }
 
+/// The error of a cursor this API did not write.
 pub fn invalid_cursor() -> ApiError {
     ApiError::BadRequest {
         code: "INVALID_CURSOR",
@@ -116,5 +126,45 @@ impl<T> Page<T> {
             data: Vec::new(),
             next_cursor: None,
         }
+    }
+}
+
+/// Asserts that `takes` accepts exactly the `samples` the document's `pattern` matches.
+#[cfg(test)]
+pub fn assert_takes_what_the_pattern_allows(
+    pattern: &str,
+    takes: impl Fn(&str) -> bool,
+    samples: &[&str],
+) {
+    let pattern = regex::Regex::new(pattern).expect("the document's pattern");
+    for raw in samples {
+        assert_eq!(takes(raw), pattern.is_match(raw), "{raw:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_cursor_is_taken_exactly_when_the_document_allows_it() {
+        let samples = [
+            "1",
+            "42",
+            "999999999999999999",
+            "",
+            "0",
+            "05",
+            "-5",
+            "+5",
+            " 5",
+            "5 ",
+            "1000000000000000000",
+            "9223372036854775807",
+            "0000000000000000000002",
+            "\u{0663}",
+        ];
+        let takes = |raw: &str| parse_id(raw).is_ok();
+        assert_takes_what_the_pattern_allows(ID_CURSOR_PATTERN, takes, &samples);
     }
 }

@@ -134,18 +134,32 @@ fn cursor(row: &SettlementRow) -> String {
 /// and no NUL byte in the merchant id, which Postgres text cannot hold.
 pub const CURSOR_PATTERN: &str = r"^(-[0-9]{1,6}|[0-9]{1,7})_([1-9a-f][0-9a-f]|0[1-9a-f])*$";
 
+/// The position a [`CURSOR_PATTERN`] cursor names; anything else is refused, as the document
+/// says (`str::parse` and `hex::decode` alone also take `+5`, eight digits, upper-case hex).
 fn parse_cursor(raw: &str) -> Result<(String, NaiveDate), ApiError> {
     let parsed = raw.split_once('_').and_then(|(days, merchant)| {
-        let days: i64 = days
-            .parse()
+        let date =
+            NaiveDate::default().checked_add_signed(chrono::Duration::days(day_count(days)?))?;
+        let lower_hex = merchant
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let bytes = hex::decode(merchant)
             .ok()
-            .filter(|d| (-999_999..10_000_000).contains(d))?;
-        let date = NaiveDate::default().checked_add_signed(chrono::Duration::days(days))?;
-        let bytes = hex::decode(merchant).ok().filter(|b| !b.contains(&0))?;
+            .filter(|b| lower_hex && !b.contains(&0))?;
         // Any bytes are a position in the order; a merchant id never holds invalid UTF-8.
         Some((String::from_utf8_lossy(&bytes).into_owned(), date))
     });
     parsed.ok_or_else(pagination::invalid_cursor)
+}
+
+/// The days since 1970 as [`cursor`] writes them: up to six digits after a minus, seven without.
+fn day_count(raw: &str) -> Option<i64> {
+    let (digits, most) = match raw.strip_prefix('-') {
+        Some(digits) => (digits, 6),
+        None => (raw, 7),
+    };
+    let written = (1..=most).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
+    written.then(|| raw.parse().ok()).flatten()
 }
 
 #[cfg(test)]
@@ -186,5 +200,30 @@ mod tests {
         ] {
             assert!(parse_cursor(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cursor_is_taken_exactly_when_the_document_allows_it() {
+        let samples = [
+            "20089_6d2d31",
+            "-999999_6d",
+            "9999999_",
+            "0000000_6d",
+            "-0_6d",
+            "20089_6D2D31",
+            "20089_6d2D31",
+            "+5_6d",
+            "-0000001_6d",
+            "00000000_6d",
+            "10000000_6d",
+            " 5_6d",
+            "5_6d2",
+            "5_006d",
+            "5_6d_6d",
+            "_6d",
+            "-_6d",
+        ];
+        let takes = |raw: &str| parse_cursor(raw).is_ok();
+        pagination::assert_takes_what_the_pattern_allows(CURSOR_PATTERN, takes, &samples);
     }
 }
