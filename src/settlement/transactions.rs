@@ -67,7 +67,8 @@ impl Field {
             Self::Fee => "be between 0 and amount_cents".into(),
             Self::Status => "be one of PAID, PENDING, FAILED, REFUNDED".into(),
             Self::PaidAt => {
-                "be an RFC 3339 timestamp with an offset, from 0001-01-02 to 9999-12-30 (UTC)"
+                "be an RFC 3339 date-time (a T between day and time) with an offset, from \
+                 0001-01-02 to 9999-12-30 (UTC)"
                     .into()
             }
         }
@@ -156,13 +157,7 @@ impl RawTransaction {
             return Err(invalid(Field::Fee));
         }
         let status = Status::parse(&self.status).ok_or(invalid(Field::Status))?;
-        let paid_at = DateTime::parse_from_rfc3339(&self.paid_at)
-            .map_err(|_| invalid(Field::PaidAt))?
-            .with_timezone(&Utc);
-        if !paid_at_in_range(paid_at) {
-            return Err(invalid(Field::PaidAt));
-        }
-        let paid_at = to_microseconds(paid_at);
+        let paid_at = parse_paid_at(&self.paid_at).ok_or(invalid(Field::PaidAt))?;
         Ok(NewTransaction {
             merchant_id: self.merchant_id,
             external_id: self.external_id,
@@ -172,6 +167,18 @@ impl RawTransaction {
             paid_at,
         })
     }
+}
+
+/// An RFC 3339 `date-time` (the grammar of its section 5.6, which the document's `format:
+/// date-time` names) in [`paid_at_in_range`], as the column keeps it. chrono's parser also
+/// takes a space for the `T` and U+2212 for an offset's minus; the grammar takes neither.
+fn parse_paid_at(raw: &str) -> Option<DateTime<Utc>> {
+    let separator = matches!(raw.as_bytes().get(10), Some(b'T' | b't'));
+    let paid_at = DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .filter(|_| separator && raw.is_ascii())?
+        .with_timezone(&Utc);
+    paid_at_in_range(paid_at).then(|| to_microseconds(paid_at))
 }
 
 /// Whether `paid_at` is a day away from the years 1 and 9999 (UTC), as the table's check
@@ -383,6 +390,15 @@ mod tests {
         assert_eq!(bad(|i| i.fee_cents = -1), "fee_cents");
         assert_eq!(bad(|i| i.status = "paid".into()), "status");
         assert_eq!(bad(|i| i.paid_at = "2025-01-01 00:00:00".into()), "paid_at");
+        // What chrono takes beyond RFC 3339's grammar: a space for the T, a Unicode minus.
+        assert_eq!(
+            bad(|i| i.paid_at = "2025-01-15 12:00:00Z".into()),
+            "paid_at"
+        );
+        assert_eq!(
+            bad(|i| i.paid_at = "2025-01-15T12:00:00\u{2212}05:00".into()),
+            "paid_at"
+        );
         assert_eq!(
             bad(|i| i.paid_at = "2025-02-30T00:00:00Z".into()),
             "paid_at"
@@ -399,7 +415,11 @@ mod tests {
         ] {
             assert_eq!(paid_at(out_of_range), Err("paid_at"), "{out_of_range}");
         }
-        for edge in ["0001-01-02T00:00:00Z", "9999-12-30T23:59:59.999999Z"] {
+        for edge in [
+            "0001-01-02T00:00:00Z",
+            "9999-12-30T23:59:59.999999Z",
+            "2025-01-15t12:00:00z",
+        ] {
             assert_eq!(paid_at(edge), Ok(()), "{edge}");
         }
     }
