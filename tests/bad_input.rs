@@ -175,6 +175,13 @@ fn product_cases(product: i64) -> Vec<Case> {
             422,
             "INVALID_NAME",
         ),
+        // maxLength counts the name as sent, the whitespace trimmed before storing included.
+        post(
+            PRODUCTS,
+            json!({"name": format!("{}     ", "n".repeat(200)), "stock": 1, "price_cents": 1}),
+            422,
+            "INVALID_NAME",
+        ),
         post(
             PRODUCTS,
             json!({"name": "n", "stock": -1, "price_cents": 1}),

@@ -1,4 +1,5 @@
-//! `GET /api/v1/products`: every product with its stock, newest first, in keyset pages.
+//! `/api/v1/products`: a name as sent and as stored, and the list: every product with its
+//! stock, newest first, in keyset pages.
 
 mod common;
 
@@ -13,6 +14,21 @@ fn ids(page: &Value) -> Vec<i64> {
         .iter()
         .map(|p| p["id"].as_i64().expect("product id"))
         .collect()
+}
+
+/// The document's `maxLength` (200) holds for the name as sent; what is stored is trimmed.
+#[tokio::test]
+async fn a_name_of_200_characters_as_sent_is_stored_trimmed() {
+    let app = spawn_app().await;
+    let name = format!("  {}\t\n", "n".repeat(196));
+    let (status, product) = app
+        .post(
+            "/api/v1/products",
+            &json!({"name": name, "stock": 1, "price_cents": 1}),
+        )
+        .await;
+    assert_eq!(status, 201, "{product}");
+    assert_eq!(product["name"], "n".repeat(196));
 }
 
 #[tokio::test]

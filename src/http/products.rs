@@ -65,6 +65,8 @@ impl From<orders::Product> for ProductBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProductRequest {
+    /// Not blank. Stored without its leading and trailing whitespace; `maxLength` counts the
+    /// name as sent, that whitespace included.
     pub name: String,
     #[serde(deserialize_with = "super::extract::integer")]
     pub stock: i64,

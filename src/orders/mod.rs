@@ -74,10 +74,12 @@ pub struct NewProduct {
 }
 
 impl NewProduct {
-    /// A trimmed, non-blank name, and stock and price within their bounds.
+    /// A name of at most [`MAX_NAME_CHARS`] as sent (the document's `maxLength`), stored
+    /// trimmed and not blank; stock and price within their bounds.
     pub fn parse(name: &str, stock: i64, price_cents: i64) -> Result<Self, InvalidInput> {
+        let sent = name.chars().count();
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.contains('\0') {
+        if name.is_empty() || sent > MAX_NAME_CHARS || name.contains('\0') {
             return Err(InvalidInput::Name);
         }
         if !(0..=MAX_STOCK).contains(&stock) {
