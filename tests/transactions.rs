@@ -118,6 +118,8 @@ async fn a_conflicting_resend_is_409_and_stores_nothing_of_the_request() {
         let (status, error) = app.post("/api/v1/transactions", &batch).await;
         assert_eq!(status, 409, "{field}: {error}");
         assert_error(&error, "TRANSACTION_CONFLICT");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("already has a transaction"), "{message}");
         assert_eq!(error["error"]["index"], 2, "{error}");
         assert_eq!(error["error"]["merchant_id"], "m-1");
         assert_eq!(error["error"]["external_id"], "ch_m-1_100_1");
@@ -133,6 +135,15 @@ async fn a_conflicting_resend_is_409_and_stores_nothing_of_the_request() {
         assert_eq!(status, 409, "{error}");
         assert_error(&error, "TRANSACTION_CONFLICT");
         assert_eq!(error["error"]["index"], size - 1, "of {size}");
+        assert_eq!(error["error"]["external_id"], "ch_m-5_10_1");
+        // Nothing is stored under that id: the request itself holds both.
+        let message = error["error"]["message"].as_str().unwrap();
+        let said = format!(
+            "transactions[{}]: the request holds two different transactions \"ch_m-5_10_1\" \
+             of merchant \"m-5\" (the other is transactions[0])",
+            size - 1
+        );
+        assert_eq!(message, said);
     }
     assert_eq!(stored(&app).await, 1);
 }

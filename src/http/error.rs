@@ -58,16 +58,14 @@ pub enum ApiError {
     /// Another request with this Idempotency-Key is in flight (409).
     #[error("a request with this Idempotency-Key is already in progress; retry later")]
     IdempotencyKeyInUse,
-    /// A transaction re-sent under a stored `(merchant_id, external_id)` with different
-    /// fields (409); nothing of the request was stored.
-    #[error(
-        "transactions[{index}]: merchant {merchant_id:?} already has a transaction {external_id:?} \
-         with different fields"
-    )]
+    /// A transaction whose `(merchant_id, external_id)` is stored, or held by the request's
+    /// `earlier` element, with different fields (409); nothing of the request was stored.
+    #[error("transactions[{index}]: {}", conflict(merchant_id, external_id, *earlier))]
     TransactionConflict {
         index: usize,
         merchant_id: String,
         external_id: String,
+        earlier: Option<usize>,
     },
     /// A retry of a job that is not FAILED or CANCELLED (409), with its current state.
     #[error("only a FAILED or CANCELLED job can be retried; this one is {}", state.as_api_str())]
@@ -95,6 +93,21 @@ pub enum ApiError {
     /// Anything else: logged, answered with an opaque 500.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+/// What an [`ApiError::TransactionConflict`] met: a stored transaction, or another element of
+/// the request (then nothing need be stored for the conflict to exist).
+fn conflict(merchant_id: &str, external_id: &str, earlier: Option<usize>) -> String {
+    match earlier {
+        None => format!(
+            "merchant {merchant_id:?} already has a transaction {external_id:?} with different \
+             fields"
+        ),
+        Some(earlier) => format!(
+            "the request holds two different transactions {external_id:?} of merchant \
+             {merchant_id:?} (the other is transactions[{earlier}])"
+        ),
+    }
 }
 
 impl ApiError {
@@ -170,6 +183,7 @@ impl ApiError {
                 index,
                 merchant_id,
                 external_id,
+                ..
             } => {
                 error.insert("index".into(), (*index).into());
                 error.insert("merchant_id".into(), merchant_id.as_str().into());

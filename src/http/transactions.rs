@@ -115,6 +115,7 @@ async fn create_transactions(
             index,
             merchant_id,
             external_id,
+            earlier,
         } => {
             // Nothing of the request is stored, the key included: a corrected retry may reuse it.
             tx.rollback().await?;
@@ -122,6 +123,7 @@ async fn create_transactions(
                 index,
                 merchant_id,
                 external_id,
+                earlier,
             });
         }
     };

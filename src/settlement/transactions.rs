@@ -255,6 +255,9 @@ pub enum Ingested {
         index: usize,
         merchant_id: String,
         external_id: String,
+        /// The first element before `index` with the same identity, if the batch repeats it:
+        /// the batch then holds two different transactions under it, whatever was stored.
+        earlier: Option<usize>,
     },
 }
 
@@ -302,10 +305,15 @@ pub async fn ingest(
         .await?;
         if let Some(n) = conflict {
             let index = (n - 1) as usize;
+            let (merchant_id, external_id) = (&rows[index].merchant_id, &rows[index].external_id);
+            let earlier = rows[..index]
+                .iter()
+                .position(|r| (&r.merchant_id, &r.external_id) == (merchant_id, external_id));
             return Ok(Ingested::Conflict {
                 index,
-                merchant_id: rows[index].merchant_id.clone(),
-                external_id: rows[index].external_id.clone(),
+                merchant_id: merchant_id.clone(),
+                external_id: external_id.clone(),
+                earlier,
             });
         }
     }
