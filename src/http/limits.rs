@@ -5,9 +5,14 @@
 //! Hand-written rather than `#[schema(max_length = …)]` attributes: utoipa's attributes take
 //! literals only, and several limits are configuration (`orders.max_quantity`, page sizes, the
 //! transactions batch). Rules spanning two fields (fee ≤ amount, from ≤ to within
-//! `settlement.max_span_days`) have no JSON Schema form; their fields' descriptions state them.
+//! `settlement.max_span_days`) have no JSON Schema form; their fields' descriptions state them,
+//! as they state the days a date or `paid_at` may fall on (`format: date` also takes the year
+//! 0000, `format: date-time` the first and last days). `tests/fuzz/schemathesis.toml` lists
+//! these rules again.
 
 use serde_json::{Value, json};
+
+use settle_workers::JobState;
 
 use crate::config::Config;
 use crate::orders::{MAX_BUYER_ID_CHARS, MAX_NAME_CHARS, MAX_PRICE_CENTS, MAX_STOCK};
@@ -66,7 +71,13 @@ pub fn complete(doc: &mut Value, config: &Config) -> Vec<String> {
     missing
 }
 
-/// `(schema, property, limits)` for every request field the handlers check.
+/// `states` as the API writes them (`JobState::as_api_str`).
+fn job_states(states: &[JobState]) -> Value {
+    json!({"enum": states.iter().map(|s| s.as_api_str()).collect::<Vec<_>>()})
+}
+
+/// `(schema, property, limits)` for every request field the handlers check, and every answer
+/// field whose values are a fixed set or range.
 fn field_limits(config: &Config) -> Vec<(&'static str, &'static str, Value)> {
     let text =
         |max: usize, pattern: String| json!({"minLength": 1, "maxLength": max, "pattern": pattern});
@@ -126,6 +137,13 @@ fn field_limits(config: &Config) -> Vec<(&'static str, &'static str, Value)> {
             "to",
             json!({"format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}),
         ),
+        ("Job", "status", job_states(&JobState::ALL)),
+        ("Job", "progress", range(0, 100)),
+        (
+            "JobAccepted",
+            "status",
+            job_states(&[JobState::Queued, JobState::Cancelling, JobState::Cancelled]),
+        ),
     ]
 }
 
@@ -147,8 +165,7 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
                     json!({"pattern": super::settlements::CURSOR_PATTERN})
                 }
                 Some("limit") => json!({"minimum": 1, "maximum": config.pagination.max_page_size}),
-                Some("status") => json!({"enum": settle_workers::JobState::ALL
-                    .map(|state| state.as_str().to_uppercase())}),
+                Some("status") => job_states(&JobState::ALL),
                 // The last id of the page before: what `next_cursor` returns.
                 Some("cursor") => json!({"pattern": super::pagination::ID_CURSOR_PATTERN}),
                 Some("Idempotency-Key") => json!({

@@ -100,6 +100,8 @@ pub fn docs(config: &Config) -> Router {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -115,5 +117,49 @@ mod tests {
         // A file name in the path that is not UTF-8 (`%FF.csv`) is refused as for an id.
         let download = &doc["paths"]["/downloads/{job_id}.csv"]["get"]["responses"];
         assert!(download.get("400").is_some(), "{download}");
+    }
+
+    /// What the handlers refuse beyond a field's format, and the values an answer can hold,
+    /// are in the document: a client generating from it meets no undocumented rule.
+    #[test]
+    fn ranges_and_job_states_are_documented() {
+        let config = Config::from_figment(Config::defaults()).expect("default config");
+        let doc = serde_json::to_value(document(&config)).expect("serializes");
+        let field = |schema: &str, property: &str| {
+            doc["components"]["schemas"][schema]["properties"][property].clone()
+        };
+        let states = [
+            "QUEUED",
+            "RUNNING",
+            "CANCELLING",
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+        ];
+        assert_eq!(field("Job", "status")["enum"], json!(states));
+        let accepted = ["QUEUED", "CANCELLING", "CANCELLED"];
+        assert_eq!(field("JobAccepted", "status")["enum"], json!(accepted));
+        let progress = field("Job", "progress");
+        assert_eq!([&progress["minimum"], &progress["maximum"]], [0, 100]);
+        let paid_at = field("TransactionInput", "paid_at").to_string();
+        for bound in ["0001-01-02T00:00:00Z", "9999-12-31T00:00:00Z"] {
+            assert!(paid_at.contains(bound), "{paid_at}");
+        }
+        let list = &doc["paths"]["/api/v1/settlements"]["get"]["parameters"];
+        let query = |name| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .cloned()
+        };
+        for day in [
+            field("DateRangeInput", "from"),
+            field("DateRangeInput", "to"),
+            query("from").expect("from"),
+            query("to").expect("to"),
+        ] {
+            assert!(day.to_string().contains("years 0001 to 9999"), "{day}");
+        }
     }
 }

@@ -30,9 +30,11 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 #[schema(as = DateRangeInput)]
 pub struct DateRangeBody {
-    /// First day settled, `YYYY-MM-DD`, inclusive.
+    /// First day settled, `YYYY-MM-DD`, inclusive, of the years 0001 to 9999 (422
+    /// `INVALID_DATE` for year 0000).
     pub from: String,
-    /// Last day settled, `YYYY-MM-DD`, inclusive.
+    /// Last day settled, `YYYY-MM-DD`, inclusive, of the years 0001 to 9999; not before `from`,
+    /// and the range at most `settlement.max_span_days` days, both ends counted.
     pub to: String,
 }
 

@@ -59,10 +59,11 @@ pub struct ListSettlementsQuery {
     /// Only this merchant's rows (a merchant token reads only its own anyway).
     #[param(min_length = 1)]
     merchant_id: Option<String>,
-    /// First day, `YYYY-MM-DD`, inclusive.
+    /// First day, `YYYY-MM-DD`, inclusive, of the years 0001 to 9999 (422 `INVALID_DATE` for
+    /// year 0000).
     #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
     from: Option<String>,
-    /// Last day, `YYYY-MM-DD`, inclusive.
+    /// Last day, `YYYY-MM-DD`, inclusive, of the years 0001 to 9999; not before `from`.
     #[param(pattern = r"^\d{4}-\d{2}-\d{2}$")]
     to: Option<String>,
 }
