@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestApp, assert_error, spawn_app, status_and_json};
+use common::{TestApp, assert_error, assert_refused, spawn_app, status_and_json};
 use serde_json::{Value, json};
 
 /// A request the API must refuse, and how.
@@ -144,6 +144,9 @@ fn path_cases(product: i64) -> Vec<Case> {
             422,
             "INVALID_MERCHANT_ID",
         ),
+        // A parameter the route does not take (a misspelt filter) would answer every row.
+        get("/api/v1/jobs?state=failed", 400, "INVALID_QUERY"),
+        get("/api/v1/products?limit=1&sort=asc", 400, "INVALID_QUERY"),
         get("/api/v1/products/1.5", 400, "INVALID_PATH"),
         get("/api/v1/products/77777", 404, "NOT_FOUND"),
         bare(
@@ -331,4 +334,19 @@ async fn health_and_docs_are_served() {
     }
     let docs = app.http.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
+}
+
+/// A parameter a list does not take is named back with the ones it does, so a misspelt filter
+/// is found at once instead of answering every row.
+#[tokio::test]
+async fn an_unknown_query_parameter_is_named_with_the_known_ones() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/api/v1/jobs?limit=5&state=failed").await;
+    assert_refused((status, body.clone()), 400, "INVALID_QUERY");
+    let message = body["error"]["message"].as_str().unwrap();
+    for name in ["`state`", "status", "kind", "limit", "cursor"] {
+        assert!(message.contains(name), "{name}: {message}");
+    }
+    let (status, _) = app.get("/api/v1/jobs?limit=5&status=FAILED").await;
+    assert_eq!(status, 200);
 }

@@ -5,8 +5,10 @@ use axum::extract::FromRequest;
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::IntoParams;
 
 use super::error::ApiError;
+use super::pagination::PageQuery;
 
 /// `axum::Json` whose rejection is an [`ApiError`].
 #[derive(FromRequest)]
@@ -24,26 +26,50 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
-/// `axum::extract::Query` whose rejection is an [`ApiError`], refusing a NUL in any value:
-/// Postgres text cannot hold one, so a filter carrying it would fail as a 500.
-pub struct Query<T>(pub T);
+/// A list's query string: its own filters `F` and the page every list takes, read through
+/// `axum::extract::Query` with its rejection an [`ApiError`]. Refused: a NUL in any value
+/// (Postgres text cannot hold one, so a filter carrying it would fail as a 500) and any
+/// parameter the list does not document, `F`'s or the page's: a misspelt filter
+/// (`?state=failed` for `status`) would otherwise answer every row as if it had matched.
+pub struct ListQuery<F>(pub F, pub PageQuery);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+impl<S: Send + Sync, F: serde::de::DeserializeOwned + IntoParams + Send> FromRequestParts<S>
+    for ListQuery<F>
+{
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, ApiError> {
-        if parts.uri.query().is_some_and(|q| q.contains("%00")) {
+        let query = parts.uri.query().unwrap_or_default();
+        if query.contains("%00") {
             return Err(ApiError::BadRequest {
                 code: "INVALID_QUERY",
                 message: "query parameters must not contain NUL characters".into(),
             });
         }
-        let axum::extract::Query(value) =
-            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
-        Ok(Self(value))
+        let known: Vec<String> = F::into_params(|| None)
+            .into_iter()
+            .chain(PageQuery::into_params(|| None))
+            .map(|parameter| parameter.name)
+            .collect();
+        if let Some((name, _)) = url::form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| !known.iter().any(|known| known == name))
+        {
+            return Err(ApiError::BadRequest {
+                code: "INVALID_QUERY",
+                message: format!(
+                    "unknown query parameter `{name}`; this list takes {}",
+                    known.join(", ")
+                ),
+            });
+        }
+        let axum::extract::Query(filters) =
+            axum::extract::Query::<F>::from_request_parts(parts, state).await?;
+        let axum::extract::Query(page) =
+            axum::extract::Query::<PageQuery>::from_request_parts(parts, state).await?;
+        Ok(Self(filters, page))
     }
 }
 

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, Path, Query};
+use super::extract::{Json, ListQuery, Path};
 use super::openapi::ErrorBody;
 use super::pagination::{Page, PageQuery, text_filter};
 use crate::settlement::job::KIND as SETTLEMENT_KIND;
@@ -145,8 +145,7 @@ pub struct ListJobsQuery {
 )]
 async fn list_jobs(
     State(app): State<AppState>,
-    Query(query): Query<ListJobsQuery>,
-    Query(page): Query<PageQuery>,
+    ListQuery(query, page): ListQuery<ListJobsQuery>,
 ) -> Result<Json<Page<Job>>, ApiError> {
     let limit = page.limit(&app.config.pagination)?;
     let state = query

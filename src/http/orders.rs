@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, Path, Query};
+use super::extract::{Json, ListQuery, Path};
 use super::idempotency::{KeyHeader, replay};
 use super::pagination::{Page, PageQuery, text_filter};
 use crate::db::is_connection_error;
@@ -311,8 +311,7 @@ pub struct ListOrdersQuery {
 )]
 async fn list_orders(
     State(app): State<AppState>,
-    Query(query): Query<ListOrdersQuery>,
-    Query(page): Query<PageQuery>,
+    ListQuery(query, page): ListQuery<ListOrdersQuery>,
 ) -> Result<Json<Page<OrderBody>>, ApiError> {
     let limit = page.limit(&app.config.pagination)?;
     let filter = OrderFilter {

@@ -8,8 +8,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ApiError;
 use crate::config::PaginationConfig;
 
-/// The query parameters of a page, read beside each list's own filters (a second `Query`
-/// extractor over the same query string).
+/// The query parameters of a page, read beside each list's own filters (see
+/// [`super::extract::ListQuery`]).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
@@ -18,6 +18,10 @@ pub struct PageQuery {
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
+
+/// The filters of a list that has none but the page's.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct NoFilters {}
 
 impl PageQuery {
     /// The page size asked for, checked against the configured bounds.

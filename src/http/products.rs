@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, Path, Query};
+use super::extract::{Json, ListQuery, Path};
 use super::idempotency::{KeyHeader, replay, respond};
 use super::openapi::ErrorBody;
-use super::pagination::{Page, PageQuery};
+use super::pagination::{NoFilters, Page, PageQuery};
 use crate::idempotency::{self, Begun, IdempotencyKey};
 use crate::orders::{self, NewProduct, store};
 
@@ -134,7 +134,7 @@ async fn get_product(
 )]
 async fn list_products(
     State(app): State<AppState>,
-    Query(page): Query<PageQuery>,
+    ListQuery(NoFilters {}, page): ListQuery<NoFilters>,
 ) -> Result<Json<Page<ProductBody>>, ApiError> {
     let limit = page.limit(&app.config.pagination)?;
     let before = page.before()?;

@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, Query};
+use super::extract::{Json, ListQuery};
 use super::openapi::ErrorBody;
 use super::pagination::{self, Page, PageQuery, text_filter};
 use crate::settlement;
@@ -81,8 +81,7 @@ pub struct ListSettlementsQuery {
 async fn list_settlements(
     State(app): State<AppState>,
     Extension(caller): Extension<Principal>,
-    Query(query): Query<ListSettlementsQuery>,
-    Query(page): Query<PageQuery>,
+    ListQuery(query, page): ListQuery<ListSettlementsQuery>,
 ) -> Result<Json<Page<Settlement>>, ApiError> {
     let limit = page.limit(&app.config.pagination)?;
     let from = query.from.as_deref().map(|d| day(d, "from")).transpose()?;
