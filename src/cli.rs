@@ -108,7 +108,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let pool = open(&config, config.database.migrate_on_start).await?;
             let token = shutdown::on_signal();
             if let Some(addr) = config.worker.metrics_addr {
-                let listener = tokio::net::TcpListener::bind(addr)
+                let listener = http::listen(addr, config.http.listen_backlog)
                     .await
                     .context("cannot bind worker.metrics_addr")?;
                 // Installed here, not in the spawned task, which may first run after the

@@ -74,6 +74,9 @@ pub struct HttpConfig {
     /// A connection whose request head (request line and headers) takes longer than this to
     /// arrive is closed.
     pub header_read_timeout_ms: u64,
+    /// Connections the kernel may hold completed but not yet accepted (`listen(2)`'s backlog;
+    /// Linux caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// A CSV download whose reader takes nothing for this long is cut off (a streamed body
     /// outlives `request_timeout_ms`; a stalled one would hold its snapshot open).
     pub download_stall_timeout_ms: u64,

@@ -427,6 +427,37 @@ async fn a_half_sent_request_head_holds_neither_its_connection_nor_a_shutdown() 
     }
 }
 
+/// A burst of connections while the process accepts none (stopped here, as a busy or paused
+/// process is for a moment) waits in the kernel's listen queue, `http.listen_backlog` deep:
+/// std's bind asked for 128, so the rest had their SYNs dropped, and nothing connected until
+/// the process accepted again.
+#[tokio::test]
+async fn a_burst_of_connections_waits_in_the_listen_queue() {
+    use nix::sys::signal::{Signal, kill};
+    let (url, _db) = fresh_database();
+    assert!(settle(&url).arg("migrate").status().unwrap().success());
+    let mut child = tokio::process::Command::from(settle(&url))
+        .arg("api")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (base, _, _log) = common::listening::base_url(&mut child).await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let connects = (0..600).map(|_| {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&addr),
+        )
+    });
+    let connected = futures::future::join_all(connects).await;
+    kill(pid, Signal::SIGCONT).unwrap();
+    let held = connected.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+    assert_eq!(held, 600, "connections completed while nothing accepted");
+}
+
 /// SIGTERM reaches `serve` while orders wait on a locked product: the API still answers them
 /// (201) before the process exits. (The workers' side, idle, stopped at once and closed the
 /// pool it shares with the API: every order after the first got 503.)

@@ -47,6 +47,8 @@ fn bad_value_is_named() {
         ("worker.backoff_base_ms", 0),
         ("worker.rescue_probe_ms", 0),
         ("worker.concurrency", 10_001),
+        ("http.listen_backlog", 0),
+        ("http.listen_backlog", 65_536),
     ] {
         let err = refused(key, value);
         assert!(err.contains(&format!("`{key}`")), "{key}: {err}");

@@ -55,6 +55,9 @@ impl Config {
         if self.http.header_read_timeout_ms == 0 {
             return invalid("http.header_read_timeout_ms", "must be positive");
         }
+        if !(1..=65_535).contains(&self.http.listen_backlog) {
+            return invalid("http.listen_backlog", "must be between 1 and 65535");
+        }
         if self.database.read_batch_timeout_ms == 0 {
             return invalid("database.read_batch_timeout_ms", "must be positive");
         }

@@ -154,18 +154,21 @@ async fn time_limit(State(app): State<AppState>, mut request: Request, next: Nex
 }
 
 pub use metrics::serve_process_metrics;
-pub use serve::ServeLimits;
 use serve::serve_router;
+pub use serve::{ServeLimits, listen};
 
-/// Binds `http.host:http.port` (port 0: any free port); [`serve`] logs the address bound.
+/// Binds `http.host:http.port` (port 0: any free port) with `http.listen_backlog`; [`serve`]
+/// logs the address bound.
 pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     let (host, port) = (config.http.host.as_str(), config.http.port);
-    TcpListener::bind((host, port)).await.with_context(|| {
-        format!(
-            "cannot bind the HTTP port {host}:{port} (set PORT or http.port to a free one, \
+    listen((host, port), config.http.listen_backlog)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot bind the HTTP port {host}:{port} (set PORT or http.port to a free one, \
              0 for any)"
-        )
-    })
+            )
+        })
 }
 
 /// Serves until `shutdown` fires, then finishes in-flight requests and returns.

@@ -12,7 +12,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs, lookup_host};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
@@ -79,6 +79,31 @@ pub(super) async fn serve_router(
         );
     }
     Ok(())
+}
+
+/// Binds the first of `addr`'s addresses that binds, as `TcpListener::bind` does, but asking
+/// the kernel for a listen backlog of `backlog` (std's bind asks for 128, so a burst of
+/// connections overflows it and waits out SYN retransmits).
+pub async fn listen(addr: impl ToSocketAddrs, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in lookup_host(addr).await? {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // As std's bind: a restarted server rebinds a port whose old connections linger.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolved to nothing",
+        )
+    }))
 }
 
 /// After a failed accept: a connection given up by its client is nothing; anything else (out
