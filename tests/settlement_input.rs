@@ -127,9 +127,10 @@ async fn a_range_in_the_middle_takes_its_span_from_the_quarter_hours() {
     assert_eq!(within, 20);
     let settings = Settings::new(&app.config.settlement, 7);
     let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
-    // No count up front: the total is the span's ids, from the day's first row to its last
-    // (the 01-09 rows between them included).
-    assert_eq!(plan.run.total, 39);
+    // The day's rows all lie in its last quarter hour, whose rows above its first id are
+    // counted through the index: the total is theirs, not the span's 39 ids (the 01-09 rows
+    // between them included).
+    assert_eq!(plan.run.total, 20);
     let first_of_day = first_id(&app.pool).await + 1_100;
     assert_eq!(plan.parts.first().unwrap().lo_id, first_of_day - 1);
 
@@ -166,10 +167,11 @@ async fn rows_per_part(pool: &PgPool, plan: &Plan, day: &str) -> Vec<i64> {
 async fn store_day_then_late_row(
     pool: &PgPool,
     day: impl Iterator<Item = chrono::DateTime<chrono::Utc>>,
+    late: &str,
 ) -> Vec<NewTransaction> {
     let mut rows: Vec<_> = day
         .chain((0..1_100).map(|_| at("2025-01-20T12:00:00Z")))
-        .chain([at("2025-01-02T12:01:00Z")])
+        .chain([at(late)])
         .enumerate()
         .map(|(i, paid_at)| txn("m1", 10 + i as i64, 1, Status::Paid, paid_at))
         .collect();
@@ -187,7 +189,7 @@ async fn store_day_then_late_row(
 async fn store_five_minute_day(pool: &PgPool) -> Vec<NewTransaction> {
     let midnight = at("2025-01-02T00:00:00Z");
     let day = (0..288).map(|i| midnight + chrono::Duration::minutes(5 * i));
-    store_day_then_late_row(pool, day).await
+    store_day_then_late_row(pool, day, "2025-01-02T12:01:00Z").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +320,7 @@ async fn rows_posted_late_keep_the_total_a_bound_near_the_count() {
             .into_iter()
             .chain((q > 0).then(|| minutes(15 * q - 1)))
     });
-    let rows = store_day_then_late_row(&app.pool, day).await;
+    let rows = store_day_then_late_row(&app.pool, day, "2025-01-02T12:01:00Z").await;
     let within = support::paid_within(&rows, "2025-01-02", "2025-01-02", Tz::UTC);
     assert_eq!(within, 96 * 3 + 95 + 1);
 
@@ -332,6 +334,20 @@ async fn rows_posted_late_keep_the_total_a_bound_near_the_count() {
         ending(&app.pool, id).await,
         ("completed".to_owned(), within, Some(within))
     );
+}
+
+/// A row posted late into the range's last quarter hour (the one whose first id is the
+/// highest) adds one to the bound too: the bound took that quarter hour's last id as the end
+/// of the on-time ids, and counted every id up to the late row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_posted_late_into_the_last_quarter_hour_adds_one_to_the_total() {
+    let (app, _worker) = settling_app(50, 3).await;
+    let midnight = at("2025-01-02T00:00:00Z");
+    let day = (0..288).map(|i| midnight + chrono::Duration::minutes(5 * i));
+    store_day_then_late_row(&app.pool, day, "2025-01-02T23:59:59.999999Z").await;
+    let settings = Settings::new(&app.config.settlement, 100);
+    let plan = fixed_input(&app.pool, &settings, "2025-01-02", "2025-01-02").await;
+    assert_eq!(plan.run.total, 289);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,11 +225,12 @@ fn quarters_of_days(zone: Zone, from: &str, to: &str) -> String {
 /// the span.
 ///
 /// The job counts its rows as it reads them; until then its total is a bound from the same
-/// ids: the ids from the lowest first to the last of the quarter hour that begins last (the
+/// ids: the ids from the lowest first to the first of the quarter hour that begins last (the
 /// range's last, as ids follow time) bound the rows among them, and the rows above it, which
-/// were posted later (few, as ids follow time), are counted through the index from just
-/// there. A row posted days late then adds one to the bound, where the span counts every id
-/// it stretches over.
+/// were posted later or in that last quarter hour (few, as ids follow time), are counted
+/// through the index from just there. A row posted days late then adds one to the bound,
+/// where the span counts every id it stretches over, also when it was paid in that last
+/// quarter hour (whose last id is then the late row's).
 pub async fn bucket_span(
     conn: &mut PgConnection,
     high_water_id: i64,
@@ -249,7 +250,7 @@ pub async fn bucket_span(
             "with {}, spans as materialized (
                  select at, {} as first, {} as last from quarters
              ), ends as (
-                 select last as id from spans where first is not null order by first desc limit 1
+                 select first as id from spans where first is not null order by first desc limit 1
              )
              select (select aligned from days),
                     coalesce(array_agg(first) filter (where first is not null), '{{}}'),
