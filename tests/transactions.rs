@@ -411,6 +411,7 @@ async fn one_bad_element_stores_none_of_the_array() {
             .contains("transactions[7]"),
         "{error}"
     );
+    assert_eq!(error["error"]["index"], 7, "{error}");
     assert_eq!(stored(&app).await, 0);
 }
 

@@ -42,11 +42,13 @@ pub enum ApiError {
     /// The body is not `application/json` (415).
     #[error("expected a JSON body with content-type application/json")]
     UnsupportedMediaType,
-    /// Well-formed input with a value the service refuses (422), naming the field.
+    /// Well-formed input with a value the service refuses (422), naming the field and, for an
+    /// element of a batch, its index.
     #[error("{message}")]
     Invalid {
         code: &'static str,
         field: &'static str,
+        index: Option<usize>,
         message: String,
     },
     /// Fewer units remain than the order asked for (409).
@@ -115,6 +117,7 @@ impl ApiError {
         Self::Invalid {
             code,
             field,
+            index: None,
             message: message.into(),
         }
     }
@@ -176,8 +179,11 @@ impl ApiError {
             Self::OutOfStock { available } => {
                 error.insert("available".into(), (*available).into());
             }
-            Self::Invalid { field, .. } => {
+            Self::Invalid { field, index, .. } => {
                 error.insert("field".into(), (*field).into());
+                if let Some(index) = index {
+                    error.insert("index".into(), (*index).into());
+                }
             }
             Self::TransactionConflict {
                 index,
@@ -283,7 +289,12 @@ impl From<InvalidTransaction> for ApiError {
             Field::Status => "INVALID_STATUS",
             Field::PaidAt => "INVALID_PAID_AT",
         };
-        Self::invalid(code, e.field.name(), e.to_string())
+        Self::Invalid {
+            code,
+            field: e.field.name(),
+            index: e.index,
+            message: e.to_string(),
+        }
     }
 }
 

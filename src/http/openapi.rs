@@ -23,6 +23,15 @@ pub struct ErrorDetail {
     message: String,
     /// The offending field, on 422 errors.
     field: Option<String>,
+    /// The position of the offending element in a batch of transactions (a 422 on one of its
+    /// fields, or TRANSACTION_CONFLICT).
+    index: Option<i64>,
+    /// On TRANSACTION_CONFLICT: the transaction's merchant.
+    merchant_id: Option<String>,
+    /// On TRANSACTION_CONFLICT: the transaction's external id.
+    external_id: Option<String>,
+    /// On ORDER_OUTCOME_UNKNOWN: the id the order has if it was placed.
+    order_id: Option<i64>,
     /// Units left, on OUT_OF_STOCK.
     available: Option<i64>,
     /// The job's current status, on JOB_NOT_RETRYABLE.
