@@ -141,7 +141,7 @@ pub struct WorkerConfig {
     pub max_attempts: i32,
     /// First retry delay; doubles each attempt, with jitter.
     pub backoff_base_ms: u64,
-    /// Longest retry delay.
+    /// Cap of a retry delay before its jitter (up to 25 % more).
     pub backoff_max_ms: u64,
     /// Finished jobs older than this are deleted.
     pub retention_hours: u64,
@@ -188,7 +188,8 @@ pub struct KindConfig {
 pub struct SettlementConfig {
     /// IANA time zone whose calendar days settlements are grouped by.
     pub time_zone: String,
-    /// Where finished CSV files are written and served from.
+    /// Legacy, read only: where a CSV of a job finished before results moved into Postgres
+    /// (migration 0009) is still served from.
     pub results_dir: PathBuf,
     /// Longest `from..=to` span one job may cover, in days.
     pub max_span_days: i64,
