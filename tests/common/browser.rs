@@ -195,6 +195,12 @@ impl Browser {
             .expect("read sessionStorage")
     }
 
+    /// How many elements `css` selects now.
+    pub async fn count(&self, css: &str) -> usize {
+        let found = self.client.find_all(Locator::Css(css)).await;
+        found.expect("find elements").len()
+    }
+
     /// The ids of the job rows (`data-job-id`), top to bottom.
     pub async fn job_ids(&self) -> Vec<i64> {
         let rows = self.client.find_all(Locator::Css("[data-job-id]")).await;

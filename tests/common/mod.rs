@@ -189,6 +189,12 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// Stops serving, as a crashed or stopped API does: new connections are refused (the
+    /// database stays, for the test to read).
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// POSTs JSON and returns the status and the parsed body (Null when not JSON).
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
         let response = self
