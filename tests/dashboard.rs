@@ -190,25 +190,90 @@ async fn a_running_job_older_than_the_newest_page_keeps_its_row() {
     browser.close().await;
 }
 
-/// A Cancel the API refuses (here the browser's token was revoked) says why and gives the
-/// button back, enabled, instead of showing "Cancelling…" on a job nothing is cancelling.
+/// A Cancel that fails (here the API stopped answering) says why and gives the button back,
+/// enabled, instead of showing "Cancelling…" on a job nothing is cancelling. The polls, failing
+/// too, keep the row, marked stale rather than live, and leave the action's own notice in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_cancel_says_why_and_gives_its_button_back() {
-    let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(0))]).await;
+async fn a_failed_cancel_says_why_and_gives_its_button_back() {
+    let app = spawn_app().await;
     let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: it stays QUEUED
-    let token = common::auth::create_token(&app.pool, Role::Admin, None).await;
-    let browser = Browser::signed_in(&app.url("/"), &token).await;
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
     browser.wait_job_status(id, "QUEUED").await;
-    app.revoke_newest(Role::Admin).await;
+    browser.wait_text("#jobs-updated", "Live").await;
+    app.stop();
     let cancel = format!("{} button[data-action=cancel]", Browser::job_row(id));
     browser.click(&cancel).await;
-    browser.wait_text("#notice", "401 UNAUTHENTICATED").await;
-    // The polls, refused too meanwhile, leave the action's own notice in place.
+    let said = format!("Cancel job #{id}: the settle API did not answer");
+    browser.wait_text("#notice", &said).await;
+    browser.wait_text("#jobs-updated", "Stale since").await;
+    // The polls, failing too meanwhile, leave the action's own notice in place.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let notice = browser.text("#notice").await.unwrap_or_default();
-    assert!(notice.contains(&format!("Cancel job #{id}")), "{notice}");
+    assert!(notice.contains(&said), "{notice}");
     browser.wait_button(&cancel, "Cancel").await;
     assert_eq!(job_state(&app.pool, id).await, "queued");
+    browser.close().await;
+}
+
+/// A token the API stops taking leaves nothing it read on the page: once a reading is refused
+/// (401, the token revoked), the job rows, their buttons and the products are gone, with the
+/// notice, and nothing claims to be live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_leaves_no_rows_or_buttons_behind() {
+    let app = spawn_app_with(&[("auth.cache_ttl_ms", json!(0))]).await;
+    app.product(7, 100).await;
+    let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: QUEUED, cancellable
+    let token = common::auth::create_token(&app.pool, Role::Admin, None).await;
+    let browser = Browser::signed_in(&app.url("/"), &token).await;
+    let cancel = format!("{} button[data-action=cancel]", Browser::job_row(id));
+    browser.find(&cancel).await;
+    browser.wait_text("#products-body", "test product").await;
+    app.revoke_newest(Role::Admin).await;
+    browser.wait_text("#notice", "401 UNAUTHENTICATED").await;
+    assert_eq!(browser.job_ids().await, Vec::<i64>::new());
+    assert_eq!(
+        browser
+            .count("#jobs-body button, #jobs-body a, #products-body tr")
+            .await,
+        0
+    );
+    for label in ["#jobs-updated", "#products-count"] {
+        let text = browser.text(label).await.unwrap_or_default();
+        assert!(text.contains("Not shown · 401"), "{label}: {text}");
+    }
+    browser.close().await;
+}
+
+/// Another token applied shows only what it may read: a `shop` token reads the products, not
+/// the jobs, so the admin's job rows and their buttons go while the products stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_token_applied_shows_only_what_it_may_read() {
+    let app = spawn_app().await;
+    app.product(7, 100).await;
+    let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: QUEUED, cancellable
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    browser.wait_job_status(id, "QUEUED").await;
+    let shop = app.token(Role::Shop, None).await;
+    browser
+        .find("#token")
+        .await
+        .clear()
+        .await
+        .expect("empty the token field");
+    browser
+        .type_into("#token", &format!("{shop}{}", Key::Enter))
+        .await;
+    browser.wait_text("#notice", "403 FORBIDDEN").await;
+    assert_eq!(browser.job_ids().await, Vec::<i64>::new());
+    assert_eq!(browser.count("#jobs-body button, #jobs-body a").await, 0);
+    assert!(
+        !browser
+            .text("#jobs-updated")
+            .await
+            .unwrap_or_default()
+            .contains("Live")
+    );
+    browser.wait_text("#products-body", "test product").await;
     browser.close().await;
 }
 

@@ -270,21 +270,70 @@
     }));
   }
 
-  /** A page of a list for the polling loop; null, with a notice, when it could not be had. */
-  async function load(what, path) {
-    const source = "load " + what;
-    try {
-      const page = await api("GET", path);
-      clearNotice(source);
-      return page;
-    } catch (error) {
-      // An action's notice says more than a poll's (often the same refusal): it stays until
-      // closed or the next action.
-      if (noticeSource !== "action") {
-        notify(source, explain("Loading " + what, error));
-      }
-      return null;
+  // ---- What the lists show: only what the applied token may read, and never as live what
+  // could not be read again. ----
+
+  /** Bumped when a token is applied: a reading begun under the previous token is dropped. */
+  let generation = 0;
+
+  /** A list on the page: its card, its label, how it empties, and when it was last read. */
+  function pageList(name, label, empty, staleLabel) {
+    const card = $(name + "-body").closest(".card");
+    return { source: "load " + name, card, label, empty, staleLabel, readAt: null };
+  }
+
+  /** Shows that `list` was read just now, with `text` as its label. */
+  function shown(list, text) {
+    list.readAt = new Date();
+    list.card.classList.remove("stale");
+    $(list.label).textContent = text;
+  }
+
+  /** Empties `list` (rows, buttons, counts); its label says why when `error` refused it. */
+  function hide(list, error) {
+    list.empty();
+    list.readAt = null;
+    list.card.classList.remove("stale");
+    $(list.label).textContent = error ? `Not shown · ${error.status} ${error.code}` : "";
+  }
+
+  /** A reading of `list` failed with `error`. 401: the API takes the token for nothing now, so
+   * every list empties; 403: its role may not read this list, which empties. Anything else (no
+   * answer, a 5xx) may pass: the rows stay, marked stale since they were last read. */
+  function failed(list, error) {
+    if (error.status === 401) {
+      Object.values(lists).forEach((each) => hide(each, error));
+    } else if (error.status === 403) {
+      hide(list, error);
+    } else if (list.readAt) {
+      list.card.classList.add("stale");
+      $(list.label).textContent = list.staleLabel("Stale since " + clock.format(list.readAt));
     }
+  }
+
+  /** The pages at `paths` (`[what, path]` pairs) of `list`, read together for the polling loop;
+   * null when any could not be had (the notice says why, and `failed` handles the list), or
+   * silently when a token was applied meanwhile (that token's own reading shows). */
+  async function read(list, paths) {
+    const reading = generation;
+    const answers = await Promise.all(paths.map(([what, path]) => api("GET", path)
+      .then((page) => ({ page }), (error) => ({ what, error }))));
+    if (reading !== generation) return null;
+    const failures = answers.filter((answer) => answer.error);
+    if (failures.length === 0) {
+      clearNotice(list.source);
+      return answers.map((answer) => answer.page);
+    }
+    // A refusal says more than a failure that may pass; 401 more than 403.
+    const worst = [401, 403].map((status) => failures.find((f) => f.error.status === status))
+      .find(Boolean) || failures[0];
+    // An action's notice says more than a poll's (often the same refusal): it stays until
+    // closed or the next action.
+    if (noticeSource !== "action") {
+      notify(list.source, explain("Loading " + worst.what, worst.error));
+    }
+    failed(list, worst.error);
+    return null;
   }
 
   /** The states a job can still leave: each is listed however old its jobs are. */
@@ -293,11 +342,11 @@
   /** The newest page of jobs, and a page of each live state's (a running job older than the
    * newest page keeps its row and its Cancel button), newest first. */
   async function refreshJobs() {
-    const pages = await Promise.all([
-      ...LIVE.map((s) => load(s.toLowerCase() + " jobs", "/api/v1/jobs?status=" + s)),
-      load("jobs", "/api/v1/jobs"),
+    const pages = await read(lists.jobs, [
+      ...LIVE.map((s) => [s.toLowerCase() + " jobs", "/api/v1/jobs?status=" + s]),
+      ["jobs", "/api/v1/jobs"],
     ]);
-    if (pages.some((page) => !page)) return;
+    if (!pages) return;
     // The newest page last, so its copy of a job wins: the state pages only add the jobs it
     // does not hold (each was read at its own instant; a job may have moved between them).
     const byId = new Map();
@@ -323,14 +372,24 @@
     }
     $("jobs-empty").hidden = jobs.length > 0;
     showSummary(jobs);
-    $("jobs-updated").textContent = "Live · updated " + clock.format(new Date());
+    shown(lists.jobs, "Live · updated " + clock.format(new Date()));
+  }
+
+  function emptyJobs() {
+    rows.forEach((entry) => entry.row.remove());
+    rows.clear();
+    $("jobs-empty").hidden = true;
+    $("jobs-summary").replaceChildren();
   }
 
   // ---- Products. ----
 
+  let productsCount = ""; // the label of the products last read
+
   async function refreshProducts() {
-    const page = await load("products", "/api/v1/products");
-    if (!page) return;
+    const pages = await read(lists.products, [["products", "/api/v1/products"]]);
+    if (!pages) return;
+    const [page] = pages;
     const body = $("products-body");
     body.replaceChildren(...page.data.map((product) => {
       const row = el("tr");
@@ -345,10 +404,22 @@
       return row;
     }));
     $("products-empty").hidden = page.data.length > 0;
-    $("products-count").textContent = page.next_cursor
+    productsCount = page.next_cursor
       ? `newest ${count(page.data.length)}`
       : `${count(page.data.length)} ${page.data.length === 1 ? "product" : "products"}`;
+    shown(lists.products, productsCount);
   }
+
+  function emptyProducts() {
+    $("products-body").replaceChildren();
+    $("products-empty").hidden = true;
+  }
+
+  const lists = {
+    jobs: pageList("jobs", "jobs-updated", emptyJobs, (stale) => stale),
+    products: pageList("products", "products-count", emptyProducts,
+      (stale) => `${productsCount} · ${stale.toLowerCase()}`),
+  };
 
   // ---- The token: applied on Enter, kept for this tab only. ----
 
@@ -363,6 +434,9 @@
     else sessionStorage.removeItem(TOKEN_KEY);
     showTokenState();
     clearNotice();
+    // Nothing the previous token read stays on the page, nor arrives later.
+    generation += 1;
+    Object.values(lists).forEach((each) => hide(each));
     refreshJobs();
     refreshProducts();
   });
