@@ -47,10 +47,11 @@ pub enum IdempotencyError {
     Sql(#[from] sqlx::Error),
 }
 
-/// A client-chosen key, scoped to the endpoint it was used on.
+/// A client-chosen key, scoped to the endpoint it was used on and to the token that sent it
+/// ([`Self::owned_by`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey {
-    scope: &'static str,
+    scope: String,
     key: String,
 }
 
@@ -80,9 +81,17 @@ impl IdempotencyKey {
             return Err(IdempotencyError::InvalidKey);
         }
         Ok(Self {
-            scope,
+            scope: scope.to_owned(),
             key: key.to_owned(),
         })
+    }
+
+    /// The key as one token's: another token's same key is another key (as Stripe scopes keys
+    /// per account). The owner is part of the stored scope (`orders/token:7`), so rows, locks
+    /// and lookups need nothing else.
+    pub fn owned_by(mut self, token_id: i64) -> Self {
+        self.scope = format!("{}/token:{token_id}", self.scope);
+        self
     }
 
     /// Opens the request's transaction and locks the key in it. [`Begun::Execute`]: run the
@@ -205,7 +214,7 @@ pub async fn claim_all(
     tx: &mut PgConnection,
     keys: &[KeyedRequest<'_>],
 ) -> Result<Vec<Claim>, sqlx::Error> {
-    let scopes: Vec<&str> = keys.iter().map(|(k, _)| k.scope).collect();
+    let scopes: Vec<&str> = keys.iter().map(|(k, _)| k.scope.as_str()).collect();
     let names: Vec<&str> = keys.iter().map(|(k, _)| k.key.as_str()).collect();
     let locked = sqlx::query!(
         r#"select k.ord as "ord!",
@@ -226,7 +235,7 @@ pub async fn claim_all(
         .iter()
         .zip(is_locked)
         .map(|((key, _), locked)| {
-            if locked && executing.insert((key.scope, key.key.as_str())) {
+            if locked && executing.insert((key.scope.as_str(), key.key.as_str())) {
                 Claim::Execute
             } else {
                 Claim::Refused(IdempotencyError::KeyInUse)
@@ -292,7 +301,7 @@ pub async fn store_all(
     if records.is_empty() {
         return Ok(());
     }
-    let scopes: Vec<&str> = records.iter().map(|r| r.key.scope).collect();
+    let scopes: Vec<&str> = records.iter().map(|r| r.key.scope.as_str()).collect();
     let names: Vec<&str> = records.iter().map(|r| r.key.key.as_str()).collect();
     let requests: Vec<Value> = records.iter().map(|r| r.request.clone()).collect();
     let statuses: Vec<i16> = records.iter().map(|r| r.status as i16).collect();

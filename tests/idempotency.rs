@@ -274,7 +274,7 @@ async fn every_buyer_keyed_sells_exactly_the_stock(coalesce: bool) {
     let sold = "select coalesce(sum(quantity), 0)::bigint from orders";
     assert_eq!(scalar(&app.pool, sold).await, 100);
     assert_eq!(scalar(&app.pool, "select stock from products").await, 0);
-    let stored = "select count(*) from idempotency_keys where scope = 'orders'";
+    let stored = "select count(*) from idempotency_keys where scope like 'orders/token:%'";
     assert_eq!(scalar(&app.pool, stored).await, 300, "every answer stored");
 
     let (status, _) = app
@@ -376,32 +376,55 @@ async fn a_failed_batch_stores_no_key_and_a_retry_places_the_order() {
     assert_eq!(scalar(&app.pool, "select stock from products").await, 8);
 }
 
-/// A key belongs to the endpoint, whoever sends it: another token with the same key and body
-/// gets the replay, and the same key on another endpoint is another key.
+/// A key belongs to the endpoint and the token that sent it: two shop tokens using the same
+/// key each place their own order (the same body from a third token too, not a replay), each
+/// token's retry replays its own, and the same key on another endpoint is another key.
 #[tokio::test]
-async fn a_key_is_scoped_to_the_orders_endpoint_not_to_the_token() {
+async fn a_key_is_scoped_to_the_endpoint_and_the_token() {
     let app = spawn_app().await;
     let product = app.product(10, 100).await;
-    let body = order_by(product, "scoped", 1);
-    let (status, first) = post_keyed(&app.http, &app.base, "shared", &body).await;
-    assert_eq!(status, 201, "{first}");
-    let shop = app.client_as(Role::Shop, None).await;
-    assert_eq!(
-        post_keyed(&shop, &app.base, "shared", &body).await,
-        (201, first)
+    let (web, pos) = (
+        app.client_as(Role::Shop, None).await,
+        app.client_as(Role::Shop, None).await,
     );
+    let (alice, bob) = (
+        order_by(product, "web-alice", 1),
+        order_by(product, "pos-bob", 2),
+    );
+    let (status, alices) = post_keyed(&web, &app.base, "checkout-1001", &alice).await;
+    assert_eq!(
+        (status, &alices["buyer_id"]),
+        (201, &json!("web-alice")),
+        "{alices}"
+    );
+    let (status, bobs) = post_keyed(&pos, &app.base, "checkout-1001", &bob).await;
+    assert_eq!(
+        (status, &bobs["buyer_id"]),
+        (201, &json!("pos-bob")),
+        "{bobs}"
+    );
+    let (status, admins) = post_keyed(&app.http, &app.base, "checkout-1001", &alice).await;
+    assert_eq!(status, 201, "{admins}");
+    assert_ne!(
+        admins["id"], alices["id"],
+        "another token's order is not replayed"
+    );
+    let replay = post_keyed(&web, &app.base, "checkout-1001", &alice).await;
+    assert_eq!(replay, (201, alices));
+    let replay = post_keyed(&pos, &app.base, "checkout-1001", &bob).await;
+    assert_eq!(replay, (201, bobs));
     let transaction = json!({"merchant_id": "m-1", "external_id": "scoped-1",
         "amount_cents": 1000, "fee_cents": 30, "status": "PAID",
         "paid_at": "2025-01-15T12:00:00Z"});
     let response = app
         .http
         .post(app.url("/api/v1/transactions"))
-        .header("Idempotency-Key", "shared")
+        .header("Idempotency-Key", "checkout-1001")
         .json(&transaction)
         .send()
         .await
         .expect("sent");
     let (status, report) = status_and_json(response).await;
     assert_eq!((status, &report["inserted"]), (201, &json!(1)));
-    assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 1);
+    assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 3);
 }

@@ -11,11 +11,14 @@ use common::outcome::{order, post_order};
 use common::{TestApp, assert_error, spawn_app_with, status_and_json};
 use serde_json::{Value, json};
 
-/// A transaction of the test's own holding the orders endpoint's `key`, as a request in flight
-/// (or one reading the key's stored answer) holds it.
+/// A transaction of the test's own holding the orders endpoint's `key` of the app's admin
+/// token (`app.http`'s, the app's only token), as a request in flight (or one reading the
+/// key's stored answer) holds it.
 async fn key_held(app: &TestApp, key: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut holder = app.pool.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended('orders:' || $1, 0))")
+    let scope = "(select 'orders/token:' || id from api_tokens where role = 'admin')";
+    let lock = format!("select pg_advisory_xact_lock(hashtextextended({scope} || ':' || $1, 0))");
+    sqlx::query(sqlx::AssertSqlSafe(lock))
         .bind(key)
         .execute(&mut *holder)
         .await

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
+use crate::tokens::Principal;
 
 /// The header a client names its key in.
 pub const HEADER: &str = "idempotency-key";
@@ -24,8 +25,13 @@ pub const HEADER: &str = "idempotency-key";
 pub struct KeyHeader {
     /// Up to 255 characters; a retry with the same key and body is answered with the first
     /// answer again (its status and body) instead of being acted on twice.
+    /// A retry must carry the same token: each token's keys are its own.
     #[param(rename = "Idempotency-Key", value_type = Option<String>)]
     key: Option<HeaderValue>,
+    /// The id of the token that authenticated the request (put in the request's extensions by
+    /// the auth middleware); `None` on a route that takes no token (no keyed route does).
+    #[param(ignore)]
+    token_id: Option<i64>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
@@ -48,18 +54,23 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
                 Some(HeaderValue::from_bytes(&joined).unwrap_or(HeaderValue::from_static(", ")))
             }
         };
-        Ok(Self { key })
+        let token_id = parts.extensions.get::<Principal>().map(|p| p.token_id);
+        Ok(Self { key, token_id })
     }
 }
 
 impl KeyHeader {
-    /// The key for the endpoint `scope`, if the request sent one.
+    /// The key for the endpoint `scope` and the request's token, if the request sent one.
     pub fn scoped(&self, scope: &'static str) -> Result<Option<IdempotencyKey>, ApiError> {
         let Some(value) = &self.key else {
             return Ok(None);
         };
         let raw = value.to_str().map_err(|_| IdempotencyError::InvalidKey)?;
-        Ok(Some(IdempotencyKey::parse(scope, raw)?))
+        let key = IdempotencyKey::parse(scope, raw)?;
+        Ok(Some(match self.token_id {
+            Some(token_id) => key.owned_by(token_id),
+            None => key,
+        }))
     }
 }
 
