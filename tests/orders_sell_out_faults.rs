@@ -31,7 +31,9 @@ struct Answer {
 async fn connections_cut_during_a_sell_out_never_misreport_an_order() {
     let (proxy, app, direct) = app_behind_proxy().await;
     let proxy = Arc::new(proxy);
-    let initial = 300;
+    // 600 buyers ask for about 1,200 units of 100 + 200 restocked: it sells out even when the
+    // faults, on a loaded machine, leave most orders unplaced (with 300 it did not, at times).
+    let initial = 100;
     let product = app.product(initial, 100).await;
     // The first commits certainly, then 8% of commits lose their reply and 4% are cut before
     // they arrive.
