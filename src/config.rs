@@ -198,6 +198,9 @@ pub struct SettlementConfig {
     /// Disjoint id sub-ranges (parts) one settlement job aggregates concurrently (about the
     /// cores Postgres can give one job); a larger input is cut into more parts, taken in turn.
     pub parallel_parts: u32,
+    /// Most days of its range a finishing job sums again from `transactions` when stored rows
+    /// of them were changed while it ran (`settlement::finalize`); more, and it starts over.
+    pub revised_days_max: i64,
 }
 
 /// API tokens (`settle tokens`, `http/auth.rs`).

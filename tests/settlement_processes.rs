@@ -26,22 +26,26 @@ fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
 /// Its legacy results directory is its own and never created: the api and the workers share
 /// no disk, only Postgres.
 fn worker(app: &TestApp) -> WorkerProcess {
+    worker_with(app, &[])
+}
+
+/// [`worker`] with more variables.
+fn worker_with(app: &TestApp, more: &[(&str, String)]) -> WorkerProcess {
     let s = &app.config.settlement;
     let own_dir = std::env::temp_dir().join(format!("settle-worker-{}", uuid::Uuid::new_v4()));
-    WorkerProcess::start_with(
-        &app.config,
-        &[
-            (
-                "SETTLE_SETTLEMENT__RESULTS_DIR",
-                own_dir.to_string_lossy().into_owned(),
-            ),
-            ("SETTLE_SETTLEMENT__TIME_ZONE", s.time_zone.clone()),
-            (
-                "SETTLE_SETTLEMENT__PARALLEL_PARTS",
-                s.parallel_parts.to_string(),
-            ),
-        ],
-    )
+    let mut env = vec![
+        (
+            "SETTLE_SETTLEMENT__RESULTS_DIR",
+            own_dir.to_string_lossy().into_owned(),
+        ),
+        ("SETTLE_SETTLEMENT__TIME_ZONE", s.time_zone.clone()),
+        (
+            "SETTLE_SETTLEMENT__PARALLEL_PARTS",
+            s.parallel_parts.to_string(),
+        ),
+    ];
+    env.extend(more.iter().map(|(key, value)| (*key, value.clone())));
+    WorkerProcess::start_with(&app.config, &env)
 }
 
 /// `settlements` of the test's days (in its zone) are those of `rows`; returns them.
@@ -175,8 +179,8 @@ async fn a_running_settlement_cancelled_through_the_api_leaves_everything_as_it_
 
 /// An operator's fix of stored rows while the job runs (the lowest-id paid row refunded and
 /// the highest-id refunded one paid, in one statement: at no time were both paid) is read by
-/// some batches and not by others; the job starts over on the fixed input and settles exactly
-/// that, on the same attempt.
+/// some batches and not by others; the job sums their days again as it finishes and settles
+/// exactly the fixed input, on the same attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fix_of_stored_rows_during_the_run_is_settled_as_fixed() {
     let app = spawn_app_with(&overrides(40)).await;
@@ -221,4 +225,54 @@ async fn a_fix_of_stored_rows_during_the_run_is_settled_as_fixed() {
     assert_eq!(attempt.await, 1);
     let expected = assert_settled(&app, &rows).await;
     assert_eq!(support::downloaded(&app, id).await, expected);
+}
+
+/// A worker (with `more` settings) settles 2025-01-01..=05 while one row of one day (the
+/// lowest-id PAID one of the 3rd, read early) is refunded mid-run; returns the app, the job and
+/// the worker's log once the job completed, its `settlements` those of the table as it is now
+/// and its `processed` never gone back.
+async fn one_refund_mid_run(more: &[(&str, String)]) -> (TestApp, i64, String) {
+    let app = spawn_app_with(&overrides(40)).await;
+    support::store_random(&app.pool, 25, 20_000, 8, 5).await;
+    support::watch_progress(&app.pool).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-05").await;
+    let mut worker = worker_with(&app, more);
+    wait_mid_way(&app.pool, id).await;
+    sqlx::query(
+        "update transactions set status = 'REFUNDED'
+         where id = (select min(id) from transactions where status = 'PAID'
+                     and paid_at >= '2025-01-03T12:00:00Z' and paid_at < '2025-01-03T20:00:00Z')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    wait_state(&app.pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let now = support::settled_now(&app.pool, (from, to), Tz::America__New_York, i64::MAX).await;
+    assert_eq!(settlements(&app.pool, from, to).await, now);
+    assert_eq!(support::downloaded(&app, id).await, now);
+    assert_eq!(support::progress_gone_back(&app.pool).await, vec![]);
+    let attempt = "select attempt::int8 from all_jobs where id = $1";
+    assert_eq!(common::scalar_of(&app.pool, attempt, id).await, 1);
+    (app, id, worker.log_text())
+}
+
+/// Refund traffic while a job runs: a change of one day's row is summed again at the finish,
+/// and the job completes without starting over (it fixed its input once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_during_the_run_is_summed_again_without_starting_over() {
+    let (_app, _id, log) = one_refund_mid_run(&[]).await;
+    assert_eq!(log.matches("settlement input fixed").count(), 1, "{log}");
+    assert!(!log.contains("changed while it ran"), "{log}");
+}
+
+/// With `settlement.revised_days_max` 0 the same change starts the job over on a fresh input,
+/// and its progress holds where it was instead of going back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_over_keeps_the_progress_where_it_was() {
+    let none = [("SETTLE_SETTLEMENT__REVISED_DAYS_MAX", "0".to_string())];
+    let (_app, _id, log) = one_refund_mid_run(&none).await;
+    assert_eq!(log.matches("settlement input fixed").count(), 2, "{log}");
+    assert!(log.contains("changed while it ran"), "{log}");
 }

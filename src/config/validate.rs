@@ -249,6 +249,9 @@ impl Config {
         if !(1..=64).contains(&self.settlement.parallel_parts) {
             return invalid("settlement.parallel_parts", "must be between 1 and 64");
         }
+        if self.settlement.revised_days_max < 0 {
+            return invalid("settlement.revised_days_max", "must not be negative");
+        }
         if self.schedule.at_time().is_none() {
             return invalid("schedule.at", "must be a time of day, HH:MM or HH:MM:SS");
         }

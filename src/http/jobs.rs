@@ -35,7 +35,8 @@ pub struct Job {
     kind: String,
     /// QUEUED, RUNNING, CANCELLING, COMPLETED, FAILED or CANCELLED.
     status: String,
-    /// 0–100, never decreasing.
+    /// 0–100; never goes down while the job runs, a start-over on a revised input included (a
+    /// retry of a FAILED or CANCELLED job starts it again from 0).
     progress: u8,
     processed: i64,
     /// Rows the job will process; 0 until it has started and knows.

@@ -6,34 +6,86 @@
 
 use sqlx::PgConnection;
 
+use chrono::NaiveDate;
+
 use super::plan::Plan;
-use super::results;
-use super::{DateRange, SettleError};
+use super::{DateRange, Settings, SettleError};
+use super::{input, parts, results};
 
 /// Writes the job's sums into `settlements` where no newer input's rows stand (see
 /// [`replace_settlements`]), once the stored parts are as the run left them
-/// ([`SettleError::Behind`] where a crash took their last batches) and no stored row of the
-/// input changed since the run fixed it ([`SettleError::Revised`]), stores the range's rows as
-/// the job's result (its CSV), and deletes the job's working rows, all in `tx`: the caller
-/// commits them with the job's completion, so the table, the result and COMPLETED land
-/// together or not at all. Returns the result's row count.
-pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
+/// ([`SettleError::Behind`] where a crash took their last batches) and the sums are of one state
+/// of the input ([`converge`]; [`SettleError::Revised`] where they could not be made so),
+/// stores the range's rows as the job's result (its CSV), and deletes the job's working rows,
+/// all in `tx`: the caller commits them with the job's completion, so the table, the result
+/// and COMPLETED land together or not at all. Returns the result's row count.
+pub async fn finalize(
+    tx: &mut PgConnection,
+    plan: &Plan,
+    settings: &Settings,
+) -> Result<u64, SettleError> {
     // The parts as stored, or the sums lack what a crash took of their last batches.
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
         return Err(SettleError::Behind);
     }
-    // Read in this transaction, which publishes: a change committed later was read by none of
-    // the batches, one committed before it shows.
-    if super::input::revised_since(tx, &plan.run).await? {
-        return Err(SettleError::Revised);
-    }
+    let revised = converge(tx, plan, settings.revised_days_max).await?;
     super::set_local_tuning(tx).await?;
-    replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
-        .await
-        .map_err(SettleError::from_sum)?;
+    replace_settlements(
+        tx,
+        plan.run.job_id,
+        plan.run.snapshot_id,
+        plan.range(),
+        &revised,
+    )
+    .await
+    .map_err(SettleError::from_sum)?;
     let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
     delete_working_rows(tx, plan.run.job_id, None).await?;
     Ok(rows)
+}
+
+/// Rounds of [`converge`] before it gives up on rows that keep changing.
+const CONVERGE_ROUNDS: usize = 5;
+
+/// Makes the job's sums those of one state of its input, in the finalize's transaction: where
+/// statements changed or removed stored rows of the input since the run fixed it (each leaves
+/// a `transaction_revisions` row, migration 0019), the batches may have read some of those rows
+/// before the change and others after, so the days they touched are summed again from the
+/// table ([`parts::sum_revised_days`]); `replace_settlements` takes those days from these sums
+/// only. Each round reads the revisions its statement's snapshot holds, then sums the days, in
+/// a later snapshot, which holds those revisions and maybe newer ones: a round that finds no
+/// revision it did not handle already shows that the table held, for the input, exactly what
+/// the sums read, the revised days as summed last and every other day as the batches read it
+/// (no revision touched it). Returns the days summed again (none where nothing changed).
+///
+/// [`SettleError::Revised`] when the revised days are more than `max_days`, or rows still
+/// changed after [`CONVERGE_ROUNDS`] rounds: the job starts over. Changes committed after the
+/// last round were read by none of it. Runs at READ COMMITTED, each statement in a snapshot of
+/// its own.
+async fn converge(
+    tx: &mut PgConnection,
+    plan: &Plan,
+    max_days: i64,
+) -> Result<Vec<NaiveDate>, SettleError> {
+    let mut handled: Vec<i64> = Vec::new();
+    let mut days: Vec<NaiveDate> = Vec::new();
+    for _ in 0..CONVERGE_ROUNDS {
+        let found = input::revisions_since(tx, plan, &handled).await?;
+        if found.ids.is_empty() {
+            return Ok(days);
+        }
+        handled.extend(found.ids);
+        days.extend(found.days);
+        days.sort_unstable();
+        days.dedup();
+        if days.len() as i64 > max_days {
+            return Err(SettleError::Revised);
+        }
+        parts::sum_revised_days(tx, plan, &days)
+            .await
+            .map_err(SettleError::from_sum)?;
+    }
+    Err(SettleError::Revised)
 }
 
 /// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (see
@@ -45,7 +97,9 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
 /// so does a day with a row from a newer snapshot that `settlement_days` does not know of (a
 /// worker of the release before migration 0018 wrote it during a rolling upgrade).
 /// The casts to bigint fail (SQLSTATE 22003) rather than wrap when a sum leaves the 64-bit
-/// range.
+/// range. On the `revised` days the sums are the job's [`parts::REVISED_PART`] row's only
+/// (those days summed again as the table holds them, see [`converge`]), on every other day the
+/// parts'.
 ///
 /// First it takes a transaction lock that serializes replacements, so overlapping jobs
 /// finishing at once cannot interleave their deletes and inserts; it is released at commit.
@@ -54,6 +108,7 @@ pub async fn replace_settlements(
     job_id: i64,
     snapshot_id: i64,
     range: DateRange,
+    revised: &[NaiveDate],
 ) -> Result<(), sqlx::Error> {
     sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
         .execute(&mut *conn)
@@ -79,7 +134,7 @@ pub async fn replace_settlements(
                 from settlement_batches as b,
                      unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
                          as u(m, d, g, f, n)
-                where b.job_id = $1
+                where b.job_id = $1 and (b.part = $6) = (u.d = any($5))
                   and not exists (select from settlement_days as day
                                   where day.date = u.d and day.snapshot_id > $2)
                   and not exists (select from settlements as newer
@@ -98,6 +153,8 @@ pub async fn replace_settlements(
         snapshot_id,
         range.from(),
         range.to(),
+        revised,
+        parts::REVISED_PART,
     )
     .execute(&mut *conn)
     .await?;

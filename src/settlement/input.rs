@@ -3,6 +3,7 @@
 //! count of the transactions paid within the job's days). The job's own run and parts are
 //! in [`super::plan`].
 
+use chrono::NaiveDate;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::{DateRange, Zone};
@@ -101,28 +102,53 @@ pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx
     Ok(mark)
 }
 
-/// True when a statement that changed or removed stored transactions committed after `run`
-/// fixed its input (a revision above its `revision_id`, see [`fix_mark`]) and touched it: rows
-/// up to its high-water id paid, before or after the change, within two days of its range in
-/// UTC (a day of any zone lies within that).
-pub async fn revised_since(
+/// The statements that changed or removed stored transactions, committed after the job fixed
+/// its input (above its run's `revision_id`, see [`fix_mark`]) and not among `handled`,
+/// that touched it (rows up to its high-water id), and the days of its range they touched: the
+/// days whose time bound ([`day_bounds`], as the batches read them) meets a revision's
+/// `paid_from..=paid_to` (a TRUNCATE's is every instant). One statement, so the revisions are
+/// those its snapshot holds, whatever order their ids were drawn in.
+pub async fn revisions_since(
     conn: &mut PgConnection,
-    run: &super::plan::Run,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select exists (
-               select 1 from transaction_revisions
-               where id > $1 and low_id <= $2
-                 and paid_to >= ($3::date - 2)::timestamp at time zone 'UTC'
-                 and paid_from < ($4::date + 3)::timestamp at time zone 'UTC'
-           ) as "revised!""#,
-        run.revision_id.unwrap_or(0),
-        run.high_water_id,
-        run.from_date,
-        run.to_date,
-    )
+    plan: &super::plan::Plan,
+    handled: &[i64],
+) -> Result<Revisions, sqlx::Error> {
+    let run = &plan.run;
+    let (starts, ends) = day_bounds(plan.zone(), "day", "day");
+    // Dynamic: the days' bounds hold the job's zone as a literal (see `day_bounds`). The UTC
+    // bounds (two days of slack each way hold any zone's day) let the revisions' scan skip the
+    // far ones before the days are looked at.
+    let (ids, days): (Vec<i64>, Vec<NaiveDate>) = sqlx::query_as(AssertSqlSafe(format!(
+        "with seen as materialized (
+             select id, paid_from, paid_to from transaction_revisions
+             where id > $1 and low_id <= $2 and id <> all($5)
+               and paid_to >= ($3::date - 2)::timestamp at time zone 'UTC'
+               and paid_from < ($4::date + 3)::timestamp at time zone 'UTC'
+         )
+         select (select coalesce(array_agg(id order by id), '{{}}') from seen),
+                coalesce(array_agg(day order by day), '{{}}')
+         from (select day::date as day
+               from generate_series($3::date, $4::date, interval '1 day') as day) as days
+         where exists (select from seen where seen.paid_to >= {starts}
+                                          and seen.paid_from < {ends})"
+    )))
+    .bind(run.revision_id.unwrap_or(0))
+    .bind(run.high_water_id)
+    .bind(run.from_date)
+    .bind(run.to_date)
+    .bind(handled)
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(Revisions { ids, days })
+}
+
+/// What [`revisions_since`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revisions {
+    /// The revisions' ids.
+    pub ids: Vec<i64>,
+    /// The days of the job's range they touched, in order.
+    pub days: Vec<NaiveDate>,
 }
 
 /// The transactions up to a high-water id whose `paid_at` falls within a range's days.

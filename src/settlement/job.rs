@@ -113,6 +113,7 @@ pub async fn run(mut ctx: JobContext, settings: Arc<Settings>) -> JobResult {
 async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> JobResult {
     let job_id = ctx.id();
     let started = std::time::Instant::now();
+    let shown = Shown::of(ctx);
     // Only a first start reads the input's bounds (waiting for inserts in flight, maybe behind a
     // bulk load); a resumed job keeps its stored input and goes straight on. The queue's
     // checkpoint says which: the run is stored in the batch that commits the first checkpoint,
@@ -149,10 +150,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     // Capped as the parts' commits are: rows committed below the high-water mark after the
     // input was fixed (a prepared transaction, a COPY with its own ids) are read and counted
     // past the total, and a resumed run's count would break `job_progress_valid` for good.
-    let processed = plan.processed().min(plan.run.total);
-    batch
-        .commit(&checkpoint, processed, Some(plan.run.total))
-        .await?;
+    let (processed, total) = shown.report(plan.processed().min(plan.run.total), plan.run.total);
+    batch.commit(&checkpoint, processed, Some(total)).await?;
     // The batches read on the replica once it has replayed the input just fixed.
     let reads = tokio::select! {
         reads = settings.reads.ready(ctx.pool(), job_id, fence) => reads?,
@@ -168,7 +167,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         "settlement input fixed"
     );
 
-    let parts = run_parts(ctx, &plan, fence, settings, reads).await?;
+    let parts = run_parts(ctx, &plan, (fence, shown), settings, reads).await?;
     let plan = Plan { parts, ..plan };
     ctx.ensure_running()?;
     tracing::info!(
@@ -178,7 +177,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    let rows = match finalize::finalize(batch.conn(), &plan).await {
+    // Rows of the input changed while the run read them: their days are summed again, or the
+    // run starts over (see `finalize::finalize`).
+    let rows = match finalize::finalize(batch.conn(), &plan, settings).await {
         Ok(rows) => rows,
         Err(SettleError::Revised) => {
             drop(batch);
@@ -188,9 +189,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     };
     // What the parts read is the input's exact count: where it was not counted up front (see
     // `input::edges`), the total becomes it with the completion.
-    batch
-        .set_progress(plan.processed(), plan.processed())
-        .await?;
+    let (processed, total) = shown.report(plan.processed(), plan.processed());
+    batch.set_progress(processed, total).await?;
     // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
     let result = json!({"download_url": format!("/downloads/{job_id}.csv"), "csv_rows": rows});
     let completed = batch.complete(Some(result)).await;
@@ -209,8 +209,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     completed
 }
 
-/// Forgets the run whose input was revised under it ([`SettleError::Revised`]) and has the job
-/// run again at once, as after a transient error: with no run stored, it fixes a fresh input.
+/// Forgets the run whose input was revised under it beyond what its finalize sums again
+/// ([`SettleError::Revised`]) and has the job run again at once, as after a transient error:
+/// with no run stored, it fixes a fresh input. Its progress stays where it was ([`Shown`]).
 async fn start_over(ctx: &JobContext) -> JobError {
     let job_id = ctx.id();
     tracing::warn!(job = job_id, "{}", SettleError::Revised);
@@ -221,6 +222,40 @@ async fn start_over(ctx: &JobContext) -> JobError {
     match forgotten.await {
         Ok(_) => JobError::Resume(SettleError::Revised.to_string()),
         Err(e) => JobError::Db(e),
+    }
+}
+
+/// The progress the job showed when this run began, which the run shows no less of (SPEC:
+/// progress never decreases): a run that started over on a fresh input, after one whose input
+/// was revised ([`start_over`]), counts its rows from 0 again, possibly of another total.
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    processed: i64,
+    total: i64,
+}
+
+impl Shown {
+    fn of(ctx: &JobContext) -> Self {
+        let total = ctx.total().unwrap_or(0);
+        Self {
+            processed: ctx.processed().clamp(0, total),
+            total,
+        }
+    }
+
+    /// `(processed, total)` to report for a run that has read `processed` of its `total`: the
+    /// total at least the shown one, and `processed` at least the shown count and the shown
+    /// share of that total, at most the total (`job_progress_valid`). Where nothing was shown,
+    /// or the run has got further, its own figures.
+    fn report(self, processed: i64, total: i64) -> (i64, i64) {
+        let total = total.max(self.total);
+        let share = if self.total > 0 {
+            let (shown, of, scale) = (self.processed as i128, self.total as i128, total as i128);
+            ((shown * scale + of - 1) / of) as i64
+        } else {
+            self.processed
+        };
+        (processed.max(share).min(total), total)
     }
 }
 
@@ -262,7 +297,7 @@ fn job_error(e: SettleError) -> JobError {
 async fn run_parts(
     ctx: &mut JobContext,
     plan: &Plan,
-    fence: i64,
+    (fence, shown): (i64, Shown),
     settings: &Settings,
     reads: Option<Replica>,
 ) -> Result<Vec<Part>, JobError> {
@@ -311,9 +346,8 @@ async fn run_parts(
         let committed = async {
             let mut batch = ctx.begin().await?;
             parts::set_local_async_commit(batch.conn()).await?;
-            batch
-                .commit(&checkpoint, processed.min(plan.run.total), None)
-                .await
+            let (processed, _) = shown.report(processed.min(plan.run.total), plan.run.total);
+            batch.commit(&checkpoint, processed, None).await
         }
         .await;
         if let Err(e) = committed {

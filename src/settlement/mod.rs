@@ -178,6 +178,9 @@ pub struct Settings {
     pub parts: u32,
     /// Where the parts read their batches.
     pub reads: replica::Reads,
+    /// Most days a finalize sums again when rows of them were revised while the job ran
+    /// ([`finalize::finalize`]).
+    pub revised_days_max: i64,
 }
 
 impl Settings {
@@ -188,6 +191,7 @@ impl Settings {
             batch_size,
             parts: config.parallel_parts,
             reads: replica::Reads::primary(),
+            revised_days_max: config.revised_days_max,
         }
     }
 
@@ -211,8 +215,10 @@ pub enum SettleError {
     )]
     Behind,
     /// Stored rows of the input were changed or removed while the run read them (an operator
-    /// fixing the data): its batches did not all read the same rows, and their sums are of no
-    /// state the table held. The run starts over on the input as it is now.
+    /// fixing the data, a refund) on more days than the finalize sums again
+    /// (`settlement.revised_days_max`), or kept changing while it did: its batches did not all
+    /// read the same rows, and their sums are of no state the table held. The run starts over
+    /// on the input as it is now.
     #[error(
         "stored transactions of this job's days were changed while it ran; starting over on \
          the input as it is now"

@@ -154,15 +154,22 @@ pub fn reference(rows: &[NewTransaction], from: NaiveDate, to: NaiveDate, zone: 
 
 /// The `settlements` rows with dates in `from..=to`.
 pub async fn settlements(pool: &PgPool, from: NaiveDate, to: NaiveDate) -> Settled {
-    let rows: Vec<(String, NaiveDate, i64, i64, i64, i64)> = sqlx::query_as(
+    let query = sqlx::query_as(
         "select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
          from settlements where date between $1 and $2",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    );
+    fetch_settled(pool, query.bind(from).bind(to)).await
+}
+
+/// A settlement row.
+type SettledRow = (String, NaiveDate, i64, i64, i64, i64);
+
+/// The rows `query` selects, as [`Settled`].
+async fn fetch_settled(
+    pool: &PgPool,
+    query: sqlx::query::QueryAs<'_, sqlx::Postgres, SettledRow, sqlx::postgres::PgArguments>,
+) -> Settled {
+    let rows = query.fetch_all(pool).await.unwrap();
     rows.into_iter()
         .map(|(m, d, g, f, n, c)| ((m, d), (g, f, n, c)))
         .collect()
@@ -287,4 +294,52 @@ pub async fn assert_no_working_rows(pool: &PgPool, id: i64) {
         let left = rows_of_job(pool, table, id).await;
         assert_eq!(left, 0, "{table} rows of job {id} remain");
     }
+}
+
+/// The settlement of the days `from..=to` in `zone` straight from the rows of `transactions` up
+/// to `input` (an id) as they stand (PAID rows grouped by merchant and local day, in SQL): what
+/// a job of that input that read the table's final state settles.
+pub async fn settled_now(
+    pool: &PgPool,
+    (from, to): (NaiveDate, NaiveDate),
+    zone: Tz,
+    input: i64,
+) -> Settled {
+    let query = sqlx::query_as(
+        "select merchant_id, day, sum(amount_cents)::int8, sum(fee_cents)::int8,
+                sum(amount_cents - fee_cents)::int8, count(*)
+         from (select *, (paid_at at time zone $3)::date as day from transactions) as t
+         where status = 'PAID' and day between $1 and $2 and id <= $4
+         group by merchant_id, day",
+    );
+    let query = query.bind(from).bind(to).bind(zone.name()).bind(input);
+    fetch_settled(pool, query).await
+}
+
+/// Has the database note each time a job's `processed` goes down within an attempt (read back
+/// by [`progress_gone_back`]): every committed value is seen, not samples of them.
+pub async fn watch_progress(pool: &PgPool) {
+    sqlx::raw_sql(
+        "create table progress_gone_back (job_id bigint, was bigint, now bigint);
+         create function note_progress_gone_back() returns trigger language plpgsql as $$
+         begin
+             if new.processed < old.processed and new.attempt = old.attempt then
+                 insert into progress_gone_back values (new.id, old.processed, new.processed);
+             end if;
+             return null;
+         end $$;
+         create trigger progress_gone_back after update of processed on jobs
+             for each row execute function note_progress_gone_back();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// `(job, processed before, after)` of each step back [`watch_progress`] saw.
+pub async fn progress_gone_back(pool: &PgPool) -> Vec<(i64, i64, i64)> {
+    sqlx::query_as("select job_id, was, now from progress_gone_back")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
