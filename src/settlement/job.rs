@@ -188,9 +188,11 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         Err(e) => return Err(said_if_behind(job_id, None, e)),
     };
     // What the parts read is the input's exact count: where it was not counted up front (see
-    // `input::edges`), the total becomes it with the completion.
-    let (processed, total) = shown.report(plan.processed(), plan.processed());
-    batch.set_progress(processed, total).await?;
+    // `input::edges`), the total becomes it with the completion (a bound shown before comes
+    // down to it). Not below the count shown, which only a start-over on a smaller input can
+    // have been above it.
+    let counted = plan.processed().max(shown.processed);
+    batch.set_progress(counted, counted).await?;
     // `csv_rows` marks a result stored in Postgres (jobs completed before it was kept as files).
     let result = json!({"download_url": format!("/downloads/{job_id}.csv"), "csv_rows": rows});
     let completed = batch.complete(Some(result)).await;
