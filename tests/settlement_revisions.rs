@@ -43,12 +43,17 @@ async fn finalize_after(sql: &'static str, revised_days_max: i64) -> Option<Sett
 }
 
 /// The changes of the input [`finalize_after`] makes.
+/// Each names a row of the input by its day (the lowest id: the rows above the mark are newer):
+/// ids follow the rows' external ids, random, not their days.
 const CHANGES: [&str; 4] = [
-    "update transactions set status = 'REFUNDED' where id = 1000",
+    "update transactions set status = 'REFUNDED' where id = (select min(id) from transactions
+                                          where paid_at >= '2025-01-03' and paid_at < '2025-01-04')",
     "delete from transactions where id = (select min(id) from transactions
                                           where paid_at >= '2025-01-02' and paid_at < '2025-01-03')",
     // Moved out of the range: its old day was in it.
-    "update transactions set paid_at = paid_at + interval '30 days' where id = 2",
+    "update transactions set paid_at = paid_at + interval '30 days'
+     where id = (select min(id) from transactions
+                 where paid_at >= '2025-01-01' and paid_at < '2025-01-02')",
     "truncate transactions",
 ];
 
