@@ -25,6 +25,8 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::{self, CommitError};
+
 /// Longest key, in characters.
 pub const MAX_KEY_CHARS: usize = 255;
 
@@ -170,18 +172,23 @@ pub async fn begin(
 }
 
 /// Stores the answer `(status, body)` under the key, when the request sent one, and commits:
-/// the request's effect and its key's answer land together or not at all.
+/// the request's effect and its key's answer land together or not at all. A commit whose
+/// reply is lost is checked on a fresh connection from `pool` ([`commit::checked`]): `Ok` if
+/// it took effect, so the answer given is the one stored.
 pub async fn commit(
     key: Option<&IdempotencyKey>,
+    pool: &PgPool,
     mut tx: Transaction<'static, Postgres>,
     request: &Value,
     (status, body): (u16, &Value),
     ttl_hours: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), CommitError> {
     if let Some(key) = key {
-        key.store(&mut tx, request, status, body, ttl_hours).await?;
+        key.store(&mut tx, request, status, body, ttl_hours)
+            .await
+            .map_err(CommitError::NotCommitted)?;
     }
-    tx.commit().await
+    commit::checked(pool, tx).await
 }
 
 /// What a transaction found when it tried to take a key ([`claim_all`]).

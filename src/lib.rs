@@ -12,6 +12,8 @@
 //! - [`cli`]: the `settle` subcommands; wiring only.
 //! - [`config`]: `config.toml` + environment, validated at start.
 //! - [`db`]: pool, database creation, migration check.
+//! - [`commit`](mod@commit): committing a request's transaction, and finding out whether a
+//!   commit whose reply was lost took effect.
 //! - [`local_cluster`]: the private PostgreSQL cluster `serve` starts when none is running.
 //! - [`http`]: the HTTP API (routers, request/response shapes, error mapping, OpenAPI, the
 //!   `Idempotency-Key` header).
@@ -31,6 +33,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod db;
 pub mod http;

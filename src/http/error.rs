@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use crate::commit::CommitError;
 use crate::idempotency::IdempotencyError;
 use crate::orders::{InvalidInput, Rejected};
 use crate::settlement::RangeError;
@@ -92,6 +93,17 @@ pub enum ApiError {
          or look up order_id, to find out"
     )]
     OrderOutcomeUnknown { order_id: Option<i64> },
+    /// Any other write whose commit's reply was lost, or which ran out of time once its commit
+    /// was sent, and the service could not find out whether it took effect (503). A plain
+    /// [`Self::Unavailable`] there would tell a client without a key to retry, which may do
+    /// the write twice.
+    #[error(
+        "the request may or may not have taken effect (the database connection failed during \
+         the commit, or the request ran past its time limit); a retry with the same \
+         Idempotency-Key answers what happened (or does it, if nothing did), a retry without \
+         one may do it twice"
+    )]
+    OutcomeUnknown,
     /// Anything else: logged, answered with an opaque 500.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -137,9 +149,10 @@ impl ApiError {
             | Self::Conflict { .. }
             | Self::NotRetryable { .. }
             | Self::TransactionConflict { .. } => StatusCode::CONFLICT,
-            Self::Unavailable | Self::OrderNotPlaced | Self::OrderOutcomeUnknown { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable
+            | Self::OrderNotPlaced
+            | Self::OrderOutcomeUnknown { .. }
+            | Self::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -162,6 +175,7 @@ impl ApiError {
             Self::Unavailable => "SERVICE_UNAVAILABLE",
             Self::OrderNotPlaced => "ORDER_NOT_PLACED",
             Self::OrderOutcomeUnknown { .. } => "ORDER_OUTCOME_UNKNOWN",
+            Self::OutcomeUnknown => "OUTCOME_UNKNOWN",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -223,6 +237,9 @@ impl IntoResponse for ApiError {
                     "order outcome unknown: the commit reply was lost"
                 )
             }
+            Self::OutcomeUnknown => {
+                tracing::error!("write outcome unknown: the commit reply was lost")
+            }
             _ => {}
         }
         let mut response = (self.status(), Json(self.body())).into_response();
@@ -243,6 +260,15 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut => Self::Unavailable,
             e if crate::db::is_connection_error(&e) => Self::Unavailable,
             other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::NotCommitted(e) => e.into(),
+            CommitError::Unknown(_) => Self::OutcomeUnknown,
         }
     }
 }

@@ -8,9 +8,11 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
+use sqlx::{Postgres, Transaction};
 
 use super::error::ApiError;
-use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
+use super::{AppState, Started};
+use crate::idempotency::{self, IdempotencyError, IdempotencyKey, StoredResponse};
 use crate::tokens::Principal;
 
 /// The header a client names its key in.
@@ -87,4 +89,22 @@ pub fn respond(status: StatusCode, body: Value) -> Response {
 /// The stored response, answered again verbatim.
 pub fn replay(stored: StoredResponse) -> Result<Response, ApiError> {
     Ok(respond(status(&stored)?, stored.body))
+}
+
+/// Commits a write's transaction with `answer` stored under the key, if the request sent one
+/// ([`idempotency::commit`]): `Ok` if it took effect, its reply lost or not; 503
+/// `OUTCOME_UNKNOWN` if that could not be found out. From here on the request is
+/// [`Started`]: a timeout cannot say nothing happened.
+pub(crate) async fn commit(
+    app: &AppState,
+    started: &Started,
+    key: Option<&IdempotencyKey>,
+    tx: Transaction<'static, Postgres>,
+    request: &Value,
+    (status, body): (StatusCode, &Value),
+) -> Result<(), ApiError> {
+    started.mark();
+    let ttl = app.config.idempotency.ttl_hours;
+    let answer = (status.as_u16(), body);
+    Ok(idempotency::commit(key, &app.pool, tx, request, answer, ttl).await?)
 }

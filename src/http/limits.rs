@@ -206,6 +206,23 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         common.push(("400", "INVALID_QUERY, INVALID_CURSOR"));
         common.push(("422", "INVALID_LIMIT"));
     }
+    // The writes that take a key commit through `idempotency::commit`, which finds out what a
+    // failed commit did (orders list their own 503).
+    let keyed = operation["parameters"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == "Idempotency-Key"));
+    if keyed {
+        common.push((
+            "503",
+            "SERVICE_UNAVAILABLE: the database is overloaded or unreachable, or \
+            the request ran past http.request_timeout_ms, and nothing was done; retrying is safe. \
+            OUTCOME_UNKNOWN: the database connection failed during the commit, or the request ran \
+            past http.request_timeout_ms while committing, and the service could not find out \
+            whether the write took effect; a retry with the same Idempotency-Key answers what was \
+            done (or does it, if nothing was), while a retry without one may do it twice. A commit \
+            whose reply was lost but which took effect is answered as done",
+        ));
+    }
     if path.starts_with("/api/v1/") || path.starts_with("/downloads/") {
         common.push(("503", "SERVICE_UNAVAILABLE: the database is overloaded or the request ran past http.request_timeout_ms"));
         common.push((

@@ -20,13 +20,15 @@ mod settlement_jobs;
 mod settlements;
 mod transactions;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderName, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -117,12 +119,13 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-/// Set by the order handler once it has the whole request and starts placing the order; read
-/// by [`time_limit`] when the request runs out of time.
+/// Set by a writing handler once its request may have taken effect (an order once its body is
+/// all here, any other write as it sends its commit); read by [`time_limit`] when the request
+/// runs out of time. Handlers extract it; outside [`time_limit`] nobody reads it.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct OrderStarted(Arc<AtomicBool>);
+pub(crate) struct Started(Arc<AtomicBool>);
 
-impl OrderStarted {
+impl Started {
     pub(crate) fn mark(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
@@ -132,23 +135,35 @@ impl OrderStarted {
     }
 }
 
-/// Answers 503 instead of letting a request hang past `http.request_timeout_ms`. An order
-/// placement cut short may still be placed (its batch runs on without the request), so it is
-/// answered as such: `ORDER_OUTCOME_UNKNOWN`, never a plain "unavailable". An order request
-/// whose body had not all arrived placed nothing: that is a plain 503.
+impl<S: Send + Sync> FromRequestParts<S> for Started {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(parts.extensions.get::<Self>().cloned().unwrap_or_default())
+    }
+}
+
+/// Answers 503 instead of letting a request hang past `http.request_timeout_ms`. A write cut
+/// short once [`Started`] may still take effect (an order's batch runs on without the request,
+/// a commit sent is the server's to finish), so it is answered as such: `ORDER_OUTCOME_UNKNOWN`
+/// for an order, `OUTCOME_UNKNOWN` for any other write, never a plain "unavailable". A write
+/// cut short before (its body not all here, its transaction not yet committing) did nothing:
+/// that is a plain 503.
 async fn time_limit(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
-    let order = OrderStarted::default();
-    if request.method() == Method::POST && request.uri().path() == "/api/v1/orders" {
-        request.extensions_mut().insert(order.clone());
+    let started = Started::default();
+    let order = request.uri().path() == "/api/v1/orders";
+    if request.method() == Method::POST {
+        request.extensions_mut().insert(started.clone());
     }
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) if order.marked() => {
+        Err(_) if started.marked() && order => {
             // The handler, which counts the orders it answers, was dropped unanswered.
             crate::metrics::order(crate::metrics::OrderOutcome::Error);
             ApiError::OrderOutcomeUnknown { order_id: None }.into_response()
         }
+        Err(_) if started.marked() => ApiError::OutcomeUnknown.into_response(),
         Err(_) => ApiError::Unavailable.into_response(),
     }
 }

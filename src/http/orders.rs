@@ -1,10 +1,10 @@
 //! `/api/v1/orders`: place (optionally idempotent), get, list.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use settle_workers::error::sql_state;
@@ -86,14 +86,12 @@ pub struct PlaceOrderRequest {
 )]
 async fn place_order(
     State(app): State<AppState>,
-    started: Option<Extension<super::OrderStarted>>,
+    started: super::Started,
     key: KeyHeader,
     Json(request): Json<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
     // The body is all here: from now on a timeout cannot say the order was not placed.
-    if let Some(Extension(started)) = started {
-        started.mark();
-    }
+    started.mark();
     let answer = place(&app, &key, request).await;
     if let Some(outcome) = order_outcome(&answer) {
         metrics::order(outcome);

@@ -11,12 +11,12 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, ListQuery, Path};
-use super::idempotency::{KeyHeader, replay, respond};
+use super::idempotency::{KeyHeader, commit, replay, respond};
 use super::openapi::ErrorBody;
 use super::pagination::{NoFilters, Page, PageQuery};
+use super::{AppState, Started};
 use crate::idempotency::{self, Begun, IdempotencyKey};
 use crate::orders::{self, NewProduct, store};
 
@@ -95,6 +95,7 @@ pub struct RestockRequest {
 )]
 async fn create_product(
     State(app): State<AppState>,
+    started: Started,
     key: KeyHeader,
     Json(request): Json<CreateProductRequest>,
 ) -> Result<Response, ApiError> {
@@ -104,7 +105,8 @@ async fn create_product(
         json!({"name": product.name, "stock": product.stock, "price_cents": product.price_cents});
     let created =
         async |conn: &mut PgConnection| Ok(Some(store::insert_product(conn, &product).await?));
-    write_product(&app, key, &request, StatusCode::CREATED, created).await
+    let answer = (key, &request, StatusCode::CREATED);
+    write_product(&app, &started, answer, created).await
 }
 
 #[utoipa::path(
@@ -144,7 +146,8 @@ async fn list_products(
 }
 
 /// Add `quantity` units to the product's stock. Send an `Idempotency-Key` to retry safely: an
-/// answer lost on the way (or a 503) says nothing of whether the restock took effect.
+/// answer lost on the way (or a 503 `OUTCOME_UNKNOWN`) says nothing of whether the restock took
+/// effect; a 503 `SERVICE_UNAVAILABLE` says it did not.
 #[utoipa::path(
     post, path = "/api/v1/products/{id}/restock", tag = "products",
     params(KeyHeader),
@@ -157,6 +160,7 @@ async fn list_products(
 )]
 async fn restock(
     State(app): State<AppState>,
+    started: Started,
     Path(id): Path<i64>,
     key: KeyHeader,
     Json(request): Json<RestockRequest>,
@@ -175,7 +179,8 @@ async fn restock(
                 _ => e.into(),
             })
     };
-    write_product(&app, key, &request, StatusCode::OK, restocked).await
+    let answer = (key, &request, StatusCode::OK);
+    write_product(&app, &started, answer, restocked).await
 }
 
 /// Runs `write` in the request's transaction, under its Idempotency-Key when it sent one (a
@@ -184,9 +189,8 @@ async fn restock(
 /// is answered as such, neither stored (a corrected retry may reuse the key).
 async fn write_product(
     app: &AppState,
-    key: Option<IdempotencyKey>,
-    request: &Value,
-    status: StatusCode,
+    started: &Started,
+    (key, request, status): (Option<IdempotencyKey>, &Value, StatusCode),
     write: impl AsyncFnOnce(&mut PgConnection) -> Result<Option<orders::Product>, ApiError>,
 ) -> Result<Response, ApiError> {
     let mut tx = match idempotency::begin(key.as_ref(), &app.pool, request).await? {
@@ -203,8 +207,7 @@ async fn write_product(
         }
     };
     let body = serde_json::to_value(ProductBody::from(product)).map_err(anyhow::Error::from)?;
-    let ttl = app.config.idempotency.ttl_hours;
-    idempotency::commit(key.as_ref(), tx, request, (status.as_u16(), &body), ttl).await?;
+    commit(app, started, key.as_ref(), tx, request, (status, &body)).await?;
     Ok(respond(status, body))
 }
 

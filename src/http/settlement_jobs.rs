@@ -11,12 +11,12 @@ use serde_json::Value;
 use settle_workers::{JobState, NewJob};
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{KeyHeader, status};
+use super::idempotency::{KeyHeader, commit, status};
 use super::jobs::JobAccepted;
 use super::openapi::ErrorBody;
+use super::{AppState, Started};
 use crate::idempotency::{self, Begun};
 use crate::settlement::job::KIND;
 use crate::settlement::{DateRange, DateRangeInput};
@@ -54,6 +54,7 @@ pub struct DateRangeBody {
 )]
 async fn create_settlement_job(
     State(app): State<AppState>,
+    started: Started,
     key: KeyHeader,
     Json(body): Json<DateRangeBody>,
 ) -> Result<Response, ApiError> {
@@ -74,9 +75,8 @@ async fn create_settlement_job(
     let job_id = settle_workers::enqueue(&mut tx, &job).await?;
     let body = serde_json::to_value(JobAccepted::new(job_id, JobState::Queued))
         .map_err(anyhow::Error::from)?;
-    let answer = (StatusCode::ACCEPTED.as_u16(), &body);
-    let ttl = app.config.idempotency.ttl_hours;
-    idempotency::commit(key.as_ref(), tx, &request_json, answer, ttl).await?;
+    let answer = (StatusCode::ACCEPTED, &body);
+    commit(&app, &started, key.as_ref(), tx, &request_json, answer).await?;
     accepted(StatusCode::ACCEPTED, body)
 }
 

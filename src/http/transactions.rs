@@ -11,11 +11,11 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::Json;
-use super::idempotency::{KeyHeader, replay, respond};
+use super::idempotency::{KeyHeader, commit, replay, respond};
 use super::openapi::ErrorBody;
+use super::{AppState, Started};
 use crate::idempotency::{self, Begun};
 use crate::settlement::transactions::{self, Ingested, NewTransaction, RawTransaction};
 
@@ -93,6 +93,7 @@ pub struct IngestReport {
 )]
 async fn create_transactions(
     State(app): State<AppState>,
+    started: Started,
     key: KeyHeader,
     Json(raw): Json<Box<RawValue>>,
 ) -> Result<Response, ApiError> {
@@ -134,15 +135,8 @@ async fn create_transactions(
         duplicates,
     })
     .map_err(anyhow::Error::from)?;
-    let ttl = app.config.idempotency.ttl_hours;
-    idempotency::commit(
-        key.as_ref(),
-        tx,
-        &body,
-        (StatusCode::CREATED.as_u16(), &report),
-        ttl,
-    )
-    .await?;
+    let answer = (StatusCode::CREATED, &report);
+    commit(&app, &started, key.as_ref(), tx, &body, answer).await?;
     Ok(respond(StatusCode::CREATED, report))
 }
 

@@ -1,5 +1,5 @@
-//! The orders-outcome tests' set-up: an API whose database connections run through a faulty
-//! proxy, a direct pool beside it, and the order requests they send.
+//! The outcome tests' set-up: an API whose database connections run through a faulty proxy, a
+//! direct pool beside it, and the requests they send.
 
 use std::str::FromStr;
 
@@ -44,7 +44,17 @@ pub fn order(product: i64, buyer: &str, quantity: i64) -> Value {
 }
 
 pub async fn post_order(app: &TestApp, key: Option<&str>, body: &Value) -> (u16, Value) {
-    let mut request = app.http.post(app.url("/api/v1/orders")).json(body);
+    post_keyed(app, "/api/v1/orders", key, body).await
+}
+
+/// POSTs `body` to `path`, with the `Idempotency-Key` `key` if given.
+pub async fn post_keyed(
+    app: &TestApp,
+    path: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let mut request = app.http.post(app.url(path)).json(body);
     if let Some(key) = key {
         request = request.header("Idempotency-Key", key);
     }
