@@ -171,4 +171,20 @@ mod tests {
             assert!(day.to_string().contains("years 0001 to 9999"), "{day}");
         }
     }
+
+    /// Every write that takes a key answers OUTCOME_UNKNOWN when its commit's outcome is lost.
+    #[test]
+    fn keyed_writes_document_an_unknown_outcome() {
+        let config = Config::from_figment(Config::defaults()).expect("default config");
+        let doc = serde_json::to_value(document(&config)).expect("serializes");
+        for path in [
+            "/api/v1/products",
+            "/api/v1/products/{id}/restock",
+            "/api/v1/transactions",
+            "/api/v1/jobs/settlement",
+        ] {
+            let answer = doc["paths"][path]["post"]["responses"]["503"]["description"].to_string();
+            assert!(answer.contains("OUTCOME_UNKNOWN"), "{path}: {answer}");
+        }
+    }
 }
