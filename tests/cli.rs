@@ -4,7 +4,9 @@
 mod common;
 
 use std::process::{Command, Stdio};
+
 use std::time::Duration;
+use tokio::process::{Child, Command as AsyncCommand};
 
 fn settle(database_url: &str) -> Command {
     let mut command = common::settle_command();
@@ -333,7 +335,7 @@ async fn a_worker_refuses_settings_for_a_kind_it_does_not_run() {
     let (url, _db) = fresh_database();
     assert!(settle(&url).arg("migrate").status().unwrap().success());
     for command in ["worker", "serve"] {
-        let mut process = tokio::process::Command::from(settle(&url));
+        let mut process = AsyncCommand::from(settle(&url));
         process
             .env("SETTLE_WORKER__KINDS__SETTLEMENTS__CONCURRENCY", "2")
             .env("SETTLE_HTTP__PORT", "0")
@@ -354,16 +356,27 @@ async fn api_binds_port_zero_logs_the_address_and_stops_on_sigterm_and_sigint() 
     }
 }
 
-async fn serve_then_signal(signal: &str) {
-    let (url, _db) = fresh_database();
+/// An `api` process (with `env` set) on a new migrated database, serving: the process, its base
+/// URL, the rest of its log (held: a closed pipe would fail its logging) and the database's
+/// guard.
+async fn serving_api(
+    env: &[(&str, &str)],
+) -> (Child, String, impl Sized + use<>, common::TestDatabase) {
+    let (url, db) = fresh_database();
     assert!(settle(&url).arg("migrate").status().unwrap().success());
-    let mut child = tokio::process::Command::from(settle(&url))
-        .arg("api")
+    let mut command = settle(&url);
+    command.envs(env.iter().copied()).arg("api");
+    let mut child = AsyncCommand::from(command)
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let (base, _, _log) = common::listening::base_url(&mut child).await;
+    let (base, _, log) = common::listening::base_url(&mut child).await;
+    (child, base, log, db)
+}
+
+async fn serve_then_signal(signal: &str) {
+    let (mut child, base, _log, _db) = serving_api(&[]).await;
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let pid = child.id().unwrap().to_string();
@@ -388,20 +401,12 @@ async fn serve_then_signal(signal: &str) {
 #[tokio::test]
 async fn a_half_sent_request_head_holds_neither_its_connection_nor_a_shutdown() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (url, _db) = fresh_database();
-    assert!(settle(&url).arg("migrate").status().unwrap().success());
     for (header_read_ms, request_ms) in [("1000", "30000"), ("600000", "1000")] {
-        let mut command = settle(&url);
-        command
-            .env("SETTLE_HTTP__HEADER_READ_TIMEOUT_MS", header_read_ms)
-            .env("SETTLE_HTTP__REQUEST_TIMEOUT_MS", request_ms)
-            .arg("api");
-        let mut child = tokio::process::Command::from(command)
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (base, _, _log) = common::listening::base_url(&mut child).await;
+        let (mut child, base, _log, _db) = serving_api(&[
+            ("SETTLE_HTTP__HEADER_READ_TIMEOUT_MS", header_read_ms),
+            ("SETTLE_HTTP__REQUEST_TIMEOUT_MS", request_ms),
+        ])
+        .await;
         let addr = base.trim_start_matches("http://").to_owned();
         let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
         half.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n")
@@ -434,15 +439,7 @@ async fn a_half_sent_request_head_holds_neither_its_connection_nor_a_shutdown() 
 #[tokio::test]
 async fn a_burst_of_connections_waits_in_the_listen_queue() {
     use nix::sys::signal::{Signal, kill};
-    let (url, _db) = fresh_database();
-    assert!(settle(&url).arg("migrate").status().unwrap().success());
-    let mut child = tokio::process::Command::from(settle(&url))
-        .arg("api")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (base, _, _log) = common::listening::base_url(&mut child).await;
+    let (child, base, _log, _db) = serving_api(&[]).await;
     let addr = base.trim_start_matches("http://").to_owned();
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     kill(pid, Signal::SIGSTOP).unwrap();
