@@ -201,6 +201,9 @@ pub struct SettlementConfig {
     /// Most days of its range a finishing job sums again from `transactions` when stored rows
     /// of them were changed while it ran (`settlement::finalize`); more, and it starts over.
     pub revised_days_max: i64,
+    /// How long a noted revision of `transactions` is kept before a finished job prunes it
+    /// (it is kept longer while a live run's mark is below it).
+    pub revision_retention_hours: i64,
 }
 
 /// API tokens (`settle tokens`, `http/auth.rs`).

@@ -8,7 +8,7 @@ mod common;
 use chrono_tz::Tz;
 use common::engine::{db, range};
 use common::settlement::{self as support, day};
-use settle::settlement::SettleError;
+use settle::settlement::{SettleError, finalize};
 
 /// Runs `sql` (a change of stored rows) between a run's first batches and its finalize, which
 /// sums at most `revised_days_max` revised days again; returns the finalize's error, if any,
@@ -89,4 +89,47 @@ async fn a_change_outside_the_input_lets_the_job_publish() {
         let found = finalize_after(sql, 0).await;
         assert!(found.is_none(), "{sql}: {found:?}");
     }
+}
+
+/// The noted revisions no job can still need go: older than the retention and at or below
+/// every live run's mark. A live run keeps those above its mark, and a young one stays anyway
+/// (a job between reading its mark and recording its run may need it).
+#[tokio::test]
+async fn revisions_no_job_can_need_are_pruned() {
+    let db = db("UTC", 2, 50).await;
+    support::store_random(&db.pool, 17, 100, 4, 3).await;
+    let revise = || async {
+        let sql = "update transactions set fee_cents = fee_cents where id = 1";
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    };
+    let ids = || async {
+        let sql = "select coalesce(array_agg(id order by id), '{}') from transaction_revisions";
+        sqlx::query_scalar::<_, Vec<i64>>(sql)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let prune = || async {
+        let mut conn = db.pool.acquire().await.unwrap();
+        finalize::prune_revisions(&mut conn, 24).await.unwrap()
+    };
+    revise().await;
+    revise().await;
+    db.start(1, range("2025-01-01", "2025-01-03")).await; // its mark: the second revision
+    revise().await;
+    let old = "update transaction_revisions set noted_at = now() - interval '25 hours'";
+    sqlx::query(old).execute(&db.pool).await.unwrap();
+    revise().await; // young
+    let all = ids().await;
+    assert_eq!(all.len(), 4);
+
+    assert_eq!(prune().await, 2);
+    assert_eq!(ids().await, all[2..]);
+    // The run gone, only the young one stays.
+    sqlx::query("delete from settlement_runs")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(prune().await, 1);
+    assert_eq!(ids().await, all[3..]);
 }

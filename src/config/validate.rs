@@ -249,6 +249,9 @@ impl Config {
         if !(1..=64).contains(&self.settlement.parallel_parts) {
             return invalid("settlement.parallel_parts", "must be between 1 and 64");
         }
+        if self.settlement.revision_retention_hours < 1 {
+            return invalid("settlement.revision_retention_hours", "must be at least 1");
+        }
         if self.settlement.revised_days_max < 0 {
             return invalid("settlement.revised_days_max", "must not be negative");
         }

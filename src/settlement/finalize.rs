@@ -202,6 +202,27 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// Deletes the noted revisions of `transactions` (migration 0019) no job can still need: older
+/// than `retention_hours` and at or below every live run's mark (a run fixed before 0019 has
+/// none and keeps them all). A job reads its mark before its run's row exists, so the age is
+/// what keeps a revision such a job needs; one committed after its id was drawn is younger
+/// still. Returns how many went.
+pub async fn prune_revisions(
+    conn: &mut PgConnection,
+    retention_hours: i64,
+) -> Result<u64, sqlx::Error> {
+    let pruned = sqlx::query!(
+        "delete from transaction_revisions
+         where noted_at < now() - make_interval(hours => $1::int4)
+           and id <= coalesce((select min(coalesce(revision_id, 0)) from settlement_runs),
+                              (select max(id) from transaction_revisions))",
+        retention_hours as i32,
+    )
+    .execute(conn)
+    .await?;
+    Ok(pruned.rows_affected())
+}
+
 /// Deletes the job's batch sums, parts and fixed input: after its finalize, or to forget a
 /// cancelled or failed job's work (`settlements` and the results are untouched then: only a
 /// committed [`finalize`] ever writes them). With `fence`, only if the job's run is still the

@@ -204,9 +204,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
         "settlement finalized"
     );
     if completed.is_ok()
-        && let Err(e) = vacuum(ctx.pool()).await
+        && let Err(e) = clean_up(ctx.pool(), settings.revision_retention_hours).await
     {
-        tracing::warn!(job = job_id, error = %e, "vacuum after settlement failed");
+        tracing::warn!(job = job_id, error = %e, "cleanup after settlement failed");
     }
     completed
 }
@@ -261,10 +261,13 @@ impl Shown {
     }
 }
 
-/// The cleanup after a completion (see [`finalize::vacuum_after_replace`]); a failure is only
-/// logged, as the job is COMPLETED by then.
-async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
-    finalize::vacuum_after_replace(&mut *pool.acquire().await?).await
+/// The cleanup after a completion (see [`finalize::prune_revisions`] and
+/// [`finalize::vacuum_after_replace`]); a failure is only logged, as the job is COMPLETED by
+/// then.
+async fn clean_up(pool: &PgPool, revision_retention_hours: i64) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    finalize::prune_revisions(&mut conn, revision_retention_hours).await?;
+    finalize::vacuum_after_replace(&mut conn).await
 }
 
 /// [`job_error`], logged first where the database was found behind the run: the one error a

@@ -181,6 +181,8 @@ pub struct Settings {
     /// Most days a finalize sums again when rows of them were revised while the job ran
     /// ([`finalize::finalize`]).
     pub revised_days_max: i64,
+    /// Hours a noted revision is kept at least ([`finalize::prune_revisions`]).
+    pub revision_retention_hours: i64,
 }
 
 impl Settings {
@@ -192,6 +194,7 @@ impl Settings {
             parts: config.parallel_parts,
             reads: replica::Reads::primary(),
             revised_days_max: config.revised_days_max,
+            revision_retention_hours: config.revision_retention_hours,
         }
     }
 
