@@ -49,6 +49,7 @@ fn bad_value_is_named() {
         ("worker.concurrency", 10_001),
         ("http.listen_backlog", 0),
         ("http.listen_backlog", 65_536),
+        ("settlement.revision_retention_hours", 0),
     ] {
         let err = refused(key, value);
         assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
