@@ -20,7 +20,10 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::db;
 
-/// How long to look for the outcome (as for a lost order batch, `orders::outcome::WAIT`).
+/// How long to look for a lost commit's outcome (here and for a lost order batch,
+/// `orders::outcome::WAIT`). A backend whose client vanished without the server noticing holds
+/// its transaction, and its locks, until the idle-in-transaction timeout ends its session, so
+/// waiting a little longer than that resolves that case too.
 pub const WAIT: Duration = db::IDLE_IN_TRANSACTION_TIMEOUT.saturating_add(Duration::from_secs(1));
 
 /// Pause between looks.

@@ -27,13 +27,10 @@ use sqlx::PgPool;
 use super::batch::{Decision, KeyAnswers};
 use super::coalesce::{Answer, CoalesceError, Pending};
 use super::{Order, Rejected, store};
-use crate::db;
 use crate::idempotency::{self, KeyedRequest};
 
-/// How long to look for the outcome. A backend whose client vanished without the server
-/// noticing holds its locks until the idle-in-transaction timeout ends its session, so waiting
-/// a little longer than that resolves that case too.
-pub const WAIT: Duration = db::IDLE_IN_TRANSACTION_TIMEOUT.saturating_add(Duration::from_secs(1));
+/// How long to look for the outcome: as long as for any lost commit ([`crate::commit::WAIT`]).
+pub const WAIT: Duration = crate::commit::WAIT;
 
 /// Pause between attempts when the check's own connection fails.
 const PAUSE: Duration = Duration::from_millis(50);
