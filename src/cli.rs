@@ -90,6 +90,9 @@ fn causes(e: &anyhow::Error) -> String {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
+    if config.settlement.revised_days_max.is_some() {
+        tracing::warn!("settlement.revised_days_max no longer has an effect; remove it");
+    }
     match cli.command {
         Command::Migrate => {
             let pool = open(&config, true).await?;

@@ -198,9 +198,10 @@ pub struct SettlementConfig {
     /// Disjoint id sub-ranges (parts) one settlement job aggregates concurrently (about the
     /// cores Postgres can give one job); a larger input is cut into more parts, taken in turn.
     pub parallel_parts: u32,
-    /// Most days of its range a finishing job sums again from `transactions` when stored rows
-    /// of them were changed while it ran (`settlement::finalize`); more, and it starts over.
-    pub revised_days_max: i64,
+    /// No longer read: a finishing job corrects its sums by the rows changed while it ran on
+    /// any number of days (`settlement::finalize`, migration 0021). Accepted so that a
+    /// config.toml of the release that had it still loads; `settle` warns when it is set.
+    pub revised_days_max: Option<i64>,
     /// How long a noted revision of `transactions` is kept before a finished job prunes it
     /// (it is kept longer while a live run's mark is below it).
     pub revision_retention_hours: i64,

@@ -32,14 +32,16 @@ async fn a_run_equals_the_reference_in_table_and_csv() {
     assert_eq!(left, 0);
 }
 
-/// Rewinds the stored part `part` of job 1 to `to` (its cursor and count), its sums past
-/// that gone: the database as a server crash leaves it when the part's latest batches,
+/// Rewinds the stored part `part` of job 1 to `to` (its cursor and count), its sums and reads
+/// past that gone: the database as a server crash leaves it when the part's latest batches,
 /// committed asynchronously, were not yet on disk.
 async fn lose_batches(pool: &sqlx::PgPool, to: &plan::Part) {
     sqlx::query(
         "with rewound as (
              update settlement_parts set cursor_id = $2, processed = $3
              where job_id = 1 and part = $1
+         ), unread as (
+             delete from settlement_reads where job_id = 1 and part = $1 and lo_id >= $2
          )
          delete from settlement_batches where job_id = 1 and part = $1 and end_id > $2",
     )
@@ -597,7 +599,7 @@ async fn a_new_claim_shuts_out_the_former_owners_batches() {
     let range = range("2025-01-01", "2025-01-02");
     let bounds = plan::high_water_mark(&db.pool).await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    plan::start(&mut tx, 5, range, &db.settings, 1, Some(bounds))
+    plan::start(&mut tx, 5, range, &db.settings, 1, Some(bounds.clone()))
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -98,7 +98,7 @@ async fn a_worker_killed_mid_settlement_is_replaced_and_the_result_is_exact() {
 
 /// A crash that takes a run's latest batches (committed asynchronously) leaves the database
 /// behind the worker's own account of its parts: staged here by rewinding every part, its sums
-/// gone, while a part's batch waits to move its cursor. The worker finds the database behind,
+/// and reads gone, while a part's batch waits to move its cursor. The worker finds the database behind,
 /// resumes from what it kept, and the result is exact, on the same attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_latest_batches_the_database_lost_resumes_and_is_exact() {
@@ -117,6 +117,8 @@ async fn a_run_whose_latest_batches_the_database_lost_resumes_and_is_exact() {
     sqlx::query(
         "with rewound as (
              update settlement_parts set cursor_id = lo_id, processed = 0 where job_id = $1
+         ), unread as (
+             delete from settlement_reads where job_id = $1
          )
          delete from settlement_batches where job_id = $1",
     )
@@ -227,28 +229,21 @@ async fn a_fix_of_stored_rows_during_the_run_is_settled_as_fixed() {
     assert_eq!(support::downloaded(&app, id).await, expected);
 }
 
-/// A worker (with `more` settings) settles 2025-01-01..=05 while one row of one day (the
-/// lowest-id PAID one of the 3rd, read early) is refunded mid-run; returns the app, the job and
-/// the worker's log once the job completed, its `settlements` those of the table as it is now
-/// and its `processed` never gone back.
-async fn one_refund_mid_run(more: &[(&str, String)]) -> (TestApp, i64, String) {
+/// A worker settles 2025-01-01..=10 while `change` (statements changing stored rows) runs
+/// mid-run; returns the app, the job and the worker's log once the job completed, its
+/// `settlements` those of the table as it is now and its `processed` never gone back.
+async fn changed_mid_run(change: &str) -> (TestApp, i64, String) {
     let app = spawn_app_with(&overrides(40)).await;
-    support::store_random(&app.pool, 25, 20_000, 8, 5).await;
+    support::store_random(&app.pool, 25, 20_000, 8, 11).await;
     support::watch_progress(&app.pool).await;
-    let id = app.post_settlement("2025-01-01", "2025-01-05").await;
-    let mut worker = worker_with(&app, more);
+    let id = app.post_settlement("2025-01-01", "2025-01-10").await;
+    let mut worker = worker(&app);
     wait_mid_way(&app.pool, id).await;
-    sqlx::query(
-        "update transactions set status = 'REFUNDED'
-         where id = (select min(id) from transactions where status = 'PAID'
-                     and paid_at >= '2025-01-03T12:00:00Z' and paid_at < '2025-01-03T20:00:00Z')",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let change = sqlx::AssertSqlSafe(change.to_owned());
+    sqlx::raw_sql(change).execute(&app.pool).await.unwrap();
     wait_state(&app.pool, id, "completed").await;
     assert!(worker.terminate().await, "{}", worker.log_text());
-    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let (from, to) = (day("2025-01-01"), day("2025-01-10"));
     let now = support::settled_now(&app.pool, (from, to), Tz::America__New_York, i64::MAX).await;
     assert_eq!(settlements(&app.pool, from, to).await, now);
     assert_eq!(support::downloaded(&app, id).await, now);
@@ -258,21 +253,30 @@ async fn one_refund_mid_run(more: &[(&str, String)]) -> (TestApp, i64, String) {
     (app, id, worker.log_text())
 }
 
-/// Refund traffic while a job runs: a change of one day's row is summed again at the finish,
-/// and the job completes without starting over (it fixed its input once).
+/// Refunds of the lowest-id and the highest-id PAID row of each of nine days (one read early,
+/// one late).
+const REFUNDS_EACH_DAY: &str = "update transactions set status = 'REFUNDED'
+    where id in (select unnest(array[min(id), max(id)]) from transactions
+                 where status = 'PAID'
+                   and paid_at >= '2025-01-01T12:00:00Z' and paid_at < '2025-01-10T00:00:00Z'
+                 group by (paid_at at time zone 'UTC')::date)";
+
+/// Refund traffic on every day of a job's range while it runs: the finish corrects the sums
+/// by the refunds its batches did not see, and the job completes without starting over (it
+/// fixed its input once). (The release before summed at most 7 changed days again and started
+/// over past them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refund_during_the_run_is_summed_again_without_starting_over() {
-    let (_app, _id, log) = one_refund_mid_run(&[]).await;
+async fn refunds_on_every_day_during_the_run_are_corrected_without_starting_over() {
+    let (_app, _id, log) = changed_mid_run(REFUNDS_EACH_DAY).await;
     assert_eq!(log.matches("settlement input fixed").count(), 1, "{log}");
     assert!(!log.contains("changed while it ran"), "{log}");
 }
 
-/// With `settlement.revised_days_max` 0 the same change starts the job over on a fresh input,
-/// and its progress holds where it was instead of going back to 0.
+/// A TRUNCATE, which leaves no rows to correct by, starts the job over on a fresh input, and
+/// its progress holds where it was instead of going back to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_over_keeps_the_progress_where_it_was() {
-    let none = [("SETTLE_SETTLEMENT__REVISED_DAYS_MAX", "0".to_string())];
-    let (_app, _id, log) = one_refund_mid_run(&none).await;
+    let (_app, _id, log) = changed_mid_run("truncate transactions").await;
     assert_eq!(log.matches("settlement input fixed").count(), 2, "{log}");
     assert!(log.contains("changed while it ran"), "{log}");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use common::cluster::Cluster;
-use common::processes::{WorkerProcess, enqueue, processed, wait_for, wait_state};
+use common::processes::{WorkerProcess, enqueue, processed, wait_for, wait_mid_way, wait_state};
 use common::proxy::Proxy;
 use common::settlement as support;
 use common::{TestDatabase, migrated_pool, test_config};
@@ -186,6 +186,40 @@ async fn batches_are_read_on_the_replica_once_it_has_replayed_the_input() {
         read_on_primary < batches / 4,
         "{read_on_primary} scans on the primary"
     );
+}
+
+/// Refunds on every day, committed on the primary while the batches read on a standby whose
+/// replay was paused after the input (so no batch sees them): the finish corrects the sums by
+/// them against each batch's snapshot, the standby's, and publishes the table as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_a_replica_read_before_are_corrected_at_the_finish() {
+    let Some((primary, config, pool, _db)) = private_primary().await else {
+        return;
+    };
+    support::store_random(&pool, 47, 40_000, 6, 5).await;
+    let standby = Cluster::standby_of(&primary).await;
+    let replica = PgPool::connect(&standby.url("settle_replica"))
+        .await
+        .unwrap();
+    let mut worker = worker(&config, standby.url("settle_replica"), 120_000);
+    let id = settle_days(&pool).await;
+    wait_mid_way(&pool, id).await;
+    set_replay_paused(&replica, true).await;
+    sqlx::query(
+        "update transactions set status = 'REFUNDED'
+         where id in (select unnest(array[min(id), max(id)]) from transactions
+                      where status = 'PAID' group by (paid_at at time zone 'UTC')::date)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_state(&pool, id, "completed").await;
+    assert!(worker.terminate().await, "{}", worker.log_text());
+    let log = worker.log_text();
+    assert_eq!(log.matches("settlement input fixed").count(), 1, "{log}");
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let now = support::settled_now(&pool, (from, to), Tz::UTC, i64::MAX).await;
+    assert_eq!(settlements(&pool, from, to).await, now);
 }
 
 /// `read_url` may lead to several standbys (a load balancer): the one the job waits on has

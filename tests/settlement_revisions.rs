@@ -1,23 +1,22 @@
 //! Stored transactions changed or removed while a settlement runs (an operator's fix, a
-//! refund): the finalize finds a change that touched the job's input before it publishes
-//! anything, sums the days it touched again (or, past `settlement.revised_days_max`, starts
-//! over), and lets every other change pass (`process`-level: `settlement_processes.rs`).
+//! refund): the finalize corrects the job's sums by each change its batches did not see, on
+//! any number of days, and publishes the input as the table holds it then; a TRUNCATE, or a
+//! change of a run fixed before revisions were kept by row, starts the job over
+//! (`process`-level: `settlement_processes.rs`).
 
 mod common;
 
 use chrono_tz::Tz;
-use common::engine::{db, range};
+use common::engine::{Db, db, range};
 use common::settlement::{self as support, day};
+use settle::settlement::plan::Plan;
 use settle::settlement::{SettleError, finalize};
 
-/// Runs `sql` (a change of stored rows) between a run's first batches and its finalize, which
-/// sums at most `revised_days_max` revised days again; returns the finalize's error, if any,
-/// once it checked that a published job settled the table as it is now.
-async fn finalize_after(sql: &'static str, revised_days_max: i64) -> Option<SettleError> {
-    let mut db = db("UTC", 2, 50).await;
-    db.settings.revised_days_max = revised_days_max;
+/// A run of 2025-01-01..=03 on 1,000 rows (and rows of a far day and rows above its mark,
+/// neither in its input), its first batch read.
+async fn run_mid_way() -> (Db, Plan) {
+    let db = db("UTC", 2, 50).await;
     support::store_random(&db.pool, 17, 1_000, 4, 3).await;
-    // Rows of a far day and rows above the mark, neither in the job's input.
     let far = support::random_transactions(18, 100, 4, 1)
         .into_iter()
         .map(|mut row| {
@@ -30,22 +29,42 @@ async fn finalize_after(sql: &'static str, revised_days_max: i64) -> Option<Sett
     let plan = db.start(1, range("2025-01-01", "2025-01-03")).await;
     support::store_random(&db.pool, 19, 100, 4, 3).await;
     let plan = db.batches(&plan, Some(1)).await;
-    sqlx::query(sql).execute(&db.pool).await.unwrap();
+    (db, plan)
+}
+
+/// Runs `mid` (changes of stored rows) between a run's first batch and its others, then
+/// `late` after its last batch; returns the finalize's error, if any, once it checked that a
+/// published job settled its input as the table holds it now.
+async fn finalize_after(mid: &[&'static str], late: &[&'static str]) -> Option<SettleError> {
+    let (db, plan) = run_mid_way().await;
+    run_all(&db, mid).await;
     let plan = db.batches(&plan, None).await;
-    let error = db.finalize(&plan).await.err();
+    run_all(&db, late).await;
+    finalized_as_now(&db, &plan).await
+}
+
+async fn run_all(db: &Db, statements: &[&'static str]) {
+    for &sql in statements {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+}
+
+/// The finalize's error, or, when it published, a check that it settled the input (the rows
+/// up to its high-water id) as the table holds it now.
+async fn finalized_as_now(db: &Db, plan: &Plan) -> Option<SettleError> {
+    let error = db.finalize(plan).await.err();
     if error.is_none() {
         let (from, to) = (day("2025-01-01"), day("2025-01-03"));
         let input = plan.run.high_water_id;
         let now = support::settled_now(&db.pool, (from, to), Tz::UTC, input).await;
-        assert_eq!(db.settled("2025-01-01", "2025-01-03").await, now, "{sql}");
+        assert_eq!(db.settled("2025-01-01", "2025-01-03").await, now);
     }
     error
 }
 
-/// The changes of the input [`finalize_after`] makes.
-/// Each names a row of the input by its day (the lowest id: the rows above the mark are newer):
-/// ids follow the rows' external ids, random, not their days.
-const CHANGES: [&str; 4] = [
+/// Changes of single rows of the input, each named by its day (the lowest id: the rows above
+/// the mark are newer): ids follow the rows' external ids, random, not their days.
+const ONE_ROW: [&str; 3] = [
     "update transactions set status = 'REFUNDED' where id = (select min(id) from transactions
                                           where paid_at >= '2025-01-03' and paid_at < '2025-01-04')",
     "delete from transactions where id = (select min(id) from transactions
@@ -54,39 +73,100 @@ const CHANGES: [&str; 4] = [
     "update transactions set paid_at = paid_at + interval '30 days'
      where id = (select min(id) from transactions
                  where paid_at >= '2025-01-01' and paid_at < '2025-01-02')",
-    "truncate transactions",
+];
+
+/// Changes of rows on every day, read and not yet read, some rows changed by several.
+const EVERY_DAY: [&str; 7] = [
+    "update transactions set status = case status when 'PAID' then 'REFUNDED' else 'PAID' end
+     where id % 3 = 0",
+    "update transactions set amount_cents = amount_cents + 7, fee_cents = fee_cents + 1
+     where id % 4 = 1",
+    // Across days: out of the range at its end, into it from the day before.
+    "update transactions set paid_at = paid_at + interval '1 day' where id % 5 = 2",
+    // Rows of a far day, which no batch read, into the range.
+    "update transactions set paid_at = paid_at - interval '60 days' where external_id like 'far-%'",
+    "delete from transactions where id % 6 = 5",
+    // A changed id: the row at the old id is gone, the new one above the mark is not input.
+    "update transactions set id = id + 100000 where id % 50 = 7",
+    "update transactions set merchant_id = 'moved' where id % 7 = 3",
 ];
 
 #[tokio::test]
-async fn a_change_of_more_days_than_are_summed_again_starts_the_job_over() {
-    for sql in CHANGES {
-        let found = finalize_after(sql, 0).await;
-        assert!(
-            matches!(found, Some(SettleError::Revised)),
-            "{sql}: {found:?}"
-        );
+async fn a_change_of_a_row_while_the_job_runs_is_corrected_and_published_as_the_table_is() {
+    for sql in ONE_ROW {
+        let found = finalize_after(&[sql], &[]).await;
+        assert!(found.is_none(), "{sql}: {found:?}");
     }
 }
 
 #[tokio::test]
-async fn a_change_of_a_few_days_is_summed_again_and_published_as_the_table_is() {
-    for sql in CHANGES {
-        let found = finalize_after(sql, 3).await;
-        assert!(found.is_none(), "{sql}: {found:?}");
-    }
+async fn changes_on_every_day_are_corrected_whenever_they_land() {
+    assert!(finalize_after(&EVERY_DAY, &[]).await.is_none());
+    assert!(finalize_after(&[], &EVERY_DAY).await.is_none());
+    let (mid, late) = EVERY_DAY.split_at(3);
+    assert!(finalize_after(mid, late).await.is_none());
+}
+
+/// A change a batch did not see because it was not yet committed when the batch read the row
+/// (its transaction began before, committed after) is corrected too.
+#[tokio::test]
+async fn a_change_committed_after_a_batch_read_past_it_is_corrected() {
+    let (db, plan) = run_mid_way().await;
+    let mut open = db.pool.begin().await.unwrap();
+    sqlx::query("set local idle_in_transaction_session_timeout = 0")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID'")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let plan = db.batches(&plan, None).await;
+    open.commit().await.unwrap();
+    assert!(finalized_as_now(&db, &plan).await.is_none());
+}
+
+/// Asserts that the finalize after `mid` (see [`finalize_after`]) starts the job over.
+async fn assert_starts_over(mid: &[&'static str]) {
+    let found = finalize_after(mid, &[]).await;
+    assert!(
+        matches!(found, Some(SettleError::Revised)),
+        "{mid:?}: {found:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_truncate_starts_the_job_over() {
+    assert_starts_over(&["truncate transactions"]).await;
+}
+
+/// A run the release before fixed (no `revision_snapshot`) has no reads to correct by: a change of
+/// its input starts it over, one elsewhere lets it publish.
+#[tokio::test]
+async fn a_run_fixed_before_revisions_by_row_starts_over_when_its_input_changed() {
+    let legacy = "update settlement_runs set revision_snapshot = null";
+    assert_starts_over(&[legacy, ONE_ROW[0]]).await;
+    let elsewhere = "delete from transactions where id > 1100";
+    assert!(finalize_after(&[legacy, elsewhere], &[]).await.is_none());
+}
+
+/// Batches a worker of the release before read (no reads recorded) cannot be corrected: the
+/// job starts over rather than count their rows' changes twice.
+#[tokio::test]
+async fn parts_whose_reads_are_not_all_recorded_start_the_job_over() {
+    assert_starts_over(&["delete from settlement_reads"]).await;
 }
 
 #[tokio::test]
 async fn a_change_outside_the_input_lets_the_job_publish() {
     for sql in [
         "update transactions set fee_cents = fee_cents + 1 where external_id like 'far-%'",
-        // Rows of the day before the range, within the slack of the revisions' first look.
         "delete from transactions where paid_at < '2025-01-01'",
         // Rows stored after the job fixed its input (above its high-water id).
         "delete from transactions where id > 1100",
         "update transactions set status = status where false",
     ] {
-        let found = finalize_after(sql, 0).await;
+        let found = finalize_after(&[sql], &[]).await;
         assert!(found.is_none(), "{sql}: {found:?}");
     }
 }

@@ -252,9 +252,6 @@ impl Config {
         if self.settlement.revision_retention_hours < 1 {
             return invalid("settlement.revision_retention_hours", "must be at least 1");
         }
-        if self.settlement.revised_days_max < 0 {
-            return invalid("settlement.revised_days_max", "must not be negative");
-        }
         if self.schedule.at_time().is_none() {
             return invalid("schedule.at", "must be a time of day, HH:MM or HH:MM:SS");
         }

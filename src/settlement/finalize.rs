@@ -6,19 +6,17 @@
 
 use sqlx::PgConnection;
 
-use chrono::NaiveDate;
-
 use super::plan::Plan;
 use super::{DateRange, Settings, SettleError};
 use super::{input, parts, results};
 
 /// Writes the job's sums into `settlements` where no newer input's rows stand (see
 /// [`replace_settlements`]), once the stored parts are as the run left them
-/// ([`SettleError::Behind`] where a crash took their last batches) and the sums are of one state
-/// of the input ([`converge`]; [`SettleError::Revised`] where they could not be made so),
-/// stores the range's rows as the job's result (its CSV), and deletes the job's working rows,
-/// all in `tx`: the caller commits them with the job's completion, so the table, the result
-/// and COMPLETED land together or not at all. Returns the result's row count.
+/// ([`SettleError::Behind`] where a crash took their last batches) and corrected by the changes
+/// of stored rows its batches did not see ([`sum_revisions`]; [`SettleError::Revised`] where
+/// they cannot be), stores the range's rows as the job's result (its CSV), and deletes the
+/// job's working rows, all in `tx`: the caller commits them with the job's completion, so the
+/// table, the result and COMPLETED land together or not at all. Returns the result's row count.
 pub async fn finalize(
     tx: &mut PgConnection,
     plan: &Plan,
@@ -28,64 +26,69 @@ pub async fn finalize(
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
         return Err(SettleError::Behind);
     }
-    let revised = converge(tx, plan, settings.revised_days_max).await?;
+    sum_revisions(tx, plan, settings.zone).await?;
     super::set_local_tuning(tx).await?;
-    replace_settlements(
-        tx,
-        plan.run.job_id,
-        plan.run.snapshot_id,
-        plan.range(),
-        &revised,
-    )
-    .await
-    .map_err(SettleError::from_sum)?;
+    replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
+        .await
+        .map_err(SettleError::from_sum)?;
     let rows = results::store(tx, plan.run.job_id, plan.range()).await?;
     delete_working_rows(tx, plan.run.job_id, None).await?;
     Ok(rows)
 }
 
-/// Rounds of [`converge`] before it gives up on rows that keep changing.
-const CONVERGE_ROUNDS: usize = 5;
-
-/// Makes the job's sums those of one state of its input, in the finalize's transaction: where
-/// statements changed or removed stored rows of the input since the run fixed it (each leaves
-/// a `transaction_revisions` row, migration 0019), the batches may have read some of those rows
-/// before the change and others after, so the days they touched are summed again from the
-/// table ([`parts::sum_revised_days`]); `replace_settlements` takes those days from these sums
-/// only. Each round reads the revisions its statement's snapshot holds, then sums the days, in
-/// a later snapshot, which holds those revisions and maybe newer ones: a round that finds no
-/// revision it did not handle already shows that the table held, for the input, exactly what
-/// the sums read, the revised days as summed last and every other day as the batches read it
-/// (no revision touched it). Returns the days summed again (none where nothing changed).
+/// Makes the job's sums those of its input as this statement's snapshot holds it, in the
+/// finalize's transaction. Each batch read its rows in a snapshot of its own, recorded with the
+/// ids it read (`settlement_reads`, migration 0021); a row changed or removed while the job ran
+/// left a revision with the row before and after and its transaction's id. For each revision
+/// of a row up to the high-water id committed since the input was fixed (one the run's
+/// `revision_snapshot` does not see):
 ///
-/// [`SettleError::Revised`] when the revised days are more than `max_days`, or rows still
-/// changed after [`CONVERGE_ROUNDS`] rounds: the job starts over. Changes committed after the
-/// last round were read by none of it. Runs at READ COMMITTED, each statement in a snapshot of
-/// its own.
-async fn converge(
+/// - the row was read by a batch whose snapshot did not see the change: the sums take the new
+///   row's share and give back the old one's (a PAID row in the range counts its merchant-day);
+///   a row's changes chain, each one's old row the one before's new row, so together they move
+///   it from what its batch read to what this snapshot holds;
+/// - no batch read the row (its id held none of the input when it was passed over): it takes
+///   its share as this snapshot holds it.
+///
+/// The sums go into one part [`parts::REVISED_PART`] row, which [`replace_settlements`] adds to
+/// the parts'. The work follows the revisions, not the rows they touched, so changes on every
+/// day of a month's range cost what they are. [`SettleError::Revised`] (the job starts over)
+/// for what this cannot correct: a TRUNCATE since the input was fixed, a run fixed before
+/// revisions were kept by row (no `revision_snapshot`) whose input was revised, or a part whose
+/// reads do not account for every row it read (batches of a worker of the release before,
+/// during a rolling upgrade).
+pub async fn sum_revisions(
     tx: &mut PgConnection,
     plan: &Plan,
-    max_days: i64,
-) -> Result<Vec<NaiveDate>, SettleError> {
-    let mut handled: Vec<i64> = Vec::new();
-    let mut days: Vec<NaiveDate> = Vec::new();
-    for _ in 0..CONVERGE_ROUNDS {
-        let found = input::revisions_since(tx, plan, &handled).await?;
-        if found.ids.is_empty() {
-            return Ok(days);
-        }
-        handled.extend(found.ids);
-        days.extend(found.days);
-        days.sort_unstable();
-        days.dedup();
-        if days.len() as i64 > max_days {
-            return Err(SettleError::Revised);
-        }
-        parts::sum_revised_days(tx, plan, &days)
-            .await
-            .map_err(SettleError::from_sum)?;
+    zone: super::Zone,
+) -> Result<(), SettleError> {
+    let run = &plan.run;
+    let Some(fixed_in) = &run.revision_snapshot else {
+        return match input::revised_since(tx, run.revision_id, run.high_water_id).await? {
+            true => Err(SettleError::Revised),
+            false => Ok(()),
+        };
+    };
+    if input::truncated_since(tx, fixed_in).await? || !reads_account_for_parts(tx, plan).await? {
+        return Err(SettleError::Revised);
     }
-    Err(SettleError::Revised)
+    parts::sum_revisions(tx, plan, fixed_in, zone)
+        .await
+        .map_err(SettleError::from_sum)
+}
+
+/// True when each part's recorded reads hold every row its batches counted as read.
+async fn reads_account_for_parts(tx: &mut PgConnection, plan: &Plan) -> Result<bool, sqlx::Error> {
+    let read: Vec<i64> = sqlx::query_scalar!(
+        r#"select coalesce((select sum(scanned) from settlement_reads as r
+                            where r.job_id = p.job_id and r.part = p.part), 0)::int8 as "read!"
+           from settlement_parts as p where p.job_id = $1 order by p.part"#,
+        plan.run.job_id,
+    )
+    .fetch_all(tx)
+    .await?;
+    let processed = plan.parts.iter().map(|part| part.processed);
+    Ok(read.len() == plan.parts.len() && read.into_iter().eq(processed))
 }
 
 /// Writes the job's sums into `settlements`, built from the input snapshot `snapshot_id` (see
@@ -97,9 +100,8 @@ async fn converge(
 /// so does a day with a row from a newer snapshot that `settlement_days` does not know of (a
 /// worker of the release before migration 0018 wrote it during a rolling upgrade).
 /// The casts to bigint fail (SQLSTATE 22003) rather than wrap when a sum leaves the 64-bit
-/// range. On the `revised` days the sums are the job's [`parts::REVISED_PART`] row's only
-/// (those days summed again as the table holds them, see [`converge`]), on every other day the
-/// parts'.
+/// range. The sums are the parts' with the [`parts::REVISED_PART`] row's corrections (see
+/// [`sum_revisions`]); a merchant-day they leave with no transaction has no row.
 ///
 /// First it takes a transaction lock that serializes replacements, so overlapping jobs
 /// finishing at once cannot interleave their deletes and inserts; it is released at commit.
@@ -108,7 +110,6 @@ pub async fn replace_settlements(
     job_id: i64,
     snapshot_id: i64,
     range: DateRange,
-    revised: &[NaiveDate],
 ) -> Result<(), sqlx::Error> {
     sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
         .execute(&mut *conn)
@@ -134,13 +135,14 @@ pub async fn replace_settlements(
                 from settlement_batches as b,
                      unnest(b.merchant_ids, b.dates, b.gross_cents, b.fee_cents, b.txn_counts)
                          as u(m, d, g, f, n)
-                where b.job_id = $1 and (b.part = $6) = (u.d = any($5))
+                where b.job_id = $1
                   and not exists (select from settlement_days as day
                                   where day.date = u.d and day.snapshot_id > $2)
                   and not exists (select from settlements as newer
                                   where newer.date = u.d and newer.date between $3 and $4
                                     and newer.snapshot_id > $2)
-                group by m, d) as sums
+                group by m, d
+                having sum(n) > 0) as sums
          on s.merchant_id = sums.m and s.date = sums.d and s.date between $3 and $4
          when matched then update set
              gross_cents = sums.g, fee_cents = sums.f, net_cents = sums.net, txn_count = sums.n,
@@ -153,8 +155,6 @@ pub async fn replace_settlements(
         snapshot_id,
         range.from(),
         range.to(),
-        revised,
-        parts::REVISED_PART,
     )
     .execute(&mut *conn)
     .await?;
@@ -203,10 +203,11 @@ pub async fn vacuum_after_replace(conn: &mut PgConnection) -> Result<(), sqlx::E
 }
 
 /// Deletes the noted revisions of `transactions` (migration 0019) no job can still need: older
-/// than `retention_hours` and at or below every live run's mark (a run fixed before 0019 has
-/// none and keeps them all). A job reads its mark before its run's row exists, so the age is
-/// what keeps a revision such a job needs; one committed after its id was drawn is younger
-/// still. Returns how many went.
+/// than `retention_hours`, at or below every live run's mark (a run fixed before 0019 has none
+/// and keeps them all), and seen by every live run's `revision_snapshot` (one committed after a
+/// run fixed its input, its id drawn below the mark, may still be read by that run's
+/// finalize). A job reads its mark before its run's row exists, so the age is what keeps
+/// a revision such a job needs. Returns how many went.
 pub async fn prune_revisions(
     conn: &mut PgConnection,
     retention_hours: i64,
@@ -215,7 +216,10 @@ pub async fn prune_revisions(
         "delete from transaction_revisions
          where noted_at < now() - make_interval(hours => $1::int4)
            and id <= coalesce((select min(coalesce(revision_id, 0)) from settlement_runs),
-                              (select max(id) from transaction_revisions))",
+                              (select max(id) from transaction_revisions))
+           and not exists (select from settlement_runs as run
+                           where not pg_visible_in_snapshot(transaction_revisions.xid,
+                                                            run.revision_snapshot))",
         retention_hours as i32,
     )
     .execute(conn)
@@ -223,7 +227,7 @@ pub async fn prune_revisions(
     Ok(pruned.rows_affected())
 }
 
-/// Deletes the job's batch sums, parts and fixed input: after its finalize, or to forget a
+/// Deletes the job's batch sums, reads, parts and fixed input: after its finalize, or to forget a
 /// cancelled or failed job's work (`settlements` and the results are untouched then: only a
 /// committed [`finalize`] ever writes them). With `fence`, only if the job's run is still the
 /// one stored (or resumed) under that claim's fence, so a holder that lost its lease cannot
@@ -251,7 +255,8 @@ pub async fn delete_working_rows(
         return Ok(false);
     }
     sqlx::query!(
-        "with batches as (delete from settlement_batches where job_id = $1)
+        "with batches as (delete from settlement_batches where job_id = $1),
+              reads as (delete from settlement_reads where job_id = $1)
          delete from settlement_parts where job_id = $1",
         job_id,
     )

@@ -3,7 +3,6 @@
 //! count of the transactions paid within the job's days). The job's own run and parts are
 //! in [`super::plan`].
 
-use chrono::NaiveDate;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::{DateRange, Zone};
@@ -93,7 +92,8 @@ pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx
         r#"select hi as "high_water_id!",
                   setval('settlement_snapshots',
                          greatest(nextval('settlement_snapshots'), hi + 1)) as "snapshot_id!",
-                  (select coalesce(max(id), 0) from transaction_revisions) as "revision_id!"
+                  (select coalesce(max(id), 0) from transaction_revisions) as "revision_id!",
+                  pg_current_snapshot()::text as "revision_snapshot!"
            from (select coalesce(max(id), 0) as hi from transactions) as mark"#
     )
     .fetch_one(&mut *tx)
@@ -102,53 +102,36 @@ pub async fn fix_mark(conn: &mut PgConnection) -> Result<super::plan::Mark, sqlx
     Ok(mark)
 }
 
-/// The statements that changed or removed stored transactions, committed after the job fixed
-/// its input (above its run's `revision_id`, see [`fix_mark`]) and not among `handled`,
-/// that touched it (rows up to its high-water id), and the days of its range they touched: the
-/// days whose time bound ([`day_bounds`], as the batches read them) meets a revision's
-/// `paid_from..=paid_to` (a TRUNCATE's is every instant). One statement, so the revisions are
-/// those its snapshot holds, whatever order their ids were drawn in.
-pub async fn revisions_since(
+/// Whether a statement changed or removed stored rows up to `high_water_id` after the
+/// revision `revision_id` (every revision where that is `None`): for a run fixed before
+/// revisions were kept by row (migration 0021), which cannot be corrected by them.
+pub async fn revised_since(
     conn: &mut PgConnection,
-    plan: &super::plan::Plan,
-    handled: &[i64],
-) -> Result<Revisions, sqlx::Error> {
-    let run = &plan.run;
-    let (starts, ends) = day_bounds(plan.zone(), "day", "day");
-    // Dynamic: the days' bounds hold the job's zone as a literal (see `day_bounds`). The UTC
-    // bounds (two days of slack each way hold any zone's day) let the revisions' scan skip the
-    // far ones before the days are looked at.
-    let (ids, days): (Vec<i64>, Vec<NaiveDate>) = sqlx::query_as(AssertSqlSafe(format!(
-        "with seen as materialized (
-             select id, paid_from, paid_to from transaction_revisions
-             where id > $1 and low_id <= $2 and id <> all($5)
-               and paid_to >= ($3::date - 2)::timestamp at time zone 'UTC'
-               and paid_from < ($4::date + 3)::timestamp at time zone 'UTC'
-         )
-         select (select coalesce(array_agg(id order by id), '{{}}') from seen),
-                coalesce(array_agg(day order by day), '{{}}')
-         from (select day::date as day
-               from generate_series($3::date, $4::date, interval '1 day') as day) as days
-         where exists (select from seen where seen.paid_to >= {starts}
-                                          and seen.paid_from < {ends})"
-    )))
-    .bind(run.revision_id.unwrap_or(0))
-    .bind(run.high_water_id)
-    .bind(run.from_date)
-    .bind(run.to_date)
-    .bind(handled)
+    revision_id: Option<i64>,
+    high_water_id: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select exists (select from transaction_revisions
+                          where id > $1 and low_id <= $2) as "revised!""#,
+        revision_id.unwrap_or(0),
+        high_water_id,
+    )
     .fetch_one(conn)
-    .await?;
-    Ok(Revisions { ids, days })
+    .await
 }
 
-/// What [`revisions_since`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Revisions {
-    /// The revisions' ids.
-    pub ids: Vec<i64>,
-    /// The days of the job's range they touched, in order.
-    pub days: Vec<NaiveDate>,
+/// Whether `transactions` was truncated by a transaction `snapshot` (`pg_snapshot` as text)
+/// does not see.
+pub async fn truncated_since(conn: &mut PgConnection, snapshot: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select exists (select from transaction_revisions
+                          where xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                            and not pg_visible_in_snapshot(xid, $1::text::pg_snapshot)
+                            and txn_id is null) as "truncated!""#,
+        snapshot,
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// The transactions up to a high-water id whose `paid_at` falls within a range's days.

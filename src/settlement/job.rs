@@ -177,8 +177,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     );
 
     let mut batch = ctx.begin().await?;
-    // Rows of the input changed while the run read them: their days are summed again, or the
-    // run starts over (see `finalize::finalize`).
+    // Rows of the input changed while the run read them: the sums are corrected by the
+    // changes, or, where they cannot be (a TRUNCATE), the run starts over (see
+    // `finalize::sum_revisions`).
     let rows = match finalize::finalize(batch.conn(), &plan, settings).await {
         Ok(rows) => rows,
         Err(SettleError::Revised) => {
@@ -211,7 +212,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     completed
 }
 
-/// Forgets the run whose input was revised under it beyond what its finalize sums again
+/// Forgets the run whose input was revised under it in a way its finalize cannot correct
 /// ([`SettleError::Revised`]) and has the job run again at once, as after a transient error:
 /// with no run stored, it fixes a fresh input. Its progress stays where it was ([`Shown`]).
 async fn start_over(ctx: &JobContext) -> JobError {

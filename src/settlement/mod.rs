@@ -178,9 +178,6 @@ pub struct Settings {
     pub parts: u32,
     /// Where the parts read their batches.
     pub reads: replica::Reads,
-    /// Most days a finalize sums again when rows of them were revised while the job ran
-    /// ([`finalize::finalize`]).
-    pub revised_days_max: i64,
     /// Hours a noted revision is kept at least ([`finalize::prune_revisions`]).
     pub revision_retention_hours: i64,
 }
@@ -193,7 +190,6 @@ impl Settings {
             batch_size,
             parts: config.parallel_parts,
             reads: replica::Reads::primary(),
-            revised_days_max: config.revised_days_max,
             revision_retention_hours: config.revision_retention_hours,
         }
     }
@@ -217,11 +213,11 @@ pub enum SettleError {
         "the database lost this run's latest batches (a server crash); resuming from what it kept"
     )]
     Behind,
-    /// Stored rows of the input were changed or removed while the run read them (an operator
-    /// fixing the data, a refund) on more days than the finalize sums again
-    /// (`settlement.revised_days_max`), or kept changing while it did: its batches did not all
-    /// read the same rows, and their sums are of no state the table held. The run starts over
-    /// on the input as it is now.
+    /// Stored rows of the input were changed while the run read them in a way its finalize
+    /// cannot correct by the revisions ([`finalize::sum_revisions`]: a TRUNCATE, a run fixed
+    /// before revisions were kept by row, batches of the release before): its batches did not
+    /// all read the same rows, and their sums are of no state the table held. The run starts
+    /// over on the input as it is now.
     #[error(
         "stored transactions of this job's days were changed while it ran; starting over on \
          the input as it is now"

@@ -47,6 +47,8 @@ pub async fn process_batch(
 /// A batch read on a replica ([`read_batch`]), to be stored on the primary ([`store_batch`]).
 #[derive(Debug)]
 pub struct ReadBatch {
+    /// The ids it read, `(after, read_to]`.
+    read: (i64, i64),
     /// Where the part's cursor moves.
     cursor_id: i64,
     /// `None` when the batch held no row of the input.
@@ -62,6 +64,9 @@ struct BatchSums {
     gross_cents: Vec<i64>,
     fee_cents: Vec<i64>,
     txn_counts: Vec<i64>,
+    /// The snapshot they were read in (`pg_snapshot` as text; the replica's, of the primary's
+    /// transaction ids).
+    snapshot: String,
 }
 
 /// Reads the next batch of `part` on `reader` (a transaction on the read replica, see
@@ -81,7 +86,7 @@ pub async fn read_batch(
     let zone = plan.zone();
     // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
     let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
-        "select {}",
+        "select pg_current_snapshot()::text as snapshot, {}",
         batch_sums_sql(zone, ["$1", "$2", "$3", "$4"])
     )))
     .bind(after)
@@ -95,7 +100,11 @@ pub async fn read_batch(
         Some(_) => end,
         None => skip_gap(reader, plan, part, end).await?,
     };
-    Ok(ReadBatch { cursor_id, sums })
+    Ok(ReadBatch {
+        read: (after, read_to),
+        cursor_id,
+        sums,
+    })
 }
 
 /// Lands a batch [`read_batch`] read: its sums as one row of the part's batch sums and the
@@ -109,6 +118,7 @@ pub async fn store_batch(
     let scanned = match &batch.sums {
         Some(sums) => {
             insert_sums(tx, plan.run.job_id, part.part, batch.cursor_id, sums).await?;
+            insert_read(tx, plan.run.job_id, part.part, batch.read, sums).await?;
             sums.scanned
         }
         None => 0,
@@ -233,6 +243,31 @@ async fn insert_sums(
     Ok(())
 }
 
+/// Records that a batch of `part` read the ids `(lo_id, hi_id]`, `sums.scanned` rows of them,
+/// in `sums.snapshot` (migration 0021): a change of one of those rows that this snapshot did not
+/// see moves the job's sums at its finalize ([`super::finalize::sum_revisions`]).
+async fn insert_read(
+    tx: &mut PgConnection,
+    job_id: i64,
+    part: i32,
+    (lo_id, hi_id): (i64, i64),
+    sums: &BatchSums,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot)
+         values ($1, $2, $3, $4, $5, $6::text::pg_snapshot)",
+        job_id,
+        part,
+        lo_id,
+        hi_id,
+        sums.scanned,
+        sums.snapshot,
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// The plan of a part batch, on top of [`super::TUNING`].
 ///
 /// - No parallel workers: a job's parts already run side by side, one per connection, and
@@ -260,7 +295,7 @@ pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx:
 
 /// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s
 /// days) and stores, as one row of the part's batch sums ending at `end_id`, the `(merchant,
-/// day)` sums of the PAID ones. Returns the rows read, `None` when there were none (nothing is
+/// day)` sums of the PAID ones, and the snapshot it read them in ([`insert_read`]). Returns the rows read, `None` when there were none (nothing is
 /// stored then): the other rows are grouped apart and counted in the same pass. A batch sum
 /// past 64 bits fails its cast (SQLSTATE 22003).
 pub async fn aggregate_ids(
@@ -271,12 +306,19 @@ pub async fn aggregate_ids(
     range: DateRange,
     zone: Zone,
 ) -> Result<Option<i64>, sqlx::Error> {
-    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
+    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`). The read's
+    // snapshot is the statement's own, the one its sums were read in.
     sqlx::query_scalar(AssertSqlSafe(format!(
-        "insert into settlement_batches (job_id, part, end_id, scanned,
-             merchant_ids, dates, gross_cents, fee_cents, txn_counts)
-         select $1, $2, $7, {}
-         returning scanned",
+        "with sums as (
+             insert into settlement_batches (job_id, part, end_id, scanned,
+                 merchant_ids, dates, gross_cents, fee_cents, txn_counts)
+             select $1, $2, $7, {}
+             returning scanned
+         ), read as (
+             insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot)
+             select $1, $2, $3, $4, scanned, pg_current_snapshot() from sums
+         )
+         select scanned from sums",
         batch_sums_sql(zone, ["$3", "$4", "$5", "$6"])
     )))
     .bind(job_id)
@@ -290,78 +332,79 @@ pub async fn aggregate_ids(
     .await
 }
 
-/// The part number of the sums a finalize takes again from `transactions` for the days whose
-/// stored rows were revised while the job ran ([`sum_revised_days`]); the parts count from 0.
+/// The part number of the sums by which a finalize corrects the parts' for the rows changed
+/// while the job ran ([`super::finalize::sum_revisions`]); the parts count from 0.
 pub const REVISED_PART: i32 = -1;
 
-/// Replaces the job's sums of revised days (part [`REVISED_PART`]) with the `(merchant, day)`
-/// sums of the PAID rows up to its high-water id paid on `days`, as the table holds them now:
-/// one row per run of consecutive days, each read through the `(paid_at, id)` index within
-/// its days' time bound ([`input::paid_within`]; a batch's bound is kept off that index, see
-/// [`paid_within_filter`]). From id 0, not the input's first: a revision may have moved a row
-/// of a lower id into these days. A sum past 64 bits fails its cast (SQLSTATE 22003).
-pub async fn sum_revised_days(
+/// Stores, as the job's part [`REVISED_PART`] row, the corrections of its sums by the changes
+/// of rows up to its high-water id committed by transactions its input's snapshot `fixed_in`
+/// (`pg_snapshot` as text) does not see (see
+/// [`super::finalize::sum_revisions`]): for a row a batch read, the share of each change its
+/// read's snapshot did not see (the new row's less the old one's); for a row no batch read, its
+/// share as this statement's snapshot holds it. A sum past 64 bits fails its cast (SQLSTATE
+/// 22003).
+pub async fn sum_revisions(
     conn: &mut PgConnection,
     plan: &Plan,
-    days: &[chrono::NaiveDate],
+    fixed_in: &str,
+    zone: Zone,
 ) -> Result<(), sqlx::Error> {
-    let job_id = plan.run.job_id;
-    sqlx::query!(
-        "delete from settlement_batches where job_id = $1 and part = $2",
-        job_id,
-        REVISED_PART,
-    )
-    .execute(&mut *conn)
-    .await?;
-    let zone = plan.zone();
-    let within = input::paid_within(zone, "$3", "$4");
-    let sql = format!(
-        "insert into settlement_batches (job_id, part, end_id, scanned,
+    let day = zone.day_sql();
+    // Dynamic: the days hold the job's zone as a literal (see `Zone::day_sql`).
+    sqlx::query(AssertSqlSafe(format!(
+        "with revised as materialized (
+             select r.*, rd.snapshot as read_in
+             from transaction_revisions as r
+                  left join lateral (select rd.hi_id, rd.snapshot from settlement_reads as rd
+                                     where rd.job_id = $1 and rd.lo_id < r.txn_id
+                                     order by rd.lo_id desc limit 1) as rd
+                      on r.txn_id <= rd.hi_id
+             where r.xid >= pg_snapshot_xmin($3::text::pg_snapshot)
+               and not pg_visible_in_snapshot(r.xid, $3::text::pg_snapshot)
+               and r.txn_id > 0 and r.txn_id <= $4
+         ), changes as (
+             select c.*
+             from revised as r,
+                  lateral (values (r.new_merchant_id, r.new_status, r.new_paid_at,
+                                   r.new_amount_cents, r.new_fee_cents, 1::int8),
+                                  (r.old_merchant_id, r.old_status, r.old_paid_at,
+                                   -r.old_amount_cents, -r.old_fee_cents, -1::int8))
+                      as c (merchant_id, status, paid_at, amount_cents, fee_cents, n)
+             where r.read_in is not null and not pg_visible_in_snapshot(r.xid, r.read_in)
+             union all
+             select merchant_id, status, paid_at, amount_cents, fee_cents, 1::int8
+             from transactions
+             where id in (select txn_id from revised where read_in is null)
+         ), sums as (
+             select merchant_id, paid.day, sum(amount_cents)::int8 as gross,
+                    sum(fee_cents)::int8 as fee, sum(n)::int8 as n
+             from changes, lateral (select {day} as day) as paid
+             where status = 'PAID' and paid.day between $5 and $6
+             group by merchant_id, paid.day
+         )
+         insert into settlement_batches (job_id, part, end_id, scanned,
              merchant_ids, dates, gross_cents, fee_cents, txn_counts)
-         select $5, $6, $7, {}",
-        sums_sql(zone, ["$1", "$2", "$3", "$4"], &within)
-    );
-    for (run, (from, to)) in consecutive(days).into_iter().enumerate() {
-        // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
-        sqlx::query(AssertSqlSafe(sql.clone()))
-            .bind(0_i64)
-            .bind(plan.run.high_water_id)
-            .bind(from)
-            .bind(to)
-            .bind(job_id)
-            .bind(REVISED_PART)
-            .bind(run as i64)
-            .execute(&mut *conn)
-            .await?;
-    }
+         select $1, $2, 0, 0, array_agg(merchant_id), array_agg(day), array_agg(gross),
+                array_agg(fee), array_agg(n)
+         from sums
+         having count(*) > 0"
+    )))
+    .bind(plan.run.job_id)
+    .bind(REVISED_PART)
+    .bind(fixed_in)
+    .bind(plan.run.high_water_id)
+    .bind(plan.run.from_date)
+    .bind(plan.run.to_date)
+    .execute(conn)
+    .await?;
     Ok(())
-}
-
-/// `days` (in order) as runs of consecutive days, `(first, last)`.
-fn consecutive(days: &[chrono::NaiveDate]) -> Vec<(chrono::NaiveDate, chrono::NaiveDate)> {
-    let mut runs: Vec<(chrono::NaiveDate, chrono::NaiveDate)> = Vec::new();
-    for &day in days {
-        match runs.last_mut() {
-            Some((_, last)) if last.succ_opt() == Some(day) => *last = day,
-            _ => runs.push((day, day)),
-        }
-    }
-    runs
 }
 
 /// The select list and `from` of a batch's sums over the input's ids in `(after, up_to]`
 /// (the placeholders of `[after, up_to, from, to]`): one row of aligned arrays, none when the
 /// batch holds no row of the input.
 fn batch_sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4]) -> String {
-    sums_sql(
-        zone,
-        [after, up_to, from, to],
-        &paid_within_filter(zone, from, to),
-    )
-}
-
-/// [`batch_sums_sql`] with the time bound `within` (on the same `from`/`to`).
-fn sums_sql(zone: Zone, [after, up_to, from, to]: [&str; 4], within: &str) -> String {
+    let within = paid_within_filter(zone, from, to);
     // `paid.day`: the day of a PAID row; NULL for the others, which fall into one group per
     // merchant, counted and dropped (their sums are never cast, so only PAID sums can
     // overflow): a filter on the aggregates instead computes every row's day and tests its

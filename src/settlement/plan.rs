@@ -24,6 +24,9 @@ pub struct Run {
     /// The newest revision of stored rows the input holds (see [`Mark`]); `None` for a run fixed
     /// before revisions were kept, which every revision since is newer than.
     pub revision_id: Option<i64>,
+    /// The snapshot the input was fixed in (see [`Mark`]); `None` for a run fixed before
+    /// revisions were kept by row (migration 0021).
+    pub revision_snapshot: Option<String>,
     /// The input's exact count, or a bound on it (the ids of its span) where the job counts
     /// its rows as it reads them ([`input::edges`]); the completion records the count.
     pub total: i64,
@@ -99,7 +102,7 @@ pub async fn refresh_statistics(conn: &mut PgConnection, zone: Zone) -> Result<b
 const INSERT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A job's input as [`high_water_mark`] fixes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
     /// The input is every transaction up to this id.
     pub high_water_id: i64,
@@ -108,10 +111,13 @@ pub struct Mark {
     /// reads the data as it is later, fixed rows (refunds, deletions) included, which a
     /// high-water id alone does not show.
     pub snapshot_id: i64,
-    /// The newest `transaction_revisions` row then: a later one (a statement that changed or
-    /// removed stored rows) that touched the input means the job's batches did not all read
-    /// the same rows ([`super::finalize`]).
+    /// The newest `transaction_revisions` row then: the revisions no live run can still need
+    /// are at or below it ([`super::finalize::prune_revisions`]).
     pub revision_id: i64,
+    /// The snapshot it was read in (`pg_snapshot` as text): a change this does not see was
+    /// committed later, and may have been read by some batches and not others
+    /// ([`super::finalize`]).
+    pub revision_snapshot: String,
 }
 
 /// The highest committed transaction id, returned once no row below it can still commit. An
@@ -125,8 +131,9 @@ pub struct Mark {
 ///
 /// The snapshot is drawn with the id, under a lock, so while rows are only inserted a later
 /// snapshot never has a lower high-water id. An update or delete of stored rows in flight is
-/// among the writers waited for too: every batch reads its outcome, and any later one leaves
-/// a revision above the mark's `revision_id`.
+/// among the writers waited for too: every batch reads its outcome, and one committed later
+/// leaves revisions the mark's `revision_snapshot` does not see, by which the finalize
+/// corrects the sums of the batches that read the rows before it.
 pub async fn high_water_mark(pool: &PgPool) -> Result<Mark, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mark = input::fix_mark(&mut conn).await?;
@@ -187,6 +194,7 @@ pub async fn start(
         high_water_id: hi,
         snapshot_id: mark.snapshot_id,
         revision_id: Some(mark.revision_id),
+        revision_snapshot: Some(mark.revision_snapshot),
         total: window.total_bound(),
     };
     insert_run(tx, &run, fence).await?;
@@ -238,7 +246,8 @@ pub async fn get_run(conn: &mut PgConnection, job_id: i64) -> Result<Option<Run>
         Run,
         // A run the release before fixed names no snapshot: its high-water id was its snapshot.
         r#"select job_id, from_date, to_date, time_zone, high_water_id,
-                  coalesce(snapshot_id, high_water_id) as "snapshot_id!", revision_id, total
+                  coalesce(snapshot_id, high_water_id) as "snapshot_id!", revision_id,
+                  revision_snapshot::text as revision_snapshot, total
            from settlement_runs where job_id = $1"#,
         job_id,
     )
@@ -251,8 +260,8 @@ pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Resul
     sqlx::query!(
         "insert into settlement_runs
              (job_id, from_date, to_date, time_zone, high_water_id, snapshot_id, revision_id,
-              total, fence)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+              total, fence, revision_snapshot)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::pg_snapshot)",
         run.job_id,
         run.from_date,
         run.to_date,
@@ -262,6 +271,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &Run, fence: i64) -> Resul
         run.revision_id,
         run.total,
         fence,
+        run.revision_snapshot,
     )
     .execute(conn)
     .await?;

@@ -43,8 +43,14 @@ impl Db {
 
     pub async fn start(&self, job: i64, range: DateRange) -> Plan {
         let bounds = plan::high_water_mark(&self.pool).await.unwrap();
+        self.plan(job, range, Some(bounds)).await
+    }
+
+    /// The plan as `plan::start` returns it with `bounds` (`None`: the run is stored already,
+    /// so no high-water mark is drawn, which would wait for the writers in flight).
+    async fn plan(&self, job: i64, range: DateRange, bounds: Option<plan::Mark>) -> Plan {
         let mut tx = self.pool.begin().await.unwrap();
-        let plan = plan::start(&mut tx, job, range, &self.settings, 0, Some(bounds))
+        let plan = plan::start(&mut tx, job, range, &self.settings, 0, bounds)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -83,7 +89,7 @@ impl Db {
         while let Some(done) = tasks.join_next().await {
             done.unwrap();
         }
-        self.start(plan.run.job_id, plan.range()).await
+        self.plan(plan.run.job_id, plan.range(), None).await
     }
 
     /// Finalizes and commits; returns the job's CSV as the download streams it.
