@@ -9,6 +9,16 @@
 //! The re-claim bumps the fence, so whatever the old holder still tries to write matches zero
 //! rows.
 //!
+//! A rescue spends the attempt the lost worker was on, except when the server itself restarted
+//! after the lease's last heartbeat (`pg_postmaster_start_time()`): then no heartbeat could
+//! renew it (every session died with the server, and a worker gives its jobs up after a lease
+//! without one), so an outage longer than the lease would otherwise charge an attempt to every
+//! running job, and fail those on their last, though their workers never went away. Such a
+//! lease is taken again at the same attempt. A worker that died in the same window is let off
+//! too: at most one free attempt per restart. A live server cut off from a worker for longer
+//! than the lease is not told apart from a lost worker, and costs the attempt; so do a failover
+//! and a crash recovery without a new postmaster, which leave the start time where it was.
+//!
 //! Per-kind caps (`caps`) ride in the same statement: the worker passes each capped
 //! kind that has room with its free places, and the statement keeps, among the rows it locked,
 //! at most that many of the kind. A capped kind without room is not passed at all. When no
@@ -75,14 +85,25 @@ macro_rules! claim_statement {
                  order by priority desc, run_at, id
                  limit $2
                  for update skip locked
+             ), server as (
+                 -- When the server last started: every session before it died with it.
+                 select pg_postmaster_start_time() as started_at
              )" + $ctes + "
              update jobs set
                  state = case when jobs.state = 'queued' then 'running'::job_state
                               else jobs.state end,
-                 attempt = jobs.attempt + 1,
-                 -- A rescue records the attempt its lost worker spent (one on its last attempt
-                 -- fails as that attempt, saying so: `execute`; a cancelling one only ends).
-                 errors = case when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
+                 -- A lease the server's restart let run out (it came after the last heartbeat:
+                 -- the holder could not renew it, every session died with the server) is taken
+                 -- again at the same attempt, recording nothing: no worker was lost.
+                 attempt = case when jobs.state <> 'queued'
+                                     and jobs.heartbeat_at < (select started_at from server)
+                                then jobs.attempt else jobs.attempt + 1 end,
+                 -- Any other rescue records the attempt its lost worker spent (one on its last
+                 -- attempt fails as that attempt, saying so: `execute`; a cancelling one only
+                 -- ends).
+                 errors = case when jobs.heartbeat_at < (select started_at from server)
+                               then jobs.errors
+                               when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
                                then jobs.errors || jsonb_build_array(jsonb_build_object(
                                    'attempt', jobs.attempt,
                                    'error', 'worker lost (its lease expired)',

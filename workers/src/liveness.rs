@@ -53,7 +53,10 @@ pub struct Probe {
 /// the jobs of those among `dead` that are still without it from them, waking the claimers if
 /// any was (one NOTIFY): a running job goes back to the queue, its attempt spent (the next
 /// claim gives it a fresh fence; on its last attempt, that claim fails it as worker lost), and
-/// a cancelling one's lease expires, for [`crate::cancel::end_abandoned_cancels`].
+/// a cancelling one's lease expires, for [`crate::cancel::end_abandoned_cancels`]. The server's
+/// restart frees every lock at once: a running job whose last heartbeat it came after goes back
+/// with its attempt given back, as the claim takes a lease the restart let run out (see
+/// `crate::claim`).
 ///
 /// The leases are expired through `jobs.id = any(array(...))` and a state compared as text, as
 /// the statements over held jobs reach theirs (see `over_held_jobs`): as a join to `unlocked`,
@@ -86,8 +89,17 @@ pub async fn probe(
                    lease_owner = case when jobs.state = 'running' then null
                                       else jobs.lease_owner end,
                    lease_expires_at = case when jobs.state = 'running' then null else now() end,
-                   -- The attempt spent, recorded as the claim's rescue records it.
-                   errors = case when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
+                   -- An owner whose lock the server's restart took after its last heartbeat
+                   -- may be alive (its lock not yet taken again): as the claim's rescue of a
+                   -- lease the restart let run out, the attempt is given back (the next claim
+                   -- counts it again), with nothing recorded.
+                   attempt = case when jobs.state = 'running' and jobs.heartbeat_at < (
+                                           select pg_postmaster_start_time())
+                                  then greatest(jobs.attempt - 1, 0) else jobs.attempt end,
+                   -- Otherwise the attempt spent, recorded as the claim's rescue records it.
+                   errors = case when jobs.heartbeat_at < (select pg_postmaster_start_time())
+                                 then jobs.errors
+                                 when jobs.state = 'running' and jobs.attempt < jobs.max_attempts
                                  then jobs.errors || jsonb_build_array(jsonb_build_object(
                                      'attempt', jobs.attempt,
                                      'error', 'worker lost (its session ended)',
