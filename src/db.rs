@@ -167,9 +167,21 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
     .await
     {
         Ok(_) => Ok(true),
-        // Another process created it between our check and our create.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
+        Err(sqlx::Error::Database(e)) if created_by_another(e.as_ref()) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether CREATE DATABASE failed because another process created the same database between
+/// our check and our create: 42P04 when its creation had committed before ours began, or, when
+/// the two overlapped, 23505 on `pg_database`'s unique index on names (ours waited on its row
+/// there and lost once it committed). Two `migrate_on_start` processes starting at once meet
+/// the second as often as the first.
+fn created_by_another(e: &dyn sqlx::error::DatabaseError) -> bool {
+    match e.code().as_deref() {
+        Some("42P04") => true,
+        Some("23505") => e.constraint() == Some("pg_database_datname_index"),
+        _ => false,
     }
 }
 

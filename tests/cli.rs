@@ -313,6 +313,31 @@ fn jobs_migrates_when_migrate_on_start_says_so() {
     );
 }
 
+/// Processes that migrate on start (an `api` and a `worker` with
+/// `database.migrate_on_start`) against a database that does not exist yet: each creates it,
+/// and every one but the first is refused by Postgres, with 42P04 or, when the two CREATE
+/// DATABASE statements overlap, with 23505 on `pg_database`'s unique index. All must start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_creating_a_missing_database_at_once_all_start() {
+    for _ in 0..5 {
+        let config = std::sync::Arc::new(common::test_config(&[]));
+        let _db = common::TestDatabase::new(&config.database.url);
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { settle::cli::open(&config, true).await })
+            })
+            .collect();
+        for open in opens {
+            let pool = open
+                .await
+                .unwrap()
+                .expect("every process opens the database");
+            pool.close().await;
+        }
+    }
+}
+
 /// The test suite's own switches, left exported in a developer's shell, are not configuration.
 #[test]
 fn the_test_suites_switches_are_not_configuration() {
