@@ -23,9 +23,9 @@ pub enum JobsCommand {
         /// Only jobs of this kind (e.g. settlement).
         #[arg(long)]
         kind: Option<String>,
-        /// How many, 1 to pagination.max_page_size.
-        #[arg(long, default_value_t = 20)]
-        limit: i64,
+        /// How many, 1 to pagination.max_page_size [default: pagination.default_page_size].
+        #[arg(long)]
+        limit: Option<i64>,
     },
     /// One job as JSON, in the shape of `GET /api/v1/jobs/{id}`.
     Show { id: i64 },
@@ -73,6 +73,8 @@ pub async fn run(
             kind,
             limit,
         } => {
+            // The configured page size, as the API's lists use, so the two agree.
+            let limit = limit.unwrap_or(pages.default_page_size);
             if !(1..=pages.max_page_size).contains(&limit) {
                 return Err(OperatorError::InvalidLimit(pages.max_page_size));
             }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ops::settle_cli;
+use common::ops::{settle_cli, settle_cli_with};
 use common::processes::{enqueue, job_in_state, job_state};
 use common::{TestApp, spawn_app};
 use serde_json::{Value, json};
@@ -68,6 +68,38 @@ async fn list_shows_a_table_filtered_by_status_and_kind() {
     assert!(!ok && err.contains("--status"), "{err}");
     let (ok, _, err) = settle_cli(&app, &["jobs", "list", "--limit", "0"]);
     assert!(!ok && err.contains("--limit"), "{err}");
+}
+
+/// Without --limit the list is one page of `pagination.default_page_size` (config.toml says
+/// so), as the API's lists are; --limit is still held to `pagination.max_page_size`.
+#[tokio::test]
+async fn list_pages_by_the_configured_page_sizes() {
+    let app = spawn_app().await;
+    for _ in 0..25 {
+        enqueue(&app.pool, NOOP, json!({}), 3).await;
+    }
+    let rows = |out: &str| out.lines().count() - 1;
+
+    // The shipped default, 50: all 25.
+    let (ok, out, err) = settle_cli(&app, &["jobs", "list"]);
+    assert!(ok && rows(&out) == 25, "{err}{out}");
+    let (ok, out, err) = settle_cli_with(
+        &app,
+        &[("SETTLE_PAGINATION__DEFAULT_PAGE_SIZE", "3")],
+        &["jobs", "list"],
+    );
+    assert!(ok && rows(&out) == 3, "{err}{out}");
+    let small = [
+        ("SETTLE_PAGINATION__MAX_PAGE_SIZE", "10"),
+        ("SETTLE_PAGINATION__DEFAULT_PAGE_SIZE", "10"),
+    ];
+    let (ok, out, err) = settle_cli_with(&app, &small, &["jobs", "list"]);
+    assert!(ok && rows(&out) == 10, "{err}{out}");
+    let (ok, _, err) = settle_cli_with(&app, &small, &["jobs", "list", "--limit", "11"]);
+    assert!(
+        !ok && err.contains("--limit must be between 1 and 10"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -85,8 +85,18 @@ impl TestApp {
 /// `settle <args>` on the app's database, as an operator runs it: no API, no token. Returns
 /// (success, stdout, stderr).
 pub fn settle_cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    settle_cli_with(app, &[], args)
+}
+
+/// [`settle_cli`] with the variables `env` set as well (configuration keys, say).
+pub fn settle_cli_with(
+    app: &TestApp,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (bool, String, String) {
     let output = super::settle_command()
         .args(args)
+        .envs(env.iter().copied())
         .env("SETTLE_DATABASE__URL", &app.config.database.url)
         .env("SETTLE_LOG", "warn")
         .output()
