@@ -129,7 +129,7 @@ fn kind_caps_are_read_and_checked() {
         let figment = Config::defaults().merge(Toml::string(&toml));
         let err = chain(Config::from_figment(figment).unwrap_err());
         assert!(
-            err.contains("`worker.kinds.sleep.concurrency` must be at least 1"),
+            err.contains("`worker.kinds.sleep.concurrency` must be between 1 and 10000"),
             "{bad}: {err}"
         );
     }
@@ -159,5 +159,46 @@ fn a_url_without_a_database_is_refused() {
     ] {
         let named = Config::defaults().merge(Serialized::default("database.read_url", url));
         Config::from_figment(named).expect("a URL naming its database");
+    }
+}
+
+/// Sizes and ages that the code adds to or multiplies (a page's `limit + 1`, hours in ms, a
+/// batch's first id + its size) are bounded here, so a typo's huge value stops the process at
+/// start with its key named, not later with an overflow panic or a statement out of range.
+#[test]
+fn sizes_and_ages_have_an_upper_bound() {
+    let accepted = |key: &str, value: i64| {
+        let figment = Config::defaults().merge(Serialized::default(key, value));
+        Config::from_figment(figment).unwrap_or_else(|e| panic!("{key}={value}: {}", chain(e)))
+    };
+    for (key, largest) in [
+        ("worker.retention_hours", 876_000),
+        ("settlement.revision_retention_hours", 876_000),
+        ("pagination.max_page_size", 10_000),
+        ("worker.batch_size", 1_000_000_000),
+    ] {
+        accepted(key, largest);
+        for value in [largest + 1, i64::MAX] {
+            let err = refused(key, value);
+            assert!(err.contains(&format!("`{key}`")), "{key}={value}: {err}");
+        }
+    }
+    let err = refused("worker.retention_hours", u64::MAX);
+    assert!(err.contains("`worker.retention_hours`"), "{err}");
+    // The largest accepted retention converts to a Duration without overflow.
+    let config = accepted("worker.retention_hours", 876_000);
+    let settings = crate::worker::settings(&config.worker);
+    assert_eq!(
+        settings.retention,
+        Some(Duration::from_secs(876_000 * 3600))
+    );
+    for bad in ["10001", &i64::MAX.to_string()] {
+        let toml = format!("[worker.kinds.sleep]\nconcurrency = {bad}\n");
+        let figment = Config::defaults().merge(Toml::string(&toml));
+        let err = chain(Config::from_figment(figment).unwrap_err());
+        assert!(
+            err.contains("`worker.kinds.sleep.concurrency`"),
+            "{bad}: {err}"
+        );
     }
 }

@@ -6,6 +6,20 @@ use super::{Config, ConfigError};
 /// The longest duration a key may give, in ms: Postgres' bound for its timeouts (2^31 - 1).
 const MAX_MS: u64 = i32::MAX as u64;
 
+/// The longest age a retention key may give, in hours: 100 years. Finished jobs' and
+/// revisions' ages are turned into milliseconds and subtracted from `now()`; far past this the
+/// multiplication overflows (a panic at start) or the timestamp leaves Postgres' range (every
+/// prune fails, and nothing is ever deleted).
+const MAX_RETENTION_HOURS: u64 = 876_000;
+
+/// The largest page a list may return: each list fetches `limit + 1` rows (one more means a
+/// next page), which overflowed for `i64::MAX`, and a page this size is already a bulk export.
+const MAX_PAGE_SIZE: i64 = 10_000;
+
+/// The most rows one checkpointed batch may cover: a batch's last id is its first plus its size,
+/// which must stay within `bigint` (ids count up from 1), and a batch is one transaction.
+const MAX_BATCH_SIZE: i64 = 1_000_000_000;
+
 impl Config {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, problem: &str| {
@@ -83,6 +97,9 @@ impl Config {
             );
         }
         let pages = &self.pagination;
+        if !(1..=MAX_PAGE_SIZE).contains(&pages.max_page_size) {
+            return invalid("pagination.max_page_size", "must be between 1 and 10000");
+        }
         if !(1..=pages.max_page_size).contains(&pages.default_page_size) {
             return invalid(
                 "pagination.default_page_size",
@@ -157,8 +174,8 @@ impl Config {
         if !(1..=10_000).contains(&w.concurrency) {
             return invalid("worker.concurrency", "must be between 1 and 10000");
         }
-        if w.batch_size < 1 {
-            return invalid("worker.batch_size", "must be at least 1");
+        if !(1..=MAX_BATCH_SIZE).contains(&w.batch_size) {
+            return invalid("worker.batch_size", "must be between 1 and 1000000000");
         }
         if w.claim_batch < 1 {
             return invalid("worker.claim_batch", "must be at least 1");
@@ -175,12 +192,13 @@ impl Config {
                 "must be positive and at most half of worker.lease_ms",
             );
         }
-        if w.retention_hours == 0 {
+        if !(1..=MAX_RETENTION_HOURS).contains(&w.retention_hours) {
             // Not "keep forever": 0 would delete every finished job, and its CSV, at the next
             // prune, before most clients could fetch it.
             return invalid(
                 "worker.retention_hours",
-                "must be at least 1: finished jobs and their CSVs are kept this long",
+                "must be between 1 and 876000 (100 years): finished jobs and their CSVs are kept \
+                 this long",
             );
         }
         if w.retention_interval_ms == 0 {
@@ -222,11 +240,17 @@ impl Config {
         if w.timeouts.values().any(|&ms| ms == 0) {
             return invalid("worker.timeouts", "must all be positive");
         }
-        if let Some((kind, _)) = w.kinds.iter().find(|(_, k)| k.concurrency < 1) {
+        // A cap is a semaphore's permits, which tokio refuses (a panic) past about 2^61.
+        if let Some((kind, _)) = w
+            .kinds
+            .iter()
+            .find(|(_, k)| !(1..=10_000).contains(&k.concurrency))
+        {
             let key = format!("worker.kinds.{kind}.concurrency");
             return invalid(
                 &key,
-                "must be at least 1 (leave the kind out to cap it only by worker.concurrency)",
+                "must be between 1 and 10000 (leave the kind out to cap it only by \
+                 worker.concurrency)",
             );
         }
         if self.settlement.time_zone.parse::<chrono_tz::Tz>().is_err() {
@@ -249,8 +273,11 @@ impl Config {
         if !(1..=64).contains(&self.settlement.parallel_parts) {
             return invalid("settlement.parallel_parts", "must be between 1 and 64");
         }
-        if self.settlement.revision_retention_hours < 1 {
-            return invalid("settlement.revision_retention_hours", "must be at least 1");
+        if !(1..=MAX_RETENTION_HOURS as i64).contains(&self.settlement.revision_retention_hours) {
+            return invalid(
+                "settlement.revision_retention_hours",
+                "must be between 1 and 876000 (100 years)",
+            );
         }
         if self.schedule.at_time().is_none() {
             return invalid("schedule.at", "must be a time of day, HH:MM or HH:MM:SS");
