@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 mod validate;
@@ -40,8 +41,10 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
     /// Apply pending migrations when `api`/`worker` start instead of refusing to run.
     pub migrate_on_start: bool,
-    /// `serve` only: start a private cluster when nothing answers at a loopback `url` and
-    /// `DATABASE_URL` is not set (see [`crate::local_cluster`]).
+    /// `serve` only: start a private cluster when nothing answers at a loopback `url` (see
+    /// [`crate::local_cluster`]). On by default for the built-in `url` alone: a URL named in a
+    /// file or the environment is used as given, unless this key is set there too
+    /// ([`Config::from_figment`] turns the default off).
     pub local_cluster: bool,
     /// Where that private cluster keeps its data (relative to the working directory).
     pub local_data_dir: String,
@@ -253,10 +256,28 @@ pub enum ConfigError {
 /// any directory still has every key.
 pub const DEFAULT_TOML: &str = include_str!("../config.toml");
 
+/// [`DEFAULT_TOML`] as a provider of its own name, so a value can be told to come from the
+/// defaults rather than from a file or variable that names it (a test's TOML string too).
+struct Defaults;
+
+impl Defaults {
+    const NAME: &str = "settle's built-in defaults (config.toml)";
+}
+
+impl Provider for Defaults {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(Self::NAME)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(DEFAULT_TOML).data()
+    }
+}
+
 impl Config {
     /// Loads defaults, then `path` if it exists, then the environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        let mut figment = Self::defaults();
         if let Some(path) = path {
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -265,14 +286,25 @@ impl Config {
 
     /// Extracts and validates a configuration from any figment (tests layer their own values).
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
+        // A private cluster stands in for the built-in URL alone: one the user named (in any
+        // file or variable) is used as given, and nothing answering there is an error that
+        // names it, unless they set local_cluster beside it.
+        let from_defaults = |key| {
+            figment
+                .find_metadata(key)
+                .is_some_and(|m| m.name == Defaults::NAME)
+        };
+        if from_defaults("database.local_cluster") && !from_defaults("database.url") {
+            config.database.local_cluster = false;
+        }
         Ok(config)
     }
 
     /// Figment with only the compiled-in defaults, for tests and tools to layer on.
     pub fn defaults() -> Figment {
-        Figment::from(Toml::string(DEFAULT_TOML))
+        Figment::from(Defaults)
     }
 }
 

@@ -5,8 +5,10 @@
 //! installed but not running; where it is not installed, the error says what to install or which
 //! `DATABASE_URL` to set.
 //!
-//! Only `serve` does this, only when `DATABASE_URL` is not set (a URL the user named is used as
-//! given) and `database.local_cluster` is on. The test suite's private clusters use the same
+//! Only `serve` does this, only when `database.local_cluster` is on, which by default it is for
+//! the built-in URL alone: a URL the user named (`DATABASE_URL`, `SETTLE_DATABASE__URL`, a
+//! config file) is used as given, unless they set `local_cluster` too (see
+//! [`crate::config::Config::from_figment`]). The test suite's private clusters use the same
 //! binaries through [`bin_dir`] and [`pg_command`].
 
 use std::net::{SocketAddr, TcpStream};
@@ -205,10 +207,10 @@ impl Drop for LocalCluster {
     }
 }
 
-/// The port of `config.url` when serve may start a cluster for it: `DATABASE_URL` unset,
-/// `database.local_cluster` on, and the host a loopback address.
+/// The port of `config.url` when serve may start a cluster for it: `database.local_cluster`
+/// on and the host a loopback address.
 fn loopback_port(config: &DatabaseConfig) -> Option<u16> {
-    if !config.local_cluster || std::env::var_os("DATABASE_URL").is_some() {
+    if !config.local_cluster {
         return None;
     }
     let options: PgConnectOptions = config.url.parse().ok()?;

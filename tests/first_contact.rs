@@ -39,15 +39,25 @@ impl Drop for Scratch {
     }
 }
 
-/// `settle serve` for a database URL on `port` of 127.0.0.1, with no `DATABASE_URL` given.
+/// `settle serve` for a database URL on `port` of 127.0.0.1 with `database.local_cluster` set
+/// on as well: a URL the user names is used as given unless they ask for a private cluster
+/// there too (the built-in URL's port, 5432, is the test server's).
 fn serve(port: u16, data: &Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::from(common::settle_command());
+    let mut command = serve_with(data);
     command
-        .arg("serve")
         .env(
             "SETTLE_DATABASE__URL",
             format!("postgres://postgres@127.0.0.1:{port}/settle"),
         )
+        .env("SETTLE_DATABASE__LOCAL_CLUSTER", "true");
+    command
+}
+
+/// `settle serve` with a private cluster's data in `data`, naming no database URL.
+fn serve_with(data: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::from(common::settle_command());
+    command
+        .arg("serve")
         .env("SETTLE_DATABASE__LOCAL_DATA_DIR", data)
         .env("PORT", "0")
         .env("SETTLE_LOG", "info")
@@ -57,9 +67,12 @@ fn serve(port: u16, data: &Path) -> tokio::process::Command {
     command
 }
 
-/// Runs `command`, asserts it failed, and returns what it said on stderr.
+/// Runs `command`, asserts it failed (within 60 s), and returns what it said on stderr.
 async fn fails_saying(command: &mut tokio::process::Command) -> String {
-    let output = command.output().await.expect("run serve");
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("serve fails rather than serving")
+        .expect("run serve");
     assert!(!output.status.success());
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -125,13 +138,27 @@ async fn without_a_server_installed_serve_says_what_to_install_or_set() {
     assert!(!answers(port));
 }
 
+/// A URL named anywhere (`DATABASE_URL`, `SETTLE_DATABASE__URL`, a `--config` file) is used
+/// as given: nothing answering there is an error naming it, not a private cluster made there.
 #[tokio::test]
 async fn a_database_url_the_user_named_is_used_as_given() {
     let (scratch, port) = (Scratch::new(), free_port());
     let url = format!("postgres://postgres@127.0.0.1:{port}/settle");
-    let said = fails_saying(serve(port, &scratch.data()).env("DATABASE_URL", url)).await;
-    assert!(said.contains("cannot connect"), "{said}");
-    assert!(!scratch.data().exists(), "no cluster was made");
+    let file = scratch.0.join("settle.toml");
+    std::fs::write(&file, format!("[database]\nurl = \"{url}\"\n")).expect("config file");
+    for how in ["DATABASE_URL", "SETTLE_DATABASE__URL", "--config"] {
+        let mut command = serve_with(&scratch.data());
+        match how {
+            "--config" => command.arg("--config").arg(&file),
+            variable => command.env(variable, &url),
+        };
+        let said = fails_saying(&mut command).await;
+        assert!(
+            said.contains("cannot connect") && said.contains(&format!("127.0.0.1:{port}")),
+            "{how}: {said}"
+        );
+        assert!(!scratch.data().exists(), "{how}: no cluster was made");
+    }
 }
 
 /// Run as root under a directory closed to other users (root's home is 0700), the private

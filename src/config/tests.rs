@@ -202,3 +202,30 @@ fn sizes_and_ages_have_an_upper_bound() {
         );
     }
 }
+
+/// `serve`'s private cluster stands in for the built-in URL alone: a URL named by any layer
+/// turns the default off, and setting `database.local_cluster` beside it turns it back on.
+#[test]
+fn a_named_url_turns_the_private_cluster_off_unless_asked_for() {
+    let local = |figment: Figment| {
+        Config::from_figment(figment)
+            .unwrap()
+            .database
+            .local_cluster
+    };
+    let url = "postgres://postgres@127.0.0.1:5432/settle";
+    assert!(local(Config::defaults()));
+    // Even the built-in URL, spelt out by the user, is theirs.
+    assert!(!local(
+        Config::defaults().merge(Serialized::default("database.url", url))
+    ));
+    assert!(!local(
+        Config::defaults().merge(Toml::string(&format!("[database]\nurl = \"{url}\"\n")))
+    ));
+    assert!(local(Config::defaults().merge(Toml::string(&format!(
+        "[database]\nurl = \"{url}\"\nlocal_cluster = true\n"
+    )))));
+    assert!(!local(
+        Config::defaults().merge(Serialized::default("database.local_cluster", false))
+    ));
+}
