@@ -15,6 +15,7 @@ use common::{TestApp, assert_refused, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
 use settle::jobs::kind::{FAIL, SLEEP};
 use settle::settlement::transactions::Status;
+use settle_workers::{JobState, RetryOutcome};
 use support::{at, day, reference, settlements};
 
 /// `n` PAID transactions of merchant `m-new` on 2025-01-02: input a retried job must include.
@@ -139,6 +140,52 @@ async fn only_failed_or_cancelled_jobs_can_be_retried() {
     assert_refused(app.retry(424_242).await, 404, "NOT_FOUND");
     let path = app.post("/api/v1/jobs/abc/retry", &json!({})).await;
     assert_refused(path, 400, "INVALID_PATH");
+}
+
+/// A retry that misses a CANCELLING job names CANCELLING, even as the job ends CANCELLED at
+/// that moment: the answer is the state the requeue itself saw. (Read by a second statement,
+/// it could be CANCELLED, and the 409 refused a job for a state that is retryable.) One that
+/// comes after the ending retries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_racing_a_cancel_names_the_state_it_saw() {
+    let app = spawn_app().await;
+    let (mut retried, mut refused) = (0, 0);
+    for round in 0..300 {
+        let id = job_in_state(&app.pool, "cancelling").await;
+        let mut conn = app.pool.acquire().await.unwrap();
+        let mut ender = app.pool.acquire().await.unwrap();
+        // As the holder records the cancel: the row moves to finished_jobs, CANCELLED.
+        let end = tokio::spawn(async move {
+            sqlx::query(
+                "with ended as (delete from jobs where id = $1 returning *)
+                 insert into finished_jobs (id, kind, args, state, attempt, max_attempts,
+                                            started_at, finished_at, created_at)
+                 select id, kind, args, 'cancelled', 1, max_attempts, now(), now(), created_at
+                 from ended",
+            )
+            .bind(id)
+            .execute(&mut *ender)
+            .await
+            .unwrap();
+        });
+        let outcome = settle_workers::retry(&mut conn, id).await.unwrap();
+        end.await.unwrap();
+        match outcome {
+            RetryOutcome::Retried => retried += 1,
+            RetryOutcome::NotRetryable(JobState::Cancelling) => refused += 1,
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    eprintln!("{retried} retried, {refused} refused as CANCELLING");
+    // Over HTTP: the 409 names the state, and a CANCELLED job is retried.
+    let id = job_in_state(&app.pool, "cancelling").await;
+    let (code, body) = app.retry(id).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["status"], "CANCELLING", "{body}");
+    let id = job_in_state(&app.pool, "cancelled").await;
+    let (code, body) = app.retry(id).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(job(&app, id).await["status"], "QUEUED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
