@@ -26,14 +26,9 @@ fn overrides(batch: i64) -> Vec<(&'static str, Value)> {
 /// Its legacy results directory is its own and never created: the api and the workers share
 /// no disk, only Postgres.
 fn worker(app: &TestApp) -> WorkerProcess {
-    worker_with(app, &[])
-}
-
-/// [`worker`] with more variables.
-fn worker_with(app: &TestApp, more: &[(&str, String)]) -> WorkerProcess {
     let s = &app.config.settlement;
     let own_dir = std::env::temp_dir().join(format!("settle-worker-{}", uuid::Uuid::new_v4()));
-    let mut env = vec![
+    let env = [
         (
             "SETTLE_SETTLEMENT__RESULTS_DIR",
             own_dir.to_string_lossy().into_owned(),
@@ -44,7 +39,6 @@ fn worker_with(app: &TestApp, more: &[(&str, String)]) -> WorkerProcess {
             s.parallel_parts.to_string(),
         ),
     ];
-    env.extend(more.iter().map(|(key, value)| (*key, value.clone())));
     WorkerProcess::start_with(&app.config, &env)
 }
 
