@@ -29,6 +29,17 @@ fn unknown_key_is_named() {
     assert!(err.contains("max_page_size"), "{err}");
 }
 
+/// `settlement.revised_days_max` no longer has an effect (migration 0021) but a config.toml of
+/// the release that had it still loads, the key kept for `settle` to warn about.
+#[test]
+fn the_retired_revised_days_max_still_loads() {
+    let figment = Config::defaults().merge(Toml::string("[settlement]\nrevised_days_max = 7\n"));
+    let config = Config::from_figment(figment).unwrap_or_else(|e| panic!("{}", chain(e)));
+    assert_eq!(config.settlement.revised_days_max, Some(7));
+    let defaults = Config::from_figment(Config::defaults()).unwrap();
+    assert_eq!(defaults.settlement.revised_days_max, None);
+}
+
 #[test]
 fn bad_value_is_named() {
     let err = refused("worker.concurrency", 0);
