@@ -45,7 +45,8 @@ const UPKEEP: Duration = Duration::from_secs(5);
 pub enum OrderOutcome {
     Placed,
     OutOfStock,
-    /// Refused as asked: invalid quantity or buyer, unknown product, an Idempotency-Key misuse.
+    /// Refused as asked: a malformed, mistyped or too large body, no JSON content type, an
+    /// invalid quantity or buyer, an unknown product, an Idempotency-Key misuse.
     Rejected,
     /// The service failed to answer it (5xx): not placed, outcome unknown, or unavailable.
     Error,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::processes::{WorkerProcess, probe_tables, wait_for, wait_state};
 use common::prometheus::Scrape;
 use common::prometheus::scrape;
-use common::{migrated_pool, spawn_app, test_config};
+use common::{migrated_pool, spawn_app, spawn_app_with, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
 use settle_workers::{NewJob, Worker};
@@ -39,6 +39,23 @@ async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
         .await
         .unwrap();
     assert_eq!(bad_key.status(), 422);
+    // Bodies refused before they are read as an order count as rejected orders too: malformed
+    // JSON, a mistyped field, no JSON content type, a body past `http.max_body_bytes`.
+    let raw = |body: String, content_type: &'static str| {
+        let request = app.http.post(app.url("/api/v1/orders")).body(body);
+        request.header("content-type", content_type).send()
+    };
+    let json = "application/json";
+    let mistyped = json!({"product_id": product, "quantity": "1", "buyer_id": "b-1"});
+    let too_large = format!(r#"{{"buyer_id": "{}"}}"#, "b".repeat(2 << 20));
+    for (body, content_type, expected) in [
+        ("{".to_string(), json, 400),
+        (mistyped.to_string(), json, 400),
+        (order(1).to_string(), "text/plain", 415),
+        (too_large, json, 413),
+    ] {
+        assert_eq!(raw(body, content_type).await.unwrap().status(), expected);
+    }
     for id in [987_654_321, 987_654_322] {
         assert_eq!(app.get(&format!("/api/v1/orders/{id}")).await.0, 404);
     }
@@ -52,8 +69,21 @@ async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
     let orders = |outcome| metrics.count("settle_orders_total", &[("outcome", outcome)]);
     assert_eq!(orders("placed"), 3.0);
     assert_eq!(orders("out_of_stock"), 2.0);
-    assert_eq!(orders("rejected"), 2.0);
+    assert_eq!(orders("rejected"), 6.0);
     assert_eq!(orders("error"), 0.0);
+    // An order whose body did not all arrive in time is answered 503 by the time limit, not
+    // by the handler: an error all the same (the recorder is the process's, so a second app
+    // with a short time limit counts into the same series).
+    let impatient = spawn_app_with(&[("http.request_timeout_ms", json!(300))]).await;
+    assert!(
+        impatient
+            .post_late_order()
+            .await
+            .starts_with("HTTP/1.1 503")
+    );
+    let metrics = scrape(&app).await;
+    let orders = |outcome| metrics.count("settle_orders_total", &[("outcome", outcome)]);
+    assert_eq!(orders("error"), 1.0);
     // The coalescer decided the five well-formed orders (one at a time here).
     assert_eq!(metrics.count("settle_order_batch_size_sum", &[]), 5.0);
     assert_eq!(metrics.types["settle_order_batch_size"], "histogram");

@@ -216,19 +216,8 @@ async fn orders_list_newest_first_with_a_keyset_cursor() {
 /// a plain 503, not "may have been placed".
 #[tokio::test]
 async fn an_order_whose_body_is_late_is_answered_not_placed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = common::spawn_app_with(&[("http.request_timeout_ms", json!(300))]).await;
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    let mut client = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /api/v1/orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
-         content-type: application/json\r\ncontent-length: 52\r\nconnection: close\r\n\r\n\
-         {{\"product_i",
-        app.admin_token
-    );
-    client.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    client.read_to_string(&mut answer).await.unwrap();
+    let answer = app.post_late_order().await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("SERVICE_UNAVAILABLE"), "{answer}");
     assert_eq!(

@@ -153,7 +153,8 @@ async fn time_limit(State(app): State<AppState>, mut request: Request, next: Nex
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
     let started = Started::default();
     let order = request.uri().path() == "/api/v1/orders";
-    if request.method() == Method::POST {
+    let posted = request.method() == Method::POST;
+    if posted {
         request.extensions_mut().insert(started.clone());
     }
     match tokio::time::timeout(limit, next.run(request)).await {
@@ -164,7 +165,13 @@ async fn time_limit(State(app): State<AppState>, mut request: Request, next: Nex
             ApiError::OrderOutcomeUnknown { order_id: None }.into_response()
         }
         Err(_) if started.marked() => ApiError::OutcomeUnknown.into_response(),
-        Err(_) => ApiError::Unavailable.into_response(),
+        Err(_) => {
+            if order && posted {
+                // An order whose body did not all arrive in time: answered here, not there.
+                crate::metrics::order(crate::metrics::OrderOutcome::Error);
+            }
+            ApiError::Unavailable.into_response()
+        }
     }
 }
 

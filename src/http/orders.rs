@@ -88,11 +88,18 @@ async fn place_order(
     State(app): State<AppState>,
     started: super::Started,
     key: KeyHeader,
-    Json(request): Json<PlaceOrderRequest>,
+    // Taken as a `Result` so that a body refused before it is read as an order (malformed JSON,
+    // no JSON content type, too large) is counted as a rejected order like any other refusal.
+    request: Result<Json<PlaceOrderRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    // The body is all here: from now on a timeout cannot say the order was not placed.
-    started.mark();
-    let answer = place(&app, &key, request).await;
+    let answer = match request {
+        Ok(Json(request)) => {
+            // The body is all here: from now on a timeout cannot say the order was not placed.
+            started.mark();
+            place(&app, &key, request).await
+        }
+        Err(refused) => Err(refused),
+    };
     if let Some(outcome) = order_outcome(&answer) {
         metrics::order(outcome);
     }

@@ -217,6 +217,24 @@ impl TestApp {
         status_and_json(response).await
     }
 
+    /// Sends `POST /api/v1/orders` whose body never all arrives (it promises 52 bytes and sends
+    /// 11) and returns the raw HTTP answer the server gives when it stops waiting.
+    pub async fn post_late_order(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 52\r\nconnection: close\r\n\r\n\
+             {{\"product_i",
+            self.admin_token
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
     /// Asserts the list at `path` refuses each of its own `(query, status, code)` cases and the
     /// page parameters every list shares: a limit below 1 (422), a limit that is not a number
     /// (400) and a cursor this API did not write (400).
