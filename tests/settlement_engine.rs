@@ -80,7 +80,7 @@ async fn a_database_that_lost_the_latest_batches_is_found_behind_and_resumed() {
     let done = db.batches(&db.start(1, plan.range()).await, None).await;
     lose_batches(&db.pool, &first).await;
     let mut tx = db.pool.begin().await.unwrap();
-    let finalized = finalize::finalize(&mut tx, &done, &db.settings).await;
+    let finalized = finalize::finalize(&mut tx, &done).await;
     assert!(
         matches!(finalized, Err(SettleError::Behind)),
         "{finalized:?}"

@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use common::engine::{Db, db, range};
 use common::settlement::{self as support, day};
 use settle::settlement::plan::Plan;
-use settle::settlement::{SettleError, finalize};
+use settle::settlement::{SettleError, Zone, finalize};
 
 /// A run of 2025-01-01..=03 on 1,000 rows (and rows of a far day and rows above its mark,
 /// neither in its input), its first batch read.
@@ -105,6 +105,19 @@ async fn changes_on_every_day_are_corrected_whenever_they_land() {
     assert!(finalize_after(&[], &EVERY_DAY).await.is_none());
     let (mid, late) = EVERY_DAY.split_at(3);
     assert!(finalize_after(mid, late).await.is_none());
+}
+
+/// A job resumed by a worker whose `settlement.time_zone` changed since the job started keeps
+/// the run's zone in its correction too, as in its batches.
+#[tokio::test]
+async fn a_job_resumed_under_another_zone_corrects_in_its_own() {
+    let (mut db, plan) = run_mid_way().await;
+    db.settings.zone = Zone::parse("Pacific/Kiritimati").unwrap();
+    let resumed = db.start(1, plan.range()).await;
+    assert_eq!(resumed.zone(), Zone::parse("UTC").unwrap());
+    run_all(&db, &EVERY_DAY).await;
+    let plan = db.batches(&resumed, None).await;
+    assert!(finalized_as_now(&db, &plan).await.is_none());
 }
 
 /// A change a batch did not see because it was not yet committed when the batch read the row

@@ -7,7 +7,7 @@
 use sqlx::PgConnection;
 
 use super::plan::Plan;
-use super::{DateRange, Settings, SettleError};
+use super::{DateRange, SettleError};
 use super::{input, parts, results};
 
 /// Writes the job's sums into `settlements` where no newer input's rows stand (see
@@ -17,16 +17,12 @@ use super::{input, parts, results};
 /// they cannot be), stores the range's rows as the job's result (its CSV), and deletes the
 /// job's working rows, all in `tx`: the caller commits them with the job's completion, so the
 /// table, the result and COMPLETED land together or not at all. Returns the result's row count.
-pub async fn finalize(
-    tx: &mut PgConnection,
-    plan: &Plan,
-    settings: &Settings,
-) -> Result<u64, SettleError> {
+pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     // The parts as stored, or the sums lack what a crash took of their last batches.
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
         return Err(SettleError::Behind);
     }
-    sum_revisions(tx, plan, settings.zone).await?;
+    sum_revisions(tx, plan).await?;
     super::set_local_tuning(tx).await?;
     replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
         .await
@@ -57,11 +53,7 @@ pub async fn finalize(
 /// revisions were kept by row (no `revision_snapshot`) whose input was revised, or a part whose
 /// reads do not account for every row it read (batches of a worker of the release before,
 /// during a rolling upgrade).
-pub async fn sum_revisions(
-    tx: &mut PgConnection,
-    plan: &Plan,
-    zone: super::Zone,
-) -> Result<(), SettleError> {
+pub async fn sum_revisions(tx: &mut PgConnection, plan: &Plan) -> Result<(), SettleError> {
     let run = &plan.run;
     let Some(fixed_in) = &run.revision_snapshot else {
         return match input::revised_since(tx, run.revision_id, run.high_water_id).await? {
@@ -72,7 +64,7 @@ pub async fn sum_revisions(
     if input::truncated_since(tx, fixed_in).await? || !reads_account_for_parts(tx, plan).await? {
         return Err(SettleError::Revised);
     }
-    parts::sum_revisions(tx, plan, fixed_in, zone)
+    parts::sum_revisions(tx, plan, fixed_in)
         .await
         .map_err(SettleError::from_sum)
 }

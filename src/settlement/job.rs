@@ -180,7 +180,7 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     // Rows of the input changed while the run read them: the sums are corrected by the
     // changes, or, where they cannot be (a TRUNCATE), the run starts over (see
     // `finalize::sum_revisions`).
-    let rows = match finalize::finalize(batch.conn(), &plan, settings).await {
+    let rows = match finalize::finalize(batch.conn(), &plan).await {
         Ok(rows) => rows,
         Err(SettleError::Revised) => {
             drop(batch);

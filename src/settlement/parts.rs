@@ -347,9 +347,9 @@ pub async fn sum_revisions(
     conn: &mut PgConnection,
     plan: &Plan,
     fixed_in: &str,
-    zone: Zone,
 ) -> Result<(), sqlx::Error> {
-    let day = zone.day_sql();
+    // The zone the run's batches counted in, whatever the worker's config says now.
+    let day = plan.zone().day_sql();
     // Dynamic: the days hold the job's zone as a literal (see `Zone::day_sql`).
     sqlx::query(AssertSqlSafe(format!(
         "with revised as materialized (

@@ -95,7 +95,7 @@ impl Db {
     /// Finalizes and commits; returns the job's CSV as the download streams it.
     pub async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
         let mut tx = self.pool.begin().await.unwrap();
-        let rows = finalize::finalize(&mut tx, plan, &self.settings).await?;
+        let rows = finalize::finalize(&mut tx, plan).await?;
         // The rest of the completing transaction (the queue's own statements) plans as usual.
         let planner: (String, String) = sqlx::query_as(
             "select current_setting('enable_nestloop'), current_setting('enable_sort')",
