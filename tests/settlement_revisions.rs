@@ -153,6 +153,49 @@ async fn a_truncate_starts_the_job_over() {
     assert_starts_over(&["truncate transactions"]).await;
 }
 
+/// A TRUNCATE cannot slip in between the finalize's look for one and its correction: staged
+/// here by a lock that holds the finalize between the two, the TRUNCATE waits for the finalize,
+/// which publishes the input as it was; had the TRUNCATE gone first, the job must start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_during_the_finalize_waits_for_it_or_starts_the_job_over() {
+    let (db, plan) = run_mid_way().await;
+    let plan = db.batches(&plan, None).await;
+    let mut staged = db.pool.begin().await.unwrap();
+    sqlx::query("lock table settlement_reads in access exclusive mode")
+        .execute(&mut *staged)
+        .await
+        .unwrap();
+    let finalize = tokio::spawn({
+        let (pool, plan) = (db.pool.clone(), plan.clone());
+        async move { common::engine::finalize_on(&pool, &plan).await }
+    });
+    common::wait_for_lock_waiter(&db.pool, "settlement_reads").await;
+    let truncate = tokio::spawn({
+        let pool = db.pool.clone();
+        async move { sqlx::query("truncate transactions").execute(&pool).await }
+    });
+    // The TRUNCATE either ends (nothing stops it) or waits for the finalize's lock.
+    common::processes::wait_for(std::time::Duration::from_secs(10), "the truncate", || {
+        let (pool, done) = (db.pool.clone(), truncate.is_finished());
+        async move {
+            let waiting = common::lock_waiters(&pool, "truncate").await > 0;
+            (done || waiting).then_some(())
+        }
+    })
+    .await;
+    let truncated_first = truncate.is_finished();
+    staged.commit().await.unwrap();
+    let finalized = finalize.await.unwrap();
+    truncate.await.unwrap().unwrap();
+    match truncated_first {
+        true => assert!(
+            matches!(finalized, Err(SettleError::Revised)),
+            "{finalized:?}"
+        ),
+        false => assert!(finalized.is_ok(), "{finalized:?}"),
+    }
+}
+
 /// A run the release before fixed (no `revision_snapshot`) has no reads to correct by: a change of
 /// its input starts it over, one elsewhere lets it publish.
 #[tokio::test]

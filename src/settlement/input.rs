@@ -121,8 +121,14 @@ pub async fn revised_since(
 }
 
 /// Whether `transactions` was truncated by a transaction `snapshot` (`pg_snapshot` as text)
-/// does not see.
+/// does not see. First takes the table's ACCESS SHARE lock, which `conn`'s transaction then
+/// holds to its end: a TRUNCATE (ACCESS EXCLUSIVE) committing after this check and before the
+/// statements that follow it would leave no trace they could see (it writes no row revisions),
+/// so it waits for the transaction instead.
 pub async fn truncated_since(conn: &mut PgConnection, snapshot: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query!("lock table transactions in access share mode")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query_scalar!(
         r#"select exists (select from transaction_revisions
                           where xid >= pg_snapshot_xmin($1::text::pg_snapshot)

@@ -94,20 +94,7 @@ impl Db {
 
     /// Finalizes and commits; returns the job's CSV as the download streams it.
     pub async fn finalize(&self, plan: &Plan) -> Result<String, SettleError> {
-        let mut tx = self.pool.begin().await.unwrap();
-        let rows = finalize::finalize(&mut tx, plan).await?;
-        // The rest of the completing transaction (the queue's own statements) plans as usual.
-        let planner: (String, String) = sqlx::query_as(
-            "select current_setting('enable_nestloop'), current_setting('enable_sort')",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        assert_eq!(planner, ("on".into(), "on".into()));
-        tx.commit().await?;
-        let csv = download(&self.pool, plan.run.job_id).await;
-        assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
-        Ok(csv)
+        finalize_on(&self.pool, plan).await
     }
 
     /// Runs the plan's batches one by one, then finalizes; returns the first error.
@@ -168,4 +155,21 @@ pub async fn download(pool: &PgPool, job: i64) -> String {
 
 pub fn csv(text: &str) -> settlement::Settled {
     parse_csv(text)
+}
+
+/// [`Db::finalize`] on a pool of the test's database (for a finalize spawned beside others).
+pub async fn finalize_on(pool: &PgPool, plan: &Plan) -> Result<String, SettleError> {
+    let mut tx = pool.begin().await.unwrap();
+    let rows = finalize::finalize(&mut tx, plan).await?;
+    // The rest of the completing transaction (the queue's own statements) plans as usual.
+    let planner: (String, String) =
+        sqlx::query_as("select current_setting('enable_nestloop'), current_setting('enable_sort')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(planner, ("on".into(), "on".into()));
+    tx.commit().await?;
+    let csv = download(pool, plan.run.job_id).await;
+    assert_eq!(csv.lines().count() as u64, rows + 1, "{csv}");
+    Ok(csv)
 }

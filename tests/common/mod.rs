@@ -317,19 +317,21 @@ pub async fn wait_for_lock_waiter(pool: &PgPool, statement: &str) {
     processes::wait_for(
         std::time::Duration::from_secs(10),
         &format!("a wait for a lock in {statement}"),
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity where datname = current_database()
-                 and wait_event_type = 'Lock' and strpos(query, $1) > 0",
-            )
-            .bind(statement)
-            .fetch_one(pool)
-            .await
-            .expect("a count");
-            (waiting > 0).then_some(())
-        },
+        || async { (lock_waiters(pool, statement).await > 0).then_some(()) },
     )
     .await;
+}
+
+/// How many sessions of this test's database wait for a lock in a statement holding `statement`.
+pub async fn lock_waiters(pool: &PgPool, statement: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity where datname = current_database()
+         and wait_event_type = 'Lock' and strpos(query, $1) > 0",
+    )
+    .bind(statement)
+    .fetch_one(pool)
+    .await
+    .expect("a count")
 }
 
 /// A transaction of the test's own holding the rows `select_for_update` locks (taking one
