@@ -58,9 +58,15 @@ pub enum Command {
 
 /// Runs the command, printing any error with its causes and mapping it to an exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    telemetry::init();
+    if let Err(e) = telemetry::init() {
+        eprintln!("error: {}", causes(&e));
+        return ExitCode::FAILURE;
+    }
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of the output went away (`settle jobs list | head`): what it read was
+        // written, and what it did not want is no failure of ours.
+        Err(e) if closed_output(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // Said once, where the user sees it: through the log, or with the log turned off
             // (`SETTLE_LOG=off`) on standard error, so a failure is never silent.
@@ -72,6 +78,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is a write to standard output whose reader closed it (Rust ignores SIGPIPE, so
+/// such a write fails with EPIPE instead of ending the process as it ends `cat`).
+fn closed_output(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// `e` and its causes, `: `-separated, each said once: the driver's errors end with their

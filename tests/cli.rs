@@ -194,6 +194,12 @@ fn bad_configuration_names_the_key() {
         ),
         ("SETTLE_ORDERS__MAX_BATCH", "1000000000", "orders.max_batch"),
         ("DATABASE_URL", "mysql://x", "database.url"),
+        ("SETTLE_LOG_FORMAT", "yaml", "settle_log_format=\"yaml\""),
+        (
+            "SETTLE_LOG",
+            "info,sqlx=loud",
+            "settle_log=\"info,sqlx=loud\"",
+        ),
     ] {
         let output = settle(&url)
             .env(key, value)

@@ -148,3 +148,24 @@ async fn cancel_and_retry_change_the_job_or_say_why_not() {
         assert!(!ok && err.contains("no job 424242"), "{command}: {err}");
     }
 }
+
+/// `settle jobs list | head` with the reader gone before the table is written: the command
+/// ends quietly and succeeds, with no error logged for a reader that wanted no more.
+#[tokio::test]
+async fn a_reader_that_closed_the_output_is_no_error() {
+    let app = spawn_app().await;
+    enqueue(&app.pool, NOOP, json!({}), 3).await;
+    let mut child = common::settle_command()
+        .args(["jobs", "list"])
+        .env("SETTLE_DATABASE__URL", &app.config.database.url)
+        .env("SETTLE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run settle");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(said.is_empty(), "{said}");
+}
