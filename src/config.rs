@@ -42,9 +42,11 @@ pub struct DatabaseConfig {
     /// Apply pending migrations when `api`/`worker` start instead of refusing to run.
     pub migrate_on_start: bool,
     /// `serve` only: start a private cluster when nothing answers at a loopback `url` (see
-    /// [`crate::local_cluster`]). On by default for the built-in `url` alone: a URL named in a
-    /// file or the environment is used as given, unless this key is set there too
-    /// ([`Config::from_figment`] turns the default off).
+    /// [`crate::local_cluster`]). Unset, [`Config::from_figment`] makes it true for the
+    /// built-in `url` alone: a URL named in a file or the environment is used as given. The
+    /// default `config.toml` leaves it unset, so a copy of it with another url does not ask
+    /// for a cluster there.
+    #[serde(default)]
     pub local_cluster: bool,
     /// Where that private cluster keeps its data (relative to the working directory).
     pub local_data_dir: String,
@@ -275,7 +277,7 @@ impl Provider for Defaults {
 }
 
 impl Config {
-    /// Loads defaults, then `path` if it exists, then the environment.
+    /// Loads defaults, then the file `path` (which must exist), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Self::defaults();
         if let Some(path) = path {
@@ -288,16 +290,13 @@ impl Config {
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
-        // A private cluster stands in for the built-in URL alone: one the user named (in any
-        // file or variable) is used as given, and nothing answering there is an error that
-        // names it, unless they set local_cluster beside it.
-        let from_defaults = |key| {
-            figment
-                .find_metadata(key)
-                .is_some_and(|m| m.name == Defaults::NAME)
-        };
-        if from_defaults("database.local_cluster") && !from_defaults("database.url") {
-            config.database.local_cluster = false;
+        // Unless set, a private cluster stands in for the built-in URL alone: one the user
+        // named (in any file or variable) is used as given, and nothing answering there is an
+        // error that names it.
+        if figment.find_value("database.local_cluster").is_err() {
+            config.database.local_cluster = figment
+                .find_metadata("database.url")
+                .is_some_and(|m| m.name == Defaults::NAME);
         }
         Ok(config)
     }

@@ -88,7 +88,7 @@ pub async fn start_if_needed(
         %url,
         data_dir = %cluster.data.display(),
         "nothing answered at the database url, so serve started a private PostgreSQL cluster there; \
-         it stops when serve exits (set DATABASE_URL to use another server)"
+         it stops when serve exits (name a server's url in DATABASE_URL to use that one instead)"
     );
     Ok(Some(cluster))
 }

@@ -231,4 +231,12 @@ fn a_named_url_turns_the_private_cluster_off_unless_asked_for() {
     assert!(!local(
         Config::defaults().merge(Serialized::default("database.local_cluster", false))
     ));
+    // A copy of the default config.toml with its url changed names that url, and asks for no
+    // cluster there.
+    let copy = crate::config::DEFAULT_TOML.replace(
+        "url = \"postgres://postgres@127.0.0.1:5432/settle\"",
+        "url = \"postgres://postgres@127.0.0.1:5999/copied\"",
+    );
+    assert!(copy.contains("5999/copied"));
+    assert!(!local(Config::defaults().merge(Toml::string(&copy))));
 }
