@@ -80,6 +80,7 @@ impl AppState {
 
 /// The whole API: every resource router, the docs, the fallbacks, and the middleware.
 pub fn router(state: AppState) -> Router {
+    crate::metrics::orders_at_zero();
     let max_body = state.config.http.max_body_bytes;
     let config = state.config.clone();
     Router::new()

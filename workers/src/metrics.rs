@@ -41,11 +41,9 @@ impl Ended {
     }
 }
 
-/// Counts `n` rescued jobs.
+/// Counts `n` rescued jobs; 0 makes the series exist before any rescue (a worker starting).
 pub(crate) fn rescued(n: usize) {
-    if n > 0 {
-        counter!(JOB_RESCUES).increment(n as u64);
-    }
+    counter!(JOB_RESCUES).increment(n as u64);
 }
 
 /// HELP lines for the queue's metrics; call once the recorder is installed.

@@ -168,6 +168,7 @@ impl Worker {
 
     /// Runs until `shutdown` fires and every held job is completed or released.
     pub async fn run(self, shutdown: CancellationToken) {
+        crate::metrics::rescued(0);
         let (completions, completed) = mpsc::unbounded_channel();
         let control = PgPoolOptions::new()
             .max_connections(CONTROL_CONNECTIONS)
