@@ -1,5 +1,5 @@
 //! The command line: one subcommand per process kind. Each only wires things up
-//! (config → telemetry → pool → run); the work happens in the library modules.
+//! (telemetry → config → pool → run); the work happens in the library modules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

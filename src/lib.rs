@@ -27,7 +27,8 @@
 //! - [`schedule`]: the daily settlement each worker process enqueues once per day.
 //! - [`worker`]: the worker process (the queue itself is the `settle-workers` crate).
 //! - [`operator`]: `settle jobs list|show|cancel|retry`, the queue for operators.
-//! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count).
+//! - [`jobs`]: settle's small job kinds for tests and benchmarks (noop, sleep, fail, panic, count,
+//!   transient, stubborn, final_step), registered only with `worker.test_kinds = true`.
 //! - [`metrics`]: the Prometheus recorder, the names settle records under, the queue gauges.
 //! - [`shutdown`], [`telemetry`]: signals and logging.
 
