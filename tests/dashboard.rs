@@ -299,3 +299,108 @@ async fn a_retried_job_that_fails_again_offers_its_retry_again() {
     }
     browser.close().await;
 }
+
+/// Where each card's content sits, measured in the page: whether the page or a card spills
+/// sideways, the right edge of the Products table's Stock heading (once everything between the
+/// table and its card is scrolled to the end) against the inner edge of the card's padding, and
+/// each card heading's label against its heading (their text, not their boxes).
+const LAYOUT: &str = r##"
+const view = document.documentElement.clientWidth;
+const text = (el) => { const r = document.createRange(); r.selectNodeContents(el);
+  return r.getBoundingClientRect(); };
+const cards = [...document.querySelectorAll(".card")].map((card) => ({
+  card: card.getAttribute("aria-labelledby"),
+  spill: card.scrollWidth - card.clientWidth,
+  right: card.getBoundingClientRect().right,
+}));
+const stock = document.querySelector("#products-body").closest("table").querySelector("th:last-child");
+const products = stock.closest(".card");
+for (let el = stock.closest("table").parentElement; el !== products.parentElement; el = el.parentElement) {
+  el.scrollLeft = el.scrollWidth;
+}
+const labels = [...document.querySelectorAll(".card-head")].flatMap((head) => {
+  const label = head.querySelector(".hint");
+  if (!label || !label.textContent) return [];
+  const [h, l] = [text(head.querySelector("h2")), text(label)];
+  return [{ label: label.id, text: label.textContent, below: l.top - h.bottom,
+            after: l.left - h.right }];
+});
+const inside = products.getBoundingClientRect().right - products.clientLeft
+  - parseFloat(getComputedStyle(products).paddingRight);
+return { view, page_spill: document.documentElement.scrollWidth - view, cards,
+         stock_right: stock.getBoundingClientRect().right, products_inside_right: inside, labels };
+"##;
+
+/// The page's [`LAYOUT`] at `width` px wide, with a screenshot `<shot>-<width>.png` to look at.
+async fn layout_at(browser: &Browser, width: u32, shot: &str) -> serde_json::Value {
+    browser.client.set_window_size(width, 960).await.unwrap();
+    let layout = browser.client.execute(LAYOUT, vec![]).await.unwrap();
+    browser.screenshot(&format!("{shot}-{width}.png")).await;
+    layout
+}
+
+/// Long figures and labels stay inside their cards, in the two-column layout (1400 px) and the
+/// one-column one (900 px): a product at the largest price (10^12 cents) with over a billion in
+/// stock scrolls within the Products card, its Stock column in reach, instead of spilling off
+/// the page; and without a token each "Not shown · 401 UNAUTHENTICATED" label keeps clear of
+/// its card's heading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_figures_and_labels_stay_inside_their_cards() {
+    let app = spawn_app().await;
+    let id = app
+        .product(settle::orders::MAX_STOCK, settle::orders::MAX_PRICE_CENTS)
+        .await;
+    let restock = format!("/api/v1/products/{id}/restock");
+    let (status, body) = app.post(&restock, &json!({"quantity": 1})).await;
+    assert_eq!(status, 200, "{body}");
+
+    let browser = Browser::start().await;
+    browser.open(&app.url("/")).await;
+    for label in ["#products-count", "#jobs-updated"] {
+        browser
+            .wait_text(label, "Not shown · 401 UNAUTHENTICATED")
+            .await;
+    }
+    for width in [1400, 900] {
+        let layout = layout_at(&browser, width, "dashboard-no-token").await;
+        let labels = layout["labels"].as_array().unwrap();
+        assert_eq!(labels.len(), 2, "{layout:#}");
+        for label in labels {
+            let below = label["below"].as_f64().unwrap() >= 0.0;
+            let after = label["after"].as_f64().unwrap() >= 8.0;
+            assert!(
+                below || after,
+                "{width} px: a label runs into its heading: {label}"
+            );
+        }
+    }
+
+    let keys = format!("{}{}", app.admin_token, Key::Enter);
+    browser.type_into("#token", &keys).await;
+    browser
+        .wait_text("#products-body", "10,000,000,000.00")
+        .await;
+    browser.wait_text("#products-body", "1,000,000,001").await;
+    for width in [1400, 900] {
+        let layout = layout_at(&browser, width, "dashboard-long-figures").await;
+        let view = layout["view"].as_f64().unwrap();
+        assert_eq!(
+            layout["page_spill"], 0,
+            "{width} px: the page scrolls sideways: {layout:#}"
+        );
+        for card in layout["cards"].as_array().unwrap() {
+            assert_eq!(
+                card["spill"], 0,
+                "{width} px: a card's content spills out: {layout:#}"
+            );
+            assert!(card["right"].as_f64().unwrap() <= view, "{layout:#}");
+        }
+        let stock_right = layout["stock_right"].as_f64().unwrap();
+        let inside = layout["products_inside_right"].as_f64().unwrap();
+        assert!(
+            stock_right <= inside.min(view) + 1.0, // a scroll offset rounds to a pixel
+            "{width} px: the Stock column is out of reach: {layout:#}"
+        );
+    }
+    browser.close().await;
+}
