@@ -15,7 +15,10 @@ use common::settlement as support;
 use common::{TestDatabase, migrated_pool, test_config};
 use serde_json::json;
 use settle::config::Config;
+use settle::settlement::plan::{self, Plan};
+use settle::settlement::replica::Reads;
 use settle::settlement::transactions::NewTransaction;
+use settle::settlement::{DateRange, Settings, SettleError, finalize, parts};
 use sqlx::PgPool;
 use support::{day, reference, settlements};
 
@@ -220,6 +223,117 @@ async fn refunds_a_replica_read_before_are_corrected_at_the_finish() {
     let (from, to) = (day("2025-01-01"), day("2025-01-05"));
     let now = support::settled_now(&pool, (from, to), Tz::UTC, i64::MAX).await;
     assert_eq!(settlements(&pool, from, to).await, now);
+}
+
+/// A refund still open on the primary while every batch reads on the standby, committed before
+/// the finalize (the job's steps driven here, so the interleaving is exact). A standby's
+/// snapshot lists no transaction in progress (`pg_current_snapshot` leaves out where a standby
+/// keeps them), so the refund, running but below the snapshot's xmax once a later refund has
+/// committed, looks seen by the reads: unless they record which changes they saw, the finish
+/// skips its correction and publishes the rows it refunded as PAID. The later refund, above the
+/// snapshots' xmin, was seen, and must not be corrected twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_in_progress_while_the_standby_reads_is_corrected_at_the_finish() {
+    let Some(published) = finish_after_a_refund_open_during_standby_reads(false).await else {
+        return;
+    };
+    assert!(published.is_ok(), "{published:?}");
+}
+
+/// The same reads recorded by a worker of the release before (during a rolling upgrade: no
+/// record of the changes they saw): where a read's snapshot cannot tell whether it saw a change,
+/// the job starts over rather than publish a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_reads_of_the_release_before_that_cannot_tell_start_the_job_over() {
+    let Some(published) = finish_after_a_refund_open_during_standby_reads(true).await else {
+        return;
+    };
+    assert!(
+        matches!(published, Err(SettleError::Revised)),
+        "{published:?}"
+    );
+}
+
+/// Fixes a job's input on a private primary, opens a refund of a third of its PAID rows there,
+/// commits a refund of another third, reads every batch on a standby and stores it on the
+/// primary, commits the open refund and finalizes. With `release_before`, the reads are left as
+/// a worker of the release before records them. Returns the finalize's outcome (`None`: no server installed), once it
+/// checked that a published job settled its input as the table holds it now.
+async fn finish_after_a_refund_open_during_standby_reads(
+    release_before: bool,
+) -> Option<Result<u64, SettleError>> {
+    let (primary, config, pool, _db) = private_primary().await?;
+    support::store_random(&pool, 50, 3_000, 6, 5).await;
+    let standby = Cluster::standby_of(&primary).await;
+    let (from, to) = (day("2025-01-01"), day("2025-01-05"));
+    let settings = Settings::new(&config.settlement, BATCH);
+    let mark = plan::high_water_mark(&pool).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let range = DateRange::new(from, to, 366).unwrap();
+    let plan = plan::start(&mut tx, 1, range, &settings, 0, Some(mark))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut refund = pool.begin().await.unwrap();
+    sqlx::query("set local idle_in_transaction_session_timeout = 0")
+        .execute(&mut *refund)
+        .await
+        .unwrap();
+    sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID' and id % 3 = 0")
+        .execute(&mut *refund)
+        .await
+        .unwrap();
+    // Another refund commits: the open one's transaction id is below the standby snapshots'
+    // xmax, and this one's above their xmin, seen by the reads all the same.
+    sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID' and id % 3 = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut database = config.database.clone();
+    database.read_url = Some(standby.url("settle_replica"));
+    let replica = Reads::new(&database, 1)
+        .ready(&pool, plan.run.job_id, 0)
+        .await
+        .unwrap()
+        .expect("the standby replays the input");
+    let mut read_parts = Vec::new();
+    for mut part in plan.parts.clone() {
+        while !part.is_done() {
+            let mut reader = replica.begin().await.unwrap().expect("a standby read");
+            let read = parts::read_batch(&mut reader, &plan, &part, BATCH)
+                .await
+                .unwrap();
+            reader.commit().await.unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            part = parts::store_batch(&mut tx, &plan, &part, read)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        read_parts.push(part);
+    }
+    refund.commit().await.unwrap();
+    if release_before {
+        sqlx::query("update settlement_reads set seen_xids = null")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    let plan = Plan {
+        parts: read_parts,
+        ..plan
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let published = finalize::finalize(&mut tx, &plan).await;
+    if published.is_ok() {
+        tx.commit().await.unwrap();
+        let now = support::settled_now(&pool, (from, to), Tz::UTC, plan.run.high_water_id).await;
+        assert!(!now.is_empty());
+        assert_eq!(settlements(&pool, from, to).await, now);
+    }
+    Some(published)
 }
 
 /// `read_url` may lead to several standbys (a load balancer): the one the job waits on has

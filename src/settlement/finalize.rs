@@ -46,13 +46,18 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
 /// - no batch read the row (its id held none of the input when it was passed over): it takes
 ///   its share as this snapshot holds it.
 ///
+/// A batch read on a standby also recorded the changes it saw (migration 0022): a standby's
+/// snapshot does not list the transactions in progress there, so it alone would take a change
+/// still running on the primary as seen.
+///
 /// The sums go into one part [`parts::REVISED_PART`] row, which [`replace_settlements`] adds to
 /// the parts'. The work follows the revisions, not the rows they touched, so changes on every
 /// day of a month's range cost what they are. [`SettleError::Revised`] (the job starts over)
 /// for what this cannot correct: a TRUNCATE since the input was fixed, a run fixed before
-/// revisions were kept by row (no `revision_snapshot`) whose input was revised, or a part whose
-/// reads do not account for every row it read (batches of a worker of the release before,
-/// during a rolling upgrade).
+/// revisions were kept by row (no `revision_snapshot`) whose input was revised, a part whose
+/// reads do not account for every row it read (batches of a worker of the release before
+/// 0021, during a rolling upgrade), or a change that a standby read of a worker of the release
+/// before 0022 cannot tell whether it saw.
 pub async fn sum_revisions(tx: &mut PgConnection, plan: &Plan) -> Result<(), SettleError> {
     let run = &plan.run;
     let Some(fixed_in) = &run.revision_snapshot else {
@@ -64,9 +69,11 @@ pub async fn sum_revisions(tx: &mut PgConnection, plan: &Plan) -> Result<(), Set
     if input::truncated_since(tx, fixed_in).await? || !reads_account_for_parts(tx, plan).await? {
         return Err(SettleError::Revised);
     }
-    parts::sum_revisions(tx, plan, fixed_in)
-        .await
-        .map_err(SettleError::from_sum)
+    match parts::sum_revisions(tx, plan, fixed_in).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(SettleError::Revised),
+        Err(e) => Err(SettleError::from_sum(e)),
+    }
 }
 
 /// True when each part's recorded reads hold every row its batches counted as read.

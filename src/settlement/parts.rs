@@ -65,13 +65,18 @@ struct BatchSums {
     fee_cents: Vec<i64>,
     txn_counts: Vec<i64>,
     /// The snapshot they were read in (`pg_snapshot` as text; the replica's, of the primary's
-    /// transaction ids).
+    /// transaction ids). On a standby its list of transactions in progress is always empty, so
+    /// it alone cannot tell a change committed before the read from one still running then.
     snapshot: String,
+    /// The transactions at or above the snapshot's xmin whose revisions the read saw (`xid8[]`
+    /// as text, see [`SEEN_XIDS`]): with the xmin, which changes it saw, on any server.
+    seen_xids: String,
 }
 
 /// Reads the next batch of `part` on `reader` (a transaction on the read replica, see
 /// [`super::replica`]) without writing anything: the same sums and gap skip as
-/// [`process_batch`], for [`store_batch`] to land on the primary.
+/// [`process_batch`], with the snapshot they were read in and the changes seen there
+/// ([`SEEN_XIDS`]), for [`store_batch`] to land on the primary.
 pub async fn read_batch(
     reader: &mut PgConnection,
     plan: &Plan,
@@ -84,9 +89,10 @@ pub async fn read_batch(
         end,
     } = begin_batch(reader, plan, part, batch_size).await?;
     let zone = plan.zone();
-    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`).
+    // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`). The snapshot
+    // and the changes seen in it are the statement's own, the ones its sums were read in.
     let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
-        "select pg_current_snapshot()::text as snapshot, {}",
+        "select pg_current_snapshot()::text as snapshot, ({SEEN_XIDS}) as seen_xids, {}",
         batch_sums_sql(zone, ["$1", "$2", "$3", "$4"])
     )))
     .bind(after)
@@ -244,8 +250,9 @@ async fn insert_sums(
 }
 
 /// Records that a batch of `part` read the ids `(lo_id, hi_id]`, `sums.scanned` rows of them,
-/// in `sums.snapshot` (migration 0021): a change of one of those rows that this snapshot did not
-/// see moves the job's sums at its finalize ([`super::finalize::sum_revisions`]).
+/// in `sums.snapshot` (migration 0021), seeing the changes of `sums.seen_xids` (migration
+/// 0022): a change of one of those rows that this read did not see moves the job's sums at its
+/// finalize ([`super::finalize::sum_revisions`]).
 async fn insert_read(
     tx: &mut PgConnection,
     job_id: i64,
@@ -254,19 +261,47 @@ async fn insert_read(
     sums: &BatchSums,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
-        "insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot)
-         values ($1, $2, $3, $4, $5, $6::text::pg_snapshot)",
+        "insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot, seen_xids)
+         values ($1, $2, $3, $4, $5, $6::text::pg_snapshot, $7::text::xid8[])",
         job_id,
         part,
         lo_id,
         hi_id,
         sums.scanned,
         sums.snapshot,
+        sums.seen_xids,
     )
     .execute(tx)
     .await?;
     Ok(())
 }
+
+/// A replica batch's record of the changes it saw (as `xid8[]` text, in the batch's statement):
+/// the distinct transaction ids of the revisions (`transaction_revisions`) it sees from its
+/// snapshot's xmin to its xmax. A standby's `pg_current_snapshot()` lists no transaction in
+/// progress (a standby keeps the primary's running ids where that function does not copy them
+/// from), so a change still running on the primary when the batch read, its id below the
+/// snapshot's xmax, would look seen by the snapshot alone; the xmin is right on a standby too.
+/// A transaction's revisions become visible with its change, all at once, so the batch saw a
+/// change iff its id is below the xmin or in this set ([`sum_revisions`]).
+///
+/// One index descent per transaction (a loose scan of `transaction_revisions_xid`), not one
+/// per revision: with a bulk change's million revisions above the xmin of a transaction left
+/// open, 0.5 ms against 0.3 s for a `distinct` over them (BENCHMARKS.md). The revisions of
+/// transactions it does not see (still running, or aborted and not yet vacuumed) are still
+/// stepped over one by one.
+const SEEN_XIDS: &str = "with recursive seen (xid) as (
+             (select xid from transaction_revisions
+              where xid >= pg_snapshot_xmin(pg_current_snapshot())
+                and xid < pg_snapshot_xmax(pg_current_snapshot())
+              order by xid limit 1)
+             union all
+             select (select r.xid from transaction_revisions as r
+                     where r.xid > seen.xid and r.xid < pg_snapshot_xmax(pg_current_snapshot())
+                     order by r.xid limit 1)
+             from seen where seen.xid is not null
+         )
+         select coalesce(array_agg(xid) filter (where xid is not null), '{}')::text from seen";
 
 /// The plan of a part batch, on top of [`super::TUNING`].
 ///
@@ -295,9 +330,11 @@ pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx:
 
 /// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s
 /// days) and stores, as one row of the part's batch sums ending at `end_id`, the `(merchant,
-/// day)` sums of the PAID ones, and the snapshot it read them in ([`insert_read`]). Returns the rows read, `None` when there were none (nothing is
-/// stored then): the other rows are grouped apart and counted in the same pass. A batch sum
-/// past 64 bits fails its cast (SQLSTATE 22003).
+/// day)` sums of the PAID ones, and the snapshot it read them in ([`insert_read`]; the
+/// primary's, which lists every transaction in progress, so no record of the changes it saw).
+/// Returns the rows read, `None` when there were none (nothing is stored then): the other rows
+/// are grouped apart and counted in the same pass. A batch sum past 64 bits fails its cast
+/// (SQLSTATE 22003).
 pub async fn aggregate_ids(
     conn: &mut PgConnection,
     job_id: i64,
@@ -339,29 +376,47 @@ pub const REVISED_PART: i32 = -1;
 /// Stores, as the job's part [`REVISED_PART`] row, the corrections of its sums by the changes
 /// of rows up to its high-water id committed by transactions its input's snapshot `fixed_in`
 /// (`pg_snapshot` as text) does not see (see
-/// [`super::finalize::sum_revisions`]): for a row a batch read, the share of each change its
-/// read's snapshot did not see (the new row's less the old one's); for a row no batch read, its
-/// share as this statement's snapshot holds it. A sum past 64 bits fails its cast (SQLSTATE
-/// 22003).
+/// [`super::finalize::sum_revisions`]): for a row a batch read, the share of each change that
+/// read did not see (the new row's less the old one's); for a row no batch read, its share as
+/// this statement's snapshot holds it. A read saw a change whose transaction id is below its
+/// snapshot's xmin; above it, one in its record of the changes it saw ([`SEEN_XIDS`], a replica
+/// read's), or, where it has none (a primary read), one its snapshot sees. Returns false, and
+/// stores nothing, where a read cannot tell: a standby read of a worker of the release before
+/// (no record; a snapshot that lists nothing in progress though its xmin is below its xmax,
+/// which a primary's never does) and a change whose id lies between the two. A sum past 64
+/// bits fails its cast (SQLSTATE 22003).
 pub async fn sum_revisions(
     conn: &mut PgConnection,
     plan: &Plan,
     fixed_in: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     // The zone the run's batches counted in, whatever the worker's config says now.
     let day = plan.zone().day_sql();
-    // Dynamic: the days hold the job's zone as a literal (see `Zone::day_sql`).
-    sqlx::query(AssertSqlSafe(format!(
+    // Dynamic: the days hold the job's zone as a literal (see `Zone::day_sql`). `seen`: whether
+    // the read of the row saw the change, null where it cannot tell.
+    sqlx::query_scalar(AssertSqlSafe(format!(
         "with revised as materialized (
-             select r.*, rd.snapshot as read_in
+             select r.*, rd.snapshot as read_in,
+                    case when rd.seen_xids is not null
+                             then r.xid < pg_snapshot_xmin(rd.snapshot)
+                                  or r.xid = any(rd.seen_xids)
+                         when r.xid < pg_snapshot_xmin(rd.snapshot)
+                              or r.xid >= pg_snapshot_xmax(rd.snapshot)
+                              or exists (select from pg_snapshot_xip(rd.snapshot))
+                             then pg_visible_in_snapshot(r.xid, rd.snapshot)
+                    end as seen
              from transaction_revisions as r
-                  left join lateral (select rd.hi_id, rd.snapshot from settlement_reads as rd
+                  left join lateral (select rd.hi_id, rd.snapshot, rd.seen_xids
+                                     from settlement_reads as rd
                                      where rd.job_id = $1 and rd.lo_id < r.txn_id
                                      order by rd.lo_id desc limit 1) as rd
                       on r.txn_id <= rd.hi_id
              where r.xid >= pg_snapshot_xmin($3::text::pg_snapshot)
                and not pg_visible_in_snapshot(r.xid, $3::text::pg_snapshot)
                and r.txn_id > 0 and r.txn_id <= $4
+         ), known as (
+             select not exists (select from revised where read_in is not null and seen is null)
+                 as known
          ), changes as (
              select c.*
              from revised as r,
@@ -370,7 +425,7 @@ pub async fn sum_revisions(
                                   (r.old_merchant_id, r.old_status, r.old_paid_at,
                                    -r.old_amount_cents, -r.old_fee_cents, -1::int8))
                       as c (merchant_id, status, paid_at, amount_cents, fee_cents, n)
-             where r.read_in is not null and not pg_visible_in_snapshot(r.xid, r.read_in)
+             where r.read_in is not null and not r.seen
              union all
              select merchant_id, status, paid_at, amount_cents, fee_cents, 1::int8
              from transactions
@@ -381,13 +436,15 @@ pub async fn sum_revisions(
              from changes, lateral (select {day} as day) as paid
              where status = 'PAID' and paid.day between $5 and $6
              group by merchant_id, paid.day
+         ), stored as (
+             insert into settlement_batches (job_id, part, end_id, scanned,
+                 merchant_ids, dates, gross_cents, fee_cents, txn_counts)
+             select $1, $2, 0, 0, array_agg(merchant_id), array_agg(day), array_agg(gross),
+                    array_agg(fee), array_agg(n)
+             from sums
+             having count(*) > 0 and (select known from known)
          )
-         insert into settlement_batches (job_id, part, end_id, scanned,
-             merchant_ids, dates, gross_cents, fee_cents, txn_counts)
-         select $1, $2, 0, 0, array_agg(merchant_id), array_agg(day), array_agg(gross),
-                array_agg(fee), array_agg(n)
-         from sums
-         having count(*) > 0"
+         select known from known"
     )))
     .bind(plan.run.job_id)
     .bind(REVISED_PART)
@@ -395,9 +452,8 @@ pub async fn sum_revisions(
     .bind(plan.run.high_water_id)
     .bind(plan.run.from_date)
     .bind(plan.run.to_date)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// The select list and `from` of a batch's sums over the input's ids in `(after, up_to]`

@@ -1,0 +1,15 @@
+-- A batch read on a hot standby records the standby's `pg_current_snapshot()`, whose list of
+-- transactions in progress is always empty there (a standby keeps the primary's running
+-- transaction ids where `pg_current_snapshot` does not copy them from): a change still running
+-- on the primary when the batch read, committed before the finalize, looked seen, and the
+-- finalize published the row as it was before (`parts::sum_revisions`). Such a read now also
+-- records, in the same statement, the transaction ids at or above its snapshot's xmin whose
+-- revisions (`transaction_revisions`) it saw. A transaction's revisions become visible with
+-- its change, all at once, on either server: the read saw a revision iff its transaction id
+-- is below that xmin (correct on a standby too) or in this set.
+--
+-- Null for a read on the primary (`parts::aggregate_ids`), whose snapshot is exact, and for a
+-- read of a worker of the release before, running during a rolling upgrade: where such a read's
+-- snapshot cannot tell (an empty in-progress list, xmin below xmax: a standby's), the job
+-- starts over rather than guess.
+alter table settlement_reads add column seen_xids xid8[];
