@@ -412,10 +412,15 @@ async fn a_standby_that_hangs_mid_read_leaves_the_rest_of_the_run_to_the_primary
     // the primary's lock goes.
     input_fixed(&pool, id).await;
     let mut lock = pool.begin().await.unwrap();
-    sqlx::query("lock table transactions in access exclusive mode")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    // Held while the standby replays and the worker waits there, however long a loaded
+    // machine takes: the pool's idle-in-transaction timeout would end it (and the test's
+    // staging) after 5 s.
+    for statement in [
+        "set local idle_in_transaction_session_timeout = 0",
+        "lock table transactions in access exclusive mode",
+    ] {
+        sqlx::query(statement).execute(&mut *lock).await.unwrap();
+    }
     // A commit elsewhere flushes the lock's WAL record, for the standby to take it.
     common::scalar(&pool, "select pg_current_xact_id()::text::int8").await;
     set_replay_paused(&replica, false).await;
