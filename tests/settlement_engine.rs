@@ -149,6 +149,50 @@ async fn an_older_input_finishing_last_never_overwrites_a_newer_one() {
     assert_eq!(csv(&download(&db.pool, 1).await), expected);
 }
 
+/// Rows moved from a day a newer job settled into an older job's other days while the older
+/// one ran, read by its batches or corrected at its finalize: the older job would publish its
+/// days as the table holds them at its finalize, newer than the day the newer job holds, and
+/// the moved rows would count on both days. It publishes nothing and starts over instead (as
+/// the queue runs it again), fixing an input newer than the other job's, and wins every day
+/// of its range: the days settle as the table holds them now.
+#[tokio::test]
+async fn an_older_input_revised_beside_a_newer_ones_day_starts_over_and_wins_its_days() {
+    for moved_before_its_batches in [false, true] {
+        let db = db("UTC", 2, 50).await;
+        support::store_random(&db.pool, 17, 1000, 4, 3).await;
+        let a = db.start(1, range("2025-01-01", "2025-01-03")).await;
+        let b = db.start(2, range("2025-01-02", "2025-01-02")).await;
+        let b = db.batches(&b, None).await;
+        db.finalize(&b).await.unwrap();
+        let moved = "update transactions set paid_at = paid_at - interval '1 day'
+                     where paid_at >= '2025-01-02' and paid_at < '2025-01-03' and status = 'PAID'";
+        if moved_before_its_batches {
+            sqlx::query(moved).execute(&db.pool).await.unwrap();
+        }
+        let a = db.batches(&a, None).await;
+        if !moved_before_its_batches {
+            sqlx::query(moved).execute(&db.pool).await.unwrap();
+        }
+        let published = db.settled("2025-01-01", "2025-01-03").await;
+        if let Err(e) = db.finalize(&a).await {
+            assert!(matches!(e, SettleError::Revised), "{e:?}");
+            assert_eq!(db.settled("2025-01-01", "2025-01-03").await, published);
+            let mut conn = db.pool.acquire().await.unwrap();
+            finalize::delete_working_rows(&mut conn, 1, None)
+                .await
+                .unwrap();
+            db.run(1, range("2025-01-01", "2025-01-03")).await;
+        }
+        let days = (day("2025-01-01"), day("2025-01-03"));
+        let now = support::settled_now(&db.pool, days, Tz::UTC, i64::MAX).await;
+        assert_eq!(
+            db.settled("2025-01-01", "2025-01-03").await,
+            now,
+            "moved before its batches: {moved_before_its_batches}"
+        );
+    }
+}
+
 /// The reference sums of each `(rows, from, to)` (UTC days), together: a table whose days were
 /// settled from different inputs.
 fn days_of(parts: &[(&[NewTransaction], &str, &str)]) -> support::Settled {

@@ -14,15 +14,28 @@ use super::{input, parts, results};
 /// [`replace_settlements`]), once the stored parts are as the run left them
 /// ([`SettleError::Behind`] where a crash took their last batches) and corrected by the changes
 /// of stored rows its batches did not see ([`sum_revisions`]; [`SettleError::Revised`] where
-/// they cannot be), stores the range's rows as the job's result (its CSV), and deletes the
-/// job's working rows, all in `tx`: the caller commits them with the job's completion, so the
-/// table, the result and COMPLETED land together or not at all. Returns the result's row count.
+/// they cannot be, or where the job's days changed since its input beside a day a newer input
+/// holds, see [`revised_beside_a_newer_input`]), stores the range's rows as the job's result
+/// (its CSV), and deletes the job's working rows, all in `tx`: the caller commits them with
+/// the job's completion, so the table, the result and COMPLETED land together or not at all.
+/// Returns the result's row count.
+///
+/// The finalizes of overlapping jobs run one at a time, from before the correction to the
+/// commit ([`lock_settlements`]): the state a job publishes (the table as its correction reads
+/// it) is then newer than everything published before it, and the days those jobs took are
+/// committed when it looks for them.
 pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleError> {
     // The parts as stored, or the sums lack what a crash took of their last batches.
     if super::plan::get_parts(tx, plan.run.job_id).await? != plan.parts {
         return Err(SettleError::Behind);
     }
+    lock_settlements(tx).await?;
     sum_revisions(tx, plan).await?;
+    if let Some(fixed_in) = &plan.run.revision_snapshot
+        && revised_beside_a_newer_input(tx, plan, fixed_in).await?
+    {
+        return Err(SettleError::Revised);
+    }
     super::set_local_tuning(tx).await?;
     replace_settlements(tx, plan.run.job_id, plan.run.snapshot_id, plan.range())
         .await
@@ -76,6 +89,77 @@ pub async fn sum_revisions(tx: &mut PgConnection, plan: &Plan) -> Result<(), Set
     }
 }
 
+/// Whether the job, finalizing beside a newer input, would publish a state of the table newer
+/// than that input's: some day of its range is held by a newer snapshot (`settlement_days`,
+/// or a `settlements` row a worker of the release before migration 0018 wrote), and since its
+/// input was fixed (`fixed_in`, the run's `revision_snapshot`) a revision committed before this
+/// statement changed a PAID row of its input on one of the other days, the days it would take
+/// (the row's old or new share falls on one).
+///
+/// Days are ordered by the snapshot each job's input was fixed in ("newest input wins day by
+/// day"), but a job publishes its input as the table holds it at its finalize: its batches read
+/// the changes committed before them, and [`sum_revisions`] adds those committed after. A row
+/// moved from a day the newer job holds into the older job's days after the newer job read it
+/// would count on both. Such a job starts over ([`SettleError::Revised`], as after a TRUNCATE):
+/// it fixes an input newer than every one published, and wins every day of its range. Where
+/// nothing changed on the days it takes, they are exactly its input snapshot's, ordered as it
+/// is, and it publishes them (a change on the newer input's days only leaves its own alone).
+///
+/// The look is at every revision since the input, not at the correction alone: a change
+/// committed before a batch read the row needs no correction, yet the batch read it newer than
+/// the input. It runs after the correction: a revision committed in between is counted here
+/// too (a start-over it may not have needed), never one the sums hold and this missed.
+///
+/// A job no newer input overlaps is never sent back: it takes every day of its range, the
+/// table as its finalize holds it, newer than anything published before it ([`finalize`]
+/// serializes them). A job starts over again each time a newer overlapping job finishes ahead
+/// of it while its days keep changing: only a stream of such jobs keeps it from finishing.
+/// A run fixed before revisions were kept by row (no `revision_snapshot`) needs no look: any
+/// revision of its input starts it over already ([`sum_revisions`]).
+async fn revised_beside_a_newer_input(
+    tx: &mut PgConnection,
+    plan: &Plan,
+    fixed_in: &str,
+) -> Result<bool, sqlx::Error> {
+    let run = &plan.run;
+    // The days held as `replace_settlements` finds them (one plan per day: a range's days are
+    // few); the revisions from the oldest the input may lack on, as `sum_revisions` reads them.
+    sqlx::query_scalar!(
+        r#"with held as materialized (
+               select day::date as date
+               from generate_series($2::date, $3::date, interval '1 day') as day
+               where exists (select from settlement_days as newer
+                             where newer.date = day::date and newer.snapshot_id > $1)
+                  or exists (select from settlements as newer
+                             where newer.date = day::date and newer.date between $2 and $3
+                               and newer.snapshot_id > $1)
+           )
+           select exists (select from held)
+              and exists (
+                  select from transaction_revisions as r,
+                       lateral (values (r.old_status, r.old_paid_at),
+                                       (r.new_status, r.new_paid_at)) as c (status, paid_at),
+                       lateral (select (c.paid_at at time zone $6)::date as day) as paid
+                  where r.xid >= pg_snapshot_xmin($4::text::pg_snapshot)
+                    and not pg_visible_in_snapshot(r.xid, $4::text::pg_snapshot)
+                    and r.txn_id > 0 and r.txn_id <= $5
+                    and (r.old_merchant_id, r.old_status, r.old_paid_at, r.old_amount_cents,
+                         r.old_fee_cents)
+                        is distinct from (r.new_merchant_id, r.new_status, r.new_paid_at,
+                                          r.new_amount_cents, r.new_fee_cents)
+                    and c.status = 'PAID' and paid.day between $2 and $3
+                    and paid.day not in (select date from held)) as "revised!""#,
+        run.snapshot_id,
+        run.from_date,
+        run.to_date,
+        fixed_in,
+        run.high_water_id,
+        run.time_zone,
+    )
+    .fetch_one(tx)
+    .await
+}
+
 /// True when each part's recorded reads hold every row its batches counted as read.
 async fn reads_account_for_parts(tx: &mut PgConnection, plan: &Plan) -> Result<bool, sqlx::Error> {
     let read: Vec<i64> = sqlx::query_scalar!(
@@ -102,17 +186,15 @@ async fn reads_account_for_parts(tx: &mut PgConnection, plan: &Plan) -> Result<b
 /// range. The sums are the parts' with the [`parts::REVISED_PART`] row's corrections (see
 /// [`sum_revisions`]); a merchant-day they leave with no transaction has no row.
 ///
-/// First it takes a transaction lock that serializes replacements, so overlapping jobs
-/// finishing at once cannot interleave their deletes and inserts; it is released at commit.
+/// First it takes [`lock_settlements`] (held already when [`finalize`] calls it), so
+/// overlapping jobs finishing at once cannot interleave their deletes and inserts.
 pub async fn replace_settlements(
     conn: &mut PgConnection,
     job_id: i64,
     snapshot_id: i64,
     range: DateRange,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
-        .execute(&mut *conn)
-        .await?;
+    lock_settlements(conn).await?;
     // A MERGE joins the sums to the range's rows in one hash join, where `insert … on
     // conflict` probed the unique index once per row (the update's share of the statement,
     // 30,000 merchant-days: 50-75 ms against 100-165). It has no conflict handling of its own:
@@ -185,6 +267,16 @@ pub async fn replace_settlements(
     )
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Takes the transaction lock that serializes the jobs' finalizes (and any replacement of
+/// `settlements`), released at commit; taken again by the same transaction, it returns at once.
+/// A worker of the release before takes it only for its replacement, after its correction.
+pub async fn lock_settlements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query!("select pg_advisory_xact_lock(hashtextextended('settle:settlements', 0))")
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

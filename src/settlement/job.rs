@@ -178,8 +178,8 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
 
     let mut batch = ctx.begin().await?;
     // Rows of the input changed while the run read them: the sums are corrected by the
-    // changes, or, where they cannot be (a TRUNCATE), the run starts over (see
-    // `finalize::sum_revisions`).
+    // changes, or, where they cannot be (a TRUNCATE) or a newer input holds one of the job's
+    // days, the run starts over (see `finalize::finalize`).
     let rows = match finalize::finalize(batch.conn(), &plan).await {
         Ok(rows) => rows,
         Err(SettleError::Revised) => {

@@ -216,8 +216,10 @@ pub enum SettleError {
     /// Stored rows of the input were changed while the run read them in a way its finalize
     /// cannot correct by the revisions ([`finalize::sum_revisions`]: a TRUNCATE, a run fixed
     /// before revisions were kept by row, batches of the release before): its batches did not
-    /// all read the same rows, and their sums are of no state the table held. The run starts
-    /// over on the input as it is now.
+    /// all read the same rows, and their sums are of no state the table held. Or they were
+    /// changed on its days beside a day a newer input holds, where the corrected sums would be
+    /// newer than that input's ([`finalize::finalize`]). The run starts over on the input as
+    /// it is now.
     #[error(
         "stored transactions of this job's days were changed while it ran; starting over on \
          the input as it is now"
