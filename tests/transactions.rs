@@ -203,6 +203,27 @@ async fn an_idempotency_key_replays_the_first_answer() {
     assert_eq!(stored(&app).await, 2);
 }
 
+/// A transaction written as an array of its fields in order (which serde would take for the
+/// struct) is refused as the document says, with or without a key: keyed, the handler once
+/// panicked writing the amounts back into it, and the client got no answer at all.
+#[tokio::test]
+async fn a_transaction_written_as_an_array_is_refused_keyed_or_not() {
+    let app = spawn_app().await;
+    let fields = json!(["m-5", "arr1", 500, 5, "PAID", "2025-01-15T12:00:00Z"]);
+    for (body, key) in [
+        (json!([fields]), None),
+        (json!([fields]), Some("k-arr-1")),
+        (json!([txn("m-1", 1, 0), fields]), Some("k-arr-2")),
+    ] {
+        let mut request = app.http.post(app.url("/api/v1/transactions")).json(&body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        assert_response_refused(request.send().await.unwrap(), 400, "INVALID_BODY").await;
+    }
+    assert_eq!(stored(&app).await, 0);
+}
+
 /// The stored request is jsonb, which keeps the float `1e16` (as serde_json writes it back) as
 /// the integer `10000000000000000`: the same bytes sent again are the same request, not a
 /// reuse of the key.

@@ -1,19 +1,57 @@
 //! axum's extractors with their rejections turned into [`ApiError`], so malformed JSON, wrong
 //! types, bad path ids and bad query strings answer with the API's error shape.
 
-use axum::extract::FromRequest;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::pagination::PageQuery;
 
-/// `axum::Json` whose rejection is an [`ApiError`].
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body deserialized into `T` (a request struct), refusals as [`ApiError`]s.
+/// serde's derived structs also take an array of their fields in order
+/// (`["m-1", 10, 100]`), which the OpenAPI document (`type: object`) does not allow and which
+/// a handler treating the body as an object must never meet: anything but an object is 400
+/// `INVALID_BODY`. (axum's extractor checks the content type and reads the body within
+/// `http.max_body_bytes`; its text is then deserialized once more, into `T`.)
 pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let RawJson(raw) = RawJson::from_request(request, state).await?;
+        object(&raw, "the body")
+    }
+}
+
+/// Deserializes `raw`, named `what` in the refusal, if it is a JSON object.
+pub fn object<T: DeserializeOwned>(raw: &RawValue, what: &str) -> Result<Json<T>, ApiError> {
+    if !raw.get().starts_with('{') {
+        return Err(ApiError::BadRequest {
+            code: "INVALID_BODY",
+            message: format!("{what} must be a JSON object"),
+        });
+    }
+    let axum::Json(value) = axum::Json::from_bytes(raw.get().as_bytes())?;
+    Ok(Json(value))
+}
+
+/// Any JSON body as its text (an object or an array: a batch of transactions), refusals as
+/// [`ApiError`]s.
+pub struct RawJson(pub Box<RawValue>);
+
+impl<S: Send + Sync> FromRequest<S> for RawJson {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(raw) = axum::Json::from_request(request, state).await?;
+        Ok(Self(raw))
+    }
+}
 
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::RawJson;
 use super::idempotency::{KeyHeader, commit, replay, respond};
 use super::openapi::ErrorBody;
 use super::{AppState, Started};
@@ -95,7 +95,7 @@ async fn create_transactions(
     State(app): State<AppState>,
     started: Started,
     key: KeyHeader,
-    Json(raw): Json<Box<RawValue>>,
+    RawJson(raw): RawJson,
 ) -> Result<Response, ApiError> {
     let key = key.scoped("transactions")?;
     let parsed = parse(&raw, app.config.settlement.max_transactions_per_request)?;
@@ -180,8 +180,18 @@ fn parse(body: &RawValue, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
         .collect()
 }
 
-/// One element, deserialized and parsed; `index` is its position in an array.
+/// One element, deserialized and parsed; `index` is its position in an array. It must be an
+/// object: serde would also take an array of the fields in order.
 fn element(item: &RawValue, index: Option<usize>) -> Result<NewTransaction, ApiError> {
+    if !item.get().starts_with('{') {
+        return Err(ApiError::BadRequest {
+            code: "INVALID_BODY",
+            message: match index {
+                Some(i) => format!("transactions[{i}] must be a JSON object"),
+                None => "a transaction must be a JSON object".to_owned(),
+            },
+        });
+    }
     let input = shape::<TransactionInput>(item, index)?;
     Ok(RawTransaction::from(input).parse(index)?)
 }
