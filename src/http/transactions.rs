@@ -43,8 +43,9 @@ pub struct TransactionInput {
     /// RFC 3339 instant with an offset, e.g. `2025-01-31T23:59:59Z`, from
     /// `0001-01-02T00:00:00Z` up to (not including) `9999-12-31T00:00:00Z`, so its day in any
     /// time zone is in the years 1 to 9999; 422 `INVALID_PAID_AT` outside. Kept to the
-    /// microsecond: finer digits are dropped (toward the past), and a leap second `23:59:60` is
-    /// kept as `23:59:59.999999`, so an instant always settles on its own day.
+    /// microsecond: finer digits are dropped (toward the past), and a leap second `23:59:60`
+    /// (UTC: a second 60 in any other minute is 422) is kept as `23:59:59.999999`, so an
+    /// instant always settles on its own day.
     pub paid_at: String,
 }
 

@@ -178,6 +178,12 @@ fn parse_paid_at(raw: &str) -> Option<DateTime<Utc>> {
         .ok()
         .filter(|_| separator && raw.is_ascii())?
         .with_timezone(&Utc);
+    // chrono takes a second 60 in any minute at any offset (a second run of the nanoseconds);
+    // a leap second is only ever the last of a UTC day.
+    let leap = paid_at.nanosecond() >= 1_000_000_000;
+    if leap && (paid_at.hour(), paid_at.minute()) != (23, 59) {
+        return None;
+    }
     paid_at_in_range(paid_at).then(|| to_microseconds(paid_at))
 }
 
@@ -423,10 +429,16 @@ mod tests {
         ] {
             assert_eq!(paid_at(out_of_range), Err("paid_at"), "{out_of_range}");
         }
+        // A second 60 is a leap second only at the end of a UTC day.
+        for not_leap in ["2025-01-15T12:30:60Z", "2016-12-31T23:59:60+01:00"] {
+            assert_eq!(paid_at(not_leap), Err("paid_at"), "{not_leap}");
+        }
         for edge in [
             "0001-01-02T00:00:00Z",
             "9999-12-30T23:59:59.999999Z",
             "2025-01-15t12:00:00z",
+            "2016-12-31T23:59:60Z",
+            "2017-01-01T00:59:60+01:00",
         ] {
             assert_eq!(paid_at(edge), Ok(()), "{edge}");
         }
