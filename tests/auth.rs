@@ -39,15 +39,26 @@ async fn no_malformed_or_unknown_token_is_401_with_the_bearer_challenge() {
     let unknown = format!("settle_{}", "0".repeat(64));
     let plain = reqwest::Client::new();
     let clients = [
-        ("no token", plain.clone()),
-        ("unknown token", client_with(&unknown)),
-        ("malformed token", client_with("not-a-token")),
+        ("no token", plain.clone(), "Authorization"),
+        ("unknown token", client_with(&unknown), "unknown or revoked"),
+        (
+            "malformed token",
+            client_with("not-a-token"),
+            "not one this service issues",
+        ),
+        (
+            "cut short",
+            client_with(&unknown[..20]),
+            "not one this service issues",
+        ),
     ];
-    for (what, client) in &clients {
+    for (what, client, said) in &clients {
         for call in &calls {
             let (status, body, headers) = call.send(&app, client).await;
             assert_eq!(status, 401, "{what} {} {}: {body}", call.method, call.path);
             assert_error(&body, "UNAUTHENTICATED");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains(said), "{what}: {body}");
             assert_eq!(headers["www-authenticate"], "Bearer");
         }
     }

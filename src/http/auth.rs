@@ -80,6 +80,13 @@ pub async fn require_token(
         return Ok(next.run(request).await);
     }
     let presented = bearer(request.headers())?;
+    if !crate::tokens::well_formed(presented) {
+        // Told apart from an unknown token: a token pasted cut short or with a stray
+        // character is the caller's to fix, not one to look up or to ask an operator about.
+        return Err(ApiError::Unauthenticated(
+            "the token is not one this service issues (settle_ and 64 hex digits)",
+        ));
+    }
     let principal = app
         .tokens
         .authenticate(&app.pool, presented)
