@@ -224,6 +224,22 @@ async fn a_transaction_written_as_an_array_is_refused_keyed_or_not() {
     assert_eq!(stored(&app).await, 0);
 }
 
+/// Two Content-Type headers: whichever comes first, neither counts (axum reads the first).
+#[tokio::test]
+async fn a_body_with_two_content_types_is_refused() {
+    let app = spawn_app().await;
+    let json = "application/json";
+    for content_types in [[json, "text/plain"], ["text/plain", json]] {
+        let body = txn("m-1", 1, 0).to_string();
+        let mut request = app.http.post(app.url("/api/v1/transactions")).body(body);
+        for content_type in content_types {
+            request = request.header("content-type", content_type);
+        }
+        assert_response_refused(request.send().await.unwrap(), 415, "UNSUPPORTED_MEDIA_TYPE").await;
+    }
+    assert_eq!(stored(&app).await, 0);
+}
+
 /// The stored request is jsonb, which keeps the float `1e16` (as serde_json writes it back) as
 /// the integer `10000000000000000`: the same bytes sent again are the same request, not a
 /// reuse of the key.

@@ -48,6 +48,12 @@ impl<S: Send + Sync> FromRequest<S> for RawJson {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        // axum reads the first Content-Type alone; which of two the sender meant is anyone's
+        // guess (as with two Authorization or Idempotency-Key headers): neither counts.
+        let types = request.headers().get_all(axum::http::header::CONTENT_TYPE);
+        if types.iter().nth(1).is_some() {
+            return Err(ApiError::UnsupportedMediaType);
+        }
         let axum::Json(raw) = axum::Json::from_request(request, state).await?;
         Ok(Self(raw))
     }
