@@ -24,20 +24,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let RawJson(raw) = RawJson::from_request(request, state).await?;
-        object(&raw, "the body")
+        require_object(&raw, "the body")?;
+        let axum::Json(value) = axum::Json::from_bytes(raw.get().as_bytes())?;
+        Ok(Json(value))
     }
 }
 
-/// Deserializes `raw`, named `what` in the refusal, if it is a JSON object.
-pub fn object<T: DeserializeOwned>(raw: &RawValue, what: &str) -> Result<Json<T>, ApiError> {
-    if !raw.get().starts_with('{') {
-        return Err(ApiError::BadRequest {
-            code: "INVALID_BODY",
-            message: format!("{what} must be a JSON object"),
-        });
+/// Refuses JSON text that is not an object (400 `INVALID_BODY`, naming it `what`): the text
+/// of a struct, which serde would also take as an array of its fields in order.
+pub fn require_object(raw: &RawValue, what: &str) -> Result<(), ApiError> {
+    if raw.get().starts_with('{') {
+        return Ok(());
     }
-    let axum::Json(value) = axum::Json::from_bytes(raw.get().as_bytes())?;
-    Ok(Json(value))
+    Err(ApiError::BadRequest {
+        code: "INVALID_BODY",
+        message: format!("{what} must be a JSON object"),
+    })
 }
 
 /// Any JSON body as its text (an object or an array: a batch of transactions), refusals as

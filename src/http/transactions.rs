@@ -184,15 +184,11 @@ fn parse(body: &RawValue, max: usize) -> Result<Vec<NewTransaction>, ApiError> {
 /// One element, deserialized and parsed; `index` is its position in an array. It must be an
 /// object: serde would also take an array of the fields in order.
 fn element(item: &RawValue, index: Option<usize>) -> Result<NewTransaction, ApiError> {
-    if !item.get().starts_with('{') {
-        return Err(ApiError::BadRequest {
-            code: "INVALID_BODY",
-            message: match index {
-                Some(i) => format!("transactions[{i}] must be a JSON object"),
-                None => "a transaction must be a JSON object".to_owned(),
-            },
-        });
-    }
+    let what = match index {
+        Some(i) => format!("transactions[{i}]"),
+        None => "a transaction".to_owned(),
+    };
+    super::extract::require_object(item, &what)?;
     let input = shape::<TransactionInput>(item, index)?;
     Ok(RawTransaction::from(input).parse(index)?)
 }
