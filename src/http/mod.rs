@@ -153,27 +153,23 @@ impl<S: Send + Sync> FromRequestParts<S> for Started {
 async fn time_limit(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
     let started = Started::default();
-    let order = request.uri().path() == "/api/v1/orders";
-    let posted = request.method() == Method::POST;
-    if posted {
+    // An order placement: its handler, which counts the orders it answers, is dropped here.
+    let order = request.method() == Method::POST && request.uri().path() == "/api/v1/orders";
+    if request.method() == Method::POST {
         request.extensions_mut().insert(started.clone());
     }
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) if started.marked() && order => {
-            // The handler, which counts the orders it answers, was dropped unanswered.
+    let Ok(response) = tokio::time::timeout(limit, next.run(request)).await else {
+        if order {
             crate::metrics::order(crate::metrics::OrderOutcome::Error);
-            ApiError::OrderOutcomeUnknown { order_id: None }.into_response()
         }
-        Err(_) if started.marked() => ApiError::OutcomeUnknown.into_response(),
-        Err(_) => {
-            if order && posted {
-                // An order whose body did not all arrive in time: answered here, not there.
-                crate::metrics::order(crate::metrics::OrderOutcome::Error);
-            }
-            ApiError::Unavailable.into_response()
-        }
-    }
+        let error = match (started.marked(), order) {
+            (true, true) => ApiError::OrderOutcomeUnknown { order_id: None },
+            (true, false) => ApiError::OutcomeUnknown,
+            (false, _) => ApiError::Unavailable,
+        };
+        return error.into_response();
+    };
+    response
 }
 
 pub use metrics::serve_process_metrics;
