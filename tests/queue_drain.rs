@@ -12,7 +12,7 @@ use common::{migrated_pool, test_config};
 use serde_json::json;
 use settle::jobs::kind::NOOP;
 use settle_workers::NewJob;
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_drain_ten_thousand_jobs_each_exactly_once() {
@@ -172,13 +172,5 @@ async fn noops_behind(pool: &PgPool, jobs: usize, lock: &str) -> Transaction<'st
     settle_workers::enqueue_many(&mut pool.acquire().await.unwrap(), &queued)
         .await
         .unwrap();
-    let mut blocker = pool.begin().await.unwrap();
-    // The pool ends a session idle in a transaction after half a lease; this one waits.
-    for statement in ["set local idle_in_transaction_session_timeout = 0", lock] {
-        sqlx::query(AssertSqlSafe(statement.to_owned()))
-            .execute(&mut *blocker)
-            .await
-            .unwrap();
-    }
-    blocker
+    common::held_open(pool, &[lock]).await
 }

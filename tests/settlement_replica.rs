@@ -275,15 +275,11 @@ async fn finish_after_a_refund_open_during_standby_reads(
         .unwrap();
     tx.commit().await.unwrap();
 
-    let mut refund = pool.begin().await.unwrap();
-    sqlx::query("set local idle_in_transaction_session_timeout = 0")
-        .execute(&mut *refund)
-        .await
-        .unwrap();
-    sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID' and id % 3 = 0")
-        .execute(&mut *refund)
-        .await
-        .unwrap();
+    let refund = common::held_open(
+        &pool,
+        &["update transactions set status = 'REFUNDED' where status = 'PAID' and id % 3 = 0"],
+    )
+    .await;
     // Another refund commits: the open one's transaction id is below the standby snapshots'
     // xmax, and this one's above their xmin, seen by the reads all the same.
     sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID' and id % 3 = 1")
@@ -411,16 +407,8 @@ async fn a_standby_that_hangs_mid_read_leaves_the_rest_of_the_run_to_the_primary
     // (replayed there too) holds its first read on the standby; the standby hangs then, and
     // the primary's lock goes.
     input_fixed(&pool, id).await;
-    let mut lock = pool.begin().await.unwrap();
-    // Held while the standby replays and the worker waits there, however long a loaded
-    // machine takes: the pool's idle-in-transaction timeout would end it (and the test's
-    // staging) after 5 s.
-    for statement in [
-        "set local idle_in_transaction_session_timeout = 0",
-        "lock table transactions in access exclusive mode",
-    ] {
-        sqlx::query(statement).execute(&mut *lock).await.unwrap();
-    }
+    let lock =
+        common::held_open(&pool, &["lock table transactions in access exclusive mode"]).await;
     // A commit elsewhere flushes the lock's WAL record, for the standby to take it.
     common::scalar(&pool, "select pg_current_xact_id()::text::int8").await;
     set_replay_paused(&replica, false).await;

@@ -125,15 +125,8 @@ async fn a_job_resumed_under_another_zone_corrects_in_its_own() {
 #[tokio::test]
 async fn a_change_committed_after_a_batch_read_past_it_is_corrected() {
     let (db, plan) = run_mid_way().await;
-    let mut open = db.pool.begin().await.unwrap();
-    sqlx::query("set local idle_in_transaction_session_timeout = 0")
-        .execute(&mut *open)
-        .await
-        .unwrap();
-    sqlx::query("update transactions set status = 'REFUNDED' where status = 'PAID'")
-        .execute(&mut *open)
-        .await
-        .unwrap();
+    let refund = "update transactions set status = 'REFUNDED' where status = 'PAID'";
+    let open = common::held_open(&db.pool, &[refund]).await;
     let plan = db.batches(&plan, None).await;
     open.commit().await.unwrap();
     assert!(finalized_as_now(&db, &plan).await.is_none());

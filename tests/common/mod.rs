@@ -322,6 +322,24 @@ pub async fn wait_for_lock_waiter(pool: &PgPool, statement: &str) {
     .await;
 }
 
+/// A transaction of the test's own that ran `statements` and stays open as long as the test
+/// holds it: the pool's idle-in-transaction timeout (half a lease, 5 s in tests) is turned off
+/// for it, as a loaded machine can take longer than that to reach the step it stages.
+pub async fn held_open(
+    pool: &PgPool,
+    statements: &[&str],
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut held = pool.begin().await.expect("a transaction");
+    let timeout_off = "set local idle_in_transaction_session_timeout = 0";
+    for &statement in std::iter::once(&timeout_off).chain(statements) {
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut *held)
+            .await
+            .expect("a statement of the held transaction");
+    }
+    held
+}
+
 /// How many sessions of this test's database wait for a lock in a statement holding `statement`.
 pub async fn lock_waiters(pool: &PgPool, statement: &str) -> i64 {
     sqlx::query_scalar(
