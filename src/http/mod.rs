@@ -20,6 +20,7 @@ mod settlement_jobs;
 mod settlements;
 mod transactions;
 
+use std::any::Any;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -103,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         // After every route, the docs' included, so each answers these in the API's shape.
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(answer_panics())
         // Outside every route, so each is counted under its template, whatever answered it.
         .layer(middleware::from_fn(metrics::track))
         .layer(
@@ -118,6 +121,20 @@ pub fn router(state: AppState) -> Router {
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
+}
+
+/// A handler that panics is answered 500 `INTERNAL` (and logged with its message) instead of
+/// the connection being dropped without a reply; inside [`metrics::track`], so it is counted.
+fn answer_panics() -> CatchPanicLayer<fn(Box<dyn Any + Send>) -> Response> {
+    fn answer(panic: Box<dyn Any + Send>) -> Response {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic without a message");
+        ApiError::Internal(anyhow::anyhow!("the handler panicked: {message}")).into_response()
+    }
+    CatchPanicLayer::custom(answer as fn(_) -> _)
 }
 
 /// Set by a writing handler once its request may have taken effect (an order once its body is
@@ -206,4 +223,43 @@ pub async fn serve(
         limits,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// One HTTP/1.1 GET of `path` on a real connection; the whole reply as text.
+    async fn get_raw(address: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    async fn boom() -> &'static str {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_and_the_server_serves_on() {
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(answer_panics());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let reply = get_raw(address, "/boom").await;
+        assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
+        assert!(reply.contains(r#""code":"INTERNAL""#), "{reply}");
+        assert!(reply.contains(r#""message":"internal error""#), "{reply}");
+        assert!(get_raw(address, "/fine").await.ends_with("fine"));
+    }
 }
