@@ -9,7 +9,7 @@ use common::engine::{csv, db, download, range};
 use common::settlement as support;
 use settle::settlement::plan;
 use settle::settlement::transactions::{NewTransaction, Status};
-use settle::settlement::{SettleError, finalize, parts};
+use settle::settlement::{SettleError, finalize, overflow, parts};
 use support::{at, day, reference, settlements, store, txn};
 
 #[tokio::test]
@@ -563,6 +563,15 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
     )
     .await;
     let plan = db.start(2, range("2025-01-01", "2025-01-01")).await;
+    // Posted after the input was fixed (ids above its mark): not the job's, whatever they sum to.
+    store(
+        &db.pool,
+        &[
+            txn("late", huge, 0, Status::Paid, at("2025-01-01T13:00:00Z")),
+            txn("late", huge, 0, Status::Paid, at("2025-01-01T14:00:00Z")),
+        ],
+    )
+    .await;
     // A batch over the whole span, holding both rows, already overflows (and commits nothing).
     let whole = plan::Part {
         hi_id: plan.parts.last().unwrap().hi_id,
@@ -577,7 +586,18 @@ async fn an_overflowing_sum_fails_and_leaves_settlements_as_they_were() {
         db.run_until_error(&plan).await,
         Some(SettleError::Overflow)
     ));
+    // What the job's error names: the input's merchant-day, its sums summed exactly.
     let mut conn = db.pool.acquire().await.unwrap();
+    let found = overflow::find(&mut conn, &plan, overflow::LISTED)
+        .await
+        .unwrap();
+    let named = overflow::Overflowing {
+        merchant_id: "m".to_owned(),
+        date: day("2025-01-01"),
+        sums: vec!["gross_cents".to_owned(), "net_cents".to_owned()],
+        found: 1,
+    };
+    assert_eq!(found, [named]);
     finalize::delete_working_rows(&mut conn, 2, None)
         .await
         .unwrap();

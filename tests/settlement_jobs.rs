@@ -222,29 +222,87 @@ async fn cancelling_a_running_job_stops_it_and_writes_nothing() {
 }
 
 /// A merchant-day whose sum leaves 64 bits fails the job at once (retrying cannot help), with
-/// the reason kept, `settlements` untouched and no working rows left, whichever of the two
-/// parts finds it.
+/// the reason kept (in the queue and as `GET /api/v1/jobs/{id}` shows it), `settlements`
+/// untouched and no working rows left, whichever part, or the finalize, finds it. The error
+/// names the merchant-days whose sums do not fit, and which sums, so an operator can find the
+/// rows: days of the job's zone, sums of rows that each fit, the first three of them and a
+/// count of the rest. Rows of other days, and rows not PAID, are not the job's and are not
+/// named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sum_past_64_bits_fails_the_job_for_good_and_writes_nothing() {
-    let (app, _worker) = settling_app(2, 2).await;
+async fn a_sum_past_64_bits_fails_the_job_for_good_naming_its_merchant_days() {
     let huge = i64::MAX / 2 + 1;
-    let rows: Vec<_> = [(5, "10:00"), (huge, "11:00"), (huge, "12:00"), (7, "13:00")]
-        .into_iter()
-        .map(|(amount, time)| {
-            let paid_at = support::at(&format!("2025-01-01T{time}:00Z"));
-            support::txn("m", amount, 0, Status::Paid, paid_at)
-        })
-        .collect();
-    support::store(&app.pool, &rows).await;
-    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
-    wait_state(&app.pool, id, "failed").await;
-    let (attempt, errors): (i32, Value) = job_row(&app.pool, id, "attempt, errors").await;
-    assert_eq!(attempt, 1, "{errors}");
-    let message = errors[0]["error"].as_str().unwrap_or_default();
-    assert!(message.contains("64-bit"), "{errors}");
-    support::assert_left_nothing(&app.pool, id).await;
-    let settled = settlements(&app.pool, day("2025-01-01"), day("2025-01-01")).await;
-    assert!(settled.is_empty(), "{settled:?}");
+    // Settled in Tokyo, batches of two rows: "a"'s rows of 2025-01-01 fall on two UTC days.
+    let in_tokyo = [
+        ("a", huge, 0, Status::Paid, "2024-12-31T14:00"), // Tokyo's 2024-12-31
+        ("a", huge, 0, Status::Paid, "2024-12-31T20:00"),
+        ("a", 5, 1, Status::Paid, "2025-01-01T03:00"),
+        ("a", huge, 0, Status::Paid, "2025-01-01T10:00"),
+        ("b", huge, huge, Status::Paid, "2025-01-01T16:00"), // Tokyo's 2025-01-02
+        ("b", huge, huge, Status::Paid, "2025-01-02T10:00"),
+        ("c", huge, 0, Status::Paid, "2025-01-01T00:00"),
+        ("c", huge, 0, Status::Paid, "2025-01-01T01:00"),
+        ("c", huge, 0, Status::Paid, "2025-01-02T00:00"),
+        ("c", huge, 0, Status::Paid, "2025-01-02T01:00"),
+        ("d", i64::MAX, 0, Status::Paid, "2025-01-01T02:00"),
+        ("d", huge, 0, Status::Failed, "2025-01-01T02:00"),
+        ("d", huge, 0, Status::Refunded, "2025-01-01T02:00"),
+        ("a", huge, 0, Status::Paid, "2025-01-02T16:00"), // Tokyo's 2025-01-03
+        ("a", huge, 0, Status::Paid, "2025-01-02T20:00"),
+    ];
+    // Two parts of one batch each (ids 1-2 and 3-4), a row of 2^62 in each: each part's sums
+    // fit, and only their merger in the finalize does not.
+    let across_parts = [
+        ("m", huge, 0, Status::Paid, "2025-01-01T10:00"),
+        ("m", 5, 0, Status::Paid, "2025-01-01T11:00"),
+        ("m", 6, 0, Status::Paid, "2025-01-01T12:00"),
+        ("m", huge, 0, Status::Paid, "2025-01-01T13:00"),
+    ];
+    let cases: [(&str, i64, &[_], _, &str); 2] = [
+        (
+            "Asia/Tokyo",
+            2,
+            &in_tokyo,
+            ("2025-01-01", "2025-01-02"),
+            "a settlement sum exceeds the 64-bit range: merchant \"a\" on 2025-01-01 \
+             (gross_cents, net_cents), merchant \"b\" on 2025-01-02 (gross_cents, fee_cents), \
+             merchant \"c\" on 2025-01-01 (gross_cents, net_cents) and 1 more",
+        ),
+        (
+            "UTC",
+            100,
+            &across_parts,
+            ("2025-01-01", "2025-01-01"),
+            "a settlement sum exceeds the 64-bit range: merchant \"m\" on 2025-01-01 \
+             (gross_cents, net_cents)",
+        ),
+    ];
+    for (zone, batch_size, rows, (from, to), expected) in cases {
+        let (app, _worker) = harness(&[
+            ("worker.batch_size", json!(batch_size)),
+            ("settlement.parallel_parts", json!(2)),
+            ("settlement.time_zone", json!(zone)),
+        ])
+        .await;
+        // One at a time, so the ids follow the rows' order (a batch is stored in its own).
+        for &(merchant, amount, fee, status, time) in rows {
+            let paid_at = support::at(&format!("{time}:00Z"));
+            let row = support::txn(merchant, amount, fee, status, paid_at);
+            support::store(&app.pool, &[row]).await;
+        }
+        let id = app.post_settlement(from, to).await;
+        wait_state(&app.pool, id, "failed").await;
+        let (attempt, errors): (i32, Value) = job_row(&app.pool, id, "attempt, errors").await;
+        assert_eq!(attempt, 1, "{errors}");
+        assert_eq!(errors[0]["error"], expected, "{errors}");
+        let (status, shown) = app.get(&format!("/api/v1/jobs/{id}")).await;
+        assert_eq!(status, 200, "{shown}");
+        assert_eq!(shown["status"], "FAILED", "{shown}");
+        assert_eq!(shown["error"], expected, "{shown}");
+        assert_eq!(shown["errors"][0]["error"], expected, "{shown}");
+        support::assert_left_nothing(&app.pool, id).await;
+        let settled = settlements(&app.pool, day(from), day(to)).await;
+        assert!(settled.is_empty(), "{settled:?}");
+    }
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::finalize;
+use super::overflow;
 use super::parts;
 use super::plan::{self, Part, Plan};
 use super::replica::{Reads, Replica};
@@ -186,7 +187,10 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
             drop(batch);
             return Err(start_over(ctx).await);
         }
-        Err(e) => return Err(said_if_behind(job_id, None, e)),
+        Err(e) => {
+            drop(batch);
+            return Err(settle_error(ctx.pool(), &plan, None, e).await);
+        }
     };
     // What the parts read is the input's exact count: where it was not counted up front (see
     // `input::edges`), the total becomes it with the completion (a bound shown before comes
@@ -271,6 +275,16 @@ async fn clean_up(pool: &PgPool, revision_retention_hours: i64) -> Result<(), sq
     finalize::vacuum_after_replace(&mut conn).await
 }
 
+/// The job's error for `e`: an overflow names the merchant-days whose sums do not fit
+/// ([`overflow::describe`]; call it once the transaction that overflowed is rolled back), the
+/// others are [`said_if_behind`].
+async fn settle_error(pool: &PgPool, plan: &Plan, part: Option<&Part>, e: SettleError) -> JobError {
+    match e {
+        SettleError::Overflow => JobError::Fatal(overflow::describe(pool, plan).await),
+        e => said_if_behind(plan.run.job_id, part, e),
+    }
+}
+
 /// [`job_error`], logged first where the database was found behind the run: the one error a
 /// crash that took committed batches leaves, and the job's failure may name another (a
 /// sibling part's reset connection).
@@ -286,8 +300,9 @@ fn said_if_behind(job_id: i64, part: Option<&Part>, e: SettleError) -> JobError 
     job_error(e)
 }
 
-/// Overflow cannot be fixed by retrying; database errors keep their kind (transient ones are
-/// retried from the checkpoint), and a database behind the run resumes from what it kept.
+/// Overflow cannot be fixed by retrying (its merchant-days unnamed: see [`settle_error`]);
+/// database errors keep their kind (transient ones are retried from the checkpoint), and a
+/// database behind the run resumes from what it kept.
 fn job_error(e: SettleError) -> JobError {
     match e {
         SettleError::Overflow => JobError::Fatal(e.to_string()),
@@ -320,6 +335,7 @@ async fn run_parts(
         pool: ctx.pool().clone(),
         reads,
         replica_off: AtomicBool::new(false),
+        overflowed: AtomicBool::new(false),
         plan: plan.clone(),
         fence,
         batch_size: settings.batch_size,
@@ -385,6 +401,8 @@ struct PartRunner {
     /// Set once a batch failed or timed out on the replica: the rest of the run reads on the
     /// primary.
     replica_off: AtomicBool,
+    /// Set by the first part whose batch overflowed, which names the merchant-days.
+    overflowed: AtomicBool,
     plan: Plan,
     fence: i64,
     batch_size: i64,
@@ -439,7 +457,7 @@ impl PartRunner {
             read = reading => match read {
                 Ok(Ok(read)) => return Ok(read),
                 Ok(Err(SettleError::Sql(e))) => e.to_string(),
-                Ok(Err(e)) => return Err(job_error(e)),
+                Ok(Err(e)) => return Err(self.failed(part, e).await),
                 Err(_) => "timed out".to_owned(),
             },
             () = self.stop.cancelled() => return Err(JobError::Stopped),
@@ -448,6 +466,17 @@ impl PartRunner {
             "a batch failed on the read replica: it and the rest of this run read on the primary");
         self.replica_off.store(true, Relaxed);
         Ok(None)
+    }
+
+    /// The job's error for `part`'s failed batch ([`settle_error`]), the other parts stopped
+    /// first: an overflow's look reads the job's whole input, and only the first part to
+    /// overflow looks (the others stop, giving way to its error).
+    async fn failed(&self, part: &Part, e: SettleError) -> JobError {
+        self.stop.cancel();
+        if matches!(e, SettleError::Overflow) && self.overflowed.swap(true, Relaxed) {
+            return JobError::Stopped;
+        }
+        settle_error(&self.pool, &self.plan, Some(part), e).await
     }
 
     /// One part's loop: a transaction per batch, fenced by the claim lock, until the part is
@@ -473,7 +502,13 @@ impl PartRunner {
                 Some(read) => parts::store_batch(&mut tx, plan, &part, read).await,
                 None => parts::process_batch(&mut tx, plan, &part, batch_size).await,
             };
-            part = next.map_err(|e| said_if_behind(plan.run.job_id, Some(&part), e))?;
+            part = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    drop(tx);
+                    return Err(self.failed(&part, e).await);
+                }
+            };
             tx.commit().await?;
             let _ = self.done.send(part.clone());
         }

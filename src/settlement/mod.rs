@@ -17,13 +17,15 @@
 //!    job's working rows instead.
 //!
 //! Only step 3 touches `settlements` and the results, so a job that never completes leaves them
-//! as they were. [`list`] reads `settlements` back in keyset pages.
+//! as they were. A sum past 64 bits, in any step, fails the job, whose error names the
+//! merchant-days at fault ([`overflow`]). [`list`] reads `settlements` back in keyset pages.
 
 pub mod cuts;
 pub mod finalize;
 pub mod input;
 pub mod job;
 pub mod list;
+pub mod overflow;
 pub mod parts;
 pub mod plan;
 pub mod replica;
@@ -203,7 +205,8 @@ impl Settings {
 /// Why a settlement step failed, in terms the job runner can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum SettleError {
-    /// A merchant-day's sum does not fit in 64 bits: retrying cannot help.
+    /// A merchant-day's sum does not fit in 64 bits: retrying cannot help. The statement says
+    /// not which; the job's error names them ([`overflow::describe`]).
     #[error("a settlement sum exceeds the 64-bit range")]
     Overflow,
     /// The database holds less of the run than the run itself does: its latest part batches,
