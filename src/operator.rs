@@ -26,6 +26,9 @@ pub enum JobsCommand {
         /// How many, 1 to pagination.max_page_size [default: pagination.default_page_size].
         #[arg(long)]
         limit: Option<i64>,
+        /// Only jobs older than this one: the last ID of a page, to see the page after it.
+        #[arg(long, value_name = "ID")]
+        before: Option<i64>,
     },
     /// One job as JSON, in the shape of `GET /api/v1/jobs/{id}`.
     Show { id: i64 },
@@ -53,6 +56,8 @@ pub enum OperatorError {
     InvalidStatus(String),
     #[error("--limit must be between 1 and {0}")]
     InvalidLimit(i64),
+    #[error("--kind must not be empty (leave it out to list every kind)")]
+    EmptyKind,
     #[error("database error")]
     Sql(#[from] sqlx::Error),
     #[error("cannot write the output")]
@@ -72,6 +77,7 @@ pub async fn run(
             status,
             kind,
             limit,
+            before,
         } => {
             // The configured page size, as the API's lists use, so the two agree.
             let limit = limit.unwrap_or(pages.default_page_size);
@@ -85,10 +91,15 @@ pub async fn run(
                         .map_err(|_| OperatorError::InvalidStatus(s))
                 })
                 .transpose()?;
+            // As the API refuses `?kind=`: an empty kind matches no job, and "(no jobs)" would
+            // read as an answer.
+            if kind.as_deref() == Some("") {
+                return Err(OperatorError::EmptyKind);
+            }
             let filter = JobFilter {
                 state,
                 kind,
-                before: None,
+                before,
                 limit,
             };
             write_table(out, &read::list_jobs(&mut conn, &filter).await?)?;

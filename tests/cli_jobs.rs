@@ -68,6 +68,11 @@ async fn list_shows_a_table_filtered_by_status_and_kind() {
     assert!(!ok && err.contains("--status"), "{err}");
     let (ok, _, err) = settle_cli(&app, &["jobs", "list", "--limit", "0"]);
     assert!(!ok && err.contains("--limit"), "{err}");
+    let (ok, out, err) = settle_cli(&app, &["jobs", "list", "--kind", ""]);
+    assert!(
+        !ok && err.contains("--kind must not be empty"),
+        "{err}{out}"
+    );
 }
 
 /// Without --limit the list is one page of `pagination.default_page_size` (config.toml says
@@ -100,6 +105,22 @@ async fn list_pages_by_the_configured_page_sizes() {
         !ok && err.contains("--limit must be between 1 and 10"),
         "{err}"
     );
+
+    // Past the newest page: --before the last ID shown lists the ones older than it.
+    let ids = |out: &str| -> Vec<i64> {
+        let cells = out.lines().skip(1).map(|l| l.split_whitespace().next());
+        cells.map(|id| id.unwrap().parse().unwrap()).collect()
+    };
+    let (_, first, _) = settle_cli(&app, &["jobs", "list", "--limit", "20"]);
+    let last = ids(&first)[19].to_string();
+    let (ok, rest, err) = settle_cli(&app, &["jobs", "list", "--before", &last]);
+    assert!(ok, "{err}");
+    let (first, rest) = (ids(&first), ids(&rest));
+    assert_eq!(rest.len(), 5, "{rest:?}");
+    let mut all = [first, rest].concat();
+    all.dedup();
+    assert_eq!(all.len(), 25, "every job once, newest first: {all:?}");
+    assert!(all.is_sorted_by(|a, b| a > b), "{all:?}");
 }
 
 #[tokio::test]
