@@ -220,6 +220,7 @@ async fn an_order_whose_body_is_late_is_answered_not_placed() {
     let answer = app.post_late_order().await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("SERVICE_UNAVAILABLE"), "{answer}");
+    assert!(answer.contains("nothing was done"), "{answer}");
     assert_eq!(
         common::scalar(&app.pool, "select count(*) from orders").await,
         0

@@ -78,7 +78,10 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     /// No database connection became free in time, the connection failed, or the request ran
     /// too long (503).
-    #[error("the service is overloaded; retry later")]
+    #[error(
+        "nothing was done: the database is unreachable or busy, or the request ran out of time; \
+         retry later"
+    )]
     Unavailable,
     /// The order was certainly not placed: its database connection failed before the commit,
     /// Postgres aborted its transaction (a deadlock broken, a serialization conflict), or the
