@@ -97,6 +97,9 @@ pub struct PaginationConfig {
     pub max_page_size: i64,
 }
 
+/// The largest `orders.max_batch`: a batch's orders travel as arrays in one statement.
+pub const MAX_ORDER_BATCH: usize = 10_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrdersConfig {

@@ -27,6 +27,8 @@ use settle_workers::stats::{self, StateCount};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
+use crate::config::MAX_ORDER_BATCH;
+
 pub const ORDERS: &str = "settle_orders_total";
 pub const ORDER_BATCH_SIZE: &str = "settle_order_batch_size";
 pub const HTTP_REQUESTS: &str = "settle_http_requests_total";
@@ -81,7 +83,8 @@ pub fn order(outcome: OrderOutcome) {
     counter!(ORDERS, "outcome" => outcome.as_str()).increment(1);
 }
 
-/// Records how many orders one coalesced transaction placed or refused together.
+/// Records how many orders one coalesced transaction placed or refused together (not those
+/// answered from their key alone).
 pub fn order_batch(size: usize) {
     histogram!(ORDER_BATCH_SIZE).record(size as f64);
 }
@@ -232,8 +235,24 @@ fn builder() -> PrometheusBuilder {
         4.0 * 3600.0,
         24.0 * 3600.0,
     ];
-    // Up to orders.max_batch (128 by default) and beyond.
-    const BATCH: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    // Up to the largest orders.max_batch allowed (128 by default).
+    const BATCH: &[f64] = &[
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        32.0,
+        64.0,
+        128.0,
+        256.0,
+        512.0,
+        1024.0,
+        2048.0,
+        4096.0,
+        8192.0,
+        MAX_ORDER_BATCH as f64,
+    ];
     let full = |name: &str| Matcher::Full(name.to_owned());
     PrometheusBuilder::new()
         .set_buckets_for_metric(full(HTTP_DURATION), SECONDS)

@@ -89,6 +89,12 @@ async fn orders_and_requests_are_counted_by_outcome_and_route_template() {
     // The coalescer decided the five well-formed orders (one at a time here).
     assert_eq!(metrics.count("settle_order_batch_size_sum", &[]), 5.0);
     assert_eq!(metrics.types["settle_order_batch_size"], "histogram");
+    // Its buckets reach the largest orders.max_batch allowed.
+    let largest = [("le", "10000")];
+    assert_eq!(
+        metrics.value("settle_order_batch_size_bucket", &largest),
+        Some(5.0)
+    );
 
     let requests = |method, route, status| {
         let labels = [("method", method), ("route", route), ("status", status)];

@@ -86,7 +86,7 @@ impl Config {
         }
         // A batch's orders travel as arrays in one statement; a typo's billion is refused here,
         // not at the first order.
-        if !(1..=10_000).contains(&self.orders.max_batch) {
+        if !(1..=super::MAX_ORDER_BATCH).contains(&self.orders.max_batch) {
             return invalid("orders.max_batch", "must be between 1 and 10000");
         }
         // It is also the batch's lock_timeout, which Postgres takes up to i32::MAX ms.

@@ -242,8 +242,14 @@ async fn place_batch(
     if batch.is_empty() {
         return;
     }
-    crate::metrics::order_batch(batch.len());
     let answers = place_all(pool, product_id, limits.timeout, keys, &batch).await;
+    let decided = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Answer::Decided(_) | Answer::Stored(_))))
+        .count();
+    if decided > 0 {
+        crate::metrics::order_batch(decided);
+    }
     for (pending, answer) in batch.into_iter().zip(answers) {
         let _ = pending.reply.send(answer);
     }
