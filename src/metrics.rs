@@ -15,6 +15,7 @@
 //! never mix their databases. Scrapes within [`QUEUE_MAX_AGE`] share one reading.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -42,15 +43,16 @@ pub const QUEUE_MAX_AGE: Duration = Duration::from_secs(1);
 /// How often histograms are drained when nobody scrapes (`run_upkeep`), bounding their memory.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// How an order request ended, as `settle_orders_total{outcome}` counts it.
+/// How an order ended, as `settle_orders_total{outcome}` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderOutcome {
     Placed,
     OutOfStock,
-    /// Refused as asked: a malformed, mistyped or too large body, no JSON content type, an
-    /// invalid quantity or buyer, an unknown product, an Idempotency-Key misuse.
+    /// Refused before a decision: a malformed, mistyped or too large body, no JSON content
+    /// type, an invalid quantity or buyer, an unknown product, an Idempotency-Key misused.
     Rejected,
-    /// The service failed to answer it (5xx): not placed, outcome unknown, or unavailable.
+    /// Failed with no decision known: not placed, outcome unknown, unavailable, abandoned
+    /// (timed out or its client gone) before a decision was taken.
     Error,
 }
 
@@ -61,6 +63,50 @@ impl OrderOutcome {
             Self::OutOfStock => "out_of_stock",
             Self::Rejected => "rejected",
             Self::Error => "error",
+        }
+    }
+
+    /// What an order's answer of `status` says, as sent or as stored under its key: 409 is
+    /// `OUT_OF_STOCK` there (a key in use is never stored nor sent as a success).
+    pub fn of_answer(status: u16) -> Self {
+        match status {
+            200..=299 => Self::Placed,
+            409 => Self::OutOfStock,
+            400..=499 => Self::Rejected,
+            _ => Self::Error,
+        }
+    }
+}
+
+/// One order's count in `settle_orders_total`, taken once whoever takes it: the request's
+/// handler and whatever decides the order (its coalesced batch, its placement task) share it,
+/// and the first count stands. A decision is counted where it commits, before its answer is
+/// sent, so it stands whether or not the client hears it; the handler's count of its answer
+/// then counts only what no decision did. An order dropped by everyone without a count (its
+/// request timed out or its client hung up before anything decided it) is an error.
+#[derive(Debug, Clone, Default)]
+pub struct OrderCount(Arc<Counted>);
+
+#[derive(Debug, Default)]
+struct Counted(AtomicBool);
+
+impl OrderCount {
+    /// Counts the order as `outcome` unless it was counted already. `None` takes the count
+    /// without counting: a keyed retry answered with an earlier request's order, or told that
+    /// request is still in flight, is that request's order, which it counts.
+    pub fn count(&self, outcome: Option<OrderOutcome>) {
+        if !self.0.0.swap(true, Ordering::Relaxed)
+            && let Some(outcome) = outcome
+        {
+            order(outcome);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if !*self.0.get_mut() {
+            order(OrderOutcome::Error);
         }
     }
 }
@@ -78,8 +124,7 @@ pub fn orders_at_zero() {
     }
 }
 
-/// Counts one answered order request.
-pub fn order(outcome: OrderOutcome) {
+fn order(outcome: OrderOutcome) {
     counter!(ORDERS, "outcome" => outcome.as_str()).increment(1);
 }
 
@@ -266,7 +311,8 @@ fn builder() -> PrometheusBuilder {
 fn describe() {
     describe_counter!(
         ORDERS,
-        "Order requests answered, by outcome: placed, out_of_stock, rejected, error"
+        "Orders past authentication, each once by how it ended (decided, refused or failed), \
+         heard by its client or not: placed, out_of_stock, rejected, error"
     );
     describe_histogram!(
         ORDER_BATCH_SIZE,

@@ -257,10 +257,6 @@ async fn an_order_abandoned_while_queued_is_not_placed() {
         .unwrap();
     assert_eq!(buyers, ["in-flight"]);
     assert_eq!(app.stock(product).await, 9);
-    // Both answered 503: counted as errors, though no handler finished (at least two: the
-    // recorder is the process's, shared with the tests running beside this one).
-    let metrics = common::prometheus::scrape(&app).await;
-    assert!(metrics.count("settle_orders_total", &[("outcome", "error")]) >= 2.0);
 }
 
 /// One statement per order: a refusal reads what is left in a second statement. A restock

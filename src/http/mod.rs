@@ -170,15 +170,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Started {
 async fn time_limit(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let limit = Duration::from_millis(app.config.http.request_timeout_ms);
     let started = Started::default();
-    // An order placement: its handler, which counts the orders it answers, is dropped here.
+    // An order placement: its handler is dropped here; the order is counted by its batch or
+    // placement task if one took it, else as an error ([`crate::metrics::OrderCount`]).
     let order = request.method() == Method::POST && request.uri().path() == "/api/v1/orders";
     if request.method() == Method::POST {
         request.extensions_mut().insert(started.clone());
     }
     let Ok(response) = tokio::time::timeout(limit, next.run(request)).await else {
-        if order {
-            crate::metrics::order(crate::metrics::OrderOutcome::Error);
-        }
         let error = match (started.marked(), order) {
             (true, true) => ApiError::OrderOutcomeUnknown { order_id: None },
             (true, false) => ApiError::OutcomeUnknown,

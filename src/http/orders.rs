@@ -1,8 +1,11 @@
 //! `/api/v1/orders`: place (optionally idempotent), get, list.
 
+use std::convert::Infallible;
+
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -16,8 +19,8 @@ use super::extract::{Json, ListQuery, Path};
 use super::idempotency::{KeyHeader, replay};
 use super::pagination::{Page, PageQuery, text_filter};
 use crate::db::is_connection_error;
-use crate::idempotency::{Begun, StoredResponse};
-use crate::metrics::{self, OrderOutcome};
+use crate::idempotency::{Begun, IdempotencyKey, StoredResponse};
+use crate::metrics::{OrderCount, OrderOutcome};
 use crate::orders::coalesce::{Answer, CoalesceError, Keyed};
 use crate::orders::store::{self, OrderFilter};
 use crate::orders::{self, NewOrder, Order, Rejected, outcome};
@@ -86,6 +89,9 @@ pub struct PlaceOrderRequest {
 )]
 async fn place_order(
     State(app): State<AppState>,
+    // Before the body: an order request past authentication is counted from here on, if only as
+    // an error when its body never all arrives or its client hangs up.
+    count: OrderCount,
     started: super::Started,
     key: KeyHeader,
     // Taken as a `Result` so that a body refused before it is read as an order (malformed JSON,
@@ -96,31 +102,34 @@ async fn place_order(
         Ok(Json(request)) => {
             // The body is all here: from now on a timeout cannot say the order was not placed.
             started.mark();
-            place(&app, &key, request).await
+            place(&app, &key, request, &count).await
         }
         Err(refused) => Err(refused),
     };
-    if let Some(outcome) = order_outcome(&answer) {
-        metrics::order(outcome);
-    }
+    // A decision was counted where it was taken (the batch, the placement task); this counts
+    // an order refused before one, or failed with none.
+    count.count(order_outcome(&answer));
     answer
 }
 
-/// `settle_orders_total{outcome}` of an answer; `None` for a stored answer replayed (it was
-/// counted when first given).
+impl<S: Send + Sync> FromRequestParts<S> for OrderCount {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self::default())
+    }
+}
+
+/// `settle_orders_total{outcome}` of an answer; `None` for an earlier request's order: a stored
+/// answer replayed, or a key in use by the request placing it.
 fn order_outcome(answer: &Result<Response, ApiError>) -> Option<OrderOutcome> {
-    let status = match answer {
+    Some(match answer {
         Ok(response) if response.extensions().get::<Replayed>().is_some() => return None,
-        Err(ApiError::OutOfStock { .. }) => return Some(OrderOutcome::OutOfStock),
-        Ok(response) => response.status(),
-        Err(error) => error.status(),
-    };
-    Some(match status {
-        s if s.is_success() => OrderOutcome::Placed,
-        // A keyed order's stored refusal: 409 is only ever OUT_OF_STOCK there.
-        StatusCode::CONFLICT if answer.is_ok() => OrderOutcome::OutOfStock,
-        s if s.is_client_error() => OrderOutcome::Rejected,
-        _ => OrderOutcome::Error,
+        Ok(response) => OrderOutcome::of_answer(response.status().as_u16()),
+        Err(ApiError::IdempotencyKeyInUse) => return None,
+        Err(ApiError::OutOfStock { .. }) => OrderOutcome::OutOfStock,
+        Err(error) if error.status().is_client_error() => OrderOutcome::Rejected,
+        Err(_) => OrderOutcome::Error,
     })
 }
 
@@ -132,6 +141,7 @@ async fn place(
     app: &AppState,
     key: &KeyHeader,
     request: PlaceOrderRequest,
+    count: &OrderCount,
 ) -> Result<Response, ApiError> {
     let key = key.scoped("orders")?;
     let request_json = serde_json::to_value(&request).map_err(anyhow::Error::from)?;
@@ -148,9 +158,27 @@ async fn place(
             key,
             request: request_json,
         });
-        let answer = app.coalescer.place(order, key).await;
+        let answer = app.coalescer.place(order, key, count.clone()).await;
         return coalesced(answer.map_err(coalesce_error)?);
     }
+    // A task of its own, as a batch is: the order is placed and counted whether or not the
+    // request waits for it (timed out, its client gone).
+    let (app, count) = (app.clone(), count.clone());
+    let placing = tokio::spawn(async move {
+        let answer = place_alone(&app, key, order, request_json).await;
+        count.count(order_outcome(&answer));
+        answer
+    });
+    placing.await.map_err(anyhow::Error::from)?
+}
+
+/// An order placed without coalescing: its own statement, or with a key, its own transaction.
+async fn place_alone(
+    app: &AppState,
+    key: Option<IdempotencyKey>,
+    order: NewOrder,
+    request_json: serde_json::Value,
+) -> Result<Response, ApiError> {
     let Some(key) = key else {
         let mut conn = app.pool.acquire().await?;
         // One statement, its own transaction: a connection failure while it runs may come

@@ -29,6 +29,10 @@
 //! on a fresh connection which of its orders exist and which of its keys were stored, so each
 //! buyer gets the stored answer, "not placed", or, only if that check fails too, "outcome
 //! unknown" with the id the order has if it was placed.
+//!
+//! Each order is counted (`settle_orders_total`) as its batch answers it, heard or not: an order
+//! placed after its request timed out or its client hung up is counted placed; one abandoned
+//! while queued is dropped undecided, and counted an error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +47,7 @@ use super::batch::KeyAnswers;
 use super::{NewOrder, Order, Rejected, batch, outcome};
 use crate::config::OrdersConfig;
 use crate::idempotency::{IdempotencyError, IdempotencyKey, StoredResponse};
+use crate::metrics::{OrderCount, OrderOutcome};
 
 /// A product's task ends after this long without orders, freeing its slot.
 const IDLE: Duration = Duration::from_secs(5);
@@ -82,6 +87,9 @@ pub(super) struct Pending {
     pub(super) order: NewOrder,
     pub(super) key: Option<Keyed>,
     reply: oneshot::Sender<Result<Answer, CoalesceError>>,
+    /// The order's count, shared with its request: taken by its batch, whether or not the
+    /// request is still there for the answer.
+    count: OrderCount,
 }
 
 /// How big a product's batches get and how long one may take.
@@ -152,14 +160,20 @@ impl Coalescer {
     }
 
     /// Places `order` (under `key`, if it has one) together with whatever other orders for
-    /// its product are waiting.
+    /// its product are waiting; its batch takes `count` as it answers.
     pub async fn place(
         &self,
         order: NewOrder,
         key: Option<Keyed>,
+        count: OrderCount,
     ) -> Result<Answer, CoalesceError> {
         let (reply, answer) = oneshot::channel();
-        let mut pending = Pending { order, key, reply };
+        let mut pending = Pending {
+            order,
+            key,
+            reply,
+            count,
+        };
         loop {
             let sender = self.sender(pending.order.product_id);
             match sender.send(pending) {
@@ -237,7 +251,7 @@ async fn place_batch(
     mut batch: Vec<Pending>,
 ) {
     // A buyer whose request was abandoned while queued (timed out, disconnected) gets no order:
-    // nobody would learn it was placed.
+    // nobody would learn it was placed. Dropped uncounted, it is counted an error.
     batch.retain(|pending| !pending.reply.is_closed());
     if batch.is_empty() {
         return;
@@ -251,8 +265,25 @@ async fn place_batch(
         crate::metrics::order_batch(decided);
     }
     for (pending, answer) in batch.into_iter().zip(answers) {
+        // Counted here, where the order's fate is known: its request may be gone (timed out,
+        // its client hung up) and the order placed all the same.
+        pending.count.count(counted_as(&answer));
         let _ = pending.reply.send(answer);
     }
+}
+
+/// How an order's answer is counted; `None` for an answer from its key alone that is another
+/// request's order (a replay, a key in use).
+fn counted_as(answer: &Result<Answer, CoalesceError>) -> Option<OrderOutcome> {
+    Some(match answer {
+        Ok(Answer::Decided(Ok(_))) => OrderOutcome::Placed,
+        Ok(Answer::Decided(Err(Rejected::OutOfStock { .. }))) => OrderOutcome::OutOfStock,
+        Ok(Answer::Decided(Err(Rejected::UnknownProduct))) => OrderOutcome::Rejected,
+        Ok(Answer::Stored(stored)) => OrderOutcome::of_answer(stored.status),
+        Ok(Answer::Replay(_) | Answer::Refused(IdempotencyError::KeyInUse)) => return None,
+        Ok(Answer::Refused(_)) => OrderOutcome::Rejected,
+        Err(_) => OrderOutcome::Error,
+    })
 }
 
 /// How a batch that did not commit ended.
