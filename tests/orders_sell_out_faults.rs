@@ -129,7 +129,8 @@ fn check_every_kind_of_answer(answers: &[Answer], faults: &str) {
     assert!(count("OUT_OF_STOCK") > 0, "the product sold out");
 }
 
-/// Every keyed order that was not answered with its outcome resolves on a retry; an unkeyed
+/// Every keyed order that was not answered with its outcome (a 503, its key still in use)
+/// resolves on a retry; an unkeyed
 /// one named as unknown exists exactly when it was stored.
 async fn check_retries(
     app: &TestApp,
@@ -137,7 +138,9 @@ async fn check_retries(
     answers: &[Answer],
     rows: &HashMap<String, i64>,
 ) {
-    for a in answers.iter().filter(|a| a.status == 503) {
+    let unresolved =
+        |a: &&Answer| a.status == 503 || a.answer["error"]["code"] == "IDEMPOTENCY_KEY_IN_USE";
+    for a in answers.iter().filter(unresolved) {
         let existed = rows.get(&a.buyer).copied();
         match &a.key {
             Some(key) => check_keyed_retry(app, direct, a, key, existed).await,
@@ -268,6 +271,10 @@ async fn check_answers(app: &TestApp, answers: &[Answer], rows: &HashMap<String,
                 let (_, read) = app.get(&format!("/api/v1/orders/{}", a.answer["id"])).await;
                 assert_eq!(read, a.answer, "the 201 is the stored order");
             }
+            // A keyed order whose batch's statement failed with its key taken: the key is read
+            // again while the server has not yet ended that batch's backend, which holds it (see
+            // `coalesce::uncommitted`). Unknown as yet; its retry resolves it.
+            (409, "IDEMPOTENCY_KEY_IN_USE") if a.key.is_some() => assert_error(&a.answer, code),
             (503, "ORDER_OUTCOME_UNKNOWN") => {
                 assert_error(&a.answer, code);
                 if let (Some(id), Some(named)) = (stored, a.answer["error"]["order_id"].as_i64()) {
