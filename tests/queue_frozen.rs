@@ -84,8 +84,8 @@ async fn a_worker_frozen_inside_a_transaction_does_not_pin_its_job() {
 }
 
 /// A frozen worker's job whose cancel was asked for (CANCELLING) is taken at lease expiry by
-/// another worker's claim and ends CANCELLED; the attempt it was on is not counted as a lost
-/// one: a cancelled job failed nothing.
+/// another worker's claim and ends CANCELLED at the attempt it was on: a cancelled job failed
+/// nothing, so no attempt is counted (and none recorded in `errors`) for the lost worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_workers_cancelling_job_ends_cancelled_with_no_lost_attempt() {
     let config = test_config(&short_lease(5000, 500));
@@ -99,11 +99,18 @@ async fn a_frozen_workers_cancelling_job_ends_cancelled_with_no_lost_attempt() {
     assert_eq!(outcome, CancelOutcome::Accepted(JobState::Cancelling));
 
     // The frozen worker's liveness lock lives on, so only the lease's expiry frees the job.
-    let _rescuer = WorkerProcess::start(&config);
+    // The rescuer's probe never runs within the test, so its claim is what ends the job.
+    let _rescuer = WorkerProcess::start_with(
+        &config,
+        &[
+            ("SETTLE_WORKER__RESCUE_PROBE_MS", "600000".into()),
+            ("SETTLE_WORKER__RESCUE_GRACE_MS", "1200000".into()),
+        ],
+    );
     wait_state(&pool, id, "cancelled").await;
-    let (attempt, errors): (i32, serde_json::Value) = job_row(&pool, id, "attempt, errors").await;
-    assert_eq!(attempt, 2, "taken by the rescuer's claim");
-    assert_eq!(errors, json!([]), "no attempt counted as lost");
+    let ended: (i32, i64, serde_json::Value) = job_row(&pool, id, "attempt, fence, errors").await;
+    // Fence 2: taken by the rescuer's claim; the attempt as it was, nothing recorded lost.
+    assert_eq!(ended, (1, 2, json!([])));
     frozen.signal(Signal::SIGCONT);
 }
 

@@ -9,15 +9,16 @@
 //! The re-claim bumps the fence, so whatever the old holder still tries to write matches zero
 //! rows.
 //!
-//! A rescue spends the attempt the lost worker was on, except when the server itself restarted
-//! after the lease's last heartbeat (`pg_postmaster_start_time()`): then no heartbeat could
-//! renew it (every session died with the server, and a worker gives its jobs up after a lease
-//! without one), so an outage longer than the lease would otherwise charge an attempt to every
-//! running job, and fail those on their last, though their workers never went away. Such a
-//! lease is taken again at the same attempt. A worker that died in the same window is let off
-//! too: at most one free attempt per restart. A live server cut off from a worker for longer
-//! than the lease is not told apart from a lost worker, and costs the attempt; so do a failover
-//! and a crash recovery without a new postmaster, which leave the start time where it was.
+//! A rescue spends the attempt the lost worker was on (a cancelling job only ends, as that
+//! attempt, recording nothing), except when the server itself restarted after the lease's last
+//! heartbeat (`pg_postmaster_start_time()`): then no heartbeat could renew it (every session
+//! died with the server, and a worker gives its jobs up after a lease without one), so an
+//! outage longer than the lease would otherwise charge an attempt to every running job, and
+//! fail those on their last, though their workers never went away. Such a lease is taken again
+//! at the same attempt. A worker that died in the same window is let off too: at most one free
+//! attempt per restart. A live server cut off from a worker for longer than the lease is not
+//! told apart from a lost worker, and costs the attempt; so do a failover and a crash recovery
+//! without a new postmaster, which leave the start time where it was.
 //!
 //! Per-kind caps (`caps`) ride in the same statement: the worker passes each capped
 //! kind that has room with its free places, and the statement keeps, among the rows it locked,
@@ -94,9 +95,12 @@ macro_rules! claim_statement {
                               else jobs.state end,
                  -- A lease the server's restart let run out (it came after the last heartbeat:
                  -- the holder could not renew it, every session died with the server) is taken
-                 -- again at the same attempt, recording nothing: no worker was lost.
-                 attempt = case when jobs.state <> 'queued'
-                                     and jobs.heartbeat_at < (select started_at from server)
+                 -- again at the same attempt, recording nothing: no worker was lost. So is a
+                 -- cancelling one: it is not run again, only ended CANCELLED as the attempt it
+                 -- was on (as a cancel request ends it, `cancel`), with nothing to record.
+                 attempt = case when jobs.state = 'cancelling'
+                                     or (jobs.state = 'running' and jobs.heartbeat_at
+                                         < (select started_at from server))
                                 then jobs.attempt else jobs.attempt + 1 end,
                  -- Any other rescue records the attempt its lost worker spent (one on its last
                  -- attempt fails as that attempt, saying so: `execute`; a cancelling one only
