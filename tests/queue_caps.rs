@@ -13,9 +13,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::processes::{WorkerProcess, probe_pool, wait_for};
+use common::processes::{WorkerProcess, job_row, probe_pool, short_lease, wait_for};
 use common::test_config;
-use serde_json::json;
+use serde_json::{Value, json};
 use settle::jobs::kind::{COUNT, SLEEP};
 use settle_workers::NewJob;
 use sqlx::PgPool;
@@ -25,11 +25,16 @@ const CAP: i64 = 2;
 const CONCURRENCY: i64 = 8;
 
 fn capped_config(poll_interval_ms: u64) -> settle::config::Config {
-    test_config(&[
+    capped(vec![("worker.poll_interval_ms", json!(poll_interval_ms))])
+}
+
+/// The test config with `settings`, the workers' concurrency and the capped kind's cap.
+fn capped(mut settings: Vec<(&'static str, Value)>) -> settle::config::Config {
+    settings.extend([
         ("worker.concurrency", json!(CONCURRENCY)),
         ("worker.kinds.sleep.concurrency", json!(CAP)),
-        ("worker.poll_interval_ms", json!(poll_interval_ms)),
-    ])
+    ]);
+    test_config(&settings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,4 +312,50 @@ async fn a_dead_workers_cancelling_job_ends_while_its_kind_is_full() {
     );
     doomed.kill().await;
     common::processes::wait_state(&pool, orphans[0], "cancelled").await;
+}
+
+/// A worker freezes (SIGSTOP: as a paused VM or a worker cut off from the database) holding
+/// jobs of a capped kind, and a cancel of one is asked for while the live worker's places for
+/// the kind are all taken. Its liveness lock lives on, so only its lease's expiry frees the
+/// job, and no claim asks for the kind until a place frees (here 10 minutes): the CANCELLING
+/// job still ends CANCELLED within seconds of that expiry, as a cancel request ends a job whose
+/// lease expired. The frozen worker, resumed, writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_workers_cancelling_job_ends_soon_after_its_lease_while_the_kind_is_full() {
+    const LEASE_MS: u64 = 3000;
+    let config = capped(short_lease(LEASE_MS, 500));
+    let (pool, _db) = probe_pool(&config).await;
+    let (frozen, held, mut full) = every_place_taken(&config, &pool).await;
+    frozen.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert_eq!(
+        cancel(&pool, held[0]).await,
+        settle_workers::JobState::Cancelling
+    );
+    // The lease was last extended before the freeze: it expires within LEASE_MS from now.
+    wait_for(
+        Duration::from_millis(LEASE_MS + 3000),
+        "the cancelling job to end within 3 s of its lease's expiry",
+        || async {
+            let state = common::processes::job_state(&pool, held[0]).await;
+            (state == "cancelled").then_some(())
+        },
+    )
+    .await;
+    let ended: (i32, i64, Value) = job_row(&pool, held[0], "attempt, fence, errors").await;
+    assert_eq!(
+        ended,
+        (1, 1, json!([])),
+        "ended as its frozen holder's attempt"
+    );
+
+    frozen.signal(nix::sys::signal::Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: (String, i32, i64, Value) =
+        job_row(&pool, held[0], "state::text, attempt, fence, errors").await;
+    assert_eq!(
+        after,
+        ("cancelled".into(), 1, 1, json!([])),
+        "the resumed worker wrote nothing"
+    );
+    assert!(full.is_running(), "{}", full.log_text());
 }

@@ -2,7 +2,9 @@
 //! RUNNING → CANCELLING) and notifies the workers (a job whose lease has expired, its holder
 //! gone, is held by no one and ends CANCELLED at once, as a queued one does); the holder's listener fires the job's
 //! `CancellationToken`, and the job's next checkpoint re-reads the flag, so a missed
-//! notification delays a cancel by one checkpoint (or one heartbeat), never loses it.
+//! notification delays a cancel by one checkpoint (or one heartbeat), never loses it. A
+//! CANCELLING job whose holder stops renewing its lease ends CANCELLED once the lease expires,
+//! at the next liveness probe of any worker ([`end_expired_cancels`]).
 
 use sqlx::{Connection, PgConnection};
 
@@ -88,22 +90,21 @@ async fn finished_state(conn: &mut PgConnection, id: i64) -> Result<Option<JobSt
     .await
 }
 
-/// The CANCELLING jobs of `owners`, workers found dead, end CANCELLED at once (their leases
-/// just expired): a rescue would only run them to their cancel, and with every place of
-/// their capped kind taken no claim asks for them, perhaps for hours. Returns how many.
-pub async fn end_abandoned_cancels(
-    conn: &mut PgConnection,
-    owners: &[String],
-) -> Result<usize, sqlx::Error> {
+/// Every CANCELLING job whose lease expired ends CANCELLED at once, whoever held it: a worker
+/// found dead (the probe just expired its leases), or one frozen or cut off past its lease
+/// (its liveness lock lives on). A rescue would only run them to their cancel, and with every
+/// place of their capped kind taken no claim asks for them, perhaps for hours. Rows another
+/// transaction holds locked are skipped, not waited for (a claim or a cancel request ending
+/// them, a holder's completion), and left to it or the next call. Returns how many ended.
+pub async fn end_expired_cancels(conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
     let mut tx = conn.begin().await?;
     // Locked until the end: an API cancel and a retry committing between this read and the
     // ending would otherwise leave a QUEUED job under the same id for it to end.
     let ids = sqlx::query_scalar!(
         "select id from jobs
-         where state = 'cancelling' and lease_expires_at < now() and lease_owner = any($1)
+         where state = 'cancelling' and lease_expires_at < now()
          order by id
-         for update",
-        owners,
+         for update skip locked",
     )
     .fetch_all(&mut *tx)
     .await?;

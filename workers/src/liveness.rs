@@ -47,13 +47,16 @@ pub struct Probe {
     pub expired: i64,
     /// Of those, the running ones it put back in the queue.
     pub requeued: i64,
+    /// Some other CANCELLING job's lease had expired (its holder frozen or cut off), for
+    /// [`crate::cancel::end_expired_cancels`].
+    pub cancels_expired: bool,
 }
 
 /// Finds the owners (other than `me`) of live leases whose liveness lock is free, and takes
 /// the jobs of those among `dead` that are still without it from them, waking the claimers if
 /// any was (one NOTIFY): a running job goes back to the queue, its attempt spent (the next
 /// claim gives it a fresh fence; on its last attempt, that claim fails it as worker lost), and
-/// a cancelling one's lease expires, for [`crate::cancel::end_abandoned_cancels`]. The server's
+/// a cancelling one's lease expires, for [`crate::cancel::end_expired_cancels`]. The server's
 /// restart frees every lock at once: a running job whose last heartbeat it came after goes back
 /// with its attempt given back, as the claim takes a lease the restart let run out (see
 /// `crate::claim`).
@@ -114,7 +117,10 @@ pub async fn probe(
            select array(select distinct lease_owner from unlocked
                         where lease_owner <> all($2)) as "unlocked!",
                   (select count(*) from expired) as "expired!",
-                  (select count(*) from expired where state = 'queued') as "requeued!""#,
+                  (select count(*) from expired where state = 'queued') as "requeued!",
+                  exists (select from jobs
+                          where state = 'cancelling' and lease_expires_at < now())
+                      as "cancels_expired!""#,
         me,
         dead,
         LOCKED_OWNER_SUFFIX,

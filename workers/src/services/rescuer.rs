@@ -8,7 +8,9 @@
 //!   found without it on every probe for `rescue_grace` is dead (a live worker whose session
 //!   dropped takes its lock again well within that): its running jobs go back to the queue
 //!   (a claim takes them under a fresh fence) and its cancelling ones end CANCELLED. A worker
-//!   never probes itself: it knows it is alive.
+//!   never probes itself: it knows it is alive. The probe also ends CANCELLED every cancelling
+//!   job whose lease expired, whoever held it: a frozen or cut-off worker keeps its lock, and
+//!   while its kind has no free place no claim would take the job.
 //!
 //! The lease and the fence stay the safety net: a worker that is alive but cut off keeps its
 //! lock (its old session lives on in the server until the server notices the lost socket),
@@ -143,15 +145,22 @@ pub(crate) async fn probe(shared: Arc<Shared>, done: CancellationToken) {
             crate::metrics::rescued(found.requeued as usize);
             tracing::info!(owners = ?dead, jobs = found.expired, requeued = found.requeued,
                 "workers gone (their liveness locks are free); their running jobs back in the queue");
+        }
+        // The dead owners' cancelling jobs (their leases just expired), and those of workers
+        // frozen or cut off past their lease, which no claim may ask for while their capped
+        // kind is full.
+        if found.expired > found.requeued || found.cancels_expired {
             let ended = on_conn(&shared.control, async |conn| {
-                crate::cancel::end_abandoned_cancels(conn, &dead).await
+                crate::cancel::end_expired_cancels(conn).await
             })
             .await;
             match ended {
                 Ok(0) => {}
-                Ok(jobs) => tracing::info!(jobs, "their cancelling jobs ended cancelled"),
-                // Left to a rescue, or to a cancel request, which ends them too.
-                Err(e) => tracing::warn!(error = %e, "ending a dead worker's cancels failed"),
+                Ok(jobs) => {
+                    tracing::info!(jobs, "cancelling jobs whose lease expired ended cancelled")
+                }
+                // Left to the next probe, a rescue, or a cancel request, which end them too.
+                Err(e) => tracing::warn!(error = %e, "ending expired cancels failed"),
             }
         }
         let now = Instant::now();
