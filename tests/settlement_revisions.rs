@@ -64,7 +64,7 @@ async fn finalized_as_now(db: &Db, plan: &Plan) -> Option<SettleError> {
 
 /// Changes of single rows of the input, each named by its day (the lowest id: the rows above
 /// the mark are newer): ids follow the rows' external ids, random, not their days.
-const ONE_ROW: [&str; 3] = [
+const ONE_ROW: [&str; 4] = [
     "update transactions set status = 'REFUNDED' where id = (select min(id) from transactions
                                           where paid_at >= '2025-01-03' and paid_at < '2025-01-04')",
     "delete from transactions where id = (select min(id) from transactions
@@ -73,6 +73,13 @@ const ONE_ROW: [&str; 3] = [
     "update transactions set paid_at = paid_at + interval '30 days'
      where id = (select min(id) from transactions
                  where paid_at >= '2025-01-01' and paid_at < '2025-01-02')",
+    // Deleted and put back under its own id: the deletion is corrected, and so the insert.
+    "with gone as (delete from transactions
+                   where id = (select min(id) from transactions
+                               where paid_at >= '2025-01-02' and paid_at < '2025-01-03'
+                                     and status = 'PAID')
+                   returning *)
+     insert into transactions select * from gone",
 ];
 
 /// Changes of rows on every day, read and not yet read, some rows changed by several.
@@ -96,6 +103,8 @@ async fn a_change_of_a_row_while_the_job_runs_is_corrected_and_published_as_the_
     for sql in ONE_ROW {
         let found = finalize_after(&[sql], &[]).await;
         assert!(found.is_none(), "{sql}: {found:?}");
+        let found = finalize_after(&[], &[sql]).await;
+        assert!(found.is_none(), "{sql}, after the last batch: {found:?}");
     }
 }
 

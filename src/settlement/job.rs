@@ -150,7 +150,9 @@ async fn settle(ctx: &mut JobContext, range: DateRange, settings: &Settings) -> 
     let checkpoint = Checkpoint::of(plan.run.high_water_id, &plan.parts);
     // Capped as the parts' commits are: rows committed below the high-water mark after the
     // input was fixed (a prepared transaction, a COPY with its own ids) are read and counted
-    // past the total, and a resumed run's count would break `job_progress_valid` for good.
+    // past the total where their batch had not yet run (or added by the finalize's correction
+    // where it had: migration 0023), and a resumed run's count would break
+    // `job_progress_valid` for good.
     let (processed, total) = shown.report(plan.processed().min(plan.run.total), plan.run.total);
     batch.commit(&checkpoint, processed, Some(total)).await?;
     // The batches read on the replica once it has replayed the input just fixed.
