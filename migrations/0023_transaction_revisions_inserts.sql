@@ -4,44 +4,22 @@
 -- added back, as inserts left none. Such an insert now leaves a revision with no old row, the
 -- new one only, which the finalize's correction adds where its batch did not see it (as it
 -- does the new row of a changed id). Inserts above every running job's mark, all ordinary
--- ingestion, leave none.
+-- ingestion, leave none. `paid_from`, `paid_to` and `low_id` are filled as 0021's are, for a
+-- worker of the release before.
 
-create or replace function note_transaction_revision() returns trigger language plpgsql as $$
+create function note_transaction_insert() returns trigger language plpgsql as $$
 begin
-    if tg_op = 'TRUNCATE' then
-        insert into transaction_revisions (paid_from, paid_to, low_id, xid)
-        values ('-infinity', 'infinity', 0, pg_current_xact_id());
-    elsif tg_op = 'UPDATE' then
-        insert into transaction_revisions
-            (paid_from, paid_to, low_id, xid, txn_id,
-             old_merchant_id, old_status, old_paid_at, old_amount_cents, old_fee_cents,
-             new_merchant_id, new_status, new_paid_at, new_amount_cents, new_fee_cents)
-        -- A changed id is the old row removed and the new one added.
-        select least(o.paid_at, n.paid_at), greatest(o.paid_at, n.paid_at), coalesce(o.id, n.id),
-               pg_current_xact_id(), coalesce(o.id, n.id),
-               o.merchant_id, o.status, o.paid_at, o.amount_cents, o.fee_cents,
-               n.merchant_id, n.status, n.paid_at, n.amount_cents, n.fee_cents
-        from revised_old as o full join revised_new as n on n.id = o.id;
-    elsif tg_op = 'INSERT' then
-        insert into transaction_revisions
-            (paid_from, paid_to, low_id, xid, txn_id,
-             new_merchant_id, new_status, new_paid_at, new_amount_cents, new_fee_cents)
-        select n.paid_at, n.paid_at, n.id, pg_current_xact_id(), n.id,
-               n.merchant_id, n.status, n.paid_at, n.amount_cents, n.fee_cents
-        from revised_new as n
-        where n.id <= (select max(high_water_id) from settlement_runs);
-    else
-        insert into transaction_revisions
-            (paid_from, paid_to, low_id, xid, txn_id,
-             old_merchant_id, old_status, old_paid_at, old_amount_cents, old_fee_cents)
-        select o.paid_at, o.paid_at, o.id, pg_current_xact_id(), o.id,
-               o.merchant_id, o.status, o.paid_at, o.amount_cents, o.fee_cents
-        from revised_old as o;
-    end if;
+    insert into transaction_revisions
+        (paid_from, paid_to, low_id, xid, txn_id,
+         new_merchant_id, new_status, new_paid_at, new_amount_cents, new_fee_cents)
+    select n.paid_at, n.paid_at, n.id, pg_current_xact_id(), n.id,
+           n.merchant_id, n.status, n.paid_at, n.amount_cents, n.fee_cents
+    from revised_new as n
+    where n.id <= (select max(high_water_id) from settlement_runs);
     return null;
 end
 $$;
 
 create trigger transactions_inserted after insert on transactions
     referencing new table as revised_new
-    for each statement execute function note_transaction_revision();
+    for each statement execute function note_transaction_insert();
