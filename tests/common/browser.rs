@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::elements::Element;
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use nix::sys::signal::{Signal, killpg};
@@ -134,6 +136,32 @@ impl Browser {
     /// Types `keys` (e.g. a token followed by `Key::Enter`) into the field `css`.
     pub async fn type_into(&self, css: &str, keys: &str) {
         self.find(css).await.send_keys(keys).await.expect("type");
+    }
+
+    /// Presses `key` on whatever holds the focus, as a keyboard does (WebDriver's typing into an
+    /// element focuses it first, which would hide a focus the page lost).
+    pub async fn press(&self, key: Key) {
+        let keys = KeyActions::new("keyboard".into())
+            .then(KeyAction::Down { value: key.into() })
+            .then(KeyAction::Up { value: key.into() });
+        self.client
+            .perform_actions(keys)
+            .await
+            .expect("press a key");
+    }
+
+    /// What holds the focus: a button's `data-action` (else an id, else a tag) and the job id of
+    /// the row it is in, if any (`"cancel 7"`, `"token"`, `"BODY"`).
+    pub async fn focused(&self) -> String {
+        let script = "const e = document.activeElement; const row = e.closest('tr'); \
+            return [e.dataset.action || e.id || e.tagName, row ? row.dataset.jobId : ''] \
+            .join(' ').trim();";
+        let focused = self.client.execute(script, vec![]).await;
+        focused
+            .expect("read the focus")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Fills an `<input type="date">` the way a person does: emptied, then its segments typed

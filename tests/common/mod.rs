@@ -10,6 +10,7 @@ pub mod browser;
 pub mod cluster;
 pub mod commit_cut;
 pub mod engine;
+pub mod front;
 pub mod listening;
 pub mod ops;
 pub mod outcome;
