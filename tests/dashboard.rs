@@ -404,3 +404,30 @@ async fn long_figures_and_labels_stay_inside_their_cards() {
     }
     browser.close().await;
 }
+
+/// Keyboard-only use: Tab from the token field reaches the newest row's Cancel button, the focus
+/// stays there while the polls re-read and redraw the rows, and Enter cancels that job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rows_button_keeps_the_keyboard_focus_across_polls() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(enqueue(&app.pool, NOOP, json!({}), 1).await); // no worker: QUEUED
+    }
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    for &id in &ids {
+        browser.wait_job_status(id, "QUEUED").await;
+    }
+    browser.press(Key::Tab).await;
+    let newest = ids[2];
+    let cancel = format!("cancel {newest}");
+    assert_eq!(browser.focused().await, cancel, "Tab from the token field");
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // two polls and more
+    assert_eq!(browser.focused().await, cancel, "after the polls");
+    browser.press(Key::Enter).await;
+    wait_state(&app.pool, newest, "cancelled").await;
+    for &id in &ids[..2] {
+        assert_eq!(job_state(&app.pool, id).await, "queued");
+    }
+    browser.close().await;
+}

@@ -352,24 +352,26 @@
     const byId = new Map();
     pages.forEach((page) => page.data.forEach((job) => byId.set(job.job_id, job)));
     const jobs = [...byId.values()].sort((a, b) => b.job_id - a.job_id);
+    // Rows of jobs no longer listed go first, so that the others keep their places.
+    for (const [id, entry] of rows) {
+      if (!byId.has(id)) {
+        entry.row.remove();
+        rows.delete(id);
+      }
+    }
     const body = $("jobs-body");
-    const seen = new Set();
-    for (const job of jobs) {
-      seen.add(job.job_id);
+    jobs.forEach((job, index) => {
       let entry = rows.get(job.job_id);
       if (!entry) {
         entry = jobRow(job.job_id);
         rows.set(job.job_id, entry);
       }
       fillJob(entry, job);
-      body.appendChild(entry.row); // in the page's order, newest first
-    }
-    for (const [id, entry] of rows) {
-      if (!seen.has(id)) {
-        entry.row.remove();
-        rows.delete(id);
-      }
-    }
+      // In the page's order, newest first. A row in its place stays put: moving a node takes
+      // the keyboard focus off a button in it, so a Tab-focused Cancel would lose it each poll.
+      const at = body.children[index];
+      if (at !== entry.row) body.insertBefore(entry.row, at || null);
+    });
     $("jobs-empty").hidden = jobs.length > 0;
     showSummary(jobs);
     shown(lists.jobs, "Live · updated " + clock.format(new Date()));
