@@ -1,10 +1,13 @@
 //! The dashboard at `/`: served from the binary, and working in a real headless Chromium
 //! against a real api and a real worker process: an operator applies a token, cancels a running
-//! job by clicking, and starts a settlement with the form.
+//! job by clicking (or from the keyboard), and starts a settlement with the form. Behind a
+//! proxy ([`Front`]) the page meets what networks do: a sign-in page in place of the API, an API
+//! that never answers, a reading that arrives late, an answer lost.
 
 mod common;
 
 use common::browser::Browser;
+use common::front::{Front, Mode};
 use common::processes::{
     WorkerProcess, enqueue, job_state, probe_tables, wait_for, wait_mid_way, wait_state,
 };
@@ -429,5 +432,59 @@ async fn a_rows_button_keeps_the_keyboard_focus_across_polls() {
     for &id in &ids[..2] {
         assert_eq!(job_state(&app.pool, id).await, "queued");
     }
+    browser.close().await;
+}
+
+/// An app with a job QUEUED (no worker), and the page reading it live through a [`Front`] with
+/// the app's admin token.
+async fn queued_behind_a_front() -> (TestApp, i64, Front, Browser) {
+    let app = spawn_app().await;
+    let id = enqueue(&app.pool, NOOP, json!({}), 1).await;
+    let front = Front::start(&app.base).await;
+    let browser = Browser::signed_in(&front.url("/"), &app.admin_token).await;
+    browser.wait_job_status(id, "QUEUED").await;
+    browser.wait_text("#jobs-updated", "Live").await;
+    (app, id, front, browser)
+}
+
+/// A proxy in front of the API whose sign-in session expired answers the page's readings with a
+/// redirect to a sign-in page, 200 in HTML: the jobs are marked stale (the row kept, with its
+/// button), the notice says the answer was not the API's, and the polls go on, so the page is
+/// live again once the API answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_page_in_place_of_the_api_marks_the_jobs_stale_and_the_polls_go_on() {
+    let (_app, id, front, browser) = queued_behind_a_front().await;
+    front.set(Mode::SignIn);
+    browser.wait_text("#jobs-updated", "Stale since").await;
+    let notice = browser.wait_text("#notice", "not JSON").await;
+    assert!(notice.contains("Loading"), "{notice}");
+    browser
+        .find(&format!(
+            "{} button[data-action=cancel]",
+            Browser::job_row(id)
+        ))
+        .await;
+    front.set(Mode::Pass);
+    browser.wait_text("#jobs-updated", "Live").await;
+    wait_for(common::browser::PATIENCE, "the notice to clear", || async {
+        browser.text("#notice").await.filter(String::is_empty)
+    })
+    .await;
+    browser.close().await;
+}
+
+/// An API that takes a request and never answers is shown as such: each reading gives up after a
+/// few seconds, the jobs are marked stale with a notice that the API did not answer, and the
+/// page is live again once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_that_never_answers_is_shown_stale() {
+    let (_app, _, front, browser) = queued_behind_a_front().await;
+    front.set(Mode::Silent);
+    browser.wait_text("#jobs-updated", "Stale since").await;
+    browser
+        .wait_text("#notice", "the settle API did not answer")
+        .await;
+    front.set(Mode::Pass);
+    browser.wait_text("#jobs-updated", "Live").await;
     browser.close().await;
 }

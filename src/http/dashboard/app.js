@@ -5,6 +5,13 @@
 (() => {
   const TOKEN_KEY = "settle.token";
   const POLL_MS = 1000;
+  // A request not answered by then counts as not answered. A reading: its list goes stale
+  // rather than read as live while the API (or something in front of it) holds the connection
+  // open. An action waits past the API's own limit (`http.request_timeout_ms`, 30 s by
+  // default), so that a slow write is answered by the API (503 OUTCOME_UNKNOWN at worst)
+  // rather than given up on here while it may still be done.
+  const READ_MS = 5000;
+  const ACTION_MS = 35000;
   const PRODUCTS_EVERY = 5; // polls: stock changes slower than job progress matters
   // Lists ask for no `limit`: the server's `pagination.default_page_size` (newest first) is
   // a screenful, and a page size over a lowered `max_page_size` would only be refused.
@@ -45,20 +52,32 @@
     return t ? { Authorization: "Bearer " + t } : {};
   }
 
+  /** No answer (status 0): none within `ms`, or none at all (refused, cut off). */
+  function noAnswer(error, ms) {
+    return error && error.name === "TimeoutError"
+      ? new ApiError(0, "NO_ANSWER", `the settle API did not answer within ${ms / 1000} s`)
+      : new ApiError(0, "UNREACHABLE", "the settle API did not answer; is it running?");
+  }
+
+  /** The API's JSON object answering `method` on `path` (`body` sent as JSON). Anything else throws an ApiError: the API's refusal, no answer, or a 2xx that is not
+   * the API's JSON, such as the sign-in page a single-sign-on proxy in front of the API
+   * redirects to once its session expires. */
   async function api(method, path, body) {
     const headers = { Accept: "application/json", ...authHeaders() };
-    const init = { method, headers };
+    const ms = method === "GET" ? READ_MS : ACTION_MS;
+    const init = { method, headers, signal: AbortSignal.timeout(ms) };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
     }
     let response;
+    let text;
     try {
       response = await fetch(path, init);
-    } catch (_) {
-      throw new ApiError(0, "UNREACHABLE", "the settle API did not answer; is it running?");
+      text = await response.text();
+    } catch (error) {
+      throw noAnswer(error, ms);
     }
-    const text = await response.text();
     let data = null;
     try {
       data = text ? JSON.parse(text) : null;
@@ -69,6 +88,12 @@
       const error = (data && data.error) || {};
       throw new ApiError(response.status, error.code || "HTTP_" + response.status,
         error.message || response.statusText || "request failed");
+    }
+    if (data === null || typeof data !== "object") {
+      const type = (response.headers.get("Content-Type") || "no type").split(";")[0];
+      const from = response.redirected ? ` from ${new URL(response.url).pathname}` : "";
+      throw new ApiError(response.status, "NOT_JSON", `the answer was not JSON (${type}${from}): `
+        + "a proxy in front of the API may want you to sign in again; reload the page");
     }
     return data;
   }
@@ -311,12 +336,21 @@
     }
   }
 
+  /** A page of a list (`{ data: [...], next_cursor }`) at `path`. */
+  async function getPage(path) {
+    const page = await api("GET", path);
+    if (!Array.isArray(page.data)) {
+      throw new ApiError(200, "NOT_A_PAGE", "the answer was not a page of the list (no data array)");
+    }
+    return page;
+  }
+
   /** The pages at `paths` (`[what, path]` pairs) of `list`, read together for the polling loop;
    * null when any could not be had (the notice says why, and `failed` handles the list), or
    * silently when a token was applied meanwhile (that token's own reading shows). */
   async function read(list, paths) {
     const reading = generation;
-    const answers = await Promise.all(paths.map(([what, path]) => api("GET", path)
+    const answers = await Promise.all(paths.map(([what, path]) => getPage(path)
       .then((page) => ({ page }), (error) => ({ what, error }))));
     if (reading !== generation) return null;
     const failures = answers.filter((answer) => answer.error);
@@ -481,12 +515,17 @@
 
   let polls = 0;
   async function poll() {
-    if (!document.hidden) {
-      await refreshJobs();
-      if (polls % PRODUCTS_EVERY === 0) await refreshProducts();
-      polls += 1;
+    // Whatever a reading throws, the next poll comes: the page never stops reading while its
+    // label says when it last read.
+    try {
+      if (!document.hidden) {
+        await refreshJobs();
+        if (polls % PRODUCTS_EVERY === 0) await refreshProducts();
+        polls += 1;
+      }
+    } finally {
+      setTimeout(poll, POLL_MS);
     }
-    setTimeout(poll, POLL_MS);
   }
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refreshJobs();
