@@ -488,3 +488,28 @@ async fn an_api_that_never_answers_is_shown_stale() {
     browser.wait_text("#jobs-updated", "Live").await;
     browser.close().await;
 }
+
+/// A reading of the jobs that began before a Cancel and arrives after the Cancel's own reading
+/// is not shown: the row stays CANCELLED, not QUEUED again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_reading_does_not_undo_a_cancel_on_the_page() {
+    let (app, id, front, browser) = queued_behind_a_front().await;
+    // Each reading asks for the newest page, answered here in the order the test says.
+    front.hold("/api/v1/jobs");
+    front.wait_held(1).await; // a poll's, of the job QUEUED
+    browser
+        .click(&format!(
+            "{} button[data-action=cancel]",
+            Browser::job_row(id)
+        ))
+        .await;
+    front.wait_held(2).await; // the Cancel's
+    assert_eq!(job_state(&app.pool, id).await, "cancelled");
+    front.release(1);
+    browser.wait_job_status(id, "CANCELLED").await;
+    front.release(0);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let pill = format!("{} .pill", Browser::job_row(id));
+    assert_eq!(browser.text(&pill).await.as_deref(), Some("CANCELLED"));
+    browser.close().await;
+}

@@ -304,7 +304,12 @@
   /** A list on the page: its card, its label, how it empties, and when it was last read. */
   function pageList(name, label, empty, staleLabel) {
     const card = $(name + "-body").closest(".card");
-    return { source: "load " + name, card, label, empty, staleLabel, readAt: null };
+    // Readings are numbered as they begin (`begun`); one that ends after a later one was shown
+    // (`lastShown`) is older than the page and is dropped: a poll's, begun before a Cancel,
+    // would show the cancelled job QUEUED again.
+    return {
+      source: "load " + name, card, label, empty, staleLabel, readAt: null, begun: 0, lastShown: 0,
+    };
   }
 
   /** Shows that `list` was read just now, with `text` as its label. */
@@ -347,12 +352,15 @@
 
   /** The pages at `paths` (`[what, path]` pairs) of `list`, read together for the polling loop;
    * null when any could not be had (the notice says why, and `failed` handles the list), or
-   * silently when a token was applied meanwhile (that token's own reading shows). */
+   * silently when a token was applied meanwhile (that token's own reading shows) or a reading
+   * begun later was shown first. */
   async function read(list, paths) {
     const reading = generation;
+    const number = ++list.begun;
     const answers = await Promise.all(paths.map(([what, path]) => getPage(path)
       .then((page) => ({ page }), (error) => ({ what, error }))));
-    if (reading !== generation) return null;
+    if (reading !== generation || number < list.lastShown) return null;
+    list.lastShown = number;
     const failures = answers.filter((answer) => answer.error);
     if (failures.length === 0) {
       clearNotice(list.source);
