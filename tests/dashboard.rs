@@ -513,3 +513,31 @@ async fn an_older_reading_does_not_undo_a_cancel_on_the_page() {
     assert_eq!(browser.text(&pill).await.as_deref(), Some("CANCELLED"));
     browser.close().await;
 }
+
+/// A token that is not of the shape this service issues is not applied: the notice says what
+/// is wrong with it (not that the API did not answer, as a header the browser cannot send made
+/// it say), and the token applied before stays, with what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_the_wrong_shape_is_refused_saying_what_is_wrong() {
+    let app = spawn_app().await;
+    let id = enqueue(&app.pool, NOOP, json!({}), 1).await; // no worker: QUEUED
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    browser.wait_job_status(id, "QUEUED").await;
+    let token = &app.admin_token;
+    for (typed, said) in [
+        (format!("{token}\u{200b}"), "U+200B"),
+        (token[..40].to_owned(), "33 hex digits"),
+        (format!("Bearer {token}"), "Bearer"),
+    ] {
+        let field = browser.find("#token").await;
+        field.clear().await.expect("empty the token field");
+        browser
+            .type_into("#token", &format!("{typed}{}", Key::Enter))
+            .await;
+        let notice = browser.wait_text("#notice", said).await;
+        assert!(!notice.contains("did not answer"), "{notice}");
+        assert_eq!(browser.session_storage("settle.token").await, *token);
+        assert_eq!(browser.job_ids().await, vec![id]);
+    }
+    browser.close().await;
+}

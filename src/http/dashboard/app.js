@@ -471,9 +471,35 @@
     $("token-state").textContent = token() ? "Applied · kept for this tab" : "No token";
   }
 
+  /** What keeps `value` from being a token this service issues (`settle_` and 64 hex digits,
+   * 0-9 and a-f), in words, or null. Checked before it is sent: a character a header cannot
+   * carry (a zero-width space pasted along) would make every call fail as if unanswered. */
+  function tokenProblem(value) {
+    if (/^bearer /i.test(value)) return "paste the token alone, without “Bearer ”";
+    if (!value.startsWith("settle_")) return "it does not start with settle_";
+    const digits = [...value.slice("settle_".length)];
+    const stray = digits.findIndex((c) => !/[0-9a-f]/.test(c));
+    if (stray >= 0) {
+      const c = digits[stray];
+      const code = "U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+      const shown = /[!-~]/.test(c) ? `“${c}” (${code})` : code;
+      return `it has ${shown} at character ${"settle_".length + stray + 1}, where only 0-9 and a-f belong`;
+    }
+    if (digits.length !== 64) {
+      return `it has ${digits.length} hex digits after settle_, not 64 (${digits.length < 64 ? "cut short?" : "pasted twice?"})`;
+    }
+    return null;
+  }
+
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("token").value.trim();
+    const problem = value && tokenProblem(value);
+    if (problem) {
+      notify("action", `This token was not applied: ${problem}. A settle token is settle_ and 64 hex digits.`);
+      $("token-state").textContent = token() ? "Not applied · the previous token stays" : "Not applied";
+      return;
+    }
     if (value) sessionStorage.setItem(TOKEN_KEY, value);
     else sessionStorage.removeItem(TOKEN_KEY);
     showTokenState();
