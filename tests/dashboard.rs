@@ -541,3 +541,46 @@ async fn a_token_of_the_wrong_shape_is_refused_saying_what_is_wrong() {
     }
     browser.close().await;
 }
+
+/// A settlement whose answer was lost (the API started it, the page heard nothing) is not
+/// started twice when the operator presses Start again with the same days: the form sends the
+/// same Idempotency-Key, and the API answers with the job it made. Nor by Chromium, which sends
+/// a POST whose reused connection closed unanswered again by itself (five jobs without a key).
+/// Once answered, Start starts another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_started_again_after_no_answer_is_not_started_twice() {
+    let (app, _, front, browser) = queued_behind_a_front().await;
+    browser.fill_date("#settle-from", "2025-01-01").await;
+    browser.fill_date("#settle-to", "2025-01-01").await;
+    let settlements = "select count(*) from all_jobs where kind = 'settlement'";
+    front.set(Mode::Cut);
+    browser.click("#settle-submit").await;
+    browser
+        .wait_text(
+            "#notice",
+            "Starting the settlement: the settle API did not answer",
+        )
+        .await;
+    assert_eq!(common::scalar(&app.pool, settlements).await, 1);
+    let started: i64 = sqlx::query_scalar("select id from all_jobs where kind = 'settlement'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    front.set(Mode::Pass);
+    browser
+        .wait_button("#settle-submit", "Start settlement")
+        .await;
+    browser.click("#settle-submit").await;
+    let result = browser.wait_text("#settle-result", "queued").await;
+    assert_eq!(result, format!("Settlement #{started} queued."));
+    assert_eq!(common::scalar(&app.pool, settlements).await, 1);
+    browser
+        .wait_button("#settle-submit", "Start settlement")
+        .await;
+    browser.click("#settle-submit").await;
+    wait_for(common::browser::PATIENCE, "a second settlement", || async {
+        (common::scalar(&app.pool, settlements).await == 2).then_some(())
+    })
+    .await;
+    browser.close().await;
+}

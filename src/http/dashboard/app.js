@@ -59,11 +59,12 @@
       : new ApiError(0, "UNREACHABLE", "the settle API did not answer; is it running?");
   }
 
-  /** The API's JSON object answering `method` on `path` (`body` sent as JSON). Anything else throws an ApiError: the API's refusal, no answer, or a 2xx that is not
+  /** The API's JSON object answering `method` on `path` (`body` sent as JSON, `extra` headers
+   * added). Anything else throws an ApiError: the API's refusal, no answer, or a 2xx that is not
    * the API's JSON, such as the sign-in page a single-sign-on proxy in front of the API
    * redirects to once its session expires. */
-  async function api(method, path, body) {
-    const headers = { Accept: "application/json", ...authHeaders() };
+  async function api(method, path, body, extra) {
+    const headers = { Accept: "application/json", ...authHeaders(), ...extra };
     const ms = method === "GET" ? READ_MS : ACTION_MS;
     const init = { method, headers, signal: AbortSignal.timeout(ms) };
     if (body !== undefined) {
@@ -518,20 +519,47 @@
     return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
   }
 
+  /** A new Idempotency-Key. Not crypto.randomUUID: that needs a secure context (https or
+   * localhost), and the page may be served over plain http on an internal name. */
+  function newKey() {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return "dashboard-" + [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  /** The days and Idempotency-Key of the last settlement asked for while it is not known
+   * whether the API started it: asked for again, the same days go with the same key, so the
+   * API answers what happened instead of starting a second job. Any other answer ends it. */
+  let unsettled = null;
+
+  /** Whether `error` leaves it unknown whether the request was carried out. */
+  function outcomeUnknown(error) {
+    return error.status === 0
+      || ["OUTCOME_UNKNOWN", "IDEMPOTENCY_KEY_IN_USE", "NOT_JSON"].includes(error.code);
+  }
+
   $("settlement-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const submit = $("settle-submit");
     const from = $("settle-from").value;
     const to = $("settle-to").value;
+    const days = `${from}/${to}`;
+    const key = unsettled && unsettled.days === days ? unsettled.key : newKey();
+    unsettled = null;
     submit.disabled = true;
     $("settle-result").textContent = "";
     try {
-      const job = await api("POST", "/api/v1/jobs/settlement", { from, to });
+      const job = await api("POST", "/api/v1/jobs/settlement", { from, to }, { "Idempotency-Key": key });
       $("settle-result").textContent = `Settlement #${job.job_id} queued.`;
       clearNotice("action");
       await refreshJobs();
     } catch (error) {
-      notify("action", explain("Starting the settlement", error));
+      let said = explain("Starting the settlement", error);
+      if (outcomeUnknown(error)) {
+        unsettled = { days, key };
+        said += " Start it again with the same days to find out: the same Idempotency-Key goes"
+          + " with them, so it is not started twice.";
+      }
+      notify("action", said);
     } finally {
       submit.disabled = false;
     }
