@@ -342,11 +342,14 @@ async fn layout_at(browser: &Browser, width: u32, shot: &str) -> serde_json::Val
     layout
 }
 
-/// Long figures and labels stay inside their cards, in the two-column layout (1400 px) and the
-/// one-column one (900 px): a product at the largest price (10^12 cents) with over a billion in
-/// stock scrolls within the Products card, its Stock column in reach, instead of spilling off
-/// the page; and without a token each "Not shown · 401 UNAUTHENTICATED" label keeps clear of
-/// its card's heading.
+/// The two-column layout, the one-column one, and a phone's width.
+const WIDTHS: [u32; 3] = [1400, 900, 375];
+
+/// Long figures and labels stay inside their cards, in the two-column layout (1400 px), the
+/// one-column one (900 px) and on a phone (375 px: the header wraps, the days stack): a product
+/// at the largest price (10^12 cents) with over a billion in stock scrolls within the Products
+/// card, its Stock column in reach, instead of spilling off the page; and without a token each
+/// "Not shown · 401 UNAUTHENTICATED" label keeps clear of its card's heading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_figures_and_labels_stay_inside_their_cards() {
     let app = spawn_app().await;
@@ -364,7 +367,7 @@ async fn long_figures_and_labels_stay_inside_their_cards() {
             .wait_text(label, "Not shown · 401 UNAUTHENTICATED")
             .await;
     }
-    for width in [1400, 900] {
+    for width in WIDTHS {
         let layout = layout_at(&browser, width, "dashboard-no-token").await;
         let labels = layout["labels"].as_array().unwrap();
         assert_eq!(labels.len(), 2, "{layout:#}");
@@ -384,7 +387,7 @@ async fn long_figures_and_labels_stay_inside_their_cards() {
         .wait_text("#products-body", "10,000,000,000.00")
         .await;
     browser.wait_text("#products-body", "1,000,000,001").await;
-    for width in [1400, 900] {
+    for width in WIDTHS {
         let layout = layout_at(&browser, width, "dashboard-long-figures").await;
         let view = layout["view"].as_f64().unwrap();
         assert_eq!(
