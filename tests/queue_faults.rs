@@ -11,10 +11,11 @@ use common::processes::{
     self, WorkerProcess, counted, enqueue, enqueue_count, job_row, job_state, probe_pool,
     processed, reported_count, short_lease, wait_for, wait_state,
 };
+use common::proxy::Proxy;
 use common::test_config;
 use nix::sys::signal::Signal;
 use serde_json::json;
-use settle::jobs::kind::{NOOP, SLEEP};
+use settle::jobs::kind::{COUNT, NOOP, SLEEP};
 use sqlx::{Connection, PgPool};
 
 /// Waits until the job has committed at least `at_least` rows of progress.
@@ -307,4 +308,53 @@ async fn a_long_row_lock_on_one_job_holds_up_no_lease() {
         wait_state(&pool, id, "completed").await;
         assert_eq!(claim_of(&pool, id).await.0, 1, "{}", worker.log_text());
     }
+}
+
+/// A heartbeat cut off for longer than a lease while the job's own checkpoints keep committing
+/// (each extends the lease as a beat would): the job is not given up. Given up, its lease ran
+/// out a lease after its last checkpoint and it was taken again as a lost worker's, its only
+/// attempt spent: "lease expired on the last attempt (worker lost)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_keep_a_job_whose_heartbeat_is_cut_off() {
+    let config = test_config(&short_lease(2000, 500));
+    let (pool, _db) = probe_pool(&config).await;
+    // ~6 s of checkpointed batches, on its only attempt.
+    let args = json!({"upto": 600, "batch": 10, "sleep_ms": 100});
+    let id = enqueue(&pool, COUNT, args, 1).await;
+    let proxy = Proxy::start(&common::server_address()).await;
+    let database = config.database.url.rsplit('/').next().unwrap();
+    let worker =
+        WorkerProcess::start_with(&config, &[("SETTLE_DATABASE__URL", proxy.url(database))]);
+    wait_processed(&pool, id, 50).await;
+    // The job's connection stays; the heartbeat's is cut, and the next takes 3 s to open: each
+    // beat gives up after 1 s, until the liveness probe (which waits up to 5 s) has opened it.
+    // The outage must end before the job does: its completion is recorded on those connections.
+    proxy.delay_later_connections(Duration::from_secs(3));
+    let cut = common::scalar(
+        &pool,
+        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and application_name = 'settle control') t",
+    )
+    .await;
+    assert!(cut > 0);
+    let ended = wait_for(Duration::from_secs(60), "the job ended", || async {
+        let row: (String, i32, serde_json::Value) =
+            job_row(&pool, id, "state::text, attempt, errors").await;
+        (row.0 != "running").then_some(row)
+    })
+    .await;
+    assert_eq!(
+        ended,
+        ("completed".to_owned(), 1, json!([])),
+        "{}",
+        worker.log_text()
+    );
+    assert_eq!(counted(&pool, id).await, (600, 60));
+    // The heartbeat was cut off: the code before dropped the job after the second failed beat
+    // (none for 2.9 s, past the 2 s lease).
+    assert!(
+        worker.log_text().matches("heartbeat failed").count() >= 2,
+        "{}",
+        worker.log_text()
+    );
 }

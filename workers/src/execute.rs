@@ -15,6 +15,7 @@ use crate::claim::ClaimedJob;
 use crate::db::{on_conn, retry_until};
 use crate::error::{JobError, sql_state};
 use crate::job::{JobContext, Outcome};
+use crate::lease::LeaseClock;
 use crate::runtime::{Completion, Held, Shared};
 use crate::{finish, lease};
 
@@ -46,6 +47,7 @@ enum Ending {
 pub(crate) fn start(
     shared: &Arc<Shared>,
     job: ClaimedJob,
+    claim_sent: Instant,
     slot: OwnedSemaphorePermit,
     place: Option<OwnedSemaphorePermit>,
 ) {
@@ -54,17 +56,27 @@ pub(crate) fn start(
     if job.cancel_requested {
         stop.cancel();
     }
+    let renewed = Arc::new(LeaseClock::new(claim_sent));
     let held = Held {
         fence: job.fence,
         stop: stop.clone(),
         lost: lost.clone(),
+        renewed: renewed.clone(),
     };
     // An earlier claim of the job still here lost its lease (this worker rescued it itself):
     // that attempt must stop writing.
     if let Some(earlier) = shared.held.lock().expect("held map").insert(job.id, held) {
         earlier.lost.cancel();
     }
-    tokio::spawn(run_job(shared.clone(), job, slot, place, stop, lost));
+    tokio::spawn(run_job(
+        shared.clone(),
+        job,
+        slot,
+        place,
+        stop,
+        lost,
+        renewed,
+    ));
 }
 
 /// Runs a held `job` to an ending and records it; the slot is freed when this returns (for a
@@ -85,13 +97,14 @@ async fn run_job(
     place: Option<OwnedSemaphorePermit>,
     stop: CancellationToken,
     lost: CancellationToken,
+    renewed: Arc<LeaseClock>,
 ) {
     let (id, fence) = (job.id, job.fence);
     // A shutdown that came while the claim was in flight hands the job straight back.
     let ending = if shared.shutdown.is_cancelled() {
         Ending::Release
     } else {
-        attempt(&shared, job, &stop, &lost).await
+        attempt(&shared, job, &stop, &lost, &renewed).await
     };
     tracing::debug!(job = id, ?ending, "attempt ended");
     let ending = match ending {
@@ -133,6 +146,7 @@ async fn attempt(
     job: ClaimedJob,
     stop: &CancellationToken,
     lost: &CancellationToken,
+    renewed: &Arc<LeaseClock>,
 ) -> Ending {
     if job.cancel_requested {
         return Ending::Cancel;
@@ -170,6 +184,7 @@ async fn attempt(
             lease: shared.settings.lease,
             stop: stop.clone(),
             finished: finished.clone(),
+            renewed: renewed.clone(),
         };
         let mut body = tokio::spawn(handler(ctx));
         let grace = async {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -13,6 +13,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::JobError;
+use crate::lease::LeaseClock;
 
 /// How an attempt ended, as the body sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +52,8 @@ pub struct JobContext {
     pub(crate) stop: CancellationToken,
     /// Set once a batch completed the job, so the runtime does not complete it again.
     pub(crate) finished: Arc<AtomicBool>,
+    /// Noted at each commit that extends the lease, for the heartbeat's reckoning.
+    pub(crate) renewed: Arc<LeaseClock>,
 }
 
 impl JobContext {
@@ -145,8 +148,13 @@ impl JobContext {
     /// Opens a transaction for one batch: do the batch's writes on [`Batch::conn`], then
     /// [`Batch::commit`] them with the new checkpoint, or [`Batch::complete`] the job with them.
     pub async fn begin(&mut self) -> Result<Batch<'_>, JobError> {
+        let begun = Instant::now();
         let tx = self.pool.begin().await?;
-        Ok(Batch { ctx: self, tx })
+        Ok(Batch {
+            ctx: self,
+            tx,
+            begun,
+        })
     }
 }
 
@@ -154,6 +162,9 @@ impl JobContext {
 pub struct Batch<'a> {
     ctx: &'a mut JobContext,
     tx: Transaction<'static, Postgres>,
+    /// Before the transaction began: its `now()`, which the commit's lease extension uses, is
+    /// no earlier.
+    begun: Instant,
 }
 
 impl Batch<'_> {
@@ -200,6 +211,7 @@ impl Batch<'_> {
             Some(false) => {}
         }
         self.tx.commit().await?;
+        self.ctx.renewed.renewed(self.begun);
         self.ctx.checkpoint = Some(checkpoint);
         self.ctx.processed = processed;
         self.ctx.total = total.or(self.ctx.total);

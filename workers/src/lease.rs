@@ -2,10 +2,38 @@
 //! re-read a job resumes from after a transient error. Handing a job back on shutdown is an
 //! ending, with the others ([`crate::finish::release`]).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::PgConnection;
+
+/// When this worker last knew a held job's lease to be extended: the moment before the
+/// statement that extended it was sent (the claim, a heartbeat that found the row unlocked, a
+/// checkpoint's fenced commit, as of its transaction's start, whose `now()` it used). The lease
+/// runs out no sooner than a lease after it, so a worker cut off from the server drops the job
+/// only then, and never one that a checkpoint renewed since the last beat that got through
+/// (dropped early, its lease then ran out with a heartbeat the server's restart came before,
+/// and its attempt was spent as a lost worker's).
+#[derive(Debug)]
+pub(crate) struct LeaseClock(Mutex<Instant>);
+
+impl LeaseClock {
+    pub fn new(at: Instant) -> Self {
+        Self(Mutex::new(at))
+    }
+
+    /// Notes an extension sent at `at` (a later one already noted stays).
+    pub fn renewed(&self, at: Instant) {
+        let mut last = self.0.lock().expect("lease clock");
+        *last = (*last).max(at);
+    }
+
+    /// Whether a whole `lease` has passed since the last extension noted.
+    pub fn ran_out(&self, lease: Duration) -> bool {
+        self.0.lock().expect("lease clock").elapsed() >= lease
+    }
+}
 
 /// A held job as the heartbeat found it.
 #[derive(Debug, sqlx::FromRow)]

@@ -29,6 +29,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot
 use tokio_util::sync::CancellationToken;
 
 use crate::caps::Caps;
+use crate::lease::LeaseClock;
 use crate::registry::Registry;
 use crate::services::{
     claimer, completer, heartbeat, listener, pruner, rescuer, sweeper, vacuumer,
@@ -45,6 +46,8 @@ pub(crate) struct Held {
     pub stop: CancellationToken,
     /// Fired when the lease is gone: the body is aborted and nothing more is written.
     pub lost: CancellationToken,
+    /// When its lease was last extended, as far as this worker knows.
+    pub renewed: Arc<LeaseClock>,
 }
 
 /// Removes job `id` from `held` if it is held under `fence`.
@@ -173,7 +176,9 @@ impl Worker {
         let control = PgPoolOptions::new()
             .max_connections(CONTROL_CONNECTIONS)
             .acquire_timeout(self.pool.options().get_acquire_timeout())
-            .connect_lazy_with(control_options(&self.pool.connect_options()));
+            .connect_lazy_with(
+                control_options(&self.pool.connect_options()).application_name("settle control"),
+            );
         let claim_timeout = sweeper::claim_timeout(self.settings.lease)
             .as_millis()
             .max(1);
@@ -182,6 +187,7 @@ impl Worker {
             .acquire_timeout(self.pool.options().get_acquire_timeout())
             .connect_lazy_with(
                 control_options(&self.pool.connect_options())
+                    .application_name("settle claims")
                     .options([("statement_timeout", claim_timeout.to_string())]),
             );
         let kinds: Vec<String> = self
@@ -264,7 +270,8 @@ impl Worker {
 
 /// The runtime's own connections besides the claims': the heartbeat, the completion batcher
 /// and the liveness probe (the sweeper, rarely, shares them). The liveness lock has a session
-/// of its own besides.
+/// of its own besides. In `pg_stat_activity` they are `settle control`, the claims' `settle
+/// claims` and the lock's `settle liveness`; the jobs' own connections are the pool's (`settle`).
 const CONTROL_CONNECTIONS: u32 = 3;
 
 /// The runtime's own connections' options: `options` with bitmap and sequential scans off (a
@@ -292,6 +299,7 @@ mod tests {
             fence,
             stop: CancellationToken::new(),
             lost: CancellationToken::new(),
+            renewed: Arc::new(LeaseClock::new(Instant::now())),
         }
     }
 

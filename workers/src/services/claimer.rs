@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
@@ -48,6 +48,8 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         let rooms = places.rooms();
         let kinds = claimable(&shared, &places);
         let claiming = shared.claiming.read().await;
+        // Before the claim is sent: its leases run out no sooner than a lease after this.
+        let sent = Instant::now();
         let claimed = if kinds.is_empty() {
             // Every kind is capped, and full or found without due jobs: a job's end, a NOTIFY
             // or the next poll wakes this loop.
@@ -80,7 +82,7 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         for job in jobs {
             let slot = reserved.split(1).expect("a slot reserved per claimed job");
             let place = places.take(&job.kind);
-            crate::execute::start(&shared, job, slot, place);
+            crate::execute::start(&shared, job, sent, slot, place);
         }
         drop((places, claiming));
         if reserved.num_permits() > 0 {

@@ -11,14 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::on_conn;
 use crate::lease;
-use crate::runtime::Shared;
+use crate::runtime::{Held, Shared};
 
 /// Extends every held lease each beat, in one statement, until `done`. A job missing from the
-/// answer was reclaimed by another worker: its `lost` token fires. If no beat succeeds for a
-/// whole lease, every held job is presumed lost too (another worker may already have it).
+/// answer was reclaimed by another worker: its `lost` token fires. A held job whose lease this
+/// worker cannot have extended for a whole lease (no beat got through and no checkpoint of its
+/// own committed, see [`lease::LeaseClock`]) is presumed lost too: another worker may already
+/// have it.
 pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
     let settings = &shared.settings;
-    let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(settings.heartbeat) => {}
@@ -26,9 +27,9 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
         }
         let held = shared.held_snapshot();
         if held.is_empty() {
-            last_ok = Instant::now();
             continue;
         }
+        let sent = Instant::now();
         let beat = tokio::time::timeout(
             settings.heartbeat * 2,
             on_conn(&shared.control, async |conn| {
@@ -38,7 +39,6 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
         .await;
         match beat {
             Ok(Ok(beats)) => {
-                last_ok = Instant::now();
                 let alive: HashMap<i64, lease::Beat> =
                     beats.into_iter().map(|b| (b.id, b)).collect();
                 let map = shared.held.lock().expect("held map");
@@ -48,20 +48,32 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
                     };
                     match alive.get(&id) {
                         None => h.lost.cancel(),
-                        Some(beat) if beat.cancel_requested => h.stop.cancel(),
+                        Some(beat) if beat.cancel_requested => {
+                            h.renewed.renewed(sent);
+                            h.stop.cancel();
+                        }
                         // Busy: still ours; its lease is extended by the body's own fenced
                         // write that holds the row (a checkpoint extends it too), or by the
                         // next beat that finds it unlocked (past the lease, it is lost as any
                         // stalled job is).
-                        Some(_) => {}
+                        Some(beat) if beat.busy => {}
+                        Some(_) => h.renewed.renewed(sent),
                     }
                 }
             }
             failed => {
                 tracing::warn!(result = ?failed.err(), "heartbeat failed");
-                if last_ok.elapsed() >= settings.lease {
-                    tracing::warn!("no heartbeat for a whole lease; dropping every held job");
-                    for h in shared.held.lock().expect("held map").values() {
+                let map = shared.held.lock().expect("held map");
+                let ran_out: Vec<&Held> = map
+                    .values()
+                    .filter(|h| !h.lost.is_cancelled() && h.renewed.ran_out(settings.lease))
+                    .collect();
+                if !ran_out.is_empty() {
+                    tracing::warn!(
+                        jobs = ran_out.len(),
+                        "no heartbeat for a whole lease; dropping the jobs whose lease ran out"
+                    );
+                    for h in ran_out {
                         h.lost.cancel();
                     }
                 }
