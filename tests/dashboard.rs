@@ -587,3 +587,29 @@ async fn a_settlement_started_again_after_no_answer_is_not_started_twice() {
     .await;
     browser.close().await;
 }
+
+/// More queued jobs than a page lists: the summary says at least that many ("50+ queued"), not
+/// a count an operator would read as the whole queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_that_stops_at_a_full_page_says_at_least() {
+    // No worker: the jobs stay queued.
+    let app = spawn_app().await;
+    for _ in 0..60 {
+        enqueue(&app.pool, NOOP, json!({}), 1).await;
+    }
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    let summary = browser.wait_text("#jobs-summary", "queued").await;
+    assert_eq!(summary, "50+ queued");
+    browser.close().await;
+    // Under a page, the count is exact.
+    sqlx::query("delete from jobs where id not in (select id from jobs order by id limit 10)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    assert_eq!(
+        browser.wait_text("#jobs-summary", "queued").await,
+        "10 queued"
+    );
+    browser.close().await;
+}

@@ -284,14 +284,16 @@
     }
   }
 
-  /** How many of the listed jobs are in each state, busiest first: the queue at a glance. */
-  function showSummary(jobs) {
+  /** How many of the listed jobs are in each state, busiest first: the queue at a glance. A
+   * state in `more` had more jobs than its page listed: its count is a floor ("50+"). */
+  function showSummary(jobs, more) {
     const order = ["RUNNING", "CANCELLING", "QUEUED", "FAILED", "CANCELLED", "COMPLETED"];
     const tally = new Map();
     jobs.forEach((job) => tally.set(job.status, (tally.get(job.status) || 0) + 1));
     $("jobs-summary").replaceChildren(...order.filter((s) => tally.has(s)).map((status) => {
       const item = el("span");
-      item.append(el("b", "", count(tally.get(status))), " " + status.toLowerCase());
+      const floor = more.has(status) ? "+" : "";
+      item.append(el("b", "", count(tally.get(status)) + floor), " " + status.toLowerCase());
       return item;
     }));
   }
@@ -390,6 +392,9 @@
       ["jobs", "/api/v1/jobs"],
     ]);
     if (!pages) return;
+    // A live state's page that came back full (it has a next page) lists only the newest of
+    // them: its count is at least that. The finished states are counted among the newest page.
+    const more = new Set(LIVE.filter((_, i) => pages[i].next_cursor));
     // The newest page last, so its copy of a job wins: the state pages only add the jobs it
     // does not hold (each was read at its own instant; a job may have moved between them).
     const byId = new Map();
@@ -416,7 +421,7 @@
       if (at !== entry.row) body.insertBefore(entry.row, at || null);
     });
     $("jobs-empty").hidden = jobs.length > 0;
-    showSummary(jobs);
+    showSummary(jobs, more);
     shown(lists.jobs, "Live · updated " + clock.format(new Date()));
   }
 
