@@ -613,3 +613,35 @@ async fn a_count_that_stops_at_a_full_page_says_at_least() {
     );
     browser.close().await;
 }
+
+/// A settlement's CSV that does not come is not saved and the page says why: a proxy whose
+/// sign-in session expired answers its sign-in page (which the page saved as the CSV before),
+/// and an API that never answers is given up on after a few seconds (the page waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_is_not_the_csv_says_why() {
+    let (app, _worker) = app_and_worker().await;
+    seed(&app).await;
+    let range = json!({"from": "2025-01-01", "to": "2025-01-01"});
+    let (status, body) = app.post("/api/v1/jobs/settlement", &range).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_i64().unwrap();
+    wait_state(&app.pool, id, "completed").await;
+    let front = Front::start(&app.base).await;
+    let browser = Browser::signed_in(&front.url("/"), &app.admin_token).await;
+    let link = format!("{} a.download", Browser::job_row(id));
+    browser.find(&link).await;
+
+    front.set(Mode::SignIn);
+    browser.click(&link).await;
+    let notice = browser.wait_text("#notice", "not CSV (text/html").await;
+    assert!(
+        notice.contains(&format!("Download of job #{id}")),
+        "{notice}"
+    );
+    front.set(Mode::Silent);
+    browser.click(&link).await;
+    browser
+        .wait_text("#notice", "did not answer within 5 s")
+        .await;
+    browser.close().await;
+}

@@ -20,8 +20,8 @@ use super::processes::wait_for;
 pub enum Mode {
     /// Passes it on, and passes the answer back.
     Pass,
-    /// As a single-sign-on proxy whose session expired: each `/api/…` request is redirected
-    /// (302) to `/login`, a sign-in page answered 200 in HTML.
+    /// As a single-sign-on proxy whose session expired: each `/api/…` or `/downloads/…`
+    /// request is redirected (302) to `/login`, a sign-in page answered 200 in HTML.
     SignIn,
     /// Passes it on (the API does what it asks), and never answers: the connection stays open.
     Silent,
@@ -132,7 +132,7 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request) -> Response<
             "<html><body>Sign in</body></html>",
         );
     }
-    if mode == Mode::SignIn && path.starts_with("/api/") {
+    if mode == Mode::SignIn && (path.starts_with("/api/") || path.starts_with("/downloads/")) {
         let mut redirect = answer(StatusCode::FOUND, "text/plain", "");
         let location = header::HeaderValue::from_static("/login");
         redirect.headers_mut().insert(header::LOCATION, location);

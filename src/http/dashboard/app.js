@@ -85,18 +85,52 @@
     } catch (_) {
       data = null;
     }
-    if (!response.ok) {
-      const error = (data && data.error) || {};
-      throw new ApiError(response.status, error.code || "HTTP_" + response.status,
-        error.message || response.statusText || "request failed");
-    }
-    if (data === null || typeof data !== "object") {
-      const type = (response.headers.get("Content-Type") || "no type").split(";")[0];
-      const from = response.redirected ? ` from ${new URL(response.url).pathname}` : "";
-      throw new ApiError(response.status, "NOT_JSON", `the answer was not JSON (${type}${from}): `
-        + "a proxy in front of the API may want you to sign in again; reload the page");
-    }
+    if (!response.ok) throw refused(response, data);
+    if (data === null || typeof data !== "object") throw notTheApis(response, "JSON");
     return data;
+  }
+
+  /** The API's refusal (`data`, its parsed JSON body, or null) of `response`, not 2xx. */
+  function refused(response, data) {
+    const error = (data && data.error) || {};
+    return new ApiError(response.status, error.code || "HTTP_" + response.status,
+      error.message || response.statusText || "request failed");
+  }
+
+  /** A 2xx `response` that is not the `what` (JSON, CSV) the API answers with. */
+  function notTheApis(response, what) {
+    const type = (response.headers.get("Content-Type") || "no type").split(";")[0];
+    const from = response.redirected ? ` from ${new URL(response.url).pathname}` : "";
+    return new ApiError(response.status, "NOT_" + what, `the answer was not ${what} (${type}${from}): `
+      + "a proxy in front of the API may want you to sign in again; reload the page");
+  }
+
+  /** The settlement CSV at `path`, as a Blob. Throws an ApiError for no answer within READ_MS
+   * (once it begins, the file takes as long as it takes), the API's refusal, or a 2xx that is
+   * not a CSV (a proxy's sign-in page), which would otherwise be saved as the settlement. */
+  async function fetchCsv(path) {
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new DOMException("no answer", "TimeoutError")), READ_MS);
+    let response;
+    try {
+      response = await fetch(path, { headers: authHeaders(), signal: controller.signal });
+    } catch (error) {
+      throw noAnswer(error, READ_MS);
+    } finally {
+      clearTimeout(timer);
+    }
+    const type = (response.headers.get("Content-Type") || "").split(";")[0].trim();
+    if (!response.ok) {
+      const data = type === "application/json" ? await response.json().catch(() => null) : null;
+      throw refused(response, data);
+    }
+    if (type !== "text/csv") throw notTheApis(response, "CSV");
+    try {
+      return await response.blob();
+    } catch (_) {
+      throw new ApiError(0, "CUT_OFF", "the download was cut off before its end; try again");
+    }
   }
 
   /** One sentence an operator can act on. */
@@ -229,9 +263,7 @@
       if (!token()) return;
       event.preventDefault();
       try {
-        const response = await fetch(job.download_url, { headers: authHeaders() });
-        if (!response.ok) throw new ApiError(response.status, "HTTP_" + response.status, response.statusText);
-        const url = URL.createObjectURL(await response.blob());
+        const url = URL.createObjectURL(await fetchCsv(job.download_url));
         const save = el("a");
         save.href = url;
         save.download = link.download;
