@@ -310,8 +310,14 @@ async fn finish_after_a_refund_open_during_standby_reads(
         read_parts.push(part);
     }
     refund.commit().await.unwrap();
+    let on_standby = "select bool_and(on_standby) from settlement_reads";
+    let on_standby: Option<bool> = sqlx::query_scalar(on_standby)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(on_standby, Some(true));
     if release_before {
-        sqlx::query("update settlement_reads set seen_xids = null")
+        sqlx::query("update settlement_reads set seen_xids = null, on_standby = null")
             .execute(&pool)
             .await
             .unwrap();

@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use common::engine::{Db, db, range};
 use common::settlement::{self as support, day};
 use settle::settlement::plan::Plan;
-use settle::settlement::{SettleError, Zone, finalize};
+use settle::settlement::{SettleError, Zone, finalize, parts};
 
 /// A run of 2025-01-01..=03 on 1,000 rows (and rows of a far day and rows above its mark,
 /// neither in its input), its first batch read.
@@ -270,4 +270,99 @@ async fn revisions_no_job_can_need_are_pruned() {
         .unwrap();
     assert_eq!(prune().await, 1);
     assert_eq!(ids().await, all[3..]);
+}
+
+/// A part batch on the primary runs in a transaction with an id of its own (it locks the run's
+/// row `for share`, [`parts::lock_run`], as a worker's batch does), taken before it reads. A
+/// change committed by another transaction after that id was taken and before the read has an
+/// id between the read's snapshot's xmin (the batch's own id, when nothing older runs) and its
+/// xmax, and that snapshot lists nothing in progress (never its own transaction): a standby's
+/// shape. The read saw the change, and the finalize publishes without starting the job over.
+#[tokio::test]
+async fn a_change_committed_after_a_primary_batch_took_its_id_and_before_it_read_is_seen() {
+    let found = finalize_after_a_change_between_a_batch_id_and_its_read(false).await;
+    assert!(found.is_none(), "{found:?}");
+}
+
+/// The same read recorded by a worker of a release before migration 0024 (during a rolling
+/// upgrade: no record of where it read) cannot be told from a standby read of that release,
+/// which may have missed the change: the job starts over rather than guess.
+#[tokio::test]
+async fn such_a_read_of_the_release_before_starts_the_job_over() {
+    let found = finalize_after_a_change_between_a_batch_id_and_its_read(true).await;
+    assert!(matches!(found, Some(SettleError::Revised)), "{found:?}");
+}
+
+/// Reads a job's one batch on the primary under the run's lock, a change committed by another
+/// transaction between the batch's id and its read (see above), and finalizes; with
+/// `release_before`, the read is left as a worker of a release before migration 0024 records
+/// it. Returns the finalize's error, if any (see [`finalized_as_now`]).
+async fn finalize_after_a_change_between_a_batch_id_and_its_read(
+    release_before: bool,
+) -> Option<SettleError> {
+    // One part, one batch: no other batch of the job runs beside it.
+    let db = db("UTC", 1, 5_000).await;
+    support::store_random(&db.pool, 17, 1_000, 4, 3).await;
+    let plan = db.start(1, range("2025-01-01", "2025-01-03")).await;
+    let part = plan.parts[0].clone();
+    // The shape needs nothing older than the batch running on the whole server (other tests',
+    // other databases' transactions are listed too): tried until a read has it.
+    for _ in 0..50 {
+        let mut tx = db.pool.begin().await.unwrap();
+        assert!(parts::lock_run(&mut tx, 1, 0).await.unwrap());
+        let own: Option<String> =
+            sqlx::query_scalar("select pg_current_xact_id_if_assigned()::text")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        let own: i64 = own
+            .expect("the batch has an id of its own")
+            .parse()
+            .unwrap();
+        let refund: String = sqlx::query_scalar(
+            "update transactions set status = 'REFUNDED'
+             where id = (select min(id) from transactions
+                         where status = 'PAID'
+                           and paid_at >= '2025-01-01' and paid_at < '2025-01-04')
+             returning pg_current_xact_id()::text",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let refund: i64 = refund.parse().unwrap();
+        assert!(refund > own, "{refund} {own}");
+        let done = parts::process_batch(&mut tx, &plan, &part, db.settings.batch_size)
+            .await
+            .unwrap();
+        assert!(done.is_done());
+        let (xmin, xmax, listed): (String, String, i64) = sqlx::query_as(
+            "select pg_snapshot_xmin(snapshot)::text, pg_snapshot_xmax(snapshot)::text,
+                    (select count(*) from pg_snapshot_xip(snapshot))
+             from settlement_reads where job_id = 1",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let (xmin, xmax): (i64, i64) = (xmin.parse().unwrap(), xmax.parse().unwrap());
+        if listed > 0 || xmin != own {
+            // Another transaction ran beside the batch: not the shape. Its refund stays,
+            // committed before the next attempt's id.
+            tx.rollback().await.unwrap();
+            continue;
+        }
+        assert!(xmin < refund && refund < xmax, "{xmin} {refund} {xmax}");
+        if release_before {
+            sqlx::query("update settlement_reads set on_standby = null")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let plan = Plan {
+            parts: vec![done],
+            ..plan
+        };
+        return finalized_as_now(&db, &plan).await;
+    }
+    panic!("no batch read with nothing else running on the server in 50 attempts");
 }

@@ -61,7 +61,9 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
 ///
 /// A batch read on a standby also recorded the changes it saw (migration 0022): a standby's
 /// snapshot does not list the transactions in progress there, so it alone would take a change
-/// still running on the primary as seen.
+/// still running on the primary as seen. A batch read on the primary recorded that it was
+/// (migration 0024): its snapshot is exact whatever its shape (one of a batch whose own
+/// transaction id is its xmin lists nothing in progress, as a standby's does).
 ///
 /// The sums go into one part [`parts::REVISED_PART`] row, which [`replace_settlements`] adds to
 /// the parts'. The work follows the revisions, not the rows they touched, so changes on every
@@ -69,8 +71,9 @@ pub async fn finalize(tx: &mut PgConnection, plan: &Plan) -> Result<u64, SettleE
 /// for what this cannot correct: a TRUNCATE since the input was fixed, a run fixed before
 /// revisions were kept by row (no `revision_snapshot`) whose input was revised, a part whose
 /// reads do not account for every row it read (batches of a worker of the release before
-/// 0021, during a rolling upgrade), or a change that a standby read of a worker of the release
-/// before 0022 cannot tell whether it saw.
+/// 0021, during a rolling upgrade), or a change that a read of a worker of a release before
+/// 0024 cannot tell whether it saw (its snapshot has a standby's shape, and it recorded
+/// neither the changes it saw nor where it read).
 pub async fn sum_revisions(tx: &mut PgConnection, plan: &Plan) -> Result<(), SettleError> {
     let run = &plan.run;
     let Some(fixed_in) = &run.revision_snapshot else {

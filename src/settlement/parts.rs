@@ -71,6 +71,9 @@ struct BatchSums {
     /// The transactions at or above the snapshot's xmin whose revisions the read saw (`xid8[]`
     /// as text, see [`SEEN_XIDS`]): with the xmin, which changes it saw, on any server.
     seen_xids: String,
+    /// Whether the server it was read on is a standby (in recovery; `read_url` may also lead
+    /// to a primary), recorded with the read (migration 0024).
+    on_standby: bool,
 }
 
 /// Reads the next batch of `part` on `reader` (a transaction on the read replica, see
@@ -92,7 +95,8 @@ pub async fn read_batch(
     // Dynamic: the sums hold the job's zone as a literal (see `Zone::day_sql`). The snapshot
     // and the changes seen in it are the statement's own, the ones its sums were read in.
     let sums: Option<BatchSums> = sqlx::query_as(AssertSqlSafe(format!(
-        "select pg_current_snapshot()::text as snapshot, ({SEEN_XIDS}) as seen_xids, {}",
+        "select pg_current_snapshot()::text as snapshot, ({SEEN_XIDS}) as seen_xids,
+                pg_is_in_recovery() as on_standby, {}",
         batch_sums_sql(zone, ["$1", "$2", "$3", "$4"])
     )))
     .bind(after)
@@ -251,8 +255,8 @@ async fn insert_sums(
 
 /// Records that a batch of `part` read the ids `(lo_id, hi_id]`, `sums.scanned` rows of them,
 /// in `sums.snapshot` (migration 0021), seeing the changes of `sums.seen_xids` (migration
-/// 0022): a change of one of those rows that this read did not see moves the job's sums at its
-/// finalize ([`super::finalize::sum_revisions`]).
+/// 0022), on a standby or not (migration 0024): a change of one of those rows that this read
+/// did not see moves the job's sums at its finalize ([`super::finalize::sum_revisions`]).
 async fn insert_read(
     tx: &mut PgConnection,
     job_id: i64,
@@ -261,8 +265,9 @@ async fn insert_read(
     sums: &BatchSums,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
-        "insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot, seen_xids)
-         values ($1, $2, $3, $4, $5, $6::text::pg_snapshot, $7::text::xid8[])",
+        "insert into settlement_reads
+             (job_id, part, lo_id, hi_id, scanned, snapshot, seen_xids, on_standby)
+         values ($1, $2, $3, $4, $5, $6::text::pg_snapshot, $7::text::xid8[], $8)",
         job_id,
         part,
         lo_id,
@@ -270,6 +275,7 @@ async fn insert_read(
         sums.scanned,
         sums.snapshot,
         sums.seen_xids,
+        sums.on_standby,
     )
     .execute(tx)
     .await?;
@@ -331,7 +337,11 @@ pub async fn set_local_async_commit(conn: &mut PgConnection) -> Result<(), sqlx:
 /// Reads the job's input with ids in `(after, up_to]` (the transactions paid within `range`'s
 /// days) and stores, as one row of the part's batch sums ending at `end_id`, the `(merchant,
 /// day)` sums of the PAID ones, and the snapshot it read them in ([`insert_read`]; the
-/// primary's, which lists every transaction in progress, so no record of the changes it saw).
+/// primary's, which lists every transaction in progress, so no record of the changes it saw,
+/// but that it was read on the primary, migration 0024: the snapshot leaves out only the
+/// caller's own transaction, which changed no stored row; with an id of its own, taken by
+/// [`lock_run`], and nothing older running, that id is the snapshot's xmin and the snapshot
+/// lists nothing in progress, as a standby's).
 /// Returns the rows read, `None` when there were none (nothing is stored then): the other rows
 /// are grouped apart and counted in the same pass. A batch sum past 64 bits fails its cast
 /// (SQLSTATE 22003).
@@ -352,8 +362,9 @@ pub async fn aggregate_ids(
              select $1, $2, $7, {}
              returning scanned
          ), read as (
-             insert into settlement_reads (job_id, part, lo_id, hi_id, scanned, snapshot)
-             select $1, $2, $3, $4, scanned, pg_current_snapshot() from sums
+             insert into settlement_reads
+                 (job_id, part, lo_id, hi_id, scanned, snapshot, on_standby)
+             select $1, $2, $3, $4, scanned, pg_current_snapshot(), false from sums
          )
          select scanned from sums",
         batch_sums_sql(zone, ["$3", "$4", "$5", "$6"])
@@ -380,11 +391,13 @@ pub const REVISED_PART: i32 = -1;
 /// read did not see (the new row's less the old one's); for a row no batch read, its share as
 /// this statement's snapshot holds it. A read saw a change whose transaction id is below its
 /// snapshot's xmin; above it, one in its record of the changes it saw ([`SEEN_XIDS`], a replica
-/// read's), or, where it has none (a primary read), one its snapshot sees. Returns false, and
-/// stores nothing, where a read cannot tell: a standby read of a worker of the release before
-/// (no record; a snapshot that lists nothing in progress though its xmin is below its xmax,
-/// which a primary's never does) and a change whose id lies between the two. A sum past 64
-/// bits fails its cast (SQLSTATE 22003).
+/// read's), or, where it has none, one its snapshot sees if it was read on the primary
+/// (`on_standby` false), whatever the snapshot's shape. Returns false, and stores nothing,
+/// where a read cannot tell: a read of a worker of a release before migration 0024 (no record
+/// of the changes it saw, nor of where it read) whose snapshot lists nothing in progress though
+/// its xmin is below its xmax (a standby's shape, and a primary read's whose own transaction
+/// had an id, its xmin, with nothing older running), and a change whose id lies between the
+/// two. A sum past 64 bits fails its cast (SQLSTATE 22003).
 pub async fn sum_revisions(
     conn: &mut PgConnection,
     plan: &Plan,
@@ -400,13 +413,14 @@ pub async fn sum_revisions(
                     case when rd.seen_xids is not null
                              then r.xid < pg_snapshot_xmin(rd.snapshot)
                                   or r.xid = any(rd.seen_xids)
-                         when r.xid < pg_snapshot_xmin(rd.snapshot)
+                         when not rd.on_standby
+                              or r.xid < pg_snapshot_xmin(rd.snapshot)
                               or r.xid >= pg_snapshot_xmax(rd.snapshot)
                               or exists (select from pg_snapshot_xip(rd.snapshot))
                              then pg_visible_in_snapshot(r.xid, rd.snapshot)
                     end as seen
              from transaction_revisions as r
-                  left join lateral (select rd.hi_id, rd.snapshot, rd.seen_xids
+                  left join lateral (select rd.hi_id, rd.snapshot, rd.seen_xids, rd.on_standby
                                      from settlement_reads as rd
                                      where rd.job_id = $1 and rd.lo_id < r.txn_id
                                      order by rd.lo_id desc limit 1) as rd

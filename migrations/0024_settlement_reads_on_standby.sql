@@ -1,0 +1,17 @@
+-- A batch read on the primary whose own transaction had an id when it read (a worker's batch
+-- locks its run's row `for share` first, which takes one) made its job start over for
+-- nothing. With nothing older running, that read's snapshot has its own id as xmin and lists
+-- nothing in progress (a snapshot never lists its own transaction), xmin below xmax: the shape
+-- 0022 leaves to "cannot tell" for a standby read of the release before, so a change committed
+-- by another transaction after the batch took its id and before it read, seen, sent the job
+-- back to a fresh input. Each read now records whether its snapshot is a standby's:
+--
+-- - false: a read on the primary (`parts::aggregate_ids`), whose snapshot lists every
+--   transaction in progress but its own, which changed no stored row; whether it saw a change
+--   is the snapshot's to say, whatever its shape;
+-- - true: a read on a standby (`parts::read_batch`, which records `seen_xids` too, and false
+--   where `database.read_url` led to a server not in recovery);
+-- - null: a read of a worker of the release before, running during a rolling upgrade (no
+--   default: such a read on a standby must not pass for one on the primary); as before, a
+--   read with no `seen_xids` whose snapshot cannot tell starts the job over.
+alter table settlement_reads add column on_standby boolean;
