@@ -32,12 +32,20 @@ pub struct Browser {
     driver: Child,
     /// chromedriver's own log, named in failure messages.
     pub log: PathBuf,
+    /// Chromium's profile: its own, so that it goes with the browser (Chromium, killed with
+    /// its driver, cannot remove the one it would make in the temporary directory).
+    profile: PathBuf,
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
         if let Some(pid) = self.driver.id() {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+        // The driver's log is kept for a failing test, which names it.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }
@@ -50,10 +58,11 @@ fn free_port() -> u16 {
 
 /// Headless (the machine has no display), no sandbox (tests run as root), one fixed size and
 /// language so screenshots and date fields look the same on every machine.
-fn capabilities() -> serde_json::Map<String, Value> {
+fn capabilities(profile: &std::path::Path) -> serde_json::Map<String, Value> {
     let mut options = json!({"args": [
         "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
         "--window-size=1440,960", "--force-device-scale-factor=1", "--lang=en-US",
+        format!("--user-data-dir={}", profile.display()),
     ]});
     if let Ok(binary) = std::env::var("CHROME_BIN") {
         options["binary"] = json!(binary);
@@ -71,6 +80,7 @@ impl Browser {
         let binary = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
         let port = free_port();
         let log = std::env::temp_dir().join(format!("settle-chromedriver-{port}.log"));
+        let profile = std::env::temp_dir().join(format!("settle-chromium-{port}"));
         let driver = Command::new(&binary)
             .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))
@@ -83,14 +93,15 @@ impl Browser {
                 panic!("cannot run `{binary}` ({e}): the dashboard's browser test needs {INSTALL}")
             });
         let url = format!("http://127.0.0.1:{port}");
+        let caps = capabilities(&profile);
         let client = wait_for(
             Duration::from_secs(20),
             "chromedriver to start Chromium",
             || {
-                let url = url.clone();
+                let (url, caps) = (url.clone(), caps.clone());
                 async move {
                     ClientBuilder::new(HttpConnector::new())
-                        .capabilities(capabilities())
+                        .capabilities(caps)
                         .connect(&url)
                         .await
                         .ok()
@@ -102,6 +113,7 @@ impl Browser {
             client,
             driver,
             log,
+            profile,
         }
     }
 

@@ -67,6 +67,16 @@ fn flatten_env(prefix: &str, value: Value, env: &mut Vec<(String, String)>) {
     }
 }
 
+impl Drop for WorkerProcess {
+    /// The log goes with the process (`kill_on_drop`), unless the test is failing: its
+    /// messages quote it, and the file stays for a closer look.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
 impl WorkerProcess {
     /// Starts `settle worker` on `config`'s database with its `[worker]` settings.
     pub fn start(config: &Config) -> Self {
