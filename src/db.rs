@@ -289,13 +289,58 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with any password (in its user part or its query) replaced, for messages and logs.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let secret = |key: &str| matches!(key, "password" | "sslpassword");
+    // The driver also takes a password as a query parameter (`?password=`).
+    let in_query = parsed.query_pairs().any(|(key, _)| secret(&key));
+    if parsed.password().is_none() && !in_query {
+        return url.to_owned();
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if in_query {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if secret(&key) { "***".into() } else { value };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_password_is_hidden_wherever_the_url_holds_it() {
+        let hidden = [
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            (
+                "postgres://u@h/db?password=pw&sslmode=disable",
+                "postgres://u@h/db?password=***&sslmode=disable",
+            ),
+            (
+                "postgres://u:pw@h/db?sslpassword=key",
+                "postgres://u:***@h/db?sslpassword=***",
+            ),
+            // Nothing to hide: the URL as given.
+            (
+                "postgres://u@h/db?sslmode=require",
+                "postgres://u@h/db?sslmode=require",
+            ),
+            ("not a url", "not a url"),
+        ];
+        for (url, shown) in hidden {
+            assert_eq!(redact(url), shown, "{url}");
         }
-        _ => url.to_owned(),
     }
 }
