@@ -1,5 +1,7 @@
-//! Configuration: `config.toml`, then `SETTLE_*` environment variables, then the conventional
-//! `DATABASE_URL`, `PORT`, `WORKERS` and `BATCH_SIZE`, each layer overriding the one before.
+//! Configuration: `config.toml`, then the conventional `DATABASE_URL`, `PORT`, `WORKERS` and
+//! `BATCH_SIZE`, then `SETTLE_*` environment variables, each layer overriding the one before:
+//! the service's own name for a key wins over the conventional one (a shell that exports
+//! `DATABASE_URL` for other tools must not redirect `SETTLE_DATABASE__URL=… settle …`).
 //!
 //! Every struct denies unknown fields, so a misspelt key fails at start with its name, and every
 //! value is checked by `Config::validate` before anything connects anywhere.
@@ -310,16 +312,9 @@ impl Config {
     }
 }
 
-/// `SETTLE_SECTION__KEY` variables, plus the conventional unprefixed names.
+/// The conventional unprefixed names, then the `SETTLE_SECTION__KEY` variables over them.
 fn env_layer() -> Figment {
     Figment::new()
-        .merge(
-            // Not configuration: the config file's path, the log's filter and format, and the
-            // test suite's own switches (tests/common), which a developer may leave exported.
-            Env::prefixed("SETTLE_")
-                .ignore(&["CONFIG", "LOG", "LOG_FORMAT", "TEST_KEEP_DB", "FUZZ_TOKEN"])
-                .split("__"),
-        )
         .merge(
             Env::raw()
                 .only(&["DATABASE_URL"])
@@ -335,6 +330,13 @@ fn env_layer() -> Figment {
             Env::raw()
                 .only(&["BATCH_SIZE"])
                 .map(|_| "worker.batch_size".into()),
+        )
+        .merge(
+            // Not configuration: the config file's path, the log's filter and format, and the
+            // test suite's own switches (tests/common), which a developer may leave exported.
+            Env::prefixed("SETTLE_")
+                .ignore(&["CONFIG", "LOG", "LOG_FORMAT", "TEST_KEEP_DB", "FUZZ_TOKEN"])
+                .split("__"),
         )
 }
 

@@ -193,7 +193,6 @@ fn bad_configuration_names_the_key() {
             "orders.batch_timeout_ms",
         ),
         ("SETTLE_ORDERS__MAX_BATCH", "1000000000", "orders.max_batch"),
-        ("DATABASE_URL", "mysql://x", "database.url"),
         ("SETTLE_LOG_FORMAT", "yaml", "settle_log_format=\"yaml\""),
         (
             "SETTLE_LOG",
@@ -210,6 +209,32 @@ fn bad_configuration_names_the_key() {
         let said = String::from_utf8_lossy(&output.stderr).to_lowercase();
         assert!(said.contains(named), "{key}={value}: {said}");
     }
+}
+
+/// A `SETTLE_` variable wins over its conventional name: a shell that exports `DATABASE_URL`
+/// for the sqlx tooling (README, "Developing") does not send `SETTLE_DATABASE__URL=… settle …`
+/// to that other database (it did, saying nothing). The conventional name alone is still read.
+#[test]
+fn a_settle_variable_wins_over_its_conventional_name() {
+    let (url, _db) = fresh_database();
+    let both = settle(&url)
+        .env("DATABASE_URL", "mysql://x")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(
+        both.status.success(),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    let alone = common::settle_command()
+        .env("DATABASE_URL", "mysql://x")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    let said = String::from_utf8_lossy(&alone.stderr).to_lowercase();
+    assert!(said.contains("database.url"), "{said}");
 }
 
 /// A server that refuses connections is named as refusing them, once, not as a pool that timed
