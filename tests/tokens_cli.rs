@@ -128,3 +128,29 @@ async fn serve_demo_prints_an_admin_token_on_its_last_line() {
         "demo products loaded"
     );
 }
+
+/// A new token's secret that cannot be written (the reader of the output already gone, as in
+/// `settle tokens create … | true`) makes no token: the command fails saying so, and nothing is
+/// listed. Before, it exited 0 (a closed output counted as success, as for `jobs list | head`)
+/// and left a live token whose secret nobody had.
+#[tokio::test]
+async fn a_secret_nobody_read_makes_no_token() {
+    let config = common::test_config(&[]);
+    let (_pool, _db) = common::migrated_pool(&config).await;
+    let url = &config.database.url;
+    let mut child = common::settle_command()
+        .args(["tokens", "create", "--role", "admin", "--name", "lost"])
+        .env("SETTLE_DATABASE__URL", url)
+        .env("SETTLE_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run settle");
+    // The reader goes before the command (which connects first) writes anything.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for settle");
+    let said = refused(output);
+    assert!(said.contains("no token was created"), "{said}");
+    let listed = stdout(&settle(url, &["tokens", "list"]));
+    assert!(!listed.contains("lost"), "{listed}");
+}

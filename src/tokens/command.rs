@@ -48,14 +48,26 @@ pub async fn run(
             name,
         } => {
             let token = NewToken::new(role, merchant_id, name)?;
-            let (info, secret) = super::create(&mut conn, &token).await?;
-            writeln!(
+            // Committed only once its secret is written: a token whose secret nobody got (the
+            // reader of the output gone, `| true`) would be live and of no use to anyone.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let (info, secret) = super::create(&mut tx, &token).await?;
+            let shown = writeln!(
                 out,
                 "created token {} ({}); it is shown only this once:",
                 info.id,
                 describe(&info)
-            )?;
-            writeln!(out, "{}", secret.expose())?;
+            )
+            .and_then(|()| writeln!(out, "{}", secret.expose()))
+            .and_then(|()| out.flush());
+            if let Err(e) = shown {
+                // Said without the io::Error as its cause: a closed output is no success here.
+                anyhow::bail!(
+                    "the new token's secret could not be written to standard output ({e}); \
+                     no token was created"
+                );
+            }
+            tx.commit().await?;
         }
         TokensCommand::List => {
             let tokens = super::list(&mut conn).await?;
