@@ -118,6 +118,8 @@ impl Drop for TestDatabase {
             eprintln!("SETTLE_TEST_KEEP_DB: keeping database {}", self.name);
             return;
         }
+        // The settlement CSVs the test's jobs wrote (`test_config`'s results_dir).
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.name));
         // The test server, whatever route (a proxy, say) the test itself took to it.
         let url = format!("{}/{}", server_url(), self.name);
         // Drop runs inside the test's runtime, or while a panic unwinds out of it, where
