@@ -50,11 +50,20 @@ pub async fn store(
 
 /// `COPY` of a job's result as the CSV (COPY takes no parameters; the id is an integer). The
 /// rows are sorted here: the table is indexed by job only (migration 0016).
+///
+/// A merchant id that a spreadsheet would take for a formula (it begins with `=`, `+`, `-`,
+/// `@`, a tab or a carriage return; ingestion takes any id a provider sends, and anyone with an
+/// `ingest` token chooses it) is written after an apostrophe, as OWASP advises against CSV
+/// injection: the admin who opens the file sees the id as text and runs nothing. The API's
+/// JSON gives every id as it is.
 fn copy_statement(job_id: i64) -> String {
     format!(
-        "copy (select merchant_id, date, gross_cents, fee_cents, net_cents, txn_count
+        "copy (select case when left(merchant_id, 1) in ('=', '+', '-', '@', E'\\t', E'\\r')
+                           then '''' || merchant_id else merchant_id end as merchant_id,
+                      date, gross_cents, fee_cents, net_cents, txn_count
                from settlement_results where job_id = {job_id}
-               order by merchant_id, date)
+               -- The stored id, not the one written (an output name would win here).
+               order by settlement_results.merchant_id, date)
          to stdout with (format csv, header)"
     )
 }
