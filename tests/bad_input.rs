@@ -329,6 +329,12 @@ async fn health_and_docs_are_served() {
     ] {
         assert!(spec_text.contains(code), "{code} documented");
     }
+    // The body limit as configured, where a full array of transactions may meet it first.
+    let limit = app.config.http.max_body_bytes;
+    assert_eq!(
+        spec["paths"]["/api/v1/transactions"]["post"]["responses"]["413"]["description"],
+        format!("PAYLOAD_TOO_LARGE: the body is over http.max_body_bytes ({limit} bytes here)")
+    );
     for path in [
         "/api/v1/orders",
         "/api/v1/transactions",

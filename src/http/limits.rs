@@ -214,8 +214,8 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
     if keyed {
         common.push((
             "503",
-            "SERVICE_UNAVAILABLE: the database is overloaded or unreachable, or \
-            the request ran past http.request_timeout_ms, and nothing was done; retrying is safe. \
+            "SERVICE_UNAVAILABLE: nothing was done: the database is unreachable or busy, or \
+            the request ran past http.request_timeout_ms; retrying is safe. \
             OUTCOME_UNKNOWN: the database connection failed during the commit, or the request ran \
             past http.request_timeout_ms while committing, and the service could not find out \
             whether the write took effect; a retry with the same Idempotency-Key answers what was \
@@ -224,7 +224,11 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         ));
     }
     if path.starts_with("/api/v1/") || path.starts_with("/downloads/") {
-        common.push(("503", "SERVICE_UNAVAILABLE: the database is overloaded or the request ran past http.request_timeout_ms"));
+        common.push((
+            "503",
+            "SERVICE_UNAVAILABLE: nothing was done: the database is unreachable or busy, or the \
+             request ran past http.request_timeout_ms; retry later",
+        ));
         common.push((
             "401",
             "UNAUTHENTICATED: no, unknown or revoked bearer token",
@@ -233,10 +237,6 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
     }
     if takes_body {
         common.push(("400", "MALFORMED_JSON, INVALID_BODY"));
-        common.push((
-            "413",
-            "PAYLOAD_TOO_LARGE: the body is over http.max_body_bytes",
-        ));
         common.push((
             "415",
             "UNSUPPORTED_MEDIA_TYPE: the body is not application/json",
@@ -247,6 +247,15 @@ fn complete_operation(path: &str, operation: &mut Value, config: &Config) {
         if responses.get(status).is_none() {
             responses[status] = error_response(description);
         }
+    }
+    if takes_body {
+        // The limit as configured, which also bounds a list that a count limits too (a full
+        // array of transactions with long ids may be over it).
+        let too_large = format!(
+            "PAYLOAD_TOO_LARGE: the body is over http.max_body_bytes ({} bytes here)",
+            config.http.max_body_bytes
+        );
+        responses["413"] = error_response(&too_large);
     }
 }
 
