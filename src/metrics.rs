@@ -40,6 +40,12 @@ pub const OLDEST_QUEUED: &str = "settle_job_oldest_queued_seconds";
 /// How old a reading of the queue gauges may be when a scrape reuses it.
 pub const QUEUE_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// How long a scrape waits for a reading of the queue gauges (a connection and the statement):
+/// past it the scrape is answered without them, and the failure is reused as a reading is, so
+/// scrapes arriving meanwhile do not each wait again (a stalled database made them queue, 5 s
+/// each, the later ones past a scraper's timeout).
+const QUEUE_READ_LIMIT: Duration = Duration::from_secs(2);
+
 /// How often histograms are drained when nobody scrapes (`run_upkeep`), bounding their memory.
 const UPKEEP: Duration = Duration::from_secs(5);
 
@@ -147,8 +153,11 @@ pub fn http_request(method: &'static str, route: String, status: u16, took: Dura
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
-    queue: Arc<Mutex<Option<(Instant, String)>>>,
+    queue: Arc<Mutex<Option<(Instant, QueueReading)>>>,
 }
+
+/// A reading of the queue gauges: their text, or why there is none.
+type QueueReading = Result<String, String>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -182,20 +191,28 @@ impl Metrics {
         text
     }
 
-    /// The last reading if younger than [`QUEUE_MAX_AGE`], else a new one. Concurrent scrapes
-    /// wait for one reading rather than each running the statement.
-    async fn queue_gauges(&self, pool: &PgPool) -> Result<String, sqlx::Error> {
+    /// The last reading if younger than [`QUEUE_MAX_AGE`], else a new one, given at most
+    /// [`QUEUE_READ_LIMIT`]. Concurrent scrapes wait for one reading rather than each running
+    /// the statement; a failed one is reused as long.
+    async fn queue_gauges(&self, pool: &PgPool) -> QueueReading {
         let mut cached = self.queue.lock().await;
-        if let Some((read_at, text)) = cached.as_ref()
+        if let Some((read_at, reading)) = cached.as_ref()
             && read_at.elapsed() < QUEUE_MAX_AGE
         {
-            return Ok(text.clone());
+            return reading.clone();
         }
-        let mut conn = pool.acquire().await?;
-        let counts = stats::queue_counts(&mut conn, stats::EXACT_UP_TO).await?;
-        let text = render_queue(&counts);
-        *cached = Some((Instant::now(), text.clone()));
-        Ok(text)
+        let read = tokio::time::timeout(QUEUE_READ_LIMIT, async {
+            let mut conn = pool.acquire().await?;
+            stats::queue_counts(&mut conn, stats::EXACT_UP_TO).await
+        })
+        .await;
+        let reading = match read {
+            Ok(Ok(counts)) => Ok(render_queue(&counts)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no reading within {QUEUE_READ_LIMIT:?}")),
+        };
+        *cached = Some((Instant::now(), reading.clone()));
+        reading
     }
 }
 

@@ -221,6 +221,48 @@ async fn a_job_back_in_the_queue_has_waited_since_it_was_last_held() {
     assert!((1.0..60.0).contains(&waited), "{waited}");
 }
 
+/// While the database stalls on the queue's tables, scrapes are answered within seconds with
+/// the process's own series and without the queue gauges, however many arrive together; the
+/// gauges are back once it ends. Before, each scrape waited its turn behind the one before for
+/// the statement (here all past 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_during_a_stall_are_answered_without_the_queue_gauges() {
+    let app = spawn_app().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    settle_workers::enqueue(&mut conn, &NewJob::new("stalled_probe", json!({})))
+        .await
+        .unwrap();
+    drop(conn);
+    let mut stall = app.pool.begin().await.unwrap();
+    sqlx::query("lock table jobs in access exclusive mode")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+    let scrapes = (0..4).map(|_| {
+        let request = app.http.get(app.url("/metrics"));
+        async move { request.timeout(Duration::from_secs(8)).send().await }
+    });
+    for answer in futures::future::join_all(scrapes).await {
+        let text = answer.expect("answered within 8 s").text().await.unwrap();
+        assert!(text.contains("settle_orders_total"), "{text}");
+        assert!(!text.contains("stalled_probe"), "{text}");
+    }
+    stall.rollback().await.unwrap();
+    wait_for(Duration::from_secs(10), "the queue gauges back", || async {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("stalled_probe").then_some(())
+    })
+    .await;
+}
+
 /// A queued job cancelled through the API ends there and then, and is counted as it ends.
 #[tokio::test]
 async fn a_queued_job_cancelled_is_counted_as_it_ends() {

@@ -216,8 +216,8 @@ async fn attempt(
                 }
                 body.abort();
                 tracing::warn!(job = job.id, "lease lost; dropping the job");
-                // Dropped without an ending: if the row is still this worker's (no heartbeat
-                // for a whole lease), the sweeper leaves it to its lease and a rescue.
+                // Dropped without an ending: if the row is still this worker's (its lease not
+                // renewed for a whole lease), the sweeper leaves it to its lease and a rescue.
                 shared.give_up(job.id, job.fence);
                 return Ending::Nothing;
             }

@@ -75,7 +75,17 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         // Only an empty claim means the queue is drained: a short one may just have skipped
         // rows another worker was claiming at the same instant.
         let drained = jobs.is_empty();
-        crate::metrics::rescued(jobs.iter().filter(|job| job.rescued).count());
+        let rescued: Vec<i64> = jobs
+            .iter()
+            .filter(|job| job.rescued)
+            .map(|job| job.id)
+            .collect();
+        crate::metrics::rescued(rescued.len());
+        if !rescued.is_empty() {
+            // The probe's rescues (a dead worker's lock freed) are logged by the rescuer.
+            tracing::warn!(jobs = ?rescued, "took over jobs whose lease had expired \
+                (their worker froze, was cut off or died, or the server restarted)");
+        }
         if !rooms.is_empty() && !jobs.iter().any(|job| shared.caps.caps(&job.kind)) {
             shared.caps.found_none(&places);
         }
