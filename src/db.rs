@@ -224,11 +224,43 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     {
         tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
     }
-    let migrated = MIGRATOR.run(pool).await;
+    let newer = newer_migrations(pool).await?;
+    let migrated = if !newer.is_empty() && pending_migrations(pool).await? == 0 {
+        // A newer release migrated the database (a rolling upgrade under way, or this one
+        // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
+        // to start on versions it does not know.
+        tracing::warn!(
+            versions = ?newer,
+            "the database was migrated by a newer release (migrations this release does not \
+             know); this release's are all applied, so nothing is migrated"
+        );
+        Ok(())
+    } else {
+        MIGRATOR.run(pool).await
+    };
     // Closing the session releases the lock as well.
     let _ = holder.close().await;
     migrated?;
     Ok(())
+}
+
+/// The migrations the database has applied that are newer than every one this binary holds.
+async fn newer_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
+    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let has_table = sqlx::query_scalar!(
+        r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    if !has_table {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar!(
+        "select version from _sqlx_migrations where version > $1 order by version",
+        newest
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Number of embedded migrations the database has not applied yet.

@@ -25,6 +25,49 @@ fn fresh_database() -> (String, common::TestDatabase) {
     (url, database)
 }
 
+/// A database that a newer release migrated (a rolling upgrade under way, or a rollback of
+/// this one): `settle migrate`, as every process that migrates on start, leaves it as it is and
+/// says so, rather than refusing to start on a migration it does not know (it did: "migration
+/// 9999 was previously applied but is missing in the resolved migrations"). One that also
+/// lacks a migration of this release is still refused.
+#[tokio::test]
+async fn a_database_a_newer_release_migrated_is_left_as_it_is() {
+    let (url, _db) = fresh_database();
+    assert!(
+        settle(&url)
+            .arg("migrate")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+         values (9999, 'a newer release', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let output = settle(&url).arg("migrate").output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(said.contains("migrated by a newer release"), "{said}");
+    sqlx::query("delete from _sqlx_migrations where version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert!(
+        !settle(&url)
+            .arg("migrate")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+}
+
 #[test]
 fn api_refuses_an_unmigrated_database_until_migrate_runs() {
     let (url, _db) = fresh_database();
