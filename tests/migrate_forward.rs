@@ -157,3 +157,117 @@ async fn two_migrators_at_once_both_succeed() {
     let (first, second) = tokio::join!(migrate(), migrate());
     assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
 }
+
+/// Migrations are append-only: sqlx checks every applied migration's checksum before it applies
+/// anything, so a file edited after some database applied it leaves that database unable to
+/// migrate ever again ("migration N was previously applied but has been modified"), as the
+/// upgrade review found for databases migrated at commits whose 0018 or 0023 was later edited.
+/// Each file's checksum (sha384 of its text) is pinned here when the file is added; a new
+/// migration adds its line, and an edit fails this test.
+#[test]
+fn a_migration_once_added_is_never_edited() {
+    let pinned: &[(i64, &str)] = &[
+        (
+            1,
+            "e21067395d843a84da77bfeb0b66efab52dcc6b3c4ba916d5b1b05ad901f48211ea4f8c15f7fa40ea028ccd77d8ef92b",
+        ),
+        (
+            2,
+            "ddafbd48322735d88c041ba6995f824cb1892de935e6de32709b29d2e9598b4dac40cb7d2b7490b794d4cff85f0f7f48",
+        ),
+        (
+            3,
+            "049a34ca046d480039a3bad00ecb043a66d220350d3c55d0ae2279b91adf6bcafea94786ee19c123fd839d48a5ef00b3",
+        ),
+        (
+            4,
+            "c70f4265b59b3d6e38fd874348bef890bc0b0de4386f61e104ee9449cfef1b962aeff2d40caac64b2321725d3115b559",
+        ),
+        (
+            5,
+            "2ff5271e58bffb8ad7493d45d5c6b70d605bb1ebc2e3d8902fb2ce9ad4ec7bae137a6dcb8c82fb72ec59804dc9ac5087",
+        ),
+        (
+            6,
+            "44ce4a9d3949df52e5501fb6db995d729899462614d0db19e092cdce839b1a3a2f0c0c77b0cf7add306ff0e2583de717",
+        ),
+        (
+            7,
+            "fed04572e37e9e483576dbf202f82708f0f873affc49b1b42cfb233a67008dd8981c199bac28db7a4fcd1025a9a3cfb9",
+        ),
+        (
+            8,
+            "b597006381004a511375b736e6e910bdc2d1abf932f38702073c5767369bf4020faa4186bfa93bd581cf7b2a32ff7efe",
+        ),
+        (
+            9,
+            "6a694ab15bd2a306a22ed3f123091f65fba41bf4c690fe09517e742ac35265be0337addec8e572afcce3c0a2d05ec7d7",
+        ),
+        (
+            10,
+            "e36e4d7be045fa79badba149933b9ef706ec985a1a7fba2caeed08480762d0d7ae514714459f61ef7a3a0725f7f0640b",
+        ),
+        (
+            11,
+            "0665f1cea3cedaba8b739b697f9435feabe0c55f1775249899aee32f613cbfa14fd7750977512f3ff5366f2defab39d8",
+        ),
+        (
+            12,
+            "57228f8f3af755bc9755550c1f7a098e2e5aea8047cd118514077352bc9777ad11c40dc3966e3cff0d071c09ab42d353",
+        ),
+        (
+            13,
+            "5c4ce38695cfbdec8050b343c2e5aa6a1417296f2313d6368004394e34051cd2a0f8c99b27cfc4ad422e7d5f2f68815f",
+        ),
+        (
+            14,
+            "77a22b4aca626ab0b09b7822a96702ab240f700bc2881afd4f777c09555196e092df62eaf34400f0d30dd0349270a11c",
+        ),
+        (
+            15,
+            "857efdd144e832b222ec90f8b34a1f1fd85af4268575c2c1b9e375ada1c771bc0d547eed1c4cf82b58d6f3fb4002963a",
+        ),
+        (
+            16,
+            "e0eedcb8f5e3c9ff24b16f41dbaaaf316d1686e4a57e6ec2f242bf4d877a4ea729d362128476670f8eefe7101c7eb85f",
+        ),
+        (
+            17,
+            "ff7e63bf088435dec475cdb45b7d832321fa383dfcc9648990348360d551c342bf3808433257ec811b4bf470af82708a",
+        ),
+        (
+            18,
+            "4cb9da6eb76a9ac9925d34ef9eaf51db4237e0655d88c2508633498aea5344d4f57972ab11ba7ed60b45ade851ccd807",
+        ),
+        (
+            19,
+            "03622f908f69a2726255ca16110eb7b332a8218315bdb1a759f0d79a2715ae10ed4226ea26857edbd55c095f4b578b31",
+        ),
+        (
+            20,
+            "4fccb89d07be7675bac829b1bcdf0b03ef1776b152fc2288b4f472a83d96a781186943c8f1242329a3ee7256a48a9114",
+        ),
+        (
+            21,
+            "dff54394cbc0ce24d4b6a2a92a07b965892ee41a6b7884fee269bd76bcc34773a60ef8a8cce0d2fbff380b0d1f4276c4",
+        ),
+        (
+            22,
+            "51be1f71a801be30ca6d5c1e66fe33cf9454470f69ddac829601e74d380d191960780fdb34ffe5a8c55462ef45833b25",
+        ),
+        (
+            23,
+            "2a1310552ecf12575acd7af01bce8214f5ec0f6797d5c73053f87176937144562fbf7873f02744c218623bdc6b0fdf3a",
+        ),
+        (
+            24,
+            "77e0588ea86eed446ee3a746c68745825e8537ea13c7bb75352fd9006d37529aaa0d798d21cc1d4e9e81ff133d101cb2",
+        ),
+    ];
+    let embedded: Vec<(i64, String)> = settle::db::MIGRATOR
+        .iter()
+        .map(|m| (m.version, hex::encode(&*m.checksum)))
+        .collect();
+    let pinned: Vec<(i64, String)> = pinned.iter().map(|(v, h)| (*v, (*h).to_owned())).collect();
+    assert_eq!(embedded, pinned);
+}
