@@ -22,7 +22,7 @@ async fn livez() -> Json<Value> {
 
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Database reachable and migrated"),
-    (status = 503, description = "Database unreachable or not migrated"),
+    (status = 503, description = "Database unreachable, busy (no free connection in the pool) or not migrated"),
 ))]
 async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
     match crate::db::ensure_migrated(&app.pool).await {
@@ -32,6 +32,12 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
             tracing::warn!(error = %e, "not ready");
             let reason = match e {
                 crate::db::DbError::NotMigrated { .. } => "database not migrated",
+                // Every connection of the pool in use for longer than the acquire timeout: the
+                // server may be answering the others quickly, and "unreachable" would send an
+                // operator looking for an outage.
+                crate::db::DbError::Sql(sqlx::Error::PoolTimedOut) => {
+                    "database busy: no free connection in the pool"
+                }
                 _ => "database unreachable",
             };
             (
