@@ -194,25 +194,33 @@ async fn a_settlement_run_by_a_worker_is_counted_and_the_queue_gauges_match_the_
     );
 }
 
+/// Enqueues a job of `kind` and sets its row as `set` (an UPDATE's SET list) says.
+async fn job_set(app: &common::TestApp, kind: &str, set: &str) {
+    let mut conn = app.pool.acquire().await.unwrap();
+    let id = settle_workers::enqueue(&mut conn, &NewJob::new(kind, json!({})))
+        .await
+        .unwrap();
+    let update = format!("update jobs set {set} where id = $1");
+    sqlx::query(sqlx::AssertSqlSafe(update))
+        .bind(id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
 /// A dead worker's job back in the queue (due long ago, held until a moment ago) has waited
 /// since its worker last held it, not since it first came due.
 #[tokio::test]
 async fn a_job_back_in_the_queue_has_waited_since_it_was_last_held() {
     let app = spawn_app().await;
-    let mut conn = app.pool.acquire().await.unwrap();
-    let id = settle_workers::enqueue(&mut conn, &NewJob::new("requeued_probe", json!({})))
-        .await
-        .unwrap();
     // As the liveness probe leaves it: due 50 minutes ago, its last heartbeat 2 s ago.
-    sqlx::query(
-        "update jobs set run_at = now() - interval '50 minutes',
-                         heartbeat_at = now() - interval '2 seconds', attempt = 1
-         where id = $1",
+    job_set(
+        &app,
+        "requeued_probe",
+        "run_at = now() - interval '50 minutes',
+         heartbeat_at = now() - interval '2 seconds', attempt = 1",
     )
-    .bind(id)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    .await;
     let metrics = scrape(&app).await;
     let waited = metrics.count(
         "settle_job_oldest_queued_seconds",
@@ -261,6 +269,36 @@ async fn scrapes_during_a_stall_are_answered_without_the_queue_gauges() {
         text.contains("stalled_probe").then_some(())
     })
     .await;
+}
+
+/// A running job whose lease expired 30 s ago (its worker died, and no worker is left to take
+/// it back) is waiting for a worker, and the gauge says so; it read 0 while the job showed as
+/// running, so a queue with every worker dead looked healthy.
+#[tokio::test]
+async fn a_running_job_whose_lease_expired_is_waiting() {
+    let app = spawn_app().await;
+    // As a claim leaves it, then its worker gone for 30 s past the lease.
+    job_set(
+        &app,
+        "orphaned_probe",
+        "state = 'running', attempt = 1, fence = fence + 1, lease_owner = 'gone',
+         heartbeat_at = now() - interval '40 seconds',
+         lease_expires_at = now() - interval '30 seconds'",
+    )
+    .await;
+    let metrics = scrape(&app).await;
+    assert_eq!(
+        metrics.count(
+            "settle_jobs",
+            &[("kind", "orphaned_probe"), ("state", "running")]
+        ),
+        1.0
+    );
+    let waited = metrics.count(
+        "settle_job_oldest_queued_seconds",
+        &[("kind", "orphaned_probe")],
+    );
+    assert!((29.0..60.0).contains(&waited), "{waited}");
 }
 
 /// A queued job cancelled through the API ends there and then, and is counted as it ends.

@@ -49,7 +49,9 @@ pub struct StateCount {
     pub kind: String,
     pub state: JobState,
     pub jobs: i64,
-    /// QUEUED only: seconds since the oldest due job's `run_at` (0 when none is due yet).
+    /// Live states: seconds the oldest of them has waited for a worker: a due QUEUED job since
+    /// it came due or was last held, a RUNNING or CANCELLING one since its lease expired (0 or
+    /// none when nothing waits).
     pub oldest_due_seconds: Option<f64>,
     /// False when `jobs` is the estimate of a finished state with `exact_up_to` rows or more.
     pub exact: bool,
@@ -65,8 +67,15 @@ pub async fn queue_counts(
         StateCount,
         r#"with live as (
              select kind, state, count(*) as jobs,
-                    extract(epoch from now() - min(greatest(run_at, heartbeat_at))
-                        filter (where state = 'queued' and run_at <= now()))::float8 as oldest
+                    -- A running or cancelling job whose lease expired waits for a worker as
+                    -- a queued one does (its own died or froze; with no worker left alive,
+                    -- nothing takes it back), since its lease ran out.
+                    extract(epoch from now() - min(case when state = 'queued'
+                                                        then greatest(run_at, heartbeat_at)
+                                                        else lease_expires_at end)
+                        filter (where (state = 'queued' and run_at <= now())
+                                   or (state in ('running', 'cancelling')
+                                       and lease_expires_at < now())))::float8 as oldest
              from jobs
              group by kind, state
          ), bounded as (
@@ -120,10 +129,10 @@ pub async fn queue_counts(
              where c.oid = 'finished_jobs'::regclass
          )
          select kind as "kind!", state as "state!: JobState", jobs as "jobs!",
-                coalesce(oldest, 0) as oldest_due_seconds, true as "exact!"
-         from live where state = 'queued'
-         union all
-         select kind, state, jobs, null, true from live where state <> 'queued'
+                case when state in ('queued', 'running', 'cancelling')
+                     then coalesce(oldest, 0) end as oldest_due_seconds,
+                true as "exact!"
+         from live
          union all
          select kind, state, jobs, null, true from small
          union all
