@@ -224,8 +224,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     {
         tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
     }
-    let newer = newer_migrations(pool).await?;
-    let migrated = if !newer.is_empty() && pending_migrations(pool).await? == 0 {
+    let applied = applied_migrations(pool).await?;
+    let newer = newer_of(&applied);
+    let migrated = if !newer.is_empty() && pending_of(&applied) == 0 {
         // A newer release migrated the database (a rolling upgrade under way, or this one
         // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
         // to start on versions it does not know.
@@ -244,9 +245,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The migrations the database has applied that are newer than every one this binary holds.
-async fn newer_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
-    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+/// The versions of the migrations the database has applied (none without the table).
+async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
     let has_table = sqlx::query_scalar!(
         r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
     )
@@ -255,31 +255,30 @@ async fn newer_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
     if !has_table {
         return Ok(Vec::new());
     }
-    Ok(sqlx::query_scalar!(
-        "select version from _sqlx_migrations where version > $1 order by version",
-        newest
+    Ok(
+        sqlx::query_scalar!("select version from _sqlx_migrations where success")
+            .fetch_all(pool)
+            .await?,
     )
-    .fetch_all(pool)
-    .await?)
+}
+
+/// How many embedded migrations are not among `applied`.
+fn pending_of(applied: &[i64]) -> usize {
+    MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count()
+}
+
+/// Those of `applied` newer than every migration this binary holds.
+fn newer_of(applied: &[i64]) -> Vec<i64> {
+    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    applied.iter().copied().filter(|v| *v > newest).collect()
 }
 
 /// Number of embedded migrations the database has not applied yet.
 pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
-    let has_table = sqlx::query_scalar!(
-        r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
-    )
-    .fetch_one(pool)
-    .await?;
-    if !has_table {
-        return Ok(MIGRATOR.iter().count());
-    }
-    let applied = sqlx::query_scalar!("select version from _sqlx_migrations where success")
-        .fetch_all(pool)
-        .await?;
-    Ok(MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .count())
+    Ok(pending_of(&applied_migrations(pool).await?))
 }
 
 /// Fails with [`DbError::NotUtf8`] unless the database stores text as UTF-8: under another
