@@ -23,6 +23,18 @@ async fn wait_processed(pool: &PgPool, id: i64, at_least: i64) -> i64 {
     processes::wait_processed(pool, id, at_least, Duration::from_secs(60)).await
 }
 
+/// Terminates the sessions of the worker's pool named `application`; how many there were.
+async fn terminate_sessions(pool: &PgPool, application: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and application_name = $1) t",
+    )
+    .bind(application)
+    .fetch_one(pool)
+    .await
+    .expect("terminated")
+}
+
 /// (attempt, fence, lease_owner) of a job.
 async fn claim_of(pool: &PgPool, id: i64) -> (i32, i64, Option<String>) {
     job_row(pool, id, "attempt, fence, lease_owner").await
@@ -330,13 +342,7 @@ async fn checkpoints_keep_a_job_whose_heartbeat_is_cut_off() {
     // beat gives up after 1 s, until the liveness probe (which waits up to 5 s) has opened it.
     // The outage must end before the job does: its completion is recorded on those connections.
     proxy.delay_later_connections(Duration::from_secs(3));
-    let cut = common::scalar(
-        &pool,
-        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
-         where datname = current_database() and application_name = 'settle control') t",
-    )
-    .await;
-    assert!(cut > 0);
+    assert!(terminate_sessions(&pool, "settle control").await > 0);
     let ended = wait_for(Duration::from_secs(60), "the job ended", || async {
         let row: (String, i32, serde_json::Value) =
             job_row(&pool, id, "state::text, attempt, errors").await;
@@ -357,4 +363,58 @@ async fn checkpoints_keep_a_job_whose_heartbeat_is_cut_off() {
         "{}",
         worker.log_text()
     );
+}
+
+/// A claim whose connection took longer than a lease to open gives its jobs their lease from
+/// the moment the claim was sent, not from when it asked for a connection: the failed beat
+/// right after it does not drop the job it has just claimed. (CI saw it as the server came
+/// back: a claim that waited 2.3 s for its connection, a 2 s lease, the next beat failed, and
+/// the job was dropped, its lease ran out, and it failed as a lost worker's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_on_a_slow_connection_survives_a_failed_heartbeat() {
+    let config = test_config(&short_lease(3000, 500));
+    let (pool, _db) = probe_pool(&config).await;
+    let proxy = Proxy::start(&common::server_address()).await;
+    let database = config.database.url.rsplit('/').next().unwrap();
+    let worker =
+        WorkerProcess::start_with(&config, &[("SETTLE_DATABASE__URL", proxy.url(database))]);
+    wait_for(Duration::from_secs(30), "the worker's claims", || async {
+        let claims = common::scalar(
+            &pool,
+            "select count(*) from pg_stat_activity where application_name = 'settle claims'",
+        );
+        (claims.await > 0).then_some(())
+    })
+    .await;
+
+    // The claims' next connection takes 4 s to open, more than the 3 s lease.
+    proxy.delay_application("settle claims", Duration::from_secs(4));
+    assert!(terminate_sessions(&pool, "settle claims").await > 0);
+    let asked = Instant::now();
+    let id = enqueue(&pool, SLEEP, json!({"ms": 3000}), 1).await;
+    // Just before the claim's connection opens, the heartbeat's are cut and their next takes
+    // 1.5 s to open: the first beat after the claim, which gives up after 1 s, fails.
+    tokio::time::sleep(Duration::from_millis(3800)).await;
+    proxy.delay_application("settle control", Duration::from_millis(1500));
+    assert!(terminate_sessions(&pool, "settle control").await > 0);
+    wait_state(&pool, id, "running").await;
+    let claimed = asked.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.delay_application("settle control", Duration::ZERO);
+
+    let ended = wait_for(Duration::from_secs(60), "the job ended", || async {
+        let row: (String, i32, serde_json::Value) =
+            job_row(&pool, id, "state::text, attempt, errors").await;
+        (row.0 != "running").then_some(row)
+    })
+    .await;
+    let log = worker.log_text();
+    assert_eq!(ended, ("completed".to_owned(), 1, json!([])), "{log}");
+    // What made the code before drop the job: a claim that waited out a lease, then a failed
+    // beat.
+    assert!(
+        claimed > Duration::from_secs(3),
+        "claimed after {claimed:?}"
+    );
+    assert!(log.contains("heartbeat failed"), "{log}");
 }

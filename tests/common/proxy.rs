@@ -53,6 +53,8 @@ struct Shared {
     first_upstream: Option<String>,
     /// How long every connection but the first waits before it reaches its server.
     later_delay: Mutex<Duration>,
+    /// How long the connections of a given `application_name` wait instead.
+    delay_of_application: Mutex<HashMap<String, Duration>>,
     next_id: AtomicU64,
     /// Live connections, to cut one or all.
     live: Mutex<HashMap<u64, CancellationToken>>,
@@ -151,6 +153,13 @@ impl Proxy {
         *self.shared.later_delay.lock().unwrap() = delay;
     }
 
+    /// From now on, the connections whose startup names `application` (one of a worker's
+    /// pools) wait `delay` before they reach the server, whatever the other connections do.
+    pub fn delay_application(&self, application: &str, delay: Duration) {
+        let mut delays = self.shared.delay_of_application.lock().unwrap();
+        delays.insert(application.to_owned(), delay);
+    }
+
     /// Ends a blackout: connections are accepted again.
     pub fn restore(&self) {
         self.shared.refusing.store(false, Ordering::SeqCst);
@@ -187,15 +196,33 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         Some(first) if id == 0 => first,
         _ => &shared.upstream,
     };
-    if id > 0 {
-        let delay = *shared.later_delay.lock().unwrap();
-        tokio::time::sleep(delay).await;
-    }
-    let Ok(server) = TcpStream::connect(upstream).await else {
+    let _ = client.set_nodelay(true);
+    // The client speaks first: its startup message says which application it is.
+    let (mut client_read, client_write) = client.into_split();
+    let Ok(opening) = read_untyped(&mut client_read).await else {
         return;
     };
-    let _ = client.set_nodelay(true);
+    let named = startup_parameter(&opening, "application_name").and_then(|name| {
+        shared
+            .delay_of_application
+            .lock()
+            .unwrap()
+            .get(&name)
+            .copied()
+    });
+    let delay = match named {
+        Some(delay) => delay,
+        None if id > 0 => *shared.later_delay.lock().unwrap(),
+        None => Duration::ZERO,
+    };
+    tokio::time::sleep(delay).await;
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
     let _ = server.set_nodelay(true);
+    if server.write_all(&opening).await.is_err() {
+        return;
+    }
     let cut = CancellationToken::new();
     shared.live.lock().unwrap().insert(id, cut.clone());
     let link = Link {
@@ -203,9 +230,8 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         cut: &cut,
         swallow: AtomicU8::new(PASS),
     };
-    let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let upstream = link.client_to_server(client_read, server_write);
+    let upstream = link.client_to_server(client_read, server_write, is_startup(&opening));
     let downstream = link.server_to_client(server_read, client_write);
     tokio::select! {
         _ = cut.cancelled() => {}
@@ -226,22 +252,20 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    /// Client to server, frame by frame, planting the planned fault at each COMMIT.
+    /// Client to server, frame by frame, planting the planned fault at each COMMIT; `started`
+    /// once the startup message has passed.
     async fn client_to_server(
         &self,
         mut from: OwnedReadHalf,
         mut to: OwnedWriteHalf,
+        mut started: bool,
     ) -> std::io::Result<()> {
-        let mut started = false;
         loop {
             let frame = if started {
                 read_typed(&mut from).await?
             } else {
                 let frame = read_untyped(&mut from).await?;
-                // SSLRequest and GSSENCRequest are followed by another untyped message; the
-                // startup message (protocol 3.x) by typed ones.
-                let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
-                started = code >> 16 == 3;
+                started = is_startup(&frame);
                 frame
             };
             if started && frame[0] == b'Q' && is_commit(&frame[5..]) {
@@ -324,6 +348,28 @@ async fn read_untyped(from: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
     frame.resize(total.max(8), 0);
     from.read_exact(&mut frame[4..]).await?;
     Ok(frame)
+}
+
+/// Whether an untyped message is the startup message (protocol 3.x), which typed messages
+/// follow; SSLRequest and GSSENCRequest are followed by another untyped one.
+fn is_startup(frame: &[u8]) -> bool {
+    let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
+    code >> 16 == 3
+}
+
+/// A parameter of a startup message: after length and protocol, `name\0value\0` pairs.
+fn startup_parameter(frame: &[u8], name: &str) -> Option<String> {
+    if !is_startup(frame) {
+        return None;
+    }
+    let mut fields = frame[8..].split(|&b| b == 0);
+    while let Some(key) = fields.next() {
+        let value = fields.next()?;
+        if key == name.as_bytes() {
+            return Some(String::from_utf8_lossy(value).into_owned());
+        }
+    }
+    None
 }
 
 /// A regular message: type byte, length (including itself, not the type), body.

@@ -163,7 +163,8 @@ pub struct Batch<'a> {
     ctx: &'a mut JobContext,
     tx: Transaction<'static, Postgres>,
     /// Before the transaction began: its `now()`, which the commit's lease extension uses, is
-    /// no earlier.
+    /// no earlier. (Taken before the connection is acquired too, which `Pool::begin` does in
+    /// the same call: a slow acquire makes the lease clock older than the lease, never younger.)
     begun: Instant,
 }
 

@@ -48,22 +48,27 @@ pub(crate) async fn run(shared: Arc<Shared>, slots: Arc<Semaphore>) {
         let rooms = places.rooms();
         let kinds = claimable(&shared, &places);
         let claiming = shared.claiming.read().await;
-        // Before the claim is sent: its leases run out no sooner than a lease after this.
-        let sent = Instant::now();
         let claimed = if kinds.is_empty() {
             // Every kind is capped, and full or found without due jobs: a job's end, a NOTIFY
             // or the next poll wakes this loop.
-            Ok(Vec::new())
+            Ok((Instant::now(), Vec::new()))
         } else {
             let owner = &shared.owner;
             let limit = sweeper::claim_limit(settings.lease);
             within(&shared.claims, limit, async |conn| {
-                claim::claim(conn, owner, free as i64, settings.lease, &kinds, &rooms).await
+                // Once a connection is in hand, before the claim is sent: its leases run out
+                // no sooner than a lease after this. Taken before a slow acquire (2.3 s as the
+                // server came back), it aged the new leases past their length, and the first
+                // failed heartbeat dropped a job claimed a moment before.
+                let sent = Instant::now();
+                claim::claim(conn, owner, free as i64, settings.lease, &kinds, &rooms)
+                    .await
+                    .map(|jobs| (sent, jobs))
             })
             .await
         };
-        let jobs = match claimed {
-            Ok(jobs) => jobs,
+        let (sent, jobs) = match claimed {
+            Ok(claimed) => claimed,
             Err(e) => {
                 drop((reserved, claiming));
                 tracing::warn!(error = %e, "claim failed; retrying after the poll interval");

@@ -29,16 +29,18 @@ pub(crate) async fn run(shared: Arc<Shared>, done: CancellationToken) {
         if held.is_empty() {
             continue;
         }
-        let sent = Instant::now();
         let beat = tokio::time::timeout(
             settings.heartbeat * 2,
             on_conn(&shared.control, async |conn| {
-                lease::heartbeat(conn, &held, settings.lease).await
+                // Once a connection is in hand (a slow acquire is no time the leases ran).
+                let sent = Instant::now();
+                let beats = lease::heartbeat(conn, &held, settings.lease).await?;
+                Ok((sent, beats))
             }),
         )
         .await;
         match beat {
-            Ok(Ok(beats)) => {
+            Ok(Ok((sent, beats))) => {
                 let alive: HashMap<i64, lease::Beat> =
                     beats.into_iter().map(|b| (b.id, b)).collect();
                 let map = shared.held.lock().expect("held map");
