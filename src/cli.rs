@@ -222,7 +222,9 @@ pub async fn open(config: &Config, migrate: bool) -> anyhow::Result<sqlx::PgPool
     let lease = std::time::Duration::from_millis(config.worker.lease_ms);
     let pool = db::connect(&config.database, db::idle_in_transaction_timeout(lease)).await?;
     if migrate {
-        db::migrate(&pool).await?;
+        let lock_timeout =
+            std::time::Duration::from_millis(config.database.migration_lock_timeout_ms);
+        db::migrate(&pool, lock_timeout).await?;
     } else {
         db::ensure_utf8(&pool).await?;
         db::ensure_migrated(&pool).await?;

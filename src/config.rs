@@ -43,6 +43,9 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
     /// Apply pending migrations when `api`/`worker` start instead of refusing to run.
     pub migrate_on_start: bool,
+    /// How long one try of a migration waits for a lock before it rolls back and is tried
+    /// again later (see [`crate::db::migrate`]); 0 waits as long as it takes.
+    pub migration_lock_timeout_ms: u64,
     /// `serve` only: start a private cluster when nothing answers at a loopback `url` (see
     /// [`crate::local_cluster`]). Unset, [`Config::from_figment`] makes it true for the
     /// built-in `url` alone: a URL named in a file or the environment is used as given. The

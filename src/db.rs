@@ -5,14 +5,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use settle_workers::error::{is_session_lost, sql_state};
-use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::config::DatabaseConfig;
 
-/// The schema, embedded in the binary so `settle migrate` works from any directory.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+mod migrate;
+
+pub use migrate::{MIGRATOR, ensure_migrated, migrate, pending_migrations};
 
 /// A session frozen inside a transaction (a paused process, a stalled VM) is ended by Postgres
 /// after at most this long, releasing its row locks so a job it held can be reclaimed; the pool
@@ -201,86 +201,6 @@ pub async fn drop_database_if_exists(url: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Key of the session lock one migrating process holds at a time ("stlm").
-const MIGRATION_LOCK: i64 = 0x7374_6c6d;
-
-/// Pause between two tries of [`MIGRATION_LOCK`].
-const MIGRATION_LOCK_PAUSE: Duration = Duration::from_millis(100);
-
-/// Applies every pending migration. Processes migrating at once (an `api` and a `worker` with
-/// `database.migrate_on_start`) take turns on a lock of their own, tried on a connection of
-/// its own every 100 ms rather than waited for: a session waiting inside `pg_advisory_lock`
-/// (as sqlx's migrator does) holds a snapshot, which the other process's `create index
-/// concurrently` (migration 0014) waits for, and Postgres ends that cycle as a deadlock.
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    ensure_utf8(pool).await?;
-    let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
-    while !sqlx::query_scalar!(
-        r#"select pg_try_advisory_lock($1) as "locked!""#,
-        MIGRATION_LOCK
-    )
-    .fetch_one(&mut holder)
-    .await?
-    {
-        tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
-    }
-    let applied = applied_migrations(pool).await?;
-    let newer = newer_of(&applied);
-    let migrated = if !newer.is_empty() && pending_of(&applied) == 0 {
-        // A newer release migrated the database (a rolling upgrade under way, or this one
-        // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
-        // to start on versions it does not know.
-        tracing::warn!(
-            versions = ?newer,
-            "the database was migrated by a newer release (migrations this release does not \
-             know); this release's are all applied, so nothing is migrated"
-        );
-        Ok(())
-    } else {
-        MIGRATOR.run(pool).await
-    };
-    // Closing the session releases the lock as well.
-    let _ = holder.close().await;
-    migrated?;
-    Ok(())
-}
-
-/// The versions of the migrations the database has applied (none without the table).
-async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
-    let has_table = sqlx::query_scalar!(
-        r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
-    )
-    .fetch_one(pool)
-    .await?;
-    if !has_table {
-        return Ok(Vec::new());
-    }
-    Ok(
-        sqlx::query_scalar!("select version from _sqlx_migrations where success")
-            .fetch_all(pool)
-            .await?,
-    )
-}
-
-/// How many embedded migrations are not among `applied`.
-fn pending_of(applied: &[i64]) -> usize {
-    MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .count()
-}
-
-/// Those of `applied` newer than every migration this binary holds.
-fn newer_of(applied: &[i64]) -> Vec<i64> {
-    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    applied.iter().copied().filter(|v| *v > newest).collect()
-}
-
-/// Number of embedded migrations the database has not applied yet.
-pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
-    Ok(pending_of(&applied_migrations(pool).await?))
-}
-
 /// Fails with [`DbError::NotUtf8`] unless the database stores text as UTF-8: under another
 /// encoding (SQL_ASCII counts bytes) a name within the API's limit in characters would break
 /// the tables' limits, and a 500 would answer a valid request.
@@ -294,14 +214,6 @@ pub async fn ensure_utf8(pool: &PgPool) -> Result<(), DbError> {
     match encoding.as_str() {
         "UTF8" => Ok(()),
         _ => Err(DbError::NotUtf8 { encoding }),
-    }
-}
-
-/// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied.
-pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
-    match pending_migrations(pool).await? {
-        0 => Ok(()),
-        pending => Err(DbError::NotMigrated { pending }),
     }
 }
 

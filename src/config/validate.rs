@@ -126,6 +126,10 @@ impl Config {
             ),
             ("database.read_max_wait_ms", self.database.read_max_wait_ms),
             (
+                "database.migration_lock_timeout_ms",
+                self.database.migration_lock_timeout_ms,
+            ),
+            (
                 "database.read_batch_timeout_ms",
                 self.database.read_batch_timeout_ms,
             ),

@@ -1,0 +1,210 @@
+//! Migrating: the embedded schema, applied by one process at a time, each migration waiting
+//! for its locks only so long before it gives way to the service and tries again; and the
+//! check that keeps `api` and `worker` off an unmigrated schema.
+
+use std::time::Duration;
+
+use settle_workers::error::sql_state;
+use sqlx::migrate::{MigrateError, Migration, Migrator};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use super::{DbError, ensure_utf8};
+
+/// The schema, embedded in the binary so `settle migrate` works from any directory.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Key of the session lock one migrating process holds at a time ("stlm").
+const MIGRATION_LOCK: i64 = 0x7374_6c6d;
+
+/// Pause between two tries of [`MIGRATION_LOCK`].
+const MIGRATION_LOCK_PAUSE: Duration = Duration::from_millis(100);
+
+/// The pause after a migration's first try that timed out on a lock; it doubles after each
+/// further one, up to [`LOCK_RETRY_MAX_PAUSE`].
+const LOCK_RETRY_PAUSE: Duration = Duration::from_secs(1);
+const LOCK_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Applies every pending migration. Processes migrating at once (an `api` and a `worker` with
+/// `database.migrate_on_start`) take turns on a lock of their own, tried on a connection of
+/// its own every 100 ms rather than waited for: a session waiting inside `pg_advisory_lock`
+/// (as sqlx's migrator does) holds a snapshot, which the other process's `create index
+/// concurrently` (migration 0014) waits for, and Postgres ends that cycle as a deadlock.
+/// Each migration waits at most `lock_timeout` for a lock (see [`apply_pending`]).
+pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbError> {
+    ensure_utf8(pool).await?;
+    let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
+    while !sqlx::query_scalar!(
+        r#"select pg_try_advisory_lock($1) as "locked!""#,
+        MIGRATION_LOCK
+    )
+    .fetch_one(&mut holder)
+    .await?
+    {
+        tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
+    }
+    let applied = applied_migrations(pool).await?;
+    let newer = newer_of(&applied);
+    let migrated = if !newer.is_empty() && pending_of(&applied) == 0 {
+        // A newer release migrated the database (a rolling upgrade under way, or this one
+        // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
+        // to start on versions it does not know.
+        tracing::warn!(
+            versions = ?newer,
+            "the database was migrated by a newer release (migrations this release does not \
+             know); this release's are all applied, so nothing is migrated"
+        );
+        Ok(())
+    } else {
+        apply_pending(pool, &applied, lock_timeout).await
+    };
+    // Closing the session releases the lock as well.
+    let _ = holder.close().await;
+    migrated
+}
+
+/// Applies the pending migrations in order, one at a time, each on a session of its own. A
+/// migration in a transaction waits at most `lock_timeout` (zero: as long as it takes) for
+/// each lock it needs: queued for a table's lock, it holds up every later reader and writer
+/// of that table, so one stuck behind a long transaction (a bulk load, a report) would stall
+/// the service until that ended. Timed out, it has rolled back whole; it is tried again after
+/// a pause (1 s, doubling up to 30 s) for as long as it takes, each time with a warning
+/// naming the oldest open transactions. A migration outside a transaction (0014's `create
+/// index concurrently`, which waits for older transactions without blocking anyone, and which
+/// a timeout would leave as an invalid index) waits as long as it must.
+async fn apply_pending(
+    pool: &PgPool,
+    applied: &[i64],
+    lock_timeout: Duration,
+) -> Result<(), DbError> {
+    let pending: Vec<&'static Migration> = MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .collect();
+    for migration in pending {
+        apply_waiting_for_locks(pool, migration, lock_timeout).await?;
+    }
+    Ok(())
+}
+
+/// Applies `migration`, tried again each time it timed out on a lock (see [`apply_pending`]),
+/// on a session of its own whose `lock_timeout` is set as it opens.
+async fn apply_waiting_for_locks(
+    pool: &PgPool,
+    migration: &Migration,
+    lock_timeout: Duration,
+) -> Result<(), DbError> {
+    let wait = if migration.no_tx {
+        Duration::ZERO
+    } else {
+        lock_timeout
+    };
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("lock_timeout", format!("{}ms", wait.as_millis()))]);
+    let session = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let mut pause = LOCK_RETRY_PAUSE;
+    let result = loop {
+        let error = match MIGRATOR.run_to(migration.version, &session).await {
+            Ok(()) => break Ok(()),
+            Err(error) => error,
+        };
+        let timed_out = match &error {
+            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
+                sql_state(e).as_deref() == Some("55P03")
+            }
+            _ => false,
+        };
+        if !timed_out {
+            break Err(error.into());
+        }
+        let oldest = oldest_transactions(pool).await.unwrap_or_default();
+        tracing::warn!(
+            version = migration.version,
+            migration = %migration.description,
+            lock_timeout = ?wait,
+            retry_in = ?pause,
+            oldest_transactions = %oldest,
+            "a migration waited its whole lock_timeout for a lock that other sessions hold \
+             (database.migration_lock_timeout_ms); it rolled back and will be tried again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOCK_RETRY_MAX_PAUSE);
+    };
+    session.close().await;
+    result
+}
+
+/// The three oldest open transactions of other sessions of this database, for the operator
+/// to find what a migration waits for: "pid 4711 (psql, idle in transaction) open for 17.2 s".
+async fn oldest_transactions(pool: &PgPool) -> Result<String, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"select pid as "pid!", coalesce(nullif(application_name, ''), '?') as "application!",
+                  coalesce(state, '?') as "state!",
+                  extract(epoch from clock_timestamp() - xact_start)::float8 as "open_s!"
+           from pg_stat_activity
+           where datname = current_database() and pid <> pg_backend_pid()
+             and xact_start is not null
+           order by xact_start
+           limit 3"#
+    )
+    .fetch_all(pool)
+    .await?;
+    let described: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "pid {} ({}, {}) open for {:.1} s",
+                r.pid, r.application, r.state, r.open_s
+            )
+        })
+        .collect();
+    Ok(described.join("; "))
+}
+
+/// The versions of the migrations the database has applied (none without the table).
+async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
+    let has_table = sqlx::query_scalar!(
+        r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    if !has_table {
+        return Ok(Vec::new());
+    }
+    Ok(
+        sqlx::query_scalar!("select version from _sqlx_migrations where success")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// How many embedded migrations are not among `applied`.
+fn pending_of(applied: &[i64]) -> usize {
+    MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count()
+}
+
+/// Those of `applied` newer than every migration this binary holds.
+fn newer_of(applied: &[i64]) -> Vec<i64> {
+    let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    applied.iter().copied().filter(|v| *v > newest).collect()
+}
+
+/// Number of embedded migrations the database has not applied yet.
+pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
+    Ok(pending_of(&applied_migrations(pool).await?))
+}
+
+/// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied.
+pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
+    match pending_migrations(pool).await? {
+        0 => Ok(()),
+        pending => Err(DbError::NotMigrated { pending }),
+    }
+}
