@@ -1,5 +1,6 @@
-//! Connecting to Postgres: creating the database when it is missing, the pool every process
-//! shares, and the migration check that keeps `api` and `worker` off an unmigrated schema.
+//! Connecting to Postgres: creating the database when it is missing and the pool every process
+//! shares; migrating, and the check that keeps `api` and `worker` off an unmigrated schema, are
+//! in [`migrate`].
 
 use std::str::FromStr;
 use std::time::Duration;

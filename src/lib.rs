@@ -11,7 +11,7 @@
 //!
 //! - [`cli`]: the `settle` subcommands; wiring only.
 //! - [`config`]: `config.toml` + environment, validated at start.
-//! - [`db`]: pool, database creation, migration check.
+//! - [`db`]: pool, database creation; `db/migrate.rs`: migrating, and the migration check.
 //! - [`commit`](mod@commit): committing a request's transaction, and finding out whether a
 //!   commit whose reply was lost took effect.
 //! - [`local_cluster`]: the private PostgreSQL cluster `serve` starts when none is running.
