@@ -1,6 +1,6 @@
 //! Connecting to Postgres: creating the database when it is missing and the pool every process
 //! shares; migrating, and the check that keeps `api` and `worker` off an unmigrated schema, are
-//! in [`migrate`].
+//! in `db/migrate.rs`.
 
 use std::str::FromStr;
 use std::time::Duration;

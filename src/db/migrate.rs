@@ -30,7 +30,7 @@ const LOCK_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
 /// its own every 100 ms rather than waited for: a session waiting inside `pg_advisory_lock`
 /// (as sqlx's migrator does) holds a snapshot, which the other process's `create index
 /// concurrently` (migration 0014) waits for, and Postgres ends that cycle as a deadlock.
-/// Each migration waits at most `lock_timeout` for a lock (see [`apply_pending`]).
+/// Each migration waits at most `lock_timeout` for a lock, then gives way and is tried again.
 pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbError> {
     ensure_utf8(pool).await?;
     let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
