@@ -211,6 +211,53 @@ async fn a_migration_waiting_for_a_lock_gives_way_to_the_tables_readers() {
     assert_eq!(settle::db::pending_migrations(&pool).await.unwrap(), 0);
 }
 
+/// An interrupted `create index concurrently` (migration 0014, outside a transaction: the
+/// process killed or its connection lost mid-build) leaves its index invalid, and every later
+/// try failed with "relation … already exists" (upgrade review #5): the migrator drops that
+/// debris and builds the index again.
+#[tokio::test]
+async fn an_interrupted_concurrent_index_build_is_built_again() {
+    let config = common::test_config(&[]);
+    let _db = empty_database(&config.database.url).await;
+    let pool = PgPool::connect(&config.database.url).await.unwrap();
+    let migrator = &settle::db::MIGRATOR;
+    let build = migrator.iter().find(|m| m.no_tx).unwrap();
+    let sql = build.sql.as_str();
+    assert!(sql.contains("create index concurrently transactions_paid_bucket_id_idx"));
+    migrator.run_to(build.version - 1, &pool).await.unwrap();
+    // A build of that name that failed half-way, as a killed one does: a unique index over
+    // duplicate rows is left behind invalid.
+    sqlx::query(
+        "insert into transactions
+             (external_id, merchant_id, amount_cents, fee_cents, status, paid_at)
+         values ('t-1', 'm-1', 1000, 30, 'PAID', '2025-01-01T10:00:00Z'),
+                ('t-2', 'm-1', 500, 10, 'PAID', '2025-01-01T11:00:00Z')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let failed = sqlx::query(
+        "create unique index concurrently transactions_paid_bucket_id_idx
+         on transactions (merchant_id)",
+    )
+    .execute(&pool)
+    .await;
+    assert!(failed.is_err());
+    let valid = "select indisvalid from pg_index
+                 where indexrelid = 'transactions_paid_bucket_id_idx'::regclass";
+    let valid = || sqlx::query_scalar::<_, bool>(valid).fetch_one(&pool);
+    assert!(!valid().await.unwrap());
+
+    settle::db::migrate(&pool, LOCK_TIMEOUT).await.unwrap();
+    assert!(valid().await.unwrap());
+    let definition: String =
+        sqlx::query_scalar("select pg_get_indexdef('transactions_paid_bucket_id_idx'::regclass)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(definition.contains("date_bin"), "{definition}");
+}
+
 /// Migrations are append-only: sqlx checks every applied migration's checksum before it applies
 /// anything, so a file edited after some database applied it leaves that database unable to
 /// migrate ever again ("migration N was previously applied but has been modified"), as the

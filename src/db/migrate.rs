@@ -107,18 +107,34 @@ async fn apply_waiting_for_locks(
         .connect_with(options)
         .await?;
     let mut pause = LOCK_RETRY_PAUSE;
+    let mut debris_dropped = false;
     let result = loop {
         let error = match MIGRATOR.run_to(migration.version, &session).await {
             Ok(()) => break Ok(()),
             Err(error) => error,
         };
-        let timed_out = match &error {
-            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
-                sql_state(e).as_deref() == Some("55P03")
-            }
-            _ => false,
+        let code = match &error {
+            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => sql_state(e),
+            _ => None,
         };
-        if !timed_out {
+        if migration.no_tx && code.as_deref() == Some("42P07") && !debris_dropped {
+            debris_dropped = true;
+            match drop_interrupted_indexes(pool, migration).await {
+                Ok(dropped) if !dropped.is_empty() => {
+                    tracing::warn!(
+                        version = migration.version,
+                        migration = %migration.description,
+                        indexes = ?dropped,
+                        "an earlier try of this migration was interrupted while it built \
+                         indexes concurrently, leaving them invalid; dropped them, trying again"
+                    );
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot look for interrupted indexes"),
+            }
+        }
+        if code.as_deref() != Some("55P03") {
             break Err(error.into());
         }
         let oldest = oldest_transactions(pool).await.unwrap_or_default();
@@ -136,6 +152,39 @@ async fn apply_waiting_for_locks(
     };
     session.close().await;
     result
+}
+
+/// Drops the invalid indexes that `migration` (outside a transaction) creates: what an
+/// interrupted `create index concurrently` leaves (the process killed, its connection lost),
+/// on which every later try fails with "relation already exists". One that another session is
+/// building right now is left alone. Returns the names dropped.
+async fn drop_interrupted_indexes(
+    pool: &PgPool,
+    migration: &Migration,
+) -> Result<Vec<String>, sqlx::Error> {
+    let invalid = sqlx::query_scalar!(
+        r#"select c.relname::text as "name!"
+           from pg_index i
+           join pg_class c on c.oid = i.indexrelid
+           join pg_namespace n on n.oid = c.relnamespace
+           where not i.indisvalid and n.nspname = current_schema()
+             and strpos($1, c.relname::text) > 0
+             and not exists (select from pg_stat_progress_create_index p
+                             where p.index_relid = i.indexrelid)"#,
+        migration.sql.as_str()
+    )
+    .fetch_all(pool)
+    .await?;
+    for name in &invalid {
+        // Dynamic: DROP INDEX takes no parameters; the name is quoted.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop index concurrently if exists {}",
+            super::quote_ident(name)
+        )))
+        .execute(pool)
+        .await?;
+    }
+    Ok(invalid)
 }
 
 /// The three oldest open transactions of other sessions of this database, for the operator
