@@ -1,4 +1,5 @@
-//! `/livez` (the process answers) and `/readyz` (the database answers and is migrated).
+//! `/livez` (the process answers) and `/readyz` (the database answers, on a connection of the
+//! check's own, and is migrated).
 
 use axum::Router;
 use axum::extract::State;
@@ -21,22 +22,21 @@ async fn livez() -> Json<Value> {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
-    (status = 200, description = "Database reachable and migrated"),
-    (status = 503, description = "Database unreachable, busy (no free connection in the pool) or not migrated"),
+    (status = 200, description = "Database reachable and migrated (checked on a connection of the check's own: requests holding every pooled connection do not make it fail)"),
+    (status = 503, description = "Database unreachable, not answering within database.acquire_timeout_ms, or not migrated"),
 ))]
 async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
-    match crate::db::ensure_migrated(&app.pool).await {
+    match crate::db::ensure_migrated(&app.health).await {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))),
         Err(e) => {
             // The driver's text (addresses, roles, server messages) goes to the log only.
             tracing::warn!(error = %e, "not ready");
             let reason = match e {
                 crate::db::DbError::NotMigrated { .. } => "database not migrated",
-                // Every connection of the pool in use for longer than the acquire timeout: the
-                // server may be answering the others quickly, and "unreachable" would send an
-                // operator looking for an outage.
+                // The check's one connection still busy with an earlier check, or slow to
+                // open: the server is there but slow, which "unreachable" would not say.
                 crate::db::DbError::Sql(sqlx::Error::PoolTimedOut) => {
-                    "database busy: no free connection in the pool"
+                    "database not answering in time"
                 }
                 _ => "database unreachable",
             };

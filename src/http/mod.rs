@@ -34,6 +34,7 @@ use axum::http::{HeaderName, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -53,6 +54,10 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// `/readyz`'s own connection to the same database (one, opened when first needed): a
+    /// pool that requests keep busy does not make the instance look broken, and a load
+    /// balancer does not take every API out at the peak of traffic.
+    pub health: PgPool,
     pub config: Arc<Config>,
     /// Places concurrent orders for one product together (when `orders.coalesce`).
     pub coalescer: Coalescer,
@@ -70,8 +75,17 @@ impl AppState {
         };
         let coalescer = Coalescer::new(pool.clone(), &config.orders, keys);
         let tokens = TokenCache::new(Duration::from_millis(config.auth.cache_ttl_ms));
+        let health = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
+            .connect_lazy_with(
+                (*pool.connect_options())
+                    .clone()
+                    .application_name("settle health"),
+            );
         Self {
             pool,
+            health,
             config,
             coalescer,
             tokens,

@@ -160,6 +160,13 @@ impl Proxy {
         delays.insert(application.to_owned(), delay);
     }
 
+    /// Cuts every live connection and refuses new ones until [`Proxy::restore`]: the server
+    /// gone, as far as its clients can tell.
+    pub fn blackout(&self) {
+        self.shared.refusing.store(true, Ordering::SeqCst);
+        self.shared.cut_all();
+    }
+
     /// Ends a blackout: connections are accepted again.
     pub fn restore(&self) {
         self.shared.refusing.store(false, Ordering::SeqCst);
