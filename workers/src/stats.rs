@@ -129,8 +129,7 @@ pub async fn queue_counts(
              where c.oid = 'finished_jobs'::regclass
          )
          select kind as "kind!", state as "state!: JobState", jobs as "jobs!",
-                case when state in ('queued', 'running', 'cancelling')
-                     then coalesce(oldest, 0) end as oldest_due_seconds,
+                coalesce(oldest, 0) as oldest_due_seconds,
                 true as "exact!"
          from live
          union all
