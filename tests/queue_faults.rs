@@ -381,7 +381,8 @@ async fn a_job_claimed_on_a_slow_connection_survives_a_failed_heartbeat() {
     wait_for(Duration::from_secs(30), "the worker's claims", || async {
         let claims = common::scalar(
             &pool,
-            "select count(*) from pg_stat_activity where application_name = 'settle claims'",
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and application_name = 'settle claims'",
         );
         (claims.await > 0).then_some(())
     })
