@@ -44,6 +44,12 @@ pub enum DbError {
     )]
     NotMigrated { pending: usize },
     #[error(
+        "migration {version} was applied to this database from a file that differs from this \
+         release's: settle does not run on a schema it does not know; run the release that \
+         applied it, or migrate a fresh database"
+    )]
+    Edited { version: i64 },
+    #[error(
         "the database's encoding is {encoding}, and settle needs UTF8 (its limits count \
          characters, not bytes): let `settle migrate` create the database, or create it with \
          `create database … template template0 encoding 'UTF8' locale 'C'`"

@@ -258,6 +258,26 @@ async fn an_interrupted_concurrent_index_build_is_built_again() {
     assert!(definition.contains("date_bin"), "{definition}");
 }
 
+/// `api` and `worker` (and `/readyz`) refuse a database that applied a migration from an
+/// edited file, as `settle migrate` does, rather than run on a schema they do not know.
+#[tokio::test]
+async fn a_database_migrated_from_an_edited_file_is_refused() {
+    let config = common::test_config(&[]);
+    let _db = empty_database(&config.database.url).await;
+    let pool = PgPool::connect(&config.database.url).await.unwrap();
+    settle::db::migrate(&pool, LOCK_TIMEOUT).await.unwrap();
+    settle::db::ensure_migrated(&pool).await.unwrap();
+    sqlx::query("update _sqlx_migrations set checksum = sha384('edited') where version = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let refused = settle::db::ensure_migrated(&pool).await;
+    assert!(
+        matches!(refused, Err(settle::db::DbError::Edited { version: 3 })),
+        "{refused:?}"
+    );
+}
+
 /// Migrations are append-only: sqlx checks every applied migration's checksum before it applies
 /// anything, so a file edited after some database applied it leaves that database unable to
 /// migrate ever again ("migration N was previously applied but has been modified"), as the

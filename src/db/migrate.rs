@@ -56,7 +56,8 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
         );
         Ok(())
     } else {
-        apply_pending(pool, &applied, lock_timeout).await
+        let versions: Vec<i64> = applied.iter().map(|a| a.version).collect();
+        apply_pending(pool, &versions, lock_timeout).await
     };
     // Closing the session releases the lock as well.
     let _ = holder.close().await;
@@ -214,8 +215,15 @@ async fn oldest_transactions(pool: &PgPool) -> Result<String, sqlx::Error> {
     Ok(described.join("; "))
 }
 
-/// The versions of the migrations the database has applied (none without the table).
-async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
+/// A migration the database has applied.
+struct Applied {
+    version: i64,
+    /// The sha384 of the file it was applied from, as sqlx records it.
+    checksum: Vec<u8>,
+}
+
+/// The migrations the database has applied (none without the table).
+async fn applied_migrations(pool: &PgPool) -> Result<Vec<Applied>, DbError> {
     let has_table = sqlx::query_scalar!(
         r#"select to_regclass('_sqlx_migrations') is not null as "has_table!""#
     )
@@ -224,25 +232,42 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, DbError> {
     if !has_table {
         return Ok(Vec::new());
     }
-    Ok(
-        sqlx::query_scalar!("select version from _sqlx_migrations where success")
-            .fetch_all(pool)
-            .await?,
+    Ok(sqlx::query_as!(
+        Applied,
+        "select version, checksum from _sqlx_migrations where success"
     )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// How many embedded migrations are not among `applied`.
-fn pending_of(applied: &[i64]) -> usize {
+fn pending_of(applied: &[Applied]) -> usize {
     MIGRATOR
         .iter()
-        .filter(|m| !applied.contains(&m.version))
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
         .count()
 }
 
 /// Those of `applied` newer than every migration this binary holds.
-fn newer_of(applied: &[i64]) -> Vec<i64> {
+fn newer_of(applied: &[Applied]) -> Vec<i64> {
     let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    applied.iter().copied().filter(|v| *v > newest).collect()
+    applied
+        .iter()
+        .map(|a| a.version)
+        .filter(|v| *v > newest)
+        .collect()
+}
+
+/// The first of `applied` whose file differs from this binary's migration of that version.
+fn edited_of(applied: &[Applied]) -> Option<i64> {
+    applied
+        .iter()
+        .find(|a| {
+            MIGRATOR
+                .iter()
+                .any(|m| m.version == a.version && *m.checksum != *a.checksum)
+        })
+        .map(|a| a.version)
 }
 
 /// Number of embedded migrations the database has not applied yet.
@@ -250,9 +275,16 @@ pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
     Ok(pending_of(&applied_migrations(pool).await?))
 }
 
-/// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied.
+/// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied, and with
+/// [`DbError::Edited`] when one was applied from a file that differs from this release's
+/// (`settle migrate` refuses such a database; `api` and `worker` ran on it, on a schema they
+/// do not know).
 pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
-    match pending_migrations(pool).await? {
+    let applied = applied_migrations(pool).await?;
+    if let Some(version) = edited_of(&applied) {
+        return Err(DbError::Edited { version });
+    }
+    match pending_of(&applied) {
         0 => Ok(()),
         pending => Err(DbError::NotMigrated { pending }),
     }

@@ -33,6 +33,9 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
             tracing::warn!(error = %e, "not ready");
             let reason = match e {
                 crate::db::DbError::NotMigrated { .. } => "database not migrated",
+                crate::db::DbError::Edited { .. } => {
+                    "database migrated from files that differ from this release's"
+                }
                 // The check's one connection still busy with an earlier check, or slow to
                 // open: the server is there but slow, which "unreachable" would not say.
                 crate::db::DbError::Sql(sqlx::Error::PoolTimedOut) => {
