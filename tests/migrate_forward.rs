@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::processes::wait_for;
 use serde_json::json;
 use settle::http::AppState;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -211,38 +212,47 @@ async fn a_migration_waiting_for_a_lock_gives_way_to_the_tables_readers() {
     assert_eq!(settle::db::pending_migrations(&pool).await.unwrap(), 0);
 }
 
-/// An interrupted `create index concurrently` (migration 0014, outside a transaction: the
-/// process killed or its connection lost mid-build) leaves its index invalid, and every later
-/// try failed with "relation … already exists" (upgrade review #5): the migrator drops that
-/// debris and builds the index again.
-#[tokio::test]
-async fn an_interrupted_concurrent_index_build_is_built_again() {
+/// `settle migrate` killed while migration 0014's `create index concurrently` waits for an
+/// old snapshot: the server ends the build (the session checks its client), leaving the
+/// index invalid, and the next migrate drops it and builds it again. (Before, the build went
+/// on without its client to a valid index that no migration record names, or left an invalid
+/// one: every later try failed with "relation … already exists", upgrade review #5.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrate_killed_mid_index_build_is_built_again_by_the_next() {
     let config = common::test_config(&[]);
-    let _db = empty_database(&config.database.url).await;
-    let pool = PgPool::connect(&config.database.url).await.unwrap();
+    let url = config.database.url.clone();
+    let _db = empty_database(&url).await;
+    let pool = PgPool::connect(&url).await.unwrap();
     let migrator = &settle::db::MIGRATOR;
     let build = migrator.iter().find(|m| m.no_tx).unwrap();
     let sql = build.sql.as_str();
     assert!(sql.contains("create index concurrently transactions_paid_bucket_id_idx"));
     migrator.run_to(build.version - 1, &pool).await.unwrap();
-    // A build of that name that failed half-way, as a killed one does: a unique index over
-    // duplicate rows is left behind invalid.
-    sqlx::query(
-        "insert into transactions
-             (external_id, merchant_id, amount_cents, fee_cents, status, paid_at)
-         values ('t-1', 'm-1', 1000, 30, 'PAID', '2025-01-01T10:00:00Z'),
-                ('t-2', 'm-1', 500, 10, 'PAID', '2025-01-01T11:00:00Z')",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let failed = sqlx::query(
-        "create unique index concurrently transactions_paid_bucket_id_idx
-         on transactions (merchant_id)",
-    )
-    .execute(&pool)
+    // An old snapshot: the build's last phase waits for it.
+    let mut old = PgConnection::connect(&url).await.unwrap();
+    for statement in ["begin isolation level repeatable read", "select 1"] {
+        sqlx::query(statement).execute(&mut old).await.unwrap();
+    }
+    let mut migrate = common::settle_command()
+        .arg("migrate")
+        .env("SETTLE_DATABASE__URL", &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let building = "select count(*) from pg_stat_progress_create_index
+                    where datname = current_database()";
+    wait_for(Duration::from_secs(60), "the index build", || async {
+        (common::scalar(&pool, building).await > 0).then_some(())
+    })
     .await;
-    assert!(failed.is_err());
+    migrate.kill().unwrap();
+    migrate.wait().unwrap();
+    wait_for(Duration::from_secs(30), "the build's end", || async {
+        (common::scalar(&pool, building).await == 0).then_some(())
+    })
+    .await;
+    sqlx::query("commit").execute(&mut old).await.unwrap();
     let valid = "select indisvalid from pg_index
                  where indexrelid = 'transactions_paid_bucket_id_idx'::regclass";
     let valid = || sqlx::query_scalar::<_, bool>(valid).fetch_one(&pool);

@@ -21,9 +21,11 @@ const MIGRATION_LOCK: i64 = 0x7374_6c6d;
 const MIGRATION_LOCK_PAUSE: Duration = Duration::from_millis(100);
 
 /// The pause after a migration's first try that timed out on a lock; it doubles after each
-/// further one, up to [`LOCK_RETRY_MAX_PAUSE`].
+/// further one.
 const LOCK_RETRY_PAUSE: Duration = Duration::from_secs(1);
-const LOCK_RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Tries of a migration under its lock timeout before one that waits as long as it must.
+const LOCK_TRIES: u32 = 5;
 
 /// Applies every pending migration. Processes migrating at once (an `api` and a `worker` with
 /// `database.migrate_on_start`) take turns on a lock of their own, tried on a connection of
@@ -45,7 +47,10 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
     }
     let applied = applied_migrations(pool).await?;
     let newer = newer_of(&applied);
-    let migrated = if !newer.is_empty() && pending_of(&applied) == 0 {
+    let migrated = if let Some(version) = edited_of(&applied) {
+        // sqlx's migrator checks this too, but only when something is pending.
+        Err(DbError::Edited { version })
+    } else if !newer.is_empty() && pending_of(&applied) == 0 {
         // A newer release migrated the database (a rolling upgrade under way, or this one
         // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
         // to start on versions it does not know.
@@ -69,10 +74,12 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
 /// each lock it needs: queued for a table's lock, it holds up every later reader and writer
 /// of that table, so one stuck behind a long transaction (a bulk load, a report) would stall
 /// the service until that ended. Timed out, it has rolled back whole; it is tried again after
-/// a pause (1 s, doubling up to 30 s) for as long as it takes, each time with a warning
-/// naming the oldest open transactions. A migration outside a transaction (0014's `create
-/// index concurrently`, which waits for older transactions without blocking anyone, and which
-/// a timeout would leave as an invalid index) waits as long as it must.
+/// a pause (1 s, doubling), each time with a warning naming the oldest open transactions.
+/// After [`LOCK_TRIES`] such tries (about 30 s of pauses: long transactions that keep
+/// overlapping would starve it for ever) the last one waits as long as it must, as a
+/// migration without a timeout does. A migration outside a transaction (0014's `create index
+/// concurrently`, which waits for older transactions without blocking anyone, and which a
+/// timeout would leave as an invalid index) waits as long as it must from the start.
 async fn apply_pending(
     pool: &PgPool,
     applied: &[i64],
@@ -89,29 +96,24 @@ async fn apply_pending(
 }
 
 /// Applies `migration`, tried again each time it timed out on a lock (see [`apply_pending`]),
-/// on a session of its own whose `lock_timeout` is set as it opens.
+/// each try on a session of its own whose `lock_timeout` is set as it opens.
 async fn apply_waiting_for_locks(
     pool: &PgPool,
     migration: &Migration,
     lock_timeout: Duration,
 ) -> Result<(), DbError> {
-    let wait = if migration.no_tx {
-        Duration::ZERO
-    } else {
-        lock_timeout
-    };
-    let options = (*pool.connect_options())
-        .clone()
-        .options([("lock_timeout", format!("{}ms", wait.as_millis()))]);
-    let session = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options)
-        .await?;
     let mut pause = LOCK_RETRY_PAUSE;
     let mut debris_dropped = false;
-    let result = loop {
-        let error = match MIGRATOR.run_to(migration.version, &session).await {
-            Ok(()) => break Ok(()),
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let wait = if migration.no_tx || tries > LOCK_TRIES {
+            Duration::ZERO
+        } else {
+            lock_timeout
+        };
+        let error = match apply_once(pool, migration, wait).await {
+            Ok(()) => return Ok(()),
             Err(error) => error,
         };
         let code = match &error {
@@ -135,10 +137,15 @@ async fn apply_waiting_for_locks(
                 Err(e) => tracing::warn!(error = %e, "cannot look for interrupted indexes"),
             }
         }
-        if code.as_deref() != Some("55P03") {
-            break Err(error.into());
+        if code.as_deref() != Some("55P03") || wait.is_zero() {
+            return Err(error.into());
         }
         let oldest = oldest_transactions(pool).await.unwrap_or_default();
+        let next = if tries < LOCK_TRIES {
+            "will be tried again"
+        } else {
+            "will be tried once more, waiting as long as it takes"
+        };
         tracing::warn!(
             version = migration.version,
             migration = %migration.description,
@@ -146,33 +153,55 @@ async fn apply_waiting_for_locks(
             retry_in = ?pause,
             oldest_transactions = %oldest,
             "a migration waited its whole lock_timeout for a lock that other sessions hold \
-             (database.migration_lock_timeout_ms); it rolled back and will be tried again"
+             (database.migration_lock_timeout_ms); it rolled back and {next}"
         );
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(LOCK_RETRY_MAX_PAUSE);
-    };
-    session.close().await;
-    result
+        pause *= 2;
+    }
 }
 
-/// Drops the invalid indexes that `migration` (outside a transaction) creates: what an
-/// interrupted `create index concurrently` leaves (the process killed, its connection lost),
-/// on which every later try fails with "relation already exists". One that another session is
-/// building right now is left alone. Returns the names dropped.
+/// One try of `migration` on a session of its own that waits at most `wait` for a lock (zero:
+/// as long as it takes). The server checks that the session's client is still there: killed
+/// mid-`create index concurrently`, a migrate would otherwise leave the build running to a
+/// valid index its record never names, and every later try would fail on it.
+async fn apply_once(
+    pool: &PgPool,
+    migration: &Migration,
+    wait: Duration,
+) -> Result<(), MigrateError> {
+    let options = (*pool.connect_options()).clone().options([
+        ("lock_timeout", format!("{}ms", wait.as_millis())),
+        ("client_connection_check_interval", "1000ms".to_owned()),
+    ]);
+    let session = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let applied = MIGRATOR.run_to(migration.version, &session).await;
+    session.close().await;
+    applied
+}
+
+/// Drops the invalid indexes that `migration` (outside a transaction) creates by name: what
+/// an interrupted `create index concurrently` leaves (its connection lost, its client killed
+/// and the server noticing), on which every later try fails with "relation already exists".
+/// One that a session may be building right now (any build this role cannot see into) is
+/// left alone. Returns the names dropped.
 async fn drop_interrupted_indexes(
     pool: &PgPool,
     migration: &Migration,
 ) -> Result<Vec<String>, sqlx::Error> {
+    let names = concurrently_built(migration.sql.as_str());
     let invalid = sqlx::query_scalar!(
         r#"select c.relname::text as "name!"
            from pg_index i
            join pg_class c on c.oid = i.indexrelid
            join pg_namespace n on n.oid = c.relnamespace
            where not i.indisvalid and n.nspname = current_schema()
-             and strpos($1, c.relname::text) > 0
+             and c.relname = any($1::text[])
              and not exists (select from pg_stat_progress_create_index p
-                             where p.index_relid = i.indexrelid)"#,
-        migration.sql.as_str()
+                             where p.index_relid = i.indexrelid or p.index_relid is null)"#,
+        &names
     )
     .fetch_all(pool)
     .await?;
@@ -186,6 +215,29 @@ async fn drop_interrupted_indexes(
         .await?;
     }
     Ok(invalid)
+}
+
+/// The names that `sql` builds with `create [unique] index concurrently [if not exists] name`.
+fn concurrently_built(sql: &str) -> Vec<String> {
+    // Unquoted names fold to lower case, as Postgres folds them; quoted ones keep theirs.
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .map(|w| match w.strip_prefix('"') {
+            Some(quoted) => quoted.trim_end_matches('"').to_owned(),
+            None => w.to_lowercase(),
+        })
+        .collect();
+    words
+        .windows(2)
+        .enumerate()
+        .filter(|(_, pair)| pair[0] == "index" && pair[1] == "concurrently")
+        .filter_map(|(at, _)| {
+            words[at + 2..]
+                .iter()
+                .find(|w| !matches!(w.as_str(), "if" | "not" | "exists"))
+                .cloned()
+        })
+        .collect()
 }
 
 /// The three oldest open transactions of other sessions of this database, for the operator
@@ -287,5 +339,21 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     match pending_of(&applied) {
         0 => Ok(()),
         pending => Err(DbError::NotMigrated { pending }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_indexes_a_migration_builds_concurrently_are_named_from_its_statements() {
+        let sql = "-- transactions_paid_bucket and id in a comment\n\
+                   create index concurrently a_idx\n on t (x);\n\
+                   CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS \"B_idx\" on t (y);";
+        assert_eq!(concurrently_built(sql), ["a_idx", "B_idx"]);
+        let build = MIGRATOR.iter().find(|m| m.no_tx).expect("0014");
+        let names = concurrently_built(build.sql.as_str());
+        assert_eq!(names, ["transactions_paid_bucket_id_idx"]);
     }
 }
