@@ -81,6 +81,17 @@ pub fn connect_options_with(
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(30)))
 }
 
+/// What a pool's `PoolTimedOut` hides: the pool retries a refused connection until its acquire
+/// timeout and then says only that it timed out. One direct try names the cause (refused, no
+/// such role, …), or is `PoolTimedOut` again when it too gets no answer within `limit` (a
+/// server that accepts and never answers would hold it forever).
+pub async fn why_timed_out(options: &PgConnectOptions, limit: Duration) -> sqlx::Error {
+    match tokio::time::timeout(limit, PgConnection::connect_with(options)).await {
+        Ok(Err(cause)) => cause,
+        Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut,
+    }
+}
+
 /// Opens the pool for `config`, failing fast with the URL (without password) if unreachable.
 /// Sessions frozen inside a transaction are ended after `idle_in_transaction`.
 pub async fn connect(
@@ -95,15 +106,8 @@ pub async fn connect(
         .await
     {
         Ok(pool) => return Ok(pool),
-        // The pool retries a refused connection until its acquire timeout and then says only
-        // that it timed out: one direct try names the cause (refused, no such role, …).
-        // Bounded as the pool was: a server that accepts and never answers holds it forever.
         Err(sqlx::Error::PoolTimedOut) => {
-            let limit = Duration::from_millis(config.acquire_timeout_ms);
-            match tokio::time::timeout(limit, PgConnection::connect_with(&options)).await {
-                Ok(Err(cause)) => cause,
-                Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut,
-            }
+            why_timed_out(&options, Duration::from_millis(config.acquire_timeout_ms)).await
         }
         Err(e) => e,
     };

@@ -25,6 +25,30 @@ async fn readyz_says_database_unreachable_without_the_drivers_text() {
     assert_eq!(app.get("/readyz").await.0, 200);
 }
 
+/// The server's port refusing connections: unreachable, not "not answering in time" (the
+/// pool retries a refused connection until its acquire timeout, and says only that it timed
+/// out).
+#[tokio::test]
+async fn readyz_says_unreachable_when_the_port_refuses_connections() {
+    let proxy = Proxy::start(&common::server_address()).await;
+    let name = format!("settle_test_{}", uuid::Uuid::new_v4().simple());
+    let overrides = [
+        ("database.url", json!(proxy.url(&name))),
+        ("database.acquire_timeout_ms", json!(500)),
+    ];
+    let app = common::spawn_app_with(&overrides).await;
+    assert_eq!(app.get("/readyz").await.0, 200);
+    drop(proxy);
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(
+        (status, body),
+        (
+            503,
+            json!({"status": "unavailable", "reason": "database unreachable"})
+        )
+    );
+}
+
 /// Every connection of the api's pool taken (by long requests, say) while the database
 /// answers: the instance is busy, not broken, and stays ready (it said 503 "database busy",
 /// and a load balancer took every API out at the peak of traffic).

@@ -1,6 +1,8 @@
 //! `/livez` (the process answers) and `/readyz` (the database answers, on a connection of the
 //! check's own, and is migrated).
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -36,10 +38,14 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
                 crate::db::DbError::Edited { .. } => {
                     "database migrated from files that differ from this release's"
                 }
-                // The check's one connection still busy with an earlier check, or slow to
-                // open: the server is there but slow, which "unreachable" would not say.
+                // The check's one connection busy with an earlier check, or slow to open: the
+                // server may be there but slow; or it refuses, which the pool hides.
                 crate::db::DbError::Sql(sqlx::Error::PoolTimedOut) => {
-                    "database not answering in time"
+                    let options = app.health.connect_options();
+                    match crate::db::why_timed_out(&options, Duration::from_secs(1)).await {
+                        sqlx::Error::PoolTimedOut => "database not answering in time",
+                        _ => "database unreachable",
+                    }
                 }
                 _ => "database unreachable",
             };
