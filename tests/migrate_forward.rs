@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::processes::wait_for;
 use serde_json::json;
 use settle::http::AppState;
+use sqlx::migrate::Migration;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -166,6 +167,17 @@ async fn empty_database(url: &str) -> common::TestDatabase {
     guard
 }
 
+/// A pool on the database `url` names, migrated up to `next` (which must hold `statement`, the
+/// step the test stages) and no further.
+async fn migrated_up_to(url: &str, next: &Migration, statement: &str) -> PgPool {
+    let sql = next.sql.as_str();
+    assert!(sql.contains(statement), "{sql}");
+    let pool = PgPool::connect(url).await.unwrap();
+    let migrator = &settle::db::MIGRATOR;
+    migrator.run_to(next.version - 1, &pool).await.unwrap();
+    pool
+}
+
 /// A migration that needs a table's lock while a long transaction holds it gives way after
 /// `database.migration_lock_timeout_ms` instead of queueing every reader of that table behind
 /// that transaction (the upgrade review saw 0023 wait 17 s behind a bulk load, with ingestion
@@ -175,12 +187,8 @@ async fn a_migration_waiting_for_a_lock_gives_way_to_the_tables_readers() {
     let config = common::test_config(&[]);
     let url = config.database.url.clone();
     let _db = empty_database(&url).await;
-    let pool = PgPool::connect(&url).await.unwrap();
-    let migrator = &settle::db::MIGRATOR;
-    let last = migrator.iter().last().unwrap();
-    let sql = last.sql.as_str();
-    assert!(sql.contains("alter table settlement_reads"), "{sql}");
-    migrator.run_to(last.version - 1, &pool).await.unwrap();
+    let last = settle::db::MIGRATOR.iter().last().unwrap();
+    let pool = migrated_up_to(&url, last, "alter table settlement_reads").await;
     let long = common::held_open(&pool, &["select count(*) from settlement_reads"]).await;
 
     let migrating = tokio::spawn(async move {
@@ -222,12 +230,9 @@ async fn a_migrate_killed_mid_index_build_is_built_again_by_the_next() {
     let config = common::test_config(&[]);
     let url = config.database.url.clone();
     let _db = empty_database(&url).await;
-    let pool = PgPool::connect(&url).await.unwrap();
-    let migrator = &settle::db::MIGRATOR;
-    let build = migrator.iter().find(|m| m.no_tx).unwrap();
-    let sql = build.sql.as_str();
-    assert!(sql.contains("create index concurrently transactions_paid_bucket_id_idx"));
-    migrator.run_to(build.version - 1, &pool).await.unwrap();
+    let build = settle::db::MIGRATOR.iter().find(|m| m.no_tx).unwrap();
+    let statement = "create index concurrently transactions_paid_bucket_id_idx";
+    let pool = migrated_up_to(&url, build, statement).await;
     // An old snapshot: the build's last phase waits for it.
     let mut old = PgConnection::connect(&url).await.unwrap();
     for statement in ["begin isolation level repeatable read", "select 1"] {

@@ -50,7 +50,7 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
     let migrated = if let Some(version) = edited_of(&applied) {
         // sqlx's migrator checks this too, but only when something is pending.
         Err(DbError::Edited { version })
-    } else if !newer.is_empty() && pending_of(&applied) == 0 {
+    } else if !newer.is_empty() && pending_of(&applied).is_empty() {
         // A newer release migrated the database (a rolling upgrade under way, or this one
         // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
         // to start on versions it does not know.
@@ -61,15 +61,14 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
         );
         Ok(())
     } else {
-        let versions: Vec<i64> = applied.iter().map(|a| a.version).collect();
-        apply_pending(pool, &versions, lock_timeout).await
+        apply_pending(pool, pending_of(&applied), lock_timeout).await
     };
     // Closing the session releases the lock as well.
     let _ = holder.close().await;
     migrated
 }
 
-/// Applies the pending migrations in order, one at a time, each on a session of its own. A
+/// Applies `pending` in order, one at a time, each on a session of its own. A
 /// migration in a transaction waits at most `lock_timeout` (zero: as long as it takes) for
 /// each lock it needs: queued for a table's lock, it holds up every later reader and writer
 /// of that table, so one stuck behind a long transaction (a bulk load, a report) would stall
@@ -82,13 +81,9 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
 /// timeout would leave as an invalid index) waits as long as it must from the start.
 async fn apply_pending(
     pool: &PgPool,
-    applied: &[i64],
+    pending: Vec<&'static Migration>,
     lock_timeout: Duration,
 ) -> Result<(), DbError> {
-    let pending: Vec<&'static Migration> = MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .collect();
     for migration in pending {
         apply_waiting_for_locks(pool, migration, lock_timeout).await?;
     }
@@ -292,12 +287,12 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<Applied>, DbError> {
     .await?)
 }
 
-/// How many embedded migrations are not among `applied`.
-fn pending_of(applied: &[Applied]) -> usize {
+/// The embedded migrations not among `applied`, in order.
+fn pending_of(applied: &[Applied]) -> Vec<&'static Migration> {
     MIGRATOR
         .iter()
         .filter(|m| !applied.iter().any(|a| a.version == m.version))
-        .count()
+        .collect()
 }
 
 /// Those of `applied` newer than every migration this binary holds.
@@ -324,7 +319,7 @@ fn edited_of(applied: &[Applied]) -> Option<i64> {
 
 /// Number of embedded migrations the database has not applied yet.
 pub async fn pending_migrations(pool: &PgPool) -> Result<usize, DbError> {
-    Ok(pending_of(&applied_migrations(pool).await?))
+    Ok(pending_of(&applied_migrations(pool).await?).len())
 }
 
 /// Fails with [`DbError::NotMigrated`] unless every embedded migration is applied, and with
@@ -336,7 +331,7 @@ pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     if let Some(version) = edited_of(&applied) {
         return Err(DbError::Edited { version });
     }
-    match pending_of(&applied) {
+    match pending_of(&applied).len() {
         0 => Ok(()),
         pending => Err(DbError::NotMigrated { pending }),
     }
