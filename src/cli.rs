@@ -161,6 +161,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tokens(command) => {
+            if matches!(command, tokens::command::TokensCommand::Create { .. })
+                && tokens::command::stdout_discarded()
+            {
+                anyhow::bail!(
+                    "standard output is /dev/null (or was closed): the new token's secret would \
+                     be lost; no token was created"
+                );
+            }
             let pool = open(&config, config.database.migrate_on_start).await?;
             let done = tokens::command::run(command, &pool, &mut std::io::stdout()).await;
             pool.close().await;

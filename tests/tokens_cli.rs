@@ -154,3 +154,30 @@ async fn a_secret_nobody_read_makes_no_token() {
     let listed = stdout(&settle(url, &["tokens", "list"]));
     assert!(!listed.contains("lost"), "{listed}");
 }
+
+/// A standard output that discards what it is given makes no token either: `> /dev/null`, and
+/// `>&-` (Rust's runtime opens /dev/null in place of a closed standard output, so writing the
+/// secret "succeeded"). Before, both exited 0 and left a live token whose secret nobody had.
+#[tokio::test]
+async fn a_secret_sent_to_dev_null_makes_no_token() {
+    let config = common::test_config(&[]);
+    let (_pool, _db) = common::migrated_pool(&config).await;
+    let url = &config.database.url;
+    for redirect in ["> /dev/null", ">&-"] {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec \"$0\" tokens create --role admin --name lost {redirect}"
+            ))
+            .arg(env!("CARGO_BIN_EXE_settle"))
+            .env_remove("DATABASE_URL")
+            .env("SETTLE_DATABASE__URL", url)
+            .env("SETTLE_LOG", "off")
+            .output()
+            .expect("run settle through sh");
+        let said = refused(output);
+        assert!(said.contains("no token was created"), "{redirect}: {said}");
+    }
+    let listed = stdout(&settle(url, &["tokens", "list"]));
+    assert!(!listed.contains("lost"), "{listed}");
+}

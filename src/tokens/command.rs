@@ -105,6 +105,23 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether this process's standard output is `/dev/null`: where `> /dev/null` sends it, and
+/// where Rust's runtime points a standard output closed at start (`>&-`), so that writes to it
+/// succeed. A secret written there is as lost as one written into a closed pipe.
+pub fn stdout_discarded() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(null) = std::fs::metadata("/dev/null") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|out| out.file_type().is_char_device() && out.rdev() == null.rdev())
+}
+
 fn describe(info: &TokenInfo) -> String {
     let mut said = format!("role {}", info.role);
     if let Some(merchant) = &info.merchant_id {
