@@ -645,3 +645,49 @@ async fn a_download_that_is_not_the_csv_says_why() {
         .await;
     browser.close().await;
 }
+
+/// Products past the newest page are reached page by page: Older reads the next page, Newer
+/// goes back, and the label says which page shows. Before, the newest page was all there was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_products_are_reached_page_by_page() {
+    let app = spawn_app_with(&[("pagination.default_page_size", json!(2))]).await;
+    let mut ids = Vec::new();
+    for stock in 1..=5 {
+        ids.push(app.product(stock, 100).await);
+    }
+    let browser = Browser::signed_in(&app.url("/"), &app.admin_token).await;
+    // Newest first, two to a page.
+    let newest = (&ids[3..], "newest 2");
+    let second = (&ids[1..3], "page 2");
+    let oldest = (&ids[..1], "page 3 · the oldest");
+    for (page, older) in [(newest, true), (second, true), (oldest, false)] {
+        products_shown(&browser, page).await;
+        let buttons = browser.count("#products-older:not([hidden])").await;
+        assert_eq!(buttons, usize::from(older), "Older on {:?}", page.1);
+        if older {
+            browser.click("#products-older").await;
+        }
+    }
+    for page in [second, newest] {
+        browser.click("#products-newer").await;
+        products_shown(&browser, page).await;
+    }
+    assert_eq!(browser.count("#products-newer:not([hidden])").await, 0);
+    browser.close().await;
+}
+
+/// Waits until the products card shows exactly the products `ids`, under `label`.
+async fn products_shown(browser: &Browser, (ids, label): (&[i64], &str)) {
+    browser.wait_text("#products-count", label).await;
+    let what = format!("products {ids:?}");
+    wait_for(Duration::from_secs(10), &what, || async {
+        let mut shown = Vec::new();
+        for id in ids {
+            let row = format!("#products-body tr[data-product-id='{id}']");
+            shown.push(browser.count(&row).await);
+        }
+        let all = browser.count("#products-body tr").await;
+        (all == ids.len() && shown.iter().all(|&n| n == 1)).then_some(())
+    })
+    .await;
+}

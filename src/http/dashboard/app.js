@@ -467,11 +467,25 @@
   // ---- Products. ----
 
   let productsCount = ""; // the label of the products last read
+  // The page shown: the cursor it is read from (null: the newest), the cursors of the pages
+  // before it (to go back), and the next page's cursor as last read (null while a move to
+  // another page is being read, so a second click waits for it). Products are never deleted:
+  // an older page keeps its rows while new products push onto the newest.
+  let productsCursor = null;
+  const productsBefore = [];
+  let productsNext = null;
 
   async function refreshProducts() {
-    const pages = await read(lists.products, [["products", "/api/v1/products"]]);
+    const path = "/api/v1/products"
+      + (productsCursor ? "?cursor=" + encodeURIComponent(productsCursor) : "");
+    const pages = await read(lists.products, [["products", path]]);
     if (!pages) return;
     const [page] = pages;
+    const number = productsBefore.length + 1;
+    productsNext = page.next_cursor;
+    $("products-older").hidden = !page.next_cursor;
+    $("products-newer").hidden = number === 1;
+    $("products-pager").hidden = !page.next_cursor && number === 1;
     const body = $("products-body");
     body.replaceChildren(...page.data.map((product) => {
       const row = el("tr");
@@ -486,16 +500,38 @@
       return row;
     }));
     $("products-empty").hidden = page.data.length > 0;
-    productsCount = page.next_cursor
-      ? `newest ${count(page.data.length)}`
-      : `${count(page.data.length)} ${page.data.length === 1 ? "product" : "products"}`;
+    if (number > 1) {
+      productsCount = `page ${count(number)}${page.next_cursor ? "" : " · the oldest"}`;
+    } else {
+      productsCount = page.next_cursor
+        ? `newest ${count(page.data.length)}`
+        : `${count(page.data.length)} ${page.data.length === 1 ? "product" : "products"}`;
+    }
     shown(lists.products, productsCount);
   }
 
   function emptyProducts() {
     $("products-body").replaceChildren();
     $("products-empty").hidden = true;
+    $("products-pager").hidden = true;
+    productsCursor = null;
+    productsBefore.length = 0;
+    productsNext = null;
   }
+
+  $("products-older").addEventListener("click", () => {
+    if (!productsNext) return;
+    productsBefore.push(productsCursor);
+    productsCursor = productsNext;
+    productsNext = null;
+    refreshProducts();
+  });
+  $("products-newer").addEventListener("click", () => {
+    if (productsBefore.length === 0) return;
+    productsCursor = productsBefore.pop();
+    productsNext = null;
+    refreshProducts();
+  });
 
   const lists = {
     jobs: pageList("jobs", "jobs-updated", emptyJobs, (stale) => stale),
