@@ -242,6 +242,8 @@ pub struct ScheduleConfig {
     pub time_zone: Option<String>,
     /// Longest sleep between two looks at the clock.
     pub check_interval_ms: u64,
+    /// After downtime, how many of the most recent missed days are enqueued.
+    pub catch_up_days: u64,
 }
 
 impl ScheduleConfig {
@@ -250,6 +252,9 @@ impl ScheduleConfig {
         ["%H:%M:%S", "%H:%M"]
             .iter()
             .find_map(|format| chrono::NaiveTime::parse_from_str(&self.at, format).ok())
+            // chrono reads a leap second (`23:59:60`) as a time past 23:59:59, which would
+            // strike a day late: the wall clock of a time zone never shows it.
+            .filter(|at| chrono::Timelike::nanosecond(at) < 1_000_000_000)
     }
 }
 

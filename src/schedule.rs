@@ -6,9 +6,11 @@
 //! next one that looks. No leader: each worker only remembers which day it last saw done, to
 //! spare the database a write per look.
 //!
-//! A worker starting after downtime catches up the most recent day that is due only (before
-//! `at`, that is the day before yesterday), with a day the previous strike of `at` skipped (see
-//! [`Schedule::due_days`]); older missed days are an operator's to enqueue.
+//! What is due is judged by the database's clock, one for every worker: a worker whose own clock
+//! ran ahead would enqueue a day before it ended, and the job would miss the day's late input
+//! for good. A worker starting after downtime catches up the days missed since the newest one
+//! enqueued, up to `schedule.catch_up_days` of the most recent ([`Schedule::to_enqueue`]);
+//! older missed days are logged for an operator to enqueue.
 //! Settlement knowledge stays here, outside the queue crate, which only sees a job.
 
 use std::time::Duration;
@@ -40,6 +42,17 @@ pub struct Schedule {
     check_interval: Duration,
     /// Attempts of each enqueued job (`worker.max_attempts`, as for the API's jobs).
     max_attempts: i32,
+    /// After downtime, how many of the most recent missed days are enqueued (at least 1).
+    catch_up_days: u64,
+}
+
+/// The days to enqueue at one look: `first..=last`, and the missed days older than the
+/// catch-up allows, which are left to an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub first: NaiveDate,
+    pub last: NaiveDate,
+    pub skipped: Option<(NaiveDate, NaiveDate)>,
 }
 
 impl Schedule {
@@ -60,7 +73,36 @@ impl Schedule {
             settlement_zone: config.settlement.time_zone.parse().unwrap_or(Tz::UTC),
             check_interval: Duration::from_millis(schedule.check_interval_ms),
             max_attempts: config.worker.max_attempts,
+            catch_up_days: schedule.catch_up_days.max(1),
         })
+    }
+
+    /// The days to enqueue at `now`, the newest day enqueued so far being `enqueued`: the
+    /// [`Self::due_days`], and before them the days missed since `enqueued` (the schedule off,
+    /// every worker stopped or the database unreachable past one or more strikes of `at`), of
+    /// which at most the `catch_up_days` most recent, counted back from the last due day.
+    pub fn to_enqueue(&self, now: DateTime<Utc>, enqueued: Option<NaiveDate>) -> Due {
+        let (first, last) = self.due_days(now);
+        let Some(missed) = enqueued
+            .and_then(|day| day.succ_opt())
+            .filter(|d| *d < first)
+        else {
+            return Due {
+                first,
+                last,
+                skipped: None,
+            };
+        };
+        let window = last
+            .checked_sub_days(Days::new(self.catch_up_days - 1))
+            .unwrap_or(NaiveDate::MIN);
+        let start = missed.max(window).min(first);
+        let skipped = (missed < start).then(|| (missed, start.pred_opt().unwrap_or(missed)));
+        Due {
+            first: start,
+            last,
+            skipped,
+        }
     }
 
     /// The most recent day whose settlement is due at `now`: the settlement zone's day before
@@ -122,39 +164,68 @@ impl Schedule {
     }
 }
 
-/// Enqueues the due day's settlement whenever it is not done yet, until `shutdown`.
+/// Enqueues the due days' settlements whenever they are not done yet, until `shutdown`.
 pub async fn run(pool: PgPool, schedule: Schedule, shutdown: CancellationToken) {
     tracing::info!(at = %schedule.at, zone = %schedule.zone, "daily settlement scheduled");
     // Every day up to this one is enqueued (by this worker or another).
     let mut done: Option<NaiveDate> = None;
+    // The last missed day this worker said it would not catch up.
+    let mut warned: Option<NaiveDate> = None;
     while !shutdown.is_cancelled() {
-        let (first, last) = schedule.due_days(Utc::now());
-        for day in first.iter_days().take_while(|day| *day <= last) {
-            if done.is_some_and(|done| done >= day) {
-                continue;
-            }
-            match enqueue_once(&pool, day, schedule.max_attempts).await {
-                Ok(Some(job_id)) => {
-                    tracing::info!(%day, job_id, "enqueued the scheduled settlement");
-                    done = Some(day);
+        let sleep = match look(&pool).await {
+            Ok((now, enqueued)) => {
+                let due = schedule.to_enqueue(now, enqueued);
+                if let Some((from, to)) = due.skipped.filter(|(_, to)| warned != Some(*to)) {
+                    tracing::warn!(
+                        %from, %to, catch_up_days = schedule.catch_up_days,
+                        "missed days not caught up (schedule.catch_up_days): enqueue them with \
+                         POST /api/v1/jobs/settlement if they are wanted"
+                    );
+                    warned = Some(to);
                 }
-                Ok(None) => done = Some(day),
-                Err(e) => {
-                    tracing::warn!(%day, error = %e, "scheduling the settlement failed");
-                    break;
+                for day in due.first.iter_days().take_while(|day| *day <= due.last) {
+                    if done.is_some_and(|done| done >= day) {
+                        continue;
+                    }
+                    match enqueue_once(&pool, day, schedule.max_attempts).await {
+                        Ok(Some(job_id)) => {
+                            tracing::info!(%day, job_id, "enqueued the scheduled settlement");
+                            done = Some(day);
+                        }
+                        Ok(None) => done = Some(day),
+                        Err(e) => {
+                            tracing::warn!(%day, error = %e, "scheduling the settlement failed");
+                            break;
+                        }
+                    }
+                }
+                match done >= Some(due.last) {
+                    true => schedule.sleep_after_done(now),
+                    false => schedule.check_interval,
                 }
             }
-        }
-        let sleep = if done >= Some(last) {
-            schedule.sleep_after_done(Utc::now())
-        } else {
-            schedule.check_interval
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the schedule's clock failed");
+                schedule.check_interval
+            }
         };
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = shutdown.cancelled() => {}
         }
     }
+}
+
+/// The database's clock, and the newest day the schedule has enqueued (if any).
+async fn look(pool: &PgPool) -> Result<(DateTime<Utc>, Option<NaiveDate>), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"select now() as "now!",
+                  (select max(day) from scheduled_runs where schedule = $1) as enqueued"#,
+        DAILY_SETTLEMENT,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.now, row.enqueued))
 }
 
 /// Enqueues a settlement of `day` unless one was enqueued for it before; returns the new job's
@@ -211,6 +282,7 @@ mod tests {
             settlement_zone: settlement_zone.parse().unwrap(),
             check_interval: Duration::from_secs(60),
             max_attempts: 5,
+            catch_up_days: 3,
         }
     }
 
@@ -310,6 +382,41 @@ mod tests {
         assert_eq!(
             s.sleep_after_done(utc("2025-03-10T00:30:00Z")),
             Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn missed_days_are_caught_up_to_the_limit_and_the_rest_named() {
+        let s = schedule("00:30:00", "UTC");
+        let on = |now: &str, enqueued: Option<&str>| {
+            let due = s.to_enqueue(utc(now), enqueued.map(|d| d.parse().unwrap()));
+            let skipped = due
+                .skipped
+                .map(|(from, to)| format!(" skipped {from}..{to}"));
+            format!("{}..{}{}", due.first, due.last, skipped.unwrap_or_default())
+        };
+        // Never enqueued before, or nothing missed: the due day alone.
+        assert_eq!(on("2025-03-10T01:00:00Z", None), "2025-03-09..2025-03-09");
+        let caught_up = on("2025-03-10T01:00:00Z", Some("2025-03-08"));
+        assert_eq!(caught_up, "2025-03-09..2025-03-09");
+        assert_eq!(
+            on("2025-03-10T01:00:00Z", Some("2025-03-09")),
+            "2025-03-09..2025-03-09"
+        );
+        // Down two days: both missed days with the due one.
+        let down = on("2025-03-10T01:00:00Z", Some("2025-03-06"));
+        assert_eq!(down, "2025-03-07..2025-03-09");
+        // Down longer: the three most recent (catch_up_days 3), the older ones named.
+        let long = on("2025-03-10T01:00:00Z", Some("2025-03-01"));
+        assert_eq!(
+            long,
+            "2025-03-07..2025-03-09 skipped 2025-03-02..2025-03-06"
+        );
+        // Before `at`, counted back from the day then due.
+        let early = on("2025-03-10T00:10:00Z", Some("2025-03-01"));
+        assert_eq!(
+            early,
+            "2025-03-06..2025-03-08 skipped 2025-03-02..2025-03-05"
         );
     }
 }

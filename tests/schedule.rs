@@ -121,3 +121,46 @@ async fn racing_enqueues_of_one_day_make_one_job() {
     let again = settle::schedule::enqueue_once(&pool, day, 5).await.unwrap();
     assert_eq!(again, None);
 }
+
+/// Workers back after days with none running enqueue each missed day since the last one the
+/// schedule enqueued, up to `schedule.catch_up_days` of the most recent, and name the older
+/// ones in a warning. Before, only the most recent due day was enqueued: the others were lost
+/// without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_back_after_days_down_catch_up_the_missed_days() {
+    let config = test_config(&[]);
+    let (pool, _db) = migrated_pool(&config).await;
+    let zone = zone_around_noon();
+    let today = Utc::now().with_timezone(&zone).date_naive();
+    let day = |back: u64| today - Days::new(back);
+    // The last day enqueued before the downtime: six days ago.
+    settle::schedule::enqueue_once(&pool, day(6), 5)
+        .await
+        .unwrap();
+    let env = [
+        ("SETTLE_SCHEDULE__ENABLED", "true"),
+        // Struck this morning: yesterday is due.
+        ("SETTLE_SCHEDULE__AT", "06:00"),
+        ("SETTLE_SCHEDULE__TIME_ZONE", zone.name()),
+        ("SETTLE_SETTLEMENT__TIME_ZONE", zone.name()),
+        ("SETTLE_SCHEDULE__CATCH_UP_DAYS", "3"),
+        ("SETTLE_SCHEDULE__CHECK_INTERVAL_MS", "200"),
+    ];
+    let env = env.map(|(key, value)| (key, value.to_owned()));
+    let workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::start_with(&config, &env))
+        .collect();
+    wait_for_day(&pool, day(1), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert_eq!(
+        settlement_days(&pool).await,
+        [day(6), day(3), day(2), day(1)]
+    );
+    let logs: String = workers.iter().map(WorkerProcess::log_text).collect();
+    let named = format!("from={} to={}", day(5), day(4));
+    assert!(
+        logs.contains("missed days not caught up") && logs.contains(&named),
+        "{logs}"
+    );
+}

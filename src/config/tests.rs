@@ -87,10 +87,16 @@ fn schedule_times_and_zones_are_checked() {
     for (key, value) in [
         ("schedule.at", "25:00"),
         ("schedule.at", "noon"),
+        // A leap second: chrono takes it for a time after 23:59:59, a day late.
+        ("schedule.at", "23:59:60"),
         ("schedule.time_zone", "Mars/Olympus"),
     ] {
         let err = refused(key, value);
         assert!(err.contains(key), "{key}={value}: {err}");
+    }
+    for days in [0, 367] {
+        let err = refused("schedule.catch_up_days", days);
+        assert!(err.contains("`schedule.catch_up_days`"), "{days}: {err}");
     }
     let figment = Config::defaults().merge(Serialized::default("schedule.at", "23:59:30"));
     let config = Config::from_figment(figment).unwrap();
@@ -197,6 +203,13 @@ fn sizes_and_ages_have_an_upper_bound() {
     }
     let err = refused("worker.retention_hours", u64::MAX);
     assert!(err.contains("`worker.retention_hours`"), "{err}");
+    // Below the Idempotency-Key's life a retried key could name a deleted job.
+    let err = refused("worker.retention_hours", 23);
+    assert!(err.contains("idempotency.ttl_hours (24)"), "{err}");
+    let figment = Config::defaults()
+        .merge(Serialized::default("worker.retention_hours", 1))
+        .merge(Serialized::default("idempotency.ttl_hours", 1));
+    assert!(Config::from_figment(figment).is_ok());
     // The largest accepted retention converts to a Duration without overflow.
     let config = accepted("worker.retention_hours", 876_000);
     let settings = crate::worker::settings(&config.worker);

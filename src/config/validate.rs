@@ -12,6 +12,9 @@ const MAX_MS: u64 = i32::MAX as u64;
 /// prune fails, and nothing is ever deleted).
 const MAX_RETENTION_HOURS: u64 = 876_000;
 
+/// The most days `schedule.catch_up_days` may catch up (a year).
+const MAX_CATCH_UP_DAYS: u64 = 366;
+
 /// The largest page a list may return: each list fetches `limit + 1` rows (one more means a
 /// next page), which overflowed for `i64::MAX`, and a page this size is already a bulk export.
 const MAX_PAGE_SIZE: i64 = 10_000;
@@ -205,6 +208,19 @@ impl Config {
                  this long",
             );
         }
+        if i64::try_from(w.retention_hours).unwrap_or(i64::MAX) < self.idempotency.ttl_hours {
+            // A job is deleted retention_hours after it ends, so never before the key that
+            // created it expires only when retention_hours >= ttl_hours: a retry with the key
+            // of a deleted job would be answered as the stored 202 QUEUED of a job that is gone.
+            return invalid(
+                "worker.retention_hours",
+                &format!(
+                    "must be at least idempotency.ttl_hours ({}): a retry with the \
+                     Idempotency-Key of a deleted job would be answered with that job",
+                    self.idempotency.ttl_hours
+                ),
+            );
+        }
         if w.retention_interval_ms == 0 {
             return invalid("worker.retention_interval_ms", "must be positive");
         }
@@ -292,6 +308,12 @@ impl Config {
         }
         if self.schedule.check_interval_ms == 0 {
             return invalid("schedule.check_interval_ms", "must be positive");
+        }
+        if !(1..=MAX_CATCH_UP_DAYS).contains(&self.schedule.catch_up_days) {
+            return invalid(
+                "schedule.catch_up_days",
+                "must be between 1 and 366 (a year)",
+            );
         }
         if self.settlement.max_transactions_per_request == 0 {
             return invalid(
