@@ -428,3 +428,26 @@ async fn a_key_is_scoped_to_the_endpoint_and_the_token() {
     assert_eq!((status, &report["inserted"]), (201, &json!(1)));
     assert_eq!(scalar(&app.pool, "select count(*) from orders").await, 3);
 }
+
+/// A product's key compares the name as sent, as Stripe compares the parameters sent: a name
+/// that differs only by the whitespace the product is stored without is another body (422),
+/// not a replay. Before, the trimmed names were compared and the first answer replayed.
+#[tokio::test]
+async fn a_products_key_compares_the_name_as_sent() {
+    let app = spawn_app().await;
+    let send = |name: &str| {
+        let body = json!({"name": name, "stock": 1, "price_cents": 100});
+        let request = app.http.post(app.url("/api/v1/products"));
+        async move {
+            let response = request.header("idempotency-key", "widget-1").json(&body);
+            status_and_json(response.send().await.expect("sent")).await
+        }
+    };
+    let first = send("Widget").await;
+    assert_eq!(first.0, 201, "{}", first.1);
+    assert_eq!(send("Widget").await, first);
+    let (status, padded) = send("  Widget\n").await;
+    assert_eq!(status, 422, "{padded}");
+    assert_error(&padded, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(scalar(&app.pool, "select count(*) from products").await, 1);
+}

@@ -101,8 +101,10 @@ async fn create_product(
 ) -> Result<Response, ApiError> {
     let key = key.scoped("products")?;
     let product = NewProduct::parse(&request.name, request.stock, request.price_cents)?;
+    // The name as sent, not as stored (trimmed): a retry must send the same body, as Stripe
+    // compares the parameters sent.
     let request =
-        json!({"name": product.name, "stock": product.stock, "price_cents": product.price_cents});
+        json!({"name": request.name, "stock": product.stock, "price_cents": product.price_cents});
     let created =
         async |conn: &mut PgConnection| Ok(Some(store::insert_product(conn, &product).await?));
     let answer = (key, &request, StatusCode::CREATED);
