@@ -141,6 +141,21 @@ async fn maintenance_connection(url: &str) -> Result<Option<(String, PgConnectio
 
 /// Creates the configured database if it does not exist (needs a role that may create one).
 pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
+    // The database itself first: a role that may not connect to `postgres` (as on many managed
+    // servers) still migrates and serves a database that exists.
+    match PgConnection::connect_with(&connect_options(url)?).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(false);
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
+        Err(source) => {
+            return Err(DbError::Connect {
+                url: redact(url),
+                source,
+            });
+        }
+    }
     let Some((name, mut conn)) = maintenance_connection(url).await? else {
         return Ok(false);
     };

@@ -585,3 +585,68 @@ async fn serve_answers_its_in_flight_orders_after_sigterm() {
         assert_eq!(status, 201, "{body}");
     }
 }
+
+/// A role that may not connect to the `postgres` database (as on many managed servers) still
+/// migrates a database of its own that exists. Before, `migrate` (and `serve`, `seed`) always
+/// connected to `postgres` first, to see whether the database existed, and failed.
+#[tokio::test]
+async fn migrate_needs_no_access_to_the_postgres_database_when_its_own_exists() {
+    let Some(cluster) = common::cluster::Cluster::start().await else {
+        return;
+    };
+    let status = Command::new("psql")
+        .args([&cluster.url("postgres"), "-q"])
+        .args([
+            "-c",
+            "create role app login",
+            "-c",
+            "create database app owner app",
+        ])
+        .args(["-c", "revoke connect on database postgres from public"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let url = cluster.url("app").replace("postgres@", "app@");
+    let output = settle(&url).arg("migrate").output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    // The database of a role that may not connect to `postgres` cannot be created for it.
+    let missing = cluster.url("absent").replace("postgres@", "app@");
+    let output = settle(&missing).arg("migrate").output().unwrap();
+    assert!(!output.status.success());
+}
+
+/// A URL asking for TLS (`sslmode=require`, as managed Postgres services do) connects over
+/// TLS. Before, sqlx was built without TLS: `require` failed and `prefer` (libpq's default)
+/// connected in the clear.
+#[tokio::test]
+async fn a_url_asking_for_tls_connects_over_tls() {
+    let (url, _db) = fresh_database();
+    let ssl_on = Command::new("psql")
+        .args([
+            &format!("{}/postgres", common::server_url()),
+            "-Atc",
+            "show ssl",
+        ])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&ssl_on.stdout).trim() != "on" {
+        eprintln!("SKIPPED: the test server has ssl off");
+        return;
+    }
+    let tls_url = format!("{url}?sslmode=require");
+    let output = settle(&tls_url).arg("migrate").output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    let mut config = common::test_config(&[]);
+    config.database.url = tls_url;
+    let pool = settle::db::connect(&config.database, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let over_tls: bool =
+        sqlx::query_scalar("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(over_tls);
+}
