@@ -90,6 +90,8 @@ pub struct HttpConfig {
     /// A CSV download whose reader takes nothing for this long is cut off (a streamed body
     /// outlives `request_timeout_ms`; a stalled one would hold its snapshot open).
     pub download_stall_timeout_ms: u64,
+    /// CSV downloads one API streams at once, each on a database connection of its own.
+    pub max_concurrent_downloads: u32,
 }
 
 /// Page sizes of every list endpoint, so one client paging orders and jobs meets one rule.

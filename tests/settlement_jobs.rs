@@ -14,6 +14,7 @@ use common::settlement as support;
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
 use settle::settlement::transactions::Status;
+use sqlx::PgPool;
 use support::{day, parse_csv, reference, settlements};
 
 /// The app plus an in-process worker that stops when dropped.
@@ -494,17 +495,7 @@ async fn a_stalled_download_is_cut_off_and_lets_go_of_its_snapshot() {
     support::store_random(&app.pool, 5, 50, 2, 1).await;
     let id = app.post_settlement("2025-01-01", "2025-01-01").await;
     wait_state(&app.pool, id, "completed").await;
-    // A result far larger than the sockets' buffers (about 16 MB).
-    sqlx::query(
-        "insert into settlement_results
-             (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
-         select $1, 'padding-merchant-' || n, date '2025-01-02', n, 0, n, 1
-         from generate_series(1, 400000) as n",
-    )
-    .bind(id)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    pad_result(&app.pool, id).await;
     let mut response = app
         .http
         .get(app.url(&format!("/downloads/{id}.csv")))
@@ -533,6 +524,55 @@ async fn a_stalled_download_is_cut_off_and_lets_go_of_its_snapshot() {
     };
     assert!(ended.is_err(), "ended cleanly after {received} bytes");
     assert!(received < 16_000_000, "{received} bytes");
+}
+
+/// Makes job `id`'s stored CSV far larger than the sockets' buffers (about 16 MB), so a reader
+/// that takes nothing holds its download open.
+async fn pad_result(pool: &PgPool, id: i64) {
+    sqlx::query(
+        "insert into settlement_results
+             (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
+         select $1, 'padding-merchant-' || n, date '2025-01-02', n, 0, n, 1
+         from generate_series(1, 400000) as n",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Downloads whose readers take nothing hold connections of their own, at most
+/// `http.max_concurrent_downloads`; one more is answered 503, and orders and every other
+/// request still get theirs. Before, each download held a connection of the API's one pool
+/// until cut off as stalled, and a few unread downloads made every request answer 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_downloads_leave_the_other_requests_their_connections() {
+    let (app, worker) = harness(&[
+        ("http.max_concurrent_downloads", json!(2)),
+        ("database.max_connections", json!(6)),
+        ("database.acquire_timeout_ms", json!(1000)),
+    ])
+    .await;
+    support::store_random(&app.pool, 5, 50, 2, 1).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
+    wait_state(&app.pool, id, "completed").await;
+    drop(worker);
+    pad_result(&app.pool, id).await;
+    let url = app.url(&format!("/downloads/{id}.csv"));
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..8 {
+        let response = app.http.get(&url).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => held.push(response),
+            503 => refused += 1,
+            other => panic!("download answered {other}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (2, 6));
+    let product = app.product(5, 100).await;
+    let (status, body) = app.get(&format!("/api/v1/products/{product}")).await;
+    assert_eq!(status, 200, "{body}");
+    drop(held);
 }
 
 /// Merchant ids a spreadsheet would run as formulas are written as text in the CSV (after an

@@ -78,6 +78,12 @@ impl Config {
         if self.database.read_batch_timeout_ms == 0 {
             return invalid("database.read_batch_timeout_ms", "must be positive");
         }
+        if !(1..=1000).contains(&self.http.max_concurrent_downloads) {
+            return invalid(
+                "http.max_concurrent_downloads",
+                "must be between 1 and 1000",
+            );
+        }
         if self.http.download_stall_timeout_ms == 0 {
             return invalid("http.download_stall_timeout_ms", "must be positive");
         }

@@ -52,7 +52,7 @@ async fn download(
     let not_found = || ApiError::NotFound("no such settlement file".into());
     let job_id = parse_file_name(&file).ok_or_else(not_found)?;
     let stall = Duration::from_millis(app.config.http.download_stall_timeout_ms);
-    let body = match results::open(app.pool.acquire().await?, job_id, stall).await? {
+    let body = match results::open(app.downloads.acquire().await?, job_id, stall).await? {
         Download::Rows(chunks) => Body::from_stream(chunks),
         Download::File => legacy_file(&app, job_id).await?.ok_or_else(not_found)?,
         Download::Missing => return Err(not_found()),

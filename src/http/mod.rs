@@ -58,6 +58,10 @@ pub struct AppState {
     /// pool that requests keep busy does not make the instance look broken, and a load
     /// balancer does not take every API out at the peak of traffic.
     pub health: PgPool,
+    /// The connections CSV downloads stream on (`http.max_concurrent_downloads`, opened when
+    /// needed): each holds one for as long as its reader reads, so slow or stalled readers
+    /// never take the connections orders and every other request need.
+    pub downloads: PgPool,
     pub config: Arc<Config>,
     /// Places concurrent orders for one product together (when `orders.coalesce`).
     pub coalescer: Coalescer,
@@ -75,17 +79,19 @@ impl AppState {
         };
         let coalescer = Coalescer::new(pool.clone(), &config.orders, keys);
         let tokens = TokenCache::new(Duration::from_millis(config.auth.cache_ttl_ms));
-        let health = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
-            .connect_lazy_with(
-                (*pool.connect_options())
-                    .clone()
-                    .application_name("settle health"),
-            );
+        // Each beside the request pool, to the same database, its connections opened as needed.
+        let beside = |connections: u32, name: &str| {
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
+                .connect_lazy_with((*pool.connect_options()).clone().application_name(name))
+        };
+        let health = beside(1, "settle health");
+        let downloads = beside(config.http.max_concurrent_downloads, "settle downloads");
         Self {
             pool,
             health,
+            downloads,
             config,
             coalescer,
             tokens,
