@@ -541,6 +541,46 @@ async fn pad_result(pool: &PgPool, id: i64) {
     .unwrap();
 }
 
+/// A reader that keeps taking bytes, slowly (here 256 KiB/s, with a stall timeout of 2 s), gets
+/// the whole file. Before, the stall was measured as room in the download's few chunks ahead,
+/// which the kernel gives back only once half of a socket buffer of megabytes has drained:
+/// steady readers under about 30 KB/s were cut off mid-file at the default 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_gets_the_whole_file() {
+    let (app, worker) = harness(&[("http.download_stall_timeout_ms", json!(2000))]).await;
+    support::store_random(&app.pool, 5, 50, 2, 1).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
+    wait_state(&app.pool, id, "completed").await;
+    drop(worker);
+    pad_result(&app.pool, id).await;
+    let url = app.url(&format!("/downloads/{id}.csv"));
+    let mut response = app.http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (started, mut received) = (std::time::Instant::now(), 0usize);
+    let mut text = Vec::new();
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => panic!("cut off after {received} bytes: {e}"),
+        };
+        received += chunk.len();
+        text.extend_from_slice(&chunk);
+        // The first 4 MiB at 256 KiB/s, the rest as fast as it comes.
+        if received < 4 << 20 {
+            let due = Duration::from_secs_f64(received as f64 / (256 << 10) as f64);
+            tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+        }
+    }
+    let text = String::from_utf8(text).unwrap();
+    let rows: i64 = sqlx::query_scalar("select count(*) from settlement_results where job_id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(text.lines().count() as i64, 1 + rows);
+}
+
 /// Downloads whose readers take nothing hold connections of their own, at most
 /// `http.max_concurrent_downloads`; one more is answered 503, and orders and every other
 /// request still get theirs. Before, each download held a connection of the API's one pool
