@@ -14,7 +14,6 @@ use common::settlement as support;
 use common::{TestApp, assert_error, spawn_app_with};
 use serde_json::{Value, json};
 use settle::settlement::transactions::Status;
-use sqlx::PgPool;
 use support::{day, parse_csv, reference, settlements};
 
 /// The app plus an in-process worker that stops when dropped.
@@ -491,11 +490,7 @@ async fn a_csv_read_slowly_arrives_whole() {
 /// that looks whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_download_is_cut_off_and_lets_go_of_its_snapshot() {
-    let (app, _worker) = harness(&[("http.download_stall_timeout_ms", json!(500))]).await;
-    support::store_random(&app.pool, 5, 50, 2, 1).await;
-    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
-    wait_state(&app.pool, id, "completed").await;
-    pad_result(&app.pool, id).await;
+    let (app, id) = large_csv(&[("http.download_stall_timeout_ms", json!(500))]).await;
     let mut response = app
         .http
         .get(app.url(&format!("/downloads/{id}.csv")))
@@ -526,9 +521,15 @@ async fn a_stalled_download_is_cut_off_and_lets_go_of_its_snapshot() {
     assert!(received < 16_000_000, "{received} bytes");
 }
 
-/// Makes job `id`'s stored CSV far larger than the sockets' buffers (about 16 MB), so a reader
-/// that takes nothing holds its download open.
-async fn pad_result(pool: &PgPool, id: i64) {
+/// An app (`overrides` over the test configuration) and a completed settlement job whose
+/// stored CSV is far larger than the sockets' buffers (about 16 MB), so a reader that takes
+/// nothing holds its download open; the worker that ran it is stopped.
+async fn large_csv(overrides: &[(&str, Value)]) -> (TestApp, i64) {
+    let (app, worker) = harness(overrides).await;
+    support::store_random(&app.pool, 5, 50, 2, 1).await;
+    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
+    wait_state(&app.pool, id, "completed").await;
+    drop(worker);
     sqlx::query(
         "insert into settlement_results
              (job_id, merchant_id, date, gross_cents, fee_cents, net_cents, txn_count)
@@ -536,9 +537,10 @@ async fn pad_result(pool: &PgPool, id: i64) {
          from generate_series(1, 400000) as n",
     )
     .bind(id)
-    .execute(pool)
+    .execute(&app.pool)
     .await
     .unwrap();
+    (app, id)
 }
 
 /// A reader that keeps taking bytes, slowly (here 256 KiB/s, with a stall timeout of 2 s), gets
@@ -547,12 +549,7 @@ async fn pad_result(pool: &PgPool, id: i64) {
 /// steady readers under about 30 KB/s were cut off mid-file at the default 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_reader_gets_the_whole_file() {
-    let (app, worker) = harness(&[("http.download_stall_timeout_ms", json!(2000))]).await;
-    support::store_random(&app.pool, 5, 50, 2, 1).await;
-    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
-    wait_state(&app.pool, id, "completed").await;
-    drop(worker);
-    pad_result(&app.pool, id).await;
+    let (app, id) = large_csv(&[("http.download_stall_timeout_ms", json!(2000))]).await;
     let url = app.url(&format!("/downloads/{id}.csv"));
     let mut response = app.http.get(&url).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -587,17 +584,12 @@ async fn a_slow_but_steady_reader_gets_the_whole_file() {
 /// until cut off as stalled, and a few unread downloads made every request answer 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_downloads_leave_the_other_requests_their_connections() {
-    let (app, worker) = harness(&[
+    let (app, id) = large_csv(&[
         ("http.max_concurrent_downloads", json!(2)),
         ("database.max_connections", json!(6)),
         ("database.acquire_timeout_ms", json!(1000)),
     ])
     .await;
-    support::store_random(&app.pool, 5, 50, 2, 1).await;
-    let id = app.post_settlement("2025-01-01", "2025-01-01").await;
-    wait_state(&app.pool, id, "completed").await;
-    drop(worker);
-    pad_result(&app.pool, id).await;
     let url = app.url(&format!("/downloads/{id}.csv"));
     let (mut held, mut refused) = (Vec::new(), 0);
     for _ in 0..8 {
