@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::AppState;
@@ -148,8 +149,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // The port first: one taken fails before a cluster starts, the database is
             // migrated or a demo token is made.
             let listener = http::bind(&config).await?;
+            // Signals are caught from here on: one during the start (the cluster's, the
+            // migrations, the demo data) ends the start, and the cluster stops as after serving.
+            let token = shutdown::on_signal();
             let cluster = local_cluster::start_if_needed(&config.database).await?;
-            let served = serve(config, demo, listener).await;
+            let served = serve(config, demo, listener, token).await;
             if let Some(cluster) = cluster {
                 cluster.stop().await;
             }
@@ -186,16 +190,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `serve`: migrate, optionally load demo data, then the API (on `listener`) and the workers in
-/// one process.
-async fn serve(config: Config, demo: bool, listener: TcpListener) -> anyhow::Result<()> {
+/// one process, until `token` (a signal) fires, which also ends the start early.
+async fn serve(
+    config: Config,
+    demo: bool,
+    listener: TcpListener,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
     worker::checked_registry(&config)?;
-    let pool = open(&config, true).await?;
-    if demo {
-        seed::demo_if_empty(&pool).await?;
-        demo_token(&pool).await?;
-    }
+    let start = async {
+        let pool = open(&config, true).await?;
+        if demo {
+            seed::demo_if_empty(&pool).await?;
+            demo_token(&pool).await?;
+        }
+        anyhow::Ok(pool)
+    };
+    let pool = tokio::select! {
+        biased;
+        () = token.cancelled() => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+        pool = start => pool?,
+    };
     let config = Arc::new(config);
-    let token = shutdown::on_signal();
     let state = AppState::new(pool.clone(), config.clone());
     // The pool closes once both have stopped: the workers may stop first, while the API is
     // still finishing its in-flight requests.

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use settle::local_cluster::{bin_dir, pg_command};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A scratch directory for a private cluster's data; on drop, stops a server still running
 /// there (a failed test) and deletes it.
@@ -180,4 +181,43 @@ async fn a_data_directory_the_postgres_user_cannot_reach_is_named_with_the_way_o
     assert!(said.contains("local_data_dir"), "{said}");
     assert!(!closed.join("project").exists(), "what serve made is gone");
     assert!(!answers(port));
+}
+
+/// A signal while `serve --demo` is still starting (here while it loads the demo data) ends it
+/// and stops the private cluster it started, as after serving. Before, the signal handlers
+/// were installed only once the start was over: Ctrl-C killed `serve` and left the cluster
+/// running, and the next `serve` used it and never stopped it either.
+#[tokio::test]
+async fn a_signal_during_the_start_stops_the_private_cluster_too() {
+    if bin_dir().is_none() {
+        panic!("this test needs the PostgreSQL server binaries (apt-get install postgresql)");
+    }
+    let (scratch, port) = (Scratch::new(), free_port());
+    let mut child = serve(port, &scratch.data())
+        .arg("--demo")
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            let loading = line.contains("loading demo data");
+            said.push(line);
+            if loading {
+                return;
+            }
+        }
+        panic!("exited before loading demo data:\n{}", said.join("\n"));
+    })
+    .await
+    .expect("loading demo data within 60 s");
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("serve exits within 60 s")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(!answers(port), "the cluster stopped with serve");
+    assert!(!scratch.data().join("postmaster.pid").exists());
 }
