@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use settle::local_cluster::{bin_dir, pg_command};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -110,11 +111,19 @@ async fn serve_starts_a_private_cluster_when_nothing_answers_and_stops_it_on_exi
         "migrated and ready on the private cluster"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id().expect("pid") as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    ends_with_its_cluster(child, Signal::SIGTERM, port, &scratch).await;
+}
+
+/// Sends `signal` to `serve` (`child`), which then exits successfully within 60 s, its
+/// private cluster (on `port`, its data in `scratch`) stopped.
+async fn ends_with_its_cluster(
+    mut child: tokio::process::Child,
+    signal: Signal,
+    port: u16,
+    scratch: &Scratch,
+) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, signal).expect("signal serve");
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .expect("serve exits within 60 s")
@@ -211,13 +220,5 @@ async fn a_signal_during_the_start_stops_the_private_cluster_too() {
     })
     .await
     .expect("loading demo data within 60 s");
-    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("serve exits within 60 s")
-        .expect("wait");
-    assert!(status.success(), "{status}");
-    assert!(!answers(port), "the cluster stopped with serve");
-    assert!(!scratch.data().join("postmaster.pid").exists());
+    ends_with_its_cluster(child, Signal::SIGINT, port, &scratch).await;
 }
