@@ -76,7 +76,12 @@ pub struct SeedReport {
 pub async fn run(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedReport> {
     anyhow::ensure!(args.days >= 1, "--days must be at least 1");
     anyhow::ensure!(args.merchants >= 1, "--merchants must be at least 1");
-    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    // Each COPY stream is a server process of its own: more than the server's cores is no
+    // faster, and hundreds would take every connection a shared server allows.
+    anyhow::ensure!(
+        (1..=64).contains(&args.connections),
+        "--connections must be 1 to 64"
+    );
     // The table's own bounds (migration 0017), checked before anything is written.
     let end = args
         .start
@@ -219,6 +224,12 @@ async fn copy_transactions(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<i64
         .await
         .context("ending the id reservation")?;
     bar.finish_and_clear();
+    // Said, as it takes seconds after the bar is gone: an interrupt now loses nothing, and a
+    // rerun would add the rows again.
+    tracing::info!(
+        transactions = args.transactions,
+        "transactions committed; vacuuming and analyzing them"
+    );
     // As autovacuum leaves an insert-only table: statistics, and the visibility map set, so
     // index-only scans read no heap.
     sqlx::query!("vacuum (analyze) transactions")

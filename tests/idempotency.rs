@@ -154,6 +154,17 @@ async fn malformed_keys_are_refused_before_anything_happens() {
             "INVALID_IDEMPOTENCY_KEY",
         );
     }
+    // Sent twice, the header is refused saying so (it was read as the two joined, and refused
+    // as a key of characters it did not have).
+    let twice = app
+        .http
+        .post(app.url("/api/v1/orders"))
+        .header("Idempotency-Key", "a")
+        .header("Idempotency-Key", "b")
+        .json(&body);
+    let (status, said) = status_and_json(twice.send().await.expect("sent")).await;
+    assert_refused((status, said.clone()), 422, "INVALID_IDEMPOTENCY_KEY");
+    assert!(said.to_string().contains("not several"), "{said}");
     assert_eq!(app.stock(product).await, 5);
 }
 

@@ -156,6 +156,13 @@ async fn a_load_outside_the_tables_bounds_writes_nothing_and_none_loads_products
     };
     let err = format!("{:#}", seed::run(&pool, &far).await.unwrap_err());
     assert!(err.contains("--start and --days"), "{err}");
+    // Hundreds of COPY streams would take every connection the server allows.
+    let crowd = SeedArgs {
+        connections: 1000,
+        ..args(1)
+    };
+    let err = format!("{:#}", seed::run(&pool, &crowd).await.unwrap_err());
+    assert!(err.contains("--connections must be 1 to 64"), "{err}");
     let written = common::scalar(
         &pool,
         "select (select count(*) from products) + (select count(*) from transactions)",

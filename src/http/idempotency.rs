@@ -34,30 +34,24 @@ pub struct KeyHeader {
     /// the auth middleware); `None` on a route that takes no token (no keyed route does).
     #[param(ignore)]
     token_id: Option<i64>,
+    /// The header came more than once: refused, never one of them used silently.
+    #[param(ignore)]
+    repeated: bool,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for KeyHeader {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        // Repeated, the header is its values joined by ", " (as HTTP combines a repeated
-        // field), which no key can be: refused as invalid, never the first one used silently.
         let mut values = parts.headers.get_all(HEADER).iter();
-        let key = match (values.next(), values.next()) {
-            (None, _) => None,
-            (Some(one), None) => Some(one.clone()),
-            (Some(first), Some(second)) => {
-                let joined = [first, second]
-                    .into_iter()
-                    .chain(values)
-                    .map(HeaderValue::as_bytes)
-                    .collect::<Vec<_>>()
-                    .join(&b", "[..]);
-                Some(HeaderValue::from_bytes(&joined).unwrap_or(HeaderValue::from_static(", ")))
-            }
-        };
+        let key = values.next().cloned();
+        let repeated = values.next().is_some();
         let token_id = parts.extensions.get::<Principal>().map(|p| p.token_id);
-        Ok(Self { key, token_id })
+        Ok(Self {
+            key,
+            token_id,
+            repeated,
+        })
     }
 }
 
@@ -67,6 +61,13 @@ impl KeyHeader {
         let Some(value) = &self.key else {
             return Ok(None);
         };
+        if self.repeated {
+            return Err(ApiError::invalid(
+                "INVALID_IDEMPOTENCY_KEY",
+                "Idempotency-Key",
+                "send one Idempotency-Key header, not several",
+            ));
+        }
         let raw = value.to_str().map_err(|_| IdempotencyError::InvalidKey)?;
         let key = IdempotencyKey::parse(scope, raw)?;
         Ok(Some(match self.token_id {
