@@ -367,6 +367,19 @@ fn serve_on_a_taken_port_names_it_and_makes_nothing() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "0");
+    // A host that is not this machine's is named as the thing to change, not the port.
+    for host in ["no-such-host.invalid", "192.0.2.1"] {
+        let output = settle(&url)
+            .env("SETTLE_HTTP__HOST", host)
+            .arg("serve")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && said.contains("http.host"),
+            "{said}"
+        );
+    }
 }
 
 /// `settle jobs` honours `database.migrate_on_start`, as its error's advice says.

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -217,11 +216,15 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     let (host, port) = (config.http.host.as_str(), config.http.port);
     listen((host, port), config.http.listen_backlog)
         .await
-        .with_context(|| {
-            format!(
-                "cannot bind the HTTP port {host}:{port} (set PORT or http.port to a free one, \
-             0 for any)"
-            )
+        .map_err(|e| {
+            use std::io::ErrorKind::{AddrInUse, PermissionDenied};
+            // What to change: the port for a port taken or kept for root, else the host (a
+            // name that does not resolve, an address of another machine).
+            let fix = match e.kind() {
+                AddrInUse | PermissionDenied => "set PORT or http.port to a free one, 0 for any",
+                _ => "set http.host (SETTLE_HTTP__HOST) to an address or name of this machine",
+            };
+            anyhow::Error::new(e).context(format!("cannot listen on {host}:{port} ({fix})"))
         })
 }
 
