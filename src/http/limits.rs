@@ -42,6 +42,22 @@ const VISIBLE_ASCII: &str = r"^[!-~]+$";
 pub fn complete(doc: &mut Value, config: &Config) -> Vec<String> {
     let mut missing = Vec::new();
     let schemas = &mut doc["components"]["schemas"];
+    // utoipa writes a generic page's items out inline, a copy of the item's schema without the
+    // limits added below: each `Page_X` refers to `X` instead.
+    let pages: Vec<String> = schemas
+        .as_object()
+        .map(|all| {
+            let named = |name: &&String| {
+                name.strip_prefix("Page_")
+                    .is_some_and(|item| all.contains_key(item))
+            };
+            all.keys().filter(named).cloned().collect()
+        })
+        .unwrap_or_default();
+    for page in pages {
+        let item = format!("#/components/schemas/{}", &page["Page_".len()..]);
+        schemas[&page]["properties"]["data"]["items"] = json!({ "$ref": item });
+    }
     for (schema, property, limits) in field_limits(config) {
         match schemas.pointer_mut(&format!("/{schema}/properties/{property}")) {
             Some(field) => merge(field, limits),

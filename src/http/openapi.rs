@@ -150,6 +150,15 @@ mod tests {
         assert_eq!(field("JobAccepted", "status")["enum"], json!(accepted));
         let progress = field("Job", "progress");
         assert_eq!([&progress["minimum"], &progress["maximum"]], [0, 100]);
+        // A page's items are the item's schema itself, limits included (utoipa copied them).
+        for (page, item) in [("Page_Job", "Job"), ("Page_Settlement", "Settlement")] {
+            let items = &field(page, "data")["items"];
+            assert_eq!(
+                items["$ref"],
+                format!("#/components/schemas/{item}"),
+                "{page}"
+            );
+        }
         let paid_at = field("TransactionInput", "paid_at").to_string();
         for bound in ["0001-01-02T00:00:00Z", "9999-12-31T00:00:00Z"] {
             assert!(paid_at.contains(bound), "{paid_at}");
