@@ -74,9 +74,23 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 async fn pipe(mut client: TcpStream, rule: Arc<Rule>) {
+    // A client that would encrypt is told no (as by a server without TLS), so that what it
+    // sends next, in the clear, can be watched for the patterns.
+    let mut opening = [0u8; 8];
+    if client.read_exact(&mut opening).await.is_err() {
+        return;
+    }
+    while super::proxy::asks_for_encryption(&opening) {
+        if client.write_all(b"N").await.is_err() || client.read_exact(&mut opening).await.is_err() {
+            return;
+        }
+    }
     let Ok(mut server) = TcpStream::connect(rule.upstream).await else {
         return;
     };
+    if server.write_all(&opening).await.is_err() {
+        return;
+    }
     let (mut from_client, mut to_client) = client.split();
     let (mut from_server, mut to_server) = server.split();
     let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);

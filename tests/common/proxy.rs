@@ -205,10 +205,21 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     };
     let _ = client.set_nodelay(true);
     // The client speaks first: its startup message says which application it is.
-    let (mut client_read, client_write) = client.into_split();
-    let Ok(opening) = read_untyped(&mut client_read).await else {
+    let (mut client_read, mut client_write) = client.into_split();
+    let Ok(mut opening) = read_untyped(&mut client_read).await else {
         return;
     };
+    // A client that would encrypt (libpq's and sqlx's `sslmode=prefer`) is told no, as a server
+    // without TLS tells it, and sends its startup in the clear, where this proxy can read it.
+    while asks_for_encryption(&opening) {
+        if client_write.write_all(b"N").await.is_err() {
+            return;
+        }
+        let Ok(next) = read_untyped(&mut client_read).await else {
+            return;
+        };
+        opening = next;
+    }
     let named = startup_parameter(&opening, "application_name").and_then(|name| {
         shared
             .delay_of_application
@@ -362,6 +373,14 @@ async fn read_untyped(from: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
 fn is_startup(frame: &[u8]) -> bool {
     let code = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
     code >> 16 == 3
+}
+
+/// Whether an untyped message is an SSLRequest or a GSSENCRequest.
+pub fn asks_for_encryption(frame: &[u8]) -> bool {
+    frame.len() == 8
+        && [80_877_103, 80_877_104].contains(&u32::from_be_bytes(
+            frame[4..8].try_into().expect("4 bytes"),
+        ))
 }
 
 /// A parameter of a startup message: after length and protocol, `name\0value\0` pairs.

@@ -476,10 +476,11 @@
   let productsNext = null;
 
   async function refreshProducts() {
-    const path = "/api/v1/products"
-      + (productsCursor ? "?cursor=" + encodeURIComponent(productsCursor) : "");
+    const cursor = productsCursor;
+    const path = "/api/v1/products" + (cursor ? "?cursor=" + encodeURIComponent(cursor) : "");
     const pages = await read(lists.products, [["products", path]]);
-    if (!pages) return;
+    // A reading of the page shown before Older or Newer was pressed is not this page.
+    if (!pages || cursor !== productsCursor) return;
     const [page] = pages;
     const number = productsBefore.length + 1;
     productsNext = page.next_cursor;
