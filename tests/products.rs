@@ -95,6 +95,18 @@ async fn products_list_uses_the_configured_page_sizes() {
         422,
         "INVALID_LIMIT",
     );
+    // Integers in the query and the path as JSON Schema's `integer` (the document's type)
+    // allows them, as bodies take them; not an integer, still refused.
+    let (status, page) = app.get("/api/v1/products?limit=3.0").await;
+    assert_eq!((status, ids(&page).len()), (200, 3), "{page}");
+    let id = ids(&page)[0];
+    let (status, product) = app.get(&format!("/api/v1/products/{id}.0")).await;
+    assert_eq!((status, &product["id"]), (200, &json!(id)), "{product}");
+    assert_refused(
+        app.get("/api/v1/products?limit=2.5").await,
+        400,
+        "INVALID_QUERY",
+    );
 }
 
 #[tokio::test]

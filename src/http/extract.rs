@@ -137,6 +137,25 @@ pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64,
     })
 }
 
+/// An integer in a path or a query string, taken also when written as JSON Schema's `integer`
+/// allows (`2.0`, `1e3`), as bodies take one ([`integer`]): the OpenAPI document says
+/// `integer`, and a client generated from it may write one so. Anything else (`1.5`, `x`) is
+/// refused as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Int(pub i64);
+
+impl<'de> serde::Deserialize<'de> for Int {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        exact_integer(&text).map(Int).ok_or_else(|| {
+            let shown: String = text.chars().take(40).collect();
+            serde::de::Error::custom(format!(
+                "invalid value: {shown}, expected an integer within 64 bits"
+            ))
+        })
+    }
+}
+
 /// The integer a JSON number's text denotes, exactly, when it is one that fits an `i64`.
 /// Hand-written: serde_json hands out only an `f64` of a number with a fraction or an exponent
 /// (its exact mode is a crate-wide feature that changes every `Value`), and this is all the

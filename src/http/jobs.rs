@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, ListQuery, Path};
+use super::extract::{Int, Json, ListQuery, Path};
 use super::openapi::ErrorBody;
 use super::pagination::{Page, PageQuery, text_filter};
 use crate::settlement::job::KIND as SETTLEMENT_KIND;
@@ -115,11 +115,15 @@ impl From<JobRecord> for Job {
 
 #[utoipa::path(
     get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = i64, Path)),
     responses(
         (status = 200, body = Job),
     )
 )]
-async fn get_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Json<Job>, ApiError> {
+async fn get_job(
+    State(app): State<AppState>,
+    Path(Int(id)): Path<Int>,
+) -> Result<Json<Job>, ApiError> {
     let mut conn = app.pool.acquire().await?;
     read::get_job(&mut conn, id)
         .await?
@@ -185,6 +189,7 @@ async fn list_jobs(
 /// Cancelling a cancelled job changes nothing.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = i64, Path)),
     responses(
         (status = 202, description = "CANCELLED or CANCELLING", body = JobAccepted),
         (status = 409, description = "JOB_FINISHED: the job already COMPLETED or FAILED", body = ErrorBody),
@@ -192,7 +197,7 @@ async fn list_jobs(
 )]
 async fn cancel_job(
     State(app): State<AppState>,
-    Path(id): Path<i64>,
+    Path(Int(id)): Path<Int>,
 ) -> Result<Response, ApiError> {
     let mut conn = app.pool.acquire().await?;
     match settle_workers::request_cancel(&mut conn, id).await? {
@@ -211,13 +216,17 @@ async fn cancel_job(
 /// earlier failures.
 #[utoipa::path(
     post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = i64, Path)),
     responses(
         (status = 202, description = "QUEUED", body = JobAccepted),
         (status = 409, description = "JOB_NOT_RETRYABLE: the job is not FAILED or CANCELLED; \
             `status` says what it is", body = ErrorBody),
     )
 )]
-async fn retry_job(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+async fn retry_job(
+    State(app): State<AppState>,
+    Path(Int(id)): Path<Int>,
+) -> Result<Response, ApiError> {
     let mut conn = app.pool.acquire().await?;
     match settle_workers::retry(&mut conn, id).await? {
         RetryOutcome::Retried => Ok(accepted(id, JobState::Queued)),

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Json, ListQuery, Path};
+use super::extract::{Int, Json, ListQuery, Path};
 use super::idempotency::{KeyHeader, replay};
 use super::pagination::{Page, PageQuery, text_filter};
 use crate::db::is_connection_error;
@@ -311,13 +311,14 @@ fn is_stock_violation(e: &sqlx::Error) -> bool {
 
 #[utoipa::path(
     get, path = "/api/v1/orders/{id}", tag = "orders",
+    params(("id" = i64, Path)),
     responses(
         (status = 200, body = OrderBody),
     )
 )]
 async fn get_order(
     State(app): State<AppState>,
-    Path(id): Path<i64>,
+    Path(Int(id)): Path<Int>,
 ) -> Result<Json<OrderBody>, ApiError> {
     let mut conn = app.pool.acquire().await?;
     store::get_order(&mut conn, id)
@@ -329,7 +330,8 @@ async fn get_order(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListOrdersQuery {
-    product_id: Option<i64>,
+    #[param(value_type = Option<i64>)]
+    product_id: Option<Int>,
     #[param(min_length = 1)]
     buyer_id: Option<String>,
 }
@@ -348,7 +350,7 @@ async fn list_orders(
 ) -> Result<Json<Page<OrderBody>>, ApiError> {
     let limit = page.limit(&app.config.pagination)?;
     let filter = OrderFilter {
-        product_id: query.product_id,
+        product_id: query.product_id.map(|Int(id)| id),
         buyer_id: text_filter(query.buyer_id, "INVALID_BUYER_ID", "buyer_id")?,
         before_id: page.before()?,
     };

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+use super::extract::Int;
 use crate::config::PaginationConfig;
 
 /// The query parameters of a page, read beside each list's own filters (see
@@ -14,7 +15,8 @@ use crate::config::PaginationConfig;
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page size, 1 to `pagination.max_page_size`.
-    limit: Option<i64>,
+    #[param(value_type = Option<i64>)]
+    limit: Option<Int>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
@@ -27,7 +29,10 @@ impl PageQuery {
     /// The page size asked for, checked against the configured bounds.
     pub fn limit(&self, config: &PaginationConfig) -> Result<i64, ApiError> {
         let max = config.max_page_size;
-        match self.limit.unwrap_or(config.default_page_size) {
+        match self
+            .limit
+            .map_or(config.default_page_size, |Int(limit)| limit)
+        {
             limit if (1..=max).contains(&limit) => Ok(limit),
             _ => Err(ApiError::invalid(
                 "INVALID_LIMIT",

@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::extract::{Json, ListQuery, Path};
+use super::extract::{Int, Json, ListQuery, Path};
 use super::idempotency::{KeyHeader, commit, replay, respond};
 use super::openapi::ErrorBody;
 use super::pagination::{NoFilters, Page, PageQuery};
@@ -113,13 +113,14 @@ async fn create_product(
 
 #[utoipa::path(
     get, path = "/api/v1/products/{id}", tag = "products",
+    params(("id" = i64, Path)),
     responses(
         (status = 200, body = ProductBody),
     )
 )]
 async fn get_product(
     State(app): State<AppState>,
-    Path(id): Path<i64>,
+    Path(Int(id)): Path<Int>,
 ) -> Result<Json<ProductBody>, ApiError> {
     let mut conn = app.pool.acquire().await?;
     store::get_product(&mut conn, id)
@@ -152,7 +153,7 @@ async fn list_products(
 /// effect; a 503 `SERVICE_UNAVAILABLE` says it did not.
 #[utoipa::path(
     post, path = "/api/v1/products/{id}/restock", tag = "products",
-    params(KeyHeader),
+    params(("id" = i64, Path), KeyHeader),
     responses(
         (status = 200, description = "Restocked (a replay answers the first answer again)", body = ProductBody),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = ErrorBody),
@@ -163,7 +164,7 @@ async fn list_products(
 async fn restock(
     State(app): State<AppState>,
     started: Started,
-    Path(id): Path<i64>,
+    Path(Int(id)): Path<Int>,
     key: KeyHeader,
     Json(request): Json<RestockRequest>,
 ) -> Result<Response, ApiError> {
