@@ -543,13 +543,13 @@ async fn large_csv(overrides: &[(&str, Value)]) -> (TestApp, i64) {
     (app, id)
 }
 
-/// A reader that keeps taking bytes, slowly (here 256 KiB/s, with a stall timeout of 2 s), gets
+/// A reader that keeps taking bytes, slowly (here 256 KiB/s, with a stall timeout of 5 s), gets
 /// the whole file. Before, the stall was measured as room in the download's few chunks ahead,
 /// which the kernel gives back only once half of a socket buffer of megabytes has drained:
 /// steady readers under about 30 KB/s were cut off mid-file at the default 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_reader_gets_the_whole_file() {
-    let (app, id) = large_csv(&[("http.download_stall_timeout_ms", json!(2000))]).await;
+    let (app, id) = large_csv(&[("http.download_stall_timeout_ms", json!(5000))]).await;
     let url = app.url(&format!("/downloads/{id}.csv"));
     let mut response = app.http.get(&url).send().await.unwrap();
     assert_eq!(response.status(), 200);
