@@ -662,4 +662,17 @@ async fn a_url_asking_for_tls_connects_over_tls() {
             .await
             .unwrap();
     assert!(over_tls);
+    // Without sslmode the connection is plain: sqlx's handshake would add about 0.1 s to
+    // every new connection (reconnects, heartbeats, /readyz).
+    let mut config = common::test_config(&[]);
+    config.database.url = url;
+    let plain = settle::db::connect(&config.database, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let over_tls: bool =
+        sqlx::query_scalar("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            .fetch_one(&plain)
+            .await
+            .unwrap();
+    assert!(!over_tls);
 }

@@ -47,10 +47,11 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
     }
     let applied = applied_migrations(pool).await?;
     let newer = newer_of(&applied);
+    let pending = pending_of(&applied);
     let migrated = if let Some(version) = edited_of(&applied) {
         // sqlx's migrator checks this too, but only when something is pending.
         Err(DbError::Edited { version })
-    } else if !newer.is_empty() && pending_of(&applied).is_empty() {
+    } else if !newer.is_empty() && pending.is_empty() {
         // A newer release migrated the database (a rolling upgrade under way, or this one
         // rolled back): there is nothing of ours to apply, and sqlx's migrator would refuse
         // to start on versions it does not know.
@@ -61,7 +62,7 @@ pub async fn migrate(pool: &PgPool, lock_timeout: Duration) -> Result<(), DbErro
         );
         Ok(())
     } else {
-        apply_pending(pool, pending_of(&applied), lock_timeout).await
+        apply_pending(pool, pending, lock_timeout).await
     };
     // Closing the session releases the lock as well.
     let _ = holder.close().await;
